@@ -1,0 +1,345 @@
+"""Dynamixel Protocol 2.0 wire codec, shared by the driver and the servo emulator.
+
+Packet layout (all multi-byte fields little-endian):
+
+    FF FF FD 00 | ID | LEN_L LEN_H | INSTR | PARAMS... | CRC_L CRC_H
+    status:                          0x55  | ERR | PARAMS...
+
+LEN counts everything after itself (instruction, params, CRC). Params are byte-stuffed
+(FF FF FD -> FF FF FD FD) so the header never appears inside a packet; the length and the CRC
+are computed over the stuffed bytes. CRC-16 is polynomial 0x8005, init 0, not reflected.
+Reference: ROBOTIS e-manual, "DYNAMIXEL Protocol 2.0" and the XM430-W350 control table.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+HEADER = b"\xff\xff\xfd\x00"
+_STUFF_PATTERN = b"\xff\xff\xfd"
+_STUFFED = b"\xff\xff\xfd\xfd"
+BROADCAST_ID = 0xFE
+MAX_ID = 0xFC
+HEADER_BYTES = 7  # header(4) + id + length(2)
+STATUS_OVERHEAD = 11  # header, id, length, instruction, error, crc(2)
+
+# Instructions
+PING = 0x01
+READ = 0x02
+WRITE = 0x03
+REBOOT = 0x08
+SYNC_READ = 0x82
+SYNC_WRITE = 0x83
+STATUS = 0x55
+
+# Status error byte: bit 7 = hardware-error alert, low 7 bits = result of the instruction.
+ERROR_ALERT = 0x80
+ERR_RESULT_FAIL = 0x01
+ERR_INSTRUCTION = 0x02
+ERR_CRC = 0x03
+ERR_DATA_RANGE = 0x04
+ERR_DATA_LENGTH = 0x05
+ERR_DATA_LIMIT = 0x06
+ERR_ACCESS = 0x07
+RESULT_NAMES = {
+    ERR_RESULT_FAIL: "result fail",
+    ERR_INSTRUCTION: "instruction error",
+    ERR_CRC: "CRC error",
+    ERR_DATA_RANGE: "data range error",
+    ERR_DATA_LENGTH: "data length error",
+    ERR_DATA_LIMIT: "data limit error",
+    ERR_ACCESS: "access error",
+}
+
+# X-series control table (XM430-W350). Address, and the field size in bytes where > 1.
+ADDR_MODEL_NUMBER = 0  # 2 B
+ADDR_FIRMWARE_VERSION = 6
+ADDR_ID = 7
+ADDR_BAUD_RATE = 8
+ADDR_RETURN_DELAY = 9  # unit 2 µs
+ADDR_DRIVE_MODE = 10
+ADDR_OPERATING_MODE = 11
+ADDR_PROTOCOL_TYPE = 13
+ADDR_TEMPERATURE_LIMIT = 31
+ADDR_MAX_VOLTAGE_LIMIT = 32  # 2 B
+ADDR_MIN_VOLTAGE_LIMIT = 34  # 2 B
+ADDR_PWM_LIMIT = 36  # 2 B
+ADDR_CURRENT_LIMIT = 38  # 2 B
+ADDR_VELOCITY_LIMIT = 44  # 4 B
+ADDR_MAX_POSITION_LIMIT = 48  # 4 B
+ADDR_MIN_POSITION_LIMIT = 52  # 4 B
+ADDR_SHUTDOWN = 63
+EEPROM_END = 64  # addresses below are EEPROM: writable only while torque is off
+ADDR_TORQUE_ENABLE = 64
+ADDR_LED = 65
+ADDR_STATUS_RETURN_LEVEL = 68
+ADDR_REGISTERED_INSTRUCTION = 69
+ADDR_HARDWARE_ERROR_STATUS = 70
+ADDR_VELOCITY_I_GAIN = 76  # 2 B
+ADDR_VELOCITY_P_GAIN = 78  # 2 B
+ADDR_POSITION_D_GAIN = 80  # 2 B
+ADDR_POSITION_I_GAIN = 82  # 2 B
+ADDR_POSITION_P_GAIN = 84  # 2 B
+ADDR_GOAL_POSITION = 116  # 4 B
+ADDR_REALTIME_TICK = 120  # 2 B
+ADDR_PRESENT_PWM = 124  # 2 B
+ADDR_PRESENT_CURRENT = 126  # 2 B, signed, 2.69 mA
+ADDR_PRESENT_VELOCITY = 128  # 4 B, signed, 0.229 rpm
+ADDR_PRESENT_POSITION = 132  # 4 B, signed, 4096 ticks/rev
+ADDR_PRESENT_INPUT_VOLTAGE = 144  # 2 B, 0.1 V
+ADDR_PRESENT_TEMPERATURE = 146  # 1 B, °C
+CONTROL_TABLE_SIZE = 147  # through Present Temperature; indirect addresses are not modelled
+
+OPERATING_MODE_POSITION = 3
+MODEL_XM430_W350 = 1020
+
+# Hardware Error Status (70) bits.
+HW_ERROR_BITS = {
+    0: "input voltage",
+    2: "overheating",
+    3: "motor encoder",
+    4: "electrical shock",
+    5: "overload",
+}
+
+BAUD_RATE_VALUES = {
+    0: 9_600,
+    1: 57_600,
+    2: 115_200,
+    3: 1_000_000,
+    4: 2_000_000,
+    5: 3_000_000,
+    6: 4_000_000,
+    7: 4_500_000,
+}
+
+
+class PacketError(ValueError):
+    """A byte sequence is not a valid Protocol 2.0 packet."""
+
+
+class HeaderError(PacketError):
+    """The packet does not start with FF FF FD 00."""
+
+
+class LengthError(PacketError):
+    """The length field disagrees with the bytes present, or is out of range."""
+
+
+class CrcError(PacketError):
+    """The CRC in the packet does not match its contents."""
+
+
+def _make_crc_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x8005) if crc & 0x8000 else (crc << 1)
+        table.append(crc & 0xFFFF)
+    return tuple(table)
+
+
+CRC_TABLE = _make_crc_table()
+
+
+def crc16(data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> int:
+    """CRC-16/BUYPASS (poly 0x8005) of data[start:end], without copying the slice."""
+    table = CRC_TABLE
+    crc = 0
+    for i in range(start, len(data) if end is None else end):
+        crc = ((crc << 8) & 0xFFFF) ^ table[((crc >> 8) ^ data[i]) & 0xFF]
+    return crc
+
+
+def stuff(payload: bytes | bytearray) -> bytes:
+    """Insert 0xFD after every FF FF FD so the header cannot appear inside a packet."""
+    return bytes(payload).replace(_STUFF_PATTERN, _STUFFED)
+
+
+def unstuff(payload: bytes | bytearray) -> bytes:
+    return bytes(payload).replace(_STUFFED, _STUFF_PATTERN)
+
+
+def _check_id(dxl_id: int, allow_broadcast: bool = True) -> None:
+    if not (0 <= dxl_id <= MAX_ID or (allow_broadcast and dxl_id == BROADCAST_ID)):
+        raise ValueError(f"Dynamixel id {dxl_id} out of range 0..{MAX_ID}")
+
+
+def _frame(dxl_id: int, body: bytes) -> bytes:
+    """Header + id + length + stuffed(body) + CRC; `body` starts with the instruction byte."""
+    stuffed = stuff(body)
+    packet = bytearray(HEADER)
+    packet.append(dxl_id)
+    packet += struct.pack("<H", len(stuffed) + 2)
+    packet += stuffed
+    packet += struct.pack("<H", crc16(packet))
+    return bytes(packet)
+
+
+def instruction_packet(dxl_id: int, instruction: int, params: bytes = b"") -> bytes:
+    _check_id(dxl_id)
+    return _frame(dxl_id, bytes((instruction,)) + params)
+
+
+def status_packet(dxl_id: int, error: int, params: bytes = b"") -> bytes:
+    _check_id(dxl_id, allow_broadcast=False)
+    return _frame(dxl_id, bytes((STATUS, error & 0xFF)) + params)
+
+
+def ping_packet(dxl_id: int) -> bytes:
+    return instruction_packet(dxl_id, PING)
+
+
+def read_packet(dxl_id: int, address: int, length: int) -> bytes:
+    return instruction_packet(dxl_id, READ, struct.pack("<HH", address, length))
+
+
+def write_packet(dxl_id: int, address: int, data: bytes) -> bytes:
+    return instruction_packet(dxl_id, WRITE, struct.pack("<H", address) + data)
+
+
+def reboot_packet(dxl_id: int) -> bytes:
+    return instruction_packet(dxl_id, REBOOT)
+
+
+def sync_read_packet(address: int, length: int, ids: Sequence[int]) -> bytes:
+    for i in ids:
+        _check_id(i, allow_broadcast=False)
+    return instruction_packet(BROADCAST_ID, SYNC_READ, struct.pack("<HH", address, length) + bytes(ids))
+
+
+def sync_write_packet(address: int, length: int, data: Mapping[int, bytes]) -> bytes:
+    params = bytearray(struct.pack("<HH", address, length))
+    for dxl_id, value in data.items():
+        _check_id(dxl_id, allow_broadcast=False)
+        if len(value) != length:
+            raise ValueError(f"sync write data for id {dxl_id} has {len(value)} bytes, expected {length}")
+        params.append(dxl_id)
+        params += value
+    return instruction_packet(BROADCAST_ID, SYNC_WRITE, bytes(params))
+
+
+@dataclass(frozen=True)
+class Packet:
+    id: int
+    instruction: int
+    params: bytes
+    error: int = 0  # status packets only
+
+    @property
+    def is_status(self) -> bool:
+        return self.instruction == STATUS
+
+    @property
+    def alert(self) -> bool:
+        return bool(self.error & ERROR_ALERT)
+
+    @property
+    def result(self) -> int:
+        return self.error & 0x7F
+
+
+def _decode_body(dxl_id: int, body: bytes) -> Packet:
+    if not body:
+        raise LengthError("packet has no instruction byte")
+    if body[0] == STATUS:
+        if len(body) < 2:
+            raise LengthError("status packet has no error byte")
+        return Packet(dxl_id, STATUS, body[2:], body[1])
+    return Packet(dxl_id, body[0], body[1:])
+
+
+def parse_packet(data: bytes | bytearray) -> Packet:
+    """Parse exactly one packet; raise HeaderError, LengthError or CrcError."""
+    if len(data) < HEADER_BYTES or data[:4] != HEADER:
+        raise HeaderError(f"no FF FF FD 00 header in {bytes(data[:8]).hex(' ')}")
+    length = data[5] | (data[6] << 8)
+    if length < 3 or len(data) != HEADER_BYTES + length:
+        raise LengthError(f"length field {length} but {len(data) - HEADER_BYTES} bytes follow it")
+    end = len(data) - 2
+    if crc16(data, 0, end) != data[end] | (data[end + 1] << 8):
+        raise CrcError("CRC mismatch")
+    return _decode_body(data[4], unstuff(data[HEADER_BYTES:end]))
+
+
+class StreamParser:
+    """Incremental parser: feed arbitrary chunks, iterate over the complete valid packets.
+
+    Garbage before a header is skipped and counted; a bad length or CRC drops that header and
+    resynchronises on the next one (stuffing guarantees a real header never hides inside a
+    packet). Partial packets wait for more bytes.
+    """
+
+    def __init__(self, max_length: int = 1024) -> None:
+        self.max_length = max_length
+        self._buf = bytearray()
+        self.crc_errors = 0
+        self.length_errors = 0
+        self.garbage_bytes = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def clear(self) -> None:
+        self._buf.clear()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def __iter__(self) -> Iterator[Packet]:
+        while True:
+            packet = self.next_packet()
+            if packet is None:
+                return
+            yield packet
+
+    def next_packet(self) -> Packet | None:
+        buf = self._buf
+        while True:
+            start = buf.find(HEADER)
+            if start < 0:
+                # keep a possible partial header at the end
+                keep = 3 if buf.endswith(b"\xff\xff\xfd") else 2 if buf.endswith(b"\xff\xff") else (
+                    1 if buf.endswith(b"\xff") else 0
+                )
+                self.garbage_bytes += len(buf) - keep
+                del buf[: len(buf) - keep]
+                return None
+            if start:
+                self.garbage_bytes += start
+                del buf[:start]
+            if len(buf) < HEADER_BYTES:
+                return None
+            length = buf[5] | (buf[6] << 8)
+            if length < 3 or length > self.max_length:
+                self.length_errors += 1
+                del buf[:1]
+                continue
+            total = HEADER_BYTES + length
+            if len(buf) < total:
+                return None
+            end = total - 2
+            if crc16(buf, 0, end) != buf[end] | (buf[end + 1] << 8):
+                self.crc_errors += 1
+                del buf[:1]
+                continue
+            dxl_id = buf[4]
+            body = unstuff(buf[HEADER_BYTES:end])
+            del buf[:total]
+            try:
+                return _decode_body(dxl_id, body)
+            except LengthError:
+                self.length_errors += 1
+
+
+def decode_hardware_error(bits: int) -> list[str]:
+    """Names of the set Hardware Error Status bits (unknown bits as 'bit N')."""
+    names = []
+    for bit in range(8):
+        if bits & (1 << bit):
+            names.append(HW_ERROR_BITS.get(bit, f"bit {bit}"))
+    return names

@@ -1,0 +1,199 @@
+"""Training of the reference planner and follower from fixed seeds.
+
+Both are plain supervised regressions on datasets from `policy.data`: the planner imitates
+the scripted expert's chunk (normalised deltas from q, Huber loss), the follower regresses the
+servo-dynamics residual target. Splits are by episode so validation sees unseen scenes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from policy.models import Follower, Planner, count_parameters
+from runtime.tokenizer import Tokenizer
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    metrics: dict[str, Any]
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_threads() -> int:
+    # Two processes (sim + this) share small machines; never take every core.
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def split_by_episode(episode: np.ndarray, val_fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of train/val samples; whole episodes go to one side."""
+    ids = np.unique(episode)
+    rng = np.random.default_rng(seed)
+    n_val = max(1, round(len(ids) * val_fraction)) if len(ids) > 1 else 0
+    val_ids = set(rng.choice(ids, size=n_val, replace=False).tolist())
+    is_val = np.array([e in val_ids for e in episode.tolist()], dtype=bool)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _fit(model: torch.nn.Module, tensors: dict[str, torch.Tensor], train_idx: np.ndarray,
+         val_idx: np.ndarray, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+         steps: int, batch: int, lr: float, seed: int, device: torch.device, log: Log,
+         name: str) -> dict[str, Any]:
+    """AdamW with warmup + cosine; returns loss history and final train/val losses."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    train_t = torch.as_tensor(train_idx)
+    warmup = min(200, max(1, steps // 10))
+    history: list[tuple[int, float]] = []
+    t0 = time.monotonic()
+    running = 0.0
+    log_every = max(1, steps // 10)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        pick = train_t[torch.randint(len(train_t), (batch,), generator=gen)]
+        loss = loss_fn({k: v[pick].to(device) for k, v in tensors.items()})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running += float(loss)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            n = (step % log_every) + 1
+            history.append((step + 1, running / n))
+            log(f"  {name} step {step + 1}/{steps} loss {running / n:.4f} "
+                f"({time.monotonic() - t0:.0f} s)")
+            running = 0.0
+    model.eval()
+    return {"steps": steps, "batch": batch, "lr": lr, "history": history,
+            "train_loss": _evaluate(tensors, train_idx[:4096], loss_fn, device),
+            "val_loss": _evaluate(tensors, val_idx, loss_fn, device),
+            "train_s": round(time.monotonic() - t0, 1)}
+
+
+@torch.no_grad()
+def _evaluate(tensors: dict[str, torch.Tensor], idx: np.ndarray,
+              loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+              device: torch.device) -> float | None:
+    if len(idx) == 0:
+        return None
+    total, n = 0.0, 0
+    for start in range(0, len(idx), 256):
+        pick = torch.as_tensor(idx[start:start + 256])
+        b = {k: v[pick].to(device) for k, v in tensors.items()}
+        total += float(loss_fn(b)) * len(pick)
+        n += len(pick)
+    return total / n
+
+
+def train_planner(data: dict[str, np.ndarray], tokenizer: Tokenizer, steps: int, seed: int,
+                  batch: int = 64, lr: float = 1e-3, device: torch.device | None = None,
+                  log: Log = print, **model_kwargs: Any) -> TrainResult:
+    """data: image uint8 [N,96,96,3], tokens int64 [N,16], q [N,6], chunk [N,H,6], episode [N]."""
+    seed_everything(seed)
+    device = device or pick_device()
+    horizon, n_joints = data["chunk"].shape[1:]
+    model = Planner(tokenizer.vocab_size, n_joints=n_joints, horizon=horizon,
+                    max_tokens=tokenizer.max_len, **model_kwargs)
+    train_idx, val_idx = split_by_episode(data["episode"], 0.1, seed)
+    q = torch.as_tensor(data["q"], dtype=torch.float32)
+    chunk = torch.as_tensor(data["chunk"], dtype=torch.float32)
+    delta = chunk[train_idx] - q[train_idx, None, :]
+    model.set_normalisation(q[train_idx].mean(0), q[train_idx].std(0),
+                            delta.pow(2).mean(0).sqrt())
+    tensors = {"image": torch.as_tensor(data["image"]), "tokens": torch.as_tensor(data["tokens"]),
+               "q": q, "chunk": chunk}
+    log(f"planner: {count_parameters(model) / 1e6:.2f} M params, {len(train_idx)} train / "
+        f"{len(val_idx)} val samples, {steps} steps on {device}")
+
+    def loss_fn(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        pred = model(b["image"], b["tokens"], b["q"])
+        return F.smooth_l1_loss((pred - b["chunk"]) / model.delta_std,
+                                torch.zeros_like(pred), beta=0.1)
+
+    metrics = _fit(model, tensors, train_idx, val_idx, loss_fn, steps, batch, lr, seed,
+                   device, log, "planner")
+    metrics.update(_planner_errors(model, tensors, val_idx, device))
+    metrics["params"] = count_parameters(model)
+    return TrainResult(model.cpu(), metrics)
+
+
+@torch.no_grad()
+def _planner_errors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], idx: np.ndarray,
+                    device: torch.device) -> dict[str, Any]:
+    """Validation error in radians: mean abs over the chunk and on its first/last waypoint."""
+    if len(idx) == 0:
+        return {}
+    errs = []
+    for start in range(0, len(idx), 256):
+        pick = torch.as_tensor(idx[start:start + 256])
+        b = {k: v[pick].to(device) for k, v in tensors.items()}
+        errs.append((model(b["image"], b["tokens"], b["q"]) - b["chunk"]).abs().cpu())
+    e = torch.cat(errs)
+    return {"val_mae_rad": float(e.mean()), "val_mae_first_rad": float(e[:, 0].mean()),
+            "val_mae_last_rad": float(e[:, -1].mean())}
+
+
+def train_follower(data: dict[str, np.ndarray], steps: int, seed: int, batch: int = 256,
+                   lr: float = 2e-3, residual_max: float = 0.05,
+                   device: torch.device | None = None, log: Log = print,
+                   **model_kwargs: Any) -> TrainResult:
+    """data: ref [M,8,6], q [M,6], dq [M,6], residual [M,6], episode [M]."""
+    seed_everything(seed)
+    device = device or pick_device()
+    lookahead, n_joints = data["ref"].shape[1:]
+    model = Follower(n_joints=n_joints, lookahead=lookahead, residual_scale=residual_max,
+                     **model_kwargs)
+    train_idx, val_idx = split_by_episode(data["episode"], 0.1, seed)
+    t = {k: torch.as_tensor(data[k], dtype=torch.float32) for k in ("ref", "q", "dq", "residual")}
+    rel = t["ref"][train_idx] - t["q"][train_idx, None, :]
+    model.set_normalisation(rel.reshape(-1, n_joints).std(0), t["q"][train_idx].mean(0),
+                            t["q"][train_idx].std(0), t["dq"][train_idx].std(0))
+    log(f"follower: {count_parameters(model) / 1e3:.0f} k params, {len(train_idx)} train / "
+        f"{len(val_idx)} val samples, {steps} steps on {device}")
+
+    def loss_fn(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        pred = model(b["ref"], b["q"], b["dq"])
+        return F.mse_loss(pred / model.residual_scale, b["residual"] / model.residual_scale)
+
+    metrics = _fit(model, t, train_idx, val_idx, loss_fn, steps, batch, lr, seed, device, log,
+                   "follower")
+    with torch.no_grad():
+        idx = torch.as_tensor(val_idx)
+        pred = model(t["ref"][idx].to(device), t["q"][idx].to(device), t["dq"][idx].to(device))
+        target = t["residual"][idx].to(device)
+        var = float(target.var()) if len(idx) > 1 else 0.0
+        metrics["val_mae_rad"] = float((pred - target).abs().mean())
+        metrics["val_r2"] = 1.0 - float((pred - target).pow(2).mean()) / var if var else None
+    metrics["params"] = count_parameters(model)
+    return TrainResult(model.cpu(), metrics)

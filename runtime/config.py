@@ -1,0 +1,290 @@
+"""Typed configuration: YAML files layered (robot < site < --set), validated by pydantic.
+
+An invalid config is rejected with the file, the key path and the reason; nothing starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. The message names file, key and reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Limits(_Strict):
+    position_min: list[float]
+    position_max: list[float]
+    velocity_max: list[float]  # rad/s
+    accel_max: list[float]  # rad/s^2
+    effort_max: list[float] | None = None  # N·m, torque modes only
+    # a measured position this far outside [position_min, position_max] is a FAULT
+    state_margin: float = Field(0.15, ge=0)
+    # plans whose waypoints leave the position range by more than this are dropped
+    plan_margin: float = Field(0.3, ge=0)
+
+
+class RobotConfig(_Strict):
+    name: str
+    joints: list[str] = Field(min_length=1)
+    limits: Limits
+
+    @model_validator(mode="after")
+    def _limits_match_joints(self) -> RobotConfig:
+        n = len(self.joints)
+        for key in ("position_min", "position_max", "velocity_max", "accel_max", "effort_max"):
+            value = getattr(self.limits, key)
+            if value is not None and len(value) != n:
+                raise ValueError(f"limits.{key} has {len(value)} entries, joints has {n}")
+        lims = zip(self.limits.position_min, self.limits.position_max, strict=True)
+        for j, (lo, hi) in enumerate(lims):
+            if lo >= hi:
+                raise ValueError(f"joint {self.joints[j]!r}: position_min >= position_max")
+        return self
+
+
+class DynamixelBusConfig(_Strict):
+    kind: Literal["dynamixel"] = "dynamixel"
+    device: str  # serial device; "sim" = the pty the sim prints
+    baudrate: int = Field(4_000_000, gt=0)
+    ids: list[int]
+    # encoder tick of each joint's zero and its direction (+1/-1)
+    zero_ticks: list[int] | None = None
+    direction: list[int] | None = None
+    timeout_ms: float = Field(5.0, gt=0)
+    retries: int = Field(1, ge=0)
+    return_delay_us: float = Field(0.0, ge=0)
+
+
+class MitMotorModel(_Strict):
+    """Ranges of the 16/12-bit MIT-mode fields, per motor model."""
+
+    p_max: float  # rad, position range is [-p_max, p_max]
+    v_max: float  # rad/s
+    t_max: float  # N·m
+    kp_max: float = 500.0
+    kd_max: float = 5.0
+
+
+class CanBusConfig(_Strict):
+    kind: Literal["mit_can"] = "mit_can"
+    interface: str = "socketcan"  # any python-can interface name
+    channel: str = "can0"
+    bitrate: int = Field(1_000_000, gt=0)
+    ids: list[int]
+    master_ids: list[int] | None = None  # reply ids, when they differ from `ids`
+    model: MitMotorModel
+    kp: list[float]
+    kd: list[float]
+    timeout_ms: float = Field(2.0, gt=0)
+    direction: list[int] | None = None
+
+
+class RealtimeConfig(_Strict):
+    sched_fifo_priority: int = Field(0, ge=0, le=99)  # 0 = do not ask
+    cpu: int | None = None  # pin the follower to this core
+    mlockall: bool = False
+
+
+class DeadlineStorm(_Strict):
+    misses: int = Field(50, gt=0)
+    window_ticks: int = Field(500, gt=0)
+
+
+class FollowerConfig(_Strict):
+    hz: float = Field(500.0, gt=0, le=2000)
+    blend_ms: float = Field(80.0, ge=0)  # tunable
+    chunk_strategy: Literal["blend", "broker", "average", "switch"] = "blend"
+    plan_timeout_ms: float = Field(500.0, gt=0)  # no plan for this long -> HOLD
+    residual: bool = True  # tunable
+    residual_max: float = Field(0.05, ge=0)  # rad, tunable
+    hold_decel: float = Field(4.0, gt=0)  # rad/s^2 when braking to a hold
+    bus_error_threshold: int = Field(5, gt=0)  # consecutive failed transactions -> FAULT
+    fault_action: Literal["hold", "torque_off"] = "hold"
+    stop_action: Literal["hold", "torque_off"] = "hold"  # on SIGTERM
+    deadline_storm: DeadlineStorm = DeadlineStorm()
+    realtime: RealtimeConfig = RealtimeConfig()
+    spin_us: float = Field(200.0, ge=0)  # busy-wait this long before each deadline
+    state_pub_every: int = Field(1, gt=0)  # publish state every N ticks
+    telemetry_hz: float = Field(20.0, gt=0)
+
+
+class CameraConfig(_Strict):
+    kind: Literal["sim", "v4l2"] = "sim"
+    device: str = "/dev/video0"
+    width: int = 96
+    height: int = 96
+    fps: float = 15.0
+    stale_ms: float = Field(500.0, gt=0)
+
+
+class PlannerConfig(_Strict):
+    hz: float = Field(5.0, gt=0, le=50)
+    camera: CameraConfig = CameraConfig()
+    instruction: str = ""  # default instruction when none is given by the task source
+    threads: int = Field(1, ge=1)
+
+
+class BundleConfig(_Strict):
+    path: str
+    public_key: str | None = None  # ed25519 public key file; when set, a signature is required
+    engine: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+
+
+class SimConfig(_Strict):
+    enabled: bool = True
+    seed: int = 0
+    episode_timeout_s: float = Field(12.0, gt=0)
+    two_step_fraction: float = Field(0.5, ge=0, le=1)
+    camera_hz: float = Field(10.0, gt=0)
+    physics_hz: float = Field(1000.0, gt=0)
+    transport: Literal["serial", "can"] = "serial"
+
+
+class RecorderConfig(_Strict):
+    enabled: bool = False
+    dir: str = "/var/lib/duet/recordings"
+    budget_mb: float = Field(2048.0, gt=0)
+    ring_s: float = Field(30.0, gt=0)
+
+
+class DuetConfig(_Strict):
+    robot: RobotConfig
+    bus: DynamixelBusConfig | CanBusConfig = Field(discriminator="kind")
+    follower: FollowerConfig = FollowerConfig()
+    planner: PlannerConfig = PlannerConfig()
+    bundle: BundleConfig
+    run_dir: str = "/run/duet"
+    sim: SimConfig | None = None
+    recorder: RecorderConfig = RecorderConfig()
+
+    @model_validator(mode="after")
+    def _bus_matches_joints(self) -> DuetConfig:
+        n = len(self.robot.joints)
+        if len(self.bus.ids) != n:
+            raise ValueError(f"bus.ids has {len(self.bus.ids)} entries, robot.joints has {n}")
+        return self
+
+
+# Keys that can change on a running follower through the control socket.
+TUNABLES = frozenset(
+    {
+        "follower.blend_ms",
+        "follower.residual",
+        "follower.residual_max",
+        "follower.hold_decel",
+        "follower.plan_timeout_ms",
+        "follower.chunk_strategy",
+    }
+)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], parsed YAML value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = data
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {'.'.join(parts)}: {part!r} is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _origin(key_path: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]]) -> str:
+    """Which layer last set this key (so the error names the right file)."""
+    for name, layer in reversed(layers):
+        node: Any = layer
+        found = True
+        for part in key_path:
+            if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+                node = node[part]
+            else:
+                found = False
+                break
+        if found:
+            return name
+    return layers[0][0] if layers else "<config>"
+
+
+def load_config(
+    path: str | Path,
+    site: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> DuetConfig:
+    """Load `path`, layer the site file and `--set` overrides on top, validate."""
+    path = Path(path)
+    layers: list[tuple[str, dict[str, Any]]] = [(str(path), _read_yaml(path))]
+    if site is not None and Path(site).exists():
+        layers.append((str(site), _read_yaml(Path(site))))
+    if overrides:
+        cli: dict[str, Any] = {}
+        for item in overrides:
+            parts, value = parse_override(item)
+            _apply_override(cli, parts, value)
+        layers.append(("--set", cli))
+    merged: dict[str, Any] = {}
+    for _, layer in layers:
+        merged = _deep_merge(merged, layer)
+    try:
+        return DuetConfig.model_validate(merged)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            # drop the union tag pydantic inserts into the location of discriminated unions
+            loc = tuple(p for p in err["loc"] if p not in ("dynamixel", "mit_can"))
+            key = ".".join(str(p) for p in loc) or "<root>"
+            lines.append(f"{_origin(loc, layers)}: {key}: {err['msg']}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def config_to_dict(cfg: DuetConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Field deployment: install, bundle store, config over SSH, status/top, doctor, recorder."""

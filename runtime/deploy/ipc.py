@@ -1,0 +1,106 @@
+"""Client side of the runtime's ipc sockets: control requests and telemetry samples."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from runtime.messages import Encoder, MessageError, decode
+
+SOURCES = ("follower", "planner")
+
+
+class ControlError(Exception):
+    """The follower did not answer, or answered with something that is not a reply."""
+
+
+def endpoint(run_dir: str | Path, name: str) -> str:
+    return f"ipc://{Path(run_dir)}/{name}"
+
+
+def socket_present(run_dir: str | Path, name: str) -> bool:
+    return (Path(run_dir) / name).exists()
+
+
+def control_request(
+    run_dir: str | Path, cmd: str, args: dict[str, Any] | None = None, timeout_s: float = 2.0
+) -> dict[str, Any]:
+    """One request on the follower's control socket; returns the reply body
+    {"ok", "error", "result"}. Raises ControlError when nobody answers in time."""
+    if not socket_present(run_dir, "control"):
+        raise ControlError(f"follower not running (no control socket in {run_dir})")
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint(run_dir, "control"))
+        sock.send(Encoder().encode("request", {"cmd": cmd, "args": args or {}}))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise ControlError(f"follower did not answer {cmd!r} within {timeout_s:.1f} s")
+        try:
+            msg = decode(sock.recv(), "reply")
+        except MessageError as exc:
+            raise ControlError(f"bad reply to {cmd!r}: {exc}") from None
+    finally:
+        sock.close()
+    return {"ok": bool(msg.get("ok")), "error": msg.get("error"), "result": msg.get("result") or {}}
+
+
+class TelemetrySubscriber:
+    """SUB on the follower's and planner's telemetry sockets; keeps the newest of each."""
+
+    def __init__(self, run_dir: str | Path, sources: tuple[str, ...] = SOURCES) -> None:
+        self._ctx = zmq.Context.instance()
+        self._poller = zmq.Poller()
+        self._socks: dict[zmq.Socket[bytes], str] = {}
+        for source in sources:
+            sock: zmq.Socket[bytes] = self._ctx.socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.setsockopt(zmq.RCVHWM, 10)
+            # connect works before the publisher binds; zmq reconnects when it appears
+            sock.connect(endpoint(run_dir, f"telemetry-{source}"))
+            self._poller.register(sock, zmq.POLLIN)
+            self._socks[sock] = source
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.received_at: dict[str, float] = {}
+        self.rejected = 0
+
+    def poll(self, timeout_s: float) -> int:
+        """Drain what is waiting (waiting up to `timeout_s` for the first); returns count."""
+        n = 0
+        for sock, _ in self._poller.poll(int(timeout_s * 1000)):
+            while True:
+                try:
+                    frame = sock.recv(zmq.NOBLOCK)  # type: ignore[union-attr]
+                except zmq.Again:
+                    break
+                try:
+                    msg = decode(frame, "telemetry")
+                except MessageError:
+                    self.rejected += 1
+                    continue
+                source = self._socks[sock]  # type: ignore[index]
+                self.latest[source] = msg
+                self.received_at[source] = time.monotonic()
+                n += 1
+        return n
+
+    def sample(self, timeout_s: float) -> dict[str, dict[str, Any]]:
+        """Wait until every source has sent one message, or the timeout; newest of each."""
+        deadline = time.monotonic() + timeout_s
+        wanted = set(self._socks.values())
+        while not wanted <= set(self.latest):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.poll(left)
+        return dict(self.latest)
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        self._socks.clear()

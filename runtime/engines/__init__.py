@@ -1,0 +1,91 @@
+"""Inference engines behind one small interface, so the planner and follower loops do not care
+whether a model runs on ONNX Runtime (CPU/CUDA/TensorRT execution provider) or native TensorRT.
+
+`run(feeds)` copies the feeds into preallocated input buffers and returns *preallocated* output
+arrays: they are overwritten by the next `run`, so copy anything you keep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+from runtime.bundle import Bundle, ModelSpec, TensorSpec
+
+
+class EngineError(Exception):
+    """An engine that cannot be created or a call with bad feeds; the message says which."""
+
+
+class Engine(Protocol):
+    @property
+    def input_specs(self) -> list[TensorSpec]: ...
+
+    @property
+    def output_specs(self) -> list[TensorSpec]: ...
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+EngineKind = Literal["onnxruntime", "tensorrt"]
+
+
+def check_specs(model: ModelSpec, engine: Engine, where: str) -> None:
+    """Refuse an engine whose tensors disagree with what the manifest promises."""
+    for kind, declared, actual in (
+        ("inputs", model.inputs, engine.input_specs),
+        ("outputs", model.outputs, engine.output_specs),
+    ):
+        want = {(t.name, t.dtype, tuple(t.shape)) for t in declared}
+        have = {(t.name, t.dtype, tuple(t.shape)) for t in actual}
+        if want != have:
+            raise EngineError(
+                f"{where}: {kind} {sorted(have)} differ from the manifest's {sorted(want)}"
+            )
+
+
+def make_engine(
+    model_spec: ModelSpec,
+    bundle: Bundle,
+    kind: EngineKind = "onnxruntime",
+    *,
+    threads: int = 1,
+    providers: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+) -> Engine:
+    """An engine for one model of a verified bundle.
+
+    onnxruntime: the bundle's ONNX file. tensorrt: the engine that `duet engines build` cached
+    for this ONNX file, this TensorRT version, this GPU and this precision (never built here:
+    building takes minutes and belongs to install time, not to start-up).
+    """
+    onnx_path = bundle.path / model_spec.file
+    engine: Engine
+    if kind == "onnxruntime":
+        from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+        engine = OnnxRuntimeEngine(onnx_path, threads=threads, providers=providers)
+    elif kind == "tensorrt":
+        from runtime.engines.tensorrt_engine import TensorRTEngine, cached_engine_path
+
+        onnx_sha = bundle.manifest.files[model_spec.file]
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(bundle)
+        plan = cached_engine_path(cache, onnx_sha, model_spec.precision)
+        if not plan.is_file():
+            raise EngineError(
+                f"{plan}: no TensorRT engine for {model_spec.file} ({model_spec.precision}) "
+                f"on this GPU/TensorRT; run `duet engines build --bundle {bundle.path}`"
+            )
+        engine = TensorRTEngine(plan)
+    else:
+        raise EngineError(f"unknown engine kind {kind!r} (onnxruntime | tensorrt)")
+    check_specs(model_spec, engine, str(onnx_path))
+    return engine
+
+
+def default_cache_dir(bundle: Bundle) -> Path:
+    """`<bundle>/engines/`: not listed in the manifest (engines are per GPU, built on the
+    target), and keyed by ONNX hash, so several GPUs/TensorRT versions can share it."""
+    return bundle.path / "engines"

@@ -1,0 +1,210 @@
+"""The planner process (System 2): camera + instruction + joint state -> a plan, a few Hz.
+
+It never plans on stale inputs: without a fresh frame, a recent joint state and an
+instruction it publishes nothing, and the follower's plan timeout brings the arm to a hold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sdnotify
+import zmq
+
+from drivers.camera import Camera
+from runtime import endpoints
+from runtime.bundle import load_bundle
+from runtime.cameras import open_camera
+from runtime.config import DuetConfig
+from runtime.engines import make_engine
+from runtime.messages import Encoder, MessageError, decode, decode_state, pack_array
+from runtime.stats import Ring, summarize
+from runtime.tokenizer import Tokenizer
+
+log = logging.getLogger("duet.planner")
+
+STATE_MAX_AGE_NS = 200_000_000  # a joint state older than this is not planned on
+
+
+class Planner:
+    def __init__(self, cfg: DuetConfig, camera: Camera | None = None) -> None:
+        self.cfg = cfg
+        self.n = len(cfg.robot.joints)
+        bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
+        manifest = bundle.manifest
+        self.engine = make_engine(manifest.models["planner"], bundle, cfg.bundle.engine)
+        self.tokenizer = Tokenizer.load(bundle.path / manifest.tokenizer)
+        self.dt_s = float(manifest.dt_s)
+        self.camera = camera if camera is not None else open_camera(cfg.planner.camera, cfg.run_dir)
+        self.instruction = cfg.planner.instruction
+        self.episode: int | None = None
+        self.tokens = self.tokenizer.encode(self.instruction)[None, :]
+        self.q = np.zeros((1, self.n), dtype=np.float32)
+        self.state_t_ns = 0
+
+        ctx = zmq.Context.instance()
+        self.state_sub = ctx.socket(zmq.SUB)
+        self.state_sub.setsockopt(zmq.CONFLATE, 1)
+        self.state_sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.state_sub.connect(endpoints.state(cfg.run_dir))
+        # Task announcements share the sim's PUB socket with frames; this SUB is not
+        # conflated so no announcement is lost behind a frame.
+        self.task_sub = ctx.socket(zmq.SUB)
+        self.task_sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.task_sub.connect(endpoints.sim(cfg.run_dir))
+        self.plan_pub = ctx.socket(zmq.PUB)
+        self.plan_pub.setsockopt(zmq.SNDHWM, 4)
+        self.plan_pub.bind(endpoints.plan(cfg.run_dir))
+        self.tel_pub = ctx.socket(zmq.PUB)
+        self.tel_pub.bind(endpoints.telemetry(cfg.run_dir, "planner"))
+        self.enc_plan, self.enc_tel = Encoder(), Encoder()
+
+        self.plans = 0
+        self.status = "starting"
+        self.camera_age_ms: float | None = None
+        self.latency = Ring(1 << 16)  # observation -> plan published, ms
+        self.inference = Ring(1 << 16)  # engine time, ms
+        self.cycle_starts = Ring(1 << 16)
+        self.dropped: dict[str, int] = {}
+        self.stop_requested = False
+
+    def close(self) -> None:
+        for sock in (self.state_sub, self.task_sub, self.plan_pub, self.tel_pub):
+            sock.close(linger=0)
+        self.camera.close()
+
+    def _drain_inputs(self) -> None:
+        try:
+            frame = self.state_sub.recv(zmq.NOBLOCK)
+            msg, q, _ = decode_state(frame, self.n)
+            self.q[0] = q
+            self.state_t_ns = int(msg.get("t_read_ns") or msg["t_ns"])
+        except zmq.Again:
+            pass
+        except MessageError as exc:
+            self.dropped[exc.kind] = self.dropped.get(exc.kind, 0) + 1
+        while True:
+            try:
+                frame = self.task_sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                msg = decode(frame)
+            except MessageError as exc:
+                self.dropped[exc.kind] = self.dropped.get(exc.kind, 0) + 1
+                continue
+            if msg["type"] == "task" and isinstance(msg.get("instruction"), str):
+                self.set_instruction(msg["instruction"], msg.get("episode"))
+
+    def set_instruction(self, text: str, episode: Any = None) -> None:
+        if text != self.instruction or episode != self.episode:
+            self.instruction, self.episode = text, episode
+            self.tokens = self.tokenizer.encode(text)[None, :]
+
+    def step(self) -> bool:
+        """One planning cycle; True when a plan was published."""
+        self._drain_inputs()
+        now = time.monotonic_ns()
+        frame = self.camera.read_latest()
+        if frame is None:
+            self.status, self.camera_age_ms = "no_frames", None
+            return False
+        self.camera_age_ms = (now - frame.capture_t_ns) / 1e6
+        if self.camera_age_ms > self.cfg.planner.camera.stale_ms:
+            self.status = "camera_stale"
+            return False
+        if not self.state_t_ns or now - self.state_t_ns > STATE_MAX_AGE_NS:
+            self.status = "no_state"
+            return False
+        if not self.instruction:
+            self.status = "no_task"
+            return False
+        t_obs = self.state_t_ns
+        t0 = time.monotonic_ns()
+        out = self.engine.run({"image": frame.image[None], "tokens": self.tokens, "q": self.q})
+        t1 = time.monotonic_ns()
+        waypoints = out["waypoints"][0]
+        if not np.isfinite(waypoints).all():
+            self.status = "nonfinite_output"
+            return False
+        latency_ms = (t1 - t_obs) / 1e6
+        self.plan_pub.send(self.enc_plan.encode("plan", {
+            "waypoints": pack_array(waypoints.astype(np.float32, copy=False)),
+            "dt_s": self.dt_s, "t_obs_ns": t_obs, "latency_ms": latency_ms,
+            "episode": self.episode}))
+        self.plans += 1
+        self.latency.add(latency_ms)
+        self.inference.add((t1 - t0) / 1e6)
+        self.status = "planning"
+        return True
+
+    def telemetry(self) -> dict[str, Any]:
+        starts = self.cycle_starts.values(20)
+        hz = (len(starts) - 1) / (starts[-1] - starts[0]) if len(starts) > 1 else 0.0
+        return {
+            "source": "planner", "status": self.status, "plans": self.plans,
+            "achieved_hz": round(hz, 2),
+            "latency_ms": summarize(self.latency.values(50), ("p50", "p99"), digits=2),
+            "inference_ms": summarize(self.inference.values(50), ("p50", "p99"), digits=2),
+            "camera_age_ms": None if self.camera_age_ms is None else round(self.camera_age_ms, 1),
+            "instruction": self.instruction, "episode": self.episode,
+            "dropped_messages": dict(self.dropped),
+        }
+
+    def run(self, duration_s: float | None = None) -> None:
+        period_ns = round(1e9 / self.cfg.planner.hz)
+        start = time.monotonic_ns()
+        deadline = start
+        notifier = sdnotify.SystemdNotifier()
+        notifier.notify("READY=1")
+        last_status = ""
+        while not self.stop_requested:
+            now = time.monotonic_ns()
+            if duration_s is not None and now - start >= duration_s * 1e9:
+                break
+            if now < deadline:
+                time.sleep(min(deadline - now, 50_000_000) / 1e9)
+                continue
+            deadline += period_ns
+            if deadline < now:
+                deadline = now + period_ns
+            self.cycle_starts.add(now / 1e9)
+            self.step()
+            self.tel_pub.send(self.enc_tel.encode("telemetry", self.telemetry()))
+            if self.status != last_status:
+                notifier.notify(f"STATUS={self.status}")
+                log.info("planner status: %s", self.status)
+                last_status = self.status
+
+    def summary(self) -> dict[str, Any]:
+        starts = self.cycle_starts.values()
+        span = starts[-1] - starts[0] if len(starts) > 1 else 0.0
+        return {
+            "plans": self.plans,
+            "achieved_hz": round(self.plans / span, 2) if span else 0.0,
+            "latency_ms": summarize(self.latency.values(), ("p50", "p99"), digits=2),
+            "inference_ms": summarize(self.inference.values(), ("p50", "p99"), digits=2),
+            "dropped_messages": dict(self.dropped),
+        }
+
+
+def run_planner(cfg: DuetConfig, duration_s: float | None = None) -> int:
+    planner = Planner(cfg)
+
+    def _stop(signum: int, _frame: Any) -> None:
+        planner.stop_requested = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        planner.run(duration_s)
+    finally:
+        Path(cfg.run_dir, "planner-summary.json").write_text(json.dumps(planner.summary()))
+        planner.close()
+    return 0

@@ -1,0 +1,74 @@
+"""Real-time setup and the deadline wait for the follower.
+
+Everything here is best effort: where the privilege is missing the follower still runs and
+says so (the report goes to the log and to `duet doctor`).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import Any
+
+
+def apply_realtime(priority: int, cpu: int | None, mlock: bool) -> list[str]:
+    """Request SCHED_FIFO, CPU pinning and mlockall; return one line per outcome."""
+    report: list[str] = []
+    if cpu is not None:
+        try:
+            os.sched_setaffinity(0, {cpu})
+            report.append(f"pinned to cpu {cpu}")
+        except (OSError, ValueError) as exc:
+            report.append(f"cpu pinning to {cpu} not permitted: {exc}")
+    if priority > 0:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+            report.append(f"SCHED_FIFO priority {priority}")
+        except (OSError, AttributeError) as exc:
+            report.append(f"SCHED_FIFO not permitted ({exc}); running SCHED_OTHER")
+    if mlock:
+        report.append(_mlockall())
+    return report
+
+
+def _mlockall() -> str:
+    import ctypes
+    import ctypes.util
+
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return "mlockall unavailable (no libc found)"
+    libc: Any = ctypes.CDLL(libc_name, use_errno=True)
+    mcl_current, mcl_future = 1, 2
+    if libc.mlockall(mcl_current | mcl_future) != 0:
+        return f"mlockall not permitted (errno {ctypes.get_errno()})"
+    return "memory locked (mlockall)"
+
+
+def freeze_gc() -> None:
+    """Move everything allocated at start-up out of the collector's way; collect only
+    between deadlines (see `collect_if_slack`)."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+
+
+def collect_if_slack(slack_ns: int, min_slack_ns: int = 500_000) -> bool:
+    """Run a young-generation collection when the tick has this much slack left."""
+    if slack_ns > min_slack_ns and gc.get_count()[0] > 700:
+        gc.collect(0)
+        return True
+    return False
+
+
+def sleep_until(deadline_ns: int, spin_ns: int) -> int:
+    """Sleep until `spin_ns` before the deadline, then spin; return the wake-up time."""
+    now = time.monotonic_ns()
+    remaining = deadline_ns - now - spin_ns
+    if remaining > 0:
+        time.sleep(remaining / 1e9)
+    while True:
+        now = time.monotonic_ns()
+        if now >= deadline_ns:
+            return now

@@ -1,0 +1,221 @@
+"""`duet run`: start sim (when configured), follower and planner; supervise; summarise.
+
+On the robot systemd supervises the two processes; this is the same arrangement for
+development and tests. The supervisor is the children's NOTIFY_SOCKET, so the follower's
+readiness travels the same sd_notify path it takes under systemd.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from runtime.config import CanBusConfig, ConfigError, DuetConfig, config_to_dict
+from runtime.summary import build_summary, print_summary
+
+log = logging.getLogger("duet.run")
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 8.0
+PLANNER_RESTART_BACKOFF_S = 1.0
+
+
+class SupervisorError(Exception):
+    pass
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "runtime.cli", *args]
+
+
+class Supervisor:
+    def __init__(self, cfg: DuetConfig, config_label: str) -> None:
+        self.cfg = cfg
+        self.config_label = config_label
+        self.run_dir = Path(cfg.run_dir)
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.planner_restarts = 0
+        self.stop_requested = False
+        self.t_start_ns = time.monotonic_ns()
+        self.notify_sock: socket.socket | None = None
+        self.ready: set[str] = set()
+
+    # ------------------------------------------------------------ plumbing
+    def _prepare_run_dir(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("plan", "state", "control", "telemetry-follower", "telemetry-planner", "sim",
+                     "notify", "follower-summary.json", "planner-summary.json",
+                     "sim-summary.json"):
+            (self.run_dir / name).unlink(missing_ok=True)
+        self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.notify_sock.bind(str(self.run_dir / "notify"))
+        self.notify_sock.settimeout(0.1)
+        path = self.run_dir / "effective.yaml"
+        path.write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        return path
+
+    def _env(self, name: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["NOTIFY_SOCKET"] = str(self.run_dir / "notify")
+        env["DUET_PROCESS"] = name
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _spawn(self, name: str, args: list[str], stdout: int | None = None) -> None:
+        self.children[name] = subprocess.Popen(
+            _cli(*args), env=self._env(name), stdout=stdout, start_new_session=True)
+
+    def _poll_notify(self) -> None:
+        """Read sd_notify datagrams; SO_PASSCRED tells which child sent each (as systemd does)."""
+        assert self.notify_sock is not None
+        names = {p.pid: n for n, p in self.children.items()}
+        while True:
+            try:
+                data, ancdata, _, _ = self.notify_sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except (TimeoutError, BlockingIOError):
+                return
+            pid = 0
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("3i", payload[:12])[0]
+            name = names.get(pid)
+            if name is not None and b"READY=1" in data.split(b"\n"):
+                self.ready.add(name)
+            self.notify_sock.settimeout(0.0)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        effective = self._prepare_run_dir()
+        overrides: list[str] = []
+        if self.cfg.sim is not None and self.cfg.sim.enabled:
+            self._spawn("sim", ["sim", "--config", str(effective)], stdout=subprocess.PIPE)
+            line = _read_first_line(self.children["sim"], READY_TIMEOUT_S)
+            key = "bus.channel" if isinstance(self.cfg.bus, CanBusConfig) else "bus.device"
+            overrides.append(f"{key}={line}")
+            self.device = line
+            log.info("sim robot on %s", line)
+        sets = [a for o in overrides for a in ("--set", o)]
+        self._spawn("follower", ["follower", "--config", str(effective), *sets])
+        self._wait_ready("follower")
+        self._spawn("planner", ["planner", "--config", str(effective), *sets])
+        self.planner_args = ["planner", "--config", str(effective), *sets]
+
+    def _wait_ready(self, name: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        assert self.notify_sock is not None
+        self.notify_sock.settimeout(0.1)
+        while name not in self.ready:
+            if self.children[name].poll() is not None:
+                raise SupervisorError(f"{name} exited with {self.children[name].returncode} "
+                                      "before it was ready")
+            if time.monotonic() > deadline:
+                raise SupervisorError(f"{name} not ready within {READY_TIMEOUT_S:.0f} s")
+            self._poll_notify()
+            self.notify_sock.settimeout(0.1)
+
+    def supervise(self, duration_s: float | None) -> int:
+        end = None if duration_s is None else time.monotonic() + duration_s
+        while not self.stop_requested and (end is None or time.monotonic() < end):
+            time.sleep(0.05)
+            if self.children["follower"].poll() is not None:
+                log.error("follower exited with %s", self.children["follower"].returncode)
+                return 1
+            if "sim" in self.children and self.children["sim"].poll() is not None:
+                log.error("sim exited with %s", self.children["sim"].returncode)
+                return 1
+            planner = self.children["planner"]
+            if planner.poll() is not None:
+                # systemd restarts the planner independently; the follower holds meanwhile
+                log.warning("planner exited with %s; restarting", planner.returncode)
+                self.planner_restarts += 1
+                time.sleep(PLANNER_RESTART_BACKOFF_S)
+                self._spawn("planner", self.planner_args)
+        return 0
+
+    def stop(self) -> dict[str, int | None]:
+        """SIGTERM in dependency order: planner, follower (controlled stop), sim."""
+        codes: dict[str, int | None] = {}
+        for name in ("planner", "follower", "sim"):
+            proc = self.children.get(name)
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    log.error("%s did not stop within %.0f s; killing", name, STOP_TIMEOUT_S)
+                    proc.kill()
+                    proc.wait()
+            codes[name] = proc.returncode
+        if self.notify_sock is not None:
+            self.notify_sock.close()
+        return codes
+
+
+def _read_first_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
+    """The sim prints its device path first; everything after is forwarded to stderr."""
+    assert proc.stdout is not None
+    result: list[str] = []
+
+    def reader(stream: IO[bytes]) -> None:
+        first = stream.readline().decode().strip()
+        result.append(first)
+        for line in stream:
+            sys.stderr.write("[sim] " + line.decode(errors="replace"))
+
+    thread = threading.Thread(target=reader, args=(proc.stdout,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not result:
+        if proc.poll() is not None:
+            raise SupervisorError(f"sim exited with {proc.returncode} before printing its device")
+        if time.monotonic() > deadline:
+            raise SupervisorError(f"sim printed no device within {timeout_s:.0f} s")
+        time.sleep(0.01)
+    if not result[0]:
+        raise SupervisorError("sim printed an empty first line instead of its device")
+    return result[0]
+
+
+def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
+        summary_json: str | None) -> int:
+    sup = Supervisor(cfg, config_label)
+
+    def _stop(signum: int, _frame: Any) -> None:
+        sup.stop_requested = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    t0 = time.monotonic()
+    rc = 0
+    try:
+        sup.start()
+        rc = sup.supervise(duration_s)
+    except (SupervisorError, ConfigError) as exc:
+        log.error("%s", exc)
+        rc = 2
+    finally:
+        codes = sup.stop()
+    if any(code not in (0, None) for name, code in codes.items() if name != "planner"):
+        rc = rc or 1
+    summary = build_summary(cfg, config_label, Path(cfg.run_dir), time.monotonic() - t0,
+                            sup.t_start_ns, sup.planner_restarts, codes)
+    print_summary(summary)
+    if summary_json:
+        Path(summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(summary_json).write_text(json.dumps(summary, indent=2))
+    return rc

@@ -1,0 +1,93 @@
+"""Word-level instruction tokenizer shared by training (policy/) and the planner process.
+
+A fixed, small vocabulary: the planner only ever hears instructions like "touch the red
+block" or "touch the blue block, then the green one". Ids are stable because they are baked
+into the planner's embedding table; the tokenizer ships inside the bundle as tokenizer.json
+so the runtime uses exactly the vocabulary the model was trained with. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+PAD_ID = 0
+UNK_ID = 1
+MAX_TOKENS = 16
+FORMAT = "duet-word-tokenizer/1"
+
+# Order matters: a word's id is its index + 2. Append only, never reorder.
+DEFAULT_WORDS: tuple[str, ...] = (
+    "touch", "tap", "reach", "go", "to", "move", "the", "a", "block", "blocks", "cube", "one",
+    "then", "and", "after", "that", "first", "next", "finally", ",", ".",
+    "red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta", "white", "black",
+    "grey", "gray", "pink", "brown",
+)
+
+_WORD_RE = re.compile(r"[a-z]+|[,.]")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used."""
+
+
+class Tokenizer:
+    """Lowercase word-level tokenizer: `encode(text) -> int64 [max_len]`, 0 = pad, 1 = unknown."""
+
+    def __init__(self, words: tuple[str, ...] | list[str] = DEFAULT_WORDS,
+                 max_len: int = MAX_TOKENS) -> None:
+        words = tuple(words)
+        if len(set(words)) != len(words):
+            raise TokenizerError("vocabulary has duplicate words")
+        if max_len <= 0:
+            raise TokenizerError(f"max_len must be positive, got {max_len}")
+        self.words = words
+        self.max_len = max_len
+        self._ids = {w: i + 2 for i, w in enumerate(words)}
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the embedding table a model needs (pad + unknown + words)."""
+        return len(self.words) + 2
+
+    def split(self, text: str) -> list[str]:
+        return _WORD_RE.findall(text.lower())
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids, truncated or zero-padded to max_len."""
+        ids = [self._ids.get(w, UNK_ID) for w in self.split(text)][: self.max_len]
+        out = np.zeros(self.max_len, dtype=np.int64)
+        out[: len(ids)] = ids
+        return out
+
+    def decode(self, ids: np.ndarray) -> str:
+        inv = {i: w for w, i in self._ids.items()}
+        return " ".join(inv.get(int(i), "<unk>") for i in ids if int(i) != PAD_ID)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"format": FORMAT, "max_len": self.max_len, "pad_id": PAD_ID, "unk_id": UNK_ID,
+                "words": list(self.words)}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TokenizerError(f"{path}: cannot read tokenizer: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise TokenizerError(f"{path}: format is not {FORMAT!r}")
+        if data.get("pad_id") != PAD_ID or data.get("unk_id") != UNK_ID:
+            raise TokenizerError(f"{path}: pad_id/unk_id must be {PAD_ID}/{UNK_ID}")
+        words, max_len = data.get("words"), data.get("max_len")
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise TokenizerError(f"{path}: words must be a list of strings")
+        if not isinstance(max_len, int):
+            raise TokenizerError(f"{path}: max_len must be an integer")
+        return cls(words, max_len)

@@ -1,0 +1,49 @@
+"""Shared actuator state between the physics loop and the device emulators.
+
+The physics loop reads the commanded fields and writes the present fields every physics
+step; an emulator (Dynamixel over a pty, MIT-mode motors over CAN) reads the present fields
+and writes the commanded ones when packets arrive. One lock guards both sides.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Actuator modes, per joint.
+MODE_POSITION = 3  # Dynamixel "Position Control" operating mode: on-board PD to goal position
+MODE_MIT = 100  # MIT impedance: tau = kp (p - q) + kd (v - dq) + tau_ff
+
+# Hardware error bits (Dynamixel X-series "Hardware Error Status", address 70).
+HW_INPUT_VOLTAGE = 1 << 0
+HW_OVERHEATING = 1 << 2
+HW_ENCODER = 1 << 3
+HW_ELECTRICAL_SHOCK = 1 << 4
+HW_OVERLOAD = 1 << 5
+
+
+@dataclass
+class Actuators:
+    n: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        n = self.n
+        # commanded (written by emulators)
+        self.torque_enabled = np.zeros(n, dtype=bool)
+        self.mode = np.full(n, MODE_POSITION, dtype=np.int32)
+        self.goal_q = np.zeros(n)  # rad
+        self.goal_dq = np.zeros(n)  # rad/s (MIT)
+        self.kp = np.zeros(n)  # N·m/rad (MIT) — position mode uses the servo's own gains
+        self.kd = np.zeros(n)  # N·m·s/rad (MIT)
+        self.tau_ff = np.zeros(n)  # N·m (MIT)
+        # present (written by physics)
+        self.q = np.zeros(n)
+        self.dq = np.zeros(n)
+        self.tau = np.zeros(n)
+        self.hw_error = np.zeros(n, dtype=np.uint8)
+        self.temperature_c = np.full(n, 30.0)
+        # fault injection for tests: a silent motor answers nothing
+        self.silent = np.zeros(n, dtype=bool)
