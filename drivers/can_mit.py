@@ -74,6 +74,8 @@ class MitRanges:
 
 def float_to_uint(x: float, lo: float, hi: float, bits: int) -> int:
     """Clamp x to [lo, hi] and map it onto 0 .. 2**bits - 1 (rounded to nearest)."""
+    if x != x:  # NaN has no place on the wire; +-inf clamps like any out-of-range value
+        raise ValueError("MIT field cannot encode NaN")
     top = (1 << bits) - 1
     x = min(max(x, lo), hi)
     return int((x - lo) * top / (hi - lo) + 0.5)
@@ -83,14 +85,24 @@ def uint_to_float(u: int, lo: float, hi: float, bits: int) -> float:
     return u * (hi - lo) / ((1 << bits) - 1) + lo
 
 
-def pack_command(p: float, v: float, kp: float, kd: float, t: float, r: MitRanges) -> bytes:
+def pack_command_into(
+    buf: bytearray, p: float, v: float, kp: float, kd: float, t: float, r: MitRanges
+) -> None:
+    """Write the 8-byte command into `buf` in place (the tick path allocates no frames)."""
     pi = float_to_uint(p, -r.p_max, r.p_max, 16)
     vi = float_to_uint(v, -r.v_max, r.v_max, 12)
     kpi = float_to_uint(kp, 0.0, r.kp_max, 12)
     kdi = float_to_uint(kd, 0.0, r.kd_max, 12)
     ti = float_to_uint(t, -r.t_max, r.t_max, 12)
-    return bytes((pi >> 8, pi & 0xFF, vi >> 4, ((vi & 0xF) << 4) | (kpi >> 8), kpi & 0xFF,
-                  kdi >> 4, ((kdi & 0xF) << 4) | (ti >> 8), ti & 0xFF))
+    buf[0], buf[1] = pi >> 8, pi & 0xFF
+    buf[2], buf[3], buf[4] = vi >> 4, ((vi & 0xF) << 4) | (kpi >> 8), kpi & 0xFF
+    buf[5], buf[6], buf[7] = kdi >> 4, ((kdi & 0xF) << 4) | (ti >> 8), ti & 0xFF
+
+
+def pack_command(p: float, v: float, kp: float, kd: float, t: float, r: MitRanges) -> bytes:
+    buf = bytearray(COMMAND_DLC)
+    pack_command_into(buf, p, v, kp, kd, t, r)
+    return bytes(buf)
 
 
 def unpack_command(data: bytes | bytearray, r: MitRanges) -> tuple[float, float, float, float, float]:
@@ -248,8 +260,8 @@ class MitCanBus:
         dq_target = self._zeros if dq_target is None else dq_target
         r, sign = self.ranges, self._direction
         for j, frame in enumerate(self._frames):
-            frame.data[:] = pack_command(sign[j] * q_target[j], sign[j] * dq_target[j],
-                                         kp[j], kd[j], sign[j] * tau_ff[j], r)
+            pack_command_into(frame.data, sign[j] * q_target[j], sign[j] * dq_target[j],
+                              kp[j], kd[j], sign[j] * tau_ff[j], r)
         self._have_command = True
         self._send_all()
         self.stats.writes += 1
@@ -258,7 +270,7 @@ class MitCanBus:
         if not self._pending:
             if not self._have_command:
                 for frame in self._frames:  # zero gains, zero torque: "where are you?"
-                    frame.data[:] = pack_command(0.0, 0.0, 0.0, 0.0, 0.0, self.ranges)
+                    pack_command_into(frame.data, 0.0, 0.0, 0.0, 0.0, 0.0, self.ranges)
             self._send_all()
         self._pending = False
         self._collect()
@@ -309,12 +321,9 @@ class MitCanBus:
         deadline = time.monotonic() + self.timeout_s
         remaining = len(got)
         while remaining:
-            left = deadline - time.monotonic()
-            msg = bus.recv(max(left, 0.0))
-            if msg is None:
-                if left <= 0:
-                    break
-                continue
+            msg = bus.recv(max(deadline - time.monotonic(), 0.0))
+            if msg is None:  # recv waited out the deadline
+                break
             j = self._key(msg)
             if j is None:
                 continue

@@ -245,7 +245,9 @@ def _origin(key_path: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]])
         node: Any = layer
         found = True
         for part in key_path:
-            if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+            in_dict = isinstance(node, dict) and part in node
+            in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+            if in_dict or in_list:
                 node = node[part]
             else:
                 found = False

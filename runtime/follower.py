@@ -52,7 +52,7 @@ class Follower:
         self.plan_margin = lim.plan_margin
 
         bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
-        follower_spec = bundle.manifest.models["follower"]
+        follower_spec = bundle.manifest.models.follower
         engine = make_engine(follower_spec, bundle, cfg.bundle.engine)
         self.tracker = Tracker(
             self.n, self.dt,

@@ -38,8 +38,8 @@ class Planner:
         self.n = len(cfg.robot.joints)
         bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
         manifest = bundle.manifest
-        self.engine = make_engine(manifest.models["planner"], bundle, cfg.bundle.engine)
-        self.tokenizer = Tokenizer.load(bundle.path / manifest.tokenizer)
+        self.engine = make_engine(manifest.models.planner, bundle, cfg.bundle.engine)
+        self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
         self.dt_s = float(manifest.dt_s)
         self.camera = camera if camera is not None else open_camera(cfg.planner.camera, cfg.run_dir)
         self.instruction = cfg.planner.instruction

@@ -50,7 +50,7 @@ def test_planner_predicts_deltas_from_q(planner: Planner) -> None:
 
 
 def test_planner_uses_every_input(planner: Planner) -> None:
-    image, tokens, q = example_inputs(planner)
+    image, _, q = example_inputs(planner)
     tok = Tokenizer()
     with torch.no_grad():
         base = planner(image, torch.as_tensor(tok.encode("touch the red block"))[None], q)
@@ -126,7 +126,7 @@ def test_onnx_export_parity(tmp_path: Path, planner: Planner, kind: str) -> None
     _export(model, path, names, out)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert {i.name: i.shape for i in sess.get_inputs()} == shapes  # static shapes
-    got = sess.run([out], {n: t.numpy() for n, t in zip(names, feeds_t)})[0]
+    got = sess.run([out], {n: t.numpy() for n, t in zip(names, feeds_t, strict=True)})[0]
     with torch.no_grad():
         want = model(*feeds_t).numpy()
     assert got.shape == want.shape

@@ -92,7 +92,8 @@ class TensorRTEngine:
         self._device: dict[str, int] = {}
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
-            shape = [int(d) for d in engine.get_tensor_shape(name)]
+            dims = engine.get_tensor_shape(name)
+            shape = [int(dims[k]) for k in range(len(dims))]
             np_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             dtype = _NP_TO_DTYPE.get(np_dtype)
             if dtype is None or any(d <= 0 for d in shape):

@@ -1,0 +1,15 @@
+"""Pick the planner's camera from the config (drivers/ stays free of runtime imports)."""
+
+from __future__ import annotations
+
+from drivers.camera import Camera
+from runtime import endpoints
+from runtime.config import CameraConfig
+
+
+def open_camera(cfg: CameraConfig, run_dir: str) -> Camera:
+    from drivers.camera import SimCamera, V4L2Camera
+
+    if cfg.kind == "sim":
+        return SimCamera(endpoints.sim(run_dir))
+    return V4L2Camera(cfg.device, width=cfg.width, height=cfg.height, fps=cfg.fps)
