@@ -104,7 +104,8 @@ class DuetUdpBus(can.BusABC):
             raise can.CanOperationError(f"duet-udp send failed: {exc.strerror}") from exc
         if self.receive_own_messages:
             self._own.append(can.Message(
-                timestamp=stamp, arbitration_id=msg.arbitration_id, is_extended_id=msg.is_extended_id,
+                timestamp=stamp, arbitration_id=msg.arbitration_id,
+                is_extended_id=msg.is_extended_id,
                 is_remote_frame=msg.is_remote_frame, dlc=msg.dlc, data=bytes(msg.data[: msg.dlc]),
                 is_rx=False, channel=self.channel_info))
 
@@ -140,7 +141,8 @@ class DuetUdpBus(can.BusABC):
             return None
         return can.Message(timestamp=stamp, arbitration_id=arb_id, is_extended_id=extended,
                            is_remote_frame=bool(flags & _F_REMOTE),
-                           is_error_frame=bool(flags & _F_ERROR), dlc=dlc, data=data[:dlc],
+                           is_error_frame=bool(flags & _F_ERROR), dlc=dlc,
+                           data=None if flags & _F_REMOTE else data[:dlc],
                            is_rx=True, channel=self.channel_info)
 
     def shutdown(self) -> None:

@@ -105,7 +105,9 @@ def pack_command(p: float, v: float, kp: float, kd: float, t: float, r: MitRange
     return bytes(buf)
 
 
-def unpack_command(data: bytes | bytearray, r: MitRanges) -> tuple[float, float, float, float, float]:
+def unpack_command(
+    data: bytes | bytearray, r: MitRanges
+) -> tuple[float, float, float, float, float]:
     """(p, v, kp, kd, t) from an 8-byte command frame."""
     if len(data) != COMMAND_DLC:
         raise ValueError(f"MIT command has {COMMAND_DLC} bytes, got {len(data)}")
@@ -169,8 +171,10 @@ class MitCanBus:
         if master_ids is None and not all(i <= 0xFF for i in ids):
             raise ValueError("MIT CAN bus: replies name the motor in one byte; ids above 255"
                              " need master_ids")
-        if direction is not None and (len(direction) != n or any(d not in (1, -1) for d in direction)):
-            raise ValueError(f"MIT CAN bus: direction must be {n} entries of +1/-1, got {direction}")
+        if direction is not None and (len(direction) != n
+                                      or any(d not in (1, -1) for d in direction)):
+            raise ValueError(f"MIT CAN bus: direction must be {n} entries of +1/-1,"
+                             f" got {direction}")
         self.joint_names = list(joint_names)
         self.stats = BusStats(per_motor_errors={name: 0 for name in joint_names})
         self.ranges = MitRanges.of(model)
@@ -335,15 +339,15 @@ class MitCanBus:
             self._fail_missing()
 
     def _fail_missing(self) -> None:
-        missing = [self.joint_names[j] for j in np.flatnonzero(~self._got)]
+        silent = np.flatnonzero(~self._got)
+        missing = [self.joint_names[j] for j in silent]
         self.stats.missing_replies += len(missing)
         self.stats.timeouts += 1
         self.stats.errors += 1
         for name in missing:
             self.stats.per_motor_errors[name] += 1
-        ids = [self.ids[self.joint_names.index(name)] for name in missing]
-        raise BusError(f"no MIT reply within {self.timeout_s * 1e3:g} ms from"
-                       f" {', '.join(f'{m} (id {i})' for m, i in zip(missing, ids))}",
+        names = ", ".join(f"{self.joint_names[j]} (id {self.ids[j]})" for j in silent)
+        raise BusError(f"no MIT reply within {self.timeout_s * 1e3:g} ms from {names}",
                        motor=missing[0])
 
     def _transact_special(self, payload: bytes) -> None:

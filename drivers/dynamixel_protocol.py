@@ -13,9 +13,12 @@ Reference: ROBOTIS e-manual, "DYNAMIXEL Protocol 2.0" and the XM430-W350 control
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 HEADER = b"\xff\xff\xfd\x00"
 _STUFF_PATTERN = b"\xff\xff\xfd"
@@ -95,6 +98,16 @@ CONTROL_TABLE_SIZE = 147  # through Present Temperature; indirect addresses are 
 OPERATING_MODE_POSITION = 3
 MODEL_XM430_W350 = 1020
 
+# X-series units (XM430-W350).
+TICKS_PER_REV = 4096
+TICKS_PER_RAD = TICKS_PER_REV / (2 * math.pi)
+CENTER_TICKS = 2048  # = 0 rad unless a joint's zero_ticks says otherwise
+VELOCITY_UNIT_RAD_S = 0.229 * 2 * math.pi / 60  # Present Velocity unit: 0.229 rpm
+CURRENT_UNIT_A = 2.69e-3  # Present Current unit: 2.69 mA
+# Torque per ampere: stall torque / stall current at 12 V (4.1 N·m / 2.3 A). The servo
+# measures current, not torque; the datasheet's torque-current curve is close to linear.
+XM430_TORQUE_CONSTANT_NM_PER_A = 4.1 / 2.3
+
 # Hardware Error Status (70) bits.
 HW_ERROR_BITS = {
     0: "input voltage",
@@ -145,12 +158,30 @@ def _make_crc_table() -> tuple[int, ...]:
 CRC_TABLE = _make_crc_table()
 
 
+def _make_crc_table16() -> list[int]:
+    """CRC of every 16-bit word from a zero register: a 16-bit CRC register is shifted out
+    completely by two bytes, so crc' = table16[crc ^ (b0 << 8 | b1)] (half the Python steps)."""
+    t8 = np.array(CRC_TABLE, dtype=np.uint32)
+    word = np.arange(1 << 16, dtype=np.uint32)
+    crc = t8[word >> 8]
+    crc = ((crc << 8) & 0xFFFF) ^ t8[((crc >> 8) ^ word) & 0xFF]
+    return [int(c) for c in crc]
+
+
+_CRC_TABLE16 = _make_crc_table16()
+
+
 def crc16(data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> int:
     """CRC-16/BUYPASS (poly 0x8005) of data[start:end], without copying the slice."""
-    table = CRC_TABLE
+    if end is None:
+        end = len(data)
+    table16 = _CRC_TABLE16
     crc = 0
-    for i in range(start, len(data) if end is None else end):
-        crc = ((crc << 8) & 0xFFFF) ^ table[((crc >> 8) ^ data[i]) & 0xFF]
+    stop = end - ((end - start) & 1)
+    for i in range(start, stop, 2):
+        crc = table16[crc ^ (data[i] << 8 | data[i + 1])]
+    if stop != end:
+        crc = ((crc << 8) & 0xFFFF) ^ CRC_TABLE[((crc >> 8) ^ data[stop]) & 0xFF]
     return crc
 
 
@@ -170,12 +201,13 @@ def _check_id(dxl_id: int, allow_broadcast: bool = True) -> None:
 
 def _frame(dxl_id: int, body: bytes) -> bytes:
     """Header + id + length + stuffed(body) + CRC; `body` starts with the instruction byte."""
-    stuffed = stuff(body)
+    if _STUFF_PATTERN in body:
+        body = stuff(body)
     packet = bytearray(HEADER)
     packet.append(dxl_id)
-    packet += struct.pack("<H", len(stuffed) + 2)
-    packet += stuffed
-    packet += struct.pack("<H", crc16(packet))
+    packet += (len(body) + 2).to_bytes(2, "little")
+    packet += body
+    packet += crc16(packet).to_bytes(2, "little")
     return bytes(packet)
 
 
@@ -208,7 +240,8 @@ def reboot_packet(dxl_id: int) -> bytes:
 def sync_read_packet(address: int, length: int, ids: Sequence[int]) -> bytes:
     for i in ids:
         _check_id(i, allow_broadcast=False)
-    return instruction_packet(BROADCAST_ID, SYNC_READ, struct.pack("<HH", address, length) + bytes(ids))
+    params = struct.pack("<HH", address, length) + bytes(ids)
+    return instruction_packet(BROADCAST_ID, SYNC_READ, params)
 
 
 def sync_write_packet(address: int, length: int, data: Mapping[int, bytes]) -> bytes:
@@ -216,7 +249,9 @@ def sync_write_packet(address: int, length: int, data: Mapping[int, bytes]) -> b
     for dxl_id, value in data.items():
         _check_id(dxl_id, allow_broadcast=False)
         if len(value) != length:
-            raise ValueError(f"sync write data for id {dxl_id} has {len(value)} bytes, expected {length}")
+            raise ValueError(
+                f"sync write data for id {dxl_id} has {len(value)} bytes, expected {length}"
+            )
         params.append(dxl_id)
         params += value
     return instruction_packet(BROADCAST_ID, SYNC_WRITE, bytes(params))
@@ -303,8 +338,12 @@ class StreamParser:
             start = buf.find(HEADER)
             if start < 0:
                 # keep a possible partial header at the end
-                keep = 3 if buf.endswith(b"\xff\xff\xfd") else 2 if buf.endswith(b"\xff\xff") else (
-                    1 if buf.endswith(b"\xff") else 0
+                keep = (
+                    3
+                    if buf.endswith(b"\xff\xff\xfd")
+                    else 2
+                    if buf.endswith(b"\xff\xff")
+                    else (1 if buf.endswith(b"\xff") else 0)
                 )
                 self.garbage_bytes += len(buf) - keep
                 del buf[: len(buf) - keep]

@@ -7,12 +7,14 @@ servo-dynamics residual target. Splits are by episode so validation sees unseen 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -197,3 +199,60 @@ def train_follower(data: dict[str, np.ndarray], steps: int, seed: int, batch: in
         metrics["val_r2"] = 1.0 - float((pred - target).pow(2).mean()) / var if var else None
     metrics["params"] = count_parameters(model)
     return TrainResult(model.cpu(), metrics)
+
+
+def write_calibration(path: Path, pdata: dict[str, np.ndarray], fdata: dict[str, np.ndarray],
+                      seed: int, n: int = 256) -> None:
+    """Recorded sim observations for INT8 calibration, keyed `<model>/<input>` (duet export
+    --calib-data)."""
+    rng = np.random.default_rng(seed)
+    pi = rng.choice(len(pdata["q"]), size=min(n, len(pdata["q"])), replace=False)
+    fi = rng.choice(len(fdata["q"]), size=min(n, len(fdata["q"])), replace=False)
+    np.savez(path, **{f"planner/{k}": pdata[k][pi] for k in ("image", "tokens", "q")},
+             **{f"follower/{k}": fdata[k][fi] for k in ("ref", "q", "dq")})
+
+
+def train_all(out_dir: Path, episodes: int, planner_steps: int, follower_steps: int, seed: int,
+              data_dir: Path, threads: int, config_path: Path, log: Log = print
+              ) -> dict[str, Any]:
+    """Data (cached) -> planner + follower checkpoints + train-metrics.json in out_dir."""
+    from policy.data import load_or_generate
+    from policy.models import save_checkpoint
+    from policy.rollout import LoopSettings
+    from runtime.config import load_config
+
+    torch.set_num_threads(threads)
+    cfg = load_config(config_path)
+    settings = LoopSettings.from_config(cfg)
+    two_step = cfg.sim.two_step_fraction if cfg.sim else 0.5
+    pdata, fdata, dstats = load_or_generate(data_dir, episodes, seed, settings, two_step, log)
+    tok = Tokenizer()
+    device = pick_device()
+    planner = train_planner(pdata, tok, planner_steps, seed, device=device, log=log)
+    follower = train_follower(fdata, follower_steps, seed, residual_max=settings.residual_max,
+                              device=device, log=log)
+    common = {"joint_names": list(cfg.robot.joints), "horizon": int(pdata["chunk"].shape[1]),
+              "dt_s": settings.dt_s, "lookahead": settings.lookahead,
+              "lookahead_dt_s": settings.lookahead_dt, "planner_hz": settings.planner_hz,
+              "follower_hz": settings.follower_hz, "seed": seed,
+              "dataset": {k: v for k, v in dstats.items() if k != "seconds"},
+              "torch_version": str(torch.__version__)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shas = {
+        "planner": save_checkpoint(out_dir / "planner.pt", planner.model,
+                                   {**common, "tokenizer": tok.to_dict(),
+                                    "dataset_sha256": dstats.get("planner_sha256"),
+                                    "metrics": planner.metrics}),
+        "follower": save_checkpoint(out_dir / "follower.pt", follower.model,
+                                    {**common, "residual_max": settings.residual_max,
+                                     "dataset_sha256": dstats.get("follower_sha256"),
+                                     "metrics": follower.metrics}),
+    }
+    tok.save(out_dir / "tokenizer.json")
+    write_calibration(out_dir / "calib.npz", pdata, fdata, seed)
+    report = {"dataset": dstats, "planner": planner.metrics, "follower": follower.metrics,
+              "checkpoints_sha256": shas, "device": str(device), "threads": threads}
+    (out_dir / "train-metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    log(f"saved {out_dir}/planner.pt (val MAE {planner.metrics.get('val_mae_rad', 0):.4f} rad), "
+        f"{out_dir}/follower.pt (val R2 {follower.metrics.get('val_r2')})")
+    return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 from runtime.config import ConfigError, DuetConfig, load_config
 from runtime.logs import setup_logging
@@ -49,7 +50,7 @@ def _planner(args: argparse.Namespace) -> int:
     return run_planner(load_from_args(args), args.duration)
 
 
-def _control(cmd: str):  # type: ignore[no-untyped-def]
+def _control(cmd: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         from runtime.control_client import ControlError, request
 
@@ -65,7 +66,7 @@ def _control(cmd: str):  # type: ignore[no-untyped-def]
     return handler
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run sim (if configured), follower and planner; summarise")
     add_config_args(p)
     p.add_argument("--duration", type=float, default=None, help="seconds, default: until Ctrl-C")

@@ -17,7 +17,7 @@ class ControlError(Exception):
 def request(run_dir: str, cmd: str, args: dict[str, Any] | None = None,
             timeout_s: float = 2.0) -> dict[str, Any]:
     """Send one request; return the reply body ({ok, error, result}); ControlError if none."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))

@@ -86,7 +86,7 @@ class Follower:
         self.stop_requested = False
         self.estop_signal = False
 
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._setup_sockets()
         self.enc_state, self.enc_tel, self.enc_ctl = Encoder(), Encoder(), Encoder()
         self.notifier = sdnotify.SystemdNotifier()

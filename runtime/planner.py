@@ -48,7 +48,7 @@ class Planner:
         self.q = np.zeros((1, self.n), dtype=np.float32)
         self.state_t_ns = 0
 
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.state_sub = ctx.socket(zmq.SUB)
         self.state_sub.setsockopt(zmq.CONFLATE, 1)
         self.state_sub.setsockopt(zmq.SUBSCRIBE, b"")

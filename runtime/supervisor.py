@@ -97,7 +97,7 @@ class Supervisor:
             self.notify_sock.settimeout(0.0)
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> None:
+    def start(self, with_planner: bool = True) -> None:
         effective = self._prepare_run_dir()
         overrides: list[str] = []
         if self.cfg.sim is not None and self.cfg.sim.enabled:
@@ -110,8 +110,9 @@ class Supervisor:
         sets = [a for o in overrides for a in ("--set", o)]
         self._spawn("follower", ["follower", "--config", str(effective), *sets])
         self._wait_ready("follower")
-        self._spawn("planner", ["planner", "--config", str(effective), *sets])
         self.planner_args = ["planner", "--config", str(effective), *sets]
+        if with_planner:
+            self._spawn("planner", self.planner_args)
 
     def _wait_ready(self, name: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S

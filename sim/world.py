@@ -30,10 +30,11 @@ MODEL_PATH = Path(__file__).parent / "assets" / "arm.xml"
 JOINTS = ("base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper")
 BLOCK_COLOURS = ("red", "green", "blue", "yellow")
 GREY_RGBA = np.array([0.32, 0.32, 0.33, 1.0])
+BLOCK_HALF = 0.025  # m, half the edge of the block cubes in arm.xml
 
 # A comfortable start: fingertip 0.24 m in front of the base, 0.2 m above the table,
 # pointing down, gripper nearly closed (the fingers form the pointer).
-HOME_Q = np.array([0.0, -0.35, 2.05, 1.44, 0.0, 0.1])
+HOME_Q = np.array([0.0, 0.0, 1.82, 1.33, 0.0, 0.1])
 
 # Factory position-mode gains (N·m/rad, N·m·s/rad), per joint.
 POSITION_KP = np.array([60.0, 120.0, 80.0, 30.0, 15.0, 4.0])
@@ -155,7 +156,8 @@ class SimWorld:
         self._block_body = {c: self.model.body(f"block_{c}").mocapid[0] for c in BLOCK_COLOURS}
         self._block_geom = {c: self.model.geom(f"block_{c}").id for c in BLOCK_COLOURS}
         self._block_rgba = {c: self.model.geom_rgba[g].copy() for c, g in self._block_geom.items()}
-        self.block_half = float(self.model.geom_size[self._block_geom["red"]][2])
+        if not np.allclose(self.model.geom_size[list(self._block_geom.values())], BLOCK_HALF):
+            raise RuntimeError(f"arm.xml: blocks must be cubes of half-edge {BLOCK_HALF} m")
         self._saturated_s = np.zeros(len(JOINTS))
         self._tau = np.zeros(len(JOINTS))
         self._camera: object | None = None  # SceneCamera, created on first render
@@ -216,7 +218,7 @@ class SimWorld:
 
     def block_top(self, colour: str) -> np.ndarray:
         """Top-face centre of a block [3]."""
-        return self.data.mocap_pos[self._block_body[colour]] + (0.0, 0.0, self.block_half)
+        return self.data.mocap_pos[self._block_body[colour]] + (0.0, 0.0, BLOCK_HALF)
 
     # -- physics -------------------------------------------------------------------------
     def step(self, n: int = 1) -> None:

@@ -1,4 +1,5 @@
-"""Client side of the runtime's ipc sockets: control requests and telemetry samples."""
+"""Client side of the ipc sockets: telemetry samples (status, top) and REQ/REP requests
+(the recorder; the follower's control socket goes through runtime.control_client)."""
 
 from __future__ import annotations
 
@@ -8,45 +9,10 @@ from typing import Any
 
 import zmq
 
+from runtime import endpoints
 from runtime.messages import Encoder, MessageError, decode
 
 SOURCES = ("follower", "planner")
-
-
-class ControlError(Exception):
-    """The follower did not answer, or answered with something that is not a reply."""
-
-
-def endpoint(run_dir: str | Path, name: str) -> str:
-    return f"ipc://{Path(run_dir)}/{name}"
-
-
-def socket_present(run_dir: str | Path, name: str) -> bool:
-    return (Path(run_dir) / name).exists()
-
-
-def control_request(
-    run_dir: str | Path, cmd: str, args: dict[str, Any] | None = None, timeout_s: float = 2.0
-) -> dict[str, Any]:
-    """One request on the follower's control socket; returns the reply body
-    {"ok", "error", "result"}. Raises ControlError when nobody answers in time."""
-    if not socket_present(run_dir, "control"):
-        raise ControlError(f"follower not running (no control socket in {run_dir})")
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint(run_dir, "control"))
-        sock.send(Encoder().encode("request", {"cmd": cmd, "args": args or {}}))
-        if not sock.poll(int(timeout_s * 1000)):
-            raise ControlError(f"follower did not answer {cmd!r} within {timeout_s:.1f} s")
-        try:
-            msg = decode(sock.recv(), "reply")
-        except MessageError as exc:
-            raise ControlError(f"bad reply to {cmd!r}: {exc}") from None
-    finally:
-        sock.close()
-    return {"ok": bool(msg.get("ok")), "error": msg.get("error"), "result": msg.get("result") or {}}
 
 
 class TelemetrySubscriber:
@@ -62,7 +28,7 @@ class TelemetrySubscriber:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.setsockopt(zmq.RCVHWM, 10)
             # connect works before the publisher binds; zmq reconnects when it appears
-            sock.connect(endpoint(run_dir, f"telemetry-{source}"))
+            sock.connect(endpoints.telemetry(str(run_dir), source))
             self._poller.register(sock, zmq.POLLIN)
             self._socks[sock] = source
         self.latest: dict[str, dict[str, Any]] = {}
@@ -104,3 +70,28 @@ class TelemetrySubscriber:
         for sock in self._socks:
             sock.close()
         self._socks.clear()
+
+
+class RequestError(Exception):
+    """Nobody answered on the endpoint in time, or the answer was not a reply."""
+
+
+def request_at(endpoint: str, cmd: str, args: dict[str, Any] | None = None,
+               timeout_s: float = 2.0) -> dict[str, Any]:
+    """One REQ/REP exchange with a duet service (follower control, recorder)."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(Encoder().encode("request", {"cmd": cmd, "args": args or {}}))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise RequestError(f"no reply from {endpoint} within {timeout_s:g} s")
+        try:
+            msg = decode(sock.recv(), "reply")
+        except MessageError as exc:
+            raise RequestError(f"bad reply from {endpoint}: {exc}") from None
+    finally:
+        sock.close()
+    return {"ok": bool(msg.get("ok")), "error": msg.get("error"),
+            "result": msg.get("result") or {}}

@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from runtime.deploy.ipc import TelemetrySubscriber
+from runtime.deploy.layout import Layout
 from runtime.deploy.telemetry_view import render, to_jsonable
+
+ETC = Layout()
 
 
 def collect(run_dir: str, timeout_s: float) -> dict[str, Any]:
@@ -36,8 +40,8 @@ def healthy(sample: dict[str, Any]) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="runtime dir with the ipc sockets (default: config)")
-    parser.add_argument("--config", default=None, help="robot config (for run_dir)")
-    parser.add_argument("--site", default=None, help="site config layered on --config")
+    parser.add_argument("--config", type=Path, default=ETC.config, help="robot config (run_dir)")
+    parser.add_argument("--site", type=Path, default=ETC.site, help="site config on --config")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--timeout", type=float, default=1.5, help="seconds to wait for a sample")
 

@@ -51,8 +51,8 @@ def _get(d: dict[str, Any] | None, *path: str) -> Any:
 
 def _kv_table(title: str) -> Table:
     table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
-    table.add_column(style="dim", no_wrap=True)
-    table.add_column(no_wrap=True)
+    table.add_column(style="dim", no_wrap=True, min_width=17)
+    table.add_column(overflow="fold")
     return table
 
 

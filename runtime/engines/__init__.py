@@ -68,8 +68,13 @@ def make_engine(
 
         engine = OnnxRuntimeEngine(onnx_path, threads=threads, providers=providers)
     elif kind == "tensorrt":
-        from runtime.engines.tensorrt_engine import TensorRTEngine, cached_engine_path
+        from runtime.engines.tensorrt_engine import (
+            TensorRTEngine,
+            cached_engine_path,
+            require_tensorrt,
+        )
 
+        require_tensorrt()
         onnx_sha = bundle.manifest.files[model_spec.file]
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(bundle)
         plan = cached_engine_path(cache, onnx_sha, model_spec.precision)

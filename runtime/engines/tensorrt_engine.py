@@ -29,6 +29,20 @@ _NP_TO_DTYPE = {
 }
 
 
+def require_tensorrt() -> None:
+    """Raise EngineError unless the real TensorRT Python API is importable."""
+    try:
+        import tensorrt as trt
+
+        # tensorrt-stubs alone leave an empty namespace package named `tensorrt`.
+        available = hasattr(trt, "Builder")
+    except ImportError:
+        available = False
+    if not available:
+        raise EngineError("TensorRT is not installed on this machine (engine: onnxruntime "
+                          "works everywhere; TensorRT 10+ comes with JetPack / NVIDIA wheels)")
+
+
 def cudart() -> Any:
     """The CUDA runtime module of cuda-python (its module path moved in 12.6)."""
     try:

@@ -1,0 +1,56 @@
+"""Reduced-precision variants of an fp32 ONNX graph (I/O types stay as in the contract).
+
+fp16: weights and activations in half precision, graph inputs/outputs kept fp32/uint8/int64
+(`keep_io_types`), so the runtime feeds the same arrays for every precision.
+int8: static QDQ quantization, per-channel symmetric int8 weights, symmetric int8
+activations calibrated on recorded observations: the form TensorRT builds INT8 engines from
+(explicit quantization) and ONNX Runtime runs with int8 kernels on CPU.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
+
+from export.calibration import SampleReader, Samples
+
+# Only the compute-heavy ops: Gather (token embedding), LayerNorm, Softmax stay float.
+QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    model = onnx.load(str(src))
+    half = convert_float_to_float16(model, keep_io_types=True)
+    # The converter appends the I/O casts at the end of the node list; ONNX requires
+    # topological order, so sort it (onnx_ir ships with onnxscript, an export dependency).
+    graph = ir.from_proto(half)
+    graph.graph.sort()
+    half = ir.to_proto(graph)
+    onnx.checker.check_model(half)
+    onnx.save(half, str(dst))
+
+
+def to_int8(src: Path, dst: Path, calibration: Samples) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        # Symbolic shape inference + constant folding first, as ORT recommends for QDQ.
+        prepped = Path(tmp) / "prepped.onnx"
+        quant_pre_process(str(src), str(prepped), skip_symbolic_shape=False)
+        quantize_static(
+            str(prepped),
+            str(dst),
+            SampleReader(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=QUANTIZED_OPS,
+            # TensorRT takes symmetric (zero-point 0) scales only.
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+    onnx.checker.check_model(onnx.load(str(dst)))

@@ -1,0 +1,60 @@
+"""`duet train` and `duet eval` (torch and mujoco are imported inside the handlers)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/sim.yaml"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="generate sim data and train planner + follower")
+    p.add_argument("--out", type=Path, default=Path("checkpoints"))
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    p.add_argument("--episodes", type=int, default=600, help="expert episodes of data")
+    p.add_argument("--steps", type=int, default=2500, help="planner optimiser steps")
+    p.add_argument("--follower-steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: half the cores, at most 4)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few episodes and steps: checks the pipeline in seconds")
+    p.set_defaults(func=_train)
+
+    e = subparsers.add_parser("eval", help="closed-loop evaluation of bundles in the sim")
+    e.add_argument("--bundle", type=Path, required=True, action="append",
+                   help="bundle folder; repeat for several precisions (fp32/fp16/int8)")
+    e.add_argument("--episodes", type=int, default=100)
+    e.add_argument("--ablation-episodes", type=int, default=None,
+                   help="episodes for residual-off and chunk-strategy runs (default: --episodes)")
+    e.add_argument("--checkpoints", type=Path, default=None,
+                   help="checkpoint folder for the PyTorch eager latency column")
+    e.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    e.add_argument("--seed", type=int, default=0, help="first evaluation episode seed offset")
+    e.add_argument("--json", type=Path, default=None)
+    e.add_argument("--out", type=Path, default=Path("runs/eval"))
+    e.set_defaults(func=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from policy.train import default_threads, train_all
+
+    episodes, steps, fsteps = args.episodes, args.steps, args.follower_steps
+    if args.smoke:
+        episodes, steps, fsteps = min(episodes, 4), min(steps, 20), min(fsteps, 50)
+    for name, value in (("--episodes", episodes), ("--steps", steps),
+                        ("--follower-steps", fsteps)):
+        if value <= 0:
+            raise SystemExit(f"duet train: {name} must be positive")
+    train_all(args.out, episodes, steps, fsteps, args.seed, args.data_dir,
+              args.threads or default_threads(), args.config)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from policy.eval import run_eval
+
+    return run_eval(args.bundle, args.episodes, args.ablation_episodes or args.episodes,
+                    args.config, args.seed, args.json, args.out, args.checkpoints)

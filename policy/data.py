@@ -1,0 +1,179 @@
+"""Datasets from the sim in lockstep with the scripted expert (cached as .npz under data/).
+
+Every episode runs through `policy.rollout.run_episode`, i.e. the runtime's own tracking path:
+the expert is the planner, the servo inverse dynamics (`policy.servo_target`) is the
+follower. Coverage beyond the expert's own path (DART-style noise injection):
+
+- the *executed* chunk is the expert's plus a random per-plan offset (sigma drawn per
+  episode), so the arm drifts off the ideal path and the next observation needs recovery;
+- plans are delivered after a random delay (0-80 ms), like a real planner's latency;
+- the executed residual is the inverse-dynamics one scaled by a per-episode factor in
+  {0, 0.5, 1} plus noise, so states with and without servo-lag compensation both appear;
+- episodes start from a random pose near home or where the previous episode ended.
+
+Labels stay clean: the planner sample at an observation is the expert's chunk for that
+exact state; the follower sample is the inverse-dynamics residual for the window it saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policy.rollout import LoopSettings, run_episode
+from policy.servo_target import ServoResidualTarget
+from runtime.tokenizer import Tokenizer
+from sim.expert import expert_chunk
+from sim.task import Episode, TaskTracker
+from sim.world import HOME_Q, SimWorld
+
+DATA_VERSION = 1
+HORIZON = 10
+FOLLOWER_RECORD_EVERY = 5  # ticks: 100 Hz of follower samples at a 500 Hz follower
+START_NOISE = np.array([0.5, 0.3, 0.3, 0.3, 0.3, 0.05])  # rad, around HOME_Q
+MAX_CHUNK_NOISE = np.array([0.12, 0.1, 0.1, 0.1, 0.1, 0.02])  # rad, per-plan offset sigma
+MAX_DELAY_S = 0.08
+
+Log = Callable[[str], None]
+
+
+def episode_seed(seed: int, i: int) -> int:
+    """Training episode seeds; evaluation uses seeds from EVAL_SEED_BASE up (disjoint)."""
+    return seed * 1_000_003 + i
+
+
+class _InverseDynamicsFollower:
+    """A `ResidualEngine` that executes and records (window, q, dq) -> target residual."""
+
+    def __init__(self, world: SimWorld, residual_max: float, tick_dt: float) -> None:
+        self.target = ServoResidualTarget(world.model, world.position_kp, world.position_kd,
+                                          residual_max)
+        self.tick_dt = tick_dt
+        self.scale = 1.0
+        self.noise = 0.0
+        self.rng = np.random.default_rng(0)
+        self.calls = 0
+        self._out = {"residual": np.zeros((1, 6), dtype=np.float32)}
+        self.samples: dict[str, list[np.ndarray]] = {"ref": [], "q": [], "dq": [], "residual": []}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ref = feeds["ref"][0].astype(np.float64)
+        q = feeds["q"][0].astype(np.float64)
+        dq = feeds["dq"][0].astype(np.float64)
+        target = self.target.from_window(ref, q, dq, self.tick_dt)
+        if self.calls % FOLLOWER_RECORD_EVERY == 0:
+            self.samples["ref"].append(feeds["ref"][0].copy())
+            self.samples["q"].append(feeds["q"][0].copy())
+            self.samples["dq"].append(feeds["dq"][0].copy())
+            self.samples["residual"].append(target.astype(np.float32))
+        self.calls += 1
+        self._out["residual"][0] = self.scale * target + self.rng.normal(0, self.noise, 6)
+        return self._out
+
+
+def expert_plan(world: SimWorld, task: TaskTracker, q: np.ndarray, dt: float) -> np.ndarray:
+    return expert_chunk(world, task.remaining(), q, horizon=HORIZON, dt=dt)
+
+
+def generate(episodes: int, seed: int, settings: LoopSettings, two_step_fraction: float = 0.5,
+             log: Log = print) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                        dict[str, Any]]:
+    """Roll out `episodes` expert episodes; return (planner data, follower data, stats)."""
+    tok = Tokenizer()
+    world = SimWorld(seed=seed, physics_hz=settings.physics_hz)
+    tick_dt = 1.0 / settings.follower_hz
+    follower = _InverseDynamicsFollower(world, settings.residual_max, tick_dt)
+    planner: dict[str, list[np.ndarray]] = {"image": [], "tokens": [], "q": [], "chunk": [],
+                                            "episode": []}
+    follower_episode: list[int] = []
+    successes, t0 = 0, time.monotonic()
+    for i in range(episodes):
+        ep_seed = episode_seed(seed, i)
+        rng = np.random.default_rng(ep_seed)
+        episode = Episode(ep_seed, two_step_fraction)
+        tokens = tok.encode(episode.instruction)
+        sigma = MAX_CHUNK_NOISE * rng.uniform(0.0, 1.0)
+        delay = rng.uniform(0.0, MAX_DELAY_S)
+        start = None  # where the previous episode ended
+        if i == 0 or rng.random() >= 0.3:
+            start = np.clip(HOME_Q + rng.uniform(-1, 1, 6) * START_NOISE,
+                            settings.pos_min, settings.pos_max)
+
+        def plan(image: np.ndarray, q: np.ndarray, task: TaskTracker,
+                 i: int = i, tokens: np.ndarray = tokens, sigma: np.ndarray = sigma,
+                 delay: float = delay, rng: np.random.Generator = rng
+                 ) -> tuple[np.ndarray, float]:
+            chunk = expert_plan(world, task, q, settings.dt_s)
+            planner["image"].append(image.copy())
+            planner["tokens"].append(tokens)
+            planner["q"].append(q.astype(np.float32))
+            planner["chunk"].append(chunk.astype(np.float32))
+            planner["episode"].append(np.int32(i))
+            ramp = np.linspace(0.2, 1.0, chunk.shape[0])[:, None]
+            return chunk + ramp * rng.normal(0.0, 1.0, 6) * sigma, delay
+
+        calls_before = len(follower.samples["q"])
+        follower.scale = float(rng.choice([0.0, 0.5, 1.0]))
+        follower.noise, follower.rng = 0.005, rng
+        result = run_episode(world, episode, plan, follower, settings, start_q=start)
+        follower_episode += [i] * (len(follower.samples["q"]) - calls_before)
+        successes += result.success
+        if (i + 1) % max(1, episodes // 10) == 0 or i + 1 == episodes:
+            log(f"  data: {i + 1}/{episodes} episodes, {len(planner['q'])} planner / "
+                f"{len(follower.samples['q'])} follower samples, expert success "
+                f"{successes / (i + 1):.0%} ({time.monotonic() - t0:.0f} s)")
+    pdata = {k: np.stack(v) for k, v in planner.items()}
+    fdata = {k: np.stack(v) for k, v in follower.samples.items()}
+    fdata["episode"] = np.asarray(follower_episode, dtype=np.int32)
+    stats = {"episodes": episodes, "expert_success_rate": successes / max(1, episodes),
+             "planner_samples": len(pdata["q"]), "follower_samples": len(fdata["q"]),
+             "seconds": round(time.monotonic() - t0, 1)}
+    return pdata, fdata, stats
+
+
+def dataset_key(episodes: int, seed: int, settings: LoopSettings,
+                two_step_fraction: float) -> str:
+    spec = {"v": DATA_VERSION, "episodes": episodes, "seed": seed,
+            "two_step_fraction": two_step_fraction, "physics_hz": settings.physics_hz,
+            "follower_hz": settings.follower_hz, "planner_hz": settings.planner_hz,
+            "dt_s": settings.dt_s, "strategy": settings.strategy, "blend_s": settings.blend_s,
+            "residual_max": settings.residual_max}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_or_generate(data_dir: Path, episodes: int, seed: int, settings: LoopSettings,
+                     two_step_fraction: float = 0.5, log: Log = print
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """Cached datasets: data_dir/{planner,follower}-KEY.npz (+ KEY.json with stats/hashes)."""
+    key = dataset_key(episodes, seed, settings, two_step_fraction)
+    p_path = data_dir / f"planner-{key}.npz"
+    f_path = data_dir / f"follower-{key}.npz"
+    s_path = data_dir / f"dataset-{key}.json"
+    if p_path.is_file() and f_path.is_file() and s_path.is_file():
+        log(f"data: cached {p_path.name}, {f_path.name}")
+        with np.load(p_path) as p, np.load(f_path) as f:
+            return dict(p), dict(f), json.loads(s_path.read_text())
+    log(f"data: generating {episodes} episodes (seed {seed}) -> {data_dir}")
+    pdata, fdata, stats = generate(episodes, seed, settings, two_step_fraction, log)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(p_path, **pdata)  # images are incompressible noise to zlib: no savez_compressed
+    np.savez(f_path, **fdata)
+    stats["planner_sha256"] = file_sha256(p_path)
+    stats["follower_sha256"] = file_sha256(f_path)
+    stats["key"] = key
+    s_path.write_text(json.dumps(stats, indent=1) + "\n")
+    return pdata, fdata, stats

@@ -1,0 +1,280 @@
+"""Closed-loop evaluation of exported bundles in the sim (lockstep, fixed seeds).
+
+Each run drives `policy.rollout.run_episode` with the bundle's planner ONNX (called at
+planner_hz; its measured wall-clock latency delays the plan in simulated time) and the
+bundle's follower ONNX through the runtime's `OnnxRuntimeEngine` inside the runtime's
+`Tracker` at follower_hz, with sim physics at physics_hz. Episodes are two-step instructions
+("touch the X block, then the Y one") from seeds disjoint from the training data.
+
+Rows: every bundle (precision) with the follower residual on and the configured strategy;
+for the first bundle also residual off and every other chunk strategy. Columns: success rate,
+mean time to success, tracking RMS, boundary velocity step and jerk, safety clamps.
+A latency table compares ONNX Runtime per precision with PyTorch eager.
+Writes eval.md, eval.png and eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policy.rollout import EpisodeResult, LoopSettings, run_episode
+from runtime.bundle import Bundle, load_bundle
+from runtime.config import load_config
+from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+from runtime.reference import STRATEGIES
+from runtime.tokenizer import Tokenizer
+from sim.task import Episode, TaskTracker
+from sim.world import HOME_Q, SimWorld
+
+EVAL_SEED_BASE = 900_000_000  # training seeds are seed * 1_000_003 + i: far below this
+START_NOISE = np.array([0.3, 0.2, 0.2, 0.2, 0.2, 0.0])
+Log = Callable[[str], None]
+
+
+def eval_start_q(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return HOME_Q + rng.uniform(-1.0, 1.0, 6) * START_NOISE
+
+
+class OnnxPlanner:
+    """Planner engine as a rollout PlanFn: the measured call time is the simulated latency."""
+
+    def __init__(self, bundle: Bundle, instruction: str = "") -> None:
+        self.engine = OnnxRuntimeEngine(bundle.model_path("planner"), threads=1)
+        self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
+        self.feeds = {"image": np.zeros((1, 96, 96, 3), dtype=np.uint8),
+                      "tokens": np.zeros((1, self.tokenizer.max_len), dtype=np.int64),
+                      "q": np.zeros((1, 6), dtype=np.float32)}
+        self.latencies: list[float] = []
+        self.set_instruction(instruction)
+
+    def set_instruction(self, text: str) -> None:
+        self.feeds["tokens"][0] = self.tokenizer.encode(text)
+
+    def __call__(self, image: np.ndarray, q: np.ndarray, task: TaskTracker
+                 ) -> tuple[np.ndarray, float]:
+        self.feeds["image"][0] = image
+        self.feeds["q"][0] = q
+        t0 = time.perf_counter()
+        out = self.engine.run(self.feeds)["waypoints"][0].copy()
+        latency = time.perf_counter() - t0
+        self.latencies.append(latency)
+        return out, latency
+
+
+def evaluate(bundle: Bundle, settings: LoopSettings, seeds: list[int], residual: bool,
+             log: Log = print, label: str = "") -> dict[str, Any]:
+    """Run the episodes of `seeds` with one bundle and loop settings; summarise them."""
+    world = SimWorld(seed=0, physics_hz=settings.physics_hz)
+    planner = OnnxPlanner(bundle)
+    follower = OnnxRuntimeEngine(bundle.model_path("follower"), threads=1) if residual else None
+    results: list[EpisodeResult] = []
+    t0 = time.monotonic()
+    for seed in seeds:
+        episode = Episode(seed, two_step_fraction=1.0)
+        planner.set_instruction(episode.instruction)
+        results.append(run_episode(world, episode, planner, follower, settings,
+                                   start_q=eval_start_q(seed)))
+    summary = summarise(results)
+    summary["planner_latency_ms_p50"] = float(np.median(planner.latencies) * 1e3)
+    summary["wall_s"] = round(time.monotonic() - t0, 1)
+    log(f"  {label}: success {summary['success_rate']:.1%} over {len(seeds)} episodes, "
+        f"mean time {_fmt(summary['mean_time_to_success_s'], '.2f')} s ({summary['wall_s']} s)")
+    return summary
+
+
+def summarise(results: list[EpisodeResult]) -> dict[str, Any]:
+    ok = [r for r in results if r.success]
+    steps = [max(r.boundary_vel_step, default=0.0) for r in results]
+    jerks = [max(r.boundary_jerk, default=0.0) for r in results]
+    return {
+        "episodes": len(results), "successes": len(ok),
+        "success_rate": len(ok) / len(results) if results else 0.0,
+        "mean_time_to_success_s": float(np.mean([r.duration_s for r in ok])) if ok else None,
+        "tracking_rms_rad": float(np.mean([r.tracking_rms for r in results])),
+        # per episode: the largest value at any plan boundary; then median and max over them
+        "boundary_vel_step_rad_s": {"median": float(np.median(steps)), "max": float(max(steps))},
+        "boundary_jerk_rad_s3": {"median": float(np.median(jerks)), "max": float(max(jerks))},
+        "clamped_commands": int(sum(r.clamped for r in results)),
+        "failures": [asdict(r) | {"boundary_vel_step": None, "boundary_jerk": None}
+                     for r in results if not r.success][:20],
+    }
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    a = np.asarray(samples) * 1e3
+    return {"p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99))}
+
+
+def measure_latency(bundle: Bundle, n_planner: int = 100, n_follower: int = 2000
+                    ) -> dict[str, dict[str, float]]:
+    """ONNX Runtime latency (1 thread, IO binding) on contract-shaped random inputs."""
+    rng = np.random.default_rng(0)
+    out: dict[str, dict[str, float]] = {}
+    for name, n, feeds in (
+        ("planner", n_planner, {"image": rng.integers(0, 256, (1, 96, 96, 3), dtype=np.uint8),
+                                "tokens": np.zeros((1, 16), dtype=np.int64),
+                                "q": np.zeros((1, 6), dtype=np.float32)}),
+        ("follower", n_follower, {"ref": np.zeros((1, 8, 6), dtype=np.float32),
+                                  "q": np.zeros((1, 6), dtype=np.float32),
+                                  "dq": np.zeros((1, 6), dtype=np.float32)}),
+    ):
+        engine = OnnxRuntimeEngine(bundle.model_path(name), threads=1)  # type: ignore[arg-type]
+        for _ in range(10):
+            engine.run(feeds)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            engine.run(feeds)
+            times.append(time.perf_counter() - t0)
+        out[name] = _percentiles(times)
+    return out
+
+
+def measure_torch_latency(checkpoints: Path, n_planner: int = 100, n_follower: int = 2000
+                          ) -> dict[str, dict[str, float]]:
+    """PyTorch eager latency (1 thread, no_grad) of the source checkpoints."""
+    import torch
+
+    from policy.models import example_inputs, load_checkpoint
+
+    torch.set_num_threads(1)
+    out: dict[str, dict[str, float]] = {}
+    for name, n in (("planner", n_planner), ("follower", n_follower)):
+        model, _ = load_checkpoint(checkpoints / f"{name}.pt")
+        inputs = example_inputs(model)
+        times = []
+        with torch.inference_mode():
+            for _ in range(10):
+                model(*inputs)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                model(*inputs)
+                times.append(time.perf_counter() - t0)
+        out[name] = _percentiles(times)
+    return out
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = ["# duet closed-loop evaluation", "",
+             f"{report['episodes']} two-step episodes per main row "
+             f"({report['ablation_episodes']} per ablation row), seeds from "
+             f"{report['first_seed']}; sim physics {report['physics_hz']:.0f} Hz, follower "
+             f"{report['follower_hz']:.0f} Hz, planner {report['planner_hz']:.0f} Hz "
+             "(measured latency simulated as delay).", "",
+             "| run | precision | residual | strategy | success | mean time to success (s) "
+             "| tracking RMS (rad) | boundary Δv max (rad/s) | boundary jerk max (rad/s³) "
+             "| clamps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["runs"]:
+        s = row["summary"]
+        lines.append(
+            f"| {row['name']} | {row['precision']} | {'on' if row['residual'] else 'off'} "
+            f"| {row['strategy']} | {s['success_rate']:.1%} ({s['successes']}/{s['episodes']}) "
+            f"| {_fmt(s['mean_time_to_success_s'], '.2f')} | {s['tracking_rms_rad']:.4f} "
+            f"| {s['boundary_vel_step_rad_s']['max']:.3f} "
+            f"| {s['boundary_jerk_rad_s3']['max']:.0f} | {s['clamped_commands']} |")
+    lines += ["", "## Latency (1 thread, batch 1)", "",
+              "| engine | precision | planner p50 (ms) | planner p99 (ms) | follower p50 (ms) "
+              "| follower p99 (ms) |", "|---|---|---|---|---|---|"]
+    for row in report["latency"]:
+        p, f = row["planner"], row["follower"]
+        lines.append(f"| {row['engine']} | {row['precision']} | {p['p50_ms']:.3f} "
+                     f"| {p['p99_ms']:.3f} | {f['p50_ms']:.4f} | {f['p99_ms']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = [r["name"] for r in report["runs"]]
+    rates = [100 * r["summary"]["success_rate"] for r in report["runs"]]
+    axes[0].barh(names, rates, color="tab:blue")
+    axes[0].axvline(90, color="tab:red", linestyle="--", label="target 90 %")
+    axes[0].set_xlabel("success rate (%)")
+    axes[0].set_xlim(0, 100)
+    axes[0].legend(loc="lower left")
+    axes[0].invert_yaxis()
+    jerk = [r["summary"]["boundary_jerk_rad_s3"]["max"] for r in report["runs"]]
+    axes[1].barh(names, jerk, color="tab:orange")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("max jerk at chunk boundaries (rad/s³, log)")
+    axes[1].invert_yaxis()
+    labels = [f"{r['engine']} {r['precision']}" for r in report["latency"]]
+    x = np.arange(len(labels))
+    axes[2].bar(x - 0.2, [r["planner"]["p50_ms"] for r in report["latency"]], 0.4,
+                label="planner p50")
+    axes[2].bar(x + 0.2, [r["follower"]["p50_ms"] for r in report["latency"]], 0.4,
+                label="follower p50")
+    axes[2].set_yscale("log")
+    axes[2].set_xticks(x, labels, rotation=20)
+    axes[2].set_ylabel("latency (ms, log)")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_eval(bundle_dirs: list[Path], episodes: int, ablation_episodes: int, config: Path,
+             seed: int, json_path: Path | None, out_dir: Path, checkpoints: Path | None,
+             log: Log = print) -> int:
+    if episodes <= 0 or ablation_episodes <= 0:
+        raise SystemExit("duet eval: --episodes must be positive")
+    cfg = load_config(config)
+    base = LoopSettings.from_config(cfg)
+    bundles = [load_bundle(d, expect_joints=list(cfg.robot.joints)) for d in bundle_dirs]
+    first = EVAL_SEED_BASE + seed
+    seeds = [first + i for i in range(episodes)]
+    ab_seeds = seeds[:ablation_episodes]
+    runs: list[dict[str, Any]] = []
+
+    def add(name: str, bundle: Bundle, residual: bool, strategy: str, s: list[int]) -> None:
+        settings = LoopSettings.from_config(cfg, dt_s=bundle.manifest.dt_s, strategy=strategy)
+        precision = bundle.manifest.models.planner.precision
+        summary = evaluate(bundle, settings, s, residual, log, name)
+        runs.append({"name": name, "bundle": str(bundle.path), "precision": precision,
+                     "residual": residual, "strategy": strategy, "summary": summary})
+
+    log(f"eval: {len(bundles)} bundle(s), {episodes} episodes (ablations {ablation_episodes})")
+    for b in bundles:
+        add(f"full {b.manifest.models.planner.precision}", b, True, base.strategy, seeds)
+    ref = bundles[0]
+    add("residual off", ref, False, base.strategy, ab_seeds)
+    for strategy in STRATEGIES:
+        if strategy != base.strategy:
+            add(f"strategy {strategy}", ref, True, strategy, ab_seeds)
+    latency = [{"engine": "onnxruntime", "precision": b.manifest.models.planner.precision,
+                **measure_latency(b)} for b in bundles]
+    if checkpoints is not None:
+        latency.append({"engine": "pytorch eager", "precision": "fp32",
+                        **measure_torch_latency(checkpoints)})
+    report = {"episodes": episodes, "ablation_episodes": ablation_episodes, "first_seed": first,
+              "physics_hz": base.physics_hz, "follower_hz": base.follower_hz,
+              "planner_hz": base.planner_hz, "runs": runs, "latency": latency}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = render_markdown(report)
+    (out_dir / "eval.md").write_text(md)
+    render_plot(report, out_dir / "eval.png")
+    text = json.dumps(report, indent=1) + "\n"
+    (out_dir / "eval.json").write_text(text)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text)
+    print(md)
+    log(f"wrote {out_dir}/eval.md, eval.png, eval.json")
+    return 0

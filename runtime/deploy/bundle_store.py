@@ -1,0 +1,113 @@
+"""Bundles on the robot: /var/lib/duet/bundles/<version>/, `current` and `previous` symlinks.
+
+Every switch is an atomic rename of a fresh symlink over `current`, so a reader (a service
+starting up) sees the old bundle or the new one, never a half-state. A bundle is verified
+(hashes, signature when a key is configured, joint names) before it is added or activated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
+
+CURRENT = "current"
+PREVIOUS = "previous"
+
+
+@dataclass(frozen=True)
+class StoredBundle:
+    version: str
+    path: Path
+    current: bool
+    previous: bool
+    created: str
+
+
+class BundleStore:
+    def __init__(self, root: Path, public_key: str | None = None,
+                 expect_joints: list[str] | None = None) -> None:
+        self.root = root
+        self.public_key = public_key
+        self.expect_joints = expect_joints
+
+    def verify(self, path: Path) -> Bundle:
+        return load_bundle(path, self.public_key, self.expect_joints)
+
+    def _link_target(self, name: str) -> str | None:
+        link = self.root / name
+        return os.readlink(link) if link.is_symlink() else None
+
+    def list(self) -> list[StoredBundle]:
+        if not self.root.is_dir():
+            return []
+        current, previous = self._link_target(CURRENT), self._link_target(PREVIOUS)
+        out = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_symlink() or not (entry / MANIFEST).is_file():
+                continue
+            try:
+                created = str(json.loads((entry / MANIFEST).read_text())
+                              .get("provenance", {}).get("created", ""))
+            except (OSError, ValueError, AttributeError):
+                created = "?"
+            out.append(StoredBundle(entry.name, entry, entry.name == current,
+                                    entry.name == previous, created))
+        return out
+
+    def add(self, source: Path) -> str:
+        """Verify `source` and copy it in under its manifest version; returns the version."""
+        bundle = self.verify(source)
+        version = bundle.manifest.version
+        if not version or "/" in version or version in (CURRENT, PREVIOUS, ".", ".."):
+            raise BundleError(f"{source / MANIFEST}: version {version!r} cannot name a folder")
+        dest = self.root / version
+        if dest.exists():
+            # same version string must mean the same content
+            self.verify(dest)
+            if (dest / MANIFEST).read_bytes() != (source / MANIFEST).read_bytes():
+                raise BundleError(f"{dest}: already holds a different bundle named {version!r}")
+            return version
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".incoming-{version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, symlinks=False)
+        self.verify(staging)  # the copy, not just the source
+        os.rename(staging, dest)
+        return version
+
+    def _swap(self, name: str, target: str) -> None:
+        tmp = self.root / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)  # relative target: the tree can be staged with --root
+        os.replace(tmp, self.root / name)
+
+    def activate(self, version: str) -> str | None:
+        """Point `current` at `version` (verified first); returns the version it replaced."""
+        path = self.root / version
+        if version in (CURRENT, PREVIOUS) or not (path / MANIFEST).is_file():
+            known = ", ".join(b.version for b in self.list()) or "none"
+            raise BundleError(f"no bundle {version!r} in {self.root} (installed: {known})")
+        self.verify(path)
+        old = self._link_target(CURRENT)
+        if old == version:
+            return old
+        if old is not None:
+            self._swap(PREVIOUS, old)
+        self._swap(CURRENT, version)
+        return old
+
+    def rollback(self) -> str:
+        """Swap `current` and `previous`; returns the version now current."""
+        previous = self._link_target(PREVIOUS)
+        if previous is None:
+            raise BundleError(f"{self.root}: no previous bundle to roll back to")
+        self.activate(previous)
+        return previous
+
+    def current_path(self) -> Path:
+        return self.root / CURRENT

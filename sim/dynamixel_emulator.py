@@ -1,0 +1,503 @@
+"""Emulated Dynamixel X-series servos (XM430-W350) behind a pseudo-terminal.
+
+A serving thread reads instruction packets from the pty master, answers like the real servos
+(PING, READ, WRITE, REBOOT, SYNC READ, SYNC WRITE; status return level; EEPROM lock while
+torque is on; alert bit while Hardware Error Status != 0) and maps the control table onto
+the shared `Actuators` arrays that the physics loop integrates.
+
+Gain map (documented, linear; the physics applies tau = kp*(goal_q - q) - kd*dq, saturated):
+the servo's controller outputs PWM = KPP*e_ticks + KPD*de_ticks/ms with KPP = P/128 and
+KPD = D/16 (e-manual), and full PWM (885) on a stalled XM430-W350 at 12 V gives its stall
+torque, 4.1 N·m. So
+
+    kp [N·m/rad]   = P/128 * TICKS_PER_RAD * STALL_TORQUE/885            (P=800 -> 18.9)
+    kd [N·m·s/rad] = BACK_EMF_DAMPING + D/16 * TICKS_PER_RAD * STALL_TORQUE/885 * 1e-3
+
+where BACK_EMF_DAMPING = stall torque / no-load speed (4.1 N·m / 46 rpm = 0.85) is the damping
+every voltage-driven DC motor has. With the defaults (P=800, D=0) that is a stiff loop with
+damping from back-EMF alone, as on the real servo. The Position I gain is not modelled.
+The emulator answers immediately: Return Delay Time is initialised to 0 (a bus tuned for
+4 Mbps) and is not simulated.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import random
+import select
+import struct
+import threading
+import tty
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+import numpy as np
+
+from drivers import dynamixel_protocol as dx
+from drivers.dynamixel_protocol import (
+    CENTER_TICKS,
+    CURRENT_UNIT_A,
+    TICKS_PER_RAD,
+    TICKS_PER_REV,
+    VELOCITY_UNIT_RAD_S,
+)
+from drivers.dynamixel_protocol import XM430_TORQUE_CONSTANT_NM_PER_A as TORQUE_CONSTANT_NM_PER_A
+from sim.actuators import Actuators
+
+STALL_TORQUE_NM = 4.1  # XM430-W350 at 12 V
+NO_LOAD_SPEED_RAD_S = 46 * 2 * math.pi / 60
+PWM_LIMIT = 885
+_TORQUE_PER_PWM = STALL_TORQUE_NM / PWM_LIMIT
+BACK_EMF_DAMPING = STALL_TORQUE_NM / NO_LOAD_SPEED_RAD_S
+FIRMWARE_VERSION = 48
+
+# Access class of each control-table byte.
+_RO, _EEPROM, _RAM = 0, 1, 2
+
+
+def position_gains_si(p_gain: int, d_gain: int) -> tuple[float, float]:
+    """(kp, kd) in SI units from the Position P/D gain registers (see module docstring)."""
+    kp = p_gain / 128 * TICKS_PER_RAD * _TORQUE_PER_PWM
+    kd = BACK_EMF_DAMPING + d_gain / 16 * TICKS_PER_RAD * _TORQUE_PER_PWM * 1e-3
+    return kp, kd
+
+
+def _access_map() -> bytes:
+    access = bytearray([_RO] * dx.CONTROL_TABLE_SIZE)
+    for addr in range(dx.ADDR_ID, dx.EEPROM_END):
+        access[addr] = _EEPROM
+    access[dx.ADDR_PROTOCOL_TYPE] = _EEPROM
+    for addr, size in (
+        (dx.ADDR_TORQUE_ENABLE, 1),
+        (dx.ADDR_LED, 1),
+        (dx.ADDR_STATUS_RETURN_LEVEL, 1),
+        (dx.ADDR_VELOCITY_I_GAIN, dx.ADDR_REALTIME_TICK - dx.ADDR_VELOCITY_I_GAIN),  # 76..119
+    ):
+        for a in range(addr, addr + size):
+            access[a] = _RAM
+    return bytes(access)
+
+
+_ACCESS = _access_map()
+
+
+def _default_table(dxl_id: int) -> bytearray:
+    t = bytearray(dx.CONTROL_TABLE_SIZE)
+
+    def put(addr: int, fmt: str, value: int) -> None:
+        struct.pack_into(fmt, t, addr, value)
+
+    put(dx.ADDR_MODEL_NUMBER, "<H", dx.MODEL_XM430_W350)
+    put(dx.ADDR_FIRMWARE_VERSION, "<B", FIRMWARE_VERSION)
+    put(dx.ADDR_ID, "<B", dxl_id)
+    put(dx.ADDR_BAUD_RATE, "<B", 6)  # 4 Mbps
+    put(dx.ADDR_RETURN_DELAY, "<B", 0)
+    put(dx.ADDR_OPERATING_MODE, "<B", dx.OPERATING_MODE_POSITION)
+    put(dx.ADDR_PROTOCOL_TYPE, "<B", 2)
+    put(dx.ADDR_TEMPERATURE_LIMIT, "<B", 80)
+    put(dx.ADDR_MAX_VOLTAGE_LIMIT, "<H", 160)
+    put(dx.ADDR_MIN_VOLTAGE_LIMIT, "<H", 95)
+    put(dx.ADDR_PWM_LIMIT, "<H", PWM_LIMIT)
+    put(dx.ADDR_CURRENT_LIMIT, "<H", 1193)
+    put(dx.ADDR_VELOCITY_LIMIT, "<I", 200)
+    put(dx.ADDR_MAX_POSITION_LIMIT, "<I", TICKS_PER_REV - 1)
+    put(dx.ADDR_MIN_POSITION_LIMIT, "<I", 0)
+    put(dx.ADDR_SHUTDOWN, "<B", 52)  # overheating | electrical shock | overload
+    put(dx.ADDR_STATUS_RETURN_LEVEL, "<B", 2)
+    put(dx.ADDR_VELOCITY_I_GAIN, "<H", 1920)
+    put(dx.ADDR_VELOCITY_P_GAIN, "<H", 100)
+    put(dx.ADDR_POSITION_P_GAIN, "<H", 800)
+    put(dx.ADDR_PRESENT_INPUT_VOLTAGE, "<H", 120)
+    return t
+
+
+class DynamixelEmulator:
+    """X-series servos with ids `ids`, joint i of `actuators` behind servo ids[i]."""
+
+    def __init__(
+        self,
+        actuators: Actuators,
+        ids: Sequence[int],
+        zero_ticks: Sequence[int] | None = None,
+        direction: Sequence[int] | None = None,
+        corrupt_probability: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        n = len(ids)
+        if n != actuators.n:
+            raise ValueError(f"{n} servo ids for {actuators.n} actuators")
+        if len(set(ids)) != n or not all(0 <= i <= dx.MAX_ID for i in ids):
+            raise ValueError(f"servo ids must be unique and in 0..{dx.MAX_ID}: {list(ids)}")
+        self.actuators = actuators
+        zero = zero_ticks if zero_ticks is not None else [CENTER_TICKS] * n
+        self.zero_ticks = np.array(zero, float)
+        self._zero_list = [float(z) for z in zero]
+        self.direction = np.array(direction if direction is not None else [1] * n, float)
+        if self.zero_ticks.shape != (n,) or self.direction.shape != (n,):
+            raise ValueError("zero_ticks and direction need one entry per servo")
+        if not np.all(np.abs(self.direction) == 1):
+            raise ValueError("direction entries must be +1 or -1")
+        self._direction_list = self.direction.tolist()
+        self.corrupt_probability = corrupt_probability
+        self._rng = random.Random(seed)
+        self.tables = [_default_table(i) for i in ids]
+        self._index_by_id = {dxl_id: k for k, dxl_id in enumerate(ids)}
+        self.parser = dx.StreamParser()
+        self.packets_served = 0
+        self.path = ""  # the pty slave, set by open()
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._stop = threading.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def open(self) -> str:
+        """Create the pty; return the slave device path a serial driver opens."""
+        master, slave = os.openpty()
+        tty.setraw(slave)  # no echo, no line discipline: bytes pass untouched
+        self._master, self._slave = master, slave
+        self.path = os.ttyname(slave)
+        # Power-on: Goal Position starts at the present position (no jump on torque enable).
+        with self.actuators.lock:
+            for k in range(len(self.tables)):
+                struct.pack_into("<i", self.tables[k], dx.ADDR_GOAL_POSITION, self._q_to_ticks(k))
+                self._apply_goal(k)
+                self._apply_gains(k)
+        return self.path
+
+    def start(self) -> None:
+        if self._master is None:
+            raise RuntimeError("call open() before start()")
+        self._stop.clear()
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._serve, name="dynamixel-emulator", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            os.write(self._wake_w, b"x")
+            self._thread.join(timeout=2.0)
+            self._thread = None
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        for fd in (self._master, self._slave):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._master = self._slave = None
+
+    def close_line(self) -> None:
+        """Fault injection: the device disappears (the pty is closed from our side)."""
+        self.stop()
+
+    # ---- serving loop ----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        master = self._master
+        assert master is not None
+        poller = select.poll()
+        poller.register(master, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stop.is_set():
+            events = poller.poll()
+            if self._stop.is_set():
+                return
+            for fd, event in events:
+                if fd != master:
+                    continue
+                if event & (select.POLLERR | select.POLLNVAL):
+                    return
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # no slave open yet (EIO); wait for a client
+                    self._stop.wait(0.001)
+                    continue
+                self.parser.feed(data)
+                out = bytearray()
+                for packet in self.parser:
+                    self.packets_served += 1
+                    out += self.handle(packet)
+                if out:
+                    try:
+                        os.write(master, out)
+                    except OSError:
+                        return
+
+    # ---- instruction handling (public so tests can drive it without a pty) -----------------
+
+    def handle(self, packet: dx.Packet) -> bytes:
+        """Apply one instruction packet; return the status bytes to send (maybe empty)."""
+        instr, params = packet.instruction, packet.params
+        if packet.is_status:
+            return b""
+        if instr == dx.SYNC_READ:
+            return self._sync_read(params)
+        if instr == dx.SYNC_WRITE:
+            self._sync_write(params)
+            return b""
+        if packet.id == dx.BROADCAST_ID:
+            targets = list(range(len(self.tables)))
+        elif packet.id in self._index_by_id:
+            targets = [self._index_by_id[packet.id]]
+        else:
+            return b""
+        out = bytearray()
+        for k in targets:
+            if self.actuators.silent[k]:
+                continue
+            error, reply = self._unicast(k, instr, params)
+            level = self.tables[k][dx.ADDR_STATUS_RETURN_LEVEL]
+            answers = instr == dx.PING or (instr == dx.READ and level >= 1) or level >= 2
+            # broadcast: only PING is answered (by every servo, in id order)
+            if answers and (packet.id != dx.BROADCAST_ID or instr == dx.PING):
+                out += self._status(k, error, reply)
+        return bytes(out)
+
+    def _unicast(self, k: int, instr: int, params: bytes) -> tuple[int, bytes]:
+        table = self.tables[k]
+        if instr == dx.PING:
+            return 0, bytes(table[dx.ADDR_MODEL_NUMBER : dx.ADDR_MODEL_NUMBER + 2]) + bytes(
+                (table[dx.ADDR_FIRMWARE_VERSION],)
+            )
+        if instr == dx.READ:
+            if len(params) != 4:
+                return dx.ERR_DATA_LENGTH, b""
+            addr, length = struct.unpack("<HH", params)
+            return self._read(k, addr, length)
+        if instr == dx.WRITE:
+            if len(params) < 3:
+                return dx.ERR_DATA_LENGTH, b""
+            (addr,) = struct.unpack_from("<H", params)
+            return self._write(k, addr, params[2:]), b""
+        if instr == dx.REBOOT:
+            self._reboot(k)
+            return 0, b""
+        return dx.ERR_INSTRUCTION, b""
+
+    def _status(self, k: int, error: int, params: bytes) -> bytes:
+        hw = int(self.actuators.hw_error[k])
+        self.tables[k][dx.ADDR_HARDWARE_ERROR_STATUS] = hw
+        if hw:
+            error |= dx.ERROR_ALERT
+        packet = dx.status_packet(self.tables[k][dx.ADDR_ID], error, params)
+        if self.corrupt_probability and self._rng.random() < self.corrupt_probability:
+            # line noise inside the frame (after the length field), caught by the CRC
+            flipped = bytearray(packet)
+            at = self._rng.randrange(dx.HEADER_BYTES, len(flipped))
+            flipped[at] ^= self._rng.randrange(1, 256)
+            return bytes(flipped)
+        return packet
+
+    def _read(self, k: int, addr: int, length: int) -> tuple[int, bytes]:
+        if length == 0 or addr + length > dx.CONTROL_TABLE_SIZE:
+            return dx.ERR_DATA_RANGE, b""
+        self._refresh_present((k,))
+        return 0, bytes(self.tables[k][addr : addr + length])
+
+    def _sync_read(self, params: bytes) -> bytes:
+        if len(params) < 5:
+            return b""
+        addr, length = struct.unpack_from("<HH", params)
+        if length == 0 or addr + length > dx.CONTROL_TABLE_SIZE:
+            return b""
+        silent = self.actuators.silent
+        servos = [self._index_by_id.get(dxl_id, -1) for dxl_id in params[4:]]
+        servos = [k for k in servos if k >= 0 and not silent[k]]
+        self._refresh_present(servos)
+        out = bytearray()
+        for k in servos:  # replies in the order of the request's id list
+            out += self._status(k, 0, bytes(self.tables[k][addr : addr + length]))
+        return bytes(out)
+
+    def _sync_write(self, params: bytes) -> None:
+        if len(params) < 4:
+            return
+        addr, length = struct.unpack_from("<HH", params)
+        step = 1 + length
+        body = params[4:]
+        if length == 0 or len(body) % step:
+            return
+        if addr == dx.ADDR_GOAL_POSITION and length == 4:
+            self._sync_write_goals(body)
+            return
+        for off in range(0, len(body), step):
+            k = self._index_by_id.get(body[off])
+            if k is not None and not self.actuators.silent[k]:
+                self._write(k, addr, body[off + 1 : off + step])
+
+    def _sync_write_goals(self, body: bytes) -> None:
+        """The per-tick command: Goal Position for many servos, applied under one lock."""
+        applied = []
+        silent = self.actuators.silent
+        for off in range(0, len(body), 5):
+            k = self._index_by_id.get(body[off], -1)
+            if k < 0 or silent[k]:
+                continue
+            table = self.tables[k]
+            (goal,) = struct.unpack_from("<i", body, off + 1)
+            lo, hi = struct.unpack_from("<ii", table, dx.ADDR_MAX_POSITION_LIMIT)[::-1]
+            if lo <= goal <= hi:  # out of limits: the real servo drops it (no status to say so)
+                table[dx.ADDR_GOAL_POSITION : dx.ADDR_GOAL_POSITION + 4] = body[off + 1 : off + 5]
+                applied.append(k)
+        with self.actuators.lock:
+            for k in applied:
+                self._apply_goal(k)
+
+    def _write(self, k: int, addr: int, data: bytes) -> int:
+        table = self.tables[k]
+        end = addr + len(data)
+        if end > dx.CONTROL_TABLE_SIZE:
+            return dx.ERR_DATA_RANGE
+        torque_on = table[dx.ADDR_TORQUE_ENABLE] != 0
+        for a in range(addr, end):
+            access = _ACCESS[a]
+            if access == _RO or (access == _EEPROM and torque_on):
+                return dx.ERR_ACCESS
+        if addr <= dx.ADDR_GOAL_POSITION < end:
+            if end < dx.ADDR_GOAL_POSITION + 4 or addr > dx.ADDR_GOAL_POSITION:
+                return dx.ERR_DATA_LENGTH
+            (goal,) = struct.unpack_from("<i", data, dx.ADDR_GOAL_POSITION - addr)
+            lo = struct.unpack_from("<i", table, dx.ADDR_MIN_POSITION_LIMIT)[0]
+            hi = struct.unpack_from("<i", table, dx.ADDR_MAX_POSITION_LIMIT)[0]
+            if not lo <= goal <= hi:
+                return dx.ERR_DATA_LIMIT
+        if addr <= dx.ADDR_TORQUE_ENABLE < end and data[dx.ADDR_TORQUE_ENABLE - addr] > 1:
+            return dx.ERR_DATA_RANGE
+        table[addr:end] = data
+        act = self.actuators
+        with act.lock:
+            if addr <= dx.ADDR_ID < end:
+                self._index_by_id = {t[dx.ADDR_ID]: i for i, t in enumerate(self.tables)}
+            if addr <= dx.ADDR_TORQUE_ENABLE < end:
+                # a latched hardware error keeps torque off until reboot, like the real servo
+                on = bool(table[dx.ADDR_TORQUE_ENABLE]) and not self._shutdown(k)
+                table[dx.ADDR_TORQUE_ENABLE] = int(on)
+                act.torque_enabled[k] = on
+            if addr < dx.ADDR_POSITION_P_GAIN + 2 and end > dx.ADDR_POSITION_D_GAIN:
+                self._apply_gains(k)
+            if addr <= dx.ADDR_GOAL_POSITION < end:
+                self._apply_goal(k)
+        return 0
+
+    def _reboot(self, k: int) -> None:
+        """Reboot: RAM back to defaults (torque off, goal = present), latched error cleared."""
+        fresh = _default_table(self.tables[k][dx.ADDR_ID])
+        table = self.tables[k]
+        table[dx.EEPROM_END :] = fresh[dx.EEPROM_END :]
+        act = self.actuators
+        with act.lock:
+            act.hw_error[k] = 0
+            act.torque_enabled[k] = False
+            struct.pack_into("<i", table, dx.ADDR_GOAL_POSITION, self._q_to_ticks(k))
+            self._apply_goal(k)
+            self._apply_gains(k)
+
+    # ---- control table <-> physics (callers hold actuators.lock where noted) ---------------
+
+    def _shutdown(self, k: int) -> bool:
+        return bool(self.actuators.hw_error[k] & self.tables[k][dx.ADDR_SHUTDOWN])
+
+    def _q_to_ticks(self, k: int) -> int:
+        q = float(self.actuators.q[k])
+        return round(float(self.zero_ticks[k]) + float(self.direction[k]) * q * TICKS_PER_RAD)
+
+    def _apply_goal(self, k: int) -> None:  # lock held
+        (goal,) = struct.unpack_from("<i", self.tables[k], dx.ADDR_GOAL_POSITION)
+        self.actuators.goal_q[k] = self.direction[k] * (goal - self.zero_ticks[k]) / TICKS_PER_RAD
+
+    def _apply_gains(self, k: int) -> None:  # lock held
+        t = self.tables[k]
+        (d_gain,) = struct.unpack_from("<H", t, dx.ADDR_POSITION_D_GAIN)
+        (p_gain,) = struct.unpack_from("<H", t, dx.ADDR_POSITION_P_GAIN)
+        self.actuators.kp[k], self.actuators.kd[k] = position_gains_si(p_gain, d_gain)
+
+    def _refresh_present(self, servos: Sequence[int]) -> None:
+        """Copy the physics' present values of `servos` into their tables (one lock hold)."""
+        act = self.actuators
+        with act.lock:
+            q, dq, tau = act.q.tolist(), act.dq.tolist(), act.tau.tolist()
+            hw_error, temperature = act.hw_error.tolist(), act.temperature_c.tolist()
+            for k in servos:
+                if hw_error[k] and self._shutdown(k):
+                    act.torque_enabled[k] = False
+                    self.tables[k][dx.ADDR_TORQUE_ENABLE] = 0
+        zero, direction = self._zero_list, self._direction_list
+        for k in servos:
+            table, sign = self.tables[k], direction[k]
+            pos = round(zero[k] + sign * q[k] * TICKS_PER_RAD)
+            vel = round(sign * dq[k] / VELOCITY_UNIT_RAD_S)
+            cur = round(sign * tau[k] / TORQUE_CONSTANT_NM_PER_A / CURRENT_UNIT_A)
+            cur = max(-32768, min(32767, cur))
+            struct.pack_into("<hii", table, dx.ADDR_PRESENT_CURRENT, cur, vel, pos)
+            table[dx.ADDR_HARDWARE_ERROR_STATUS] = hw_error[k]
+            table[dx.ADDR_PRESENT_TEMPERATURE] = max(0, min(255, round(temperature[k])))
+
+
+def _serve_in_process(ids: list[int], q: list[float], conn: Connection) -> None:
+    actuators = Actuators(len(ids))
+    actuators.q[:] = q
+    emulator = DynamixelEmulator(actuators, ids)
+    conn.send(emulator.open())
+    emulator.start()
+    try:
+        conn.recv()  # until the parent asks to stop or goes away
+    except EOFError:
+        pass
+    emulator.stop()
+
+
+class EmulatorProcess:
+    """Servos with static joint positions in a child process, so a client measured in this
+    process does not share its interpreter (GIL, allocations) with the emulator."""
+
+    def __init__(self, ids: Sequence[int], q: Sequence[float] | None = None) -> None:
+        self.ids = list(ids)
+        self.q = list(q) if q is not None else [0.0] * len(self.ids)
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+
+    def start(self) -> str:
+        """Start the child; return the pty path its servos answer on."""
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_serve_in_process, args=(self.ids, self.q, child), daemon=True
+        )
+        self._process.start()
+        child.close()
+        if not self._conn.poll(30):
+            self.stop()
+            raise RuntimeError("emulator process did not start")
+        try:
+            return str(self._conn.recv())
+        except EOFError:
+            self.stop()
+            raise RuntimeError("emulator process exited during start") from None
+
+    def stop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send("stop")
+            except OSError:
+                pass
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()
+            self._process = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

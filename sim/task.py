@@ -1,0 +1,115 @@
+"""Touch-the-block episodes: layout, instruction, progress and outcome.
+
+An episode places all four blocks (the ones not named are distractors) and asks for one
+target ("touch the red block") or two in order ("touch the blue block, then the green one").
+A target counts as touched when the fingertip comes within `TOUCH_RADIUS` of its top-face
+centre while it is the next one in order; it then turns grey in the render, so a planner
+that sees only the current image can tell what is left. All targets in order = success;
+running out of time = failure. Everything is a deterministic function of the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sim.world import BLOCK_COLOURS, BLOCK_HALF, SimWorld
+
+TOUCH_RADIUS = 0.03  # m, fingertip to the top-face centre
+# Where blocks go: comfortably inside the reach, in front of the base.
+RADIUS_RANGE = (0.25, 0.44)  # m from the base axis
+BEARING_RANGE = (-0.7, 0.7)  # rad around +x
+MIN_SEPARATION = 0.09  # m between block centres
+
+RUNNING = "running"
+SUCCESS = "success"
+TIMEOUT = "timeout"
+
+
+class Episode:
+    """One episode's layout and instruction, drawn from `seed`.
+
+    blocks: colour -> block centre xyz [3] (all four colours);
+    order: the target colours, in the order they must be touched;
+    targets: colour -> top-face centre xyz [3] of each target;
+    instruction: the English instruction.
+    """
+
+    def __init__(self, seed: int, two_step_fraction: float = 0.5) -> None:
+        if not 0.0 <= two_step_fraction <= 1.0:
+            raise ValueError(f"two_step_fraction must be in [0, 1], got {two_step_fraction}")
+        self.seed = seed
+        rng = np.random.default_rng(seed)
+        self.blocks = _place_blocks(rng)
+        n_targets = 2 if rng.random() < two_step_fraction else 1
+        picks = rng.permutation(len(BLOCK_COLOURS))[:n_targets]
+        self.order: tuple[str, ...] = tuple(BLOCK_COLOURS[i] for i in picks)
+        self.targets = {c: self.blocks[c] + (0.0, 0.0, BLOCK_HALF) for c in self.order}
+        if n_targets == 1:
+            self.instruction = f"touch the {self.order[0]} block"
+        else:
+            self.instruction = f"touch the {self.order[0]} block, then the {self.order[1]} one"
+
+    def __repr__(self) -> str:
+        return f"Episode(seed={self.seed}, instruction={self.instruction!r})"
+
+
+def _place_blocks(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    centres: list[np.ndarray] = []
+    while len(centres) < len(BLOCK_COLOURS):
+        r = rng.uniform(*RADIUS_RANGE)
+        bearing = rng.uniform(*BEARING_RANGE)
+        p = np.array([r * np.cos(bearing), r * np.sin(bearing), BLOCK_HALF])
+        if all(np.linalg.norm(p[:2] - c[:2]) >= MIN_SEPARATION for c in centres):
+            centres.append(p)
+    return dict(zip(BLOCK_COLOURS, centres))
+
+
+@dataclass
+class TaskTracker:
+    """Progress of one episode in a world. `start` places the blocks; `update` (call it a
+    few hundred times a second or at every lockstep step) returns the status."""
+
+    episode: Episode
+    timeout_s: float = 12.0
+    touched: list[str] = field(default_factory=list)
+    status: str = RUNNING
+    t_start: float = 0.0
+    t_end: float | None = None
+
+    def start(self, world: SimWorld, t: float) -> None:
+        world.place_blocks(self.episode.blocks)
+        self.touched.clear()
+        self.status = RUNNING
+        self.t_start = t
+        self.t_end = None
+
+    def remaining(self) -> np.ndarray:
+        """Top-face centres [k, 3] of the targets not yet touched, in order (the expert's
+        view of the episode)."""
+        left = self.episode.order[len(self.touched):]
+        if not left:
+            return np.zeros((0, 3))
+        return np.stack([self.episode.targets[c] for c in left])
+
+    def update(self, world: SimWorld, t: float) -> str:
+        if self.status != RUNNING:
+            return self.status
+        order = self.episode.order
+        nxt = order[len(self.touched)]
+        if np.linalg.norm(world.fingertip() - self.episode.targets[nxt]) <= TOUCH_RADIUS:
+            self.touched.append(nxt)
+            world.set_block_grey(nxt)
+            if len(self.touched) == len(order):
+                self.status = SUCCESS
+                self.t_end = t
+                return self.status
+        if t - self.t_start >= self.timeout_s:
+            self.status = TIMEOUT
+            self.t_end = t
+        return self.status
+
+    @property
+    def duration_s(self) -> float:
+        return (self.t_end if self.t_end is not None else self.t_start) - self.t_start

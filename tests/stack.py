@@ -1,0 +1,89 @@
+"""Test harness: the real stack (sim, follower, planner as separate processes over real
+sockets and a real pty), started the way `duet run` starts it, with handles on each child."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from runtime import endpoints
+from runtime.config import DuetConfig, load_config
+from runtime.control_client import request
+from runtime.messages import decode, unpack_array
+from runtime.supervisor import Supervisor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Stack:
+    def __init__(self, tmp: Path, bundle: Path, overrides: list[str] | None = None,
+                 planner: bool = True) -> None:
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        sets = [f"run_dir={tmp / 'run'}", f"bundle.path={bundle}", *(overrides or [])]
+        self.cfg: DuetConfig = load_config(REPO / "configs" / "sim.yaml", None, sets)
+        self.sup = Supervisor(self.cfg, "test")
+        self.with_planner = planner
+        self.ctx = zmq.Context.instance()
+        self.tel = self.ctx.socket(zmq.SUB)
+        self.tel.setsockopt(zmq.SUBSCRIBE, b"")
+        self.tel.setsockopt(zmq.RCVHWM, 1000)
+
+    def __enter__(self) -> Stack:
+        self.sup.start(with_planner=self.with_planner)
+        self.tel.connect(endpoints.telemetry(self.cfg.run_dir, "follower"))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tel.close(linger=0)
+        self.codes = self.sup.stop()
+
+    @property
+    def run_dir(self) -> str:
+        return self.cfg.run_dir
+
+    def pid(self, name: str) -> int:
+        return self.sup.children[name].pid
+
+    def signal(self, name: str, sig: int) -> None:
+        os.kill(self.pid(name), sig)
+
+    def control(self, cmd: str, **args: Any) -> dict[str, Any]:
+        return request(self.run_dir, cmd, args, timeout_s=5.0)
+
+    def telemetry(self, timeout_s: float = 2.0) -> dict[str, Any]:
+        """The newest follower telemetry sample (drains older ones)."""
+        deadline = time.monotonic() + timeout_s
+        msg = None
+        while time.monotonic() < deadline:
+            if self.tel.poll(50):
+                while True:
+                    try:
+                        msg = decode(self.tel.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                return msg  # type: ignore[return-value]
+        raise TimeoutError("no follower telemetry")
+
+    def wait_mode(self, mode: str, timeout_s: float) -> float:
+        """Seconds until telemetry reports `mode`; TimeoutError otherwise."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.telemetry()["mode"] == mode:
+                return time.monotonic() - t0
+        raise TimeoutError(f"follower not in {mode} within {timeout_s} s "
+                           f"(last: {self.telemetry()['mode']})")
+
+    def q(self) -> np.ndarray:
+        return np.array(unpack_array(self.telemetry()["q"], "q"))
+
+
+def stop_and_cont(stack: Stack, name: str, seconds: float) -> None:
+    stack.signal(name, signal.SIGSTOP)
+    time.sleep(seconds)
+    stack.signal(name, signal.SIGCONT)

@@ -1,0 +1,88 @@
+"""Bundle store on a real filesystem with real (tiny) ONNX bundles."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from onnx_bundle import JOINTS, make_bundle
+
+from runtime.bundle import BundleError
+from runtime.cli import main
+from runtime.deploy.bundle_store import BundleStore
+
+
+def _bundle(tmp: Path, version: str) -> Path:
+    path = make_bundle(tmp / f"src-{version}")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["version"] = version  # the manifest itself is not in the hashed file list
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_add_activate_rollback_swaps_symlinks(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "bundles", expect_joints=JOINTS)
+    assert store.add(_bundle(tmp_path, "v1")) == "v1"
+    assert store.add(_bundle(tmp_path, "v2")) == "v2"
+    assert store.activate("v1") is None
+    assert store.activate("v2") == "v1"
+    current, previous = tmp_path / "bundles/current", tmp_path / "bundles/previous"
+    assert os.readlink(current) == "v2" and os.readlink(previous) == "v1"
+    assert (current / "manifest.json").is_file()  # relative link resolves
+    assert store.rollback() == "v1"
+    assert os.readlink(current) == "v1" and os.readlink(previous) == "v2"
+    listed = {b.version: (b.current, b.previous) for b in store.list()}
+    assert listed == {"v1": (True, False), "v2": (False, True)}
+    assert not list((tmp_path / "bundles").glob(".*"))  # no temp links or staging left
+
+
+def test_tampered_bundle_is_refused_everywhere(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "bundles")
+    src = _bundle(tmp_path, "v1")
+    (src / "follower.onnx").write_bytes(b"not the model")
+    with pytest.raises(BundleError, match="follower.onnx"):
+        store.add(src)
+    assert not (tmp_path / "bundles" / "v1").exists()
+    good = store.add(_bundle(tmp_path, "v2"))
+    (tmp_path / "bundles" / good / "planner.onnx").write_bytes(b"corrupted on disk")
+    with pytest.raises(BundleError, match="planner.onnx"):
+        store.activate(good)
+    assert not (tmp_path / "bundles" / "current").exists()
+
+
+def test_wrong_robot_unknown_version_and_no_previous(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "bundles", expect_joints=["a", "b"])
+    with pytest.raises(BundleError, match="joints"):
+        store.add(_bundle(tmp_path, "v1"))
+    with pytest.raises(BundleError, match="no bundle 'v9'"):
+        store.activate("v9")
+    with pytest.raises(BundleError, match="no previous"):
+        store.rollback()
+
+
+def test_same_version_different_content_is_refused(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "bundles")
+    store.add(_bundle(tmp_path, "v1"))
+    other = _bundle(tmp_path / "other", "v1")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["normalisation"] = "different"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="different bundle"):
+        store.add(other)
+
+
+def test_bundle_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = ["--store", str(tmp_path / "b"), "--config", str(tmp_path / "none.yaml")]
+    assert main(["bundle", "add", str(_bundle(tmp_path, "v1")), *store]) == 0
+    assert main(["bundle", "add", str(_bundle(tmp_path, "v2")), *store]) == 0
+    assert main(["bundle", "activate", "v1", *store]) == 0
+    assert main(["bundle", "activate", "v2", *store]) == 0
+    assert main(["bundle", "rollback", *store]) == 0
+    capsys.readouterr()
+    assert main(["bundle", "list", *store]) == 0
+    out = capsys.readouterr().out
+    assert "* v1" in out and "< v2" in out
+    assert main(["bundle", "activate", "nope", *store]) == 1
+    assert "no bundle 'nope'" in capsys.readouterr().err

@@ -1,0 +1,263 @@
+"""DynamixelBus against the emulated servos over a real pty."""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+import tracemalloc
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from drivers import dynamixel_protocol as dx
+from drivers.bus import BusError, MotorFault, MotorState
+from drivers.dynamixel import DynamixelBus
+from runtime.config import DynamixelBusConfig
+from sim.actuators import HW_OVERLOAD, Actuators
+from sim.dynamixel_emulator import DynamixelEmulator, EmulatorProcess, position_gains_si
+
+IDS = [1, 2, 3, 4, 5, 6]
+JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
+ZERO = [2048, 2000, 2100, 2048, 1900, 2048]
+DIRECTION = [1, -1, 1, -1, 1, 1]
+RAD_PER_TICK = 2 * math.pi / 4096
+
+
+@pytest.fixture
+def actuators() -> Actuators:
+    act = Actuators(6)
+    act.q[:] = [0.5, -0.3, 1.2, -1.0, 0.0, 0.4]
+    act.dq[:] = [1.0, -2.0, 0.5, 0.0, 3.0, -0.1]
+    act.tau[:] = [0.2, -0.5, 1.0, 0.0, -1.5, 0.05]
+    return act
+
+
+@pytest.fixture
+def emulator(actuators: Actuators) -> Iterator[DynamixelEmulator]:
+    emu = DynamixelEmulator(actuators, IDS, zero_ticks=ZERO, direction=DIRECTION)
+    emu.open()
+    emu.start()
+    yield emu
+    emu.stop()
+
+
+def make_bus(path: str, **kwargs: object) -> DynamixelBus:
+    args: dict = dict(zero_ticks=ZERO, direction=DIRECTION, timeout_ms=20.0, retries=1)
+    args.update(kwargs)
+    return DynamixelBus(path, 4_000_000, IDS, JOINTS, **args)
+
+
+@pytest.fixture
+def bus(emulator: DynamixelEmulator) -> Iterator[DynamixelBus]:
+    b = make_bus(emulator.path)
+    b.open()
+    yield b
+    b.close()
+
+
+def wait_until(predicate, timeout_s: float = 2.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def test_read_converts_units(bus: DynamixelBus, actuators: Actuators) -> None:
+    state = MotorState(6)
+    bus.read(state)
+    np.testing.assert_allclose(state.q, actuators.q, atol=RAD_PER_TICK)
+    np.testing.assert_allclose(state.dq, actuators.dq, atol=dx.VELOCITY_UNIT_RAD_S)
+    effort_unit = dx.CURRENT_UNIT_A * dx.XM430_TORQUE_CONSTANT_NM_PER_A
+    np.testing.assert_allclose(state.effort, actuators.tau, atol=effort_unit)
+    assert state.t_ns > 0 and not state.error_flags.any()
+    assert bus.stats.reads == 1 and bus.stats.errors == 0
+    assert bus.models == {i: dx.MODEL_XM430_W350 for i in IDS}
+
+
+def test_write_sets_goal_and_torque(bus: DynamixelBus, actuators: Actuators) -> None:
+    target = np.array([0.1, -0.2, 0.3, -0.4, 0.5, 0.6])
+    bus.write(target)
+    assert wait_until(lambda: np.allclose(actuators.goal_q, target, atol=RAD_PER_TICK))
+    assert not actuators.torque_enabled.any()  # goal stored, no effect until torque is on
+    bus.enable_torque(True)
+    assert actuators.torque_enabled.all()
+    kp, kd = position_gains_si(800, 0)
+    np.testing.assert_allclose(actuators.kp, kp)
+    assert 10 < kp < 40 and kd > 0.5  # stiff, damped by back-EMF
+    bus.enable_torque(False)
+    assert not actuators.torque_enabled.any()
+    assert bus.stats.writes == 1
+
+
+def test_goal_ticks_on_the_wire_follow_zero_and_direction(
+    bus: DynamixelBus, emulator: DynamixelEmulator
+) -> None:
+    bus.write(np.full(6, 0.25))
+    expected = [round(z + d * 0.25 / RAD_PER_TICK) for z, d in zip(ZERO, DIRECTION, strict=True)]
+
+    def goals() -> list[int]:
+        return [struct.unpack_from("<i", t, dx.ADDR_GOAL_POSITION)[0] for t in emulator.tables]
+
+    assert wait_until(lambda: goals() == expected)
+
+
+def test_write_rejects_bad_targets(bus: DynamixelBus) -> None:
+    q = np.zeros(6)
+    q[2] = np.nan
+    with pytest.raises(ValueError, match="elbow"):
+        bus.write(q)
+    q[2] = 0.0
+    q[5] = 4.0  # beyond one revolution from zero: outside Min/Max Position Limit
+    with pytest.raises(ValueError, match="gripper"):
+        bus.write(q)
+    with pytest.raises(ValueError, match="MIT"):
+        bus.write(np.zeros(6), kp=np.ones(6))
+    assert bus.stats.writes == 0
+
+
+def test_open_selects_position_mode(actuators: Actuators) -> None:
+    emu = DynamixelEmulator(actuators, IDS)
+    path = emu.open()
+    emu.tables[3][dx.ADDR_OPERATING_MODE] = 1  # velocity mode, torque on
+    emu.tables[3][dx.ADDR_TORQUE_ENABLE] = 1
+    emu.start()
+    try:
+        b = make_bus(path, zero_ticks=None, direction=None)
+        b.open()
+        assert emu.tables[3][dx.ADDR_OPERATING_MODE] == dx.OPERATING_MODE_POSITION
+        b.close()
+    finally:
+        emu.stop()
+
+
+def test_eeprom_write_rejected_with_torque_on(bus: DynamixelBus) -> None:
+    bus.enable_torque(True)
+    with pytest.raises(BusError, match="access error"):
+        bus.write_register(1, dx.ADDR_OPERATING_MODE, 1, 1)
+
+
+def test_from_config() -> None:
+    cfg = DynamixelBusConfig(device="/dev/null", ids=IDS, timeout_ms=3.0, retries=2)
+    b = DynamixelBus.from_config(cfg, JOINTS)
+    assert (b.ids, b.joint_names, b.timeout_ms, b.retries) == (IDS, JOINTS, 3.0, 2)
+    assert b.baudrate == 4_000_000
+
+
+def test_constructor_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        DynamixelBus("/dev/null", 4_000_000, IDS, JOINTS[:5])
+    with pytest.raises(ValueError):
+        DynamixelBus("/dev/null", 4_000_000, IDS, JOINTS, direction=[1, 1, 1, 1, 1, 2])
+    with pytest.raises(BusError, match="cannot open"):
+        DynamixelBus("/nonexistent/tty", 4_000_000, IDS, JOINTS).open()
+
+
+def test_wire_time(bus: DynamixelBus, emulator: DynamixelEmulator) -> None:
+    # sync read (14 + 6) + 6 replies of 21 + sync write (14 + 5*6) bytes, 10 bits each at 4 Mbps
+    assert bus.wire_time_us() == pytest.approx(190 * 10 / 4e6 * 1e6)
+    for table in emulator.tables:
+        table[dx.ADDR_RETURN_DELAY] = 5  # 10 µs
+    bus.open()
+    assert bus.wire_time_us() == pytest.approx(475.0 + 6 * 10.0)
+
+
+def test_silent_motor_times_out(bus: DynamixelBus, actuators: Actuators) -> None:
+    actuators.silent[2] = True
+    state = MotorState(6)
+    with pytest.raises(BusError, match="elbow") as info:
+        bus.read(state)
+    assert info.value.motor == "elbow" and not isinstance(info.value, MotorFault)
+    s = bus.stats
+    assert (s.timeouts, s.retries, s.errors, s.reads) == (2, 1, 1, 0)
+    assert s.missing_replies == 2 and s.per_motor_errors["elbow"] == 2
+    actuators.silent[2] = False
+    bus.read(state)  # recovers
+    assert bus.stats.reads == 1
+
+
+def test_corrupted_replies_counted_never_accepted(
+    bus: DynamixelBus, emulator: DynamixelEmulator, actuators: Actuators
+) -> None:
+    state = MotorState(6)
+    bus.read(state)
+    truth = state.q.copy(), state.dq.copy(), state.effort.copy()
+    emulator.corrupt_probability = 0.2
+    ok = failed = 0
+    for _ in range(150):
+        state.q[:] = np.nan
+        try:
+            bus.read(state)
+        except BusError:
+            failed += 1
+            continue
+        ok += 1
+        for got, want in zip((state.q, state.dq, state.effort), truth, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert bus.stats.crc_errors > 0 and ok > 0
+    assert bus.stats.errors == failed
+    emulator.corrupt_probability = 1.0
+    with pytest.raises(BusError, match="CRC"):
+        bus.read(state)
+
+
+def test_hardware_error_raises_motor_fault(bus: DynamixelBus, actuators: Actuators) -> None:
+    bus.enable_torque(True)
+    actuators.hw_error[1] = HW_OVERLOAD
+    state = MotorState(6)
+    with pytest.raises(MotorFault, match="shoulder: overload") as info:
+        bus.read(state)
+    assert info.value.motor == "shoulder"
+    assert state.error_flags[1] == HW_OVERLOAD and state.error_flags.sum() == HW_OVERLOAD
+    assert not actuators.torque_enabled[1]  # the servo's shutdown turned torque off
+    with pytest.raises(MotorFault, match="shoulder"):
+        bus.enable_torque(True)
+    bus.reboot(2)
+    bus.read(state)
+    assert not state.error_flags.any()
+
+
+def test_device_disappearing_raises_bus_error(
+    bus: DynamixelBus, emulator: DynamixelEmulator
+) -> None:
+    state = MotorState(6)
+    bus.read(state)
+    emulator.close_line()
+    with pytest.raises(BusError, match="device gone"):
+        bus.read(state)
+    with pytest.raises(BusError, match="device gone"):
+        bus.write(np.zeros(6))
+
+
+def test_hot_path_does_not_grow_memory() -> None:
+    # the emulator runs in another process so only the driver's allocations are traced
+    q = [0.1, 0.2, -0.3, 0.4, -0.5, 0.6]
+    with EmulatorProcess(IDS, q) as path:
+        b = DynamixelBus(path, 4_000_000, IDS, JOINTS, timeout_ms=200.0)
+        b.open()
+        state = MotorState(6)
+        for _ in range(50):
+            b.read(state)
+            b.write(state.q)
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        for _ in range(300):
+            b.read(state)
+            b.write(state.q)
+        _, peak = tracemalloc.get_traced_memory()
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        b.close()
+    np.testing.assert_allclose(state.q, q, atol=RAD_PER_TICK)
+    driver = [tracemalloc.Filter(True, "*drivers/dynamixel*.py")]
+    growth = sum(
+        d.size_diff
+        for d in after.filter_traces(driver).compare_to(before.filter_traces(driver), "filename")
+    )
+    assert growth < 512, f"driver retained {growth} B over 300 ticks"
+    assert peak - base < 2048, f"transient peak {peak - base} B in a tick"

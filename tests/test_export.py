@@ -1,0 +1,158 @@
+"""Export stage: tiny contract-shaped torch models -> fp32 / fp16 / int8 bundles with parity.
+
+The tiny models here follow the model I/O contract exactly; the other test files import
+`export_tiny` to get real bundles (real ONNX files, real manifests) to load and tamper with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from export.onnx_export import ExportError
+from export.pipeline import ExportOptions, Source, export_bundle
+from runtime.bundle import load_bundle
+from runtime.cli import main as duet
+from runtime.tokenizer import Tokenizer
+
+JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
+D, H, L = 6, 10, 8
+
+
+class TinyPlanner(nn.Module):
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 5, stride=4)
+        self.emb = nn.Embedding(vocab, 8)
+        self.fc = nn.Linear(8 + 8 + D, 32)
+        self.head = nn.Linear(32, H * D)
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
+        f = torch.relu(self.conv(x)).mean(dim=(2, 3))
+        h = torch.relu(self.fc(torch.cat([f, self.emb(tokens).mean(1), q], dim=1)))
+        return q[:, None, :] + 0.2 * self.head(h).reshape(-1, H, D)
+
+
+class TinyFollower(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(L * D + 2 * D, 64), nn.ReLU(), nn.Linear(64, D))
+
+    def forward(self, ref: torch.Tensor, q: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
+        rel = (ref - q[:, None, :]).reshape(-1, L * D)
+        return 0.05 * torch.tanh(self.net(torch.cat([rel, q, dq], dim=1)))
+
+
+class BranchyFollower(TinyFollower):
+    """Data-dependent Python control flow: tracing freezes the branch taken for the
+    (all-zero) tracing inputs, so the ONNX graph disagrees with PyTorch on real inputs."""
+
+    def forward(self, ref: torch.Tensor, q: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
+        out = super().forward(ref, q, dq)
+        if float(dq.abs().sum()) > 1.0:
+            out = out * 0.5
+        return out
+
+
+def write_observations(path: Path, n: int = 24, seed: int = 0) -> Path:
+    """Stand-in for the policy's recorded sim observations (keys <model>/<input>)."""
+    rng = np.random.default_rng(seed)
+    q = rng.uniform(-1, 1, (n, D)).astype(np.float32)
+    np.savez(path, **{
+        "planner/image": rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8),
+        "planner/tokens": rng.integers(0, Tokenizer().vocab_size, (n, 16)),
+        "planner/q": q,
+        "follower/ref": (q[:, None, :] + rng.normal(0, 0.1, (n, L, D))).astype(np.float32),
+        "follower/q": q,
+        "follower/dq": rng.normal(0, 1, (n, D)).astype(np.float32),
+    })
+    return path
+
+
+def export_tiny(out: Path, precision: str = "fp32", follower: nn.Module | None = None,
+                sign_key: Path | None = None) -> Path:
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    obs = write_observations(out.parent / f"{out.name}-obs.npz")
+    opts = ExportOptions(precision=precision, joints=JOINTS, planner_hz=5.0, follower_hz=500.0,
+                         calib=16, parity_samples=6, calib_data=obs, sign_key=sign_key,
+                         tokenizer=tok)
+    planner = TinyPlanner(tok.vocab_size).eval()
+    return export_bundle(Source(planner), Source((follower or TinyFollower()).eval()), out, opts)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_export_passes_parity_and_loads(tmp_path: Path, precision: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = load_bundle(export_tiny(tmp_path / "b", precision), expect_joints=JOINTS)
+    m = bundle.manifest
+    assert m.models.planner.precision == precision and m.horizon == H
+    assert m.lookahead.steps == L and m.rates.follower_hz == 500.0
+    assert set(m.files) == {"planner.onnx", "follower.onnx", "tokenizer.json", "parity.npz"}
+    table = capsys.readouterr().out
+    assert f"planner {precision}" in table and "FAIL" not in table
+    # The stored parity set reruns through the robot-side check.
+    assert duet(["export", "check", str(tmp_path / "b")]) == 0
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_broken_export_is_refused_and_writes_nothing(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ExportError, match=r"parity above tolerance for follower fp32"):
+        export_tiny(tmp_path / "b", follower=BranchyFollower())
+    assert "FAIL" in capsys.readouterr().out
+    assert not (tmp_path / "b").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["b-obs.npz"]  # scratch folder removed
+
+
+def test_int8_graph_is_qdq_with_per_channel_weight_scales(tmp_path: Path) -> None:
+    out = export_tiny(tmp_path / "b", "int8")
+    for name in ("planner.onnx", "follower.onnx"):
+        graph = onnx.load(str(out / name)).graph
+        ops = [n.op_type for n in graph.node]
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+        assert not {"QLinearConv", "QLinearMatMul"} & set(ops)  # QDQ, not QOperator
+        inits = {i.name: i for i in graph.initializer}
+        per_channel = [  # int8 weight initialisers with one scale per output channel
+            n for n in graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits
+            and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+            and numpy_helper.to_array(inits[n.input[1]]).size > 1
+        ]
+        assert per_channel, f"{name}: no per-channel weight scales"
+        for n in per_channel:
+            zero_point = numpy_helper.to_array(inits[n.input[2]])
+            assert not zero_point.any()  # symmetric: what TensorRT accepts
+
+
+def test_check_fails_over_tolerance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = export_tiny(tmp_path / "b", "int8")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["parity"]["max_abs"]["planner"] = 1e-9  # stricter than int8 can meet
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert duet(["export", "check", str(out)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_keygen_sign_and_check_via_cli(tmp_path: Path) -> None:
+    key = tmp_path / "keys" / "duet.key"
+    assert duet(["export", "keygen", "--out", str(key)]) == 0
+    assert key.stat().st_mode & 0o077 == 0  # private key readable by owner only
+    assert duet(["export", "keygen", "--out", str(key)]) == 2  # never overwrites a key
+    out = export_tiny(tmp_path / "b", sign_key=key)
+    assert (out / "manifest.sig").is_file()
+    assert duet(["export", "check", str(out), "--public-key", f"{key}.pub",
+                 "--config", "configs/sim.yaml"]) == 0
+
+
+def test_export_cli_rejects_missing_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert duet(["export", "--planner", "x.pt"]) == 2
+    assert "--follower, --out" in capsys.readouterr().err

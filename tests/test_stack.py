@@ -1,0 +1,175 @@
+"""Whole-stack behaviour: real sim (MuJoCo + emulated Dynamixel servos on a pty), real
+follower and planner processes, real ZeroMQ sockets. Fault cases of DESIGN.md's safety
+state machine, each observed from outside through telemetry and the control socket."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from onnx_bundle import make_bundle
+from stack import REPO, Stack, stop_and_cont
+
+from runtime import endpoints
+from runtime.messages import VERSION, Encoder, pack_array
+
+PLANNER_PERIOD = 0.2  # configs/sim.yaml planner.hz = 5
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def test_duet_run_prints_and_writes_the_summary(tmp_path: Path, bundle: Path) -> None:
+    out = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "run", "--config", str(REPO / "configs/sim.yaml"),
+         "--set", f"run_dir={tmp_path / 'run'}", "--set", f"bundle.path={bundle}",
+         "--duration", "6", "--summary-json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(out.read_text())
+    for key in ("config", "duration_s", "follower", "planner", "plan_delivery_us", "bus",
+                "safety", "task"):
+        assert key in s
+    f = s["follower"]
+    for key in ("target_hz", "achieved_hz", "ticks", "deadline_misses", "period_jitter_us",
+                "tick_compute_us", "mode_counts"):
+        assert key in f
+    assert set(f["period_jitter_us"]) == {"p50", "p99", "p999", "max"}
+    assert set(f["tick_compute_us"]) == {"p50", "p99", "max"}
+    assert set(s["planner"]) >= {"plans", "achieved_hz", "latency_ms"}
+    assert set(s["bus"]) == {"errors", "reads", "writes"}
+    assert set(s["safety"]) >= {"faults", "clamped_commands", "estops"}
+    assert set(s["task"]) == {"episodes", "successes", "success_rate"}
+    assert f["mode_counts"]["TRACK"] > 0 and s["planner"]["plans"] > 5
+    assert s["safety"]["faults"] == 0 and s["bus"]["errors"] == 0
+    assert "duet run" in proc.stdout  # the human table
+
+
+def test_planner_killed_follower_holds_and_arm_stays_put(tmp_path: Path, bundle: Path) -> None:
+    with Stack(tmp_path, bundle) as stack:
+        stack.wait_mode("TRACK", 15)
+        stack.signal("planner", signal.SIGKILL)
+        t_hold = stack.wait_mode("HOLD", 3)
+        assert t_hold <= 2 * PLANNER_PERIOD + 0.1  # + one telemetry period of observation
+        time.sleep(0.5)  # braking to rest
+        q0 = stack.q()
+        time.sleep(1.0)
+        assert np.abs(stack.q() - q0).max() < 0.01
+        assert stack.telemetry()["safety"]["faults"] == 0
+
+
+def test_planner_frozen_then_resumed(tmp_path: Path, bundle: Path) -> None:
+    with Stack(tmp_path, bundle) as stack:
+        stack.wait_mode("TRACK", 15)
+        stack.signal("planner", signal.SIGSTOP)
+        stack.wait_mode("HOLD", 2)
+        stack.signal("planner", signal.SIGCONT)
+        stack.wait_mode("TRACK", 3)
+        stop_and_cont(stack, "planner", 0.05)  # a short freeze within the timeout: no HOLD
+        assert stack.telemetry()["mode"] == "TRACK"
+
+
+def _plan_body(w: np.ndarray) -> dict[str, object]:
+    return {"waypoints": pack_array(w.astype(np.float32)), "dt_s": 0.1,
+            "t_obs_ns": time.monotonic_ns(), "latency_ms": 1.0}
+
+
+def test_bad_plans_are_dropped_counted_and_never_reach_the_motors(
+        tmp_path: Path, bundle: Path) -> None:
+    with Stack(tmp_path, bundle, planner=False) as stack:
+        pub = zmq.Context.instance().socket(zmq.PUB)
+        pub.bind(endpoints.plan(stack.run_dir))
+        time.sleep(0.3)  # let the follower's SUB connect
+        q0 = stack.q()
+        enc = Encoder()
+        nan = np.tile(q0, (10, 1))
+        nan[4, 1] = np.nan
+        far = np.tile(q0, (10, 1))
+        far[:, 0] = 10.0  # outside the joint limits
+        bad_frames = [
+            b"\x00not msgpack",
+            msgpack.packb({"v": VERSION + 1, "type": "plan", "seq": 1, "t_ns": 1}),
+            enc.encode("state", _plan_body(np.tile(q0, (10, 1)))),
+            enc.encode("plan", _plan_body(np.zeros((10, 3)))),
+            enc.encode("plan", _plan_body(nan)),
+            enc.encode("plan", _plan_body(far)),
+        ]
+        for _ in range(3):
+            for frame in bad_frames:
+                pub.send(frame)
+                time.sleep(0.01)
+        time.sleep(0.3)
+        tel = stack.telemetry()
+        assert tel["mode"] == "HOLD"
+        dropped = tel["dropped_messages"]
+        for kind in ("malformed", "version", "type", "shape", "nonfinite", "limits"):
+            assert dropped.get(kind, 0) >= 3, dropped
+        assert np.abs(stack.q() - q0).max() < 0.01
+        # a valid plan still gets through afterwards
+        good = np.tile(q0, (10, 1))
+        good[:, 0] += 0.02 * (np.arange(10) + 1)
+        for _ in range(5):
+            pub.send(enc.encode("plan", _plan_body(good)))
+            time.sleep(0.05)
+        stack.wait_mode("TRACK", 2)
+        pub.close(linger=0)
+
+
+def test_serial_line_cut_faults_and_reset_waits_for_the_device(
+        tmp_path: Path, bundle: Path) -> None:
+    with Stack(tmp_path, bundle, ["follower.fault_action=torque_off"]) as stack:
+        stack.wait_mode("TRACK", 15)
+        stack.signal("sim", signal.SIGUSR1)  # the sim cuts its serial line
+        stack.wait_mode("FAULT", 2)
+        tel = stack.telemetry()
+        assert tel["fault_reason"].startswith("bus:")
+        reply = stack.control("reset")
+        assert not reply["ok"] and "bus not back" in reply["error"]
+        assert stack.telemetry()["mode"] == "FAULT"
+
+
+def test_estop_and_reset_over_the_control_socket(tmp_path: Path, bundle: Path) -> None:
+    with Stack(tmp_path, bundle) as stack:
+        stack.wait_mode("TRACK", 15)
+        assert stack.control("estop")["ok"]
+        stack.wait_mode("ESTOP", 1)
+        reply = stack.control("reset")
+        assert reply["ok"], reply
+        stack.wait_mode("TRACK", 3)  # planner still running: back to tracking via HOLD
+        assert stack.telemetry()["safety"]["estops"] == 1
+
+
+def test_live_tunable_and_restart_needed(tmp_path: Path, bundle: Path) -> None:
+    with Stack(tmp_path, bundle, planner=False) as stack:
+        ok = stack.control("set", key="follower.blend_ms", value=40)
+        assert ok["ok"] and ok["result"] == {"follower.blend_ms": 40.0}
+        bad = stack.control("set", key="follower.blend_ms", value=-1)
+        assert not bad["ok"] and "follower.blend_ms" in bad["error"]
+        structural = stack.control("set", key="follower.hz", value=1000)
+        assert not structural["ok"] and "restart needed" in structural["error"]
+
+
+def test_sigterm_gives_a_controlled_stop_and_exit_0(tmp_path: Path, bundle: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "run", "--config", str(REPO / "configs/sim.yaml"),
+         "--set", f"run_dir={tmp_path / 'run'}", "--set", f"bundle.path={bundle}",
+         "--summary-json", str(tmp_path / "s.json")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(8)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["exit_codes"] == {"planner": 0, "follower": 0, "sim": 0}
+    assert s["safety"]["faults"] == 0
