@@ -49,7 +49,7 @@ class OnnxPlanner:
     def __init__(self, bundle: Bundle, instruction: str = "") -> None:
         self.engine = OnnxRuntimeEngine(bundle.model_path("planner"), threads=1)
         self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
-        self.feeds = {"image": np.zeros((1, 96, 96, 3), dtype=np.uint8),
+        self.feeds: dict[str, np.ndarray] = {"image": np.zeros((1, 96, 96, 3), dtype=np.uint8),
                       "tokens": np.zeros((1, self.tokenizer.max_len), dtype=np.int64),
                       "q": np.zeros((1, 6), dtype=np.float32)}
         self.latencies: list[float] = []
@@ -118,14 +118,15 @@ def measure_latency(bundle: Bundle, n_planner: int = 100, n_follower: int = 2000
     """ONNX Runtime latency (1 thread, IO binding) on contract-shaped random inputs."""
     rng = np.random.default_rng(0)
     out: dict[str, dict[str, float]] = {}
-    for name, n, feeds in (
+    runs: list[tuple[str, int, dict[str, np.ndarray]]] = [
         ("planner", n_planner, {"image": rng.integers(0, 256, (1, 96, 96, 3), dtype=np.uint8),
                                 "tokens": np.zeros((1, 16), dtype=np.int64),
                                 "q": np.zeros((1, 6), dtype=np.float32)}),
         ("follower", n_follower, {"ref": np.zeros((1, 8, 6), dtype=np.float32),
                                   "q": np.zeros((1, 6), dtype=np.float32),
                                   "dq": np.zeros((1, 6), dtype=np.float32)}),
-    ):
+    ]
+    for name, n, feeds in runs:
         engine = OnnxRuntimeEngine(bundle.model_path(name), threads=1)  # type: ignore[arg-type]
         for _ in range(10):
             engine.run(feeds)

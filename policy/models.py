@@ -75,6 +75,8 @@ class SpatialSoftmax(nn.Module):
     precision; the peak says whether it sees its feature at all (a touched block turns grey).
     """
 
+    grid: torch.Tensor
+
     def __init__(self, height: int, width: int) -> None:
         super().__init__()
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width),
@@ -99,6 +101,13 @@ class Planner(nn.Module):
     A pre-LN transformer encoder mixes them; the readout token predicts normalised deltas
     from q, which forward scales and adds back to q.
     """
+
+    coords: torch.Tensor
+    rgb_mean: torch.Tensor
+    rgb_std: torch.Tensor
+    q_mean: torch.Tensor
+    q_std: torch.Tensor
+    delta_std: torch.Tensor
 
     def __init__(self, vocab_size: int, n_joints: int = 6, horizon: int = 10,
                  max_tokens: int = 16, d_model: int = 128, n_layers: int = 3, n_heads: int = 4,
@@ -161,6 +170,12 @@ class Follower(nn.Module):
     The window enters relative to q (what matters is where the reference goes from here), q
     and dq normalised; the output is tanh-bounded and scaled by `residual_scale`.
     """
+
+    residual_scale: torch.Tensor
+    ref_scale: torch.Tensor
+    q_mean: torch.Tensor
+    q_std: torch.Tensor
+    dq_std: torch.Tensor
 
     def __init__(self, n_joints: int = 6, lookahead: int = 8, hidden: int = 256,
                  residual_scale: float = 0.05) -> None:

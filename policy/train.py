@@ -89,7 +89,7 @@ def _fit(model: torch.nn.Module, tensors: dict[str, torch.Tensor], train_idx: np
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        running += float(loss)
+        running += loss.item()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             n = (step % log_every) + 1
             history.append((step + 1, running / n))
@@ -208,8 +208,9 @@ def write_calibration(path: Path, pdata: dict[str, np.ndarray], fdata: dict[str,
     rng = np.random.default_rng(seed)
     pi = rng.choice(len(pdata["q"]), size=min(n, len(pdata["q"])), replace=False)
     fi = rng.choice(len(fdata["q"]), size=min(n, len(fdata["q"])), replace=False)
-    np.savez(path, **{f"planner/{k}": pdata[k][pi] for k in ("image", "tokens", "q")},
-             **{f"follower/{k}": fdata[k][fi] for k in ("ref", "q", "dq")})
+    arrays: dict[str, Any] = {f"planner/{k}": pdata[k][pi] for k in ("image", "tokens", "q")}
+    arrays.update({f"follower/{k}": fdata[k][fi] for k in ("ref", "q", "dq")})
+    np.savez(path, **arrays)
 
 
 def train_all(out_dir: Path, episodes: int, planner_steps: int, follower_steps: int, seed: int,

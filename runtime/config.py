@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from drivers.bus_budget import check_budget
+
 
 class ConfigError(Exception):
     """A config that cannot be used. The message names file, key and reason."""
@@ -107,6 +109,7 @@ class FollowerConfig(_Strict):
     plan_timeout_ms: float = Field(500.0, gt=0)  # no plan for this long -> HOLD
     residual: bool = True  # tunable
     residual_max: float = Field(0.05, ge=0)  # rad, tunable
+    residual_filter_ms: float = Field(20.0, ge=0)  # low-pass on the residual, tunable
     hold_decel: float = Field(4.0, gt=0)  # rad/s^2 when braking to a hold
     bus_error_threshold: int = Field(5, gt=0)  # consecutive failed transactions -> FAULT
     fault_action: Literal["hold", "torque_off"] = "hold"
@@ -172,6 +175,8 @@ class DuetConfig(_Strict):
         n = len(self.robot.joints)
         if len(self.bus.ids) != n:
             raise ValueError(f"bus.ids has {len(self.bus.ids)} entries, robot.joints has {n}")
+        # The wire must carry a read and a write of every motor each tick.
+        check_budget(self.bus, n, self.follower.hz)
         return self
 
 
@@ -181,6 +186,7 @@ TUNABLES = frozenset(
         "follower.blend_ms",
         "follower.residual",
         "follower.residual_max",
+        "follower.residual_filter_ms",
         "follower.hold_decel",
         "follower.plan_timeout_ms",
         "follower.chunk_strategy",

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sdnotify
 import zmq
 
 from drivers.bus import BusError, MotorBus, MotorFault, MotorState
@@ -27,7 +26,8 @@ from runtime.buses import open_bus
 from runtime.config import TUNABLES, DuetConfig
 from runtime.engines import make_engine
 from runtime.messages import Encoder, MessageError, decode, decode_plan, pack_array
-from runtime.realtime import apply_realtime, collect_if_slack, freeze_gc, sleep_until
+from runtime.notify import notifier
+from runtime.realtime import apply_realtime, collect_if_slack, freeze_gc
 from runtime.reference import ReferenceGenerator
 from runtime.safety import Mode, NonFiniteCommand, SafetyFilter, SafetyMachine
 from runtime.stats import Ring, summarize
@@ -59,7 +59,8 @@ class Follower:
             ReferenceGenerator(self.n, fc.chunk_strategy, fc.blend_ms / 1000.0),
             engine, lookahead=bundle.manifest.lookahead.steps,
             lookahead_dt=bundle.manifest.lookahead.dt_s,
-            residual_max=fc.residual_max, hold_decel=fc.hold_decel)
+            residual_max=fc.residual_max, residual_filter_s=fc.residual_filter_ms / 1000.0,
+            hold_decel=fc.hold_decel)
         self.tracker.use_residual = fc.residual
         self.filter = SafetyFilter(self.pos_min, self.pos_max, np.array(lim.velocity_max),
                                    np.array(lim.accel_max), self.dt)
@@ -81,6 +82,7 @@ class Follower:
         self.mode_counts = np.zeros(len(Mode), dtype=np.int64)
         self.dropped: dict[str, int] = {}
         self.plans_received = 0
+        self._pending_plan: tuple[dict[str, Any], np.ndarray] | None = None
         self.plan_t_recv_ns = 0
         self.first_track_ns = 0
         self.stop_requested = False
@@ -89,7 +91,7 @@ class Follower:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._setup_sockets()
         self.enc_state, self.enc_tel, self.enc_ctl = Encoder(), Encoder(), Encoder()
-        self.notifier = sdnotify.SystemdNotifier()
+        self.notifier = notifier()
 
     # ---------------------------------------------------------------- sockets
     def _setup_sockets(self) -> None:
@@ -149,9 +151,10 @@ class Follower:
         self.t_epoch_ns = t_start
         deadline = t_start + self.period_ns
         last_wake = t_start
+        last_mode = self.safety.mode
         freeze_gc()
         while not self.stop_requested:
-            wake = sleep_until(deadline, spin_ns)
+            wake = self._wait(deadline, spin_ns)
             self.periods.add((wake - last_wake) / 1000.0)
             last_wake = wake
             self._tick(wake)
@@ -167,6 +170,9 @@ class Follower:
                 self._publish_telemetry()
             if self.ticks % wd_every == 0:
                 self.notifier.notify("WATCHDOG=1")
+                if self.safety.mode != last_mode:
+                    last_mode = self.safety.mode
+                    self.notifier.notify(f"STATUS={last_mode.name} at {fc.hz:g} Hz")
             self._serve_control()
             deadline += self.period_ns
             now = time.monotonic_ns()
@@ -219,6 +225,8 @@ class Follower:
             self.bus_failures += 1
             if self.bus_failures >= self.cfg.follower.bus_error_threshold:
                 self._fault(f"bus: {exc}", bus_dead=True)
+        except ValueError as exc:  # the driver refused the command (e.g. a servo's own limits)
+            self._fault(f"command refused by the driver: {exc}", bus_dead=False)
 
     def _compute_command(self, now_ns: int, t: float) -> None:
         fresh = (self.plan_t_recv_ns > 0
@@ -237,14 +245,32 @@ class Follower:
         else:
             self.desired[:] = self.tracker.hold_command()
 
-    def _take_plans(self, now_ns: int, t: float) -> None:
+    def _wait(self, deadline: int, spin_ns: int) -> int:
+        """Sleep until `spin_ns` before the deadline, receiving plans meanwhile (the poll
+        releases the GIL and wakes on arrival, so delivery latency is the transport's, not
+        the tick period's), then spin to the deadline."""
+        while True:
+            remaining = deadline - time.monotonic_ns() - spin_ns
+            if remaining <= 0:
+                break
+            if remaining >= 1_000_000:
+                if self.plan_sub.poll(remaining // 1_000_000):
+                    self._receive_plans()
+            else:
+                time.sleep(remaining / 1e9)
+        while True:
+            now = time.monotonic_ns()
+            if now >= deadline:
+                return now
+
+    def _receive_plans(self) -> None:
         """Drain the plan socket; keep the newest valid plan; count and drop the rest."""
-        newest: tuple[dict[str, Any], np.ndarray] | None = None
         while True:
             try:
                 frame = self.plan_sub.recv(zmq.NOBLOCK)
             except zmq.Again:
-                break
+                return
+            t_recv = time.monotonic_ns()
             try:
                 msg, w = decode_plan(frame, self.n)
                 if ((w < self.pos_min - self.plan_margin)
@@ -253,12 +279,17 @@ class Follower:
             except MessageError as exc:
                 self.dropped[exc.kind] = self.dropped.get(exc.kind, 0) + 1
                 continue
-            newest = (msg, w)
-        if newest is None:
+            self.delivery.add((t_recv - msg["t_ns"]) / 1000.0)
+            self.plans_received += 1
+            self._pending_plan = (msg, w)
+
+    def _take_plans(self, now_ns: int, t: float) -> None:
+        """Hand the newest plan received since the last tick to the reference."""
+        self._receive_plans()
+        if self._pending_plan is None:
             return
-        msg, w = newest
-        self.plans_received += 1
-        self.delivery.add((now_ns - msg["t_ns"]) / 1000.0)
+        msg, w = self._pending_plan
+        self._pending_plan = None
         self.plan_t_recv_ns = now_ns
         if self.safety.mode in (Mode.HOLD, Mode.TRACK):
             t_obs = (msg["t_obs_ns"] - self.t_epoch_ns) / 1e9
@@ -432,6 +463,7 @@ class Follower:
             ref.clear()
         self.tracker.use_residual = fc.residual
         self.tracker.residual_max = fc.residual_max
+        self.tracker.residual_filter_s = fc.residual_filter_ms / 1000.0
         self.tracker.brake.decel = fc.hold_decel
         return True, None, {key: getattr(fc, name)}
 

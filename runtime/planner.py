@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sdnotify
 import zmq
 
 from drivers.camera import Camera
@@ -24,6 +23,7 @@ from runtime.cameras import open_camera
 from runtime.config import DuetConfig
 from runtime.engines import make_engine
 from runtime.messages import Encoder, MessageError, decode, decode_state, pack_array
+from runtime.notify import notifier as make_notifier
 from runtime.stats import Ring, summarize
 from runtime.tokenizer import Tokenizer
 
@@ -161,7 +161,7 @@ class Planner:
         period_ns = round(1e9 / self.cfg.planner.hz)
         start = time.monotonic_ns()
         deadline = start
-        notifier = sdnotify.SystemdNotifier()
+        notifier = make_notifier()
         notifier.notify("READY=1")
         last_status = ""
         while not self.stop_requested:

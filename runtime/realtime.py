@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 from typing import Any
 
 
@@ -60,15 +59,3 @@ def collect_if_slack(slack_ns: int, min_slack_ns: int = 500_000) -> bool:
         gc.collect(0)
         return True
     return False
-
-
-def sleep_until(deadline_ns: int, spin_ns: int) -> int:
-    """Sleep until `spin_ns` before the deadline, then spin; return the wake-up time."""
-    now = time.monotonic_ns()
-    remaining = deadline_ns - now - spin_ns
-    if remaining > 0:
-        time.sleep(remaining / 1e9)
-    while True:
-        now = time.monotonic_ns()
-        if now >= deadline_ns:
-            return now

@@ -131,6 +131,7 @@ class Supervisor:
         end = None if duration_s is None else time.monotonic() + duration_s
         while not self.stop_requested and (end is None or time.monotonic() < end):
             time.sleep(0.05)
+            self._poll_notify()  # keep draining: a full notify socket drops WATCHDOG/STATUS
             if self.children["follower"].poll() is not None:
                 log.error("follower exited with %s", self.children["follower"].returncode)
                 return 1

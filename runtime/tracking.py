@@ -43,13 +43,14 @@ class Tracker:
     def __init__(self, n_joints: int, tick_dt: float, reference: ReferenceGenerator,
                  engine: ResidualEngine | None = None, lookahead: int = 8,
                  lookahead_dt: float = 0.02, residual_max: float = 0.05,
-                 hold_decel: float = 4.0) -> None:
+                 residual_filter_s: float = 0.02, hold_decel: float = 4.0) -> None:
         self.n = n_joints
         self.tick_dt = tick_dt
         self.reference = reference
         self.engine = engine
         self.use_residual = engine is not None
         self.residual_max = residual_max
+        self.residual_filter_s = residual_filter_s
         self.brake = Brake(n_joints, hold_decel)
         self._offsets = np.concatenate(([tick_dt], (np.arange(lookahead) + 1.0) * lookahead_dt))
         self._times = np.zeros(lookahead + 1)
@@ -67,6 +68,7 @@ class Tracker:
         """Brake from the current command; the reference restarts from where the brake is."""
         self.brake.start(pos, vel)
         self.reference.clear()
+        self.residual[:] = 0.0
 
     def hold_command(self) -> np.ndarray:
         pos = self.brake.step(self.tick_dt)
@@ -94,7 +96,11 @@ class Tracker:
             self._q[0] = q
             self._dq[0] = dq
             r = self.engine.run(self._feeds)["residual"][0]
-            np.clip(r, -self.residual_max, self.residual_max, out=self.residual)
+            # first-order low-pass: the network's tick-to-tick jitter must not turn into
+            # acceleration spikes that the safety filter would clamp
+            alpha = self.tick_dt / (self.residual_filter_s + self.tick_dt)
+            self.residual += alpha * (np.clip(r, -self.residual_max, self.residual_max)
+                                      - self.residual)
             out += self.residual
         # keep the brake in step so HOLD starts from the last tracked command
         self.brake.pos[:] = self._pos[0]

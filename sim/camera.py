@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the import
-import mujoco  # noqa: E402
+import mujoco
 
 WIDTH = 96
 HEIGHT = 96
@@ -26,6 +26,10 @@ class SceneCamera:
         self.camera = model.camera(camera).id
         self._renderer = mujoco.Renderer(model, height, width)
         self._out = np.empty((height, width, 3), dtype=np.uint8)
+        # A private state copy for rendering beside a stepping world (`SimWorld.snapshot`).
+        self.shadow = mujoco.MjData(model)
+        # A private state copy for rendering beside a stepping world (`SimWorld.snapshot`).
+        self.shadow = mujoco.MjData(model)
 
     def render(self, data: mujoco.MjData) -> np.ndarray:
         """Render `data`'s poses (kinematics recomputed here, so a bare qpos copy is

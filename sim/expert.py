@@ -40,7 +40,7 @@ def expert_goal(kin: ArmKinematics, remaining: np.ndarray, q: np.ndarray) -> np.
         tip = kin.fingertip(q)
         aligned = np.linalg.norm(tip[:2] - target[:2]) < ALIGN_RADIUS
         height = TOUCH_HEIGHT if aligned else PRE_TOUCH_HEIGHT
-        goal = kin.ik_cached(target + (0.0, 0.0, height))
+        goal = kin.ik_cached(target + np.array([0.0, 0.0, height]))
     goal[5] = GRIPPER_POINT
     return goal
 

@@ -45,7 +45,7 @@ class Episode:
         n_targets = 2 if rng.random() < two_step_fraction else 1
         picks = rng.permutation(len(BLOCK_COLOURS))[:n_targets]
         self.order: tuple[str, ...] = tuple(BLOCK_COLOURS[i] for i in picks)
-        self.targets = {c: self.blocks[c] + (0.0, 0.0, BLOCK_HALF) for c in self.order}
+        self.targets = {c: self.blocks[c] + np.array([0.0, 0.0, BLOCK_HALF]) for c in self.order}
         if n_targets == 1:
             self.instruction = f"touch the {self.order[0]} block"
         else:
@@ -63,7 +63,7 @@ def _place_blocks(rng: np.random.Generator) -> dict[str, np.ndarray]:
         p = np.array([r * np.cos(bearing), r * np.sin(bearing), BLOCK_HALF])
         if all(np.linalg.norm(p[:2] - c[:2]) >= MIN_SEPARATION for c in centres):
             centres.append(p)
-    return dict(zip(BLOCK_COLOURS, centres))
+    return dict(zip(BLOCK_COLOURS, centres, strict=True))
 
 
 @dataclass
@@ -113,3 +113,8 @@ class TaskTracker:
     @property
     def duration_s(self) -> float:
         return (self.t_end if self.t_end is not None else self.t_start) - self.t_start
+
+
+def episode_seed(base_seed: int, index: int) -> int:
+    """Seed of the index-th episode of a run seeded `base_seed` (distinct per index)."""
+    return base_seed * 1_000_003 + index

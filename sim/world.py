@@ -8,9 +8,13 @@ the expert need without any physics: forward kinematics and inverse kinematics o
 fingertip on a private `MjData`, so it never disturbs a running simulation.
 
 Servo model (position mode, what a Dynamixel X-series does on board): tau = kp (goal - q)
-- kd dq, no gravity feed-forward. The factory gains below are stiff and stable but leave a
-visible tracking lag (time constant kd/kp of 30-50 ms) and a small gravity sag (<= 0.02 rad
-on the shoulder), like a real servo; a bus that writes its own kp (> 0) overrides them.
+- kd dq, no gravity feed-forward, saturated at the stall torque. The factory gains are those
+of the servos' default Position P Gain (800) through the e-manual's PWM map, with the
+damping every voltage-driven motor has from back-EMF (stall torque / no-load speed):
+XM540-W270 (10.6 N·m, 30 rpm) on base, shoulder and elbow, XM430-W350 (4.1 N·m, 46 rpm) on
+the wrist and gripper. That is stiff and stable but leaves a visible tracking lag (kd/kp of
+45-70 ms) and a gravity sag (up to ~0.06 rad on the shoulder at full reach) that the
+follower's residual can learn to remove. A bus that writes its own kp (> 0) overrides them.
 """
 
 from __future__ import annotations
@@ -22,23 +26,25 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the import
-import mujoco  # noqa: E402
+import mujoco
 
-from sim.actuators import HW_OVERLOAD, MODE_MIT, Actuators  # noqa: E402
+from sim.actuators import HW_OVERLOAD, MODE_MIT, Actuators
 
 MODEL_PATH = Path(__file__).parent / "assets" / "arm.xml"
 JOINTS = ("base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper")
 BLOCK_COLOURS = ("red", "green", "blue", "yellow")
 GREY_RGBA = np.array([0.32, 0.32, 0.33, 1.0])
+PARKED = np.array([0.0, 3.0, -1.0])  # off the table and out of view
 BLOCK_HALF = 0.025  # m, half the edge of the block cubes in arm.xml
 
 # A comfortable start: fingertip 0.24 m in front of the base, 0.2 m above the table,
 # pointing down, gripper nearly closed (the fingers form the pointer).
 HOME_Q = np.array([0.0, 0.0, 1.82, 1.33, 0.0, 0.1])
 
-# Factory position-mode gains (N·m/rad, N·m·s/rad), per joint.
-POSITION_KP = np.array([60.0, 120.0, 80.0, 30.0, 15.0, 4.0])
-POSITION_KD = np.array([2.0, 4.0, 2.5, 1.0, 0.5, 0.12])
+# Factory position-mode gains (N·m/rad, N·m·s/rad), per joint (module docstring):
+# kp = 800/128 * 4096/(2π) * stall/885, kd = stall / no-load speed.
+POSITION_KP = np.array([48.8, 48.8, 48.8, 18.9, 18.9, 18.9])
+POSITION_KD = np.array([3.37, 3.37, 3.37, 0.85, 0.85, 0.85])
 
 OVERLOAD_S = 1.5  # continuous saturation before the servo trips (Dynamixel overload)
 
@@ -204,13 +210,10 @@ class SimWorld:
     # -- blocks --------------------------------------------------------------------------
     def place_blocks(self, centres: dict[str, np.ndarray]) -> None:
         """Move blocks to their centre positions and restore their colours. Blocks not
-        named are parked off the table, out of view."""
+        named are parked (`PARKED`)."""
         for colour in BLOCK_COLOURS:
             mocap = self._block_body[colour]
-            if colour in centres:
-                self.data.mocap_pos[mocap] = centres[colour]
-            else:
-                self.data.mocap_pos[mocap] = (0.0, 3.0, -1.0)
+            self.data.mocap_pos[mocap] = centres.get(colour, PARKED)
             self.model.geom_rgba[self._block_geom[colour]] = self._block_rgba[colour]
 
     def set_block_grey(self, colour: str) -> None:

@@ -81,3 +81,11 @@ def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
     path.write_text("robot: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
         load_config(path)
+
+
+def test_follower_rate_the_bus_cannot_carry_is_refused_with_the_arithmetic() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(SIM, None, ["bus.baudrate=57600", "follower.hz=500"])
+    msg = str(err.value)
+    assert "bus cannot carry follower.hz=500" in msg and "57600" in msg
+    assert "Lower follower.hz to at most" in msg

@@ -42,12 +42,12 @@ def test_tampered_bundle_is_refused_everywhere(tmp_path: Path) -> None:
     store = BundleStore(tmp_path / "bundles")
     src = _bundle(tmp_path, "v1")
     (src / "follower.onnx").write_bytes(b"not the model")
-    with pytest.raises(BundleError, match="follower.onnx"):
+    with pytest.raises(BundleError, match=r"follower\.onnx"):
         store.add(src)
     assert not (tmp_path / "bundles" / "v1").exists()
     good = store.add(_bundle(tmp_path, "v2"))
     (tmp_path / "bundles" / good / "planner.onnx").write_bytes(b"corrupted on disk")
-    with pytest.raises(BundleError, match="planner.onnx"):
+    with pytest.raises(BundleError, match=r"planner\.onnx"):
         store.activate(good)
     assert not (tmp_path / "bundles" / "current").exists()
 

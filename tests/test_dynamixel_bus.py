@@ -6,7 +6,7 @@ import math
 import struct
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -57,7 +57,7 @@ def bus(emulator: DynamixelEmulator) -> Iterator[DynamixelBus]:
     b.close()
 
 
-def wait_until(predicate, timeout_s: float = 2.0) -> bool:  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 2.0) -> bool:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if predicate():

@@ -10,6 +10,7 @@ import os
 import select
 import tty
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,10 +23,12 @@ from sim.dynamixel_emulator import DynamixelEmulator  # noqa: E402
 
 IDS = [1, 2, 3, 4, 5, 6]
 COMM_SUCCESS = dynamixel_sdk.COMM_SUCCESS
+SdkRig = tuple[Any, Any, Actuators, DynamixelEmulator]  # port, packet handler, ...
+Capture = tuple[Any, Any, Callable[[], bytes]]  # port, packet handler, sent bytes
 
 
 @pytest.fixture
-def sdk_on_emulator() -> Iterator[tuple[object, object, Actuators, DynamixelEmulator]]:
+def sdk_on_emulator() -> Iterator[SdkRig]:
     act = Actuators(6)
     act.q[:] = [0.0, 0.5, -0.5, 1.0, -1.0, 0.25]
     emu = DynamixelEmulator(act, IDS)
@@ -37,7 +40,7 @@ def sdk_on_emulator() -> Iterator[tuple[object, object, Actuators, DynamixelEmul
     emu.stop()
 
 
-def test_sdk_ping_read_write(sdk_on_emulator) -> None:  # type: ignore[no-untyped-def]
+def test_sdk_ping_read_write(sdk_on_emulator: SdkRig) -> None:
     port, ph, act, _ = sdk_on_emulator
     for dxl_id in IDS:
         model, result, error = ph.ping(port, dxl_id)
@@ -60,7 +63,7 @@ def test_sdk_ping_read_write(sdk_on_emulator) -> None:  # type: ignore[no-untype
     assert (result, error) == (COMM_SUCCESS, 0) and not act.torque_enabled[2]
 
 
-def test_sdk_hardware_alert_bit(sdk_on_emulator) -> None:  # type: ignore[no-untyped-def]
+def test_sdk_hardware_alert_bit(sdk_on_emulator: SdkRig) -> None:
     port, ph, act, _ = sdk_on_emulator
     act.hw_error[4] = 0x20
     value, result, error = ph.read1ByteTxRx(port, 5, dx.ADDR_HARDWARE_ERROR_STATUS)
@@ -68,7 +71,7 @@ def test_sdk_hardware_alert_bit(sdk_on_emulator) -> None:  # type: ignore[no-unt
     assert error & dx.ERROR_ALERT and "Hardware error" in ph.getRxPacketError(error)
 
 
-def test_sdk_group_sync_read_write(sdk_on_emulator) -> None:  # type: ignore[no-untyped-def]
+def test_sdk_group_sync_read_write(sdk_on_emulator: SdkRig) -> None:
     port, ph, act, _ = sdk_on_emulator
     reader = dynamixel_sdk.GroupSyncRead(port, ph, dx.ADDR_PRESENT_CURRENT, 10)
     for dxl_id in IDS:
@@ -91,7 +94,7 @@ def test_sdk_group_sync_read_write(sdk_on_emulator) -> None:  # type: ignore[no-
 
 
 @pytest.fixture
-def captured_sdk() -> Iterator[tuple[object, object, Callable[[], bytes]]]:
+def captured_sdk() -> Iterator[Capture]:
     """An SDK port on a pty slave whose master we read: what the SDK sends, byte for byte."""
     master, slave = os.openpty()
     tty.setraw(slave)
@@ -112,7 +115,7 @@ def captured_sdk() -> Iterator[tuple[object, object, Callable[[], bytes]]]:
     os.close(slave)
 
 
-def test_sdk_packets_equal_ours(captured_sdk) -> None:  # type: ignore[no-untyped-def]
+def test_sdk_packets_equal_ours(captured_sdk: Capture) -> None:
     port, ph, sent = captured_sdk
     ph.readTx(port, 7, dx.ADDR_PRESENT_POSITION, 4)
     assert sent() == dx.read_packet(7, dx.ADDR_PRESENT_POSITION, 4)
@@ -134,7 +137,7 @@ def test_sdk_packets_equal_ours(captured_sdk) -> None:  # type: ignore[no-untype
 
 
 @pytest.mark.parametrize("dxl_id", [1, 0x42])
-def test_sdk_ping_and_reboot_packets_equal_ours(captured_sdk, dxl_id: int) -> None:  # type: ignore[no-untyped-def]
+def test_sdk_ping_and_reboot_packets_equal_ours(captured_sdk: Capture, dxl_id: int) -> None:
     port, ph, sent = captured_sdk
     ph.ping(port, dxl_id)  # no one answers: the SDK times out after sending
     assert sent() == dx.ping_packet(dxl_id)

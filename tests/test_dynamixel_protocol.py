@@ -111,7 +111,7 @@ def test_stream_parser_resyncs_after_garbage_and_split_chunks() -> None:
         + b"".join(packets[2:])
     )
     parser = dx.StreamParser()
-    out = []
+    out: list[dx.Packet] = []
     pos = 0
     while pos < len(stream):  # feed in random-sized chunks, including 1-byte ones
         step = rng.randrange(1, 9)

@@ -192,6 +192,8 @@ def _doctor(args: argparse.Namespace) -> int:
 def _record(args: argparse.Namespace) -> int:
     if args.record_cmd == "serve":
         return _record_serve(args)
+    if args.record_cmd == "info":
+        return _record_info(Path(args.file))
     from runtime.config import ConfigError, load_config
     from runtime.deploy.ipc import RequestError, request_at
     from runtime.deploy.recorder import recorder_endpoint
@@ -212,6 +214,25 @@ def _record(args: argparse.Namespace) -> int:
     if not reply["ok"]:
         return _fail("record", RuntimeError(reply["error"]))
     print(json.dumps(reply["result"], indent=2))
+    return 0
+
+
+def _record_info(path: Path) -> int:
+    from collections import Counter
+
+    from runtime.deploy.mcap_sink import read_recording
+
+    try:
+        contents = read_recording(path)
+    except OSError as exc:
+        return _fail("record info", exc)
+    counts = Counter(topic for topic, *_ in contents.messages)
+    for topic, n in sorted(counts.items()):
+        print(f"{topic:<22} {n:>8}")
+    times = [t for _, _, t, _ in contents.messages]
+    span = (max(times) - min(times)) / 1e9 if times else 0.0
+    state = "complete" if contents.complete else f"cut off ({contents.error}); complete chunks read"
+    print(f"{len(times)} messages over {span:.1f} s, {state}")
     return 0
 
 
@@ -314,4 +335,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "name")
     rsub.add_parser("stop", parents=[common], help="stop the episode")
     rsub.add_parser("status", parents=[common], help="what the recorder is doing")
+    rsub.add_parser("info", help="topics and message counts of a recording (also a cut-off "
+                    "one)").add_argument("file")
     p.set_defaults(func=_record)

@@ -19,7 +19,7 @@ class TelemetrySubscriber:
     """SUB on the follower's and planner's telemetry sockets; keeps the newest of each."""
 
     def __init__(self, run_dir: str | Path, sources: tuple[str, ...] = SOURCES) -> None:
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._poller = zmq.Poller()
         self._socks: dict[zmq.Socket[bytes], str] = {}
         for source in sources:
@@ -41,7 +41,7 @@ class TelemetrySubscriber:
         for sock, _ in self._poller.poll(int(timeout_s * 1000)):
             while True:
                 try:
-                    frame = sock.recv(zmq.NOBLOCK)  # type: ignore[union-attr]
+                    frame = sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 try:
@@ -49,7 +49,7 @@ class TelemetrySubscriber:
                 except MessageError:
                     self.rejected += 1
                     continue
-                source = self._socks[sock]  # type: ignore[index]
+                source = self._socks[sock]
                 self.latest[source] = msg
                 self.received_at[source] = time.monotonic()
                 n += 1

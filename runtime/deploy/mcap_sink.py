@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -83,3 +84,37 @@ class McapSink:
         os.fsync(self._file.fileno())
         self._file.close()
         self.closed = True
+
+
+@dataclass
+class Contents:
+    """What could be read back from a (possibly cut-off) recording."""
+
+    messages: list[tuple[str, str, int, bytes]]  # (topic, schema name, log_time_ns, data)
+    complete: bool  # the file was closed cleanly (summary and footer present)
+    error: str | None  # why reading stopped early, for a cut-off file
+
+
+def read_recording(path: Path) -> Contents:
+    """Every message in complete chunks, in file order; a file cut off by SIGKILL or power
+    loss yields what was flushed before it (no summary section is needed)."""
+    from mcap.exceptions import McapError
+    from mcap.reader import NonSeekingReader
+    from mcap.records import Footer
+    from mcap.stream_reader import StreamReader
+
+    out: list[tuple[str, str, int, bytes]] = []
+    error = None
+    with open(path, "rb") as f:
+        reader = NonSeekingReader(f)
+        try:
+            for schema, channel, message in reader.iter_messages(log_time_order=False):
+                out.append((channel.topic, schema.name if schema else "", message.log_time,
+                            message.data))
+        except (McapError, EOFError, ValueError, struct.error) as exc:
+            error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    complete = False
+    if error is None:
+        with open(path, "rb") as f:
+            complete = any(isinstance(r, Footer) for r in StreamReader(f).records)
+    return Contents(out, complete, error)

@@ -147,6 +147,7 @@ class Recorder:
             sock.connect(endpoint_of(run_dir))
             self.poller.register(sock, zmq.POLLIN)
             self.subs[sock] = (topic, type_)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)  # may start before the follower
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(recorder_endpoint(run_dir))
@@ -294,10 +295,10 @@ class Recorder:
             if sock is self.control:
                 self._serve_control()
                 continue
-            topic, type_ = self.subs[sock]  # type: ignore[index]
+            topic, type_ = self.subs[sock]
             while True:
                 try:
-                    frame = sock.recv(zmq.NOBLOCK)  # type: ignore[union-attr]
+                    frame = sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 try:

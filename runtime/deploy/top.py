@@ -44,7 +44,11 @@ def _quit_pressed() -> bool:
 
 def run_top(run_dir: str, refresh_hz: float = 4.0, duration_s: float | None = None) -> int:
     sub = TelemetrySubscriber(run_dir)
-    console = Console()
+    # On a terminal follow its real size (and resizes); stale COLUMNS/LINES exported by a
+    # parent shell or tool would otherwise pin the layout to 80x24.
+    environ = ({k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+               if sys.stdout.isatty() else None)
+    console = Console(_environ=environ)
     period = 1.0 / refresh_hz
     end = None if duration_s is None else time.monotonic() + duration_s
     title = f"duet top  ({run_dir})   q: quit"
