@@ -64,7 +64,7 @@ def _duet_cycle(path: str, ids: list[int]) -> tuple[Callable[[], None], Dynamixe
 
 
 def _sdk_cycle(path: str, ids: list[int]) -> tuple[Callable[[], None], Callable[[], None]]:
-    import dynamixel_sdk as sdk  # type: ignore[import-untyped]
+    import dynamixel_sdk as sdk
 
     # The SDK's reply timeout is 2 x a 16 ms USB latency timer + 2 ms; a loaded machine can
     # stall the emulator that long. Widen it like duet's (100 ms) so neither side fails.

@@ -45,7 +45,7 @@ def _time(call: Callable[[dict[str, np.ndarray]], Any], feeds: dict[str, np.ndar
 
 
 def bench_bundle(bundle: Bundle, calls: int) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     rng = np.random.default_rng(0)
     for model in ("follower", "planner"):
         spec = getattr(bundle.manifest.models, model)
@@ -80,13 +80,14 @@ def _reference_bundles(root: Path) -> list[Path]:
     rng = np.random.default_rng(0)
     n = 40
     obs = root / "obs.npz"
-    np.savez(obs, **{
+    arrays: dict[str, Any] = {
         "planner/image": rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8),
         "planner/tokens": rng.integers(0, tok.vocab_size, (n, 16)),
         "planner/q": rng.uniform(-1, 1, (n, 6)).astype(np.float32),
         "follower/ref": rng.uniform(-1, 1, (n, 8, 6)).astype(np.float32),
         "follower/q": rng.uniform(-1, 1, (n, 6)).astype(np.float32),
-        "follower/dq": rng.normal(0, 1, (n, 6)).astype(np.float32)})
+        "follower/dq": rng.normal(0, 1, (n, 6)).astype(np.float32)}
+    np.savez(obs, **arrays)
     planner, follower = Planner(tok.vocab_size).eval(), Follower().eval()
     out = []
     for precision in ("fp32", "int8"):

@@ -24,7 +24,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 
 
-def naive_loop(period_s: float, duration_s: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def naive_loop(period_s: float, duration_s: float, out: mp.Queue[list[float]]) -> None:
     """What a demo script does: sleep(period) after the work, no absolute deadlines."""
     wakes = []
     end = time.monotonic() + duration_s
@@ -44,7 +44,7 @@ def run_stack(hz: float, duration_s: float, bundle: str | None) -> tuple[dict, n
                "--duration", str(duration_s), "--summary-json", str(summary_path)]
         if bundle:
             cmd += ["--set", f"bundle.path={bundle}"]
-        q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+        q: mp.Queue[list[float]] = mp.Queue()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
         time.sleep(3.0)  # measure the naive loop while the stack is up
         naive = mp.Process(target=naive_loop, args=(1.0 / hz, duration_s - 5.0, q))

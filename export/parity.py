@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def measure(model: str, engine: Engine, inputs: dict[str, np.ndarray],
 def save_parity(path: Path, data: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
                 ) -> None:
     """model -> (inputs, reference outputs), stored as `<model>/in/<name>`, `<model>/out/<name>`."""
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}
     for model, (inputs, outputs) in data.items():
         arrays.update({f"{model}/in/{k}": v for k, v in inputs.items()})
         arrays.update({f"{model}/out/{k}": v for k, v in outputs.items()})
