@@ -13,12 +13,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("checkpoints"))
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
-    p.add_argument("--episodes", type=int, default=600, help="expert episodes of data")
+    p.add_argument("--episodes", type=int, default=200,
+                   help="expert rollout episodes (follower data and planner scenes)")
+    p.add_argument("--scenes", type=int, default=6000,
+                   help="kinematic walks rendered for planner scenes (3 images each)")
+    p.add_argument("--walks", type=int, default=20000,
+                   help="kinematic walks for image-free planner action samples")
+    p.add_argument("--workers", type=int, default=2, help="processes for data generation")
     p.add_argument("--steps", type=int, default=2500, help="planner optimiser steps")
     p.add_argument("--follower-steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: half the cores, at most 4)")
+                   help="torch CPU threads (default: 2 on an idle machine, else 1)")
     p.add_argument("--smoke", action="store_true",
                    help="a few episodes and steps: checks the pipeline in seconds")
     p.set_defaults(func=_train)
@@ -42,14 +48,18 @@ def _train(args: argparse.Namespace) -> int:
     from policy.train import default_threads, train_all
 
     episodes, steps, fsteps = args.episodes, args.steps, args.follower_steps
+    scenes, walks, workers = args.scenes, args.walks, args.workers
     if args.smoke:
         episodes, steps, fsteps = min(episodes, 4), min(steps, 20), min(fsteps, 50)
+        scenes, walks, workers = min(scenes, 10), min(walks, 20), 1
     for name, value in (("--episodes", episodes), ("--steps", steps),
-                        ("--follower-steps", fsteps)):
+                        ("--follower-steps", fsteps), ("--scenes", scenes), ("--walks", walks),
+                        ("--workers", workers)):
         if value <= 0:
             raise SystemExit(f"duet train: {name} must be positive")
     train_all(args.out, episodes, steps, fsteps, args.seed, args.data_dir,
-              args.threads or default_threads(), args.config)
+              args.threads or default_threads(), args.config, scenes=scenes, walks=walks,
+              workers=workers)
     return 0
 
 

@@ -28,12 +28,13 @@ import numpy as np
 
 from policy.rollout import LoopSettings, run_episode
 from policy.servo_target import ServoResidualTarget
+from policy.synth import scene_labels
 from runtime.tokenizer import Tokenizer
 from sim.expert import expert_chunk
 from sim.task import Episode, TaskTracker
 from sim.world import HOME_Q, SimWorld
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 HORIZON = 10
 FOLLOWER_RECORD_EVERY = 5  # ticks: 100 Hz of follower samples at a 500 Hz follower
 START_NOISE = np.array([0.5, 0.3, 0.3, 0.3, 0.3, 0.05])  # rad, around HOME_Q
@@ -89,8 +90,7 @@ def generate(episodes: int, seed: int, settings: LoopSettings, two_step_fraction
     world = SimWorld(seed=seed, physics_hz=settings.physics_hz)
     tick_dt = 1.0 / settings.follower_hz
     follower = _InverseDynamicsFollower(world, settings.residual_max, tick_dt)
-    planner: dict[str, list[np.ndarray]] = {"image": [], "tokens": [], "q": [], "chunk": [],
-                                            "episode": []}
+    planner: dict[str, list[np.ndarray]] = {}
     follower_episode: list[int] = []
     successes, t0 = 0, time.monotonic()
     for i in range(episodes):
@@ -110,11 +110,11 @@ def generate(episodes: int, seed: int, settings: LoopSettings, two_step_fraction
                  delay: float = delay, rng: np.random.Generator = rng
                  ) -> tuple[np.ndarray, float]:
             chunk = expert_plan(world, task, q, settings.dt_s)
-            planner["image"].append(image.copy())
-            planner["tokens"].append(tokens)
-            planner["q"].append(q.astype(np.float32))
-            planner["chunk"].append(chunk.astype(np.float32))
-            planner["episode"].append(np.int32(i))
+            sample = {"image": image.copy(), "tokens": tokens, "q": q.astype(np.float32),
+                      "chunk": chunk.astype(np.float32), "episode": np.int32(i),
+                      **scene_labels(task.episode, len(task.touched))}
+            for k, v in sample.items():
+                planner.setdefault(k, []).append(v)
             ramp = np.linspace(0.2, 1.0, chunk.shape[0])[:, None]
             return chunk + ramp * rng.normal(0.0, 1.0, 6) * sigma, delay
 
@@ -178,3 +178,32 @@ def load_or_generate(data_dir: Path, episodes: int, seed: int, settings: LoopSet
     stats["key"] = key
     s_path.write_text(json.dumps(stats, indent=1) + "\n")
     return pdata, fdata, stats
+
+
+def load_or_generate_synth(data_dir: Path, scenes: int, walks: int, seed: int,
+                           two_step_fraction: float, workers: int, log: Log = print
+                           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Cached kinematic-walk data (`policy.synth`): rendered scene samples from `scenes`
+    walks and image-free action samples from `walks` walks, seeds disjoint from rollouts."""
+    from policy.synth import action_samples, parallel, scene_samples
+
+    spec = {"v": DATA_VERSION, "scenes": scenes, "walks": walks, "seed": seed,
+            "two_step_fraction": two_step_fraction}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    s_path, a_path = data_dir / f"scenes-{key}.npz", data_dir / f"actions-{key}.npz"
+    if s_path.is_file() and a_path.is_file():
+        log(f"data: cached {s_path.name}, {a_path.name}")
+        with np.load(s_path) as s, np.load(a_path) as a:
+            return dict(s), dict(a)
+    t0 = time.monotonic()
+    base = 500_000_000 + seed * 1_000_003  # below the eval seeds, away from rollout seeds
+    scene_seeds = [base + i for i in range(scenes)]
+    walk_seeds = [base + scenes + i for i in range(walks)]
+    sdata = parallel(scene_samples, scene_seeds, workers, two_step_fraction)
+    log(f"  data: {len(sdata['q'])} rendered scene samples ({time.monotonic() - t0:.0f} s)")
+    adata = parallel(action_samples, walk_seeds, workers, two_step_fraction)
+    log(f"  data: {len(adata['q'])} action samples ({time.monotonic() - t0:.0f} s)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(s_path, **dict[str, Any](sdata))
+    np.savez(a_path, **dict[str, Any](adata))
+    return sdata, adata

@@ -8,14 +8,12 @@ carry their normalisation as buffers, so an exported ONNX graph needs no pre/pos
 - Follower(ref [B,8,6], q [B,6], dq [B,6]) -> residual [B,6], added to the reference command.
 
 Only ops that export at opset 17 with static shapes and that ONNX Runtime quantizes (Conv,
-MatMul/Gemm) or leaves in float (LayerNorm, Softmax, GELU) are used; attention is written out
-by hand so the exported graph does not depend on a fused-attention symbolic.
+MatMul/Gemm) or leaves in float (Softmax, GELU, Sigmoid) are used.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -28,38 +26,13 @@ IMAGE_SIZE = 96
 # ImageNet-style statistics: a fixed normalisation is enough for a rendered scene.
 _RGB_MEAN = (0.485, 0.456, 0.406)
 _RGB_STD = (0.229, 0.224, 0.225)
+# Table xy normalisation (m) for block positions: the task's blocks lie within ~0.2 m of this.
+TABLE_CENTRE = (0.33, 0.0)
+TABLE_SCALE = 0.2
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int) -> None:
-        super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
-        self.n_heads, self.d_head = n_heads, d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        att = torch.softmax(q @ k.transpose(-2, -1) * (1.0 / math.sqrt(self.d_head)), dim=-1)
-        return self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
-
-
-class EncoderBlock(nn.Module):
-    """Pre-LayerNorm transformer encoder block."""
-
-    def __init__(self, d_model: int, n_heads: int, d_ff: int) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model, n_heads)
-        self.ln2 = nn.LayerNorm(d_model)
-        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.ff(self.ln2(x))
+def _table_centre() -> torch.Tensor:
+    return torch.tensor(TABLE_CENTRE)
 
 
 def _conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -68,80 +41,116 @@ def _conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:
                          nn.BatchNorm2d(c_out), nn.ReLU())
 
 
-class SpatialSoftmax(nn.Module):
-    """Feature map [B,K,H,W] -> K keypoints (expected x, expected y, peak activation).
+class ColourKeypoints(nn.Module):
+    """Image -> where each block colour is on the table, and whether it is still coloured.
 
-    The expected coordinates locate each learned detector (e.g. "red block") with sub-pixel
-    precision; the peak says whether it sees its feature at all (a touched block turns grey).
+    A small CoordConv stem at half resolution ends in one heatmap per block colour; a spatial
+    softmax gives its expected image position (sub-pixel), the heatmap's peak says whether
+    the colour is visible at all (a touched block turns grey). A shared MLP maps the image
+    position to table xy (the table is a plane, so this is a fixed smooth map). Both are
+    supervised directly during training, which is what makes the planner learn in minutes.
     """
 
     grid: torch.Tensor
-
-    def __init__(self, height: int, width: int) -> None:
-        super().__init__()
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width),
-                                indexing="ij")
-        self.register_buffer("grid", torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1))
-        self.log_temperature = nn.Parameter(torch.zeros(()))
-
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        b, k, h, w = feat.shape
-        flat = feat.reshape(b, k, h * w)
-        att = torch.softmax(flat * torch.exp(-self.log_temperature), dim=-1)
-        xy = att @ self.grid  # [B,K,2]
-        peak = flat.max(dim=-1, keepdim=True).values
-        return torch.cat([xy, peak], dim=-1)
-
-
-class Planner(nn.Module):
-    """System 2: (image, instruction tokens, joint state) -> chunk of absolute joint targets.
-
-    Conv stem with CoordConv channels -> spatial-softmax keypoints, one token per keypoint;
-    instruction token embeddings; one projected joint-state token; a learned readout token.
-    A pre-LN transformer encoder mixes them; the readout token predicts normalised deltas
-    from q, which forward scales and adds back to q.
-    """
-
     coords: torch.Tensor
     rgb_mean: torch.Tensor
     rgb_std: torch.Tensor
-    q_mean: torch.Tensor
-    q_std: torch.Tensor
-    delta_std: torch.Tensor
+    table_centre: torch.Tensor
 
-    def __init__(self, vocab_size: int, n_joints: int = 6, horizon: int = 10,
-                 max_tokens: int = 16, d_model: int = 128, n_layers: int = 3, n_heads: int = 4,
-                 d_ff: int = 256, n_keypoints: int = 32, stem_channels: int = 32) -> None:
+    def __init__(self, n_colours: int, channels: int, map_size: int = IMAGE_SIZE // 2) -> None:
         super().__init__()
-        self.kwargs: dict[str, Any] = {
-            "vocab_size": vocab_size, "n_joints": n_joints, "horizon": horizon,
-            "max_tokens": max_tokens, "d_model": d_model, "n_layers": n_layers,
-            "n_heads": n_heads, "d_ff": d_ff, "n_keypoints": n_keypoints,
-            "stem_channels": stem_channels}
-        self.n_joints, self.horizon, self.max_tokens = n_joints, horizon, max_tokens
-        c = stem_channels
+        c = channels
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, IMAGE_SIZE),
                                 torch.linspace(-1, 1, IMAGE_SIZE), indexing="ij")
         self.register_buffer("coords", torch.stack([xs, ys])[None])  # [1,2,96,96]
         self.register_buffer("rgb_mean", torch.tensor(_RGB_MEAN).reshape(1, 3, 1, 1))
         self.register_buffer("rgb_std", torch.tensor(_RGB_STD).reshape(1, 3, 1, 1))
-        # 96 -> 48 -> 24; keypoints on a 24x24 map (4 px per cell, sub-cell via softmax).
-        self.stem = nn.Sequential(_conv(5, c // 2, 2), _conv(c // 2, c, 1), _conv(c, c, 2),
-                                  _conv(c, c, 1), nn.Conv2d(c, n_keypoints, 1))
-        self.keypoints = SpatialSoftmax(IMAGE_SIZE // 4, IMAGE_SIZE // 4)
-        self.kp_proj = nn.Linear(3, d_model)
-        self.kp_embed = nn.Parameter(torch.randn(n_keypoints, d_model) * 0.02)
-        self.tok_embed = nn.Embedding(vocab_size, d_model)
-        self.tok_pos = nn.Parameter(torch.randn(max_tokens, d_model) * 0.02)
-        self.q_proj = nn.Linear(n_joints, d_model)
-        self.readout = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
-        self.blocks = nn.ModuleList(EncoderBlock(d_model, n_heads, d_ff) for _ in range(n_layers))
-        self.ln_out = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, horizon * n_joints)
+        # 96 -> 48: 2 px per heatmap cell, a block covers ~2x2 cells.
+        self.stem = nn.Sequential(_conv(5, c // 2, 2), _conv(c // 2, c, 1), _conv(c, c, 1),
+                                  nn.Conv2d(c, n_colours, 1))
+        gy, gx = torch.meshgrid(torch.linspace(-1, 1, map_size), torch.linspace(-1, 1, map_size),
+                                indexing="ij")
+        self.register_buffer("grid", torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1))
+        self.register_buffer("table_centre", _table_centre())
+        self.present = nn.Linear(1, 1)  # peak activation -> visible logit (shared)
+        self.to_table = nn.Sequential(nn.Linear(2, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                                      nn.Linear(64, 2))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image uint8 [B,96,96,3] -> (table xy [B,C,2] in metres, visible logit [B,C])."""
+        b = image.shape[0]
+        x = image.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
+        x = (x - self.rgb_mean) / self.rgb_std
+        x = torch.cat([x, self.coords.expand(b, -1, -1, -1)], dim=1)
+        feat = self.stem(x)
+        k = feat.shape[1]
+        flat = feat.reshape(b, k, -1)
+        uv = torch.softmax(flat, dim=-1) @ self.grid  # [B,C,2] in [-1,1] image coordinates
+        peak = flat.max(dim=-1, keepdim=True).values
+        xy = self.to_table(uv) * TABLE_SCALE + self.table_centre
+        return xy, self.present(peak)[..., 0]
+
+
+class InstructionReader(nn.Module):
+    """Tokens -> attention over block colours for the first and the second target.
+
+    The instruction grammar puts the colours at fixed word positions, so a linear read of
+    the position-wise embeddings is exact and needs no attention layers.
+    """
+
+    def __init__(self, vocab_size: int, max_tokens: int, n_colours: int, dim: int = 16) -> None:
+        super().__init__()
+        self.n_colours = n_colours
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.read = nn.Linear(max_tokens * dim, 2 * n_colours)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens int64 [B,T] -> logits [B,2,C] (first target, second target)."""
+        b = tokens.shape[0]
+        return self.read(self.embed(tokens).reshape(b, -1)).reshape(b, 2, self.n_colours)
+
+
+class Planner(nn.Module):
+    """System 2: (image, instruction tokens, joint state) -> chunk of absolute joint targets.
+
+    Localise, select, act:
+    1. `ColourKeypoints`: table xy and visibility of every block colour from the image;
+    2. `InstructionReader`: which colour is the first and which the second target; the next
+       target is the first one while it is still coloured, else the second (soft, so the
+       whole graph is differentiable and exports as plain ops);
+    3. an MLP maps (q, next target xy) to normalised deltas from q, scaled and added to q.
+    `forward_all` also returns the intermediate predictions for the auxiliary losses.
+    """
+
+    q_mean: torch.Tensor
+    q_std: torch.Tensor
+    delta_std: torch.Tensor
+    table_centre: torch.Tensor
+
+    def __init__(self, vocab_size: int, n_joints: int = 6, horizon: int = 10,
+                 max_tokens: int = 16, n_colours: int = 4, stem_channels: int = 32,
+                 hidden: int = 256, n_hidden: int = 3) -> None:
+        super().__init__()
+        self.kwargs: dict[str, Any] = {
+            "vocab_size": vocab_size, "n_joints": n_joints, "horizon": horizon,
+            "max_tokens": max_tokens, "n_colours": n_colours, "stem_channels": stem_channels,
+            "hidden": hidden, "n_hidden": n_hidden}
+        self.n_joints, self.horizon, self.max_tokens = n_joints, horizon, max_tokens
+        self.n_colours = n_colours
+        self.vision = ColourKeypoints(n_colours, stem_channels)
+        self.reader = InstructionReader(vocab_size, max_tokens, n_colours)
+        layers: list[nn.Module] = []
+        width = n_joints + 2
+        for _ in range(n_hidden):
+            layers += [nn.Linear(width, hidden), nn.GELU()]
+            width = hidden
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, horizon * n_joints)
         # Joint normalisation (set from the dataset by `set_normalisation`, baked into ONNX).
         self.register_buffer("q_mean", torch.zeros(n_joints))
         self.register_buffer("q_std", torch.ones(n_joints))
         self.register_buffer("delta_std", torch.ones(horizon, n_joints))
+        self.register_buffer("table_centre", _table_centre())
 
     def set_normalisation(self, q_mean: torch.Tensor, q_std: torch.Tensor,
                           delta_std: torch.Tensor) -> None:
@@ -149,19 +158,27 @@ class Planner(nn.Module):
         self.q_std.copy_(q_std.clamp_min(1e-3))
         self.delta_std.copy_(delta_std.clamp_min(1e-3))
 
-    def forward(self, image: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        b = image.shape[0]
-        x = image.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
-        x = (x - self.rgb_mean) / self.rgb_std
-        x = torch.cat([x, self.coords.expand(b, -1, -1, -1)], dim=1)
-        kp = self.kp_proj(self.keypoints(self.stem(x))) + self.kp_embed  # [B,K,d]
-        txt = self.tok_embed(tokens) + self.tok_pos  # [B,T,d]
-        qt = self.q_proj((q - self.q_mean) / self.q_std)[:, None]  # [B,1,d]
-        h = torch.cat([self.readout.expand(b, -1, -1), qt, txt, kp], dim=1)
-        for block in self.blocks:
-            h = block(h)
-        delta = self.head(self.ln_out(h[:, 0])).reshape(b, self.horizon, self.n_joints)
+    def act(self, target_xy: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """(next target table xy [B,2], q [B,6]) -> waypoints [B,H,6]."""
+        b = q.shape[0]
+        x = torch.cat([(q - self.q_mean) / self.q_std,
+                       (target_xy - self.table_centre) / TABLE_SCALE], dim=1)
+        delta = self.head(self.trunk(x)).reshape(b, self.horizon, self.n_joints)
         return q[:, None, :] + delta * self.delta_std
+
+    def forward_all(self, image: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        xy, visible = self.vision(image)
+        order = self.reader(tokens)
+        w = torch.softmax(order, dim=-1)  # [B,2,C]
+        first_done = (w[:, 0] * torch.sigmoid(-visible)).sum(-1, keepdim=True)  # [B,1]
+        picked = w @ xy  # [B,2,2]: xy of the first and the second target
+        target = (1.0 - first_done) * picked[:, 0] + first_done * picked[:, 1]
+        return {"waypoints": self.act(target, q), "blocks_xy": xy, "visible": visible,
+                "order": order, "target_xy": target}
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(image, tokens, q)["waypoints"]
 
 
 class Follower(nn.Module):

@@ -44,8 +44,9 @@ def seed_everything(seed: int) -> None:
 
 
 def default_threads() -> int:
-    # Two processes (sim + this) share small machines; never take every core.
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    """Half the cores (at most 4), or one when the machine is already busy."""
+    busy = os.getloadavg()[0] >= 1.0
+    return 1 if busy else min(4, max(2, (os.cpu_count() or 2) // 2))
 
 
 def split_by_episode(episode: np.ndarray, val_fraction: float, seed: int
@@ -118,30 +119,57 @@ def _evaluate(tensors: dict[str, torch.Tensor], idx: np.ndarray,
     return total / n
 
 
-def train_planner(data: dict[str, np.ndarray], tokenizer: Tokenizer, steps: int, seed: int,
-                  batch: int = 64, lr: float = 1e-3, device: torch.device | None = None,
+def train_planner(data: dict[str, np.ndarray], actions: dict[str, np.ndarray],
+                  tokenizer: Tokenizer, steps: int, seed: int, batch: int = 48,
+                  action_batch: int = 512, lr: float = 2e-3, device: torch.device | None = None,
                   log: Log = print, **model_kwargs: Any) -> TrainResult:
-    """data: image uint8 [N,96,96,3], tokens int64 [N,16], q [N,6], chunk [N,H,6], episode [N]."""
+    """Imitation with auxiliary perception losses.
+
+    data (rendered scenes): image uint8 [N,96,96,3], tokens int64 [N,16], q [N,6],
+    chunk [N,H,6], blocks_xy [N,C,2], visible [N,C], order int64 [N,2] (-1 = none),
+    target_xy [N,2], episode [N]. actions (no image): q [M,6], target_xy [M,2], chunk [M,H,6].
+    Loss per step: end-to-end chunk error (normalised deltas, Huber) on a scene batch; the
+    action MLP's chunk error from the true target on an action batch; block xy (cm, visible
+    blocks only), visibility (BCE) and target order (CE) on the scene batch.
+    """
     seed_everything(seed)
     device = device or pick_device()
     horizon, n_joints = data["chunk"].shape[1:]
     model = Planner(tokenizer.vocab_size, n_joints=n_joints, horizon=horizon,
-                    max_tokens=tokenizer.max_len, **model_kwargs)
+                    max_tokens=tokenizer.max_len, n_colours=data["blocks_xy"].shape[1],
+                    **model_kwargs)
     train_idx, val_idx = split_by_episode(data["episode"], 0.1, seed)
-    q = torch.as_tensor(data["q"], dtype=torch.float32)
-    chunk = torch.as_tensor(data["chunk"], dtype=torch.float32)
-    delta = chunk[train_idx] - q[train_idx, None, :]
-    model.set_normalisation(q[train_idx].mean(0), q[train_idx].std(0),
-                            delta.pow(2).mean(0).sqrt())
-    tensors = {"image": torch.as_tensor(data["image"]), "tokens": torch.as_tensor(data["tokens"]),
-               "q": q, "chunk": chunk}
+    aq = torch.as_tensor(actions["q"], dtype=torch.float32)
+    adelta = torch.as_tensor(actions["chunk"], dtype=torch.float32) - aq[:, None, :]
+    model.set_normalisation(aq.mean(0), aq.std(0), adelta.pow(2).mean(0).sqrt())
+    tensors = {k: torch.as_tensor(data[k]) for k in
+               ("image", "tokens", "q", "chunk", "blocks_xy", "visible", "order", "target_xy")}
+    atensors = {k: torch.as_tensor(actions[k], dtype=torch.float32)
+                for k in ("q", "target_xy", "chunk")}
+    agen = torch.Generator().manual_seed(seed + 1)
     log(f"planner: {count_parameters(model) / 1e6:.2f} M params, {len(train_idx)} train / "
-        f"{len(val_idx)} val samples, {steps} steps on {device}")
+        f"{len(val_idx)} val scenes, {len(aq)} action samples, {steps} steps on {device}")
+
+    def chunk_loss(pred: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+        return F.smooth_l1_loss((pred - chunk) / model.delta_std, torch.zeros_like(pred),
+                                beta=0.1)
 
     def loss_fn(b: dict[str, torch.Tensor]) -> torch.Tensor:
-        pred = model(b["image"], b["tokens"], b["q"])
-        return F.smooth_l1_loss((pred - b["chunk"]) / model.delta_std,
-                                torch.zeros_like(pred), beta=0.1)
+        out = model.forward_all(b["image"], b["tokens"], b["q"])
+        vis = b["visible"].float()
+        xy_err = (out["blocks_xy"] - b["blocks_xy"]).norm(dim=-1) / 0.01  # cm
+        xy = (F.smooth_l1_loss(xy_err, torch.zeros_like(xy_err), reduction="none") * vis).sum() \
+            / vis.sum().clamp_min(1.0)
+        order = F.cross_entropy(out["order"].reshape(-1, model.n_colours),
+                                b["order"].reshape(-1), ignore_index=-1)
+        loss = (chunk_loss(out["waypoints"], b["chunk"]) + 0.1 * xy + order
+                + F.binary_cross_entropy_with_logits(out["visible"], vis)
+                + chunk_loss(model.act(b["target_xy"], b["q"]), b["chunk"]))
+        if model.training:  # the action MLP also learns from the cheap image-free samples
+            pick = torch.randint(len(aq), (action_batch,), generator=agen)
+            a = {k: v[pick].to(device) for k, v in atensors.items()}
+            loss = loss + chunk_loss(model.act(a["target_xy"], a["q"]), a["chunk"])
+        return loss
 
     metrics = _fit(model, tensors, train_idx, val_idx, loss_fn, steps, batch, lr, seed,
                    device, log, "planner")
@@ -151,19 +179,29 @@ def train_planner(data: dict[str, np.ndarray], tokenizer: Tokenizer, steps: int,
 
 
 @torch.no_grad()
-def _planner_errors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], idx: np.ndarray,
+def _planner_errors(model: Planner, tensors: dict[str, torch.Tensor], idx: np.ndarray,
                     device: torch.device) -> dict[str, Any]:
-    """Validation error in radians: mean abs over the chunk and on its first/last waypoint."""
+    """Validation errors: chunk (rad; mean, first and last waypoint), next-target xy (m),
+    visibility and target-order accuracy."""
     if len(idx) == 0:
         return {}
-    errs = []
+    errs, txy, vis_ok, order_ok, n_order = [], [], 0, 0, 0
     for start in range(0, len(idx), 256):
         pick = torch.as_tensor(idx[start:start + 256])
         b = {k: v[pick].to(device) for k, v in tensors.items()}
-        errs.append((model(b["image"], b["tokens"], b["q"]) - b["chunk"]).abs().cpu())
-    e = torch.cat(errs)
+        out = model.forward_all(b["image"], b["tokens"], b["q"])
+        errs.append((out["waypoints"] - b["chunk"]).abs().cpu())
+        txy.append((out["target_xy"] - b["target_xy"]).norm(dim=-1).cpu())
+        vis_ok += int(((out["visible"] > 0).float() == b["visible"]).sum())
+        known = b["order"] >= 0
+        order_ok += int((out["order"].argmax(-1) == b["order"])[known].sum())
+        n_order += int(known.sum())
+    e, t = torch.cat(errs), torch.cat(txy)
     return {"val_mae_rad": float(e.mean()), "val_mae_first_rad": float(e[:, 0].mean()),
-            "val_mae_last_rad": float(e[:, -1].mean())}
+            "val_mae_last_rad": float(e[:, -1].mean()),
+            "val_target_err_m": {"median": float(t.median()), "p90": float(t.quantile(0.9))},
+            "val_visible_acc": vis_ok / (len(idx) * model.n_colours),
+            "val_order_acc": order_ok / max(1, n_order)}
 
 
 def train_follower(data: dict[str, np.ndarray], steps: int, seed: int, batch: int = 256,
@@ -214,10 +252,15 @@ def write_calibration(path: Path, pdata: dict[str, np.ndarray], fdata: dict[str,
 
 
 def train_all(out_dir: Path, episodes: int, planner_steps: int, follower_steps: int, seed: int,
-              data_dir: Path, threads: int, config_path: Path, log: Log = print
-              ) -> dict[str, Any]:
-    """Data (cached) -> planner + follower checkpoints + train-metrics.json in out_dir."""
-    from policy.data import load_or_generate
+              data_dir: Path, threads: int, config_path: Path, scenes: int = 6000,
+              walks: int = 20000, workers: int = 1, log: Log = print) -> dict[str, Any]:
+    """Data (cached) -> planner + follower checkpoints + train-metrics.json in out_dir.
+
+    Rollout episodes (physics, the runtime's tracking path) feed the follower and part of
+    the planner's scenes; kinematic walks (`policy.synth`) add rendered scenes and
+    image-free action samples for the planner.
+    """
+    from policy.data import load_or_generate, load_or_generate_synth
     from policy.models import save_checkpoint
     from policy.rollout import LoopSettings
     from runtime.config import load_config
@@ -227,9 +270,13 @@ def train_all(out_dir: Path, episodes: int, planner_steps: int, follower_steps: 
     settings = LoopSettings.from_config(cfg)
     two_step = cfg.sim.two_step_fraction if cfg.sim else 0.5
     pdata, fdata, dstats = load_or_generate(data_dir, episodes, seed, settings, two_step, log)
+    sdata, adata = load_or_generate_synth(data_dir, scenes, walks, seed, two_step, workers, log)
+    dstats.update(scene_samples=len(sdata["q"]), action_samples=len(adata["q"]))
+    scenes_all = {k: np.concatenate([pdata[k], sdata[k].astype(pdata[k].dtype)])
+                  for k in pdata}
     tok = Tokenizer()
     device = pick_device()
-    planner = train_planner(pdata, tok, planner_steps, seed, device=device, log=log)
+    planner = train_planner(scenes_all, adata, tok, planner_steps, seed, device=device, log=log)
     follower = train_follower(fdata, follower_steps, seed, residual_max=settings.residual_max,
                               device=device, log=log)
     common = {"joint_names": list(cfg.robot.joints), "horizon": int(pdata["chunk"].shape[1]),

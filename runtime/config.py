@@ -151,6 +151,9 @@ class SimConfig(_Strict):
     camera_hz: float = Field(10.0, gt=0)
     physics_hz: float = Field(1000.0, gt=0)
     transport: Literal["serial", "can"] = "serial"
+    # SCHED_FIFO priority of the emulated servos' serving thread (0 = don't ask): a real
+    # servo answers in microseconds whatever the host is doing
+    rt_priority: int = Field(0, ge=0, le=99)
 
 
 class RecorderConfig(_Strict):

@@ -28,3 +28,8 @@ def telemetry(run_dir: str, source: str) -> str:
 def sim(run_dir: str) -> str:
     """Sim camera frames (and task announcements)."""
     return _ipc(run_dir, "sim")
+
+
+def sim_control(run_dir: str) -> str:
+    """The sim robot's fault-injection socket (sim/faults.py)."""
+    return _ipc(run_dir, "sim-control")

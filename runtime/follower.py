@@ -20,11 +20,12 @@ import numpy as np
 import zmq
 
 from drivers.bus import BusError, MotorBus, MotorFault, MotorState
+from drivers.camera import CameraError
 from runtime import endpoints
-from runtime.bundle import load_bundle
+from runtime.bundle import BundleError, load_bundle
 from runtime.buses import open_bus
 from runtime.config import TUNABLES, DuetConfig
-from runtime.engines import make_engine
+from runtime.engines import EngineError, make_engine
 from runtime.messages import Encoder, MessageError, decode, decode_plan, pack_array
 from runtime.notify import notifier
 from runtime.realtime import apply_realtime, collect_if_slack, freeze_gc
@@ -492,7 +493,11 @@ class Follower:
 
 
 def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
-    follower = Follower(cfg)
+    try:
+        follower = Follower(cfg)
+    except (BundleError, EngineError, BusError, CameraError) as exc:
+        log.error("%s", exc)
+        return 2
     for line in apply_realtime(cfg.follower.realtime.sched_fifo_priority,
                                cfg.follower.realtime.cpu, cfg.follower.realtime.mlockall):
         log.info("realtime: %s", line)

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import zmq
 
-from drivers.camera import Camera
+from drivers.bus import BusError
+from drivers.camera import Camera, CameraError
 from runtime import endpoints
-from runtime.bundle import load_bundle
+from runtime.bundle import BundleError, load_bundle
 from runtime.cameras import open_camera
 from runtime.config import DuetConfig
-from runtime.engines import make_engine
+from runtime.engines import EngineError, make_engine
 from runtime.messages import Encoder, MessageError, decode, decode_state, pack_array
 from runtime.notify import notifier as make_notifier
 from runtime.stats import Ring, summarize
@@ -195,7 +196,11 @@ class Planner:
 
 
 def run_planner(cfg: DuetConfig, duration_s: float | None = None) -> int:
-    planner = Planner(cfg)
+    try:
+        planner = Planner(cfg)
+    except (BundleError, EngineError, BusError, CameraError) as exc:
+        log.error("%s", exc)
+        return 2
 
     def _stop(signum: int, _frame: Any) -> None:
         planner.stop_requested = True

@@ -7,8 +7,11 @@ and writes the commanded ones when packets arrive. One lock guards both sides.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing as mp
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -24,10 +27,15 @@ HW_ELECTRICAL_SHOCK = 1 << 4
 HW_OVERLOAD = 1 << 5
 
 
+_ARRAYS = ("torque_enabled", "mode", "goal_q", "goal_dq", "kp", "kd", "tau_ff", "q", "dq", "tau",
+           "hw_error", "temperature_c", "silent")
+
+
 @dataclass
 class Actuators:
     n: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # threading.Lock, or a multiprocessing lock for `shared` actuators
+    lock: Any = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         n = self.n
@@ -47,3 +55,17 @@ class Actuators:
         self.temperature_c = np.full(n, 30.0)
         # fault injection for tests: a silent motor answers nothing
         self.silent = np.zeros(n, dtype=bool)
+
+    @classmethod
+    def shared(cls, n: int) -> Actuators:
+        """Arrays in shared memory and a process-shared lock, so an emulator can serve the
+        motors from a forked child process with its own interpreter lock."""
+        ctx = mp.get_context("fork")
+        act = cls(n, lock=ctx.Lock())
+        for name in _ARRAYS:
+            local = getattr(act, name)
+            raw = ctx.RawArray(ctypes.c_uint8, local.nbytes)
+            view = np.frombuffer(raw, dtype=local.dtype, count=n)
+            view[:] = local
+            setattr(act, name, view)
+        return act

@@ -12,8 +12,10 @@ torque, 4.1 N·m. So
 
     kp [N·m/rad]   = P/128 * TICKS_PER_RAD * STALL_TORQUE/885            (P=800 -> 18.9)
     kd [N·m·s/rad] = BACK_EMF_DAMPING + D/16 * TICKS_PER_RAD * STALL_TORQUE/885 * 1e-3
+    (stall torque and no-load speed per servo model, `ServoModel`)
 
-where BACK_EMF_DAMPING = stall torque / no-load speed (4.1 N·m / 46 rpm = 0.85) is the damping
+where BACK_EMF_DAMPING = stall torque / no-load speed (XM430-W350: 4.1 N·m / 46 rpm = 0.85;
+XM540-W270: 10.6 N·m / 30 rpm = 3.37) is the damping
 every voltage-driven DC motor has. With the defaults (P=800, D=0) that is a stiff loop with
 damping from back-EMF alone, as on the real servo. The Position I gain is not modelled.
 The emulator answers immediately: Return Delay Time is initialised to 0 (a bus tuned for
@@ -22,6 +24,7 @@ The emulator answers immediately: Return Delay Time is initialised to 0 (a bus t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -31,6 +34,7 @@ import struct
 import threading
 import tty
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
@@ -47,21 +51,41 @@ from drivers.dynamixel_protocol import (
 from drivers.dynamixel_protocol import XM430_TORQUE_CONSTANT_NM_PER_A as TORQUE_CONSTANT_NM_PER_A
 from sim.actuators import Actuators
 
-STALL_TORQUE_NM = 4.1  # XM430-W350 at 12 V
-NO_LOAD_SPEED_RAD_S = 46 * 2 * math.pi / 60
 PWM_LIMIT = 885
-_TORQUE_PER_PWM = STALL_TORQUE_NM / PWM_LIMIT
-BACK_EMF_DAMPING = STALL_TORQUE_NM / NO_LOAD_SPEED_RAD_S
+
+
+@dataclass(frozen=True)
+class ServoModel:
+    """What the position loop needs of a servo model (12 V figures from the e-manual)."""
+
+    name: str
+    model_number: int
+    stall_torque_nm: float
+    no_load_rpm: float
+
+    @property
+    def torque_per_pwm(self) -> float:
+        return self.stall_torque_nm / PWM_LIMIT
+
+    @property
+    def back_emf_damping(self) -> float:
+        return self.stall_torque_nm / (self.no_load_rpm * 2 * math.pi / 60)
+
+
+XM430_W350 = ServoModel("XM430-W350", 1020, 4.1, 46.0)
+XM540_W270 = ServoModel("XM540-W270", 1120, 10.6, 30.0)
+SERVO_MODELS = {m.name: m for m in (XM430_W350, XM540_W270)}
 FIRMWARE_VERSION = 48
 
 # Access class of each control-table byte.
 _RO, _EEPROM, _RAM = 0, 1, 2
 
 
-def position_gains_si(p_gain: int, d_gain: int) -> tuple[float, float]:
+def position_gains_si(p_gain: int, d_gain: int,
+                      model: ServoModel = XM430_W350) -> tuple[float, float]:
     """(kp, kd) in SI units from the Position P/D gain registers (see module docstring)."""
-    kp = p_gain / 128 * TICKS_PER_RAD * _TORQUE_PER_PWM
-    kd = BACK_EMF_DAMPING + d_gain / 16 * TICKS_PER_RAD * _TORQUE_PER_PWM * 1e-3
+    kp = p_gain / 128 * TICKS_PER_RAD * model.torque_per_pwm
+    kd = model.back_emf_damping + d_gain / 16 * TICKS_PER_RAD * model.torque_per_pwm * 1e-3
     return kp, kd
 
 
@@ -84,13 +108,13 @@ def _access_map() -> bytes:
 _ACCESS = _access_map()
 
 
-def _default_table(dxl_id: int) -> bytearray:
+def _default_table(dxl_id: int, model: ServoModel) -> bytearray:
     t = bytearray(dx.CONTROL_TABLE_SIZE)
 
     def put(addr: int, fmt: str, value: int) -> None:
         struct.pack_into(fmt, t, addr, value)
 
-    put(dx.ADDR_MODEL_NUMBER, "<H", dx.MODEL_XM430_W350)
+    put(dx.ADDR_MODEL_NUMBER, "<H", model.model_number)
     put(dx.ADDR_FIRMWARE_VERSION, "<B", FIRMWARE_VERSION)
     put(dx.ADDR_ID, "<B", dxl_id)
     put(dx.ADDR_BAUD_RATE, "<B", 6)  # 4 Mbps
@@ -125,6 +149,7 @@ class DynamixelEmulator:
         direction: Sequence[int] | None = None,
         corrupt_probability: float = 0.0,
         seed: int = 0,
+        models: Sequence[ServoModel] | None = None,
     ) -> None:
         n = len(ids)
         if n != actuators.n:
@@ -142,8 +167,12 @@ class DynamixelEmulator:
             raise ValueError("direction entries must be +1 or -1")
         self._direction_list = self.direction.tolist()
         self.corrupt_probability = corrupt_probability
+        self.rt_priority = 0  # SCHED_FIFO priority of the serving thread, 0 = don't ask
         self._rng = random.Random(seed)
-        self.tables = [_default_table(i) for i in ids]
+        self.models = list(models) if models is not None else [XM430_W350] * n
+        if len(self.models) != n:
+            raise ValueError("models needs one entry per servo")
+        self.tables = [_default_table(i, m) for i, m in zip(ids, self.models, strict=True)]
         self._index_by_id = {dxl_id: k for k, dxl_id in enumerate(ids)}
         self.parser = dx.StreamParser()
         self.packets_served = 0
@@ -201,6 +230,11 @@ class DynamixelEmulator:
     # ---- serving loop ----------------------------------------------------------------------
 
     def _serve(self) -> None:
+        if self.rt_priority:
+            # a servo answers within its return delay: let the reply preempt ordinary work
+            # (best effort; without the privilege it simply runs SCHED_OTHER)
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
         master = self._master
         assert master is not None
         poller = select.poll()
@@ -389,7 +423,7 @@ class DynamixelEmulator:
 
     def _reboot(self, k: int) -> None:
         """Reboot: RAM back to defaults (torque off, goal = present), latched error cleared."""
-        fresh = _default_table(self.tables[k][dx.ADDR_ID])
+        fresh = _default_table(self.tables[k][dx.ADDR_ID], self.models[k])
         table = self.tables[k]
         table[dx.EEPROM_END :] = fresh[dx.EEPROM_END :]
         act = self.actuators
@@ -417,7 +451,8 @@ class DynamixelEmulator:
         t = self.tables[k]
         (d_gain,) = struct.unpack_from("<H", t, dx.ADDR_POSITION_D_GAIN)
         (p_gain,) = struct.unpack_from("<H", t, dx.ADDR_POSITION_P_GAIN)
-        self.actuators.kp[k], self.actuators.kd[k] = position_gains_si(p_gain, d_gain)
+        self.actuators.kp[k], self.actuators.kd[k] = position_gains_si(p_gain, d_gain,
+                                                                       self.models[k])
 
     def _refresh_present(self, servos: Sequence[int]) -> None:
         """Copy the physics' present values of `servos` into their tables (one lock hold)."""

@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,6 +34,7 @@ from runtime.config import CanBusConfig, ConfigError, DuetConfig, SimConfig
 from runtime.messages import Encoder, pack_array
 from sim.actuators import Actuators
 from sim.camera import SceneCamera
+from sim.faults import CanLink, FaultInjector, MotorLink, SerialLink
 from sim.task import RUNNING, SUCCESS, Episode, TaskTracker, episode_seed
 from sim.world import JOINTS, SimWorld
 
@@ -44,27 +44,18 @@ MAX_CATCH_UP_S = 0.1  # further behind than this, the backlog is dropped, not re
 SEND_HWM = 16
 
 
-def _start_transport(cfg: DuetConfig, actuators: Actuators) -> tuple[str, Callable[[], None]]:
-    """Start the emulated motors; return (the device line to print, stop function)."""
+def _open_link(cfg: DuetConfig, actuators: Actuators) -> MotorLink:
+    """Start the emulated motors behind the configured transport."""
     sim_cfg = cfg.sim or SimConfig()
     bus = cfg.bus
     if sim_cfg.transport == "serial":
         if isinstance(bus, CanBusConfig):
             raise ConfigError("sim.transport is 'serial' but bus.kind is 'mit_can'")
-        from sim.dynamixel_emulator import DynamixelEmulator
-
-        emulator = DynamixelEmulator(actuators, bus.ids, zero_ticks=bus.zero_ticks,
-                                     direction=bus.direction)
-        path = emulator.open()
-        emulator.start()
-        return path, emulator.stop
+        # a stable name, as udev gives a real adapter, so a replugged line keeps its path
+        return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0", sim_cfg.rt_priority)
     if not isinstance(bus, CanBusConfig):
         raise ConfigError("sim.transport is 'can' but bus.kind is not 'mit_can'")
-    from sim.can_emulator import MitCanEmulator
-
-    can_emulator = MitCanEmulator.from_config(actuators, bus)
-    can_emulator.start()
-    return bus.channel, can_emulator.stop
+    return CanLink(actuators, bus)
 
 
 class PhysicsLoop:
@@ -230,20 +221,30 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
-    world = SimWorld(seed=sim_cfg.seed, physics_hz=sim_cfg.physics_hz)
+    # shared actuators: the servos are served from a child process (sim/faults.py)
+    world = SimWorld(seed=sim_cfg.seed, physics_hz=sim_cfg.physics_hz,
+                     actuators=Actuators.shared(len(JOINTS)))
+    # The robot starts homed: servos enabled and holding HOME_Q, as after a homing routine,
+    # so the follower's INIT reads a meaningful pose rather than an arm slumped on the table.
+    world.actuators.torque_enabled[:] = True
+    # The GL context belongs to this (the main) thread; its slow set-up and first frame
+    # happen before the motors are served.
+    camera = SceneCamera(world.model)
+    camera.render(camera.shadow)
     publisher = Publisher(str(run_dir))
-    device, stop_transport = _start_transport(cfg, world.actuators)
-    if ready_line:
-        print(device, flush=True)
-    camera = SceneCamera(world.model)  # the GL context belongs to this (the main) thread
     loop = PhysicsLoop(world, sim_cfg)
+    link = _open_link(cfg, world.actuators)
+    faults = FaultInjector(endpoints.sim_control(str(run_dir)), link, world.actuators)
     cpu0, wall0 = time.process_time(), time.monotonic()
     loop.start()
+    if ready_line:
+        print(link.device, flush=True)
     try:
         render = _serve_camera(loop, publisher, camera, sim_cfg.camera_hz, stop)
     finally:
         loop.stop()
-        stop_transport()
+        faults.close()
+        link.stop()
         publisher.close()
         camera.close()
     wall = time.monotonic() - wall0

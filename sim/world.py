@@ -43,6 +43,8 @@ HOME_Q = np.array([0.0, 0.0, 1.82, 1.33, 0.0, 0.1])
 
 # Factory position-mode gains (N·m/rad, N·m·s/rad), per joint (module docstring):
 # kp = 800/128 * 4096/(2π) * stall/885, kd = stall / no-load speed.
+# The servo model behind each joint; the emulated servos report and behave as these.
+SERVO_MODELS = ("XM540-W270",) * 3 + ("XM430-W350",) * 3
 POSITION_KP = np.array([48.8, 48.8, 48.8, 18.9, 18.9, 18.9])
 POSITION_KD = np.array([3.37, 3.37, 3.37, 0.85, 0.85, 0.85])
 
@@ -139,13 +141,14 @@ class SimWorld:
     only around the servo law; `snapshot` copies the state for a renderer thread.
     """
 
-    def __init__(self, seed: int = 0, physics_hz: float = 1000.0) -> None:
+    def __init__(self, seed: int = 0, physics_hz: float = 1000.0,
+                 actuators: Actuators | None = None) -> None:
         self.model = _load_model(physics_hz)
         self.data = mujoco.MjData(self.model)
         self.rng = np.random.default_rng(seed)
         self.dt = float(self.model.opt.timestep)
         self.kin = ArmKinematics(self.model)
-        self.actuators = Actuators(len(JOINTS))
+        self.actuators = actuators if actuators is not None else Actuators(len(JOINTS))
         self.position_kp = POSITION_KP.copy()
         self.position_kd = POSITION_KD.copy()
         self.stall_torque = self.model.actuator_ctrlrange[:, 1].copy()

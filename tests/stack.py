@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 class Stack:
     def __init__(self, tmp: Path, bundle: Path, overrides: list[str] | None = None,
-                 planner: bool = True) -> None:
+                 planner: bool = True, config: str = "sim.yaml") -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")
         sets = [f"run_dir={tmp / 'run'}", f"bundle.path={bundle}", *(overrides or [])]
-        self.cfg: DuetConfig = load_config(REPO / "configs" / "sim.yaml", None, sets)
+        self.cfg: DuetConfig = load_config(REPO / "configs" / config, None, sets)
         self.sup = Supervisor(self.cfg, "test")
         self.with_planner = planner
         self.ctx = zmq.Context.instance()
@@ -55,6 +55,13 @@ class Stack:
 
     def control(self, cmd: str, **args: Any) -> dict[str, Any]:
         return request(self.run_dir, cmd, args, timeout_s=5.0)
+
+    def sim_fault(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """Break (or mend) the sim robot through its fault-injection socket."""
+        reply = request(self.run_dir, cmd, args, timeout_s=5.0,
+                        endpoint=endpoints.sim_control(self.run_dir))
+        assert reply["ok"], reply
+        return reply
 
     def telemetry(self, timeout_s: float = 2.0) -> dict[str, Any]:
         """The newest follower telemetry sample (drains older ones)."""

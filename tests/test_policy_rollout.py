@@ -94,6 +94,11 @@ def test_generate_dataset_shapes(settings: LoopSettings) -> None:
     assert pdata["tokens"].shape == (n, 16) and pdata["tokens"].dtype == np.int64
     assert pdata["chunk"].shape == (n, 10, 6)
     assert set(np.unique(pdata["episode"]).tolist()) == {0, 1}
+    # perception labels: 4 blocks on the table, the target order, the next target
+    assert pdata["blocks_xy"].shape == (n, 4, 2) and pdata["visible"].shape == (n, 4)
+    assert ((pdata["order"] >= -1) & (pdata["order"] < 4)).all()
+    nearest = np.linalg.norm(pdata["blocks_xy"] - pdata["target_xy"][:, None], axis=-1).min(1)
+    assert nearest.max() < 1e-6  # the next target is one of the blocks
     m = len(fdata["q"])
     assert fdata["ref"].shape == (m, 8, 6) and fdata["residual"].shape == (m, 6)
     assert np.abs(fdata["residual"]).max() <= settings.residual_max + 1e-6

@@ -71,7 +71,9 @@ def _collect(sub: zmq.Socket[bytes], seconds: float) -> list[dict]:
 def test_duet_sim_serves_servos_frames_and_episodes(
         sim: tuple[subprocess.Popen[bytes], str, Path]) -> None:
     proc, device, run_dir = sim
-    assert device.startswith("/dev/pts/")
+    # a stable name in the run dir (as udev gives an adapter) for the pty behind it
+    assert device == str(run_dir / "ttyDUET0")
+    assert os.path.realpath(device).startswith("/dev/pts/")
     with serial.Serial(device, 4_000_000, timeout=0.1):
         pass  # pyserial opens the pty like a USB serial adapter
 
@@ -104,7 +106,9 @@ def test_duet_sim_serves_servos_frames_and_episodes(
     frames = [m for m in msgs if m["type"] == "frame"]
     tasks = [m for m in msgs if m["type"] == "task"]
     results = [m for m in msgs if m["type"] == "episode"]
-    assert 15 <= len(frames) <= 30  # 10 Hz for ~2.5 s
+    assert len(frames) >= 15
+    period_ms = np.median(np.diff([f["capture_t_ns"] for f in frames])) / 1e6
+    assert 90 < period_ms < 110  # sim.camera_hz = 10
     image = unpack_array(frames[-1]["image"], "image")
     assert image.shape == (96, 96, 3) and image.dtype == np.uint8 and image.std() > 10
     assert all(isinstance(f["capture_t_ns"], int) and f["capture_t_ns"] <= f["t_ns"]

@@ -27,7 +27,7 @@ def test_model_matches_the_robot_config() -> None:
     assert world.model.nu == len(JOINTS)
     np.testing.assert_allclose(world.q_min, cfg.robot.limits.position_min)
     np.testing.assert_allclose(world.q_max, cfg.robot.limits.position_max)
-    assert np.all((HOME_Q > world.q_min) & (HOME_Q < world.q_max))
+    assert np.all((world.q_min < HOME_Q) & (world.q_max > HOME_Q))
     tip = world.fingertip()
     assert 0.15 < tip[2] < 0.3 and 0.15 < tip[0] < 0.35  # above the table, in front
 

@@ -126,17 +126,49 @@ def test_bad_plans_are_dropped_counted_and_never_reach_the_motors(
         pub.close(linger=0)
 
 
-def test_serial_line_cut_faults_and_reset_waits_for_the_device(
-        tmp_path: Path, bundle: Path) -> None:
-    with Stack(tmp_path, bundle, ["follower.fault_action=torque_off"]) as stack:
+@pytest.mark.parametrize("config", ["sim.yaml", "sim_can.yaml"])
+def test_line_cut_faults_and_reset_recovers_once_the_device_is_back(
+        tmp_path: Path, bundle: Path, config: str) -> None:
+    with Stack(tmp_path, bundle, ["follower.fault_action=torque_off"], config=config) as stack:
         stack.wait_mode("TRACK", 15)
-        stack.signal("sim", signal.SIGUSR1)  # the sim cuts its serial line
-        stack.wait_mode("FAULT", 2)
-        tel = stack.telemetry()
-        assert tel["fault_reason"].startswith("bus:")
+        stack.sim_fault("cut_line")  # pulled cable: pty gone / motors silent
+        stack.wait_mode("FAULT", 1.0)
+        assert stack.telemetry()["fault_reason"].startswith("bus:")
         reply = stack.control("reset")
         assert not reply["ok"] and "bus not back" in reply["error"]
         assert stack.telemetry()["mode"] == "FAULT"
+        stack.sim_fault("restore_line")  # replugged under the same name
+        reply = stack.control("reset")
+        assert reply["ok"], reply
+        stack.wait_mode("TRACK", 3)
+
+
+def test_flipped_bytes_are_counted_and_never_executed(tmp_path: Path, bundle: Path) -> None:
+    with Stack(tmp_path, bundle) as stack:
+        stack.wait_mode("TRACK", 15)
+        stack.sim_fault("corrupt", probability=0.05)
+        time.sleep(2.0)
+        tel = stack.telemetry()
+        assert tel["bus"]["crc_errors"] > 0
+        assert tel["mode"] == "TRACK" and tel["safety"]["faults"] == 0  # retries absorb them
+        stack.sim_fault("corrupt", probability=0.0)
+
+
+def test_motor_that_stops_answering_faults_naming_it(tmp_path: Path, bundle: Path) -> None:
+    with Stack(tmp_path, bundle) as stack:
+        stack.wait_mode("TRACK", 15)
+        stack.sim_fault("silence", joint=2, on=True)
+        stack.wait_mode("FAULT", 1.0)
+        assert "elbow" in stack.telemetry()["fault_reason"]
+
+
+def test_motor_overload_faults_naming_the_motor(tmp_path: Path, bundle: Path) -> None:
+    with Stack(tmp_path, bundle) as stack:
+        stack.wait_mode("TRACK", 15)
+        stack.sim_fault("overload", joint=1)
+        stack.wait_mode("FAULT", 1.0)
+        reason = stack.telemetry()["fault_reason"]
+        assert "shoulder" in reason and "overload" in reason.lower()
 
 
 def test_estop_and_reset_over_the_control_socket(tmp_path: Path, bundle: Path) -> None:

@@ -1,0 +1,223 @@
+"""The sim robot's motor link, and a control socket that breaks it the way hardware breaks.
+
+`SerialLink` serves the emulated Dynamixel servos on a pty behind a stable symlink (as udev
+gives a real adapter /dev/ttyDUET0), so a "pulled cable" makes the device disappear and a
+"replugged" one brings it back under the same name. `CanLink` does the same for MIT-mode
+motors on a CAN channel. `FaultInjector` answers on ipc://RUN_DIR/sim-control:
+
+    {"cmd": "cut_line"}                      the device disappears (pty closed / motors gone)
+    {"cmd": "restore_line"}                  the device is back
+    {"cmd": "corrupt", "probability": p}     flip bytes in servo replies (serial)
+    {"cmd": "silence", "joint": i, "on": b}  one motor stops answering
+    {"cmd": "overload", "joint": i}          one motor latches an overload error, torque off
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Protocol
+
+import zmq
+
+from runtime.config import CanBusConfig, DynamixelBusConfig
+from runtime.messages import Encoder, MessageError, decode
+from sim.actuators import HW_OVERLOAD, Actuators
+
+
+class MotorLink(Protocol):
+    device: str
+
+    def cut(self) -> None: ...
+
+    def restore(self) -> None: ...
+
+    def corrupt(self, probability: float) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class SerialLink:
+    """Emulated servos served from a forked child process: its own interpreter lock, so a
+    reply never waits behind a physics step or a render (a real servo answers within its
+    return delay). Needs `Actuators.shared` actuators."""
+
+    def __init__(self, actuators: Actuators, bus: DynamixelBusConfig, link: Path,
+                 rt_priority: int = 0) -> None:
+        self.link = link
+        self.device = str(link)
+        ctx = mp.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_servos, name="duet-sim-servos", daemon=True,
+                                 args=(actuators, bus, rt_priority, child))
+        self._proc.start()
+        self._point_link(self._call("open"))
+
+    def _call(self, cmd: str, *args: Any) -> Any:
+        self._conn.send((cmd, args))
+        ok, value = self._conn.recv()
+        if not ok:
+            raise ValueError(value)
+        return value
+
+    def _point_link(self, pty: str) -> None:
+        tmp = self.link.with_name(self.link.name + ".new")
+        tmp.unlink(missing_ok=True)
+        os.symlink(pty, tmp)
+        os.replace(tmp, self.link)  # atomic: the name always points at a live pty or none
+
+    def cut(self) -> None:
+        self.link.unlink(missing_ok=True)
+        self._call("cut")
+
+    def restore(self) -> None:
+        self._point_link(self._call("restore"))
+
+    def corrupt(self, probability: float) -> None:
+        self._call("corrupt", probability)
+
+    def stop(self) -> None:
+        if self._proc.is_alive():
+            self._call("stop")
+        self._proc.join(timeout=2.0)
+        self.link.unlink(missing_ok=True)
+
+
+def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig, rt_priority: int,
+                  conn: Connection) -> None:
+    """Child process: serve the servos on a pty; obey the parent's link commands."""
+    import ctypes
+    import signal
+
+    from drivers.dynamixel_protocol import ADDR_TORQUE_ENABLE
+    from sim.dynamixel_emulator import SERVO_MODELS, DynamixelEmulator
+    from sim.world import SERVO_MODELS as JOINT_SERVOS
+
+    # die with the sim (even on SIGKILL); leave SIGTERM/SIGINT handling to the parent
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    probability = 0.0
+
+    def start() -> DynamixelEmulator:
+        emu = DynamixelEmulator(actuators, bus.ids, zero_ticks=bus.zero_ticks,
+                                direction=bus.direction, corrupt_probability=probability,
+                                models=[SERVO_MODELS[m] for m in JOINT_SERVOS])
+        # Torque Enable reflects the motors' real state (homed at power-on, or whatever the
+        # physics had when the line was cut)
+        for k, table in enumerate(emu.tables):
+            table[ADDR_TORQUE_ENABLE] = int(actuators.torque_enabled[k])
+        emu.rt_priority = rt_priority
+        emu.open()
+        emu.start()
+        return emu
+
+    emulator = start()
+    while True:
+        cmd, args = conn.recv()
+        try:
+            if cmd == "open":
+                reply: Any = emulator.path
+            elif cmd == "cut":
+                emulator.close_line()
+                reply = None
+            elif cmd == "restore":
+                emulator.stop()
+                emulator = start()
+                reply = emulator.path
+            elif cmd == "corrupt":
+                probability = float(args[0])
+                emulator.corrupt_probability = probability
+                reply = None
+            elif cmd == "stop":
+                emulator.stop()
+                conn.send((True, None))
+                return
+            else:
+                raise ValueError(f"unknown link command {cmd!r}")
+            conn.send((True, reply))
+        except (OSError, ValueError) as exc:
+            conn.send((False, str(exc)))
+
+
+class CanLink:
+    def __init__(self, actuators: Actuators, bus: CanBusConfig) -> None:
+        self.actuators, self.bus = actuators, bus
+        self.device = bus.channel
+        self._start()
+
+    def _start(self) -> None:
+        from sim.can_emulator import MitCanEmulator
+
+        self.emulator = MitCanEmulator.from_config(self.actuators, self.bus)
+        self.emulator.start()
+
+    def cut(self) -> None:
+        self.emulator.stop(close_bus=True)
+
+    def restore(self) -> None:
+        self._start()
+
+    def corrupt(self, probability: float) -> None:
+        raise ValueError("byte corruption is a serial-line fault; CAN frames carry a CRC "
+                         "checked by the controller")
+
+    def stop(self) -> None:
+        self.emulator.stop(close_bus=True)
+
+
+class FaultInjector:
+    """REP socket on a thread; each request changes the link or the actuators."""
+
+    def __init__(self, endpoint: str, link: MotorLink, actuators: Actuators) -> None:
+        self.link, self.actuators = link, actuators
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+        self.encoder = Encoder()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="sim-faults", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self.sock.poll(100):
+                continue
+            frame = self.sock.recv()
+            try:
+                req = decode(frame, "request")
+                result = self.handle(str(req.get("cmd")), req.get("args") or {})
+                reply = {"ok": True, "error": None, "result": result}
+            except (MessageError, ValueError, KeyError, IndexError) as exc:
+                reply = {"ok": False, "error": str(exc), "result": {}}
+            self.sock.send(self.encoder.encode("reply", reply))
+
+    def handle(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        act = self.actuators
+        if cmd == "cut_line":
+            self.link.cut()
+        elif cmd == "restore_line":
+            self.link.restore()
+        elif cmd == "corrupt":
+            self.link.corrupt(float(args["probability"]))
+        elif cmd == "silence":
+            with act.lock:
+                act.silent[int(args["joint"])] = bool(args.get("on", True))
+        elif cmd == "overload":
+            with act.lock:
+                j = int(args["joint"])
+                act.hw_error[j] |= HW_OVERLOAD
+                act.torque_enabled[j] = False  # what the servo does on an overload shutdown
+        else:
+            raise ValueError(f"unknown sim fault {cmd!r}")
+        return {"cmd": cmd, "device": self.link.device}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+        self.sock.close()
+        self.ctx.term()
