@@ -54,7 +54,7 @@ def test_install_stages_a_complete_tree(tmp_path: Path) -> None:
     assert "recordings 0770 duet duet" in (root / "etc/tmpfiles.d/duet.conf").read_text()
     assert (root / "etc/duet/duet.yaml").read_text() == config.read_text()
     assert os.readlink(root / "var/lib/duet/bundles/current") == "test"
-    assert (root / "opt/duet/README-robot.md").is_file()
+    assert (root / "opt/duet/README.md").is_file()
     # what the services will load: robot config + site file pointing at the current bundle
     cfg = load_config(root / "etc/duet/duet.yaml", root / "etc/duet/site.yaml")
     assert cfg.bundle.path == "/var/lib/duet/bundles/current"
@@ -105,5 +105,5 @@ def test_custom_prefix_and_can_bus(tmp_path: Path) -> None:
 
 
 def test_realtime_dropin_without_fifo_turns_it_off(tmp_path: Path) -> None:
-    text = render_realtime_dropin(load_config(_robot_config(tmp_path)))
+    text = render_realtime_dropin(load_config(_robot_config(tmp_path, sched_fifo_priority=0)))
     assert "CPUSchedulingPolicy=other" in text and "CPUAffinity=\n" in text

@@ -52,7 +52,8 @@ def test_duet_run_prints_and_writes_the_summary(tmp_path: Path, bundle: Path) ->
     assert set(s["safety"]) >= {"faults", "clamped_commands", "estops"}
     assert set(s["task"]) == {"episodes", "successes", "success_rate"}
     assert f["mode_counts"]["TRACK"] > 0 and s["planner"]["plans"] > 5
-    assert s["safety"]["faults"] == 0 and s["bus"]["errors"] == 0
+    assert s["safety"]["faults"] == 0
+    assert s["bus"]["errors"] <= 0.01 * s["bus"]["reads"]  # retried-out reads: rare, counted
     assert "duet run" in proc.stdout  # the human table
 
 

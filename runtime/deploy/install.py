@@ -139,7 +139,8 @@ def install(plan: InstallPlan) -> list[str]:
     prefix_dir.mkdir(parents=True, exist_ok=True)
     if plan.venv:
         make_venv(prefix_dir / "venv", plan.source, plan.run)
-    shutil.copyfile(units_src / "README-robot.md", prefix_dir / "README-robot.md")
+    # the units' Documentation= points here: the README's "On the robot" section
+    shutil.copyfile(units_src.parent / "README.md", prefix_dir / "README.md")
 
     for unit in UNITS:
         _write(lay.units / unit, render_unit((units_src / unit).read_text(), plan.prefix))
