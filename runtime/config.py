@@ -238,12 +238,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+def set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """data[a][b][c] = value for parts [a, b, c], creating mappings on the way."""
     node = data
     for part in parts[:-1]:
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {'.'.join(parts)}: {part!r} is not a mapping")
+            raise ConfigError(f"{'.'.join(parts)}: {part!r} is not a mapping")
         node = nxt
     node[parts[-1]] = value
 
@@ -280,7 +281,7 @@ def load_config(
         cli: dict[str, Any] = {}
         for item in overrides:
             parts, value = parse_override(item)
-            _apply_override(cli, parts, value)
+            set_path(cli, parts, value)
         layers.append(("--set", cli))
     merged: dict[str, Any] = {}
     for _, layer in layers:

@@ -1,4 +1,5 @@
-"""Client side of the follower's control socket (estop, reset, status, set, get)."""
+"""Client side of duet's REQ/REP sockets: the follower's control socket (estop, reset,
+status, set, get), the recorder's, and the sim's fault-injection socket."""
 
 from __future__ import annotations
 
@@ -14,27 +15,29 @@ class ControlError(Exception):
     pass
 
 
-def request(run_dir: str, cmd: str, args: dict[str, Any] | None = None,
-            timeout_s: float = 2.0, endpoint: str | None = None) -> dict[str, Any]:
-    """Send one request; return the reply body ({ok, error, result}); ControlError if none.
-
-    `endpoint` defaults to the follower's control socket in `run_dir`."""
-    endpoint = endpoint or endpoints.control(run_dir)
+def request_at(endpoint: str, cmd: str, args: dict[str, Any] | None = None,
+               timeout_s: float = 2.0) -> dict[str, Any]:
+    """One request; the reply body {ok, error, result}; ControlError when none comes."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
-    sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
     try:
         sock.connect(endpoint)
         sock.send(Encoder().encode("request", {"cmd": cmd, "args": args or {}}))
-        reply = decode(sock.recv(), "reply")
-    except zmq.Again:
-        raise ControlError(f"no reply from {endpoint} within {timeout_s:g} s "
-                           "(is it running?)") from None
-    except MessageError as exc:
-        raise ControlError(f"bad reply: {exc}") from None
+        if not sock.poll(int(timeout_s * 1000)):
+            raise ControlError(f"no reply from {endpoint} within {timeout_s:g} s "
+                               "(is it running?)")
+        try:
+            reply = decode(sock.recv(), "reply")
+        except MessageError as exc:
+            raise ControlError(f"bad reply from {endpoint}: {exc}") from None
     finally:
         sock.close()
     return {"ok": bool(reply.get("ok")), "error": reply.get("error"),
             "result": reply.get("result") or {}}
+
+
+def request(run_dir: str, cmd: str, args: dict[str, Any] | None = None,
+            timeout_s: float = 2.0) -> dict[str, Any]:
+    """A request to the follower's control socket in `run_dir`."""
+    return request_at(endpoints.control(run_dir), cmd, args, timeout_s)

@@ -65,7 +65,7 @@ class Actuators:
         for name in _ARRAYS:
             local = getattr(act, name)
             raw = ctx.RawArray(ctypes.c_uint8, local.nbytes)
-            view = np.frombuffer(raw, dtype=local.dtype, count=n)
+            view = np.frombuffer(memoryview(raw), dtype=local.dtype, count=n)
             view[:] = local
             setattr(act, name, view)
         return act

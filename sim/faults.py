@@ -191,7 +191,7 @@ class FaultInjector:
             try:
                 req = decode(frame, "request")
                 result = self.handle(str(req.get("cmd")), req.get("args") or {})
-                reply = {"ok": True, "error": None, "result": result}
+                reply: dict[str, Any] = {"ok": True, "error": None, "result": result}
             except (MessageError, ValueError, KeyError, IndexError) as exc:
                 reply = {"ok": False, "error": str(exc), "result": {}}
             self.sock.send(self.encoder.encode("reply", reply))

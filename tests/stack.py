@@ -14,7 +14,7 @@ import zmq
 
 from runtime import endpoints
 from runtime.config import DuetConfig, load_config
-from runtime.control_client import request
+from runtime.control_client import request, request_at
 from runtime.messages import decode, unpack_array
 from runtime.supervisor import Supervisor
 
@@ -58,8 +58,7 @@ class Stack:
 
     def sim_fault(self, cmd: str, **args: Any) -> dict[str, Any]:
         """Break (or mend) the sim robot through its fault-injection socket."""
-        reply = request(self.run_dir, cmd, args, timeout_s=5.0,
-                        endpoint=endpoints.sim_control(self.run_dir))
+        reply = request_at(endpoints.sim_control(self.run_dir), cmd, args, timeout_s=5.0)
         assert reply["ok"], reply
         return reply
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.deploy.ipc import request_at
+from runtime.control_client import request_at
 from runtime.deploy.mcap_sink import read_recording
 from runtime.deploy.recorder import Recorder, recorder_endpoint
 

@@ -195,7 +195,7 @@ def _record(args: argparse.Namespace) -> int:
     if args.record_cmd == "info":
         return _record_info(Path(args.file))
     from runtime.config import ConfigError, load_config
-    from runtime.deploy.ipc import RequestError, request_at
+    from runtime.control_client import ControlError, request_at
     from runtime.deploy.recorder import recorder_endpoint
 
     run_dir = args.run_dir
@@ -207,7 +207,7 @@ def _record(args: argparse.Namespace) -> int:
     body = {"name": args.name} if args.record_cmd == "start" else {}
     try:
         reply = request_at(recorder_endpoint(run_dir), args.record_cmd, body, timeout_s=3.0)
-    except RequestError:
+    except ControlError:
         return _fail("record", RuntimeError(
             f"no recorder answering in {run_dir}: systemctl start duet-recorder "
             "(or run `duet record serve`)"))

@@ -22,6 +22,7 @@ from runtime.config import (
     config_to_dict,
     load_config,
     parse_override,
+    set_path,
 )
 
 
@@ -125,13 +126,7 @@ def stage_set(config: Path, site: Path, item: str) -> tuple[str, Any, Any, str, 
     current = effective(config, site)
     old = lookup(current, key)
     data = _read_site(site)
-    node = data
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{site}: {part!r} is not a mapping")
-        node = nxt
-    node[parts[-1]] = value
+    set_path(data, parts, value)
     text = yaml.safe_dump(data, sort_keys=False)
     folder = site.parent if site.parent.is_dir() else None
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=folder, delete=False) as tmp:

@@ -10,7 +10,7 @@ from typing import Any
 import zmq
 
 from runtime import endpoints
-from runtime.messages import Encoder, MessageError, decode
+from runtime.messages import MessageError, decode
 
 SOURCES = ("follower", "planner")
 
@@ -70,28 +70,3 @@ class TelemetrySubscriber:
         for sock in self._socks:
             sock.close()
         self._socks.clear()
-
-
-class RequestError(Exception):
-    """Nobody answered on the endpoint in time, or the answer was not a reply."""
-
-
-def request_at(endpoint: str, cmd: str, args: dict[str, Any] | None = None,
-               timeout_s: float = 2.0) -> dict[str, Any]:
-    """One REQ/REP exchange with a duet service (follower control, recorder)."""
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        sock.send(Encoder().encode("request", {"cmd": cmd, "args": args or {}}))
-        if not sock.poll(int(timeout_s * 1000)):
-            raise RequestError(f"no reply from {endpoint} within {timeout_s:g} s")
-        try:
-            msg = decode(sock.recv(), "reply")
-        except MessageError as exc:
-            raise RequestError(f"bad reply from {endpoint}: {exc}") from None
-    finally:
-        sock.close()
-    return {"ok": bool(msg.get("ok")), "error": msg.get("error"),
-            "result": msg.get("result") or {}}
