@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import select
 import signal
 import time
 from pathlib import Path
@@ -80,6 +81,8 @@ class Follower:
         self.periods = Ring(RING_CAPACITY)
         self.compute = Ring(RING_CAPACITY)
         self.delivery = Ring(1 << 16)
+        self.read_us = Ring(RING_CAPACITY)  # bus read (the wire + the motors' reply)
+        self.write_us = Ring(RING_CAPACITY)
         self.mode_counts = np.zeros(len(Mode), dtype=np.int64)
         self.dropped: dict[str, int] = {}
         self.plans_received = 0
@@ -101,6 +104,7 @@ class Follower:
         self.plan_sub.setsockopt(zmq.RCVHWM, 4)
         self.plan_sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.plan_sub.connect(endpoints.plan(run_dir))
+        self._plan_fd = [int(self.plan_sub.getsockopt(zmq.FD))]
         self.state_pub = self.ctx.socket(zmq.PUB)
         self.state_pub.setsockopt(zmq.SNDHWM, 4)
         self.state_pub.bind(endpoints.state(run_dir))
@@ -196,6 +200,7 @@ class Follower:
         try:
             self.bus.read(self.state)
             self.bus_failures = 0
+            self.read_us.add((time.monotonic_ns() - now_ns) / 1000.0)
         except MotorFault as exc:
             self._fault(f"motor fault: {exc}", bus_dead=False)
             return
@@ -220,8 +225,10 @@ class Follower:
         except NonFiniteCommand:
             self._fault("non-finite command", bus_dead=False)
             return
+        t_write = time.monotonic_ns()
         try:
             self.bus.write(self.command)
+            self.write_us.add((time.monotonic_ns() - t_write) / 1000.0)
         except BusError as exc:
             self.bus_failures += 1
             if self.bus_failures >= self.cfg.follower.bus_error_threshold:
@@ -247,18 +254,20 @@ class Follower:
             self.desired[:] = self.tracker.hold_command()
 
     def _wait(self, deadline: int, spin_ns: int) -> int:
-        """Sleep until `spin_ns` before the deadline, receiving plans meanwhile (the poll
-        releases the GIL and wakes on arrival, so delivery latency is the transport's, not
-        the tick period's), then spin to the deadline."""
+        """Sleep until `spin_ns` before the deadline, receiving plans meanwhile, then spin.
+
+        The sleep is a select() on the plan socket's (edge-triggered) notification fd, so a
+        plan is taken the moment it arrives and delivery latency is the transport's, not the
+        tick period's. ZMQ_EVENTS is checked before each sleep, which re-arms the fd.
+        """
         while True:
             remaining = deadline - time.monotonic_ns() - spin_ns
             if remaining <= 0:
                 break
-            if remaining >= 1_000_000:
-                if self.plan_sub.poll(remaining // 1_000_000):
-                    self._receive_plans()
-            else:
-                time.sleep(remaining / 1e9)
+            if int(self.plan_sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self._receive_plans()
+                continue
+            select.select(self._plan_fd, (), (), remaining / 1e9)
         while True:
             now = time.monotonic_ns()
             if now >= deadline:
@@ -479,6 +488,8 @@ class Follower:
             "period_jitter_us": summarize(np.abs(periods - self.period_ns / 1000.0),
                                           ("p50", "p99", "p999", "max")),
             "tick_compute_us": summarize(self.compute.values()),
+            "bus_read_us": summarize(self.read_us.values()),
+            "bus_write_us": summarize(self.write_us.values()),
             "mode_counts": {m.name: int(self.mode_counts[m]) for m in Mode},
             "first_track_ns": self.first_track_ns,
             "plan_delivery_us": summarize(self.delivery.values(), ("p50", "p99")),

@@ -16,7 +16,9 @@ SIGTERM/SIGINT: stop, write RUN_DIR/sim-summary.json, exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import queue
 import signal
 import sys
@@ -116,6 +118,11 @@ class PhysicsLoop:
         self._next_episode()
 
     def _run(self) -> None:
+        if self.cfg.rt_priority > 1:
+            # The physics thread holds the actuator lock the servos need for every reply:
+            # it must not be preempted by ordinary work while holding it (priority inversion).
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.cfg.rt_priority - 1))
         period = round(1e9 / self.cfg.physics_hz)
         max_behind = round(MAX_CATCH_UP_S * 1e9)
         deadline = time.monotonic_ns() + period
