@@ -14,6 +14,8 @@ reported clamped at t_max, as the 12-bit field saturates on a real motor.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from typing import Any
 
@@ -58,6 +60,7 @@ class MitCanEmulator:
         self._zero = np.zeros(actuators.n)  # joint position of each motor's encoder zero
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.rt_priority = 0  # SCHED_FIFO priority of the serving thread, 0 = don't ask
         self.frames_in = 0
         self.replies_out = 0
         self.ignored = 0  # frames to other ids or malformed
@@ -91,6 +94,11 @@ class MitCanEmulator:
             self.bus.shutdown()
 
     def _serve(self) -> None:
+        if self.rt_priority:
+            # motors answer a command within microseconds whatever the host is doing
+            # (best effort; without the privilege it simply runs SCHED_OTHER)
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
         while not self._stop.is_set():
             try:
                 msg = self.bus.recv(0.05)  # short timeout: stop() is noticed promptly

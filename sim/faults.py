@@ -144,8 +144,8 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig, rt_priority: in
 
 
 class CanLink:
-    def __init__(self, actuators: Actuators, bus: CanBusConfig) -> None:
-        self.actuators, self.bus = actuators, bus
+    def __init__(self, actuators: Actuators, bus: CanBusConfig, rt_priority: int = 0) -> None:
+        self.actuators, self.bus, self.rt_priority = actuators, bus, rt_priority
         self.device = bus.channel
         self._start()
 
@@ -153,6 +153,7 @@ class CanLink:
         from sim.can_emulator import MitCanEmulator
 
         self.emulator = MitCanEmulator.from_config(self.actuators, self.bus)
+        self.emulator.rt_priority = self.rt_priority
         self.emulator.start()
 
     def cut(self) -> None:

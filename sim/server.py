@@ -57,7 +57,7 @@ def _open_link(cfg: DuetConfig, actuators: Actuators) -> MotorLink:
         return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0", sim_cfg.rt_priority)
     if not isinstance(bus, CanBusConfig):
         raise ConfigError("sim.transport is 'can' but bus.kind is not 'mit_can'")
-    return CanLink(actuators, bus)
+    return CanLink(actuators, bus, sim_cfg.rt_priority)
 
 
 class PhysicsLoop:

@@ -35,7 +35,11 @@ class Stack:
         self.tel.setsockopt(zmq.RCVHWM, 1000)
 
     def __enter__(self) -> Stack:
-        self.sup.start(with_planner=self.with_planner)
+        try:
+            self.sup.start(with_planner=self.with_planner)
+        except BaseException:
+            self.sup.stop()  # never leak a half-started stack (ports, ptys) into later tests
+            raise
         self.tel.connect(endpoints.telemetry(self.cfg.run_dir, "follower"))
         return self
 
