@@ -109,10 +109,12 @@ class Supervisor:
             log.info("sim robot on %s", line)
         sets = [a for o in overrides for a in ("--set", o)]
         self._spawn("follower", ["follower", "--config", str(effective), *sets])
-        self._wait_ready("follower")
+        # The planner loads its engine while the follower reads the motors: it plans only
+        # once it has a joint state, so it needs no ordering beyond the follower's start.
         self.planner_args = ["planner", "--config", str(effective), *sets]
         if with_planner:
             self._spawn("planner", self.planner_args)
+        self._wait_ready("follower")
 
     def _wait_ready(self, name: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S

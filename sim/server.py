@@ -41,7 +41,7 @@ from sim.task import RUNNING, SUCCESS, Episode, TaskTracker, episode_seed
 from sim.world import JOINTS, SimWorld
 
 TASK_HZ = 100.0  # touch checks per simulated second
-TASK_RESEND_S = 1.0
+TASK_RESEND_S = 0.2  # a late subscriber (a restarted planner) learns the task within 0.2 s
 MAX_CATCH_UP_S = 0.1  # further behind than this, the backlog is dropped, not replayed
 SEND_HWM = 16
 

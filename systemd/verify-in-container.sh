@@ -42,7 +42,9 @@ cleanup() {
         kill "$NSPAWN_PID" 2>/dev/null || true
     fi
     if [[ -n $SIM_PGID ]]; then kill -CONT -- "-$SIM_PGID" 2>/dev/null || true
-        kill -TERM -- "-$SIM_PGID" 2>/dev/null || true; fi
+        kill -TERM -- "-$SIM_PGID" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 -- "-$SIM_PGID" 2>/dev/null || break; sleep 0.2; done
+    fi
 }
 trap cleanup EXIT
 
@@ -126,7 +128,10 @@ wait_active() {  # unit, seconds
     sctl status "$1" --no-pager -l | tail -20; die "$1 not active within $2 s"
 }
 journal_since() { "${C[@]}" journalctl -o short-monotonic --no-pager --since "@$1" "${@:2}"; }
-"${C[@]}" systemctl is-system-running --wait >/dev/null || true   # degraded is fine here
+# until PID 1 answers on its bus and boot is done (degraded is fine here)
+for _ in $(seq 1 150); do
+    [[ $(sctl is-system-running --wait 2>/dev/null) =~ ^(running|degraded)$ ]] && break; sleep 0.2
+done
 
 # ------------------------------------------------------------------ 4. duet.target at boot
 say "4a. duet.target, enabled by duet install, started both services at boot"
@@ -138,9 +143,9 @@ say "1. Type=notify: activating until READY=1, STATUS= in systemctl status"
 sctl stop duet-planner duet-follower
 T0=$(date +%s)
 sctl start --no-block duet-follower
-seen=()
+seen=() last=""
 for _ in $(seq 1 300); do
-    s=$(state duet-follower); [[ ${seen[-1]:-} == "$s" ]] || seen+=("$s")
+    s=$(state duet-follower); [[ $last == "$s" ]] || seen+=("$s"); last=$s
     [[ $s == active/running ]] && break; sleep 0.02
 done
 echo "states seen: ${seen[*]}"
@@ -168,9 +173,9 @@ sctl stop duet-follower
 kill -STOP -- "-$SIM_PGID"
 T1=$(date +%s)
 sctl start --no-block duet-follower
-seen=()
+seen=() last=""
 for _ in $(seq 1 40); do
-    s=$(state duet-follower); [[ ${seen[-1]:-} == "$s" ]] || seen+=("$s"); sleep 0.1
+    s=$(state duet-follower); [[ $last == "$s" ]] || seen+=("$s"); last=$s; sleep 0.1
 done
 kill -CONT -- "-$SIM_PGID"
 echo "states seen in 4 s: ${seen[*]}"
