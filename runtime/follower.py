@@ -122,6 +122,7 @@ class Follower:
     # ---------------------------------------------------------------- start-up
     def start(self) -> None:
         """INIT: open the bus, read the motors, command exactly the measured position."""
+        self._restore_latch()
         self.bus.open()
         self.bus.read(self.state)
         self._check_state()
@@ -129,12 +130,34 @@ class Follower:
         self.command[:] = self.filter.last
         self.tracker.start_hold(self.command, np.zeros(self.n))
         self.bus.write(self.command)
-        self.bus.enable_torque(True)
-        self.torque_on = True
+        latched_off = self.safety.latched and (self.safety.mode == Mode.ESTOP or
+                                               self.cfg.follower.fault_action == "torque_off")
+        self.bus.enable_torque(not latched_off)
+        self.torque_on = not latched_off
         if not self.safety.latched:
             self.safety.hold()
         self.notifier.notify("READY=1")
         self.notifier.notify(f"STATUS={self.safety.mode.name} at {self.cfg.follower.hz:g} Hz")
+
+    @property
+    def _latch_path(self) -> Path:
+        return Path(self.cfg.run_dir) / "follower.latched"
+
+    def _restore_latch(self) -> None:
+        """A FAULT/ESTOP survives a restart of the process (watchdog, crash): only an
+        explicit reset clears it. The latch file lives in the runtime directory, which
+        systemd preserves across restarts (RuntimeDirectoryPreserve) and a reboot clears."""
+        try:
+            reason = self._latch_path.read_text().strip()
+        except OSError:
+            return
+        self.safety.fault(f"latched before restart: {reason}")
+
+    def _write_latch(self) -> None:
+        try:
+            self._latch_path.write_text(f"{self.safety.mode.name}: {self.safety.reason}\n")
+        except OSError:
+            pass  # a read-only run dir must not turn a fault into a crash
 
     def _check_state(self) -> None:
         q = self.state.q
@@ -177,7 +200,8 @@ class Follower:
                 self.notifier.notify("WATCHDOG=1")
                 if self.safety.mode != last_mode:
                     last_mode = self.safety.mode
-                    self.notifier.notify(f"STATUS={last_mode.name} at {fc.hz:g} Hz")
+                    why = f": {self.safety.reason}" if self.safety.latched else ""
+                    self.notifier.notify(f"STATUS={last_mode.name} at {fc.hz:g} Hz{why}")
             self._serve_control()
             deadline += self.period_ns
             now = time.monotonic_ns()
@@ -313,6 +337,7 @@ class Follower:
 
     def _on_fault(self) -> None:
         """Safe stop as configured: brake to a hold, or torque off."""
+        self._write_latch()
         self.notifier.notify(f"STATUS=FAULT: {self.safety.reason}")
         if self.cfg.follower.fault_action == "torque_off":
             self._torque(False)
@@ -322,6 +347,7 @@ class Follower:
     def _estop(self, reason: str) -> None:
         if self.safety.estop(reason):
             self._torque(False)
+            self._write_latch()
             self.notifier.notify(f"STATUS=ESTOP: {reason}")
 
     def _torque(self, on: bool) -> None:
@@ -348,6 +374,7 @@ class Follower:
         self.bus_dead = False
         self.bus_failures = 0
         self.safety.reset()
+        self._latch_path.unlink(missing_ok=True)
         self._check_state()
         if self.safety.latched:
             return False, f"still faulted: {self.safety.reason}"
@@ -523,7 +550,11 @@ def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGUSR1, _estop)
     try:
-        follower.start()
+        try:
+            follower.start()
+        except BusError as exc:
+            log.error("motors not readable at start: %s", exc)
+            return 2
         log.info("follower ready: %s at %g Hz", follower.safety.mode.name, cfg.follower.hz)
         follower.run(duration_s)
     finally:

@@ -21,11 +21,16 @@ def apply_realtime(priority: int, cpu: int | None, mlock: bool) -> list[str]:
         except (OSError, ValueError) as exc:
             report.append(f"cpu pinning to {cpu} not permitted: {exc}")
     if priority > 0:
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-            report.append(f"SCHED_FIFO priority {priority}")
-        except (OSError, AttributeError) as exc:
-            report.append(f"SCHED_FIFO not permitted ({exc}); running SCHED_OTHER")
+        current = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+        if current == os.SCHED_FIFO:  # already set by systemd (CPUSchedulingPolicy=fifo)
+            report.append(f"SCHED_FIFO priority {os.sched_getparam(0).sched_priority} "
+                          "(set by the service manager)")
+        else:
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+                report.append(f"SCHED_FIFO priority {priority}")
+            except (OSError, AttributeError) as exc:
+                report.append(f"SCHED_FIFO not permitted ({exc}); running SCHED_OTHER")
     if mlock:
         report.append(_mlockall())
     return report

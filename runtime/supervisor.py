@@ -57,7 +57,7 @@ class Supervisor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("plan", "state", "control", "telemetry-follower", "telemetry-planner", "sim",
                      "notify", "follower-summary.json", "planner-summary.json",
-                     "sim-summary.json"):
+                     "sim-summary.json", "follower.latched"):
             (self.run_dir / name).unlink(missing_ok=True)
         self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -108,7 +108,8 @@ class Supervisor:
             self.device = line
             log.info("sim robot on %s", line)
         sets = [a for o in overrides for a in ("--set", o)]
-        self._spawn("follower", ["follower", "--config", str(effective), *sets])
+        self.follower_args = ["follower", "--config", str(effective), *sets]
+        self._spawn("follower", self.follower_args)
         # The planner loads its engine while the follower reads the motors: it plans only
         # once it has a joint state, so it needs no ordering beyond the follower's start.
         self.planner_args = ["planner", "--config", str(effective), *sets]

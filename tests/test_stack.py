@@ -206,3 +206,19 @@ def test_sigterm_gives_a_controlled_stop_and_exit_0(tmp_path: Path, bundle: Path
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["exit_codes"] == {"planner": 0, "follower": 0, "sim": 0}
     assert s["safety"]["faults"] == 0
+
+
+def test_estop_survives_a_follower_restart_until_reset(tmp_path: Path, bundle: Path) -> None:
+    """A watchdog kill or crash must not clear a latched ESTOP/FAULT: only reset does."""
+    with Stack(tmp_path, bundle, planner=False) as stack:
+        assert stack.control("estop")["ok"]
+        stack.wait_mode("ESTOP", 1)
+        stack.signal("follower", signal.SIGKILL)
+        stack.sup.children["follower"].wait()
+        stack.sup.ready.discard("follower")
+        stack.sup._spawn("follower", stack.sup.follower_args)
+        stack.sup._wait_ready("follower")
+        tel = stack.telemetry(5)
+        assert tel["mode"] == "FAULT" and "latched before restart: ESTOP" in tel["fault_reason"]
+        assert stack.control("reset")["ok"]
+        stack.wait_mode("HOLD", 2)

@@ -90,3 +90,11 @@ def test_offline_enable_matches_systemctl(tmp_path: Path) -> None:
                 if p.is_symlink()}
 
     assert links(mine) == links(theirs) and links(mine)
+
+
+def test_container_verification_script_parses() -> None:
+    """systemd/verify-in-container.sh (run by hand: minutes, root) is at least valid bash."""
+    script = REPO / "systemd/verify-in-container.sh"
+    out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert os.access(script, os.X_OK)
