@@ -45,8 +45,8 @@ class ColourKeypoints(nn.Module):
     """Image -> where each block colour is on the table, and whether it is still coloured.
 
     A small CoordConv stem at half resolution ends in one heatmap per block colour; a spatial
-    softmax gives its expected image position (sub-pixel), the heatmap's peak says whether
-    the colour is visible at all (a touched block turns grey). A shared MLP maps the image
+    softmax gives its expected image position (sub-pixel); the stem's per-channel peaks say
+    whether each colour is visible at all (a touched block turns grey). A shared MLP maps the image
     position to table xy (the table is a plane, so this is a fixed smooth map). Both are
     supervised directly during training, which is what makes the planner learn in minutes.
     """
@@ -66,13 +66,15 @@ class ColourKeypoints(nn.Module):
         self.register_buffer("rgb_mean", torch.tensor(_RGB_MEAN).reshape(1, 3, 1, 1))
         self.register_buffer("rgb_std", torch.tensor(_RGB_STD).reshape(1, 3, 1, 1))
         # 96 -> 48: 2 px per heatmap cell, a block covers ~2x2 cells.
-        self.stem = nn.Sequential(_conv(5, c // 2, 2), _conv(c // 2, c, 1), _conv(c, c, 1),
-                                  nn.Conv2d(c, n_colours, 1))
+        self.stem = nn.Sequential(_conv(5, c // 2, 2), _conv(c // 2, c, 1), _conv(c, c, 1))
+        self.heatmaps = nn.Conv2d(c, n_colours, 1)
         gy, gx = torch.meshgrid(torch.linspace(-1, 1, map_size), torch.linspace(-1, 1, map_size),
                                 indexing="ij")
         self.register_buffer("grid", torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1))
         self.register_buffer("table_centre", _table_centre())
-        self.present = nn.Linear(1, 1)  # peak activation -> visible logit (shared)
+        # "is this colour anywhere in view": from every channel's strongest response (a
+        # heatmap's own peak cannot tell, its softmax always finds something)
+        self.present = nn.Linear(c, n_colours)
         self.to_table = nn.Sequential(nn.Linear(2, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
                                       nn.Linear(64, 2))
 
@@ -83,12 +85,12 @@ class ColourKeypoints(nn.Module):
         x = (x - self.rgb_mean) / self.rgb_std
         x = torch.cat([x, self.coords.expand(b, -1, -1, -1)], dim=1)
         feat = self.stem(x)
-        k = feat.shape[1]
-        flat = feat.reshape(b, k, -1)
+        heat = self.heatmaps(feat)
+        flat = heat.reshape(b, heat.shape[1], -1)
         uv = torch.softmax(flat, dim=-1) @ self.grid  # [B,C,2] in [-1,1] image coordinates
-        peak = flat.max(dim=-1, keepdim=True).values
+        peak = feat.reshape(b, feat.shape[1], -1).max(dim=-1).values  # [B,c]
         xy = self.to_table(uv) * TABLE_SCALE + self.table_centre
-        return xy, self.present(peak)[..., 0]
+        return xy, self.present(peak)
 
 
 class InstructionReader(nn.Module):

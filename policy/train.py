@@ -162,7 +162,7 @@ def train_planner(data: dict[str, np.ndarray], actions: dict[str, np.ndarray],
             / vis.sum().clamp_min(1.0)
         order = F.cross_entropy(out["order"].reshape(-1, model.n_colours),
                                 b["order"].reshape(-1), ignore_index=-1)
-        loss = (chunk_loss(out["waypoints"], b["chunk"]) + 0.1 * xy + order
+        loss = (chunk_loss(out["waypoints"], b["chunk"]) + xy + order
                 + F.binary_cross_entropy_with_logits(out["visible"], vis)
                 + chunk_loss(model.act(b["target_xy"], b["q"]), b["chunk"]))
         if model.training:  # the action MLP also learns from the cheap image-free samples

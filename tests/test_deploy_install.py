@@ -107,3 +107,13 @@ def test_custom_prefix_and_can_bus(tmp_path: Path) -> None:
 def test_realtime_dropin_without_fifo_turns_it_off(tmp_path: Path) -> None:
     text = render_realtime_dropin(load_config(_robot_config(tmp_path, sched_fifo_priority=0)))
     assert "CPUSchedulingPolicy=other" in text and "CPUAffinity=\n" in text
+
+
+def test_follower_waits_for_its_bus_device(tmp_path: Path) -> None:
+    from runtime.deploy.install import device_unit, render_device_dropin
+
+    cfg = load_config(_robot_config(tmp_path))
+    assert device_unit(cfg) == "dev-ttyDUET0.device"
+    assert "After=dev-ttyDUET0.device" in render_device_dropin(cfg)
+    can = load_config(REPO / "configs" / "sim_can.yaml", None, ["bus.channel=can-arm"])
+    assert device_unit(can) == "sys-subsystem-net-devices-can\\x2darm.device"

@@ -37,7 +37,8 @@ def test_walk_reaches_the_touch_pose() -> None:
     kin = ArmKinematics()
     target = np.array([0.35, 0.1, 0.05])
     states = _walk(kin, HOME_Q.copy(), target[None], np.random.default_rng(0), 40)
-    gaps = [np.linalg.norm(kin.fingertip(q) - (target + [0, 0, TOUCH_HEIGHT])) for q in states]
+    touch = target + np.array([0.0, 0.0, TOUCH_HEIGHT])
+    gaps = [np.linalg.norm(kin.fingertip(q) - touch) for q in states]
     assert gaps[0] > 0.1 and min(gaps[20:]) < 0.015
 
 

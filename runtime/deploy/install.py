@@ -24,6 +24,7 @@ from runtime.deploy.layout import UNIT_PREFIX, Layout, repo_systemd_dir, templat
 
 UNITS = ("duet.target", "duet-follower.service", "duet-planner.service", "duet-recorder.service")
 DROPIN = "duet-follower.service.d/realtime.conf"
+DEVICE_DROPIN = "duet-follower.service.d/device.conf"
 # USB ids of the ROBOTIS U2D2 (FTDI FT232H), the usual Dynamixel adapter.
 U2D2_MATCH = 'ATTRS{idVendor}=="0403", ATTRS{idProduct}=="6014"'
 
@@ -59,6 +60,31 @@ def render_realtime_dropin(cfg: DuetConfig) -> str:
     # an empty assignment resets what the unit set
     lines.append(f"CPUAffinity={rt.cpu}" if rt.cpu is not None else "CPUAffinity=")
     return "\n".join(lines) + "\n"
+
+
+def device_unit(cfg: DuetConfig) -> str:
+    """The systemd .device unit of the motor bus (as `systemd-escape --path` names it)."""
+    if isinstance(cfg.bus, CanBusConfig):
+        path = f"/sys/subsystem/net/devices/{cfg.bus.channel}"
+    else:
+        path = cfg.bus.device
+    out = []
+    for i, ch in enumerate(path.strip("/")):
+        if ch == "/":
+            out.append("-")
+        elif ch.isalnum() or ch in "_:" or (ch == "." and i > 0):
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch):02x}")
+    return "".join(out) + ".device"
+
+
+def render_device_dropin(cfg: DuetConfig) -> str:
+    """Start the follower once the bus adapter exists (udev may name it after boot), instead
+    of burning the restart budget on a missing device."""
+    unit = device_unit(cfg)
+    return ("# Rendered by `duet install` from bus.*; edit the config, not this.\n"
+            f"[Unit]\nWants={unit}\nAfter={unit}\n")
 
 
 def render_unit(text: str, prefix: str) -> str:
@@ -145,6 +171,7 @@ def install(plan: InstallPlan) -> list[str]:
     for unit in UNITS:
         _write(lay.units / unit, render_unit((units_src / unit).read_text(), plan.prefix))
     _write(lay.units / DROPIN, render_realtime_dropin(cfg))
+    _write(lay.units / DEVICE_DROPIN, render_device_dropin(cfg))
     _write(lay.sysusers / "duet.conf", (units_src / "duet.sysusers.conf").read_text())
     _write(lay.tmpfiles / "duet.conf", (units_src / "duet.tmpfiles.conf").read_text())
     for rel, text in render_udev(cfg, plan.usb_serial).items():
