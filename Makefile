@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 DURATION ?= 20
 
-.PHONY: demo test lint typecheck bench train bundle eval clean
+.PHONY: demo test lint bench train bundle bundles eval verify-systemd clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,37 @@ test: $(VENV)/.dev
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
+
+# Long runs: make targets, not tests.
+CKPT ?= checkpoints
+train: $(VENV)/.dev        # reproduces both reference models from fixed seeds (~20 min on 2 CPU cores)
+	$(BIN)/duet train --out $(CKPT)
+
+# INT8: the planner's convolutions (QDQ); its small MLP layers and the follower stay fp32
+# (see README, "Reference policy").
+INT8 := --follower-precision fp32 --int8-ops Conv
+bundle: $(VENV)/.dev       # the shipped reference bundle
+	$(BIN)/duet export --planner $(CKPT)/planner.pt --follower $(CKPT)/follower.pt \
+	  --out bundles/reference --precision int8 $(INT8) --config configs/sim.yaml \
+	  --calib-data $(CKPT)/calib.npz
+
+bundles: $(VENV)/.dev      # fp32 / fp16 / int8 bundles for the evaluation table
+	for p in fp32 fp16 int8; do \
+	  $(BIN)/duet export --planner $(CKPT)/planner.pt --follower $(CKPT)/follower.pt \
+	    --out runs/bundles/$$p --precision $$p $$([ $$p = int8 ] && echo "$(INT8)") \
+	    --config configs/sim.yaml --calib-data $(CKPT)/calib.npz || exit 1; done
+
+eval: bundles              # closed loop through the runtime, 100 episodes per precision
+	$(BIN)/duet eval --bundle runs/bundles/fp32 --bundle runs/bundles/fp16 --bundle runs/bundles/int8 \
+	  --episodes 100 --ablation-episodes 50 --checkpoints $(CKPT) --out runs/eval --json runs/eval/eval.json
+
+bench: $(VENV)/.dev
+	$(BIN)/python bench/follower_loop.py --duration 20
+	$(BIN)/python -m bench.drivers --cycles 2000
+	$(BIN)/python bench/engines.py
+
+verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container)
+	systemd/verify-in-container.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -82,7 +82,7 @@ def main() -> None:
                       + f"/{nj.max():.1f}", "-", "-", "-")
         raw[str(hz)] = {"summary": s, "naive_achieved_hz": 1e6 / naive.mean(),
                         "naive_jitter_us_p99": float(np.percentile(nj, 99))}
-    Console().print(table)
+    Console(width=200).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
 

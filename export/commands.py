@@ -18,6 +18,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--follower", type=Path, help="follower checkpoint (duet train)")
     p.add_argument("--out", type=Path, help="bundle folder to write (replaced if a bundle)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument("--follower-precision", choices=["fp32", "fp16", "int8"],
+                   help="the follower's own precision (default: --precision)")
+    p.add_argument("--int8-ops", default="Conv,MatMul,Gemm",
+                   help="op types quantized in int8 (default: %(default)s)")
     p.add_argument("--config", type=Path, default=Path("configs/sim.yaml"),
                    help="robot config: joint names, limits and rates (default: %(default)s)")
     p.add_argument("--sign-key", type=Path, help="ed25519 private key (duet export keygen)")
@@ -96,7 +100,9 @@ def _export(args: argparse.Namespace) -> int:
             position_max=cfg.robot.limits.position_max,
             calib=args.calib, parity_samples=args.parity_samples,
             calib_data=_calib_data(args.calib_data, args.planner),
-            sign_key=args.sign_key, seed=args.seed, tokenizer=tokenizer)
+            sign_key=args.sign_key, seed=args.seed, tokenizer=tokenizer,
+            follower_precision=args.follower_precision,
+            int8_ops=tuple(op.strip() for op in args.int8_ops.split(",") if op.strip()))
         out = export_bundle(planner, follower, args.out, opts)
     except (ExportError, ConfigError, SigningError, TokenizerError, ValueError) as exc:
         return _fail(str(exc))

@@ -39,6 +39,7 @@ class LoopSettings:
     strategy: str
     blend_s: float
     residual_max: float
+    residual_filter_s: float
     hold_decel: float
     timeout_s: float
     pos_min: np.ndarray
@@ -57,6 +58,7 @@ class LoopSettings:
             "follower_hz": cfg.follower.hz, "planner_hz": cfg.planner.hz, "dt_s": dt_s,
             "strategy": cfg.follower.chunk_strategy, "blend_s": cfg.follower.blend_ms / 1e3,
             "residual_max": cfg.follower.residual_max, "hold_decel": cfg.follower.hold_decel,
+            "residual_filter_s": cfg.follower.residual_filter_ms / 1e3,
             "timeout_s": sim.episode_timeout_s if sim else 12.0,
             "pos_min": np.array(lim.position_min), "pos_max": np.array(lim.position_max),
             "vel_max": np.array(lim.velocity_max), "acc_max": np.array(lim.accel_max),
@@ -107,7 +109,8 @@ def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
     task.start(world, world.time)
     tracker = Tracker(n, tick_dt, ReferenceGenerator(n, s.strategy, s.blend_s), engine,
                       lookahead=s.lookahead, lookahead_dt=s.lookahead_dt,
-                      residual_max=s.residual_max, hold_decel=s.hold_decel)
+                      residual_max=s.residual_max, residual_filter_s=s.residual_filter_s,
+                      hold_decel=s.hold_decel)
     safety = SafetyFilter(s.pos_min, s.pos_max, s.vel_max, s.acc_max, tick_dt)
     q0 = world.q()
     safety.reset(q0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -127,11 +128,14 @@ def scene_samples(seeds: list[int], two_step_fraction: float, per_scene: int = 3
     return {k: np.stack(v) for k, v in out.items()}
 
 
-def parallel(fn: Any, seeds: list[int], workers: int, *args: Any) -> dict[str, np.ndarray]:
+Samples = dict[str, np.ndarray]
+
+
+def parallel(fn: Callable[..., Samples], seeds: list[int], workers: int, *args: Any) -> Samples:
     """fn(seed slice, *args) over `workers` processes (spawned: each opens its own GL
     context), concatenated in seed order so the result does not depend on `workers`."""
     if workers <= 1 or len(seeds) < 2 * workers:
-        return fn(seeds, *args)  # type: ignore[no-any-return]
+        return fn(seeds, *args)
     bounds = np.linspace(0, len(seeds), workers + 1).round().astype(int)
     parts = [seeds[a:b] for a, b in itertools.pairwise(bounds)]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:

@@ -83,6 +83,7 @@ class Follower:
         self.delivery = Ring(1 << 16)
         self.read_us = Ring(RING_CAPACITY)  # bus read (the wire + the motors' reply)
         self.write_us = Ring(RING_CAPACITY)
+        self.logic_us = Ring(RING_CAPACITY)  # everything between read and write (no bus I/O)
         self.mode_counts = np.zeros(len(Mode), dtype=np.int64)
         self.dropped: dict[str, int] = {}
         self.plans_received = 0
@@ -233,6 +234,7 @@ class Follower:
             if self.bus_failures >= self.cfg.follower.bus_error_threshold:
                 self._fault(f"bus: {exc}", bus_dead=True)
             return
+        t_logic = time.monotonic_ns()
         if self.ticks % self.cfg.follower.state_pub_every == 0:
             self._publish_state()
         self._check_state()
@@ -250,6 +252,7 @@ class Follower:
             self._fault("non-finite command", bus_dead=False)
             return
         t_write = time.monotonic_ns()
+        self.logic_us.add((t_write - t_logic) / 1000.0)
         try:
             self.bus.write(self.command)
             self.write_us.add((time.monotonic_ns() - t_write) / 1000.0)
@@ -517,6 +520,7 @@ class Follower:
             "tick_compute_us": summarize(self.compute.values()),
             "bus_read_us": summarize(self.read_us.values()),
             "bus_write_us": summarize(self.write_us.values()),
+            "logic_us": summarize(self.logic_us.values()),
             "mode_counts": {m.name: int(self.mode_counts[m]) for m in Mode},
             "first_track_ns": self.first_track_ns,
             "plan_delivery_us": summarize(self.delivery.values(), ("p50", "p99")),

@@ -40,6 +40,7 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
             "mode_counts": fol.get("mode_counts", {}),
             "bus_read_us": fol.get("bus_read_us", zero3),
             "bus_write_us": fol.get("bus_write_us", zero3),
+            "logic_us": fol.get("logic_us", zero3),
             "max_rss_mb": fol.get("max_rss_mb"),
         },
         "planner": {
@@ -79,8 +80,8 @@ def print_summary(s: dict[str, Any]) -> None:
         ("period jitter p50/p99/p99.9/max",
          f"{j['p50']}/{j['p99']}/{j.get('p999', 0)}/{j['max']} µs"),
         ("tick compute p50/p99/max", f"{c['p50']}/{c['p99']}/{c['max']} µs"),
-        ("  of which bus read / write p50",
-         f"{f['bus_read_us']['p50']} / {f['bus_write_us']['p50']} µs"),
+        ("  bus read / write / the rest p50",
+         f"{f['bus_read_us']['p50']} / {f['bus_write_us']['p50']} / {f['logic_us']['p50']} µs"),
         ("modes (ticks)", ", ".join(f"{k}={v}" for k, v in f["mode_counts"].items() if v)),
         ("planner plans / rate", f"{p['plans']} / {p['achieved_hz']:g} Hz"),
         ("planner latency p50/p99", f"{p['latency_ms']['p50']}/{p['latency_ms']['p99']} ms"),

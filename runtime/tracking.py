@@ -43,7 +43,7 @@ class Tracker:
     def __init__(self, n_joints: int, tick_dt: float, reference: ReferenceGenerator,
                  engine: ResidualEngine | None = None, lookahead: int = 8,
                  lookahead_dt: float = 0.02, residual_max: float = 0.05,
-                 residual_filter_s: float = 0.02, hold_decel: float = 4.0) -> None:
+                 residual_filter_s: float = 0.05, hold_decel: float = 4.0) -> None:
         self.n = n_joints
         self.tick_dt = tick_dt
         self.reference = reference

@@ -12,6 +12,9 @@ import os
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the import
+# Mesa's llvmpipe (the CPU renderer behind EGL here) otherwise starts one raster thread per
+# core, and each 96x96 frame then briefly takes every core from the real-time follower.
+os.environ.setdefault("LP_NUM_THREADS", "1")
 import mujoco
 
 WIDTH = 96
@@ -28,13 +31,13 @@ class SceneCamera:
         self._out = np.empty((height, width, 3), dtype=np.uint8)
         # A private state copy for rendering beside a stepping world (`SimWorld.snapshot`).
         self.shadow = mujoco.MjData(model)
-        # A private state copy for rendering beside a stepping world (`SimWorld.snapshot`).
-        self.shadow = mujoco.MjData(model)
 
     def render(self, data: mujoco.MjData) -> np.ndarray:
-        """Render `data`'s poses (kinematics recomputed here, so a bare qpos copy is
-        enough); returns a new uint8 [H, W, 3] RGB array."""
+        """Render `data`'s poses (kinematics and camera/light poses recomputed here, so a
+        bare qpos copy is enough); returns a new uint8 [H, W, 3] RGB array."""
         mujoco.mj_kinematics(self.model, data)
+        mujoco.mj_comPos(self.model, data)  # mj_camlight reads subtree centres of mass
+        mujoco.mj_camlight(self.model, data)  # camera poses: not part of mj_kinematics
         self._renderer.update_scene(data, self.camera)
         self._renderer.render(out=self._out)
         return self._out.copy()

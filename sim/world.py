@@ -252,7 +252,10 @@ class SimWorld:
                     a.torque_enabled[trip] = False
                     self._saturated_s[trip] = 0.0
                 self.data.ctrl[:] = tau
-                mujoco.mj_step(self.model, self.data)
+            # Outside the lock: the servos' replies never wait for a physics step (mj_step
+            # releases the GIL, and taking it back can wait behind the camera thread).
+            mujoco.mj_step(self.model, self.data)
+            with a.lock:
                 a.q[:] = q
                 a.dq[:] = dq
                 a.tau[:] = tau
@@ -260,6 +263,8 @@ class SimWorld:
     # -- rendering -----------------------------------------------------------------------
     def snapshot(self, dst: mujoco.MjData) -> None:
         """Copy what a renderer needs (poses, blocks, time) into another MjData."""
+        # The lock orders this against block moves and the servo state; a step running
+        # meanwhile can make poses up to one physics step (1 ms) apart, invisible in a frame.
         with self.actuators.lock:
             dst.qpos[:] = self.data.qpos
             dst.mocap_pos[:] = self.data.mocap_pos

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from export.onnx_export import ExportError
+from export.parity import TOLERANCES
 from export.pipeline import ExportOptions, Source, export_bundle
 from runtime.bundle import load_bundle
 from runtime.cli import main as duet
@@ -78,13 +80,13 @@ def write_observations(path: Path, n: int = 24, seed: int = 0) -> Path:
 
 
 def export_tiny(out: Path, precision: str = "fp32", follower: nn.Module | None = None,
-                sign_key: Path | None = None) -> Path:
+                sign_key: Path | None = None, **options: Any) -> Path:
     torch.manual_seed(0)
     tok = Tokenizer()
     obs = write_observations(out.parent / f"{out.name}-obs.npz")
     opts = ExportOptions(precision=precision, joints=JOINTS, planner_hz=5.0, follower_hz=500.0,
                          calib=16, parity_samples=6, calib_data=obs, sign_key=sign_key,
-                         tokenizer=tok)
+                         tokenizer=tok, **options)
     planner = TinyPlanner(tok.vocab_size).eval()
     return export_bundle(Source(planner), Source((follower or TinyFollower()).eval()), out, opts)
 
@@ -131,6 +133,26 @@ def test_int8_graph_is_qdq_with_per_channel_weight_scales(tmp_path: Path) -> Non
         for n in per_channel:
             zero_point = numpy_helper.to_array(inits[n.input[2]])
             assert not zero_point.any()  # symmetric: what TensorRT accepts
+
+
+def test_int8_planner_with_fp32_follower_and_chosen_ops(tmp_path: Path) -> None:
+    out = export_tiny(tmp_path / "b", "int8", follower_precision="fp32", int8_ops=("Conv",))
+    m = load_bundle(out, expect_joints=JOINTS).manifest
+    assert (m.models.planner.precision, m.models.follower.precision) == ("int8", "fp32")
+    assert m.parity.max_abs["follower"] == TOLERANCES["fp32"]["follower"]
+    assert m.parity.max_abs["planner"] == TOLERANCES["int8"]["planner"]
+    follower_ops = {n.op_type for n in onnx.load(str(out / "follower.onnx")).graph.node}
+    assert "QuantizeLinear" not in follower_ops
+    planner = onnx.load(str(out / "planner.onnx")).graph
+    inits = {i.name: i.data_type for i in planner.initializer}
+    weights = {n.op_type: inits.get(n.input[1]) for n in planner.node
+               if n.op_type in ("Conv", "Gemm", "MatMul")}
+    assert weights == {"Conv": None, "Gemm": onnx.TensorProto.FLOAT}  # conv weight: from a DQ
+
+
+def test_unknown_int8_ops_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"int8 op types \['Softmax'\]"):
+        export_tiny(tmp_path / "b", "int8", int8_ops=("Softmax",))
 
 
 def test_check_fails_over_tolerance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -49,8 +49,17 @@ def test_planner_predicts_deltas_from_q(planner: Planner) -> None:
         assert torch.allclose(p(image, tokens, q), q[:, None, :].expand(1, 10, 6))
 
 
-def test_planner_uses_every_input(planner: Planner) -> None:
-    image, _, q = example_inputs(planner)
+def test_planner_uses_every_input() -> None:
+    torch.manual_seed(0)
+    planner = Planner(Tokenizer().vocab_size).eval()
+    with torch.no_grad():  # sharp heatmaps, as after training (at init they are ~uniform)
+        planner.vision.heatmaps.weight.mul_(100.0)
+    _, _, q = example_inputs(planner)
+    # coloured squares in different places: each colour heatmap peaks somewhere else, so
+    # which colour the instruction names moves the target
+    image = torch.full((1, 96, 96, 3), 200, dtype=torch.uint8)
+    for i, rgb in enumerate([(230, 20, 15), (12, 180, 30), (20, 55, 240), (250, 215, 12)]):
+        image[0, 20 + 15 * i:26 + 15 * i, 10 + 20 * i:16 + 20 * i] = torch.tensor(rgb)
     tok = Tokenizer()
     with torch.no_grad():
         base = planner(image, torch.as_tensor(tok.encode("touch the red block"))[None], q)
