@@ -27,7 +27,7 @@ AVERAGE_NEW_WEIGHT = 0.7
 class Plan:
     """One chunk as a cubic Hermite spline through (t_obs, p0), (t_obs + (k+1)·dt, w[k])."""
 
-    __slots__ = ("dt", "m", "n_points", "p", "t0", "t_end", "t_recv")
+    __slots__ = ("coef", "dt", "m", "n_points", "p", "t0", "t_end", "t_recv")
 
     def __init__(self, waypoints: np.ndarray, dt: float, t_obs: float, t_recv: float) -> None:
         w = np.asarray(waypoints, dtype=np.float64)
@@ -46,6 +46,11 @@ class Plan:
         self.t0, self.t_recv = t_obs, t_recv
         self.n_points = p.shape[0]
         self.t_end = t_obs + (p.shape[0] - 1) * dt
+        # Per segment, the Hermite cubic in power form c0 + c1 s + c2 s^2 + c3 s^3 (s in
+        # [0, 1)): computed once here so sampling at the tick rate is a handful of ops.
+        p0, p1, m0, m1 = p[:-1], p[1:], m[:-1] * dt, m[1:] * dt
+        self.coef = np.stack([p0, m0, 3 * (p1 - p0) - 2 * m0 - m1, 2 * (p0 - p1) + m0 + m1],
+                             axis=1)  # [segments, 4, D]
 
     def sample(self, times: np.ndarray, pos: np.ndarray, vel: np.ndarray) -> None:
         """Position and velocity at `times` [n] into pos/vel [n, D]; held at the ends."""
@@ -53,13 +58,10 @@ class Plan:
         np.clip(u, 0.0, self.n_points - 1 - 1e-9, out=u)
         k = u.astype(np.intp)
         s = (u - k)[:, None]
-        s2, s3 = s * s, s * s * s
-        p0, p1 = self.p[k], self.p[k + 1]
-        m0, m1 = self.m[k] * self.dt, self.m[k + 1] * self.dt
-        np.copyto(pos, (2 * s3 - 3 * s2 + 1) * p0 + (s3 - 2 * s2 + s) * m0
-                  + (-2 * s3 + 3 * s2) * p1 + (s3 - s2) * m1)
-        np.copyto(vel, ((6 * s2 - 6 * s) * p0 + (3 * s2 - 4 * s + 1) * m0
-                        + (-6 * s2 + 6 * s) * p1 + (3 * s2 - 2 * s) * m1) / self.dt)
+        c = self.coef[k]  # [n, 4, D]
+        c0, c1, c2, c3 = c[:, 0], c[:, 1], c[:, 2], c[:, 3]
+        np.copyto(pos, ((c3 * s + c2) * s + c1) * s + c0)
+        np.copyto(vel, ((3.0 * c3 * s + 2.0 * c2) * s + c1) * (1.0 / self.dt))
         late = times >= self.t_end
         if late.any():
             vel[late] = 0.0
@@ -127,6 +129,12 @@ class ReferenceGenerator:
         if self._pending is not None and times[0] >= self._layers[-1].plan.t_end:
             pending, self._pending = self._pending, None
             self._take(pending, float(times[0]))
+        if self.strategy == "blend":  # layers older than a finished blend no longer count
+            t0 = times[0]
+            done = [i for i, layer in enumerate(self._layers)
+                    if t0 >= layer.t_switch + self.blend_s]
+            if done and done[-1] > 0:
+                del self._layers[:done[-1]]
         n = times.shape[0]
         tp, tv = self._tmp_pos[:n], self._tmp_vel[:n]
         first = self._layers[0]
