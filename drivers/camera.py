@@ -135,7 +135,11 @@ class V4L2Camera:
         if not os.path.exists(device):
             raise CameraError(f"camera {device}: no such device (is it plugged in, and does the"
                               " udev rule / container pass it through?)")
-        import cv2  # optional dependency (extra "camera"), loaded only for real cameras
+        try:
+            import cv2  # optional dependency (extra "camera"), loaded only for real cameras
+        except ImportError as exc:
+            raise CameraError(f"camera {device}: OpenCV is not installed; install the camera "
+                              "extra (pip install 'duet-runtime[camera]')") from exc
 
         self._cv2 = cv2
         self.device, self.width, self.height = device, width, height
