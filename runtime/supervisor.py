@@ -51,6 +51,7 @@ class Supervisor:
         self.t_start_ns = time.monotonic_ns()
         self.notify_sock: socket.socket | None = None
         self.ready: set[str] = set()
+        self.others_cpus: set[int] = set()
 
     # ------------------------------------------------------------ plumbing
     def _prepare_run_dir(self) -> Path:
@@ -75,8 +76,23 @@ class Supervisor:
         return env
 
     def _spawn(self, name: str, args: list[str], stdout: int | None = None) -> None:
-        self.children[name] = subprocess.Popen(
+        proc = subprocess.Popen(
             _cli(*args), env=self._env(name), stdout=stdout, start_new_session=True)
+        self.children[name] = proc
+        if name != "follower" and self.others_cpus:
+            # set while the child is still starting its interpreter: its threads and its
+            # own children (the sim's servo process) inherit it
+            os.sched_setaffinity(proc.pid, self.others_cpus)
+
+    def _reserve_follower_cpu(self) -> None:
+        """With follower.realtime.cpu set, keep the sim and the planner off that core (as
+        CPUAffinity= of the other units does on the robot)."""
+        cpu = self.cfg.follower.realtime.cpu
+        allowed = os.sched_getaffinity(0)
+        self.others_cpus = allowed - {cpu} if cpu in allowed and len(allowed) > 1 else set()
+        if self.others_cpus:
+            log.info("cpu %d kept for the follower; sim and planner on %s", cpu,
+                     ",".join(map(str, sorted(self.others_cpus))))
 
     def _poll_notify(self) -> None:
         """Read sd_notify datagrams; SO_PASSCRED tells which child sent each (as systemd does)."""
@@ -99,6 +115,7 @@ class Supervisor:
     # ------------------------------------------------------------ lifecycle
     def start(self, with_planner: bool = True) -> None:
         effective = self._prepare_run_dir()
+        self._reserve_follower_cpu()
         overrides: list[str] = []
         if self.cfg.sim is not None and self.cfg.sim.enabled:
             self._spawn("sim", ["sim", "--config", str(effective)], stdout=subprocess.PIPE)

@@ -5,6 +5,7 @@ state machine, each observed from outside through telemetry and the control sock
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -84,6 +85,15 @@ def test_planner_killed_follower_holds_and_arm_stays_put(tmp_path: Path, bundle:
         time.sleep(1.0)
         assert np.abs(stack.q() - q0).max() < 0.01
         assert stack.telemetry()["safety"]["faults"] == 0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_the_follower_core_is_kept_for_the_follower(tmp_path: Path, bundle: Path) -> None:
+    with Stack(tmp_path, bundle) as stack:  # configs/sim.yaml: follower.realtime.cpu = 1
+        stack.wait_mode("TRACK", 15)
+        assert os.sched_getaffinity(stack.pid("follower")) == {1}
+        for name in ("sim", "planner"):
+            assert 1 not in os.sched_getaffinity(stack.pid(name)), name
 
 
 def test_planner_frozen_then_resumed(tmp_path: Path, bundle: Path) -> None:
