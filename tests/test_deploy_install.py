@@ -11,7 +11,12 @@ from onnx_bundle import make_bundle
 
 from runtime.cli import main
 from runtime.config import load_config
-from runtime.deploy.install import InstallPlan, install, render_realtime_dropin
+from runtime.deploy.install import (
+    InstallPlan,
+    install,
+    render_cpu_dropin,
+    render_realtime_dropin,
+)
 from runtime.deploy.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +46,8 @@ def test_install_stages_a_complete_tree(tmp_path: Path) -> None:
         assert (units / unit).is_file()
     dropin = (units / "duet-follower.service.d/realtime.conf").read_text()
     assert "CPUSchedulingPriority=85" in dropin and "CPUAffinity=3" in dropin
+    for unit in ("duet-planner.service", "duet-recorder.service"):
+        assert "CPUAffinity=" in (units / f"{unit}.d/cpu.conf").read_text()
     # enabled the way systemctl does it: absolute links in .wants
     assert os.readlink(units / "multi-user.target.wants/duet.target") == \
         "/etc/systemd/system/duet.target"
@@ -102,6 +109,14 @@ def test_custom_prefix_and_can_bus(tmp_path: Path) -> None:
     rules = (root / "etc/udev/rules.d/99-duet-can.rules").read_text()
     assert "bitrate 1000000" in rules and 'KERNEL=="duetcan0"' in rules
     assert not (root / "etc/udev/rules.d/99-duet-serial.rules").exists()
+
+
+def test_planner_and_recorder_stay_off_the_follower_core(tmp_path: Path) -> None:
+    cfg = load_config(_robot_config(tmp_path, cpu=3))
+    assert "CPUAffinity=0 1 2 4 5\n" in render_cpu_dropin(cfg, 6)
+    assert "CPUAffinity=\n" in render_cpu_dropin(cfg, 2)  # no such core here: no restriction
+    unpinned = load_config(_robot_config(tmp_path, sched_fifo_priority=0))
+    assert "CPUAffinity=\n" in render_cpu_dropin(unpinned, 6)
 
 
 def test_realtime_dropin_without_fifo_turns_it_off(tmp_path: Path) -> None:

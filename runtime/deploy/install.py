@@ -25,6 +25,7 @@ from runtime.deploy.layout import UNIT_PREFIX, Layout, repo_systemd_dir, templat
 UNITS = ("duet.target", "duet-follower.service", "duet-planner.service", "duet-recorder.service")
 DROPIN = "duet-follower.service.d/realtime.conf"
 DEVICE_DROPIN = "duet-follower.service.d/device.conf"
+CPU_DROPIN = "cpu.conf"  # in duet-planner.service.d and duet-recorder.service.d
 # USB ids of the ROBOTIS U2D2 (FTDI FT232H), the usual Dynamixel adapter.
 U2D2_MATCH = 'ATTRS{idVendor}=="0403", ATTRS{idProduct}=="6014"'
 
@@ -60,6 +61,16 @@ def render_realtime_dropin(cfg: DuetConfig) -> str:
     # an empty assignment resets what the unit set
     lines.append(f"CPUAffinity={rt.cpu}" if rt.cpu is not None else "CPUAffinity=")
     return "\n".join(lines) + "\n"
+
+
+def render_cpu_dropin(cfg: DuetConfig, n_cpus: int) -> str:
+    """CPUAffinity for the planner and the recorder: every core but the follower's."""
+    cpu = cfg.follower.realtime.cpu
+    others = [c for c in range(n_cpus) if c != cpu]
+    keep = cpu is not None and 0 <= cpu < n_cpus and others
+    return ("# Rendered by `duet install` from follower.realtime.cpu; edit the config, not this.\n"
+            "[Service]\n" + (f"CPUAffinity={' '.join(map(str, others))}\n" if keep
+                              else "CPUAffinity=\n"))
 
 
 def device_unit(cfg: DuetConfig) -> str:
@@ -172,6 +183,8 @@ def install(plan: InstallPlan) -> list[str]:
         _write(lay.units / unit, render_unit((units_src / unit).read_text(), plan.prefix))
     _write(lay.units / DROPIN, render_realtime_dropin(cfg))
     _write(lay.units / DEVICE_DROPIN, render_device_dropin(cfg))
+    for unit in ("duet-planner.service", "duet-recorder.service"):
+        _write(lay.units / f"{unit}.d" / CPU_DROPIN, render_cpu_dropin(cfg, os.cpu_count() or 1))
     _write(lay.sysusers / "duet.conf", (units_src / "duet.sysusers.conf").read_text())
     _write(lay.tmpfiles / "duet.conf", (units_src / "duet.tmpfiles.conf").read_text())
     for rel, text in render_udev(cfg, plan.usb_serial).items():
