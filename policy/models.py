@@ -8,7 +8,7 @@ carry their normalisation as buffers, so an exported ONNX graph needs no pre/pos
 - Follower(ref [B,8,6], q [B,6], dq [B,6]) -> residual [B,6], added to the reference command.
 
 Only ops that export at opset 17 with static shapes and that ONNX Runtime quantizes (Conv,
-MatMul/Gemm) or leaves in float (Softmax, GELU, Sigmoid) are used.
+MatMul/Gemm) or leaves in float (Softmax, LayerNorm, GELU, Sigmoid) are used.
 """
 
 from __future__ import annotations
@@ -93,23 +93,53 @@ class ColourKeypoints(nn.Module):
         return xy, self.present(peak)
 
 
-class InstructionReader(nn.Module):
-    """Tokens -> attention over block colours for the first and the second target.
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer encoder layer written out in plain ops (Linear, MatMul, Softmax,
+    LayerNorm, GELU): nn.TransformerEncoderLayer's fused inference path does not export."""
 
-    The instruction grammar puts the colours at fixed word positions, so a linear read of
-    the position-wise embeddings is exact and needs no attention layers.
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, head_dim]
+        att = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class Grounding(nn.Module):
+    """Transformer over the instruction's tokens and one token per block colour (its identity
+    plus where the camera sees it): which colour is the first and which the second target.
+
+    Reading the instruction *against the scene* is the planner's reasoning step; the
+    tokenizer is the planner's own (`runtime/tokenizer.py`), no pretrained weights.
     """
 
-    def __init__(self, vocab_size: int, max_tokens: int, n_colours: int, dim: int = 16) -> None:
+    def __init__(self, vocab_size: int, max_tokens: int, n_colours: int, dim: int = 256,
+                 layers: int = 3, heads: int = 4) -> None:
         super().__init__()
-        self.n_colours = n_colours
         self.embed = nn.Embedding(vocab_size, dim)
-        self.read = nn.Linear(max_tokens * dim, 2 * n_colours)
+        self.position = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
+        self.colour = nn.Parameter(torch.randn(n_colours, dim) * 0.02)
+        self.scene = nn.Linear(3, dim)  # (table x, y normalised, visible probability)
+        self.layers = nn.Sequential(*[EncoderLayer(dim, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.order = nn.Linear(dim, 2)  # per colour token: first-target and second-target logit
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens int64 [B,T] -> logits [B,2,C] (first target, second target)."""
-        b = tokens.shape[0]
-        return self.read(self.embed(tokens).reshape(b, -1)).reshape(b, 2, self.n_colours)
+    def forward(self, tokens: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
+        """tokens int64 [B,T], scene [B,C,3] -> order logits [B,2,C]."""
+        words = self.embed(tokens) + self.position
+        colours = self.colour + self.scene(scene)
+        t = tokens.shape[1]
+        h = self.norm(self.layers(torch.cat([words, colours], dim=1)))
+        return self.order(h[:, t:]).transpose(1, 2)
 
 
 class Planner(nn.Module):
@@ -117,9 +147,10 @@ class Planner(nn.Module):
 
     Localise, select, act:
     1. `ColourKeypoints`: table xy and visibility of every block colour from the image;
-    2. `InstructionReader`: which colour is the first and which the second target; the next
-       target is the first one while it is still coloured, else the second (soft, so the
-       whole graph is differentiable and exports as plain ops);
+    2. `Grounding` (a small transformer over instruction tokens and colour tokens): which
+       colour is the first and which the second target; the next target is the first one
+       while it is still coloured, else the second (soft, so the whole graph is
+       differentiable and exports as plain ops);
     3. an MLP maps (q, next target xy) to normalised deltas from q, scaled and added to q.
     `forward_all` also returns the intermediate predictions for the auxiliary losses.
     """
@@ -131,22 +162,22 @@ class Planner(nn.Module):
 
     def __init__(self, vocab_size: int, n_joints: int = 6, horizon: int = 10,
                  max_tokens: int = 16, n_colours: int = 4, stem_channels: int = 32,
-                 hidden: int = 256, n_hidden: int = 3) -> None:
+                 hidden: int = 256, n_hidden: int = 3, dim: int = 256, layers: int = 3) -> None:
         super().__init__()
         self.kwargs: dict[str, Any] = {
             "vocab_size": vocab_size, "n_joints": n_joints, "horizon": horizon,
             "max_tokens": max_tokens, "n_colours": n_colours, "stem_channels": stem_channels,
-            "hidden": hidden, "n_hidden": n_hidden}
+            "hidden": hidden, "n_hidden": n_hidden, "dim": dim, "layers": layers}
         self.n_joints, self.horizon, self.max_tokens = n_joints, horizon, max_tokens
         self.n_colours = n_colours
         self.vision = ColourKeypoints(n_colours, stem_channels)
-        self.reader = InstructionReader(vocab_size, max_tokens, n_colours)
-        layers: list[nn.Module] = []
+        self.grounding = Grounding(vocab_size, max_tokens, n_colours, dim, layers)
+        trunk: list[nn.Module] = []
         width = n_joints + 2
         for _ in range(n_hidden):
-            layers += [nn.Linear(width, hidden), nn.GELU()]
+            trunk += [nn.Linear(width, hidden), nn.GELU()]
             width = hidden
-        self.trunk = nn.Sequential(*layers)
+        self.trunk = nn.Sequential(*trunk)
         self.head = nn.Linear(hidden, horizon * n_joints)
         # Joint normalisation (set from the dataset by `set_normalisation`, baked into ONNX).
         self.register_buffer("q_mean", torch.zeros(n_joints))
@@ -171,7 +202,9 @@ class Planner(nn.Module):
     def forward_all(self, image: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor
                     ) -> dict[str, torch.Tensor]:
         xy, visible = self.vision(image)
-        order = self.reader(tokens)
+        scene = torch.cat([(xy - self.table_centre) / TABLE_SCALE,
+                           torch.sigmoid(visible)[..., None]], dim=-1)
+        order = self.grounding(tokens, scene)
         w = torch.softmax(order, dim=-1)  # [B,2,C]
         first_done = (w[:, 0] * torch.sigmoid(-visible)).sum(-1, keepdim=True)  # [B,1]
         picked = w @ xy  # [B,2,2]: xy of the first and the second target

@@ -34,7 +34,7 @@ def test_planner_contract_and_size(planner: Planner) -> None:
     with torch.no_grad():
         out = planner(image, tokens, q)
     assert out.shape == (2, 10, 6) and out.dtype == torch.float32
-    assert count_parameters(planner) * 4 < 8e6  # fp32 weights under 8 MB
+    assert 2e6 < count_parameters(planner) < 5e6  # "a small transformer, a few million"
 
 
 def test_planner_predicts_deltas_from_q(planner: Planner) -> None:
