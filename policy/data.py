@@ -29,6 +29,7 @@ import numpy as np
 from policy.rollout import LoopSettings, run_episode
 from policy.servo_target import ServoResidualTarget
 from policy.synth import scene_labels
+from runtime.bundle import sha256_file
 from runtime.tokenizer import Tokenizer
 from sim.expert import expert_chunk
 from sim.task import Episode, TaskTracker
@@ -144,15 +145,12 @@ def dataset_key(episodes: int, seed: int, settings: LoopSettings,
             "follower_hz": settings.follower_hz, "planner_hz": settings.planner_hz,
             "dt_s": settings.dt_s, "strategy": settings.strategy, "blend_s": settings.blend_s,
             "residual_max": settings.residual_max}
+    return _spec_key(spec)
+
+
+def _spec_key(spec: dict[str, Any]) -> str:
+    """Cache key of a dataset: a short hash of what generated it."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_or_generate(data_dir: Path, episodes: int, seed: int, settings: LoopSettings,
@@ -173,8 +171,8 @@ def load_or_generate(data_dir: Path, episodes: int, seed: int, settings: LoopSet
     # images are noise to zlib (it saves little and costs seconds): plain savez
     np.savez(p_path, **dict[str, Any](pdata))
     np.savez(f_path, **dict[str, Any](fdata))
-    stats["planner_sha256"] = file_sha256(p_path)
-    stats["follower_sha256"] = file_sha256(f_path)
+    stats["planner_sha256"] = sha256_file(p_path)
+    stats["follower_sha256"] = sha256_file(f_path)
     stats["key"] = key
     s_path.write_text(json.dumps(stats, indent=1) + "\n")
     return pdata, fdata, stats
@@ -189,7 +187,7 @@ def load_or_generate_synth(data_dir: Path, scenes: int, walks: int, seed: int,
 
     spec = {"v": DATA_VERSION, "scenes": scenes, "walks": walks, "seed": seed,
             "two_step_fraction": two_step_fraction}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    key = _spec_key(spec)
     s_path, a_path = data_dir / f"scenes-{key}.npz", data_dir / f"actions-{key}.npz"
     if s_path.is_file() and a_path.is_file():
         log(f"data: cached {s_path.name}, {a_path.name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,15 @@ def stop_and_cont(stack: Stack, name: str, seconds: float) -> None:
     stack.signal(name, signal.SIGSTOP)
     time.sleep(seconds)
     stack.signal(name, signal.SIGCONT)
+
+
+def stop_processes(*procs: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM each process still running; SIGKILL one that has not exited 10 s later."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

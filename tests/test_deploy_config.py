@@ -84,6 +84,7 @@ def test_set_applies_tunables_live_on_a_running_follower(
     import sys
 
     from onnx_bundle import make_bundle
+    from stack import stop_processes
 
     from runtime.control_client import request
 
@@ -111,11 +112,4 @@ def test_set_applies_tunables_live_on_a_running_follower(
         assert "key=follower.blend_ms old=80.0 new=45.0 applied=live" in \
             (etc / "changes.log").read_text()
     finally:
-        for proc in (follower, sim):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes(follower, sim)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from onnx_bundle import make_bundle
+from stack import stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 WATCHDOG_SEC = 2.0  # as in systemd/duet-follower.service
@@ -71,12 +72,5 @@ def test_follower_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
         tail = [m for _, m in _recv_all(notify, 0.5)]
         assert "STOPPING=1" in tail, tail
     finally:
-        for proc in (follower, sim):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes(follower, sim)
         notify.close()
