@@ -37,11 +37,11 @@ lint: $(VENV)/.dev
 
 # Long runs: make targets, not tests.
 CKPT ?= checkpoints
-train: $(VENV)/.dev        # reproduces both reference models from fixed seeds (~20 min on 2 CPU cores)
+train: $(VENV)/.dev        # reproduces both reference models from fixed seeds (~15 min on 2 CPU cores, data cached)
 	$(BIN)/duet train --out $(CKPT)
 
-# INT8: the planner's convolutions (QDQ); its small MLP layers and the follower stay fp32
-# (see README, "Reference policy").
+# INT8: the planner's convolutions (QDQ); its transformer and MLP layers and the follower
+# stay fp32 (see README, "Evaluation of the reference policy").
 INT8 := --follower-precision fp32 --int8-ops Conv
 bundle: $(VENV)/.dev       # the shipped reference bundle
 	$(BIN)/duet export --planner $(CKPT)/planner.pt --follower $(CKPT)/follower.pt \

@@ -191,19 +191,22 @@ class Planner(nn.Module):
         self.q_std.copy_(q_std.clamp_min(1e-3))
         self.delta_std.copy_(delta_std.clamp_min(1e-3))
 
+    def table_frame(self, xy: torch.Tensor) -> torch.Tensor:
+        """Table xy (m) -> the normalised frame the networks read."""
+        return (xy - self.table_centre) / TABLE_SCALE
+
     def act(self, target_xy: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """(next target table xy [B,2], q [B,6]) -> waypoints [B,H,6]."""
         b = q.shape[0]
         x = torch.cat([(q - self.q_mean) / self.q_std,
-                       (target_xy - self.table_centre) / TABLE_SCALE], dim=1)
+                       self.table_frame(target_xy)], dim=1)
         delta = self.head(self.trunk(x)).reshape(b, self.horizon, self.n_joints)
         return q[:, None, :] + delta * self.delta_std
 
     def forward_all(self, image: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor
                     ) -> dict[str, torch.Tensor]:
         xy, visible = self.vision(image)
-        scene = torch.cat([(xy - self.table_centre) / TABLE_SCALE,
-                           torch.sigmoid(visible)[..., None]], dim=-1)
+        scene = torch.cat([self.table_frame(xy), torch.sigmoid(visible)[..., None]], dim=-1)
         order = self.grounding(tokens, scene)
         w = torch.softmax(order, dim=-1)  # [B,2,C]
         first_done = (w[:, 0] * torch.sigmoid(-visible)).sum(-1, keepdim=True)  # [B,1]

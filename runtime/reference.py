@@ -27,7 +27,7 @@ AVERAGE_NEW_WEIGHT = 0.7
 class Plan:
     """One chunk as a cubic Hermite spline through (t_obs, p0), (t_obs + (k+1)·dt, w[k])."""
 
-    __slots__ = ("coef", "dt", "m", "n_points", "p", "t0", "t_end", "t_recv")
+    __slots__ = ("coef", "dt", "n_points", "t0", "t_end", "t_recv")
 
     def __init__(self, waypoints: np.ndarray, dt: float, t_obs: float, t_recv: float) -> None:
         w = np.asarray(waypoints, dtype=np.float64)
@@ -42,7 +42,7 @@ class Plan:
         m[1:-1] = (p[2:] - p[:-2]) / (2.0 * dt)
         m[0] = (p[1] - p[0]) / dt
         m[-1] = 0.0
-        self.p, self.m, self.dt = p, m, dt
+        self.dt = dt
         self.t0, self.t_recv = t_obs, t_recv
         self.n_points = p.shape[0]
         self.t_end = t_obs + (p.shape[0] - 1) * dt
@@ -129,7 +129,7 @@ class ReferenceGenerator:
         if self._pending is not None and times[0] >= self._layers[-1].plan.t_end:
             pending, self._pending = self._pending, None
             self._take(pending, float(times[0]))
-        if self.strategy == "blend":  # layers older than a finished blend no longer count
+        if self.strategy == "blend":  # layers before the newest finished blend no longer count
             t0 = times[0]
             done = [i for i, layer in enumerate(self._layers)
                     if t0 >= layer.t_switch + self.blend_s]
@@ -155,8 +155,6 @@ class ReferenceGenerator:
                 vel += a * tv + da * (tp - pos)
                 pos *= 1.0 - a
                 pos += a * tp
-                if times[0] >= layer.t_switch + self.blend_s:
-                    done_upto = i
             else:  # average: constant weights while the older chunk still covers t
                 covered = (times < self._layers[i - 1].plan.t_end)[:, None]
                 w = np.where(covered, AVERAGE_NEW_WEIGHT, 1.0)
