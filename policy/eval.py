@@ -29,6 +29,7 @@ from runtime.bundle import Bundle, load_bundle
 from runtime.config import load_config
 from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from runtime.reference import STRATEGIES
+from runtime.residual import EngineResidual
 from runtime.tokenizer import Tokenizer
 from sim.task import Episode, TaskTracker
 from sim.world import HOME_Q, SimWorld
@@ -58,9 +59,9 @@ class OnnxPlanner:
     def set_instruction(self, text: str) -> None:
         self.feeds["tokens"][0] = self.tokenizer.encode(text)
 
-    def __call__(self, image: np.ndarray, q: np.ndarray, task: TaskTracker
+    def __call__(self, world: SimWorld, q: np.ndarray, task: TaskTracker
                  ) -> tuple[np.ndarray, float]:
-        self.feeds["image"][0] = image
+        self.feeds["image"][0] = world.render()
         self.feeds["q"][0] = q
         t0 = time.perf_counter()
         out = self.engine.run(self.feeds)["waypoints"][0].copy()
@@ -74,7 +75,13 @@ def evaluate(bundle: Bundle, settings: LoopSettings, seeds: list[int], residual:
     """Run the episodes of `seeds` with one bundle and loop settings; summarise them."""
     world = SimWorld(seed=0, physics_hz=settings.physics_hz)
     planner = OnnxPlanner(bundle)
-    follower = OnnxRuntimeEngine(bundle.model_path("follower"), threads=1) if residual else None
+    follower = None
+    if residual:
+        m = bundle.manifest
+        follower = EngineResidual(OnnxRuntimeEngine(bundle.model_path("follower"), threads=1),
+                                  ref="ref", q="q", dq="dq", out="residual",
+                                  lookahead=m.lookahead.steps, lookahead_dt=m.lookahead.dt_s,
+                                  joints=np.arange(6), n_robot=6)
     results: list[EpisodeResult] = []
     t0 = time.monotonic()
     for seed in seeds:

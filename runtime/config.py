@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    model_validator,
+)
 
 from drivers.bus_budget import check_budget
 
@@ -20,19 +27,26 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every number here can reach the motor path; +-inf and NaN never do.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+MAX_FILE_BYTES = 1 << 20
+MAX_NODES = 100_000
+MAX_DEPTH = 32
 
 
 class Limits(_Strict):
     position_min: list[float]
     position_max: list[float]
-    velocity_max: list[float]  # rad/s
-    accel_max: list[float]  # rad/s^2
-    effort_max: list[float] | None = None  # N·m, torque modes only
+    # Strictly positive: a zero or negative limit would invert the safety filter's clip.
+    velocity_max: list[PositiveFloat]  # rad/s
+    accel_max: list[PositiveFloat]  # rad/s^2
+    effort_max: list[PositiveFloat] | None = None  # N·m, torque modes only
     # a measured position this far outside [position_min, position_max] is a FAULT
-    state_margin: float = Field(0.15, ge=0)
+    state_margin: float = Field(0.15, ge=0, le=3.2)
     # plans whose waypoints leave the position range by more than this are dropped
-    plan_margin: float = Field(0.3, ge=0)
+    plan_margin: float = Field(0.3, ge=0, le=3.2)
 
 
 class RobotConfig(_Strict):
@@ -62,19 +76,19 @@ class DynamixelBusConfig(_Strict):
     # encoder tick of each joint's zero and its direction (+1/-1)
     zero_ticks: list[int] | None = None
     direction: list[int] | None = None
-    timeout_ms: float = Field(5.0, gt=0)
-    retries: int = Field(1, ge=0)
-    return_delay_us: float = Field(0.0, ge=0)
+    timeout_ms: float = Field(5.0, gt=0, le=1000)
+    retries: int = Field(1, ge=0, le=10)
+    return_delay_us: float = Field(0.0, ge=0, le=508)
 
 
 class MitMotorModel(_Strict):
     """Ranges of the 16/12-bit MIT-mode fields, per motor model."""
 
-    p_max: float  # rad, position range is [-p_max, p_max]
-    v_max: float  # rad/s
-    t_max: float  # N·m
-    kp_max: float = 500.0
-    kd_max: float = 5.0
+    p_max: float = Field(gt=0, le=1e4)  # rad, position range is [-p_max, p_max]
+    v_max: float = Field(gt=0, le=1e4)  # rad/s
+    t_max: float = Field(gt=0, le=1e4)  # N·m
+    kp_max: float = Field(500.0, gt=0, le=1e5)
+    kd_max: float = Field(5.0, gt=0, le=1e4)
 
 
 class CanBusConfig(_Strict):
@@ -87,7 +101,7 @@ class CanBusConfig(_Strict):
     model: MitMotorModel
     kp: list[float]
     kd: list[float]
-    timeout_ms: float = Field(2.0, gt=0)
+    timeout_ms: float = Field(2.0, gt=0, le=1000)
     direction: list[int] | None = None
 
 
@@ -98,30 +112,39 @@ class RealtimeConfig(_Strict):
 
 
 class DeadlineStorm(_Strict):
-    misses: int = Field(50, gt=0)
-    window_ticks: int = Field(500, gt=0)
+    misses: int = Field(50, gt=0, le=100_000)
+    window_ticks: int = Field(500, gt=0, le=100_000)
+
+
+class Health(_Strict):
+    """What `duet status` calls unhealthy, over the follower's last second."""
+
+    max_miss_ratio: float = Field(0.005, ge=0, le=1)  # deadline misses / ticks
+    min_rate_ratio: float = Field(0.99, ge=0, le=1)  # achieved / target rate
 
 
 class FollowerConfig(_Strict):
     hz: float = Field(500.0, gt=0, le=2000)
-    blend_ms: float = Field(80.0, ge=0)  # tunable
+    blend_ms: float = Field(80.0, ge=0, le=2000)  # tunable
     chunk_strategy: Literal["blend", "broker", "average", "switch"] = "blend"
-    plan_timeout_ms: float = Field(500.0, gt=0)  # no plan for this long -> HOLD
+    # no plan from an observation newer than this -> HOLD; an older plan is never executed
+    plan_timeout_ms: float = Field(500.0, gt=0, le=10_000)
     residual: bool = True  # tunable
-    residual_max: float = Field(0.05, ge=0)  # rad, tunable
+    residual_max: float = Field(0.05, ge=0, le=1.0)  # rad, tunable
     # Low-pass on the residual, tunable. 50 ms: the reference follower's tick-to-tick output
     # steps then rarely exceed the command acceleration limit (20 ms: clamps on ~half the
     # ticks at 100 rad/s^2), for ~10 % more tracking error (`duet eval`, README).
-    residual_filter_ms: float = Field(50.0, ge=0)
-    hold_decel: float = Field(4.0, gt=0)  # rad/s^2 when braking to a hold
-    bus_error_threshold: int = Field(5, gt=0)  # consecutive failed transactions -> FAULT
+    residual_filter_ms: float = Field(50.0, ge=0, le=10_000)
+    hold_decel: float = Field(4.0, gt=0, le=1000)  # rad/s^2 when braking to a hold
+    bus_error_threshold: int = Field(5, gt=0, le=10_000)  # failed transactions in a row -> FAULT
     fault_action: Literal["hold", "torque_off"] = "hold"
     stop_action: Literal["hold", "torque_off"] = "hold"  # on SIGTERM
     deadline_storm: DeadlineStorm = DeadlineStorm()
+    health: Health = Health()
     realtime: RealtimeConfig = RealtimeConfig()
-    spin_us: float = Field(200.0, ge=0)  # busy-wait this long before each deadline
-    state_pub_every: int = Field(1, gt=0)  # publish state every N ticks
-    telemetry_hz: float = Field(20.0, gt=0)
+    spin_us: float = Field(200.0, ge=0, le=5000)  # busy-wait this long before each deadline
+    state_pub_every: int = Field(1, gt=0, le=10_000)  # publish state every N ticks
+    telemetry_hz: float = Field(20.0, gt=0, le=100)
 
 
 class CameraConfig(_Strict):
@@ -136,7 +159,10 @@ class CameraConfig(_Strict):
 class PlannerConfig(_Strict):
     hz: float = Field(5.0, gt=0, le=50)
     camera: CameraConfig = CameraConfig()
-    instruction: str = ""  # default instruction when none is given by the task source
+    # Where instructions come from: `operator` (`duet task`, the task socket) or `sim` (the
+    # sim's episodes). `instruction` is the task at start-up (empty: idle until one is set).
+    task_source: Literal["operator", "sim"] = "operator"
+    instruction: str = Field("", max_length=1000)
     threads: int = Field(1, ge=1)
 
 
@@ -166,6 +192,14 @@ class RecorderConfig(_Strict):
     ring_s: float = Field(30.0, gt=0)
 
 
+class AccessConfig(_Strict):
+    """Who may use the ipc sockets (runtime/access.py): checked by the kernel's peer
+    credentials, no keys on one host."""
+
+    planner_user: str | None = None  # sends plans; None = the follower's own user
+    operator_group: str | None = "duet"  # status, estop, task; root and the service user: all
+
+
 class DuetConfig(_Strict):
     robot: RobotConfig
     bus: DynamixelBusConfig | CanBusConfig = Field(discriminator="kind")
@@ -175,6 +209,7 @@ class DuetConfig(_Strict):
     run_dir: str = "/run/duet"
     sim: SimConfig | None = None
     recorder: RecorderConfig = RecorderConfig()
+    access: AccessConfig = AccessConfig()
 
     @model_validator(mode="after")
     def _bus_matches_joints(self) -> DuetConfig:
@@ -211,19 +246,51 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML layer; every way it can fail is a ConfigError naming the file."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: {len(raw)} bytes; a config is at most {MAX_FILE_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    check_plain(data, str(path))
     return data
+
+
+def check_plain(data: Any, where: str) -> None:
+    """A config is plain data: mappings with string keys, lists, strings, numbers, bools,
+    null; bounded in depth and size (YAML aliases can make a small file a huge tree)."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    nodes = 0
+    while stack:
+        node, key, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES or depth > MAX_DEPTH:
+            raise ConfigError(f"{where}: too large or nested too deeply (at {key or '<root>'})")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    raise ConfigError(f"{where}: {key or '<root>'}: key {k!r} is not a string")
+                stack.append((v, f"{key}.{k}" if key else k, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, f"{key}[{i}]", depth + 1) for i, v in enumerate(node))
+        elif node is not None and not isinstance(node, (str, int, float, bool)):
+            raise ConfigError(f"{where}: {key}: {type(node).__name__} values are not allowed "
+                              f"(a date or timestamp? quote it)")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -236,8 +303,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: empty key segment")
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    check_plain(value, f"--set {key}")
     return parts, value
 
 
@@ -291,6 +359,8 @@ def load_config(
         merged = _deep_merge(merged, layer)
     try:
         return DuetConfig.model_validate(merged)
+    except (OverflowError, RecursionError) as exc:
+        raise ConfigError(f"invalid config: {exc.__class__.__name__}: {exc}") from None
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

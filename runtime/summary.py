@@ -27,7 +27,11 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
     sim = _load(run_dir / "sim-summary.json")
     zero3 = {"p50": 0.0, "p99": 0.0, "max": 0.0}
     first_track_ns = fol.get("first_track_ns") or 0
+    final_mode = fol.get("final_mode", "unknown")
     summary: dict[str, Any] = {
+        # first: how the run ended (a FAULT must never look like a success)
+        "outcome": {"ok": final_mode in ("HOLD", "TRACK"), "final_mode": final_mode,
+                    "reason": fol.get("final_reason")},
         "config": config_label,
         "duration_s": round(duration_s, 2),
         "follower": {
@@ -42,6 +46,8 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
             "bus_write_us": fol.get("bus_write_us", zero3),
             "logic_us": fol.get("logic_us", zero3),
             "max_rss_mb": fol.get("max_rss_mb"),
+            "final_mode": final_mode,
+            "dropped_messages": fol.get("dropped_messages", {}),
         },
         "planner": {
             "plans": pla.get("plans", 0),
@@ -49,6 +55,8 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
             "latency_ms": pla.get("latency_ms", {"p50": 0.0, "p99": 0.0}),
             "inference_ms": pla.get("inference_ms", {"p50": 0.0, "p99": 0.0}),
             "restarts": planner_restarts,
+            "stage_ms": pla.get("stage_ms", {}),
+            "dropped_messages": pla.get("dropped_messages", {}),
         },
         "plan_delivery_us": fol.get("plan_delivery_us", {"p50": 0.0, "p99": 0.0}),
         "bus": fol.get("bus", {"errors": 0, "reads": 0, "writes": 0}),
@@ -70,6 +78,11 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
 
 def print_summary(s: dict[str, Any]) -> None:
     f, p = s["follower"], s["planner"]
+    console = Console()
+    outcome = s["outcome"]
+    if not outcome["ok"]:
+        console.print(f"[bold red]follower ended in {outcome['final_mode']}: "
+                      f"{outcome['reason']}[/] (after fixing the cause: duet reset)")
     table = Table(title=f"duet run — {s['config']} — {s['duration_s']} s", show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -101,4 +114,4 @@ def print_summary(s: dict[str, Any]) -> None:
                      f"{t['episodes']} / {t['successes']} ({100 * t['success_rate']:.0f} %)"))
     for name, value in rows:
         table.add_row(name, value)
-    Console().print(table)
+    console.print(table)

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import yaml
 
+from runtime import endpoints, rundir
 from runtime.config import CanBusConfig, ConfigError, DuetConfig, config_to_dict
 from runtime.summary import build_summary, print_summary
 
@@ -52,13 +53,23 @@ class Supervisor:
         self.notify_sock: socket.socket | None = None
         self.ready: set[str] = set()
         self.others_cpus: set[int] = set()
+        self.lock: rundir.RunLock | None = None
 
     # ------------------------------------------------------------ plumbing
     def _prepare_run_dir(self) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("plan", "state", "control", "telemetry-follower", "telemetry-planner", "sim",
-                     "notify", "follower-summary.json", "planner-summary.json",
-                     "sim-summary.json", "follower.latched"):
+        rundir.prepare(self.run_dir)
+        try:  # one stack per run dir: a second `duet run` (or a live follower) refuses
+            self.lock = rundir.RunLock(self.run_dir, endpoints.SUPERVISOR_LOCK).acquire()
+        except rundir.LockHeld as exc:
+            raise SupervisorError(str(exc)) from None
+        held, pid = rundir.holder(self.run_dir, endpoints.FOLLOWER_LOCK)
+        if held:
+            raise SupervisorError(f"a follower (pid {pid or '?'}) is running on {self.run_dir}: "
+                                  "stop it first, or use another run dir")
+        stale = ["notify", "follower-summary.json", "planner-summary.json", "sim-summary.json"]
+        if self.cfg.sim is not None and self.cfg.sim.enabled:
+            stale.append(endpoints.LATCH)  # a fresh simulated robot starts unlatched
+        for name in stale:
             (self.run_dir / name).unlink(missing_ok=True)
         self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -174,7 +185,8 @@ class Supervisor:
             proc = self.children.get(name)
             if proc is None:
                 continue
-            if proc.poll() is None:
+            asked = proc.poll() is None
+            if asked:
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(STOP_TIMEOUT_S)
@@ -182,9 +194,14 @@ class Supervisor:
                     log.error("%s did not stop within %.0f s; killing", name, STOP_TIMEOUT_S)
                     proc.kill()
                     proc.wait()
-            codes[name] = proc.returncode
+            code = proc.returncode
+            # Killed by our own SIGTERM before it had installed its handler (still starting:
+            # nothing opened yet): a stop as asked, not a failure.
+            codes[name] = 0 if asked and code == -signal.SIGTERM else code
         if self.notify_sock is not None:
             self.notify_sock.close()
+        if self.lock is not None:
+            self.lock.release()
         return codes
 
 
@@ -236,6 +253,8 @@ def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
         rc = rc or 1
     summary = build_summary(cfg, config_label, Path(cfg.run_dir), time.monotonic() - t0,
                             sup.t_start_ns, sup.planner_restarts, codes)
+    if not summary["outcome"]["ok"]:
+        rc = rc or 1  # ended in FAULT/ESTOP: never a silent success
     print_summary(summary)
     if summary_json:
         Path(summary_json).parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,17 @@ class Tokenizer:
     def split(self, text: str) -> list[str]:
         return _WORD_RE.findall(text.lower())
 
+    def check(self, text: str) -> None:
+        """Refuse text this closed vocabulary cannot represent, naming the unknown words,
+        and text longer than the model's token budget."""
+        words = self.split(text)
+        unknown = sorted({w for w in words if w not in self._ids})
+        if unknown:
+            raise TokenizerError(f"unknown word(s) {', '.join(repr(w) for w in unknown)}: the "
+                                 f"model knows {len(self.words)} words ({', '.join(self.words)})")
+        if len(words) > self.max_len:
+            raise TokenizerError(f"{len(words)} tokens; the model reads at most {self.max_len}")
+
     def encode(self, text: str) -> np.ndarray:
         """Token ids, truncated or zero-padded to max_len."""
         ids = [self._ids.get(w, UNK_ID) for w in self.split(text)][: self.max_len]

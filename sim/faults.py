@@ -14,6 +14,7 @@ motors on a CAN channel. `FaultInjector` answers on ipc://RUN_DIR/sim-control:
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import threading
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 import zmq
 
 from runtime.config import CanBusConfig, DynamixelBusConfig
-from runtime.messages import Encoder, MessageError, decode
+from runtime.rpc import Command, RequestError, bind_server
 from sim.actuators import HW_OVERLOAD, Actuators
 
 
@@ -170,32 +171,32 @@ class CanLink:
         self.emulator.stop(close_bus=True)
 
 
+FAULTS = ("cut_line", "restore_line", "corrupt", "silence", "overload")
+
+
 class FaultInjector:
-    """REP socket on a thread; each request changes the link or the actuators."""
+    """The sim's request socket (runtime.rpc) on a thread; each request changes the link or
+    the actuators."""
 
     def __init__(self, endpoint: str, link: MotorLink, actuators: Actuators) -> None:
         self.link, self.actuators = link, actuators
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.sock = self.ctx.socket(zmq.REP)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
-        self.encoder = Encoder()
+        self.server = bind_server(self.ctx, endpoint, {
+            cmd: Command(functools.partial(self._checked, cmd)) for cmd in FAULTS})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="sim-faults", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
-            if not self.sock.poll(100):
-                continue
-            frame = self.sock.recv()
-            try:
-                req = decode(frame, "request")
-                result = self.handle(str(req.get("cmd")), req.get("args") or {})
-                reply: dict[str, Any] = {"ok": True, "error": None, "result": result}
-            except (MessageError, ValueError, KeyError, IndexError) as exc:
-                reply = {"ok": False, "error": str(exc), "result": {}}
-            self.sock.send(self.encoder.encode("reply", reply))
+            if self.server.sock.poll(100):
+                self.server.serve_pending()
+
+    def _checked(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.handle(cmd, args)
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RequestError(f"{cmd}: {exc!r}") from None
 
     def handle(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         act = self.actuators
@@ -220,5 +221,5 @@ class FaultInjector:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2.0)
-        self.sock.close()
+        self.server.sock.close(linger=0)
         self.ctx.term()

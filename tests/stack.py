@@ -15,8 +15,8 @@ import zmq
 
 from runtime import endpoints
 from runtime.config import DuetConfig, load_config
-from runtime.control_client import request, request_at
 from runtime.messages import decode, unpack_array
+from runtime.rpc import request_at
 from runtime.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ class Stack:
         os.kill(self.pid(name), sig)
 
     def control(self, cmd: str, **args: Any) -> dict[str, Any]:
-        return request(self.run_dir, cmd, args, timeout_s=5.0)
+        return request_at(endpoints.control(self.run_dir), cmd, args, timeout_s=5.0)
 
     def sim_fault(self, cmd: str, **args: Any) -> dict[str, Any]:
         """Break (or mend) the sim robot through its fault-injection socket."""

@@ -86,7 +86,8 @@ def test_set_applies_tunables_live_on_a_running_follower(
     from onnx_bundle import make_bundle
     from stack import stop_processes
 
-    from runtime.control_client import request
+    from runtime import endpoints
+    from runtime.rpc import request_at
 
     run_dir = tmp_path / "run"
     env = {**os.environ, "MUJOCO_GL": "egl"}
@@ -107,7 +108,7 @@ def test_set_applies_tunables_live_on_a_running_follower(
         args = [*_args(etc)[:-1], "5.0"]  # a generous live-apply timeout
         assert main(["config", "set", "follower.blend_ms=45", *args]) == 0
         assert "applied live" in capsys.readouterr().out
-        got = request(str(run_dir), "get", {}, timeout_s=5.0)
+        got = request_at(endpoints.control(str(run_dir)), "get", {}, timeout_s=5.0)
         assert got["ok"] and got["result"]["config"]["follower"]["blend_ms"] == 45
         assert "key=follower.blend_ms old=80.0 new=45.0 applied=live" in \
             (etc / "changes.log").read_text()

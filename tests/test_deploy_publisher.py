@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = zmq.Context.instance()
     socks = {}
-    for name in ("telemetry-follower", "telemetry-planner", "state", "plan", "sim"):
+    for name in ("telemetry-follower", "telemetry-planner", "state", "sim"):
         s = ctx.socket(zmq.PUB)
         s.setsockopt(zmq.LINGER, 0)
         s.bind(f"ipc://{run_dir}/{name}")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         socks["state"].send(enc["state"].encode("state", {
             "q": pack_array(q), "dq": pack_array(np.zeros(6, np.float32)),
             "effort": pack_array(np.zeros(6, np.float32)), "mode": mode,
-            "t_ns": time.monotonic_ns()}))
+            "t_read_ns": time.monotonic_ns()}))
         if ticks % max(1, int(args.state_hz / 20)) == 0:
             socks["telemetry-follower"].send(enc["telemetry-follower"].encode(
                 "telemetry", follower_telemetry(ticks, mode, t)))
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             plans += 1
             socks["telemetry-planner"].send(enc["telemetry-planner"].encode(
                 "telemetry", planner_telemetry(plans)))
-            socks["plan"].send(enc["plan"].encode("plan", {
+            # plans travel to observers on the planner's telemetry socket
+            socks["telemetry-planner"].send(enc["telemetry-planner"].encode("plan", {
                 "waypoints": pack_array(np.zeros((10, 6), np.float32)), "dt_s": 0.1,
                 "t_obs_ns": time.monotonic_ns(), "latency_ms": 41.5}))
         if ticks % max(1, int(args.state_hz / 10)) == 0:
@@ -107,11 +108,11 @@ def test_messages_decode_with_runtime_codecs() -> None:
     assert msg["mode"] == "TRACK" and msg["joint_names"] == JOINTS
     plan = enc.encode("plan", {"waypoints": pack_array(np.zeros((10, 6), np.float32)),
                                "dt_s": 0.1, "t_obs_ns": 1, "latency_ms": 1.0})
-    assert decode_plan(plan, 6)[1].shape == (10, 6)
+    assert decode_plan(plan)[1].shape == (10, 6)
     state = enc.encode("state", {"q": pack_array(np.zeros(6, np.float32)),
                                  "dq": pack_array(np.zeros(6, np.float32)),
                                  "effort": pack_array(np.zeros(6, np.float32)),
-                                 "mode": "HOLD", "t_ns": 1})
+                                 "mode": "HOLD", "t_read_ns": 1})
     assert decode_state(state, 6)[1].shape == (6,)
 
 

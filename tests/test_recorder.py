@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.control_client import request_at
+from runtime import endpoints
 from runtime.deploy.mcap_sink import read_recording
-from runtime.deploy.recorder import Recorder, recorder_endpoint
+from runtime.deploy.recorder import Recorder
+from runtime.rpc import RequestError, request_at
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = Path(__file__).with_name("test_deploy_publisher.py")
@@ -49,7 +50,7 @@ def test_sigkill_leaves_complete_chunks(run_dir: Path, tmp_path: Path) -> None:
                             str(run_dir), "--dir", str(tmp_path / "rec")], cwd=REPO)
     try:
         _wait_for(run_dir / "recorder")
-        reply = request_at(recorder_endpoint(str(run_dir)), "start", {"name": "ep1"}, 10.0)
+        reply = request_at(endpoints.recorder(str(run_dir)), "start", {"name": "ep1"}, 10.0)
         assert reply["ok"], reply
         time.sleep(2.6)  # two 1-second chunks flushed, a third in progress
         rec.send_signal(signal.SIGKILL)
@@ -109,15 +110,15 @@ def test_fault_dumps_the_ring_and_a_clean_close_is_complete(run_dir: Path, tmp_p
 def test_episode_control_errors(run_dir: Path, tmp_path: Path) -> None:
     rec = Recorder(str(run_dir), tmp_path / "rec", 1.0, 100.0, {})
     try:
-        with pytest.raises(ValueError, match="episode name"):
+        with pytest.raises(RequestError, match="episode name"):
             rec.start_episode("../etc/passwd")
-        with pytest.raises(ValueError, match="no episode"):
+        with pytest.raises(RequestError, match="no episode"):
             rec.stop_episode()
         rec.start_episode("a")
-        with pytest.raises(ValueError, match="is recording"):
+        with pytest.raises(RequestError, match="is recording"):
             rec.start_episode("b")
         assert rec.stop_episode()["messages"] == 0
-        with pytest.raises(ValueError, match="exists"):
+        with pytest.raises(RequestError, match="exists"):
             rec.start_episode("a")
     finally:
         rec.close()

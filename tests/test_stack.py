@@ -116,8 +116,8 @@ def test_bad_plans_are_dropped_counted_and_never_reach_the_motors(
         tmp_path: Path, bundle: Path) -> None:
     with Stack(tmp_path, bundle, planner=False) as stack:
         pub = zmq.Context.instance().socket(zmq.PUB)
-        pub.bind(endpoints.plan(stack.run_dir))
-        time.sleep(0.3)  # let the follower's SUB connect
+        pub.connect(endpoints.plan(stack.run_dir))  # the follower owns the endpoint
+        time.sleep(0.3)  # let the connection (and its access check) complete
         q0 = stack.q()
         enc = Encoder()
         nan = np.tile(q0, (10, 1))
@@ -245,6 +245,8 @@ def test_estop_survives_a_follower_restart_until_reset(tmp_path: Path, bundle: P
         stack.sup._spawn("follower", stack.sup.follower_args)
         stack.sup._wait_ready("follower")
         tel = stack.telemetry(5)
-        assert tel["mode"] == "FAULT" and "latched before restart: ESTOP" in tel["fault_reason"]
+        assert tel["mode"] == "ESTOP"  # an ESTOP stays an ESTOP (torque off) across restarts
+        assert "latched before restart: estop from control" in tel["fault_reason"]
+        assert not tel["torque_on"]
         assert stack.control("reset")["ok"]
         stack.wait_mode("HOLD", 2)

@@ -134,7 +134,8 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _config_set(args: argparse.Namespace, ce: Any) -> int:
-    from runtime.control_client import ControlError, request
+    from runtime import endpoints
+    from runtime.rpc import ControlError, request_at
 
     key, old, new, text, cfg = ce.stage_set(args.config, args.site, args.item)
     if old == new:
@@ -146,7 +147,8 @@ def _config_set(args: argparse.Namespace, ce: Any) -> int:
     if ce.is_tunable(key):
         run_dir = args.run_dir or cfg.run_dir
         try:
-            reply = request(run_dir, "set", {"key": key, "value": new}, timeout_s=args.timeout)
+            reply = request_at(endpoints.control(run_dir), "set", {"key": key, "value": new},
+                               timeout_s=args.timeout)
         except ControlError:
             applied = "next-start"
             print("follower not running: takes effect when it starts")
@@ -194,9 +196,9 @@ def _record(args: argparse.Namespace) -> int:
         return _record_serve(args)
     if args.record_cmd == "info":
         return _record_info(Path(args.file))
+    from runtime import endpoints
     from runtime.config import ConfigError, load_config
-    from runtime.control_client import ControlError, request_at
-    from runtime.deploy.recorder import recorder_endpoint
+    from runtime.rpc import ControlError, request_at
 
     run_dir = args.run_dir
     if run_dir is None:
@@ -206,7 +208,7 @@ def _record(args: argparse.Namespace) -> int:
             return _fail("record", exc)
     body = {"name": args.name} if args.record_cmd == "start" else {}
     try:
-        reply = request_at(recorder_endpoint(run_dir), args.record_cmd, body, timeout_s=3.0)
+        reply = request_at(endpoints.recorder(run_dir), args.record_cmd, body, timeout_s=3.0)
     except ControlError:
         return _fail("record", RuntimeError(
             f"no recorder answering in {run_dir}: systemctl start duet-recorder "

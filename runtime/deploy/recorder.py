@@ -9,7 +9,7 @@ writes MCAP.
 - A disk budget (`recorder.budget_mb`): the oldest continuous segments, then the oldest
   incidents, are deleted to stay under it; episodes are never deleted automatically.
 
-Control: REP at ipc://{run_dir}/recorder, `request` {cmd: start|stop|status, args}.
+Control: ipc://{run_dir}/recorder (runtime.rpc), {cmd: start|stop|status, args}.
 """
 
 from __future__ import annotations
@@ -30,18 +30,16 @@ from typing import Any
 import zmq
 
 from runtime import endpoints
+from runtime.access import OPERATOR
 from runtime.deploy.mcap_sink import McapSink, Record
 from runtime.deploy.telemetry_view import to_jsonable
-from runtime.messages import Encoder, MessageError, decode, unpack_array
+from runtime.messages import MessageError, decode, unpack_array
+from runtime.rpc import Command, RequestError, bind_server
 
 log = logging.getLogger("duet.recorder")
 
 ALARM_MODES = ("FAULT", "ESTOP")
 EPISODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-def recorder_endpoint(run_dir: str) -> str:
-    return f"ipc://{Path(run_dir) / 'recorder'}"
 
 
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
@@ -77,13 +75,14 @@ SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {
             "data": {"type": "string", "contentEncoding": "base64"}}}),
 }
 
-# (topic, endpoint function, expected message type)
-SOURCES: list[tuple[str, Callable[[str], str], str]] = [
-    ("/follower/state", endpoints.state, "state"),
-    ("/planner/plan", endpoints.plan, "plan"),
-    ("/follower/telemetry", lambda d: endpoints.telemetry(d, "follower"), "telemetry"),
-    ("/planner/telemetry", lambda d: endpoints.telemetry(d, "planner"), "telemetry"),
-    ("/sim/frame", endpoints.sim, "frame"),
+# endpoint -> {message type: topic}. The planner publishes its plans on its telemetry socket
+# too (the plan socket itself belongs to the follower and admits only the planner).
+SOURCES: list[tuple[Callable[[str], str], dict[str, str]]] = [
+    (endpoints.state, {"state": "/follower/state"}),
+    (lambda d: endpoints.telemetry(d, "follower"), {"telemetry": "/follower/telemetry"}),
+    (lambda d: endpoints.telemetry(d, "planner"), {"telemetry": "/planner/telemetry",
+                                                   "plan": "/planner/plan"}),
+    (endpoints.sim, {"frame": "/sim/frame"}),
 ]
 
 
@@ -135,22 +134,26 @@ class Recorder:
         self.last_frame_ns = 0
         self.stats = Stats()
         self.stop_requested = False
-        self._enc = Encoder()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.poller = zmq.Poller()
-        self.subs: dict[zmq.Socket[bytes], tuple[str, str]] = {}
-        for topic, endpoint_of, type_ in SOURCES:
+        self.subs: dict[zmq.Socket[bytes], dict[str, str]] = {}
+        for endpoint_of, topics in SOURCES:
             sock = self.ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 20000)  # state at up to 1 kHz: never conflate here
+            sock.setsockopt(zmq.MAXMSGSIZE, endpoints.MAX_FRAME_BYTES)
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.connect(endpoint_of(run_dir))
             self.poller.register(sock, zmq.POLLIN)
-            self.subs[sock] = (topic, type_)
+            self.subs[sock] = topics
         Path(run_dir).mkdir(parents=True, exist_ok=True)  # may start before the follower
-        self.control = self.ctx.socket(zmq.REP)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(recorder_endpoint(run_dir))
+        self.server = bind_server(self.ctx, endpoints.recorder(run_dir), {
+            "start": Command(lambda a: {"path": str(self.start_episode(str(a.get("name", ""))))},
+                             OPERATOR, "start a named episode"),
+            "stop": Command(lambda a: self.stop_episode(), OPERATOR, "stop the episode"),
+            "status": Command(lambda a: self.status(), OPERATOR, "recorder status"),
+        })
+        self.control = self.server.sock
         self.poller.register(self.control, zmq.POLLIN)
 
     # ------------------------------------------------------------------ files
@@ -162,14 +165,15 @@ class Recorder:
 
     def start_episode(self, name: str) -> Path:
         if self.episode is not None:
-            raise ValueError(f"episode {self.episode.path.stem!r} is recording; stop it first")
+            raise RequestError(f"episode {self.episode.path.stem!r} is recording; "
+                               "stop it first")
         if not EPISODE_NAME.match(name):
-            raise ValueError(f"episode name {name!r}: use letters, digits, '.', '_', '-'")
+            raise RequestError(f"episode name {name!r}: use letters, digits, '.', '_', '-'")
         path = self.out_dir / "episodes" / f"{name}.mcap"
         if path.exists():
-            raise ValueError(f"episode {name!r} exists: {path}")
+            raise RequestError(f"episode {name!r} exists: {path}")
         if self._episodes_bytes() >= self.budget_bytes:
-            raise ValueError(f"episodes alone fill the recorder budget "
+            raise RequestError(f"episodes alone fill the recorder budget "
                              f"({self.budget_bytes >> 20} MB): move them off the robot")
         self.episode = self._sink(path, {"kind": "episode", "name": name,
                                          "started": self._stamp()})
@@ -178,7 +182,7 @@ class Recorder:
 
     def stop_episode(self) -> dict[str, Any]:
         if self.episode is None:
-            raise ValueError("no episode is recording")
+            raise RequestError("no episode is recording")
         ep, self.episode = self.episode, None
         ep.close()
         log.info("episode=%s messages=%d stopped", ep.path.stem, ep.messages)
@@ -257,32 +261,6 @@ class Recorder:
                 self._open_incident(str(mode), now)
             self.last_mode = mode if isinstance(mode, str) else None
 
-    def _serve_control(self) -> None:
-        try:
-            req = decode(self.control.recv(zmq.NOBLOCK), "request")
-        except zmq.Again:
-            return
-        except MessageError as exc:
-            self._reply(False, f"bad request: {exc}", {})
-            return
-        cmd, args = req.get("cmd"), req.get("args") or {}
-        try:
-            if cmd == "start":
-                path = self.start_episode(str(args.get("name", "")))
-                self._reply(True, None, {"path": str(path)})
-            elif cmd == "stop":
-                self._reply(True, None, self.stop_episode())
-            elif cmd == "status":
-                self._reply(True, None, self.status())
-            else:
-                self._reply(False, f"unknown command {cmd!r}", {})
-        except (ValueError, OSError) as exc:
-            self._reply(False, str(exc), {})
-
-    def _reply(self, ok: bool, error: str | None, result: dict[str, Any]) -> None:
-        self.control.send(self._enc.encode("reply", {"ok": ok, "error": error,
-                                                     "result": result}))
-
     def status(self) -> dict[str, Any]:
         return {"dir": str(self.out_dir), "episode": str(self.episode.path) if self.episode
                 else None, "incident": str(self.incident.path) if self.incident else None,
@@ -293,19 +271,26 @@ class Recorder:
     def poll_once(self, timeout_ms: int = 100) -> None:
         for sock, _ in self.poller.poll(timeout_ms):
             if sock is self.control:
-                self._serve_control()
+                self.server.serve_pending()
                 continue
-            topic, type_ = self.subs[sock]
+            topics = self.subs[sock]
             while True:
                 try:
                     frame = sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 try:
-                    self.handle(topic, decode(frame, type_))
+                    msg = decode(frame)
+                    topic = topics.get(msg["type"])
+                    if topic is None:
+                        raise MessageError("type", f"unexpected type {msg['type']!r}")
+                    self.handle(topic, msg)
                     self.stats.received += 1
                 except MessageError:
                     self.stats.rejected += 1
+                except Exception as exc:  # never let one message end the recording
+                    self.stats.rejected += 1
+                    log.error("message dropped: %r", exc)
         now = time.monotonic_ns()
         if self.incident is not None and now > self.incident_until_ns:
             self._close_incident()

@@ -1,7 +1,8 @@
 """`duet status`: one sample of each process's telemetry, one screen (or JSON), then exit.
 
-Exit code: 0 when the follower reports HOLD or TRACK and the planner is planning,
-1 when anything is missing or in FAULT/ESTOP, so scripts can `duet status || alert`.
+Exit code: 0 when the follower is healthy by its own configured thresholds (not latched,
+loop rate and deadline misses within `follower.health`) and the planner is planning or idle
+(no task: the robot holds), 1 otherwise, so scripts can `duet status || alert`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,27 @@ def collect(run_dir: str, timeout_s: float) -> dict[str, Any]:
     return {source: to_jsonable(latest.get(source)) for source in ("follower", "planner")}
 
 
-def healthy(sample: dict[str, Any]) -> bool:
+def problems(sample: dict[str, Any]) -> list[str]:
+    """Why the robot is not healthy (empty: healthy)."""
     follower, planner = sample.get("follower"), sample.get("planner")
-    return (
-        isinstance(follower, dict) and follower.get("mode") in ("HOLD", "TRACK")
-        and isinstance(planner, dict) and planner.get("status") == "planning"
-    )
+    out: list[str] = []
+    if not isinstance(follower, dict):
+        out.append("follower: no telemetry (not running?)")
+    else:
+        health = follower.get("health")
+        if isinstance(health, dict):
+            out += [f"follower: {p}" for p in health.get("problems") or []]
+        elif follower.get("mode") not in ("HOLD", "TRACK"):
+            out.append(f"follower: {follower.get('mode')}")
+    if not isinstance(planner, dict):
+        out.append("planner: no telemetry (not running?)")
+    elif planner.get("status") not in ("planning", "idle"):
+        out.append(f"planner: {planner.get('status')}")
+    return out
+
+
+def healthy(sample: dict[str, Any]) -> bool:
+    return not problems(sample)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
