@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from drivers import dynamixel_protocol as dx
-from drivers.bus import BusError, MotorFault, MotorState
+from drivers.bus import BusError, CommandError, MotorFault, MotorState
 from drivers.dynamixel import DynamixelBus
 from runtime.config import DynamixelBusConfig
 from sim.actuators import HW_OVERLOAD, Actuators
@@ -108,13 +108,17 @@ def test_goal_ticks_on_the_wire_follow_zero_and_direction(
 def test_write_rejects_bad_targets(bus: DynamixelBus) -> None:
     q = np.zeros(6)
     q[2] = np.nan
-    with pytest.raises(ValueError, match="elbow"):
+    with pytest.raises(CommandError, match=r"elbow \(id 3\) = nan rad is not finite") as err:
+        bus.write(q)
+    assert err.value.motor == "elbow"
+    q[2] = np.inf
+    with pytest.raises(CommandError, match="elbow"):
         bus.write(q)
     q[2] = 0.0
     q[5] = 4.0  # beyond one revolution from zero: outside Min/Max Position Limit
-    with pytest.raises(ValueError, match="gripper"):
+    with pytest.raises(CommandError, match=r"gripper .*limits \[0, 4095\] ticks"):
         bus.write(q)
-    with pytest.raises(ValueError, match="MIT"):
+    with pytest.raises(CommandError, match="MIT"):
         bus.write(np.zeros(6), kp=np.ones(6))
     assert bus.stats.writes == 0
 
@@ -165,17 +169,54 @@ def test_wire_time(bus: DynamixelBus, emulator: DynamixelEmulator) -> None:
     assert bus.wire_time_us() == pytest.approx(475.0 + 6 * 10.0)
 
 
-def test_silent_motor_times_out(bus: DynamixelBus, actuators: Actuators) -> None:
+def test_silent_motor_is_named_without_waiting_when_the_next_one_answers(
+        bus: DynamixelBus, actuators: Actuators) -> None:
     actuators.silent[2] = True
     state = MotorState(6)
-    with pytest.raises(BusError, match="elbow") as info:
+    bus.timeout_ms = 500.0  # replies come in request order: wrist_pitch's settles elbow
+    t0 = time.monotonic()
+    with pytest.raises(BusError, match=r"no reply \(the next motor answered first\) from"
+                                       r" elbow \(id 3\)$") as info:
         bus.read(state)
+    assert time.monotonic() - t0 < 0.25  # both attempts, neither waited out 500 ms
     assert info.value.motor == "elbow" and not isinstance(info.value, MotorFault)
     s = bus.stats
-    assert (s.timeouts, s.retries, s.errors, s.reads) == (2, 1, 1, 0)
+    assert (s.timeouts, s.retries, s.errors, s.reads) == (0, 1, 1, 0)
     assert s.missing_replies == 2 and s.per_motor_errors["elbow"] == 2
+    assert sum(s.per_motor_errors.values()) == 2  # nobody else blamed
     actuators.silent[2] = False
     bus.read(state)  # recovers
+    assert bus.stats.reads == 1
+
+
+def test_silent_last_motor_times_out(bus: DynamixelBus, actuators: Actuators) -> None:
+    actuators.silent[5] = True
+    with pytest.raises(BusError, match=r"no reply within 20.0 ms from gripper \(id 6\)$"):
+        bus.read(MotorState(6))
+    s = bus.stats
+    assert (s.timeouts, s.missing_replies, s.per_motor_errors["gripper"]) == (2, 2, 2)
+    assert sum(s.per_motor_errors.values()) == 2
+
+
+@pytest.mark.parametrize(("byte", "reason"), [(5, "length field"), (0, "no reply"),
+                                              (3, "no reply"), (10, "CRC error")])
+def test_one_corrupt_reply_fails_only_its_motor_at_once(
+        bus: DynamixelBus, emulator: DynamixelEmulator, byte: int, reason: str) -> None:
+    """The sim's `corrupt` fault aimed at the elbow's replies: at the length byte (0x0E -> a
+    length no reply has), the header (the reply vanishes) or the data (CRC). The other five
+    replies are parsed as they arrive and only the elbow is blamed, without a timeout."""
+    bus.timeout_ms = 500.0
+    emulator.corrupt_probability, emulator.corrupt_byte = 1.0, byte
+    emulator.corrupt_servos = frozenset({2})
+    state = MotorState(6)
+    t0 = time.monotonic()
+    with pytest.raises(BusError, match=rf"^sync read: {reason}[^;]* from elbow \(id 3\)$"):
+        bus.read(state)
+    assert time.monotonic() - t0 < 0.25
+    assert bus.stats.timeouts == 0
+    assert bus.stats.per_motor_errors == {name: 2 if name == "elbow" else 0 for name in JOINTS}
+    emulator.corrupt_probability = 0.0
+    bus.read(state)
     assert bus.stats.reads == 1
 
 
@@ -200,7 +241,7 @@ def test_corrupted_replies_counted_never_accepted(
     assert bus.stats.crc_errors > 0 and ok > 0
     assert bus.stats.errors == failed
     emulator.corrupt_probability = 1.0
-    with pytest.raises(BusError, match="CRC"):
+    with pytest.raises(BusError, match=r"CRC|length|cut short|no reply"):
         bus.read(state)
 
 
