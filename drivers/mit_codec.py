@@ -13,8 +13,10 @@ MyActuator) and every published host library computes it. Rounding to nearest wo
 the quantisation error of a command, but a motor decodes the code as its lower edge, so the
 firmware's convention is the one that makes host and motor agree code for code, and the
 conformance tests can compare frames byte for byte with independent implementations.
-Decoding is `u * (hi - lo) / (2**bits - 1) + lo`. NaN never reaches the wire (ValueError);
-out-of-range values clamp (the driver refuses them earlier with CommandError).
+The top of a range maps to the top code even where the float arithmetic would fall a hair
+short of it (as motor-python does). Decoding is `u * (hi - lo) / (2**bits - 1) + lo`. NaN
+never reaches the wire (ValueError); out-of-range values clamp (the driver refuses them
+earlier with CommandError).
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ def float_to_uint(x: float, lo: float, hi: float, bits: int) -> int:
     """Clamp x to [lo, hi] and map it onto 0 .. 2**bits - 1, truncating (the firmware's way)."""
     if x != x:  # NaN has no place on the wire; +-inf clamps like any out-of-range value
         raise ValueError("MIT field cannot encode NaN")
-    x = min(max(x, lo), hi)
-    return int((x - lo) * ((1 << bits) - 1) / (hi - lo))
+    if x >= hi:  # (hi - lo) * top / (hi - lo) can land a hair under top (e.g. p_max 12.56)
+        return (1 << bits) - 1
+    return int((max(x, lo) - lo) * ((1 << bits) - 1) / (hi - lo))
 
 
 def uint_to_float(u: int, lo: float, hi: float, bits: int) -> float:

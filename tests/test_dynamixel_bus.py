@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -302,3 +303,80 @@ def test_hot_path_does_not_grow_memory() -> None:
     )
     assert growth < 512, f"driver retained {growth} B over 300 ticks"
     assert peak - base < 2048, f"transient peak {peak - base} B in a tick"
+
+
+# -- restart: present_goal under gravity, with the sim's physics ------------------------------
+
+
+class Physics:
+    """SimWorld (MuJoCo, gravity) stepping its actuators in real time on a thread."""
+
+    def __init__(self, actuators: Actuators) -> None:
+        from sim.world import SimWorld
+
+        self.world = SimWorld(actuators=actuators)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t = time.monotonic()
+        while not self._stop:
+            self.world.step(1)
+            t += self.world.dt
+            time.sleep(max(0.0, t - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop = True
+        self._thread.join()
+
+
+def test_present_goal_after_a_restart_is_the_goal_written_and_holding_it_moves_nothing() -> None:
+    """A follower restart under load: the servos hold their goal with a steady-state error
+    (gravity); the new process reads back Goal Position, so re-commanding it moves nothing,
+    where re-commanding the measured position would sag by that error."""
+    from sim.dynamixel_emulator import SERVO_MODELS
+    from sim.world import HOME_Q
+    from sim.world import JOINTS as SIM_JOINTS
+    from sim.world import SERVO_MODELS as JOINT_SERVOS
+
+    act = Actuators(6)
+    physics = Physics(act)
+    emu = DynamixelEmulator(act, IDS, models=[SERVO_MODELS[m] for m in JOINT_SERVOS])
+    path = emu.open()
+    emu.start()
+    try:
+        assert list(SIM_JOINTS) == JOINTS
+        first = DynamixelBus(path, 4_000_000, IDS, JOINTS, timeout_ms=100.0)
+        first.open()
+        goal = HOME_Q + np.array([0.0, 0.35, -0.3, 0.2, 0.0, 0.0])
+        first.write(goal)
+        first.enable_torque(True)
+        time.sleep(1.0)  # settle under gravity
+        state = MotorState(6)
+        first.read(state)
+        sag = np.abs(state.q - goal)
+        assert sag[1] > 5 * RAD_PER_TICK, sag  # the shoulder holds off its goal
+        first.close()  # the follower dies; the servos keep torque and their goal
+
+        second = DynamixelBus(path, 4_000_000, IDS, JOINTS, timeout_ms=100.0)
+        second.open()
+        held = np.zeros(6)
+        assert second.present_goal(held) is True
+        np.testing.assert_allclose(held, goal, atol=RAD_PER_TICK / 2 + 1e-9)  # 1 encoder tick
+        second.read(state)
+        before = state.q.copy()
+        second.write(held)
+        time.sleep(0.5)
+        second.read(state)
+        assert np.abs(state.q - before).max() < 1e-3  # < 1 mrad: within an encoder tick
+        second.enable_torque(False)
+        time.sleep(0.05)
+        second.read(state)
+        off = np.zeros(6)
+        assert second.present_goal(off) is False  # torque off: the measured position
+        np.testing.assert_allclose(off, state.q, atol=0.05)  # it falls meanwhile
+        second.close()
+    finally:
+        emu.stop()
+        physics.stop()
