@@ -132,6 +132,7 @@ class MitCanBus:
         self._code = np.zeros(n, dtype=np.int64)
         self._temp = np.full(n, np.nan)
         self._mit_fields = np.ones(n, dtype=bool)  # the last reply carried MIT state fields
+        self._faulted = False  # a reply since the last fault check carried a fault code
         # half a code of each state field: the centre of a truncated code
         self._half_code = (r.p_max / 65535, r.v_max / 4095, r.t_max / 4095)
         self._last_q = np.zeros(n)  # joint frame: the q_target in self._frames
@@ -331,6 +332,9 @@ class MitCanBus:
         d = self.dialect
         if out is not None:
             out.error_flags[:] = 0
+        if not self._faulted:  # no reply since the last check carried a fault code
+            return
+        self._faulted = False
         faults = None
         for j, code in enumerate(self._code):
             reason = d.fault(int(code)) if code else None
@@ -441,6 +445,8 @@ class MitCanBus:
                 self._q[j], self._dq[j], self._tau[j] = reply.p, reply.v, reply.t
                 self._code[j], self._temp[j] = reply.code, reply.temperature_c
                 self._mit_fields[j] = reply.mit_fields
+                if reply.code and d.fault(reply.code) is not None:
+                    self._faulted = True
             if not got[j]:
                 got[j] = True
                 remaining -= 1
@@ -459,22 +465,28 @@ class MitCanBus:
         raise BusError(f"no MIT reply within {self.timeout_s * 1e3:g} ms from {names}",
                        motor=missing[0])
 
-    def _check_range_registers(self) -> None:
+    def _check_range_registers(self, attempts: int = 3) -> None:
         """Refuse to start when a motor's stored ranges differ from the configured model: every
-        position, velocity and torque would be scaled wrong."""
+        position, velocity and torque would be scaled wrong. A start-up read, so a motor that
+        does not answer is asked again (`attempts` in all) before it is named."""
         d = self.dialect
         for key, rid in d.range_registers.items():
             want = float(getattr(self.ranges, key))
-            frames = [d.read_register(j, rid) for j in range(len(self.ids))]
-            self._send([self._message(*f) for f in frames if f is not None])
-            self._pending = False
-            values = self._collect_registers(rid)
+            values: list[float | None] = [None] * len(self.ids)
+            for _ in range(attempts):
+                frames = [d.read_register(j, rid) for j, v in enumerate(values) if v is None]
+                self._send([self._message(*f) for f in frames if f is not None])
+                self._pending = False
+                self._collect_registers(rid, values)
+                if all(v is not None for v in values):
+                    break
             reg = getattr(d, "REGISTER_NAMES", {}).get(rid, str(rid))
             for j, value in enumerate(values):
                 name = f"{self.joint_names[j]} (id {self.ids[j]})"
                 if value is None:
                     raise BusError(f"{name}: no reply to reading register {reg} ({rid}) within"
-                                   f" {self.timeout_s * 1e3:g} ms", self.joint_names[j])
+                                   f" {self.timeout_s * 1e3:g} ms, {attempts} times",
+                                   self.joint_names[j])
                 # the motor stores float32: compare at its precision
                 if abs(value - want) > 1e-6 * max(abs(want), 1.0):
                     raise BusError(
@@ -483,9 +495,8 @@ class MitCanBus:
                         f" wrong. Set model.{key} to {value:g} or write the motor's {reg}.",
                         self.joint_names[j])
 
-    def _collect_registers(self, rid: int) -> list[float | None]:
+    def _collect_registers(self, rid: int, values: list[float | None]) -> None:
         bus = self._require_bus()
-        values: list[float | None] = [None] * len(self.ids)
         deadline = time.monotonic() + self.timeout_s
         while any(v is None for v in values):
             msg = bus.recv(max(deadline - time.monotonic(), 0.0))
@@ -497,4 +508,3 @@ class MitCanBus:
                     if value is not None:
                         values[j] = value
                         break
-        return values

@@ -415,20 +415,35 @@ class SyncReplyParser:
         self.offset = [0] * self.n
         self.unstuffed: list[bytes] = [b""] * self.n
         self.pos = 0
+        self.left = self.n  # motors neither seen nor blamed
+        self._first = 0  # no motor before this one is unsettled
         self.crc_errors = self.length_errors = self.stray = 0
 
     def reset(self) -> None:
         for k in range(self.n):
             self.seen[k] = False
             self.bad[k] = None
-        self.pos = 0
+        self.pos = self._first = 0
+        self.left = self.n
 
     @property
     def settled(self) -> bool:
-        return all(s or b is not None for s, b in zip(self.seen, self.bad, strict=True))
+        return self.left == 0
 
     def unsettled(self) -> list[int]:
-        return [k for k in range(self.n) if not self.seen[k] and self.bad[k] is None]
+        return [k for k in range(self._first, self.n)
+                if not self.seen[k] and self.bad[k] is None]
+
+    def _settle(self, k: int, reason: str | None) -> None:
+        """Motor k (unsettled) is seen (reason None) or blamed."""
+        self.left -= 1
+        if reason is None:
+            self.seen[k] = True
+        else:
+            self.bad[k] = reason
+        while self._first < self.n and (self.seen[self._first]
+                                        or self.bad[self._first] is not None):
+            self._first += 1
 
     def feed(self, rx: bytearray, got: int) -> bool:
         """Parse rx[pos:got]; True once every motor is settled (seen, or blamed)."""
@@ -467,10 +482,13 @@ class SyncReplyParser:
             if k < 0 or self.seen[k] or rx[h + 7] != STATUS:
                 self.stray += 1  # not an answer to this request (a late or foreign packet)
                 continue
-            for earlier in range(k):  # replies come in request order: those are lost
+            for earlier in range(self._first, k):  # replies come in request order: lost
                 if not self.seen[earlier] and self.bad[earlier] is None:
-                    self.bad[earlier] = LOST_REPLY
-            self.seen[k], self.bad[k] = True, None
+                    self._settle(earlier, LOST_REPLY)
+            if self.bad[k] is None:
+                self._settle(k, None)
+            else:  # blamed for a stray packet, yet its reply came: the blame was wrong
+                self.seen[k], self.bad[k] = True, None
             error = self.error[k] = rx[h + 8]
             if error & 0x7F:
                 self.bad[k] = "status " + RESULT_NAMES.get(error & 0x7F, f"error {error & 0x7F}")
@@ -482,13 +500,12 @@ class SyncReplyParser:
                     self.bad[k] = "reply of the wrong length"
                 self.offset[k], self.unstuffed[k] = -1, data
         self.pos = pos
-        return self.settled
+        return self.left == 0
 
     def _blame(self, k: int, reason: str) -> None:
         if k < 0 or self.seen[k] or self.bad[k] is not None:
-            todo = self.unsettled()
-            if not todo:
+            if self._first == self.n:
                 self.stray += 1
                 return
-            k = todo[0]
-        self.bad[k] = reason
+            k = self._first
+        self._settle(k, reason)

@@ -36,7 +36,7 @@ from runtime import endpoints
 from runtime.buses import bus_sections
 from runtime.config import CanBusConfig, ConfigError, DuetConfig, DynamixelBusConfig, SimConfig
 from runtime.messages import Encoder, pack_array
-from sim.actuators import Actuators
+from sim.actuators import MODE_MIT, Actuators
 from sim.camera import SceneCamera
 from sim.faults import CanLink, FaultInjector, LinkGroup, MotorLink, SerialLink
 from sim.task import RUNNING, SUCCESS, Episode, TaskTracker, episode_seed
@@ -66,8 +66,11 @@ def _open_link(cfg: DuetConfig, actuators: Actuators) -> MotorLink:
             elif not isinstance(bus, CanBusConfig):
                 raise ConfigError("sim.transport is 'can' but a bus is not 'mit_can'")
             else:
-                links.append(CanLink(actuators, bus, sim_cfg.rt_priority,
-                                     joints=[joints.index(n) for n in names]))
+                idx = [joints.index(n) for n in names]
+                with actuators.lock:  # homed by an earlier session over this bus: its gains
+                    actuators.mode[idx] = MODE_MIT
+                    actuators.kp[idx], actuators.kd[idx] = bus.kp, bus.kd
+                links.append(CanLink(actuators, bus, sim_cfg.rt_priority, joints=idx))
     except BaseException:
         for link in links:
             link.stop()

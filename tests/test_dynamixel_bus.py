@@ -380,3 +380,23 @@ def test_present_goal_after_a_restart_is_the_goal_written_and_holding_it_moves_n
     finally:
         emu.stop()
         physics.stop()
+
+
+def test_a_restored_line_finds_the_servos_holding_their_goal(actuators: Actuators) -> None:
+    """The sim's cut_line/restore_line: the servos kept power, so Goal Position and Torque
+    Enable continue (a power-on would reset the goal to the present position)."""
+    with actuators.lock:
+        actuators.torque_enabled[:] = True
+        actuators.goal_q[:] = actuators.q + 0.05  # holding under load, off its goal
+    emu = DynamixelEmulator(actuators, IDS, zero_ticks=ZERO, direction=DIRECTION)
+    path = emu.open(powered=True)
+    emu.start()
+    try:
+        bus = make_bus(path)
+        bus.open()
+        goal = np.zeros(6)
+        assert bus.present_goal(goal) is True
+        np.testing.assert_allclose(goal, actuators.q + 0.05, atol=RAD_PER_TICK / 2 + 1e-9)
+        bus.close()
+    finally:
+        emu.stop()
