@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from drivers.bus_budget import check_budget
+from drivers.mit_dialects import DIALECTS, dialect_class
 
 
 class ConfigError(Exception):
@@ -79,10 +80,12 @@ class DynamixelBusConfig(_Strict):
     timeout_ms: float = Field(5.0, gt=0, le=1000)
     retries: int = Field(1, ge=0, le=10)
     return_delay_us: float = Field(0.0, ge=0, le=508)
+    # the robot joints this bus drives, in `ids` order (required under `buses:`)
+    joints: list[str] | None = None
 
 
 class MitMotorModel(_Strict):
-    """Ranges of the 16/12-bit MIT-mode fields, per motor model."""
+    """Ranges of the 16/12-bit MIT-mode fields, per motor model (positive and finite)."""
 
     p_max: float = Field(gt=0, le=1e4)  # rad, position range is [-p_max, p_max]
     v_max: float = Field(gt=0, le=1e4)  # rad/s
@@ -93,9 +96,14 @@ class MitMotorModel(_Strict):
 
 class CanBusConfig(_Strict):
     kind: Literal["mit_can"] = "mit_can"
+    # wire dialect of the motors (drivers/mit_dialects.py): generic (Katz firmware),
+    # damiao, cubemars, myactuator
+    dialect: str = "generic"
     interface: str = "socketcan"  # any python-can interface name
     channel: str = "can0"
-    bitrate: int = Field(1_000_000, gt=0)
+    bitrate: int = Field(1_000_000, gt=0)  # nominal (arbitration) rate
+    fd: bool = False  # CAN FD frames with bit-rate switching (Damiao)
+    data_bitrate: int = Field(5_000_000, gt=0)  # FD data phase
     ids: list[int]
     master_ids: list[int] | None = None  # reply ids, when they differ from `ids`
     model: MitMotorModel
@@ -103,6 +111,33 @@ class CanBusConfig(_Strict):
     kd: list[float]
     timeout_ms: float = Field(2.0, gt=0, le=1000)
     direction: list[int] | None = None
+    # start-up: the most a goal reconstructed from a motor's reply may differ from its
+    # measured position (drivers/can_mit.py)
+    hold_jump_max_rad: float = Field(0.1, gt=0, le=1.0, allow_inf_nan=False)
+    # the robot joints this bus drives, in `ids` order (required under `buses:`)
+    joints: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _motors_speak_the_dialect(self) -> CanBusConfig:
+        if self.dialect not in DIALECTS:
+            raise ValueError(f"dialect {self.dialect!r} is not one of {', '.join(DIALECTS)}")
+        dialect = dialect_class(self.dialect)
+        dialect(self.ids, self.master_ids)  # ids the dialect cannot address are refused here
+        if self.fd and not dialect.supports_fd:
+            raise ValueError(f"fd: dialect {self.dialect!r} speaks classic CAN only")
+        if self.fd and self.data_bitrate < self.bitrate:
+            raise ValueError(f"data_bitrate {self.data_bitrate} is below bitrate {self.bitrate}")
+        m = self.model
+        for key, gains, hi in (("kp", self.kp, m.kp_max), ("kd", self.kd, m.kd_max)):
+            if len(gains) != len(self.ids):
+                raise ValueError(f"{key} has {len(gains)} entries, ids has {len(self.ids)}")
+            for k, g in enumerate(gains):
+                if not 0 <= g <= hi:  # NaN fails too
+                    raise ValueError(f"{key}[{k}] = {g} is outside [0, {hi:g}] (model.{key}_max)")
+        return self
+
+
+BusConfig = DynamixelBusConfig | CanBusConfig
 
 
 class RealtimeConfig(_Strict):
@@ -202,7 +237,10 @@ class AccessConfig(_Strict):
 
 class DuetConfig(_Strict):
     robot: RobotConfig
-    bus: DynamixelBusConfig | CanBusConfig = Field(discriminator="kind")
+    # one bus for every joint, or `buses`: one per limb, each naming its `joints`
+    bus: BusConfig | None = Field(None, discriminator="kind")
+    buses: list[Annotated[BusConfig, Field(discriminator="kind")]] | None = Field(
+        None, min_length=1)
     follower: FollowerConfig = FollowerConfig()
     planner: PlannerConfig = PlannerConfig()
     bundle: BundleConfig
@@ -212,12 +250,47 @@ class DuetConfig(_Strict):
     access: AccessConfig = AccessConfig()
 
     @model_validator(mode="after")
-    def _bus_matches_joints(self) -> DuetConfig:
-        n = len(self.robot.joints)
-        if len(self.bus.ids) != n:
-            raise ValueError(f"bus.ids has {len(self.bus.ids)} entries, robot.joints has {n}")
-        # The wire must carry a read and a write of every motor each tick.
-        check_budget(self.bus, n, self.follower.hz)
+    def _buses_drive_every_joint_once(self) -> DuetConfig:
+        joints = self.robot.joints
+        if (self.bus is None) == (self.buses is None):
+            raise ValueError("give either `bus` (one bus) or `buses` (one per limb), not"
+                             f" {'both' if self.bus is not None else 'neither'}")
+        if self.bus is not None:
+            sections = [("bus", self.bus, list(joints) if self.bus.joints is None
+                         else self.bus.joints)]
+            if sections[0][2] != list(joints):
+                raise ValueError("bus.joints must be robot.joints in order (or left out)")
+        else:
+            assert self.buses is not None
+            sections = []
+            for b, bus in enumerate(self.buses):
+                if not bus.joints:
+                    raise ValueError(f"buses.{b}.joints: name the joints this bus drives")
+                sections.append((f"buses.{b}", bus, bus.joints))
+            owner: dict[str, str] = {}
+            for key, _, names in sections:
+                for name in names:
+                    if name not in joints:
+                        raise ValueError(f"{key}.joints: {name!r} is not in robot.joints")
+                    if name in owner:
+                        raise ValueError(f"{key}.joints: {name!r} is on {owner[name]} too")
+                    owner[name] = key
+            if len(owner) != len(joints):
+                missing = [j for j in joints if j not in owner]
+                raise ValueError(f"buses: no bus drives {', '.join(missing)}")
+            wires = [(b.interface, b.channel) if isinstance(b, CanBusConfig) else b.device
+                     for _, b, _ in sections]
+            if len(set(wires)) != len(wires):
+                raise ValueError("buses: two entries name the same wire (channel or device):"
+                                 " make them one bus")
+        for key, bus, names in sections:
+            if len(bus.ids) != len(names):
+                raise ValueError(f"{key}.ids has {len(bus.ids)} entries for {len(names)} joints")
+            # each wire must carry a read and a write of its motors every tick
+            try:
+                check_budget(bus, len(names), self.follower.hz)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
         return self
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from drivers.bus import BusError, MotorBus, MotorFault, MotorState
+from drivers.bus import BusError, CommandError, MotorBus, MotorFault, MotorState
 from drivers.camera import CameraError
 from runtime import endpoints, rundir
 from runtime.access import OPERATOR, Policy, ZapHandler, uid_of
@@ -52,14 +52,6 @@ log = logging.getLogger("duet.follower")
 RING_CAPACITY = 1 << 21  # ~35 min at 1 kHz of per-tick samples for the exit summary
 SLACK_FOR_TELEMETRY_NS = 400_000  # publish telemetry only with this much time to the deadline
 EXIT_FAULT, EXIT_ESTOP = 3, 4  # the follower ended latched: shown by systemd and `duet run`
-
-
-def present_goal(bus: MotorBus, out: np.ndarray) -> bool:
-    """TEMPORARY until the drivers branch lands MotorBus.present_goal."""
-    fn = getattr(bus, "present_goal", None)
-    if fn is None:
-        return False
-    return bool(fn(out))
 
 
 class ResetJob:
@@ -88,7 +80,7 @@ class ResetJob:
                 f.bus.open()
             f.bus.read(f.state)
             self.q[:] = f.state.q
-            self.torque_on = present_goal(f.bus, self.goal)
+            self.torque_on = f.bus.present_goal(self.goal)
         except BusError as exc:
             self.error = f"bus not back: {exc}"
         self.done.set()
@@ -104,7 +96,7 @@ class ResetJob:
             self.f.bus.write(self._command)
             self.f.bus.enable_torque(True)
             self.torque_on = True
-        except (BusError, ValueError) as exc:
+        except (BusError, CommandError) as exc:
             self.error = f"torque not enabled: {exc}"
         self.done.set()
 
@@ -202,7 +194,7 @@ class Follower:
         latched = self._read_latch()
         self.bus.open()
         self.bus.read(self.state)
-        torque_on = present_goal(self.bus, self._goal)
+        torque_on = self.bus.present_goal(self._goal)
         self.torque_on = torque_on
         t0 = time.monotonic_ns()
         self.core.start(t0, self.state.q, self._goal if torque_on else None, latched)
@@ -305,10 +297,10 @@ class Follower:
         try:
             self.bus.write(core.command)
             self.write_us.add((time.monotonic_ns() - t_write) / 1000.0)
+        except CommandError as exc:  # the driver refused it (e.g. outside a servo's limits)
+            core.fault(f"command refused by the driver: {exc}")
         except BusError as exc:
             core.bus_failed(str(exc))
-        except ValueError as exc:  # the driver refused the command (e.g. a servo's own limits)
-            core.fault(f"command refused by the driver: {exc}")
 
     def _wait(self, deadline: int, spin_ns: int) -> int:
         """Sleep until `spin_ns` before the deadline, receiving plans meanwhile, then spin.
@@ -468,7 +460,7 @@ class Follower:
                 try:
                     core.filter.apply(core.tracker.hold_command(), core.command)
                     self.bus.write(core.command)
-                except (BusError, ValueError):
+                except (BusError, CommandError):
                     break
                 time.sleep(self.period_ns / 1e9)
         if self.cfg.follower.stop_action == "torque_off" and not core.bus_dead:

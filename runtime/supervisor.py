@@ -131,8 +131,9 @@ class Supervisor:
         if self.cfg.sim is not None and self.cfg.sim.enabled:
             self._spawn("sim", ["sim", "--config", str(effective)], stdout=subprocess.PIPE)
             line = _read_first_line(self.children["sim"], READY_TIMEOUT_S)
-            key = "bus.channel" if isinstance(self.cfg.bus, CanBusConfig) else "bus.device"
-            overrides.append(f"{key}={line}")
+            if self.cfg.bus is not None:  # per-limb buses: the sim serves the configured ones
+                key = "bus.channel" if isinstance(self.cfg.bus, CanBusConfig) else "bus.device"
+                overrides.append(f"{key}={line}")
             self.device = line
             log.info("sim robot on %s", line)
         sets = [a for o in overrides for a in ("--set", o)]

@@ -7,7 +7,9 @@ motors on a CAN channel. `FaultInjector` answers on ipc://RUN_DIR/sim-control:
 
     {"cmd": "cut_line"}                      the device disappears (pty closed / motors gone)
     {"cmd": "restore_line"}                  the device is back
-    {"cmd": "corrupt", "probability": p}     flip bytes in servo replies (serial)
+    {"cmd": "corrupt", "probability": p}     flip a byte (anywhere: header, length, data,
+                                             CRC) in servo replies (serial); optional
+                                             "byte": offset, "joint": i to aim it
     {"cmd": "silence", "joint": i, "on": b}  one motor stops answering
     {"cmd": "overload", "joint": i}          one motor latches an overload error, torque off
 """
@@ -36,7 +38,8 @@ class MotorLink(Protocol):
 
     def restore(self) -> None: ...
 
-    def corrupt(self, probability: float) -> None: ...
+    def corrupt(self, probability: float, byte: int | None = None,
+                joint: int | None = None) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -77,8 +80,9 @@ class SerialLink:
     def restore(self) -> None:
         self._point_link(self._call("restore"))
 
-    def corrupt(self, probability: float) -> None:
-        self._call("corrupt", probability)
+    def corrupt(self, probability: float, byte: int | None = None,
+                joint: int | None = None) -> None:
+        self._call("corrupt", probability, byte, joint)
 
     def stop(self) -> None:
         if self._proc.is_alive():
@@ -101,22 +105,26 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig, rt_priority: in
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    probability = 0.0
+    corruption: tuple[float, int | None, int | None] = (0.0, None, None)
 
-    def start() -> DynamixelEmulator:
+    def start(powered: bool) -> DynamixelEmulator:
         emu = DynamixelEmulator(actuators, bus.ids, zero_ticks=bus.zero_ticks,
-                                direction=bus.direction, corrupt_probability=probability,
+                                direction=bus.direction,
                                 models=[SERVO_MODELS[m] for m in JOINT_SERVOS])
-        # Torque Enable reflects the motors' real state (homed at power-on, or whatever the
-        # physics had when the line was cut)
+        # Torque Enable reflects the motors' real state (homed at power-on)
         for k, table in enumerate(emu.tables):
             table[ADDR_TORQUE_ENABLE] = int(actuators.torque_enabled[k])
         emu.rt_priority = rt_priority
-        emu.open()
+        aim(emu, *corruption)
+        emu.open(powered=powered)
         emu.start()
         return emu
 
-    emulator = start()
+    def aim(emu: DynamixelEmulator, p: float, byte: int | None, joint: int | None) -> None:
+        emu.corrupt_probability, emu.corrupt_byte = p, byte
+        emu.corrupt_servos = None if joint is None else frozenset((joint,))
+
+    emulator = start(powered=False)
     while True:
         cmd, args = conn.recv()
         try:
@@ -125,13 +133,13 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig, rt_priority: in
             elif cmd == "cut":
                 emulator.close_line()
                 reply = None
-            elif cmd == "restore":
+            elif cmd == "restore":  # the servos kept power: goals and torque continue
                 emulator.stop()
-                emulator = start()
+                emulator = start(powered=True)
                 reply = emulator.path
             elif cmd == "corrupt":
-                probability = float(args[0])
-                emulator.corrupt_probability = probability
+                corruption = (float(args[0]), args[1], args[2])
+                aim(emulator, *corruption)
                 reply = None
             elif cmd == "stop":
                 emulator.stop()
@@ -145,15 +153,19 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig, rt_priority: in
 
 
 class CanLink:
-    def __init__(self, actuators: Actuators, bus: CanBusConfig, rt_priority: int = 0) -> None:
+    """MIT-mode motors of one CAN bus: the actuators `joints` (default: all), in its dialect."""
+
+    def __init__(self, actuators: Actuators, bus: CanBusConfig, rt_priority: int = 0,
+                 joints: list[int] | None = None) -> None:
         self.actuators, self.bus, self.rt_priority = actuators, bus, rt_priority
+        self.joints = joints
         self.device = bus.channel
         self._start()
 
     def _start(self) -> None:
         from sim.can_emulator import MitCanEmulator
 
-        self.emulator = MitCanEmulator.from_config(self.actuators, self.bus)
+        self.emulator = MitCanEmulator.from_config(self.actuators, self.bus, self.joints)
         self.emulator.rt_priority = self.rt_priority
         self.emulator.start()
 
@@ -163,12 +175,38 @@ class CanLink:
     def restore(self) -> None:
         self._start()
 
-    def corrupt(self, probability: float) -> None:
+    def corrupt(self, probability: float, byte: int | None = None,
+                joint: int | None = None) -> None:
         raise ValueError("byte corruption is a serial-line fault; CAN frames carry a CRC "
                          "checked by the controller")
 
     def stop(self) -> None:
         self.emulator.stop(close_bus=True)
+
+
+class LinkGroup:
+    """Several buses as one link: a cut line cuts them all (the robot's harness)."""
+
+    def __init__(self, links: list[MotorLink]) -> None:
+        self.links = links
+        self.device = ",".join(link.device for link in links)
+
+    def cut(self) -> None:
+        for link in self.links:
+            link.cut()
+
+    def restore(self) -> None:
+        for link in self.links:
+            link.restore()
+
+    def corrupt(self, probability: float, byte: int | None = None,
+                joint: int | None = None) -> None:
+        for link in self.links:
+            link.corrupt(probability, byte, joint)
+
+    def stop(self) -> None:
+        for link in self.links:
+            link.stop()
 
 
 FAULTS = ("cut_line", "restore_line", "corrupt", "silence", "overload")
@@ -205,7 +243,9 @@ class FaultInjector:
         elif cmd == "restore_line":
             self.link.restore()
         elif cmd == "corrupt":
-            self.link.corrupt(float(args["probability"]))
+            byte, joint = args.get("byte"), args.get("joint")
+            self.link.corrupt(float(args["probability"]), None if byte is None else int(byte),
+                              None if joint is None else int(joint))
         elif cmd == "silence":
             with act.lock:
                 act.silent[int(args["joint"])] = bool(args.get("on", True))

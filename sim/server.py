@@ -10,7 +10,8 @@ Threads:
   ipc://RUN_DIR/sim: `frame` (image, capture_t_ns, episode), `task` (episode, instruction;
   at each episode start and every `TASK_RESEND_S`) and `episode` (the result of each one).
 
-The first line on stdout is the device the follower opens (pty path or CAN channel).
+The first line on stdout is the device the follower opens (pty path or CAN channel; with
+per-limb buses the channels, comma-separated).
 SIGTERM/SIGINT: stop, write RUN_DIR/sim-summary.json, exit 0.
 """
 
@@ -32,11 +33,12 @@ import numpy as np
 import zmq
 
 from runtime import endpoints
-from runtime.config import CanBusConfig, ConfigError, DuetConfig, SimConfig
+from runtime.buses import bus_sections
+from runtime.config import CanBusConfig, ConfigError, DuetConfig, DynamixelBusConfig, SimConfig
 from runtime.messages import Encoder, pack_array
-from sim.actuators import Actuators
+from sim.actuators import MODE_MIT, Actuators
 from sim.camera import SceneCamera
-from sim.faults import CanLink, FaultInjector, MotorLink, SerialLink
+from sim.faults import CanLink, FaultInjector, LinkGroup, MotorLink, SerialLink
 from sim.task import RUNNING, SUCCESS, Episode, TaskTracker, episode_seed
 from sim.world import JOINTS, SimWorld
 
@@ -47,17 +49,33 @@ SEND_HWM = 16
 
 
 def _open_link(cfg: DuetConfig, actuators: Actuators) -> MotorLink:
-    """Start the emulated motors behind the configured transport."""
+    """Start the emulated motors behind the configured transport (one link per bus)."""
     sim_cfg = cfg.sim or SimConfig()
-    bus = cfg.bus
-    if sim_cfg.transport == "serial":
-        if isinstance(bus, CanBusConfig):
-            raise ConfigError("sim.transport is 'serial' but bus.kind is 'mit_can'")
-        # a stable name, as udev gives a real adapter, so a replugged line keeps its path
-        return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0", sim_cfg.rt_priority)
-    if not isinstance(bus, CanBusConfig):
-        raise ConfigError("sim.transport is 'can' but bus.kind is not 'mit_can'")
-    return CanLink(actuators, bus, sim_cfg.rt_priority)
+    joints = list(cfg.robot.joints)
+    links: list[MotorLink] = []
+    try:
+        for bus, names in bus_sections(cfg):
+            if sim_cfg.transport == "serial":
+                if not isinstance(bus, DynamixelBusConfig):
+                    raise ConfigError("sim.transport is 'serial' but a bus is not 'dynamixel'")
+                if cfg.buses is not None:
+                    raise ConfigError("sim: per-limb buses (`buses:`) need sim.transport 'can'")
+                # a stable name, as udev gives a real adapter: a replugged line keeps its path
+                links.append(SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0",
+                                        sim_cfg.rt_priority))
+            elif not isinstance(bus, CanBusConfig):
+                raise ConfigError("sim.transport is 'can' but a bus is not 'mit_can'")
+            else:
+                idx = [joints.index(n) for n in names]
+                with actuators.lock:  # homed by an earlier session over this bus: its gains
+                    actuators.mode[idx] = MODE_MIT
+                    actuators.kp[idx], actuators.kd[idx] = bus.kp, bus.kd
+                links.append(CanLink(actuators, bus, sim_cfg.rt_priority, joints=idx))
+    except BaseException:
+        for link in links:
+            link.stop()
+        raise
+    return links[0] if len(links) == 1 else LinkGroup(links)
 
 
 class PhysicsLoop:

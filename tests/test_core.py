@@ -233,4 +233,6 @@ def test_steady_state_tick_allocates_nothing(tmp_path: Path) -> None:
     gc.collect()
     grown = sys.getallocatedblocks() - before
     assert core.mode == Mode.TRACK and core.plans_accepted > 100
-    assert grown < 20, f"{grown} blocks left allocated by 10,000 ticks"
+    # A per-tick leak would leave >= 10,000 blocks; a few dozen are interpreter bookkeeping
+    # (free lists, caches) that moves with whatever ran before this test.
+    assert grown < 64, f"{grown} blocks left allocated by 10,000 ticks"

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.buses import bus_sections
 from runtime.config import CanBusConfig, ConfigError, DuetConfig, load_config
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -235,8 +236,8 @@ def diagnose(config: Path, site: Path | None) -> list[Check]:
         return [Check("config", FAIL, str(exc), "fix the file, then: duet config validate")]
     checks = [Check("config", OK, f"{config}" + (f" + {site}" if site and site.exists() else ""))]
     steps: list[Callable[[], Check | list[Check]]] = [
-        lambda: check_can(cfg.bus) if isinstance(cfg.bus, CanBusConfig)
-        else check_serial(cfg.bus.device),
+        lambda: [check_can(bus) if isinstance(bus, CanBusConfig) else check_serial(bus.device)
+                 for bus, _ in bus_sections(cfg)],
         lambda: check_realtime(cfg),
         lambda: check_governor(cfg.follower.realtime.cpu),
         check_clock,

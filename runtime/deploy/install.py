@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.buses import single_bus
 from runtime.config import CanBusConfig, DuetConfig, load_config
 from runtime.deploy.bundle_store import BundleStore
 from runtime.deploy.config_edit import atomic_write
@@ -75,10 +76,11 @@ def render_cpu_dropin(cfg: DuetConfig, n_cpus: int) -> str:
 
 def device_unit(cfg: DuetConfig) -> str:
     """The systemd .device unit of the motor bus (as `systemd-escape --path` names it)."""
-    if isinstance(cfg.bus, CanBusConfig):
-        path = f"/sys/subsystem/net/devices/{cfg.bus.channel}"
+    bus = single_bus(cfg, "duet install")
+    if isinstance(bus, CanBusConfig):
+        path = f"/sys/subsystem/net/devices/{bus.channel}"
     else:
-        path = cfg.bus.device
+        path = bus.device
     out = []
     for i, ch in enumerate(path.strip("/")):
         if ch == "/":
@@ -105,15 +107,16 @@ def render_unit(text: str, prefix: str) -> str:
 def render_udev(cfg: DuetConfig, usb_serial: str | None) -> dict[str, str]:
     """File name (relative to root) -> content, for the configured bus kind."""
     tpl = templates_dir()
-    if isinstance(cfg.bus, CanBusConfig):
+    bus = single_bus(cfg, "duet install")
+    if isinstance(bus, CanBusConfig):
         match = (f"Property=ID_SERIAL_SHORT={usb_serial}" if usb_serial
                  else "Driver=gs_usb")  # candleLight / CANable firmware
         ip = shutil.which("ip") or "/usr/sbin/ip"
         return {
             "etc/systemd/network/80-duet-can.link": (tpl / "80-duet-can.link").read_text()
-            .format(match=match, channel=cfg.bus.channel),
+            .format(match=match, channel=bus.channel),
             "etc/udev/rules.d/99-duet-can.rules": (tpl / "99-duet-can.rules").read_text()
-            .format(channel=cfg.bus.channel, bitrate=cfg.bus.bitrate, ip=ip),
+            .format(channel=bus.channel, bitrate=bus.bitrate, ip=ip),
         }
     match = f'ATTRS{{serial}}=="{usb_serial}"' if usb_serial else U2D2_MATCH
     return {"etc/udev/rules.d/99-duet-serial.rules":
