@@ -12,6 +12,7 @@ motors on a CAN channel. `FaultInjector` answers on ipc://RUN_DIR/sim-control:
                                              "byte": offset, "joint": i to aim it
     {"cmd": "silence", "joint": i, "on": b}  one motor stops answering
     {"cmd": "overload", "joint": i}          one motor latches an overload error, torque off
+    {"cmd": "state"}                         (read-only) the physics' true joint positions
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ class LinkGroup:
             link.stop()
 
 
-FAULTS = ("cut_line", "restore_line", "corrupt", "silence", "overload")
+FAULTS = ("cut_line", "restore_line", "corrupt", "silence", "overload", "state")
 
 
 class FaultInjector:
@@ -249,6 +250,10 @@ class FaultInjector:
         elif cmd == "silence":
             with act.lock:
                 act.silent[int(args["joint"])] = bool(args.get("on", True))
+        elif cmd == "state":  # read-only: the physics' true joint positions (tests)
+            with act.lock:
+                return {"cmd": cmd, "q": act.q.tolist(), "goal_q": act.goal_q.tolist(),
+                        "torque_enabled": act.torque_enabled.tolist()}
         elif cmd == "overload":
             with act.lock:
                 j = int(args["joint"])

@@ -151,7 +151,7 @@ def test_duet_sim_serves_per_limb_can_fd_buses(tmp_path: Path) -> None:
     from drivers.bus import MotorFault
     from runtime.buses import open_bus
     from runtime.config import load_config
-    from runtime.control_client import request_at
+    from runtime.rpc import request_at
 
     cfg_path = REPO / "configs/sim_can_fd.yaml"
     proc = subprocess.Popen(
