@@ -1,21 +1,20 @@
 """Observations for INT8 calibration and parity checks, keyed by model input name.
 
-Preferred source: an .npz recorded from the sim by the policy's data generation (the same
-distribution the robot sees). When none is given, observations are synthesised: planner
-images rendered by the MuJoCo sim at random arm poses with random instructions; follower
-reference windows as smooth random motions around random states.
+Preferred source: an .npz of recorded observations (`duet train` writes one from the sim:
+the distribution the robot sees), keys `<model>/<input>`. When none is given, observations
+are synthesised from the contract's roles (`synth_inputs`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from runtime.bundle import TensorSpec
+from runtime.bundle_files import TensorSpec
 
 Samples = dict[str, np.ndarray]  # input name -> [N, *shape-without-batch]
 
@@ -25,11 +24,13 @@ class CalibrationError(ValueError):
 
 
 def load_npz(path: Path, model: str, specs: list[TensorSpec]) -> Samples:
-    """Arrays for `model` from an .npz: key `<model>/<input>` (or `<model>_<input>`)."""
+    """Arrays for `model` from an .npz: key `<model>/<input>` (or `<model>_<input>`, or
+    `<model>/in/<input>` as in a parity file)."""
     with np.load(path) as data:
         out: Samples = {}
         for spec in specs:
-            for key in (f"{model}/{spec.name}", f"{model}_{spec.name}"):
+            for key in (f"{model}/{spec.name}", f"{model}_{spec.name}",
+                        f"{model}/in/{spec.name}"):
                 if key in data:
                     out[spec.name] = data[key]
                     break
@@ -80,39 +81,30 @@ class SampleReader(CalibrationDataReader):
         self._it = rows(self.samples)
 
 
-def synth_follower(n: int, joints: int, lookahead: int, dt_s: float, seed: int,
-                   q_lo: np.ndarray, q_hi: np.ndarray) -> Samples:
-    """Reference windows that move smoothly from near q, at up to ~1.5 rad/s."""
+def synth_inputs(specs: list[TensorSpec], roles: dict[str, Any], n: int, seed: int,
+                 vocab: int = 2) -> Samples:
+    """`n` samples for a model's inputs, by the role the contract gives each tensor: random,
+    but in each role's range (pixels 0..255, token ids < vocab, flow time in [0, 1], a
+    valid prefix length, unit-scale joint values). For parity checks and, when no recorded
+    data is given, calibration (a recorded .npz calibrates int8 far better)."""
     rng = np.random.default_rng(seed)
-    q = rng.uniform(q_lo, q_hi, size=(n, joints))
-    vel = rng.normal(0.0, 0.6, size=(n, 1, joints))
-    acc = rng.normal(0.0, 3.0, size=(n, 1, joints))
-    t = (np.arange(1, lookahead + 1) * dt_s)[None, :, None]
-    lag = rng.normal(0.0, 0.01, size=(n, 1, joints))  # tracking error: ref starts off q
-    ref = q[:, None, :] + lag + vel * t + 0.5 * acc * t**2
-    dq = vel[:, 0] + rng.normal(0.0, 0.2, size=(n, joints))
-    return {"ref": ref.astype(np.float32), "q": q.astype(np.float32),
-            "dq": dq.astype(np.float32)}
-
-
-def synth_planner(n: int, seed: int, tokenizer_words: list[str], max_tokens: int) -> Samples:
-    """Sim renders at random poses with random (valid) instructions."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    from runtime.tokenizer import Tokenizer
-    from sim.world import BLOCK_COLOURS, HOME_Q, SimWorld
-
-    tok = Tokenizer(tokenizer_words, max_len=max_tokens)
-    rng = np.random.default_rng(seed)
-    world = SimWorld(seed=seed)
-    images = np.zeros((n, 96, 96, 3), np.uint8)
-    tokens = np.zeros((n, max_tokens), np.int64)
-    qs = np.zeros((n, len(HOME_Q)), np.float32)
-    for i in range(n):
-        q = np.clip(HOME_Q + rng.normal(0.0, 0.4, size=HOME_Q.shape), world.q_min, world.q_max)
-        world.set_joint_state(q)
-        images[i] = world.render()
-        a, b = rng.choice(BLOCK_COLOURS, size=2, replace=False)
-        text = f"touch the {a} block" if i % 2 else f"touch the {a} block, then the {b} one"
-        tokens[i] = tok.encode(text)
-        qs[i] = world.q()
-    return {"image": images, "tokens": tokens, "q": qs}
+    out: Samples = {}
+    for spec in specs:
+        shape = (n, *spec.shape[1:])
+        role = roles.get(spec.name, "")
+        if spec.dtype == "uint8":
+            a: np.ndarray = rng.integers(0, 256, shape, dtype=np.uint8)
+        elif role == "instruction":
+            a = rng.integers(0, max(vocab, 2), shape, dtype=np.int64)
+        elif role == "instruction_mask":
+            a = (np.arange(shape[-1]) < rng.integers(1, shape[-1] + 1, (n, 1))).astype(np.int64)
+        elif role == "prefix_length":
+            a = rng.integers(0, int(roles.get(f"{spec.name}:max", 1)) + 1, shape, dtype=np.int64)
+        elif role == "flow_time":
+            a = rng.uniform(0.0, 1.0, shape)
+        elif spec.dtype == "int64":
+            a = rng.integers(0, 2, shape, dtype=np.int64)
+        else:
+            a = rng.normal(0.0, 0.5, shape)
+        out[spec.name] = np.ascontiguousarray(a, dtype=spec.dtype)
+    return out

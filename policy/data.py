@@ -30,6 +30,7 @@ from policy.rollout import LoopSettings, run_episode
 from policy.servo_target import ServoResidualTarget
 from policy.synth import scene_labels
 from runtime.bundle import sha256_file
+from runtime.observation import StateHistory
 from runtime.tokenizer import Tokenizer
 from sim.expert import expert_chunk
 from sim.task import Episode, TaskTracker
@@ -109,10 +110,11 @@ def generate(episodes: int, seed: int, settings: LoopSettings, two_step_fraction
             start = np.clip(HOME_Q + rng.uniform(-1, 1, 6) * START_NOISE,
                             settings.pos_min, settings.pos_max)
 
-        def plan(world: SimWorld, q: np.ndarray, task: TaskTracker,
+        def plan(world: SimWorld, history: StateHistory, task: TaskTracker,
                  i: int = i, tokens: np.ndarray = tokens, sigma: np.ndarray = sigma,
                  delay: float = delay, rng: np.random.Generator = rng
                  ) -> tuple[np.ndarray, float]:
+            q = history.latest("q").copy()
             chunk = expert_plan(world, task, q, settings.dt_s)
             sample = {"image": world.render(), "tokens": tokens, "q": q.astype(np.float32),
                       "chunk": chunk.astype(np.float32), "episode": np.int32(i),

@@ -18,12 +18,14 @@ import numpy as np
 
 from runtime.config import DuetConfig
 from runtime.core import CoreSettings, FollowerCore, PlanRejected
+from runtime.observation import StateHistory
 from runtime.tracking import ResidualModel, Tracker
 from sim.task import RUNNING, SUCCESS, Episode, TaskTracker
 from sim.world import JOINTS, SimWorld
 
-# (world, q [6], tracker) -> (waypoints [H,6], latency_s); the planner renders what it needs
-PlanFn = Callable[[SimWorld, np.ndarray, TaskTracker], tuple[np.ndarray, float]]
+# (world, state history, tracker) -> (waypoints [H,6], latency_s): the planner renders the
+# cameras it reads and samples the history (the follower's state stream) as it needs
+PlanFn = Callable[[SimWorld, StateHistory, TaskTracker], tuple[np.ndarray, float]]
 # called once per follower tick, after the command is written (data recording)
 TickHook = Callable[[float, np.ndarray, np.ndarray, Tracker], None]
 
@@ -126,6 +128,7 @@ def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
     q0 = world.q()
     core.start(_ns(world.time), q0, held=q0)  # servos on, at rest, holding q0
     tracker = core.tracker
+    history = StateHistory(n)
     pending: list[tuple[float, np.ndarray, float]] = []  # (t_deliver, waypoints, t_obs)
     pos_hist = np.zeros((4, n))  # reference at the command time, last four ticks
     boundaries_seen = 0
@@ -140,8 +143,9 @@ def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
     while status == RUNNING:
         t = world.time
         q, dq = world.q(), world.dq()
+        history.add(_ns(t), q=q, dq=dq, q_cmd=core.command)
         if tick % ticks_per_plan == 0:
-            waypoints, latency = plan_fn(world, q, task)
+            waypoints, latency = plan_fn(world, history, task)
             calls += 1
             pending.append((t + latency, waypoints, t))
         while pending and pending[0][0] <= t + 1e-9:

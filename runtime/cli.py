@@ -10,12 +10,20 @@ import sys
 
 # Modules exposing `register(subparsers)`. Order = order in `duet --help`.
 COMMAND_MODULES = [
-    "runtime.commands",  # run, follower, planner, status, estop, reset
+    "runtime.commands",  # run, follower, planner, estop, reset, task
     "sim.commands",  # sim
     "policy.commands",  # train, eval
-    "export.commands",  # export, export check, engines build
-    "runtime.deploy.commands",  # install, bundle, config, doctor, top, record
+    "runtime.deploy.commands",  # install, bundle, config, status, doctor, top, record
+    "export.commands",  # export, export check, engines build, bundle create
 ]
+
+
+def subcommands(parser: argparse.ArgumentParser | None) -> argparse._SubParsersAction | None:
+    """The subcommand action of `parser` (so a later module can add e.g. `bundle create`)."""
+    if parser is None:
+        return None
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+                None)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -183,28 +183,35 @@ class FollowerConfig(_Strict):
 
 
 class CameraConfig(_Strict):
+    """One robot camera. A `sim` camera is the sim's MuJoCo camera of the same name."""
+
     kind: Literal["sim", "v4l2"] = "sim"
     device: str = "/dev/video0"
-    width: int = 96
-    height: int = 96
-    fps: float = 15.0
-    stale_ms: float = Field(500.0, gt=0)
+    width: int = Field(96, gt=0, le=8192)
+    height: int = Field(96, gt=0, le=8192)
+    fps: float = Field(15.0, gt=0, le=1000)
+    stale_ms: float = Field(500.0, gt=0, le=60_000)
 
 
 class PlannerConfig(_Strict):
     hz: float = Field(5.0, gt=0, le=50)
-    camera: CameraConfig = CameraConfig()
+    # The robot's cameras by name; the bundle's contract says which it reads.
+    cameras: dict[str, CameraConfig] = Field(default_factory=lambda: {"scene": CameraConfig()})
     # Where instructions come from: `operator` (`duet task`, the task socket) or `sim` (the
     # sim's episodes). `instruction` is the task at start-up (empty: idle until one is set).
     task_source: Literal["operator", "sim"] = "operator"
     instruction: str = Field("", max_length=1000)
-    threads: int = Field(1, ge=1)
+    threads: int = Field(1, ge=1, le=64)
+    flow_steps: int | None = Field(None, ge=1, le=256)  # override a flow head's K
+    prefix: bool = True  # feed the action prefix to models that take one
 
 
 class BundleConfig(_Strict):
     path: str
     public_key: str | None = None  # ed25519 public key file; when set, a signature is required
     engine: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    # TensorRT plans, built on the robot by `duet engines build`; root-owned (engines are code)
+    engine_cache: str = "/var/lib/duet/engines"
 
 
 class SimConfig(_Strict):

@@ -1,6 +1,11 @@
 """The one place that lists duet's sockets: ipc:// paths in the run dir, who binds each, the
-largest message a receiver accepts (ZMQ_MAXMSGSIZE: a bigger one drops the connection before
-it is buffered), and the access domain that guards it (runtime/access.py).
+largest message a receiver accepts, and the access domain that guards it (runtime/access.py).
+
+Size caps (ZMQ_MAXMSGSIZE: a bigger message drops the connection before it is buffered) sit on
+the sockets that bind and face other processes' requests and plans. Never on a connecting
+SUB: libzmq ends such a session for good on an oversize message (a protocol error is not
+reconnected), so one bad frame would silence a camera forever; what those receive comes from
+duet's own bound publishers and is bounded again by the decoders.
 
 | socket               | bound by  | pattern      | peers                          |
 |----------------------|-----------|--------------|--------------------------------|
@@ -22,11 +27,8 @@ from pathlib import Path
 DEFAULT_RUN_DIR = "/run/duet"
 
 MAX_PLAN_BYTES = 1 << 18  # 256 KiB: 256 waypoints x 64 joints x 8 bytes, with room
-MAX_STATE_BYTES = 1 << 14
 MAX_REQUEST_BYTES = 1 << 16
 MAX_REPLY_BYTES = 1 << 22  # `get` returns the whole config
-MAX_TELEMETRY_BYTES = 1 << 20
-MAX_FRAME_BYTES = 1 << 25  # one camera frame (a 1080p RGB frame is 6 MB)
 
 
 def resolve_run_dir(given: str | None = None) -> str:

@@ -113,7 +113,7 @@ class Follower:
         self.lock = rundir.RunLock(self.run_dir, endpoints.FOLLOWER_LOCK).acquire()
         try:
             bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
-            model = residual_model(bundle, cfg)
+            model = residual_model(bundle, list(cfg.robot.joints), cfg.bundle.engine)
         except BaseException:
             self.lock.release()
             raise

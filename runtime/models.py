@@ -1,21 +1,29 @@
-"""A verified bundle's models as the runtime uses them: the follower's residual model (and,
-from the contract, the planner pipeline). The only place that turns a bundle's I/O
-description into engine calls."""
+"""A verified bundle's models as the runtime runs them: the planner pipeline and the follower's
+residual model, both built from the contract (the only place that turns a bundle's I/O
+description into engine calls)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from runtime.bundle import Bundle
-from runtime.config import DuetConfig
-from runtime.engines import make_engine
+from runtime.contract import FollowerProprio
+from runtime.engines import EngineKind, make_engine
 from runtime.residual import EngineResidual
 
 
-def residual_model(bundle: Bundle, cfg: DuetConfig) -> EngineResidual | None:
-    m = bundle.manifest
-    engine = make_engine(m.models.follower, bundle, cfg.bundle.engine)
-    n = len(cfg.robot.joints)
-    return EngineResidual(engine, ref="ref", q="q", dq="dq", out="residual",
-                          lookahead=m.lookahead.steps, lookahead_dt=m.lookahead.dt_s,
-                          joints=np.arange(n), n_robot=n)
+def residual_model(bundle: Bundle, robot_joints: list[str], engine: EngineKind = "onnxruntime"
+                   ) -> EngineResidual | None:
+    """The follower network behind `tracking.ResidualModel`, or None (no follower model)."""
+    spec = bundle.follower_spec()
+    f = bundle.contract.follower
+    if spec is None or f is None:
+        return None
+    index = {j: k for k, j in enumerate(robot_joints)}
+    names = {i.field: i.name for i in f.inputs if isinstance(i, FollowerProprio)}
+    ref = f.reference
+    return EngineResidual(make_engine(spec, bundle, engine), ref=ref.name,
+                          q=names.get("q"), dq=names.get("dq"), out=f.output.name,
+                          lookahead=ref.steps, lookahead_dt=ref.dt_s,
+                          joints=np.array([index[j] for j in bundle.contract.follower_joints]),
+                          n_robot=len(robot_joints))

@@ -1,10 +1,13 @@
-"""The planner process (System 2): camera + instruction + joint state -> a plan, a few Hz.
+"""The planner process (System 2): an I/O shell around the bundle's planner pipeline
+(runtime/pipeline.py), a few times a second.
 
-It never plans on stale inputs: without a fresh frame or a recent joint state it publishes
-nothing, and the follower's plan timeout brings the arm to a hold. Without a task it is
-`idle` (healthy: the robot holds). Tasks arrive on the `task` socket (`duet task`, a fleet
-system) or, with `planner.task_source: sim`, from the sim's episode announcements; the
-current task is kept in the run dir, so a restarted planner carries on with it.
+It never plans on stale inputs: without a fresh frame from every camera the contract reads
+or a recent joint state it publishes nothing, and the follower's plan timeout brings the arm
+to a hold. Without a task it is `idle` (healthy: the robot holds). Tasks arrive on the `task`
+socket (`duet task`, a fleet system) or, with `planner.task_source: sim`, from the sim's
+episode announcements; the current task is kept in the run dir, so a restarted planner
+carries on with it. Joint states are kept as they arrive (a model may read a history), and
+the plan last published is the action prefix of the next for models that take one.
 """
 
 from __future__ import annotations
@@ -26,13 +29,24 @@ from runtime.access import OPERATOR, Policy, ZapHandler, uid_of
 from runtime.bundle import BundleError, load_bundle
 from runtime.cameras import open_camera
 from runtime.config import DuetConfig
-from runtime.engines import EngineError, make_engine
-from runtime.messages import Encoder, MessageError, decode, decode_state, pack_array
+from runtime.engines import EngineError
+from runtime.messages import (
+    Encoder,
+    MessageError,
+    decode,
+    decode_state,
+    finite_array,
+    pack_array,
+)
 from runtime.notify import notifier as make_notifier
+from runtime.observation import ObservationError, StateHistory
+from runtime.pipeline import Observation, PipelineError, PlannerPipeline
+from runtime.preflight import contract_problems
+from runtime.reference import Plan
 from runtime.rpc import Command, RequestError, bind_server
 from runtime.stats import Ring, summarize
 from runtime.tasks import TaskError, TaskStore
-from runtime.tokenizer import Tokenizer, TokenizerError
+from runtime.tokenizer import TokenizerError
 
 log = logging.getLogger("duet.planner")
 
@@ -40,29 +54,33 @@ STATE_MAX_AGE_NS = 200_000_000  # a joint state older than this is not planned o
 
 
 class Planner:
-    def __init__(self, cfg: DuetConfig, camera: Camera | None = None) -> None:
+    def __init__(self, cfg: DuetConfig, cameras: dict[str, Camera] | None = None) -> None:
         self.cfg = cfg
         self.n = len(cfg.robot.joints)
         bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
-        manifest = bundle.manifest
-        self.engine = make_engine(manifest.models.planner, bundle, cfg.bundle.engine)
-        self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
-        self.dt_s = float(manifest.dt_s)
-        self.camera = camera if camera is not None else open_camera(cfg.planner.camera, cfg.run_dir)
+        problems = contract_problems(bundle.contract, cfg)
+        if problems:
+            raise BundleError(f"{bundle.path}: this robot cannot run it:\n  "
+                              + "\n  ".join(problems))
+        self.pipeline = PlannerPipeline(bundle, list(cfg.robot.joints), cfg.bundle.engine,
+                                        flow_steps=cfg.planner.flow_steps,
+                                        threads=cfg.planner.threads, prefix=cfg.planner.prefix)
+        self.bundle_version = bundle.version
+        names = self.pipeline.camera_names()
+        self.cameras = cameras if cameras is not None else {
+            name: open_camera(name, cfg.planner.cameras[name], cfg.run_dir) for name in names}
+        self.history = StateHistory(self.n)
         self.tasks = TaskStore(Path(cfg.run_dir) / endpoints.TASK_FILE, self._check_instruction)
         if self.tasks.current is None and cfg.planner.instruction:
             self.tasks.set(cfg.planner.instruction, None, "config")
-        self.tokens = np.zeros((1, self.tokenizer.max_len), dtype=np.int64)
-        self._tokens_for: str | None = None
-        self.q = np.zeros((1, self.n), dtype=np.float32)
-        self.state_t_ns = 0
+        self.last_plan: Plan | None = None
 
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.zap = ZapHandler(ctx, Policy(planner_uid=uid_of(cfg.access.planner_user),
                                           operator_group=cfg.access.operator_group))
+        # every state is kept (a model may read a history): not conflated
         self.state_sub = ctx.socket(zmq.SUB)
-        self.state_sub.setsockopt(zmq.CONFLATE, 1)
-        self.state_sub.setsockopt(zmq.MAXMSGSIZE, endpoints.MAX_STATE_BYTES)
+        self.state_sub.setsockopt(zmq.RCVHWM, 4096)
         self.state_sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.state_sub.connect(endpoints.state(cfg.run_dir))
         self.task_sub: zmq.Socket[bytes] | None = None
@@ -71,7 +89,6 @@ class Planner:
             # conflated so no announcement is lost behind a frame.
             self.task_sub = ctx.socket(zmq.SUB)
             self.task_sub.setsockopt(zmq.SUBSCRIBE, b"")
-            self.task_sub.setsockopt(zmq.MAXMSGSIZE, endpoints.MAX_FRAME_BYTES)
             self.task_sub.connect(endpoints.sim(cfg.run_dir))
         # The follower owns (binds) the plan endpoint and admits only the planner's user.
         self.plan_pub = ctx.socket(zmq.PUB)
@@ -87,9 +104,8 @@ class Planner:
 
         self.plans = 0
         self.status = "starting"
-        self.camera_age_ms: float | None = None
+        self.camera_age_ms: dict[str, float | None] = {}
         self.latency = Ring(1 << 16)  # observation -> plan published, ms
-        self.inference = Ring(1 << 16)  # engine time, ms
         self.cycle_starts = Ring(1 << 16)
         self.dropped: dict[str, int] = {}
         self.stop_requested = False
@@ -99,21 +115,23 @@ class Planner:
         for sock in socks + ([self.task_sub] if self.task_sub is not None else []):
             sock.close(linger=0)
         self.zap.close()
-        self.camera.close()
+        for camera in self.cameras.values():
+            camera.close()
 
     def _drop(self, kind: str) -> None:
         self.dropped[kind] = self.dropped.get(kind, 0) + 1
 
+    # ------------------------------------------------------------------ inputs
     def _drain_inputs(self) -> None:
-        try:
-            frame = self.state_sub.recv(zmq.NOBLOCK)
-            msg, q, _ = decode_state(frame, self.n)
-            self.q[0] = q
-            self.state_t_ns = msg["t_read_ns"]
-        except zmq.Again:
-            pass
-        except MessageError as exc:
-            self._drop(exc.kind)
+        for _ in range(4096):
+            try:
+                frame = self.state_sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                self._take_state(frame)
+            except MessageError as exc:
+                self._drop(exc.kind)
         while self.task_sub is not None:
             try:
                 frame = self.task_sub.recv(zmq.NOBLOCK)
@@ -127,10 +145,21 @@ class Planner:
                 self._drop(getattr(exc, "kind", "task"))
         self.task_server.serve_pending()
 
+    def _take_state(self, frame: bytes) -> None:
+        msg, q, dq = decode_state(frame, self.n)
+        extra = {}
+        for name in ("effort", "q_cmd"):
+            if name in msg:
+                value = finite_array(msg[name], name)
+                if value.shape != (self.n,):
+                    raise MessageError("shape", f"{name} shape {list(value.shape)}")
+                extra[name] = value
+        self.history.add(msg["t_read_ns"], q=q, dq=dq, **extra)
+
     def _check_instruction(self, text: str) -> None:
-        """Refuse what the model's tokenizer cannot represent (RequestError names why)."""
+        """Refuse what the model's tokenizer cannot represent (TaskError names why)."""
         try:
-            self.tokenizer.check(text)
+            self.pipeline.check_instruction(text)
         except TokenizerError as exc:
             raise TaskError(str(exc)) from None
 
@@ -150,6 +179,7 @@ class Planner:
                                " (planner.task_source)")
         if args.get("clear") is True:
             self.tasks.clear("operator")
+            log.info("task cleared")
             return {"task": None}
         text, episode = args.get("instruction"), args.get("episode")
         if not isinstance(text, str):
@@ -173,45 +203,58 @@ class Planner:
         task = self.tasks.current
         return task.episode if task is not None else None
 
+    # ------------------------------------------------------------------ one cycle
+    def _frames(self, now: int) -> dict[str, np.ndarray] | None:
+        frames: dict[str, np.ndarray] = {}
+        for name, camera in self.cameras.items():
+            frame = camera.read_latest()
+            if frame is None:
+                self.status, self.camera_age_ms[name] = f"no_frames ({name})", None
+                return None
+            age = self.camera_age_ms[name] = (now - frame.capture_t_ns) / 1e6
+            if age > self.cfg.planner.cameras[name].stale_ms:
+                self.status = f"camera_stale ({name})"
+                return None
+            frames[name] = frame.image
+        return frames
+
     def step(self) -> bool:
         """One planning cycle; True when a plan was published."""
         self._drain_inputs()
         now = time.monotonic_ns()
-        frame = self.camera.read_latest()
-        if frame is None:
-            self.status, self.camera_age_ms = "no_frames", None
+        frames = self._frames(now)
+        if frames is None:
             return False
-        self.camera_age_ms = (now - frame.capture_t_ns) / 1e6
-        if self.camera_age_ms > self.cfg.planner.camera.stale_ms:
-            self.status = "camera_stale"
-            return False
-        if not self.state_t_ns or now - self.state_t_ns > STATE_MAX_AGE_NS:
+        t_obs = self.history.latest_t_ns
+        if not t_obs or now - t_obs > STATE_MAX_AGE_NS:
             self.status = "no_state"
             return False
         if not self.instruction:
             self.status = "idle"  # no task: the robot holds; healthy
+            self.last_plan = None
             return False
-        if self._tokens_for != self.instruction:
-            self.tokens[0] = self.tokenizer.encode(self.instruction)
-            self._tokens_for = self.instruction
-        t_obs = self.state_t_ns
-        t0 = time.monotonic_ns()
-        out = self.engine.run({"image": frame.image[None], "tokens": self.tokens, "q": self.q})
-        t1 = time.monotonic_ns()
-        waypoints = out["waypoints"][0]
+        self.pipeline.set_instruction(self.instruction)
+        recent = self.latency.values(20)
+        expected_s = float(np.median(recent)) / 1e3 if recent.size else 0.0
+        try:
+            waypoints = self.pipeline.plan(Observation(frames, self.history, t_obs),
+                                           self.last_plan, expected_s)
+        except (ObservationError, EngineError) as exc:
+            self.status = f"bad_observation: {exc}"
+            return False
         if not np.isfinite(waypoints).all():
             self.status = "nonfinite_output"
             return False
-        latency_ms = (t1 - t_obs) / 1e6
+        t_done = time.monotonic_ns()
+        latency_ms = (t_done - t_obs) / 1e6
         plan = self.enc_plan.encode("plan", {
-            "waypoints": pack_array(waypoints.astype(np.float32, copy=False)),
-            "dt_s": self.dt_s, "t_obs_ns": t_obs, "latency_ms": latency_ms,
-            "episode": self.episode})
+            "waypoints": pack_array(waypoints), "dt_s": self.pipeline.dt_s,
+            "t_obs_ns": t_obs, "latency_ms": latency_ms, "episode": self.episode})
         self.plan_pub.send(plan)
         self.tel_pub.send(plan)  # observers (the recorder) see plans here
+        self.last_plan = Plan(waypoints.copy(), self.pipeline.dt_s, t_obs / 1e9, t_done / 1e9)
         self.plans += 1
         self.latency.add(latency_ms)
-        self.inference.add((t1 - t0) / 1e6)
         self.status = "planning"
         return True
 
@@ -220,10 +263,11 @@ class Planner:
         hz = (len(starts) - 1) / (starts[-1] - starts[0]) if len(starts) > 1 else 0.0
         return {
             "source": "planner", "status": self.status, "plans": self.plans,
-            "achieved_hz": round(hz, 2),
+            "achieved_hz": round(hz, 2), "bundle": self.bundle_version,
             "latency_ms": summarize(self.latency.values(50), ("p50", "p99"), digits=2),
-            "inference_ms": summarize(self.inference.values(50), ("p50", "p99"), digits=2),
-            "camera_age_ms": None if self.camera_age_ms is None else round(self.camera_age_ms, 1),
+            "stage_ms": self.pipeline.stage_ms(50),
+            "camera_age_ms": {k: None if v is None else round(v, 1)
+                              for k, v in self.camera_age_ms.items()},
             "instruction": self.instruction, "episode": self.episode,
             "dropped_messages": dict(self.dropped),
         }
@@ -261,7 +305,7 @@ class Planner:
             "plans": self.plans,
             "achieved_hz": round(self.plans / span, 2) if span else 0.0,
             "latency_ms": summarize(self.latency.values(), ("p50", "p99"), digits=2),
-            "inference_ms": summarize(self.inference.values(), ("p50", "p99"), digits=2),
+            "stage_ms": self.pipeline.stage_ms(),
             "dropped_messages": dict(self.dropped),
         }
 
@@ -269,7 +313,7 @@ class Planner:
 def run_planner(cfg: DuetConfig, duration_s: float | None = None) -> int:
     try:
         planner = Planner(cfg)
-    except (BundleError, EngineError, BusError, CameraError, TokenizerError, KeyError) as exc:
+    except (BundleError, EngineError, BusError, CameraError, PipelineError, KeyError) as exc:
         log.error("%s", exc)
         return 2
 

@@ -8,15 +8,36 @@ from pathlib import Path
 
 from runtime.bundle import BundleError, load_bundle
 from runtime.config import DuetConfig
+from runtime.contract import Contract
 
 
 def bundle_problems(cfg: DuetConfig) -> list[str]:
     """The bundle verifies (hashes, signature) and its contract fits this robot."""
     try:
-        load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
+        bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
     except BundleError as exc:
         return [f"bundle.path: {exc}"]
-    return []
+    return contract_problems(bundle.contract, cfg)
+
+
+def contract_problems(contract: Contract, cfg: DuetConfig) -> list[str]:
+    """What the robot cannot give the bundle's models, naming the input and the reason."""
+    out = []
+    cams = cfg.planner.cameras
+    for cam in contract.cameras():
+        have = cams.get(cam.camera)
+        if have is None:
+            out.append(f"input {cam.name}: reads camera {cam.camera!r}, which the config does "
+                       f"not define (planner.cameras: {', '.join(cams) or 'none'})")
+        elif cam.resize == "none" and (have.width, have.height) != (cam.width, cam.height):
+            out.append(f"input {cam.name}: takes {cam.width}x{cam.height} with resize: none; "
+                       f"planner.cameras.{cam.camera} delivers {have.width}x{have.height}")
+    for stage in contract.planner.stages:
+        if stage.flow is None:
+            continue
+        k = cfg.planner.flow_steps or stage.flow.steps
+        out += [] if k >= 1 else [f"stage {stage.name}: flow steps {k} < 1"]
+    return out
 
 
 def device_problems(cfg: DuetConfig) -> list[str]:
@@ -28,9 +49,9 @@ def device_problems(cfg: DuetConfig) -> list[str]:
         device = getattr(section, "device", None)
         if device is not None and device != "sim" and not Path(device).exists():
             out.append(f"bus.device: {device} does not exist (adapter unplugged? udev rule?)")
-    camera = cfg.planner.camera
-    if camera.kind == "v4l2" and not Path(camera.device).exists():
-        out.append(f"planner.camera.device: {camera.device} does not exist")
+    for name, camera in cfg.planner.cameras.items():
+        if camera.kind == "v4l2" and not Path(camera.device).exists():
+            out.append(f"planner.cameras.{name}.device: {camera.device} does not exist")
     return out
 
 

@@ -10,7 +10,7 @@ from runtime.engines import Engine
 
 
 class EngineResidual:
-    def __init__(self, engine: Engine, *, ref: str, q: str, dq: str | None, out: str,
+    def __init__(self, engine: Engine, *, ref: str, q: str | None, dq: str | None, out: str,
                  lookahead: int, lookahead_dt: float, joints: np.ndarray, n_robot: int) -> None:
         """`joints`: robot joint index of each model joint (a model may drive a subset; the
         residual of the others stays zero)."""
@@ -18,11 +18,13 @@ class EngineResidual:
         self.lookahead, self.lookahead_dt = lookahead, lookahead_dt
         self._idx = np.asarray(joints, dtype=np.intp)
         d = self._idx.shape[0]
-        self._ref = np.zeros((1, lookahead, d), dtype=np.float32)
-        self._q = np.zeros((1, d), dtype=np.float32)
-        self._dq = np.zeros((1, d), dtype=np.float32)
+        self._ref: np.ndarray = np.zeros((1, lookahead, d), dtype=np.float32)
+        self._q: np.ndarray = np.zeros((1, d), dtype=np.float32)
+        self._dq: np.ndarray = np.zeros((1, d), dtype=np.float32)
         self._q0, self._dq0 = self._q[0], self._dq[0]
-        self._feeds = {ref: self._ref, q: self._q}
+        self._feeds: dict[str, np.ndarray] = {ref: self._ref}
+        if q is not None:
+            self._feeds[q] = self._q
         if dq is not None:
             self._feeds[dq] = self._dq
         self._out_name = out

@@ -185,10 +185,11 @@ class Publisher:
         self.ctx.term()
 
 
-def _serve_camera(loop: PhysicsLoop, publisher: Publisher, camera: SceneCamera,
-                  camera_hz: float, stop: threading.Event) -> dict[str, float]:
-    """Main-thread loop: render and publish frames, forward the physics thread's events,
-    re-announce the task. Returns render timing figures (ms)."""
+def _serve_camera(loop: PhysicsLoop, publisher: Publisher,
+                  cameras: dict[str, SceneCamera], camera_hz: float,
+                  stop: threading.Event) -> dict[str, float]:
+    """Main-thread loop: render and publish each camera's frames, forward the physics
+    thread's events, re-announce the task. Returns render timing figures (ms)."""
     world = loop.world
     period = 1.0 / camera_hz
     next_frame = time.monotonic()
@@ -209,13 +210,14 @@ def _serve_camera(loop: PhysicsLoop, publisher: Publisher, camera: SceneCamera,
             publisher.send("task", loop.task_body())
             next_task = now + TASK_RESEND_S
         if now >= next_frame:
-            capture_t_ns = time.monotonic_ns()
-            world.snapshot(camera.shadow)
-            episode = loop.episode_index
-            image = camera.render(camera.shadow)  # releases the GIL while OpenGL draws
-            render_ms.append((time.monotonic_ns() - capture_t_ns) / 1e6)
-            publisher.send("frame", {"image": pack_array(image),
-                                     "capture_t_ns": capture_t_ns, "episode": episode})
+            for name, camera in cameras.items():
+                capture_t_ns = time.monotonic_ns()
+                world.snapshot(camera.shadow)
+                episode = loop.episode_index
+                image = camera.render(camera.shadow)  # releases the GIL while OpenGL draws
+                render_ms.append((time.monotonic_ns() - capture_t_ns) / 1e6)
+                publisher.send("frame", {"camera": name, "image": pack_array(image),
+                                         "capture_t_ns": capture_t_ns, "episode": episode})
             next_frame += period
             if next_frame < now:  # fell behind (slow render): skip, do not burst
                 next_frame = now + period
@@ -252,10 +254,12 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     # The robot starts homed: servos enabled and holding HOME_Q, as after a homing routine,
     # so the follower's INIT reads a meaningful pose rather than an arm slumped on the table.
     world.actuators.torque_enabled[:] = True
-    # The GL context belongs to this (the main) thread; its slow set-up and first frame
-    # happen before the motors are served.
-    camera = SceneCamera(world.model)
-    camera.render(camera.shadow)
+    # The GL contexts belong to this (the main) thread; their slow set-up and first frames
+    # happen before the motors are served. Only the cameras the config names are rendered.
+    cameras = {name: SceneCamera(world.model, cam.width, cam.height, camera=name)
+               for name, cam in cfg.planner.cameras.items() if cam.kind == "sim"}
+    for camera in cameras.values():
+        camera.render(camera.shadow)
     publisher = Publisher(str(run_dir))
     loop = PhysicsLoop(world, sim_cfg)
     link = _open_link(cfg, world.actuators)
@@ -265,13 +269,14 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     if ready_line:
         print(link.device, flush=True)
     try:
-        render = _serve_camera(loop, publisher, camera, sim_cfg.camera_hz, stop)
+        render = _serve_camera(loop, publisher, cameras, sim_cfg.camera_hz, stop)
     finally:
         loop.stop()
         faults.close()
         link.stop()
         publisher.close()
-        camera.close()
+        for camera in cameras.values():
+            camera.close()
     wall = time.monotonic() - wall0
     summary = {"episodes": loop.episodes, "successes": loop.successes,
                "success_rate": loop.successes / loop.episodes if loop.episodes else 0.0}

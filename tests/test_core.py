@@ -15,8 +15,7 @@ from onnx_bundle import make_bundle
 from runtime.bundle import load_bundle
 from runtime.config import load_config
 from runtime.core import CoreSettings, FollowerCore, PlanRejected
-from runtime.engines import make_engine
-from runtime.residual import EngineResidual
+from runtime.models import residual_model
 from runtime.safety import Mode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,9 +207,7 @@ def test_steady_state_tick_allocates_nothing(tmp_path: Path) -> None:
     """10,000 ticks with a plan every 100 ticks and the ONNX follower in the loop: no net
     growth of Python's allocated blocks (arrays, views, Plans come and go; nothing stays)."""
     bundle = load_bundle(make_bundle(tmp_path / "b", gain=0.3))
-    engine = make_engine(bundle.manifest.models.follower, bundle)
-    model = EngineResidual(engine, ref="ref", q="q", dq="dq", out="residual", lookahead=8,
-                           lookahead_dt=0.02, joints=np.arange(N), n_robot=N)
+    model = residual_model(bundle, list(bundle.contract.action_joints))
     core = FollowerCore(_settings(), model)
     core.start(0, np.zeros(N), held=None)
     q, dq = np.zeros(N), np.zeros(N)

@@ -67,7 +67,7 @@ def test_same_version_different_content_is_refused(tmp_path: Path) -> None:
     store.add(_bundle(tmp_path, "v1"))
     other = _bundle(tmp_path / "other", "v1")
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["normalisation"] = "different"
+    manifest["contract"]["rates"]["planner_hz"] = 7.0
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="different bundle"):
         store.add(other)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def test_install_stages_a_complete_tree(tmp_path: Path) -> None:
     assert "u duet" in (root / "etc/sysusers.d/duet.conf").read_text()
     assert "recordings 0770 duet duet" in (root / "etc/tmpfiles.d/duet.conf").read_text()
     assert (root / "etc/duet/duet.yaml").read_text() == config.read_text()
-    assert os.readlink(root / "var/lib/duet/bundles/current") == "test"
+    version = json.loads((bundle / "manifest.json").read_text())["version"]
+    assert os.readlink(root / "var/lib/duet/bundles/current") == version
     assert (root / "opt/duet/README.md").is_file()
     # what the services will load: robot config + site file pointing at the current bundle
     cfg = load_config(root / "etc/duet/duet.yaml", root / "etc/duet/site.yaml")

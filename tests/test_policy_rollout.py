@@ -17,6 +17,7 @@ from policy.data import generate
 from policy.rollout import LoopSettings, run_episode
 from policy.servo_target import ServoResidualTarget
 from runtime.config import load_config
+from runtime.observation import StateHistory
 from sim.expert import expert_chunk
 from sim.task import Episode, TaskTracker
 from sim.world import HOME_Q, SimWorld
@@ -38,8 +39,10 @@ def test_expert_in_lockstep_touches_both_targets(settings: LoopSettings) -> None
     episode = Episode(_two_step_seed(), 0.5)
     latencies = []
 
-    def plan(w: SimWorld, q: np.ndarray, task: TaskTracker) -> tuple[np.ndarray, float]:
+    def plan(w: SimWorld, history: StateHistory, task: TaskTracker
+             ) -> tuple[np.ndarray, float]:
         assert w is world
+        q = history.latest("q").copy()
         latencies.append(0.05)
         return expert_chunk(world, task.remaining(), q), 0.05
 
@@ -62,7 +65,9 @@ def test_lockstep_eval_holds_when_plans_are_older_than_the_timeout(
     world = SimWorld(seed=0)
     episode = Episode(_two_step_seed(), 0.5)
 
-    def slow(w: SimWorld, q: np.ndarray, task: TaskTracker) -> tuple[np.ndarray, float]:
+    def slow(w: SimWorld, history: StateHistory, task: TaskTracker
+             ) -> tuple[np.ndarray, float]:
+        q = history.latest("q").copy()
         return expert_chunk(world, task.remaining(), q), settings.plan_timeout_s + 0.05
 
     short = replace(settings, timeout_s=2.0)

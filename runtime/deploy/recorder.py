@@ -141,7 +141,6 @@ class Recorder:
             sock = self.ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 20000)  # state at up to 1 kHz: never conflate here
-            sock.setsockopt(zmq.MAXMSGSIZE, endpoints.MAX_FRAME_BYTES)
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.connect(endpoint_of(run_dir))
             self.poller.register(sock, zmq.POLLIN)

@@ -12,7 +12,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from runtime.bundle import Bundle, ModelSpec, TensorSpec
+from runtime.bundle import Bundle
+from runtime.bundle_files import ModelSpec, TensorSpec
 
 
 class EngineError(Exception):
@@ -32,18 +33,25 @@ class Engine(Protocol):
 EngineKind = Literal["onnxruntime", "tensorrt"]
 
 
+DEFAULT_ENGINE_CACHE = "/var/lib/duet/engines"
+
+
 def check_specs(model: ModelSpec, engine: Engine, where: str) -> None:
-    """Refuse an engine whose tensors disagree with what the manifest promises."""
+    """Refuse an engine whose tensors disagree with the contract, naming each tensor."""
     for kind, declared, actual in (
-        ("inputs", model.inputs, engine.input_specs),
-        ("outputs", model.outputs, engine.output_specs),
+        ("input", model.inputs, engine.input_specs),
+        ("output", model.outputs, engine.output_specs),
     ):
-        want = {(t.name, t.dtype, tuple(t.shape)) for t in declared}
-        have = {(t.name, t.dtype, tuple(t.shape)) for t in actual}
-        if want != have:
-            raise EngineError(
-                f"{where}: {kind} {sorted(have)} differ from the manifest's {sorted(want)}"
-            )
+        want = {t.name: t for t in declared}
+        have = {t.name: t for t in actual}
+        problems = [f"{kind} {name!r}: the contract gives {t.dtype}{t.shape}, the model has "
+                    + (f"{have[name].dtype}{have[name].shape}" if name in have else "no such "
+                       "tensor")
+                    for name, t in want.items() if have.get(name) != t]
+        problems += [f"{kind} {name!r}: the model has it, the contract does not say what it "
+                     "is" for name in have if name not in want]
+        if problems:
+            raise EngineError(f"{where}: " + "; ".join(problems))
 
 
 def make_engine(
@@ -71,26 +79,22 @@ def make_engine(
         from runtime.engines.tensorrt_engine import (
             TensorRTEngine,
             cached_engine_path,
+            check_trusted,
             require_tensorrt,
         )
 
         require_tensorrt()
-        onnx_sha = bundle.manifest.files[model_spec.file]
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(bundle)
+        onnx_sha = bundle.files[model_spec.file]
+        cache = Path(cache_dir if cache_dir is not None else DEFAULT_ENGINE_CACHE)
         plan = cached_engine_path(cache, onnx_sha, model_spec.precision)
         if not plan.is_file():
             raise EngineError(
                 f"{plan}: no TensorRT engine for {model_spec.file} ({model_spec.precision}) "
                 f"on this GPU/TensorRT; run `duet engines build --bundle {bundle.path}`"
             )
+        check_trusted(plan)
         engine = TensorRTEngine(plan)
     else:
         raise EngineError(f"unknown engine kind {kind!r} (onnxruntime | tensorrt)")
     check_specs(model_spec, engine, str(onnx_path))
     return engine
-
-
-def default_cache_dir(bundle: Bundle) -> Path:
-    """`<bundle>/engines/`: not listed in the manifest (engines are per GPU, built on the
-    target), and keyed by ONNX hash, so several GPUs/TensorRT versions can share it."""
-    return bundle.path / "engines"

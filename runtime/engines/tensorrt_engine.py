@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bundle import TensorSpec
+from runtime.bundle import sha256_file
+from runtime.bundle_files import TensorSpec
 from runtime.engines import EngineError
 
 _NP_TO_DTYPE = {
@@ -77,6 +78,28 @@ def engine_cache_key(onnx_sha256: str, precision: str, trt_version: str, gpu: st
     """File name of a cached engine: one per (ONNX file, precision, TensorRT, GPU)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower() or "gpu"
     return f"{onnx_sha256[:16]}-{precision}-trt{trt_version}-{slug}.plan"
+
+
+def check_trusted(plan: Path) -> None:
+    """A serialized engine is code for the GPU: load it only from a cache that root or this
+    service user owns and nobody else can write, and only with the sha256 recorded when it
+    was built (`<plan>.sha256`). A planted or swapped file is refused, naming why."""
+    import os
+
+    for path in (plan.parent, plan):
+        st = path.stat()
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            raise EngineError(f"{path}: engine cache must be owned by root (or this service "
+                              "user) and writable by nobody else; refusing to load engines "
+                              "from it")
+    recorded = plan.with_name(plan.name + ".sha256")
+    try:
+        want = recorded.read_text().split()[0]
+    except (OSError, IndexError):
+        raise EngineError(f"{recorded}: missing: rebuild with `duet engines build`") from None
+    if sha256_file(plan) != want:
+        raise EngineError(f"{plan}: sha256 differs from the one recorded at build time "
+                          "(modified or corrupt): rebuild with `duet engines build --force`")
 
 
 def cached_engine_path(cache_dir: Path, onnx_sha256: str, precision: str) -> Path:

@@ -1,0 +1,282 @@
+"""A bundle's planner as one callable: observation in, absolute joint waypoints for the whole
+robot out. Everything model-specific comes from the contract; there is no branch for any
+particular model here.
+
+Per call: feed every input by its role (cameras, proprio history, instruction, action
+prefix), run the stages in order -- a stage with `flow:` K times, integrating its velocity
+field from Gaussian noise with Euler steps --, then turn the chunk into robot waypoints
+(de-normalise, delta -> absolute, the bundle's joints onto the robot's by name; joints the
+bundle does not drive hold what the follower commands). Buffers are allocated once; each
+stage's time and each engine call's time are kept for telemetry and the summary.
+
+Used by the planner process, the closed-loop eval and the engine bench alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime.bundle import Bundle
+from runtime.contract import (
+    CameraInput,
+    FlowTimeInput,
+    InstructionInput,
+    NoiseInput,
+    PrefixInput,
+    ProprioInput,
+    StageInput,
+)
+from runtime.engines import Engine, EngineKind, make_engine
+from runtime.observation import CameraFeed, ObservationError, StateHistory
+from runtime.reference import Plan
+from runtime.stats import Ring, summarize
+from runtime.tokenizer import InstructionEncoder, TokenizerError
+
+
+class PipelineError(ValueError):
+    """The bundle's planner cannot run on this robot; the message names the input."""
+
+
+@dataclass
+class _StageRun:
+    name: str
+    engine: Engine
+    feeds: dict[str, np.ndarray]
+    from_stage: list[tuple[str, str]]  # (feed name, "stage.output")
+    flow_noise: str | None = None
+    flow_time: str | None = None
+    velocity: str | None = None
+    actions: str | None = None
+    ms: Ring = field(default_factory=lambda: Ring(4096))
+
+
+@dataclass
+class Observation:
+    """One observation: frames by camera, the state history, and what the follower holds."""
+
+    frames: dict[str, np.ndarray]
+    history: StateHistory
+    t_obs_ns: int  # the read time of the state the plan is computed from
+
+
+class PlannerPipeline:
+    def __init__(self, bundle: Bundle, robot_joints: list[str], engine: EngineKind = "onnxruntime",
+                 *, flow_steps: int | None = None, threads: int = 1, prefix: bool = True,
+                 seed: int | None = None, engines: dict[str, Engine] | None = None) -> None:
+        """`engines`: prebuilt engines by stage name (tests, benches); else made here."""
+        c = bundle.contract
+        self.contract, self.bundle = c, bundle
+        self.robot_joints = list(robot_joints)
+        index = {j: k for k, j in enumerate(robot_joints)}
+        try:
+            self._act_idx = np.array([index[j] for j in c.action_joints], dtype=np.intp)
+        except KeyError as exc:
+            raise PipelineError(f"actions.joints: {exc.args[0]!r} is not a robot joint "
+                                f"({', '.join(robot_joints)})") from None
+        a = c.planner.actions
+        self.horizon, self.dt_s, self.delta = a.horizon, a.dt_s, a.kind == "delta"
+        d_act = len(a.joints)
+        self._std = np.asarray(a.std if a.std is not None else [1.0] * d_act)
+        self._mean = np.asarray(a.mean if a.mean is not None else [0.0] * d_act)
+        self.use_prefix = prefix
+        self._rng = np.random.default_rng(seed)
+        self.cameras: list[CameraFeed] = []
+        self.proprio: list[tuple[ProprioInput, np.ndarray, np.ndarray]] = []
+        self.instruction: list[tuple[InstructionEncoder, np.ndarray, np.ndarray | None]] = []
+        self.prefixes: list[tuple[PrefixInput, np.ndarray, np.ndarray | None]] = []
+        self.stages: list[_StageRun] = []
+        self.flow_steps: dict[str, int] = {}
+        self._outputs: dict[str, np.ndarray] = {}
+        self._instruction: str | None = None
+        for stage in c.planner.stages:
+            spec = bundle.stage_spec(stage)
+            eng = engines[stage.name] if engines else make_engine(spec, bundle, engine,
+                                                                  threads=threads)
+            feeds = {t.name: np.zeros(t.shape, dtype=t.dtype) for t in spec.inputs}
+            run = _StageRun(stage.name, eng, feeds, [])
+            for i in stage.inputs:
+                self._bind_input(i, feeds, run, bundle, index)
+            for o in stage.outputs:
+                if o.role == "velocity":
+                    run.velocity = o.name
+                elif o.role == "actions":
+                    run.actions = o.name
+            if stage.flow is not None:
+                k = flow_steps if flow_steps is not None else stage.flow.steps
+                if k < 1:
+                    raise PipelineError(f"planner.flow_steps must be >= 1, got {k}")
+                self.flow_steps[stage.name] = k
+            self.stages.append(run)
+        last = c.planner.stages[-1]
+        self._flow_last = last.flow is not None
+        self.prefix_steps = max((p.steps for p, _, _ in self.prefixes), default=0)
+        self.plan_ms = Ring(4096)
+        self.engine_ms = Ring(4096)  # the engines' own share of plan_ms
+        self._chunk = np.zeros((self.horizon, d_act))
+        self._waypoints = np.zeros((self.horizon, len(robot_joints)), dtype=np.float32)
+
+    # ------------------------------------------------------------------ inputs
+    def _bind_input(self, i: object, feeds: dict[str, np.ndarray], run: _StageRun,
+                    bundle: Bundle, index: dict[str, int]) -> None:
+        if isinstance(i, CameraInput):
+            self.cameras.append(CameraFeed(i, feeds[i.name]))
+        elif isinstance(i, ProprioInput):
+            joints = self.contract.proprio_joints(i)
+            missing = [j for j in joints if j not in index]
+            if missing:
+                raise PipelineError(f"input {i.name}: joints {missing} are not on the robot")
+            self.proprio.append((i, np.array([index[j] for j in joints]), feeds[i.name]))
+        elif isinstance(i, InstructionInput):
+            try:
+                enc = InstructionEncoder(i.kind, bundle.path / i.tokenizer, i.max_len,
+                                         i.padding_side, i.pad_id)
+            except TokenizerError as exc:
+                raise PipelineError(f"input {i.name}: {exc}") from None
+            self.instruction.append((enc, feeds[i.name], feeds[i.mask] if i.mask else None))
+        elif isinstance(i, PrefixInput):
+            self.prefixes.append((i, feeds[i.name], feeds[i.length] if i.length else None))
+        elif isinstance(i, NoiseInput):
+            run.flow_noise = i.name
+        elif isinstance(i, FlowTimeInput):
+            run.flow_time = i.name
+        elif isinstance(i, StageInput):
+            run.from_stage.append((i.name, i.source))
+
+    def camera_names(self) -> list[str]:
+        return sorted({f.spec.camera for f in self.cameras})
+
+    def check_instruction(self, text: str) -> None:
+        """TokenizerError naming what the model cannot read."""
+        for enc, _, _ in self.instruction:
+            enc.check(text)
+
+    def set_instruction(self, text: str) -> None:
+        if text != self._instruction:
+            for enc, ids, mask in self.instruction:
+                enc.encode(text, ids[0], None if mask is None else mask[0])
+            self._instruction = text
+
+    # ------------------------------------------------------------------ one plan
+    def plan(self, obs: Observation, previous: Plan | None = None,
+             prefix_valid_s: float = 0.0) -> np.ndarray:
+        """Waypoints [H, n_robot] float32 (a buffer reused by the next call) from `obs`.
+
+        `previous`: the plan executing now, in absolute robot joints on the same clock (s =
+        ns / 1e9); its part from t_obs to t_obs + `prefix_valid_s` (what will run while this
+        plan is computed) is the action prefix for models that take one.
+        """
+        t0 = time.perf_counter_ns()
+        t_obs = obs.t_obs_ns
+        q_obs = obs.history.at("q", t_obs)
+        for cam in self.cameras:
+            frame = obs.frames.get(cam.spec.camera)
+            if frame is None:
+                raise ObservationError(f"no frame from camera {cam.spec.camera}")
+            cam.fill(frame)
+        for spec, idx, feed in self.proprio:
+            if spec.history == 1:
+                _normalised(feed[0], obs.history.at(spec.field, t_obs)[idx], spec)
+            else:
+                for k in range(spec.history):  # oldest first
+                    t_k = t_obs - round((spec.history - 1 - k) * spec.spacing_s * 1e9)
+                    _normalised(feed[0, k], obs.history.at(spec.field, t_k)[idx], spec)
+        if self.prefixes:
+            self._fill_prefix(previous, t_obs, prefix_valid_s, q_obs)
+        engine_ns = 0
+        for run in self.stages:
+            ts = time.perf_counter_ns()
+            for name, src in run.from_stage:
+                np.copyto(run.feeds[name], self._outputs[src], casting="same_kind")
+            steps = self.flow_steps.get(run.name)
+            if steps is None:
+                te = time.perf_counter_ns()
+                out = run.engine.run(run.feeds)
+                engine_ns += time.perf_counter_ns() - te
+                for name, value in out.items():
+                    self._outputs[f"{run.name}.{name}"] = value
+            else:
+                engine_ns += self._integrate(run, steps)
+            run.ms.add((time.perf_counter_ns() - ts) / 1e6)
+        last = self.stages[-1]
+        if self._flow_last:
+            assert last.flow_noise is not None
+            self._chunk[:] = last.feeds[last.flow_noise][0]
+        else:
+            assert last.actions is not None
+            self._chunk[:] = self._outputs[f"{last.name}.{last.actions}"][0]
+        self._to_robot(q_obs, obs.history.at("q_cmd", t_obs))
+        self.engine_ms.add(engine_ns / 1e6)
+        self.plan_ms.add((time.perf_counter_ns() - t0) / 1e6)
+        return self._waypoints
+
+    def _integrate(self, run: _StageRun, steps: int) -> int:
+        """Euler integration of the stage's velocity field from standard normal noise."""
+        stage = next(s for s in self.contract.planner.stages if s.name == run.name)
+        assert stage.flow is not None and run.flow_noise and run.flow_time and run.velocity
+        x, t = run.feeds[run.flow_noise], run.feeds[run.flow_time]
+        x[...] = self._rng.standard_normal(x.shape, dtype=np.float32)
+        h = (stage.flow.t_end - stage.flow.t_start) / steps
+        engine_ns = 0
+        for k in range(steps):
+            t.fill(stage.flow.t_start + k * h)
+            te = time.perf_counter_ns()
+            v = run.engine.run(run.feeds)[run.velocity]
+            engine_ns += time.perf_counter_ns() - te
+            x += np.float32(h) * v
+        return engine_ns
+
+    def _fill_prefix(self, previous: Plan | None, t_obs_ns: int, valid_s: float,
+                     q_obs: np.ndarray) -> None:
+        d = 0
+        if self.use_prefix and previous is not None:
+            t_obs = t_obs_ns / 1e9
+            # the steps of the new chunk that run before it can take effect
+            d = min(self.prefix_steps, math.floor(valid_s / self.dt_s + 1e-9))
+            if t_obs + d * self.dt_s > previous.t_end:  # the old plan does not cover them
+                d = max(0, int((previous.t_end - t_obs) / self.dt_s))
+        if d:
+            times = t_obs_ns / 1e9 + (np.arange(d) + 1.0) * self.dt_s
+            pos, vel = np.zeros((d, len(self.robot_joints))), np.zeros((d, len(self.robot_joints)))
+            previous.sample(times, pos, vel)  # type: ignore[union-attr]
+            a = pos[:, self._act_idx]
+            if self.delta:
+                a = a - q_obs[self._act_idx]
+            a = (a - self._mean) / self._std
+        for spec, out, length in self.prefixes:
+            out.fill(0.0)
+            n = min(d, spec.steps)
+            if n:
+                out[0, :n] = a[:n]
+            if length is not None:
+                length[0] = n
+
+    def _to_robot(self, q_obs: np.ndarray, q_hold: np.ndarray) -> None:
+        a = self._chunk
+        a *= self._std
+        a += self._mean
+        if self.delta:
+            a += q_obs[self._act_idx]
+        w = self._waypoints
+        w[:] = q_hold  # joints the bundle does not drive hold what the follower commands
+        w[:, self._act_idx] = a
+
+    # ------------------------------------------------------------------ figures
+    def stage_ms(self, last: int | None = None) -> dict[str, dict[str, float]]:
+        """Per stage (and the whole call, and the engines' share) p50/p99 in ms."""
+        keys = ("p50", "p99")
+        out = {run.name: summarize(run.ms.values(last), keys, digits=3) for run in self.stages}
+        out["total"] = summarize(self.plan_ms.values(last), keys, digits=3)
+        out["engines"] = summarize(self.engine_ms.values(last), keys, digits=3)
+        return out
+
+
+def _normalised(out: np.ndarray, x: np.ndarray, spec: ProprioInput) -> None:
+    out[:] = x
+    if spec.mean is not None:
+        out -= np.asarray(spec.mean, dtype=out.dtype)
+    if spec.std is not None:
+        out /= np.asarray(spec.std, dtype=out.dtype)
