@@ -291,12 +291,16 @@ def export_bundle(contract: Contract, modules: dict[str, Any], out: Path, opts: 
                     f"model {name}")
 
     def reference(name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The module's outputs, one sample at a time: batch 1, as it was exported."""
         ins, outs = tensors[name]
+        results: dict[str, list[np.ndarray]] = {t.name: [] for t in outs}
         with torch.no_grad():
-            got = modules[name](*(torch.from_numpy(inputs[t.name]) for t in ins))
-        got = got if isinstance(got, (tuple, list)) else (got,)
-        return {t.name: g.detach().numpy().astype(np.float64) for t, g in
-                zip(outs, got, strict=True)}
+            for feeds in calib.rows(inputs):
+                got = modules[name](*(torch.from_numpy(feeds[t.name]) for t in ins))
+                got = got if isinstance(got, (tuple, list)) else (got,)
+                for t, g in zip(outs, got, strict=True):
+                    results[t.name].append(g.detach().numpy()[0].astype(np.float64))
+        return {k: np.stack(v) for k, v in results.items()}
 
     opts.torch_version = opts.torch_version or str(torch.__version__)
     return _build(contract, out, opts, assets, produce, reference)

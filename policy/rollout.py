@@ -158,6 +158,7 @@ def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
         if core.step(_ns(t), q, dq):
             with act.lock:
                 act.goal_q[:] = core.command
+            core.slack()  # lockstep: every tick has slack
         else:  # ESTOP, or FAULT with torque off: what the servos would do
             with act.lock:
                 act.torque_enabled[:] = False

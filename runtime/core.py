@@ -16,6 +16,7 @@ seconds since the core's start.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -113,7 +114,8 @@ class FollowerCore:
         self.bus_dead = False  # the bus failed for good: no traffic until reset
         self.torque_wanted = False
         self._bus_failures = 0
-        self._pending: Plan | None = None
+        self._pending = False  # a plan is prepared for the next tick to take
+        self._last_t = float("-inf")  # the last tick's time (s since epoch)
         self._newest_t_obs_ns = 0
         self._miss_ring = np.zeros(s.storm_window, dtype=np.bool_)
         self._miss_i = 0
@@ -155,7 +157,7 @@ class FollowerCore:
         self._bus_failures = 0
         self._miss_ring[:] = False
         self._miss_count = 0
-        self._pending = None
+        self._pending = False
         self._newest_t_obs_ns = 0
         if not self._state_ok(q):
             return False, f"still faulted: {self.reason}"
@@ -178,14 +180,14 @@ class FollowerCore:
         self.reason = reason if mode in LATCHED else None
         if mode == Mode.FAULT:
             self.faults += 1
-            self._pending = None
+            self._pending = False
             if self.s.fault_action == "torque_off":
                 self.torque_wanted = False
             else:
                 self.tracker.start_hold(self.filter.last, self.filter.last_vel)
         elif mode == Mode.ESTOP:
             self.estops += 1
-            self._pending = None
+            self._pending = False
             self.torque_wanted = False
 
     def fault(self, reason: str) -> bool:
@@ -248,9 +250,15 @@ class FollowerCore:
         if ((waypoints < self._plan_lo) | (waypoints > self._plan_hi)).any():
             raise PlanRejected("limits", "waypoints outside joint limits")
         t_now = (now_ns - self.epoch_ns) / 1e9
-        self._pending = Plan(waypoints, float(dt_s), (t_obs_ns - self.epoch_ns) / 1e9, t_now)
+        plan = Plan(waypoints, float(dt_s), (t_obs_ns - self.epoch_ns) / 1e9, t_now)
         self._newest_t_obs_ns = max(self._newest_t_obs_ns, t_obs_ns)
         self.plans_accepted += 1
+        if self.mode in (Mode.HOLD, Mode.TRACK):
+            # the expensive part (sampling the new reference) here, between ticks; the tick
+            # that takes the plan swaps a pointer
+            t_next = max(self._last_t + self.s.tick_s, t_now)
+            self.tracker.prepare(plan, t_next)
+            self._pending = True
 
     def reject(self, kind: str) -> None:
         self.plans_rejected[kind] += 1
@@ -263,11 +271,11 @@ class FollowerCore:
         if self.mode == Mode.ESTOP or (self.mode == Mode.FAULT
                                        and self.s.fault_action == "torque_off"):
             return False
-        t = (now_ns - self.epoch_ns) / 1e9
-        if self._pending is not None:
+        t = self._last_t = (now_ns - self.epoch_ns) / 1e9
+        if self._pending:
             if self.mode in (Mode.HOLD, Mode.TRACK):
-                self.tracker.add_plan(self._pending, t)
-            self._pending = None
+                self.tracker.take_prepared()
+            self._pending = False
         if self.mode == Mode.FAULT:
             self._desired[:] = self.tracker.hold_command()
         else:
@@ -278,6 +286,11 @@ class FollowerCore:
             self.fault("non-finite command (from the plan or the residual)")
             self.command[:] = self.filter.last  # hold the last finite command
         return True
+
+    def slack(self) -> None:
+        """Between ticks, when there is time: refill a reference table that runs low."""
+        if self.mode == Mode.TRACK:
+            self.tracker.refill(self._last_t + self.s.tick_s)
 
     def _track_or_hold(self, now_ns: int, t: float, q: np.ndarray, dq: np.ndarray) -> None:
         ref = self.tracker.reference
@@ -298,19 +311,15 @@ class FollowerCore:
 
     def _state_ok(self, q: np.ndarray, dq: np.ndarray | None = None) -> bool:
         """A non-finite or out-of-limits measurement is a FAULT naming the joint."""
-        bad = self._bad
-        np.isfinite(q, out=bad)
-        finite = bool(bad.all())
-        if finite and dq is not None:
-            np.isfinite(dq, out=bad)
-            finite = bool(bad.all())
-        if not finite:
+        total = np.add.reduce(q) + (np.add.reduce(dq) if dq is not None else 0.0)
+        if not math.isfinite(total):
             self.fault("non-finite state from the bus")
             return False
+        bad = self._bad
         np.less(q, self._state_lo, out=bad)
         np.greater(q, self._state_hi, out=self._bad2)
         bad |= self._bad2
-        if bad.any():
+        if np.logical_or.reduce(bad):
             j = int(np.argmax(bad))
             self.fault(f"state outside limits: {self.s.joints[j]} at {q[j]:.3f} rad "
                        f"(limits [{self.s.pos_min[j]:.3f}, {self.s.pos_max[j]:.3f}] "

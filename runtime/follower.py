@@ -261,9 +261,11 @@ class Follower:
             now = time.monotonic_ns()
             if now > deadline:  # fell more than a period behind: resynchronise, don't burst
                 deadline += ((now - deadline) // self.period_ns + 1) * self.period_ns
-            if now >= next_tel and deadline - now > SLACK_FOR_TELEMETRY_NS:
-                next_tel = now + tel_every_ns
-                self._publish_telemetry()
+            if deadline - now > SLACK_FOR_TELEMETRY_NS:
+                self.core.slack()
+                if now >= next_tel:
+                    next_tel = now + tel_every_ns
+                    self._publish_telemetry()
             self.control.serve_pending(limit=1)
             collect_if_slack(deadline - time.monotonic_ns())
             if t_stop is not None and now >= t_stop:

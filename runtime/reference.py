@@ -152,6 +152,24 @@ class ReferenceGenerator:
     def has_plan(self) -> bool:
         return bool(self._layers)
 
+    @property
+    def t_end(self) -> float:
+        """When the reference, as it stands, runs out (a pending broker plan included)."""
+        ends = [layer.plan.t_end for layer in self._layers]
+        if self._pending is not None:
+            ends.append(self._pending.t_end)
+        return max(ends, default=float("-inf"))
+
+    def copy(self) -> ReferenceGenerator:
+        """A generator with the same plans (plans are immutable; only the lists are new), to
+        prepare the next reference beside the one in use."""
+        other = ReferenceGenerator(self.n, self.strategy, self.blend_s)
+        other._layers = [_Layer(layer.plan, layer.t_switch) for layer in self._layers]
+        other._pending = self._pending
+        other._scratch = self._scratch
+        other.boundaries = self.boundaries
+        return other
+
     def clear(self) -> None:
         self._layers.clear()
         self._pending = None

@@ -9,6 +9,7 @@ acceleration limits (clamped and counted, never silently passed).
 from __future__ import annotations
 
 import enum
+import math
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class SafetyFilter:
         self.last = np.zeros(n)  # last command sent
         self.last_vel = np.zeros(n)
         self._v = np.zeros(n)
+        self._vc = np.zeros(n)
         self._lo_v = np.zeros(n)
         self._hi_v = np.zeros(n)
         self._neg_vmax = -self.vmax
@@ -68,30 +70,33 @@ class SafetyFilter:
         """Write the safe command into `out`; True if anything was clamped.
 
         Raises NonFiniteCommand, leaving `last` untouched, when `desired` is not finite.
+        (Direct ufunc calls only: this runs every tick, and np.clip / .any() cost more in
+        their Python wrappers than in their arithmetic.)
         """
-        np.isfinite(desired, out=self._ok)
-        if not self._ok.all():
+        # the sum of finite commands is finite (an overflow to inf counts as non-finite:
+        # no safe command is ~1e308 rad)
+        if not math.isfinite(np.add.reduce(desired)):
             raise NonFiniteCommand("non-finite command")
-        v = self._v
+        v, vc, lo, hi, moved = self._v, self._vc, self._lo_v, self._hi_v, self._over
         np.subtract(desired, self.last, out=v)
         v *= self._inv_dt
         # velocity bound, then acceleration bound relative to the last command's velocity
-        np.subtract(self.last_vel, self._adt, out=self._lo_v)
-        np.add(self.last_vel, self._adt, out=self._hi_v)
-        np.maximum(self._lo_v, self._neg_vmax, out=self._lo_v)
-        np.minimum(self._hi_v, self.vmax, out=self._hi_v)
-        np.less(v, self._lo_v, out=self._over)
-        clamped = bool(self._over.any())
-        np.greater(v, self._hi_v, out=self._over)
-        clamped = clamped or bool(self._over.any())
-        np.clip(v, self._lo_v, self._hi_v, out=v)
-        np.multiply(v, self.dt, out=out)
+        np.subtract(self.last_vel, self._adt, out=lo)
+        np.maximum(lo, self._neg_vmax, out=lo)
+        np.add(self.last_vel, self._adt, out=hi)
+        np.minimum(hi, self.vmax, out=hi)
+        np.maximum(v, lo, out=vc)
+        np.minimum(vc, hi, out=vc)
+        np.not_equal(vc, v, out=moved)
+        clamped = bool(np.logical_or.reduce(moved))
+        np.multiply(vc, self.dt, out=out)
         out += self.last
-        np.less(out, self.lo, out=self._over)
-        np.logical_or(self._over, np.greater(out, self.hi, out=self._ok), out=self._over)
-        if self._over.any():
+        np.maximum(out, self.lo, out=v)  # v: free now, the position before its clip
+        np.minimum(v, self.hi, out=v)
+        np.not_equal(v, out, out=moved)
+        if np.logical_or.reduce(moved):
             clamped = True
-            np.clip(out, self.lo, self.hi, out=out)
+            out[:] = v
         np.subtract(out, self.last, out=self.last_vel)
         self.last_vel *= self._inv_dt
         self.last[:] = out
