@@ -46,7 +46,11 @@ def write_tokenizer(path: Path) -> None:
 
 
 class TwoCameraPlanner(nn.Module):
-    """delta[k] = (goal(instruction) - q_now) * (k+1)/H, normalised with ACT_MEAN/STD."""
+    """delta[k] = goal(instruction) - q_now for every k, normalised with ACT_MEAN/STD.
+
+    (A ramp from q_now would restart at the *measured* position every plan, and a servo's
+    gravity sag would then walk the arm away, one plan at a time: a real hazard of
+    delta-from-observation policies on position servos, but not what this test checks.)"""
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,7 +58,6 @@ class TwoCameraPlanner(nn.Module):
         goals[WORDS.index("left")] = torch.tensor(GOALS["left"], dtype=torch.float32)
         goals[WORDS.index("right")] = torch.tensor(GOALS["right"], dtype=torch.float32)
         self.register_buffer("goals", goals)
-        self.register_buffer("ramp", (torch.arange(H) + 1.0) / H)
         self.register_buffer("mean", torch.tensor(ACT_MEAN, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(ACT_STD, dtype=torch.float32))
 
@@ -63,7 +66,7 @@ class TwoCameraPlanner(nn.Module):
         # left padding: the last token is the instruction's last word ("left" / "right")
         goal = self.goals[tokens[:, -1]] * mask[:, -1:].float()
         q_now = q_hist[:, -1]  # history oldest first
-        delta = (goal - q_now)[:, None, :] * self.ramp[None, :, None]
+        delta = (goal - q_now)[:, None, :].expand(-1, H, -1)
         seen = 0.0 * (scene.mean() + wrist.mean())  # both cameras are real graph inputs
         return (delta - self.mean) / self.std + seen
 
@@ -89,17 +92,18 @@ TWO_CAMERA_CONTRACT: dict[str, Any] = {
 
 
 class FlowEncoder(nn.Module):
-    """x1 = the absolute chunk from q toward GOALS['left'] (all six joints: gripper held)."""
+    """x1 = a chunk that goes to GOALS['left'] (all six joints: gripper held), depending on
+    q only through a term that vanishes there (so the features are a real function of q)."""
 
     def __init__(self) -> None:
         super().__init__()
         goal = np.r_[GOALS["left"], 0.1]
         self.register_buffer("goal", torch.tensor(goal, dtype=torch.float32))
-        self.register_buffer("ramp", (torch.arange(H) + 1.0) / H)
+        self.register_buffer("decay", torch.exp(-torch.arange(H) - 3.0))
 
     def forward(self, image: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         seen = 0.0 * image.float().mean()
-        return q[:, None, :] + (self.goal - q)[:, None, :] * self.ramp[None, :, None] + seen
+        return self.goal + (q - self.goal)[:, None, :] * self.decay[None, :, None] + seen
 
 
 class FlowVelocity(nn.Module):
