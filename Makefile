@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 DURATION ?= 20
+FUZZ_S ?= 120
 
-.PHONY: demo test lint bench train bundle bundles eval verify-systemd clean
+.PHONY: demo test lint bench train bundle bundles eval fuzz verify-systemd clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +31,8 @@ demo: $(VENV)/.demo
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/vermin --target=3.10- --no-tips --violations runtime drivers
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.dev
@@ -43,16 +46,16 @@ train: $(VENV)/.dev        # reproduces both reference models from fixed seeds (
 # INT8: the planner's convolutions (QDQ); its transformer and MLP layers and the follower
 # stay fp32 (see README, "Evaluation of the reference policy").
 INT8 := --follower-precision fp32 --int8-ops Conv
+# The reference pair is exported like any model: a factory + its contract.
+REFERENCE := --module policy.reference:modules --checkpoint $(CKPT) \
+  --contract policy/reference_contract.yaml --assets $(CKPT)
 bundle: $(VENV)/.dev       # the shipped reference bundle
-	$(BIN)/duet export --planner $(CKPT)/planner.pt --follower $(CKPT)/follower.pt \
-	  --out bundles/reference --precision int8 $(INT8) --config configs/sim.yaml \
-	  --calib-data $(CKPT)/calib.npz
+	$(BIN)/duet export $(REFERENCE) --out bundles/reference --precision int8 $(INT8)
 
 bundles: $(VENV)/.dev      # fp32 / fp16 / int8 bundles for the evaluation table
 	for p in fp32 fp16 int8; do \
-	  $(BIN)/duet export --planner $(CKPT)/planner.pt --follower $(CKPT)/follower.pt \
-	    --out runs/bundles/$$p --precision $$p $$([ $$p = int8 ] && echo "$(INT8)") \
-	    --config configs/sim.yaml --calib-data $(CKPT)/calib.npz || exit 1; done
+	  $(BIN)/duet export $(REFERENCE) --out runs/bundles/$$p --precision $$p \
+	    $$([ $$p = int8 ] && echo "$(INT8)") || exit 1; done
 
 eval: bundles              # closed loop through the runtime, 100 episodes per precision
 	$(BIN)/duet eval --bundle runs/bundles/fp32 --bundle runs/bundles/fp16 --bundle runs/bundles/int8 \
@@ -62,6 +65,9 @@ bench: $(VENV)/.dev
 	$(BIN)/python bench/follower_loop.py --duration 20
 	$(BIN)/python -m bench.drivers --cycles 2000
 	$(BIN)/python bench/engines.py
+
+fuzz: $(VENV)/.dev         # coverage-guided fuzzing of every decoder (atheris), FUZZ_S seconds each
+	$(BIN)/python tests/fuzz_decoders.py --seconds $(FUZZ_S)
 
 verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container)
 	systemd/verify-in-container.sh

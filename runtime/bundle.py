@@ -265,6 +265,10 @@ def read_manifest(manifest_path: Path) -> dict[str, Any]:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise BundleError(f"{manifest_path}: cannot read: {exc.strerror}") from None
+    return parse_manifest(raw, manifest_path)
+
+
+def parse_manifest(raw: bytes, manifest_path: Path) -> dict[str, Any]:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise BundleError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes")
     try:
@@ -279,9 +283,13 @@ def read_manifest(manifest_path: Path) -> dict[str, Any]:
     return data
 
 
-def _validate(data: dict[str, Any], manifest_path: Path) -> ManifestV1 | ManifestV2:
-    model: type[ManifestV1] | type[ManifestV2] = \
-        ManifestV1 if data["format_version"] == 1 else ManifestV2
+def validate_manifest(data: dict[str, Any], manifest_path: Path) -> ManifestV1 | ManifestV2:
+    """The manifest's schema for its format version; BundleError naming each field."""
+    version = data.get("format_version")
+    if type(version) is not int or version not in READABLE_FORMATS:
+        raise BundleError(f"{manifest_path}: format_version {version!r} is not supported "
+                          f"(this runtime reads {', '.join(map(str, READABLE_FORMATS))})")
+    model: type[ManifestV1] | type[ManifestV2] = ManifestV1 if version == 1 else ManifestV2
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -338,14 +346,12 @@ def load_bundle(path: str | Path, public_key: str | None = None,
     bundle_dir = Path(path)
     manifest_path = bundle_dir / MANIFEST
     data = read_manifest(manifest_path)
-    version = data.get("format_version")
-    if type(version) is not int or version not in READABLE_FORMATS:
-        raise BundleError(f"{manifest_path}: format_version {version!r} is not supported "
-                          f"(this runtime reads {', '.join(map(str, READABLE_FORMATS))})")
+    if data.get("format_version") not in READABLE_FORMATS:
+        validate_manifest(data, manifest_path)  # the error, before any signature check
     # Authenticity before anything else in the manifest is trusted.
     if public_key is not None:
         _verify_signature(bundle_dir, data, public_key)
-    manifest = _validate(data, manifest_path)
+    manifest = validate_manifest(data, manifest_path)
     try:
         contract = manifest.contract() if isinstance(manifest, ManifestV1) \
             else manifest.contract

@@ -331,6 +331,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    return parse_yaml(raw, path)
+
+
+def parse_yaml(raw: bytes, path: str | Path) -> dict[str, Any]:
+    """One YAML layer from its bytes (`path` names it in errors)."""
     if len(raw) > MAX_FILE_BYTES:
         raise ConfigError(f"{path}: {len(raw)} bytes; a config is at most {MAX_FILE_BYTES}")
     try:
@@ -349,6 +354,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     check_plain(data, str(path))
     return data
+
+
+def validate(merged: dict[str, Any], layers: list[tuple[str, dict[str, Any]]]) -> DuetConfig:
+    """The merged layers as a DuetConfig; ConfigError naming each key's layer and reason."""
+    try:
+        return DuetConfig.model_validate(merged)
+    except (OverflowError, RecursionError) as exc:
+        raise ConfigError(f"invalid config: {exc.__class__.__name__}: {exc}") from None
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            # drop the union tag pydantic inserts into the location of discriminated unions
+            loc = tuple(p for p in err["loc"] if p not in ("dynamixel", "mit_can"))
+            key = ".".join(str(p) for p in loc) or "<root>"
+            lines.append(f"{_origin(loc, layers)}: {key}: {err['msg']}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
 def check_plain(data: Any, where: str) -> None:
@@ -437,18 +458,7 @@ def load_config(
     merged: dict[str, Any] = {}
     for _, layer in layers:
         merged = _deep_merge(merged, layer)
-    try:
-        return DuetConfig.model_validate(merged)
-    except (OverflowError, RecursionError) as exc:
-        raise ConfigError(f"invalid config: {exc.__class__.__name__}: {exc}") from None
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            # drop the union tag pydantic inserts into the location of discriminated unions
-            loc = tuple(p for p in err["loc"] if p not in ("dynamixel", "mit_can"))
-            key = ".".join(str(p) for p in loc) or "<root>"
-            lines.append(f"{_origin(loc, layers)}: {key}: {err['msg']}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+    return validate(merged, layers)
 
 
 def config_to_dict(cfg: DuetConfig) -> dict[str, Any]:

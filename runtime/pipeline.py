@@ -91,12 +91,13 @@ class PlannerPipeline:
         self.stages: list[_StageRun] = []
         self.flow_steps: dict[str, int] = {}
         self._outputs: dict[str, np.ndarray] = {}
+        self._flow_step: dict[str, np.ndarray] = {}
         self._instruction: str | None = None
         for stage in c.planner.stages:
             spec = bundle.stage_spec(stage)
             eng = engines[stage.name] if engines else make_engine(spec, bundle, engine,
                                                                   threads=threads)
-            feeds = {t.name: np.zeros(t.shape, dtype=t.dtype) for t in spec.inputs}
+            feeds = eng.inputs  # filled in place: each call (K for a flow head) copies nothing
             run = _StageRun(stage.name, eng, feeds, [])
             for i in stage.inputs:
                 self._bind_input(i, feeds, run, bundle, index)
@@ -218,15 +219,19 @@ class PlannerPipeline:
         stage = next(s for s in self.contract.planner.stages if s.name == run.name)
         assert stage.flow is not None and run.flow_noise and run.flow_time and run.velocity
         x, t = run.feeds[run.flow_noise], run.feeds[run.flow_time]
-        x[...] = self._rng.standard_normal(x.shape, dtype=np.float32)
+        self._rng.standard_normal(dtype=np.float32, out=x)
         h = (stage.flow.t_end - stage.flow.t_start) / steps
+        step = self._flow_step.get(run.name)
+        if step is None or step.shape != x.shape:
+            step = self._flow_step[run.name] = np.zeros_like(x)
         engine_ns = 0
         for k in range(steps):
             t.fill(stage.flow.t_start + k * h)
             te = time.perf_counter_ns()
             v = run.engine.run(run.feeds)[run.velocity]
             engine_ns += time.perf_counter_ns() - te
-            x += np.float32(h) * v
+            np.multiply(v, h, out=step)
+            x += step
         return engine_ns
 
     def _fill_prefix(self, previous: Plan | None, t_obs_ns: int, valid_s: float,

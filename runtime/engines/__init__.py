@@ -27,6 +27,12 @@ class Engine(Protocol):
     @property
     def output_specs(self) -> list[TensorSpec]: ...
 
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The engine's own input buffers: a caller that fills them in place and passes
+        this very dict to `run` saves the copy."""
+        ...
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 

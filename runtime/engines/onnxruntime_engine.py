@@ -82,8 +82,16 @@ class OnnxRuntimeEngine:
     def output_specs(self) -> list[TensorSpec]:
         return list(self._outputs)
 
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The bound input buffers: fill them and pass this dict to `run` (no copy)."""
+        return self._in_buf
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs are the engine's own buffers, overwritten by the next call."""
+        if feeds is self._in_buf:
+            self.session.run_with_iobinding(self._binding)
+            return self._out_buf
         try:
             for name, buf in self._in_buf.items():
                 np.copyto(buf, feeds[name], casting="same_kind")
