@@ -26,7 +26,11 @@ class Stack:
     def __init__(self, tmp: Path, bundle: Path, overrides: list[str] | None = None,
                  planner: bool = True, config: str = "sim.yaml") -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")
-        sets = [f"run_dir={tmp / 'run'}", f"bundle.path={bundle}", *(overrides or [])]
+        # A shared 2-core test machine has bursts of late ticks that a robot's dedicated core
+        # does not: these tests check behaviour, not timing, so the deadline-miss storm is
+        # tolerant here (80 % of a window late; a test may set its own).
+        sets = [f"run_dir={tmp / 'run'}", f"bundle.path={bundle}",
+                "follower.deadline_storm.misses=400", *(overrides or [])]
         self.cfg: DuetConfig = load_config(REPO / "configs" / config, None, sets)
         self.sup = Supervisor(self.cfg, "test")
         self.with_planner = planner

@@ -104,6 +104,8 @@ def test_an_engine_from_an_untrusted_cache_is_refused(tmp_path: Path) -> None:
     cache.mkdir(mode=0o755)
     plan = cache / "m.plan"
     plan.write_bytes(b"serialized engine")
+    cache.chmod(0o755)  # explicit: an earlier test's umask may linger in this process
+    plan.chmod(0o644)
     (cache / "m.plan.sha256").write_text(hashlib.sha256(b"serialized engine").hexdigest())
     check_trusted(plan)  # owned by this user, 0644: fine
     plan.write_bytes(b"planted engine")
