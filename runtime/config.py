@@ -344,8 +344,8 @@ def parse_yaml(raw: bytes, path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of > 4300 digits
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply") from None
     if data is None:
@@ -404,7 +404,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: empty key segment")
     try:
         value = yaml.safe_load(raw)
-    except (yaml.YAMLError, RecursionError) as exc:
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
     check_plain(value, f"--set {key}")
     return parts, value
