@@ -142,3 +142,45 @@ def test_budget_deletes_oldest_segments_then_incidents_never_episodes(
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*.mcap"))
     assert left == ["episodes/keep.mcap", "incidents/i1.mcap"]
     assert rec.stats.deleted_files == 2
+
+
+def test_hostile_requests_and_messages_never_stop_the_recorder(run_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """Non-dict args (which killed it), an unhashable type, and a zero-size array with huge
+    dimensions on a data socket (which sent it out of memory in `.tolist()`)."""
+    import msgpack
+    import zmq
+
+    from runtime.messages import Encoder
+
+    rec = subprocess.Popen([sys.executable, "-m", "runtime.cli", "record", "serve",
+                            "--config", str(REPO / "configs/sim.yaml"), "--run-dir",
+                            str(run_dir), "--dir", str(tmp_path / "rec")], cwd=REPO)
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    try:
+        _wait_for(run_dir / "recorder")
+        pub.bind(endpoints.telemetry(str(run_dir), "follower"))
+        enc = Encoder()
+        bomb = {"dtype": "<f4", "shape": [2**20, 2**20, 0], "data": b""}
+        for _ in range(20):  # PUB/SUB joins asynchronously: repeat
+            pub.send(enc.encode("telemetry", {"mode": "TRACK", "q": bomb}))
+            time.sleep(0.02)
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoints.recorder(str(run_dir)))
+        for body in (enc.encode("request", {"cmd": "start", "args": [1]}),
+                     msgpack.packb({"v": 1, "type": [], "seq": 1, "t_ns": 1})):
+            sock.send(body)
+            assert sock.poll(5000)
+            sock.recv()
+        sock.close()
+        status = request_at(endpoints.recorder(str(run_dir)), "status", {}, 5.0)
+        # recorded, with the bomb array as null (its 2**40 empty lists never built)
+        assert status["ok"] and status["result"]["ring_messages"] >= 1, status
+        assert rec.poll() is None
+    finally:
+        pub.close(linger=0)
+        if rec.poll() is None:
+            rec.terminate()
+            rec.wait(timeout=10)
