@@ -127,6 +127,11 @@ class Supervisor:
     def start(self, with_planner: bool = True) -> None:
         effective = self._prepare_run_dir()
         self._reserve_follower_cpu()
+        # The planner needs no bus: it loads its engines while the sim and the follower come
+        # up, and plans once it has frames and a joint state (no ordering needed).
+        self.planner_args = ["planner", "--config", str(effective)]
+        if with_planner:
+            self._spawn("planner", self.planner_args)
         overrides: list[str] = []
         if self.cfg.sim is not None and self.cfg.sim.enabled:
             self._spawn("sim", ["sim", "--config", str(effective)], stdout=subprocess.PIPE)
@@ -139,11 +144,6 @@ class Supervisor:
         sets = [a for o in overrides for a in ("--set", o)]
         self.follower_args = ["follower", "--config", str(effective), *sets]
         self._spawn("follower", self.follower_args)
-        # The planner loads its engine while the follower reads the motors: it plans only
-        # once it has a joint state, so it needs no ordering beyond the follower's start.
-        self.planner_args = ["planner", "--config", str(effective), *sets]
-        if with_planner:
-            self._spawn("planner", self.planner_args)
         self._wait_ready("follower")
 
     def _wait_ready(self, name: str) -> None:
