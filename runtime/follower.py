@@ -65,6 +65,7 @@ class ResetJob:
         self.torque_on = False
         self.error: str | None = None
         self.phase = 1
+        self.estops_at_start = follower.core.estops  # an estop meanwhile wins over the reset
         self.done = threading.Event()
         self._start(self._read)
 
@@ -413,6 +414,8 @@ class Follower:
         job = self.reset_job
         assert job is not None
         core = self.core
+        if core.estops != job.estops_at_start:  # an estop arrived while the reset ran
+            job.error = job.error or "estop during the reset: still ESTOP"
         if job.error is None and job.phase == 1:
             ok, text = core.reset(job.q, job.goal if job.torque_on else None)
             if ok and not job.torque_on:
@@ -425,8 +428,10 @@ class Follower:
         if ok:
             self.torque_on = job.torque_on
             self._latch_path.unlink(missing_ok=True)
-        elif job.phase == 2:
-            core.fault(text)
+        else:
+            self.torque_on = self.torque_on or job.torque_on  # what phase 2 may have done
+            if job.phase == 2:
+                core.fault(text)
         self._apply_transitions()
         self.control.complete(job.deferred, ok, None if ok else text,
                               {"mode": core.mode.name, "detail": text})

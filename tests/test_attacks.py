@@ -307,3 +307,25 @@ def test_a_planner_cannot_plan_from_an_old_observation(tmp_path: Path, bundle: P
         assert tel["mode"] == "HOLD" and tel["safety"]["faults"] == 0
         assert tel["dropped_messages"]["stale"] >= 5 and tel["dropped_messages"]["dt"] >= 5
         pub.close(linger=0)
+
+
+def test_an_estop_during_a_reset_wins(tmp_path: Path, bundle: Path) -> None:
+    """A reset reopening a dead bus runs on a worker while the loop keeps its deadlines; an
+    estop arriving meanwhile must not be undone when the reset completes."""
+    with Stack(tmp_path, bundle, planner=False) as stack:
+        stack.sim_fault("cut_line")
+        stack.wait_mode("FAULT", 3)
+        stack.sim_fault("restore_line")
+        ctx = zmq.Context.instance()
+        reset = ctx.socket(zmq.REQ)
+        reset.setsockopt(zmq.LINGER, 0)
+        reset.connect(endpoints.control(stack.run_dir))
+        reset.send(Encoder().encode("request", {"cmd": "reset", "args": {}}))
+        assert stack.control("estop")["ok"]  # lands during (or right after) the reset
+        assert reset.poll(10_000)
+        reset.recv()
+        reset.close()
+        time.sleep(0.3)
+        tel = stack.telemetry()
+        assert tel["mode"] == "ESTOP" and not tel["torque_on"], tel["mode"]
+        assert (Path(stack.run_dir) / "follower.latched").read_text().startswith("ESTOP")
