@@ -30,7 +30,8 @@ JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper
 DRIVEN = JOINTS[:5]
 H, DT = 10, 0.1
 HOME = HOME_Q[:5]  # the sim's home pose, driven joints
-GOALS = {"left": HOME + [0.5, 0.1, -0.2, 0.1, 0.3], "right": HOME + [-0.5, -0.1, 0.1, -0.1, -0.3]}
+GOALS = {"left": HOME + np.array([0.5, 0.1, -0.2, 0.1, 0.3]),
+         "right": HOME + np.array([-0.5, -0.1, 0.1, -0.1, -0.3])}
 ACT_MEAN = np.array([0.01, -0.02, 0.03, 0.0, 0.05])
 ACT_STD = np.array([0.2, 0.1, 0.15, 0.1, 0.3])
 WORDS = ["[PAD]", "[UNK]", "go", "left", "right", "home"]
