@@ -117,7 +117,7 @@ class FollowerCore:
         self._pending = False  # a plan is prepared for the next tick to take
         self._last_t = float("-inf")  # the last tick's time (s since epoch)
         self._newest_t_obs_ns = 0
-        self._miss_ring = np.zeros(s.storm_window, dtype=np.bool_)
+        self._miss_ring = bytearray(s.storm_window)  # scalar access: faster than numpy
         self._miss_i = 0
         self._miss_count = 0
         # counters
@@ -155,7 +155,7 @@ class FollowerCore:
         self._enter(Mode.HOLD, f"reset (was: {self.reason})")
         self.bus_dead = False
         self._bus_failures = 0
-        self._miss_ring[:] = False
+        self._miss_ring[:] = bytes(len(self._miss_ring))
         self._miss_count = 0
         self._pending = False
         self._newest_t_obs_ns = 0
@@ -221,13 +221,13 @@ class FollowerCore:
 
     def account_deadline(self, missed: bool) -> None:
         """Sliding-window miss counter; a storm of misses is a FAULT."""
-        old = self._miss_ring[self._miss_i]
-        self._miss_ring[self._miss_i] = missed
-        self._miss_i = (self._miss_i + 1) % self._miss_ring.shape[0]
-        self._miss_count += int(missed) - int(old)
+        ring, i = self._miss_ring, self._miss_i
+        self._miss_count += missed - ring[i]
+        ring[i] = missed
+        self._miss_i = i + 1 if i + 1 < len(ring) else 0
         if self._miss_count >= self.s.storm_misses:
             self.fault(f"deadline-miss storm: {self._miss_count} of the last "
-                       f"{self._miss_ring.shape[0]} ticks late")
+                       f"{len(ring)} ticks late")
 
     # ------------------------------------------------------------------ plans
     def offer_plan(self, waypoints: np.ndarray, dt_s: float, t_obs_ns: int, now_ns: int) -> None:
