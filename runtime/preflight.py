@@ -4,10 +4,15 @@ found, naming the key, the file or the input and the reason; an empty list means
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from runtime.bundle import BundleError, load_bundle
-from runtime.config import DuetConfig
+from runtime.buses import bus_sections
+from runtime.config import CanBusConfig, DuetConfig
+
+SIM_CAN_INTERFACES = ("virtual", "duet-udp")  # python-can interfaces with no motors behind
 
 
 def bundle_problems(cfg: DuetConfig) -> list[str]:
@@ -19,18 +24,61 @@ def bundle_problems(cfg: DuetConfig) -> list[str]:
     return []
 
 
+def _bus_keys(cfg: DuetConfig) -> list[tuple[str, Any]]:
+    return [("bus" if cfg.bus is not None else f"buses.{i}", section)
+            for i, (section, _) in enumerate(bus_sections(cfg))]
+
+
 def device_problems(cfg: DuetConfig) -> list[str]:
     """Devices the config names exist (a sim robot's devices appear when the sim starts)."""
     out = []
-    from runtime.buses import bus_sections
-
-    for section, _ in bus_sections(cfg):
+    for key, section in _bus_keys(cfg):
         device = getattr(section, "device", None)
         if device is not None and device != "sim" and not Path(device).exists():
-            out.append(f"bus.device: {device} does not exist (adapter unplugged? udev rule?)")
-    camera = cfg.planner.camera
-    if camera.kind == "v4l2" and not Path(camera.device).exists():
-        out.append(f"planner.camera.device: {camera.device} does not exist")
+            out.append(f"{key}.device: {device} does not exist (adapter unplugged? udev rule?)")
+        elif device not in (None, "sim") and not os.access(device, os.R_OK | os.W_OK):
+            out.append(f"{key}.device: {device} is not read/writable by uid {os.getuid()} "
+                       "(the duet user is in dialout; are you?)")
+    return out + camera_problems(cfg)
+
+
+def cameras(cfg: DuetConfig) -> dict[str, Any]:
+    """The configured cameras by name: `planner.cameras` (named), or the one `planner.camera`."""
+    named = getattr(cfg.planner, "cameras", None)
+    if isinstance(named, dict):
+        return dict(named)
+    single = getattr(cfg.planner, "camera", None)
+    return {"camera": single} if single is not None else {}
+
+
+def camera_problems(cfg: DuetConfig) -> list[str]:
+    """Every V4L2 camera's device exists and is readable."""
+    key = "planner.cameras" if isinstance(getattr(cfg.planner, "cameras", None), dict) \
+        else "planner"
+    out = []
+    for name, cam in cameras(cfg).items():
+        if getattr(cam, "kind", None) != "v4l2":
+            continue
+        where = f"{key}.{name}.device"
+        if not Path(cam.device).exists():
+            out.append(f"{where}: {cam.device} does not exist (camera unplugged?)")
+        elif not os.access(cam.device, os.R_OK):
+            out.append(f"{where}: {cam.device} is not readable by uid {os.getuid()} "
+                       "(the duet user is in video; are you?)")
+    return out
+
+
+def sim_problems(cfg: DuetConfig) -> list[str]:
+    """Why this config drives the simulated robot (empty: a real robot's config). `duet run`
+    wants exactly that; `duet install` refuses it."""
+    out = []
+    if cfg.sim is not None and cfg.sim.enabled:
+        out.append("sim.enabled is true")
+    for key, section in _bus_keys(cfg):
+        if getattr(section, "device", None) == "sim":
+            out.append(f"{key}.device is `sim`")
+        if isinstance(section, CanBusConfig) and section.interface in SIM_CAN_INTERFACES:
+            out.append(f"{key}.interface is {section.interface!r}")
     return out
 
 
