@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from importlib import metadata
 
-from runtime.cliopts import Parser
+from runtime.cliopts import Parser, version
 
 # Modules exposing `register(subparsers)`. Order = order in `duet --help`.
 COMMAND_MODULES = [
@@ -20,7 +19,7 @@ COMMAND_MODULES = [
     "sim.commands",  # sim
     "policy.commands",  # train, eval
     "export.commands",  # export, export check, engines build
-    "runtime.deploy.commands",  # install, uninstall, bundle, config, status, top, doctor, record, view
+    "runtime.deploy.commands",  # install ... record (field deployment)
 ]
 
 # Examples for subcommands whose module does not give one itself (export/ is owned elsewhere).
@@ -34,14 +33,7 @@ EXAMPLES = {
 }
 
 
-def version() -> str:
-    try:
-        return metadata.version("duet-runtime")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed: running from a source tree)"
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:  # type: ignore[type-arg]
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
     return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
 
 

@@ -38,7 +38,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if found:
             choices = re.findall(r"'([^']*)'", found.group(2))
@@ -51,9 +51,18 @@ class Parser(argparse.ArgumentParser):
 def subcommand(sub: argparse._SubParsersAction[Any], name: str, help: str, example: str,
                description: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
     """A subparser with its one-line help, a description and at least one example."""
-    return sub.add_parser(name, help=help, description=description or help,  # type: ignore[no-any-return]
+    return sub.add_parser(name, help=help, description=description or help,
                           epilog="example:\n  " + example.strip().replace("\n", "\n  "),
                           **kwargs)
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("duet-runtime")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: running from a source tree)"
 
 
 def config_path(given: str | Path | None) -> Path:

@@ -11,7 +11,6 @@ from runtime.cliopts import emit as _print
 from runtime.logs import setup_logging
 
 
-
 def _run(args: argparse.Namespace) -> int:
     from runtime.supervisor import run
 

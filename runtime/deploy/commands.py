@@ -221,11 +221,18 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _view(args: argparse.Namespace) -> int:
+    from runtime.config import ConfigError, load_config
     from runtime.deploy.live_view import serve_view
     from runtime.logs import setup_logging
 
     setup_logging()
-    return serve_view(cliopts.run_dir(args), args.host, args.port, args.frame_hz, args.duration)
+    config, site = cliopts.files(args)
+    try:  # joint names for the schemas, as the recorder has them
+        joints: list[str] | None = list(load_config(config, site).robot.joints)
+    except ConfigError:
+        joints = None
+    return serve_view(cliopts.run_dir(args), args.host, args.port, args.frame_hz,
+                      args.duration, joints)
 
 
 # ---------------------------------------------------------------------- doctor
@@ -292,7 +299,8 @@ def _record_info(args: argparse.Namespace) -> int:
         info = summarize_recording(Path(args.file))
     except OSError as exc:
         return fail("duet record info", exc)
-    lines = [f"{k}: {v}" for k, v in info["metadata"].items()]
+    lines = [f"{name}.{k}: {v}" for name, rec in info["metadata"].items()
+             for k, v in rec.items()]
     lines += [f"{t['topic']:<22} {t['schema']:<26} {t['messages']:>8}" for t in info["topics"]]
     lines.append(f"{info['messages']} messages over {info['duration_s']:.1f} s "
                  f"({info['start']} .. {info['end']}), {info['state']}")
@@ -417,6 +425,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sc(sub, "view", "live view in Foxglove: a WebSocket server on 127.0.0.1 with the "
            "recorder's channels", "duet view   # then on your laptop: ssh -L 8765:localhost:"
            "8765 robot, and open ws://localhost:8765 in Foxglove")
+    cliopts.add_config(p, overrides=False)
     cliopts.add_run_dir(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost "
                    "only; reach it over an SSH tunnel)")
