@@ -93,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             socks["telemetry-planner"].send(enc["telemetry-planner"].encode("plan", {
                 "waypoints": pack_array(np.zeros((10, 6), np.float32)), "dt_s": 0.1,
                 "t_obs_ns": time.monotonic_ns(), "latency_ms": 41.5}))
+        if ticks % max(1, int(args.state_hz)) == 0:  # once a second: the sim's episode news
+            episode = ticks // max(1, int(args.state_hz))
+            socks["sim"].send(enc["sim"].encode("task", {
+                "episode": episode, "instruction": "touch the red block"}))
+            socks["sim"].send(enc["sim"].encode("episode", {
+                "episode": episode - 1, "instruction": "touch the red block",
+                "success": True, "reason": "success", "touched": ["red"],
+                "duration_s": 1.0}))
         if ticks % max(1, int(args.state_hz / 10)) == 0:
             image[:] = ticks % 256
             socks["sim"].send(enc["sim"].encode("frame", {

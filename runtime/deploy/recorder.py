@@ -47,6 +47,7 @@ log = logging.getLogger("duet.recorder")
 
 ALARM_MODES = ("FAULT", "ESTOP")
 EPISODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+ENOSPC_HEADROOM = 2 << 20  # freed on a full disk: two chunks and the summary
 UNITS = "q rad, dq rad/s, effort N·m, times: log_time wall clock UTC ns, t_mono_ns monotonic"
 
 
@@ -218,9 +219,11 @@ class Recorder:
             probe = probe.parent
         return shutil.disk_usage(probe).free
 
-    def enforce_budget(self) -> None:
+    def enforce_budget(self, min_free: int = 0) -> None:
         """Delete the oldest closed continuous segments, then the oldest closed incidents,
-        until the recordings fit the budget and the file system keeps `reserve_mb` free."""
+        until the recordings fit the budget and the file system keeps `reserve_mb` (and
+        `min_free` bytes) free."""
+        min_free = max(min_free, self.reserve_bytes)
         open_paths = {s.path for s in (self.episode, self.incident, self.segment) if s}
         candidates = [p for p in self._files("continuous") + self._files("incidents")
                       if p not in open_paths]
@@ -228,7 +231,7 @@ class Recorder:
                     for p in self._files(sub))
         free = self.free_bytes()
         for path in candidates:
-            if total <= self.budget_bytes and free >= self.reserve_bytes:
+            if total <= self.budget_bytes and free >= min_free:
                 break
             size = path.stat().st_size
             path.unlink()
@@ -248,7 +251,7 @@ class Recorder:
             except OSError as exc:
                 self.stats.write_errors += 1
                 if exc.errno == errno.ENOSPC and attempt == 1:
-                    self.enforce_budget()
+                    self.enforce_budget(ENOSPC_HEADROOM)
                     continue
                 log.error("file=%s write failed: %s; closing it", sink.path, exc)
                 self._abandon(sink)
