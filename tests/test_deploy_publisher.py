@@ -31,6 +31,8 @@ def follower_telemetry(ticks: int, mode: str, t: float) -> dict[str, Any]:
     return {
         "source": "follower", "mode": mode,
         "fault_reason": "bus errors past threshold" if mode == "FAULT" else None,
+        "health": {"ok": mode != "FAULT", "achieved_hz": 499.7, "miss_ratio": 0.0,
+                   "problems": ["FAULT: bus errors past threshold"] if mode == "FAULT" else []},
         "target_hz": 500.0, "achieved_hz": 499.7, "ticks": ticks, "deadline_misses": 3,
         "period_jitter_us": {"p50": 12.5, "p99": 87.25, "max": 140.0},
         "tick_compute_us": {"p50": 210.0, "p99": 390.0, "max": 612.0},
