@@ -18,8 +18,8 @@ COMMAND_MODULES = [
     "runtime.commands",  # run, follower, planner, estop, reset, task
     "sim.commands",  # sim
     "policy.commands",  # train, eval
-    "export.commands",  # export, export check, engines build
     "runtime.deploy.commands",  # install ... record (field deployment)
+    "export.commands",  # export, export check, engines build
 ]
 
 # Examples for subcommands whose module does not give one itself (export/ is owned elsewhere).
@@ -33,13 +33,18 @@ EXAMPLES = {
 }
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
-    return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+def subcommands(parser: argparse.ArgumentParser | None) -> argparse._SubParsersAction | None:
+    """The subcommand action of `parser` (so a later module can add e.g. `bundle create`)."""
+    if parser is None:
+        return None
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+                None)
 
 
 def _complete_help(parser: argparse.ArgumentParser, path: str = "") -> None:
     """Every subcommand gets a description (its help line) and, from EXAMPLES, an example."""
-    for action in _subparsers(parser):
+    action = subcommands(parser)
+    if action is not None:
         helps = {c.dest: c.help for c in action._choices_actions}
         for name, sub in action.choices.items():
             full = f"{path} {name}".strip()

@@ -42,7 +42,7 @@ class Parser(argparse.ArgumentParser):
         found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if found:
             choices = re.findall(r"'([^']*)'", found.group(2))
-            near = difflib.get_close_matches(found.group(1), choices, n=2, cutoff=0.6)
+            near = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
             if near:
                 message += f"; did you mean {' or '.join(near)}?"
         return super().error(message)

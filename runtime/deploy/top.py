@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.console import Group, RenderableType
 from rich.text import Text
@@ -45,7 +45,7 @@ class TopApp(App[int]):
     #right { width: 1fr; }
     #health { height: auto; margin-top: 1; }
     """
-    BINDINGS = [("q", "quit", "quit"), ("ctrl+c", "quit", "quit")]
+    BINDINGS: ClassVar = [("q", "quit", "quit"), ("ctrl+c", "quit", "quit")]
 
     def __init__(self, run_dir: str, refresh_hz: float, duration_s: float | None) -> None:
         super().__init__()
