@@ -372,8 +372,10 @@ def uninstall(lay: Layout, prefix: str, purge: bool, run: Runner = run_checked,
         if os.geteuid() != 0 and lay.root == Path("/"):
             raise InstallError("uninstalling from this system needs root: sudo duet uninstall")
         # stop first: a unit file removed under a running service leaves it unmanageable
-        external(run, ["systemctl", "disable", "--now", *UNITS],
-                 "systemctl status 'duet*' shows what did not stop")
+        present = [u for u in UNITS if (lay.units / u).is_file()]
+        if present:
+            external(run, ["systemctl", "disable", "--now", *present],
+                     "systemctl status 'duet*' shows what did not stop")
     journal = Journal()
     removed = [p for p in installed_files(lay, prefix) if journal.remove(p)]
     for folder in (lay.bundles, lay.state / "engines"):
