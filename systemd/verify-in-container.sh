@@ -153,7 +153,7 @@ set -e
 echo "$out" | grep -v '^+ \|^  \|^Requirement\|^Collecting\|^Using\|^Processing\|^Installing\|^Successfully\|^Building\|^Created\|^Looking\|^Obtaining\|^Attempting\|^  ' | tail -8
 [[ $rc == 1 ]] || die "expected exit 1 from the failing install, got $rc"
 last=$(echo "$out" | tail -n1)
-[[ $last =~ ^duet\ install:\ \`udevadm\ control\ --reload\`\ failed\ \(exit\ [0-9]+.*\)\;\ fix:.*--no-udev-reload$ ]] \
+[[ $last =~ ^duet\ install:\ \`udevadm\ control\ --reload\`\ failed\ \(exit\ [0-9]+.*\)\;\ fix:.*--no-udev-reload\;\ rolled\ back.*nothing\ enabled$ ]] \
     || die "the failure is not one line naming udevadm and its fix: $last"
 for p in /etc/systemd/system/duet.target /etc/systemd/system/duet-follower.service \
          /etc/systemd/system/duet-follower.service.d /usr/local/bin/duet /opt/duet /etc/duet \

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,10 @@ def _config(args: argparse.Namespace) -> int:
         return _config_set(args, ce, config, site)
     except ConfigError as exc:
         return fail(f"duet config {args.config_cmd}", exc, EXIT_USAGE)
+    except OSError as exc:  # e.g. a root-owned site file
+        hint = " (run it with sudo)" if exc.errno in (errno.EACCES, errno.EPERM) else ""
+        return fail(f"duet config {args.config_cmd}",
+                    f"{exc.filename or ''}: {exc.strerror}{hint}".lstrip(": "))
 
 
 def _validate(args: argparse.Namespace, config: Path, site: Path | None) -> int:

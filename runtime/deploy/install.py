@@ -296,8 +296,12 @@ def install(plan: InstallPlan) -> list[str]:
                 plan.run(["systemctl", "daemon-reload"])
             except (OSError, subprocess.SubprocessError):
                 pass
-        plan.log(f"rolled back: {len(undone)} paths restored or removed; nothing enabled"
-                 f" ({type(exc).__name__})")
+        done = f"rolled back ({len(undone)} paths restored or removed), nothing enabled"
+        if isinstance(exc, InstallError):
+            raise InstallError(f"{exc}; {done}") from None
+        if isinstance(exc, OSError):
+            raise InstallError(f"{exc.filename or ''}: {exc.strerror}; {done}") from None
+        plan.log(done)
         raise
     plan.log("enabled: " + " ".join(enabled))
     return enabled
