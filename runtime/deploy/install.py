@@ -273,7 +273,6 @@ def install(plan: InstallPlan) -> list[str]:
     prefix_dir = lay.root / plan.prefix.lstrip("/")
     venv = prefix_dir / "venv"
     journal = Journal()
-    new_venv = plan.venv and not venv.exists()
     reloaded = False
     try:
         if plan.venv:
@@ -288,9 +287,7 @@ def install(plan: InstallPlan) -> list[str]:
             for unit in enabled:
                 enable_offline(lay.units, unit, journal)
     except BaseException as exc:  # Ctrl-C too: never half-installed
-        undone = journal.rollback()
-        if new_venv:
-            shutil.rmtree(venv, ignore_errors=True)
+        undone = journal.rollback()  # a venv this run created goes too
         if reloaded:  # systemd saw the new units: let it see the restored ones
             try:
                 plan.run(["systemctl", "daemon-reload"])
