@@ -63,7 +63,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.drivers --cycles 2000
 	$(BIN)/python bench/engines.py
 
-verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container)
+verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container; VENV=... for another venv)
 	systemd/verify-in-container.sh
 
 clean:
