@@ -100,11 +100,14 @@ def files(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 def process_overrides(args: argparse.Namespace) -> list[str]:
-    """--set items, with --run-dir (else $DUET_RUN_DIR) over the config's run_dir."""
+    """--set items and the run dir: --run-dir > --set run_dir=... > $DUET_RUN_DIR > the
+    config's run_dir."""
     sets = list(getattr(args, "set", []) or [])
-    run_dir = getattr(args, "run_dir", None) or os.environ.get("DUET_RUN_DIR")
-    if run_dir:
-        sets.append(f"run_dir={os.path.abspath(run_dir)}")
+    given, env = getattr(args, "run_dir", None), os.environ.get("DUET_RUN_DIR")
+    if given:
+        sets.append(f"run_dir={os.path.abspath(given)}")
+    elif env and not any(item.split("=", 1)[0].strip() == "run_dir" for item in sets):
+        sets.insert(0, f"run_dir={os.path.abspath(env)}")
     return sets
 
 

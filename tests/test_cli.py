@@ -88,3 +88,14 @@ def test_config_paths_are_relative_to_their_file(tmp_path: Path,
     assert cfg.run_dir == str(tmp_path / "runs/x")  # --set: from the working directory
     shipped = load_config(REPO / "configs/sim.yaml")
     assert shipped.bundle.path == str(REPO / "bundles/reference")
+
+
+def test_run_dir_precedence_for_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.cliopts import process_overrides
+
+    monkeypatch.setenv("DUET_RUN_DIR", "/tmp/env")
+    ns = argparse.Namespace
+    assert process_overrides(ns(set=[], run_dir=None)) == ["run_dir=/tmp/env"]
+    assert process_overrides(ns(set=["run_dir=/tmp/set"], run_dir=None)) == ["run_dir=/tmp/set"]
+    assert process_overrides(ns(set=["run_dir=/tmp/set"], run_dir="/tmp/arg"))[-1] == \
+        "run_dir=/tmp/arg"
