@@ -126,7 +126,7 @@ C=(nsenter -t "$INIT" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/u
 on_robot() { "${C[@]}" sh -c "cd /root/duet && $1"; }
 sctl() { "${C[@]}" systemctl "$@"; }
 prop() { sctl show -p "$2" --value "$1"; }
-state() { echo "$(prop "$1" ActiveState)/$(prop "$1" SubState)"; }
+state() { sctl show -p ActiveState -p SubState --value "$1" | paste -sd/; }  # one read: no race
 wait_active() {  # unit, seconds
     for _ in $(seq 1 $(($2 * 10))); do [[ $(prop "$1" ActiveState) == active ]] && return 0
         sleep 0.1; done
