@@ -377,6 +377,7 @@ def uninstall(lay: Layout, prefix: str, purge: bool, run: Runner = run_checked,
         if present:
             external(run, ["systemctl", "disable", "--now", *present],
                      "systemctl status 'duet*' shows what did not stop")
+            _best_effort(run, ["systemctl", "reset-failed", *present], log)
     journal = Journal()
     removed = [p for p in installed_files(lay, prefix) if journal.remove(p)]
     for folder in (lay.bundles, lay.state / "engines"):
@@ -385,16 +386,19 @@ def uninstall(lay: Layout, prefix: str, purge: bool, run: Runner = run_checked,
     if purge:
         removed += [p for p in (lay.etc, lay.state) if journal.remove(p)]
     if live:
-        for cmd in (["systemctl", "daemon-reload"], ["systemctl", "reset-failed", *SERVICES]):
-            try:
-                run(cmd)
-            except (OSError, subprocess.SubprocessError) as exc:
-                log(f"warning: `{' '.join(cmd)}` failed ({exc})")
+        _best_effort(run, ["systemctl", "daemon-reload"], log)
     kept = [] if purge else [str(p) for p in (lay.etc, lay.recordings, lay.change_log)
                              if p.exists()]
     log(f"removed {len(removed)} paths" + (f"; kept {', '.join(kept)} (--purge removes them)"
                                            if kept else ""))
     return removed
+
+
+def _best_effort(run: Runner, cmd: list[str], log: Callable[[str], None]) -> None:
+    try:
+        run(cmd)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log(f"warning: `{' '.join(cmd)}` failed ({exc})")
 
 
 def rerender(lay: Layout, cfg: DuetConfig, journal: Journal) -> list[Path]:
