@@ -377,7 +377,8 @@ def uninstall(lay: Layout, prefix: str, purge: bool, run: Runner = run_checked,
         if present:
             external(run, ["systemctl", "disable", "--now", *present],
                      "systemctl status 'duet*' shows what did not stop")
-            _best_effort(run, ["systemctl", "reset-failed", *present], log)
+            # a pattern matches only loaded units: stopped ones are unloaded at once
+            _best_effort(run, ["systemctl", "reset-failed", "duet*"], log)
     journal = Journal()
     removed = [p for p in installed_files(lay, prefix) if journal.remove(p)]
     for folder in (lay.bundles, lay.state / "engines"):
