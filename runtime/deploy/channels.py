@@ -52,7 +52,8 @@ def schemas(joints: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
         "/follower/state": ("duet.State", _schema("duet.State", {
             "q": _floats("joint position, rad", joints),
             "dq": _floats("joint velocity, rad/s", joints),
-            "effort": _floats("joint effort, N·m (servo current scaled)", joints),
+            "effort": _floats("joint effort, N·m (Dynamixel: current × torque constant)",
+                              joints),
             "q_cmd": _floats("the follower's command, rad", joints),
             "mode": _STR, "t_read_ns": {"type": "integer", "description":
                                         "CLOCK_MONOTONIC ns of the bus read"},
