@@ -44,7 +44,8 @@ def test_top_fits_80x24_and_says_why_and_what_next(tmp_path: Path) -> None:
     """A real terminal of 80x24 (tmux): everything is on screen, the health line turns from
     healthy to the fault with the next step, and q quits."""
     run_dir = tmp_path / "run"
-    pub = _publish(run_dir, "--fault-after", "15", "--duration", "60")
+    # the fault comes late enough for a slow start (textual, a loaded machine) to show TRACK
+    pub = _publish(run_dir, "--fault-after", "30", "--duration", "90")
     session = f"duet-top-{tmp_path.name}"
     sock = str(tmp_path / "tmux.sock")  # a private tmux server, nothing shared
     tmux = ["tmux", "-S", sock]
@@ -72,7 +73,7 @@ def test_top_fits_80x24_and_says_why_and_what_next(tmp_path: Path) -> None:
         assert "put the red cube in the" in screen  # folded at 80 columns
         assert "quit" in screen.splitlines()[-1]  # the footer: nothing cut at the bottom
         assert max(len(line) for line in screen.splitlines()) <= 80
-        screen = screen_when("FAULT", "duet reset")
+        screen = screen_when("FAULT", "duet reset", timeout_s=45.0)
         assert "follower: FAULT: bus errors past threshold" in screen, screen
         assert "next: check the robot, then: duet reset" in screen
         assert len(screen.rstrip("\n").splitlines()) <= 24 and "quit" in screen
