@@ -69,7 +69,7 @@ bench: $(VENV)/.dev
 fuzz: $(VENV)/.dev         # coverage-guided fuzzing of every decoder (atheris), FUZZ_S seconds each
 	$(BIN)/python tests/fuzz_decoders.py --seconds $(FUZZ_S)
 
-verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container)
+verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container; VENV=... for another venv)
 	systemd/verify-in-container.sh
 
 clean:

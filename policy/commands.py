@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from runtime import cliopts
+
 DEFAULT_CONFIG = "configs/sim.yaml"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="generate sim data and train planner + follower")
+    p = cliopts.subcommand(subparsers, "train", "generate sim data and train planner + follower",
+                           "duet train --out runs/ck4   # ~15 min on 2 cores, fixed seeds")
     p.add_argument("--out", type=Path, default=Path("checkpoints"))
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
@@ -29,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a few episodes and steps: checks the pipeline in seconds")
     p.set_defaults(func=_train)
 
-    e = subparsers.add_parser("eval", help="closed-loop evaluation of bundles in the sim")
+    e = cliopts.subcommand(subparsers, "eval", "closed-loop evaluation of bundles in the sim",
+                           "duet eval --bundle runs/bundles/fp32 --bundle runs/bundles/int8 "
+                           "--episodes 100")
     e.add_argument("--bundle", type=Path, required=True, action="append",
                    help="bundle folder; repeat for several precisions (fp32/fp16/int8)")
     e.add_argument("--episodes", type=int, default=100)

@@ -3,55 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from runtime.config import ConfigError, DuetConfig, load_config
+from runtime import cliopts
+from runtime.cliopts import emit as _print
 from runtime.logs import setup_logging
-
-DEFAULT_SITE = "/etc/duet/site.yaml"
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="/etc/duet/duet.yaml", help="robot config YAML")
-    p.add_argument("--site", default=DEFAULT_SITE, help="site overrides YAML (if present)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key (repeatable)")
-
-
-def load_from_args(args: argparse.Namespace) -> DuetConfig:
-    try:
-        return load_config(args.config, args.site, args.set)
-    except ConfigError as exc:
-        print(f"duet: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def _run(args: argparse.Namespace) -> int:
     from runtime.supervisor import run
 
     setup_logging()
-    cfg = load_from_args(args)
-    return run(cfg, args.config, args.duration, args.summary_json)
+    cfg = cliopts.load(args, "duet run")
+    config, _ = cliopts.files(args)
+    return run(cfg, str(config), args.duration, args.summary_json, record=args.record)
 
 
 def _follower(args: argparse.Namespace) -> int:
     from runtime.follower import run_follower
 
     setup_logging()
-    return run_follower(load_from_args(args), args.duration)
+    return run_follower(cliopts.load(args, "duet follower"), args.duration)
 
 
 def _planner(args: argparse.Namespace) -> int:
     from runtime.planner import run_planner
 
     setup_logging()
-    return run_planner(load_from_args(args), args.duration)
-
-
-def _print(args: argparse.Namespace, human: str, data: dict[str, Any]) -> None:
-    print(json.dumps(data) if getattr(args, "json", False) else human)
+    return run_planner(cliopts.load(args, "duet planner"), args.duration)
 
 
 def _estop(args: argparse.Namespace) -> int:
@@ -66,7 +46,7 @@ def _estop(args: argparse.Namespace) -> int:
     from runtime.rpc import ControlError, request_at
 
     run_dir = endpoints.resolve_run_dir(args.run_dir)
-    who = os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
+    who = cliopts.caller()
     try:
         reply = request_at(endpoints.control(run_dir), "estop", {"reason": f"cli ({who})"},
                            timeout_s=1.0)
@@ -100,6 +80,8 @@ def _estop(args: argparse.Namespace) -> int:
     else:
         why += f"; no follower holds {run_dir}/{endpoints.FOLLOWER_LOCK}"
     print(f"NOT STOPPED: {why}. Use the hardware e-stop.", file=sys.stderr)
+    if args.json:
+        _print(args, "", {"stopped": False, "why": why})
     return 1
 
 
@@ -154,34 +136,48 @@ def _task(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("run", help="run sim (if configured), follower and planner; summarise")
-    add_config_args(p)
+    p = cliopts.subcommand(
+        sub, "run", "run sim (if configured), follower, planner (and the recorder when "
+        "recorder.enabled); summarise at the end",
+        "duet run --config configs/sim.yaml --duration 20 --summary-json runs/summary.json",
+        description="Start the sim (when the config has a sim: section), the follower, the "
+        "planner and, with recorder.enabled, the flight recorder; supervise them like systemd "
+        "does; on Ctrl-C/SIGTERM stop them in order and print the summary. Exit 1 when the "
+        "follower ended in FAULT/ESTOP, 2 for an invalid config.")
+    cliopts.add_config(p)
+    cliopts.add_run_dir(p)
     p.add_argument("--duration", type=float, default=None, help="seconds, default: until Ctrl-C")
     p.add_argument("--summary-json", default=None, help="write the summary JSON here")
+    p.add_argument("--record", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the recorder (default: recorder.enabled)")
     p.set_defaults(func=_run)
 
-    for name, func, text in (("follower", _follower, "the real-time follower process"),
-                             ("planner", _planner, "the planner process")):
-        p = sub.add_parser(name, help=text)
-        add_config_args(p)
+    for name, func, text in (("follower", _follower, "the real-time follower process "
+                              "(what duet-follower.service runs)"),
+                             ("planner", _planner, "the planner process (what "
+                              "duet-planner.service runs)")):
+        p = cliopts.subcommand(sub, name, text, f"duet {name} --config /etc/duet/duet.yaml")
+        cliopts.add_config(p)
+        cliopts.add_run_dir(p)
         p.add_argument("--duration", type=float, default=None)
         p.set_defaults(func=func)
 
-    run_dir_help = "runtime directory (default: $DUET_RUN_DIR, else /run/duet)"
     for cmd, func, text in (
-            ("estop", _estop, "emergency stop: torque off until `duet reset`"),
+            ("estop", _estop, "emergency stop: torque off until `duet reset` (falls back to "
+             "SIGUSR1 when the control socket is silent; exit 1 only when NOT stopped)"),
             ("reset", _reset, "leave FAULT/ESTOP: re-read the motors, hold what they hold")):
-        p = sub.add_parser(cmd, help=text, description=text)
-        p.add_argument("--run-dir", default=None, help=run_dir_help)
-        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p = cliopts.subcommand(sub, cmd, text, f"duet {cmd} --run-dir runs/demo")
+        cliopts.add_run_dir(p)
+        cliopts.add_json(p)
         p.set_defaults(func=func)
 
-    p = sub.add_parser("task", help="set, show or clear the planner's instruction",
-                       description="Set the instruction the planner works on, live. "
-                       "Example: duet task \"touch the red block\" --episode 17")
+    p = cliopts.subcommand(sub, "task", "set, show or clear the planner's instruction",
+                           'duet task "touch the red block" --episode 17',
+                           description="Set the instruction the planner works on, live; "
+                           "without an instruction, show the current one.")
     p.add_argument("instruction", nargs="?", help="the instruction (omit to show the task)")
     p.add_argument("--episode", default=None, help="an episode id to label the task with")
     p.add_argument("--clear", action="store_true", help="no task: stop planning, hold")
-    p.add_argument("--run-dir", default=None, help=run_dir_help)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    cliopts.add_run_dir(p)
+    cliopts.add_json(p)
     p.set_defaults(func=_task)

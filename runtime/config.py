@@ -6,6 +6,7 @@ An invalid config is rejected with the file, the key path and the reason; nothin
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -368,7 +369,11 @@ def validate(merged: dict[str, Any], layers: list[tuple[str, dict[str, Any]]]) -
             # drop the union tag pydantic inserts into the location of discriminated unions
             loc = tuple(p for p in err["loc"] if p not in ("dynamixel", "mit_can"))
             key = ".".join(str(p) for p in loc) or "<root>"
-            lines.append(f"{_origin(loc, layers)}: {key}: {err['msg']}")
+            hint = ""
+            if err["type"] == "extra_forbidden":
+                near = close_keys(key)
+                hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+            lines.append(f"{_origin(loc, layers)}: {key}: {err['msg']}{hint}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
@@ -439,26 +444,87 @@ def _origin(key_path: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]])
     return layers[0][0] if layers else "<config>"
 
 
+# Config values that are file system paths: a relative one is relative to the file that set it
+# (the --set layer: to the working directory), so a config means the same from any folder.
+PATH_KEYS = (("bundle", "path"), ("bundle", "public_key"), ("recorder", "dir"), ("run_dir",))
+
+Layer = tuple[str, dict[str, Any], Path]  # (name for errors, data, folder its paths are from)
+
+
+def _anchor_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for key in PATH_KEYS:
+        node: Any = out
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(key[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            # normpath, not resolve(): a `current` symlink must stay a symlink
+            node[key[-1]] = os.path.normpath(base / value)
+    return out
+
+
+def file_layer(path: str | Path) -> Layer:
+    path = Path(path)
+    return (str(path), _read_yaml(path), Path(os.path.abspath(path)).parent)
+
+
+def override_layer(overrides: list[str]) -> Layer:
+    cli: dict[str, Any] = {}
+    for item in overrides:
+        parts, value = parse_override(item)
+        set_path(cli, parts, value)
+    return ("--set", cli, Path.cwd())
+
+
 def load_config(
     path: str | Path,
     site: str | Path | None = None,
     overrides: list[str] | None = None,
 ) -> DuetConfig:
     """Load `path`, layer the site file and `--set` overrides on top, validate."""
-    path = Path(path)
-    layers: list[tuple[str, dict[str, Any]]] = [(str(path), _read_yaml(path))]
+    layers = [file_layer(path)]
     if site is not None and Path(site).exists():
-        layers.append((str(site), _read_yaml(Path(site))))
+        layers.append(file_layer(site))
     if overrides:
-        cli: dict[str, Any] = {}
-        for item in overrides:
-            parts, value = parse_override(item)
-            set_path(cli, parts, value)
-        layers.append(("--set", cli))
+        layers.append(override_layer(overrides))
+    return validate_layers(layers)
+
+
+def validate_layers(layers: list[Layer]) -> DuetConfig:
+    """Merge the layers (later wins) and validate; errors name the layer that set the key."""
+    anchored = [(name, _anchor_paths(data, base)) for name, data, base in layers]
     merged: dict[str, Any] = {}
-    for _, layer in layers:
+    for _, layer in anchored:
         merged = _deep_merge(merged, layer)
-    return validate(merged, layers)
+    return validate(merged, anchored)
+
+
+def known_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every key path of the schema, e.g. `follower.realtime.cpu` (a list is one key)."""
+    out = []
+    for name, field in (model or DuetConfig).model_fields.items():
+        path = f"{prefix}{name}"
+        out.append(path)
+        for sub in _models_in(field.annotation):
+            out += known_keys(sub, f"{path}.")
+    return out
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field holds directly (through unions and Annotated, not lists)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if getattr(annotation, "__origin__", None) is list:
+        return []
+    return [m for arg in getattr(annotation, "__args__", ()) or () for m in _models_in(arg)]
+
+
+def close_keys(key: str, n: int = 2) -> list[str]:
+    """Schema keys close to a mistyped `key` (difflib), for "did you mean"."""
+    import difflib
+
+    return difflib.get_close_matches(key, sorted(set(known_keys())), n=n, cutoff=0.75)
 
 
 def config_to_dict(cfg: DuetConfig) -> dict[str, Any]:

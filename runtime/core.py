@@ -31,6 +31,7 @@ from runtime.tracking import ResidualModel, Tracker
 MAX_WAYPOINTS = 256
 MIN_DT_S, MAX_DT_S = 1e-3, 1.0
 FUTURE_TOLERANCE_NS = 5_000_000  # one host, one clock: a plan cannot come from the future
+LATCH_PREFIX = "latched before restart: "
 
 
 class Transition(NamedTuple):
@@ -139,7 +140,8 @@ class FollowerCore:
         if latched is not None:
             mode_name, _, why = latched.partition(": ")
             mode = Mode.ESTOP if mode_name == "ESTOP" else Mode.FAULT
-            self._enter(mode, f"latched before restart: {why or latched}")
+            why = (why or latched).removeprefix(LATCH_PREFIX)  # not once more per restart
+            self._enter(mode, LATCH_PREFIX + why)
             self.torque_wanted = held is not None and mode == Mode.FAULT \
                 and self.s.fault_action == "hold"
             return

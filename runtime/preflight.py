@@ -5,10 +5,14 @@ found, naming the key, the file or the input and the reason; an empty list means
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from runtime.bundle import BundleError, load_bundle
-from runtime.config import DuetConfig
+from runtime.buses import bus_sections
+from runtime.config import CanBusConfig, DuetConfig
 from runtime.contract import Contract
+
+SIM_CAN_INTERFACES = ("virtual", "duet-udp")  # python-can interfaces with no motors behind
 
 
 def bundle_problems(cfg: DuetConfig) -> list[str]:
@@ -40,18 +44,42 @@ def contract_problems(contract: Contract, cfg: DuetConfig) -> list[str]:
     return out
 
 
+def _bus_keys(cfg: DuetConfig) -> list[tuple[str, Any]]:
+    return [("bus" if cfg.bus is not None else f"buses.{i}", section)
+            for i, (section, _) in enumerate(bus_sections(cfg))]
+
+
 def device_problems(cfg: DuetConfig) -> list[str]:
     """Devices the config names exist (a sim robot's devices appear when the sim starts)."""
     out = []
-    from runtime.buses import bus_sections
-
-    for section, _ in bus_sections(cfg):
+    for key, section in _bus_keys(cfg):
         device = getattr(section, "device", None)
         if device is not None and device != "sim" and not Path(device).exists():
-            out.append(f"bus.device: {device} does not exist (adapter unplugged? udev rule?)")
-    for name, camera in cfg.planner.cameras.items():
-        if camera.kind == "v4l2" and not Path(camera.device).exists():
-            out.append(f"planner.cameras.{name}.device: {camera.device} does not exist")
+            out.append(f"{key}.device: {device} does not exist (adapter unplugged? udev rule?)")
+    return out + camera_problems(cfg)
+
+
+def camera_problems(cfg: DuetConfig) -> list[str]:
+    """Every V4L2 camera's device exists."""
+    out = []
+    for name, cam in cfg.planner.cameras.items():
+        if cam.kind == "v4l2" and not Path(cam.device).exists():  # who may open it: doctor's
+            out.append(f"planner.cameras.{name}.device: {cam.device} does not exist "
+                       "(camera unplugged?)")
+    return out
+
+
+def sim_problems(cfg: DuetConfig) -> list[str]:
+    """Why this config drives the simulated robot (empty: a real robot's config). `duet run`
+    wants exactly that; `duet install` refuses it."""
+    out = []
+    if cfg.sim is not None and cfg.sim.enabled:
+        out.append("sim.enabled is true")
+    for key, section in _bus_keys(cfg):
+        if getattr(section, "device", None) == "sim":
+            out.append(f"{key}.device is `sim`")
+        if isinstance(section, CanBusConfig) and section.interface in SIM_CAN_INTERFACES:
+            out.append(f"{key}.interface is {section.interface!r}")
     return out
 
 

@@ -42,8 +42,9 @@ def _cli(*args: str) -> list[str]:
 
 
 class Supervisor:
-    def __init__(self, cfg: DuetConfig, config_label: str) -> None:
+    def __init__(self, cfg: DuetConfig, config_label: str, record: bool = False) -> None:
         self.cfg = cfg
+        self.record = record
         self.config_label = config_label
         self.run_dir = Path(cfg.run_dir)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
@@ -144,6 +145,9 @@ class Supervisor:
         sets = [a for o in overrides for a in ("--set", o)]
         self.follower_args = ["follower", "--config", str(effective), *sets]
         self._spawn("follower", self.follower_args)
+        if self.record:  # the flight recorder, as duet-recorder.service on the robot
+            self.recorder_args = ["record", "serve", "--config", str(effective)]
+            self._spawn("recorder", self.recorder_args)
         self._wait_ready("follower")
 
     def _wait_ready(self, name: str) -> None:
@@ -177,12 +181,18 @@ class Supervisor:
                 self.planner_restarts += 1
                 time.sleep(PLANNER_RESTART_BACKOFF_S)
                 self._spawn("planner", self.planner_args)
+            recorder = self.children.get("recorder")
+            if recorder is not None and recorder.poll() is not None:
+                log.warning("recorder exited with %s; restarting", recorder.returncode)
+                time.sleep(PLANNER_RESTART_BACKOFF_S)
+                self._spawn("recorder", self.recorder_args)
         return 0
 
     def stop(self) -> dict[str, int | None]:
-        """SIGTERM in dependency order: planner, follower (controlled stop), sim."""
+        """SIGTERM in dependency order: planner, follower (controlled stop), the recorder
+        (after the follower's last state), sim."""
         codes: dict[str, int | None] = {}
-        for name in ("planner", "follower", "sim"):
+        for name in ("planner", "follower", "recorder", "sim"):
             proc = self.children.get(name)
             if proc is None:
                 continue
@@ -232,8 +242,9 @@ def _read_first_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
 
 
 def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
-        summary_json: str | None) -> int:
-    sup = Supervisor(cfg, config_label)
+        summary_json: str | None, record: bool | None = None) -> int:
+    """`record`: start the recorder (None: as recorder.enabled says)."""
+    sup = Supervisor(cfg, config_label, cfg.recorder.enabled if record is None else record)
 
     def _stop(signum: int, _frame: Any) -> None:
         sup.stop_requested = True
@@ -250,7 +261,8 @@ def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
         rc = 2
     finally:
         codes = sup.stop()
-    if any(code not in (0, None) for name, code in codes.items() if name != "planner"):
+    if any(code not in (0, None) for name, code in codes.items()
+           if name not in ("planner", "recorder")):
         rc = rc or 1
     summary = build_summary(cfg, config_label, Path(cfg.run_dir), time.monotonic() - t0,
                             sup.t_start_ns, sup.planner_restarts, codes)

@@ -82,6 +82,9 @@ def test_a_latch_from_before_a_restart_comes_back(latch: str, mode: Mode) -> Non
     core.start(0, np.zeros(N), held=np.zeros(N), latched=latch)
     assert core.mode == mode and "latched before restart" in (core.reason or "")
     assert core.torque_wanted == (mode == Mode.FAULT)  # fault_action: hold
+    again = FollowerCore(_settings())  # a second restart: the prefix is not repeated
+    again.start(0, np.zeros(N), held=np.zeros(N), latched=f"{mode.name}: {core.reason}")
+    assert again.reason == core.reason
 
 
 def test_hold_track_hold_on_plan_timeout_with_reasons() -> None:

@@ -31,6 +31,8 @@ def follower_telemetry(ticks: int, mode: str, t: float) -> dict[str, Any]:
     return {
         "source": "follower", "mode": mode,
         "fault_reason": "bus errors past threshold" if mode == "FAULT" else None,
+        "health": {"ok": mode != "FAULT", "achieved_hz": 499.7, "miss_ratio": 0.0,
+                   "problems": ["FAULT: bus errors past threshold"] if mode == "FAULT" else []},
         "target_hz": 500.0, "achieved_hz": 499.7, "ticks": ticks, "deadline_misses": 3,
         "period_jitter_us": {"p50": 12.5, "p99": 87.25, "max": 140.0},
         "tick_compute_us": {"p50": 210.0, "p99": 390.0, "max": 612.0},
@@ -93,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             socks["telemetry-planner"].send(enc["telemetry-planner"].encode("plan", {
                 "waypoints": pack_array(np.zeros((10, 6), np.float32)), "dt_s": 0.1,
                 "t_obs_ns": time.monotonic_ns(), "latency_ms": 41.5}))
+        if ticks % max(1, int(args.state_hz)) == 0:  # once a second: the sim's episode news
+            episode = ticks // max(1, int(args.state_hz))
+            socks["sim"].send(enc["sim"].encode("task", {
+                "episode": episode, "instruction": "touch the red block"}))
+            socks["sim"].send(enc["sim"].encode("episode", {
+                "episode": episode - 1, "instruction": "touch the red block",
+                "success": True, "reason": "success", "touched": ["red"],
+                "duration_s": 1.0}))
         if ticks % max(1, int(args.state_hz / 10)) == 0:
             image[:] = ticks % 256
             socks["sim"].send(enc["sim"].encode("frame", {

@@ -37,10 +37,12 @@ def test_duet_run_prints_and_writes_the_summary(tmp_path: Path, bundle: Path) ->
         [sys.executable, "-m", "runtime.cli", "run", "--config", str(REPO / "configs/sim.yaml"),
          "--set", TOLERANT,
          "--set", f"run_dir={tmp_path / 'run'}", "--set", f"bundle.path={bundle}",
+         "--set", "recorder.enabled=true", "--set", f"recorder.dir={tmp_path / 'rec'}",
          "--duration", "6", "--summary-json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(out.read_text())
+    assert s["exit_codes"]["recorder"] == 0  # recorder.enabled: duet run ran the recorder
     for key in ("config", "duration_s", "follower", "planner", "plan_delivery_us", "bus",
                 "safety", "task"):
         assert key in s
