@@ -173,10 +173,12 @@ class ChannelSubscriber:
         for sock in self.socks:
             poller.register(sock, zmq.POLLIN)
 
-    def drain(self, sock: zmq.Socket[bytes], handle: Callable[[str, dict[str, Any]], None]
-              ) -> None:
+    def drain(self, sock: zmq.Socket[bytes], handle: Callable[[str, dict[str, Any]], None],
+              limit: int = 1000) -> None:
+        """Up to `limit` waiting messages (a backlog never keeps the caller from its other
+        duties: flushing, the control socket, a stop request)."""
         topics = self.socks[sock]
-        while True:
+        for _ in range(limit):
             try:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
