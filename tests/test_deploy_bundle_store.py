@@ -91,3 +91,24 @@ def test_bundle_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "* v1" in out and "< v2" in out
     assert main(["bundle", "activate", "nope", *store]) == 1
     assert "no bundle 'nope'" in capsys.readouterr().err
+
+
+def test_add_copies_only_listed_files_and_refuses_symlinks(tmp_path: Path) -> None:
+    """A signed bundle with a planted TensorRT engine beside it: the engine never reaches
+    the store (engines are built on the robot, into a root-owned cache)."""
+    src = _bundle(tmp_path, "v1")
+    (src / "engines").mkdir()
+    (src / "engines" / "planner.plan").write_bytes(b"planted")
+    (src / "notes.txt").write_text("extra")
+    store = BundleStore(tmp_path / "bundles")
+    assert store.add(src)
+    stored = tmp_path / "bundles" / "v1"
+    assert not (stored / "engines").exists() and not (stored / "notes.txt").exists()
+    assert sorted(p.name for p in stored.iterdir()) == sorted(
+        ["manifest.json", *json.loads((src / "manifest.json").read_text())["files"]])
+    other = _bundle(tmp_path / "o", "v2")
+    (other / "manifest.json").rename(tmp_path / "real-manifest.json")
+    (other / "manifest.json").symlink_to(tmp_path / "real-manifest.json")
+    with pytest.raises(BundleError, match=r"manifest.json: a symbolic link"):
+        store.add(other)
+    assert not any(p.name.startswith(".incoming") for p in (tmp_path / "bundles").iterdir())

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
+from runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, load_bundle
 
 CURRENT = "current"
 PREVIOUS = "previous"
@@ -77,7 +77,8 @@ class BundleStore:
     def add(self, source: Path) -> bool:
         """Verify `source` and copy it in under its manifest version. False when that
         version is already stored with the same content (nothing to do)."""
-        version = self._folder_name(self.verify(source).manifest.version, source / MANIFEST)
+        bundle = self.verify(source)
+        version = self._folder_name(bundle.manifest.version, source / MANIFEST)
         dest = self.root / version
         if dest.exists():
             # same version string must mean the same content
@@ -88,8 +89,21 @@ class BundleStore:
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".incoming-{version}"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging, symlinks=False)
-        self.verify(staging)  # the copy, not just the source
+        try:
+            # Only what the manifest lists (and the manifest and its signature): a file
+            # planted beside a signed bundle (an `engines/` folder, say) never comes in.
+            names = [MANIFEST, *([SIGNATURE] if (source / SIGNATURE).exists() else []),
+                     *bundle.files]
+            for name in names:
+                src = source / name
+                if src.is_symlink():  # load_bundle refuses listed symlinks; the manifest too
+                    raise BundleError(f"{src}: a symbolic link; a bundle holds plain files")
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, staging / name)
+            self.verify(staging)  # the copy, not just the source
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         os.rename(staging, dest)
         return True
 
