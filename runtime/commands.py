@@ -1,4 +1,4 @@
-"""`duet run | follower | planner | estop | reset`."""
+"""`duet run | follower | planner | estop | reset | task | keys`."""
 
 from __future__ import annotations
 
@@ -44,10 +44,29 @@ def _follower(args: argparse.Namespace) -> int:
 
 
 def _planner(args: argparse.Namespace) -> int:
+    setup_logging()
+    if args.listen:
+        from runtime.planner_server import run_server
+
+        args.set.append(f"planner.serve.listen={args.listen}")
+        return run_server(load_from_args(args), args.duration)
     from runtime.planner import run_planner
 
-    setup_logging()
     return run_planner(load_from_args(args), args.duration)
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from runtime.keys import KeyFileError, generate
+
+    try:
+        public, secret = generate(args.name, args.out)
+    except (KeyFileError, OSError) as exc:
+        print(f"duet keys generate: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key: {public}  (give it out: a robot's goes into the server's allow-list "
+          f"directory, the server's to its robots)\nsecret key: {secret}  (mode 0600; "
+          "never leaves this host)")
+    return 0
 
 
 def _print(args: argparse.Namespace, human: str, data: dict[str, Any]) -> None:
@@ -165,7 +184,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p = sub.add_parser(name, help=text)
         add_config_args(p)
         p.add_argument("--duration", type=float, default=None)
+        if name == "planner":
+            p.add_argument("--listen", default=None, metavar="tcp://HOST:PORT",
+                           help="serve robots over the network (CURVE; planner.serve)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("keys", help="CURVE key pairs for the off-board planner")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    g = keys_sub.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (0600)")
+    g.add_argument("name", help="the robot's or the server's name (the allow-list shows it)")
+    g.add_argument("--out", default=".", help="directory for the two files (default: .)")
+    g.set_defaults(func=_keys_generate)
 
     run_dir_help = "runtime directory (default: $DUET_RUN_DIR, else /run/duet)"
     for cmd, func, text in (
