@@ -222,13 +222,18 @@ class PlannerServer:
     def _refuse(self, s: Session, kind: str, text: str, seq: int | None) -> None:
         s.refused[kind] += 1
         self.dropped[kind] += 1
+        self._log("robot %s: refused (%s): %s", s.name, kind, text)
         now = time.monotonic()
-        if now - self._last_log >= 1.0:
-            self._last_log = now
-            log.warning("robot %s: refused (%s): %s", s.name, kind, text)
         if now - s.last_refusal_reply >= 1.0:  # a flooding robot gets one answer a second
             s.last_refusal_reply = now
             self._send(s.route, encode_refusal(self.enc, seq, kind, text))
+
+    def _log(self, text: str, *args: Any) -> None:
+        """A warning, once a second at most: a misbehaving peer cannot flood the log."""
+        now = time.monotonic()
+        if now - self._last_log >= 1.0:
+            self._last_log = now
+            log.warning(text, *args)
 
     def _send(self, route: bytes, body: bytes) -> bool:
         try:
@@ -251,8 +256,9 @@ class PlannerServer:
             failed = HANDSHAKE_EVENTS.get(kind)
             if failed is not None:
                 self.handshakes[failed] += 1
-                log.warning("handshake failed (%s) from a peer at %s", failed,
-                            event.get("endpoint", b"?"))
+                self._log("handshake failed (%s) from a peer at %s (%d so far)", failed,
+                          event.get("endpoint", b"?"), sum(self.handshakes.values())
+                          - self.handshakes["succeeded"])
             elif kind == zmq.EVENT_DISCONNECTED:
                 self.disconnects += 1
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -330,7 +336,8 @@ class PlannerServer:
             now = time.monotonic()
             if duration_s is not None and now - start >= duration_s:
                 break
-            self.step(1 if self.backend.in_flight() else 50)
+            waiting = any(s.pending is not None for s in self.sessions.values())
+            self.step(0 if waiting else 1 if self.backend.in_flight() else 50)
             if now - last_tel >= 0.5:
                 last_tel = now
                 self._expire(now)
