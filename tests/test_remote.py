@@ -42,7 +42,6 @@ from runtime.messages import Encoder, MessageError, decode, pack_array
 from runtime.observation import StateHistory
 from runtime.pipeline import Observation, PlannerPipeline, PlanRequest, state_times_ns
 from runtime.reference import Plan
-from runtime.relay import ServerLink
 from runtime.remote_wire import (
     Limits,
     bundle_id,
@@ -356,14 +355,16 @@ def test_eight_robots_get_their_own_plans_and_a_vanished_one_stalls_no_one(
     robots = [_robot(server, remote_keys, bundle, f"robot-{i}",
                      np.array([0.05 * i, 0.1, -0.1 * i, 0.0, 0.2, 0.01 * i]))
               for i in range(8)]
+    vanished: list[SimulatedRobot] = []
     try:
         for r in robots:
             assert _send_when_connected(r)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 6.0:
-            if 2.0 < time.monotonic() - t0 and robots[7] is not None:
+            if time.monotonic() - t0 > 2.0 and not vanished:
+                vanished.append(robots[7])
+                robots[7].observe()
                 robots[7].close()  # vanishes mid-stream, its last observation in flight
-                robots[7] = None  # type: ignore[call-overload]
             for r in robots[:6]:
                 r.observe()
             # robot 6 keeps sending but never reads: its plans pile up in its queue and
@@ -377,7 +378,7 @@ def test_eight_robots_get_their_own_plans_and_a_vanished_one_stalls_no_one(
         for i, r in enumerate(robots[:6]):
             r.receive()
             sent = r.link.enc.seq
-            assert sent >= 30 and len(r.answers) >= 0.9 * sent, json.dumps([i, sent, len(r.answers), r.link.figures(), server.telemetry()])
+            assert sent >= 30 and len(r.answers) >= 0.9 * sent, (i, sent, len(r.answers))
             for a in r.answers:  # every plan is this robot's own: q + the ramp
                 np.testing.assert_allclose(a.waypoints[:, 0], r.q[0] + RAMP, atol=1e-5)
                 np.testing.assert_allclose(a.waypoints[:, 2], r.q[2], atol=1e-5)
@@ -385,7 +386,7 @@ def test_eight_robots_get_their_own_plans_and_a_vanished_one_stalls_no_one(
         assert tel["robots"]["robot-6"]["plans"] > 0
     finally:
         for r in robots:
-            if r is not None:
+            if r not in vanished:
                 r.close()
 
 
