@@ -78,7 +78,7 @@ class PlannerServerProcess:
             args += ["--set", item]
         self.run_dir = run_dir
         self.proc = subprocess.Popen(args, cwd=ROOT)
-        self.sub = zmq.Context.instance().socket(zmq.SUB)
+        self.sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.connect(endpoints.telemetry(str(run_dir), "planner-server"))
