@@ -82,7 +82,11 @@ class PlannerServerProcess:
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.connect(endpoints.telemetry(str(run_dir), "planner-server"))
-        self.endpoint = str(self.telemetry(timeout_s=start_timeout_s)["endpoint"])
+        try:
+            self.endpoint = str(self.telemetry(timeout_s=start_timeout_s)["endpoint"])
+        except BaseException:
+            self.stop()  # never leak a server (and its Ray cluster) out of a failed start
+            raise
 
     def telemetry(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """A telemetry sample published from now on (every 0.5 s); older ones are skipped."""

@@ -90,6 +90,7 @@ def server_socket(ctx: zmq.Context[zmq.Socket[bytes]], serve: ServeConfig, n_cam
     sock.setsockopt(zmq.SNDHWM, 4)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 500)  # a dead robot's connection is closed in ~2 s
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2000)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)  # a peer that never finishes its handshake
     if pair is not None:
         sock.curve_server = True
         sock.curve_secretkey = pair.secret

@@ -4,8 +4,9 @@ model, it relays.
 Each planner cycle it sends the planner server (runtime/planner_server.py) what the bundle's
 contract reads -- the states its proprio inputs sample, one JPEG per camera, the task, the
 plan executing now when the model takes a prefix (runtime/remote_wire.py) -- and each plan
-that comes back goes to the follower as it came, stamped by this process. One observation is
-in flight at a time, until its plan arrives or it is too old to matter.
+that comes back goes to the follower as it came, stamped by this process. An observation goes
+every cycle, answered or not: the newest plan's age then swings between the round trip R and
+R + one planner period, whatever R is (the server plans only a robot's newest observation).
 
 The follower needs nothing new: plans keep `t_obs_ns` on this robot's clock, so a late plan
 is refused as stale by the follower core and the arm holds. `ServerLink` checks that each
@@ -55,6 +56,7 @@ def relay_socket(ctx: zmq.Context[zmq.Socket[bytes]], remote: RemoteConfig) -> z
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     sock.setsockopt(zmq.CONNECT_TIMEOUT, 1000)  # a SYN into a partition is retried
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 2000)  # and so is a handshake on a stalled link
     # ZMTP heartbeats: no traffic for 1 s (a stalled link) drops the connection; redialled
     sock.setsockopt(zmq.HEARTBEAT_IVL, 250)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 1000)
@@ -93,7 +95,6 @@ class ServerLink:
         self.sock.connect(remote.endpoint)
         self.enc = Encoder()
         self.sent: OrderedDict[int, Sent] = OrderedDict()
-        self.in_flight: Sent | None = None
         self.last_t_obs = 0
         self.round_trip = Ring(1 << 16)  # observation sent -> its plan received, ms
         self.server_ms = Ring(1 << 16)  # the server's share (its own clock)
@@ -122,7 +123,7 @@ class ServerLink:
             self.dropped["unsent"] += 1
             return False
         sent = Sent(self.enc.seq, t_obs_ns, time.monotonic_ns(), episode)
-        self.sent[sent.seq] = self.in_flight = sent
+        self.sent[sent.seq] = sent
         while len(self.sent) > SENT_KEPT:
             self.sent.popitem(last=False)
         return True
@@ -154,11 +155,9 @@ class ServerLink:
     def _check(self, frame: bytes, t_recv: int) -> Answer | None:
         if decode(frame)["type"] == "reply":
             msg = decode(frame, "reply")
-            kind, seq = msg.get("kind"), msg.get("obs_seq")
+            kind = msg.get("kind")
             kind = kind if type(kind) is str and len(kind) <= 32 else "unknown"
             self.refused[kind] += 1
-            if self.in_flight is not None and seq == self.in_flight.seq:
-                self.in_flight = None
             self.news = f"remote: refused ({kind})"
             self._log("the planner server refused an observation (%s): %s", kind,
                       str(msg.get("error"))[:300])
@@ -176,8 +175,6 @@ class ServerLink:
                                          "last one taken")
         if w.shape[1] != self.n:
             raise MessageError("shape", f"waypoints for {w.shape[1]} joints, not {self.n}")
-        if self.in_flight is not None and seq == self.in_flight.seq:
-            self.in_flight = None
         self.last_t_obs = sent.t_obs_ns
         self.round_trip.add((t_recv - sent.t_send_ns) / 1e6)
         if is_real(msg.get("server_ms")):
@@ -231,7 +228,6 @@ class Relay(PlannerShell):
             isinstance(i, PrefixInput) for s in self.contract.planner.stages for i in s.inputs)
         self.link = ServerLink(self.remote, len(cfg.robot.joints))
         super().__init__(cfg, bundle, cameras)
-        self.plan_timeout_ns = round(cfg.follower.plan_timeout_ms * 1e6)
         self.last_waypoints: np.ndarray | None = None
         log.info("planner relay to %s (%s)", self.remote.endpoint,
                  "PLAINTEXT" if self.remote.insecure else "CURVE")
@@ -254,12 +250,6 @@ class Relay(PlannerShell):
             return False
         frames, t_obs = got
         link = self.link
-        if link.in_flight is not None:
-            if time.monotonic_ns() - link.in_flight.t_obs_ns < self.plan_timeout_ns:
-                return False  # the server is still on the last one: do not pile up
-            link.in_flight = None
-            self.status = "remote: no answer in time"
-            self._drop("unanswered")
         jpegs = {}
         for name, image in frames.items():
             data = jpeg.encode(image, self.remote.jpeg_quality)
