@@ -41,6 +41,7 @@ from runtime.config import ConfigError, load_config
 from runtime.messages import Encoder, MessageError, decode, pack_array
 from runtime.observation import StateHistory
 from runtime.pipeline import Observation, PlannerPipeline, PlanRequest, state_times_ns
+from runtime.preflight import remote_checks, remote_problems
 from runtime.reference import Plan
 from runtime.remote_wire import (
     Limits,
@@ -147,6 +148,27 @@ def test_remote_config_needs_keys_unless_insecure(tmp_path: Path) -> None:
     cfg = load_config(base, None, ["planner.remote.endpoint=tcp://10.0.0.2:5571",
                                    "planner.remote.insecure=true"])
     assert cfg.planner.remote is not None and cfg.planner.remote.insecure
+    assert [c[0] for c in remote_checks(cfg)] == ["warn"]  # `duet doctor` flags plaintext
+    assert "insecure: true" in remote_checks(cfg)[0][1] and remote_problems(cfg) == []
+
+
+def test_preflight_checks_the_key_files(tmp_path: Path, remote_keys: Keys) -> None:
+    base = REPO / "configs/sim.yaml"
+    sets = ["planner.remote.endpoint=tcp://10.0.0.2:5571",
+            f"planner.remote.server_key={remote_keys.server_public}",
+            f"planner.remote.robot_key={remote_keys.robots['robot-0']}",
+            f"planner.serve.key={remote_keys.server_secret}",
+            f"planner.serve.allow={remote_keys.allow}"]
+    cfg = load_config(base, None, sets)
+    checks = remote_checks(cfg)
+    assert [c[0] for c in checks] == ["ok"] * 4, checks
+    assert "8 robot key(s)" in checks[0][1]
+    loose = tmp_path / "loose.key_secret"
+    loose.write_bytes(remote_keys.robots["robot-0"].read_bytes())
+    loose.chmod(0o640)
+    cfg = load_config(base, None, [*sets[:2], f"planner.remote.robot_key={loose}"])
+    assert remote_problems(cfg) == [f"planner.remote.robot_key: {loose}: mode 0640 lets "
+                                    f"others read the secret key; chmod 600 {loose}"]
 
 
 # ------------------------------------------------------------------------ the wire
