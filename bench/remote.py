@@ -255,9 +255,11 @@ def fleet(server: PlannerServerProcess, bundle_dir: Path, keys: object, hz: floa
 
 def throughput(tmp: Path, seconds: float) -> None:
     keys = make_keys(tmp / "fleet-keys", [f"robot-{i}" for i in range(8)])
-    with contextlib.redirect_stdout(io.StringIO()):
-        bundles = {"sequential (batch 1)": flow_bundle(tmp / "b1", 1),
-                   "batched (batch 8)": flow_bundle(tmp / "b8", 8)}
+    bundles = {}
+    for name, batch in (("sequential (batch 1)", 1), ("batched (batch 8)", 8)):
+        (tmp / f"b{batch}").mkdir()
+        with contextlib.redirect_stdout(io.StringIO()):
+            bundles[name] = flow_bundle(tmp / f"b{batch}", batch)
     rows: dict[tuple[str, float], dict[str, float]] = {}
     for name, path in bundles.items():
         server = PlannerServerProcess(tmp / f"srv-{path.name}", path, keys,

@@ -13,8 +13,11 @@ import contextlib
 import io
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,6 +362,61 @@ def test_replayed_forged_and_unknown_plans_are_refused_by_the_robot(
     finally:
         robot.close()
         fake.close()
+
+
+class Recorder:
+    """A TCP forwarder on the loopback that keeps every byte the client sent."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("tcp://").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sent = bytearray()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        down, _ = self.listener.accept()
+        up = socket.create_connection(self.upstream)
+        pairs = {down: up, up: down}
+        while True:
+            ready, _, _ = select.select(list(pairs), [], [], 5.0)
+            for sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    down.close()
+                    up.close()
+                    return
+                if sock is down:
+                    self.sent += data
+                pairs[sock].sendall(data)
+
+
+def test_a_recorded_session_replayed_to_the_server_is_refused(
+        server: PlannerServerProcess, remote_keys: Keys, bundle: Path) -> None:
+    """Someone on the path records a robot's encrypted session and plays it back: CURVE's
+    per-connection keys make the server refuse the handshake; nothing in it is planned."""
+    rec = Recorder(server.endpoint)
+    robot = SimulatedRobot(remote_config(rec.endpoint, remote_keys, "robot-4"),
+                           load_bundle(bundle), JOINTS, np.zeros(6), FRAME)
+    try:
+        assert len(_plans(robot, 3)) == 3
+    finally:
+        robot.close()
+    time.sleep(0.5)
+    before = server.telemetry()
+    seen = before["robots"]["robot-4"]["observations"]
+    with socket.create_connection(rec.upstream) as replay:
+        replay.sendall(bytes(rec.sent))
+        replay.settimeout(2.0)
+        with contextlib.suppress(OSError):
+            while replay.recv(65536):
+                pass  # the server answers the greeting, then drops the connection
+    failed = ("protocol", "no_detail", "auth")
+    tel = _until(server, lambda t: sum(t["handshakes"].get(k, 0) for k in failed)
+                 > sum(before["handshakes"].get(k, 0) for k in failed))
+    assert tel["robots"]["robot-4"]["observations"] == seen
 
 
 def _send_when_connected(robot: SimulatedRobot, timeout_s: float = 5.0,
