@@ -68,10 +68,11 @@ def measure(bundle: Bundle, calls: int, flow_steps: int | None = None) -> dict[s
     return out
 
 
-def flow_bundle(root: Path, batch: int = 1) -> Path:
+def flow_bundle(root: Path, batch: int = 1, dynamic: bool = False) -> Path:
     """A flow-matching planner of a realistic shape: a conv encoder of the camera and q, and
     an MLP velocity network on (context, x_t, t), integrated K = 10 times; exported with
-    `batch` observations per engine call (the same weights for every batch)."""
+    `batch` observations per engine call, or up to `batch` when `dynamic` (the same weights
+    for every batch)."""
     import contextlib
     import io
 
@@ -118,12 +119,13 @@ def flow_bundle(root: Path, batch: int = 1) -> Path:
              "outputs": [{"role": "velocity", "name": "v"}]}],
             "actions": {"horizon": 10, "dt_s": 0.1, "joints": JOINTS,
                         "mean": [0.0] * 6, "std": [0.3] * 6},
-            "batch": batch}}
+            "batch": batch, "dynamic_batch": dynamic}}
     (root / "contract.yaml").write_text(yaml.safe_dump(contract))
     with contextlib.redirect_stdout(io.StringIO()):
         return export_bundle(load_contract(root / "contract.yaml"),
                              {"encoder": Encoder().eval(), "decoder": Velocity().eval()},
-                             root / f"flow-b{batch}", ExportOptions(calib=8, parity_samples=4),
+                             root / f"flow-b{batch}{'d' if dynamic else ''}",
+                             ExportOptions(calib=8, parity_samples=4),
                              root)
 
 

@@ -192,8 +192,9 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
             examples = calib.synth_inputs(ins, _roles(contract, None, assets)[0],
                                           calib.batch_of(ins), 0)
             produce(name, examples, fp32)
-            check_onnx(fp32, label)
-            engine = OnnxRuntimeEngine(fp32)
+            dynamic = kind == "planner" and contract.planner.dynamic_batch
+            check_onnx(fp32, label, dynamic)
+            engine = OnnxRuntimeEngine(fp32, batch=calib.batch_of(ins) if dynamic else None)
             spec = ModelSpec(file=fp32.name, precision="fp32", inputs=ins, outputs=outs)
             try:
                 check_specs(spec, engine, label)
@@ -220,8 +221,8 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
                     to_fp16(fp32, final)
                 else:
                     to_int8(fp32, final, calibration, opts.int8_ops, calib.batch_of(ins))
-                res.append(measure(f"{name} {precision}", OnnxRuntimeEngine(final), held_out,
-                                   ref, TOLERANCES[precision][kind]))
+                res.append(measure(f"{name} {precision}", OnnxRuntimeEngine(
+                    final, batch=engine.batch), held_out, ref, TOLERANCES[precision][kind]))
             results += res
             file = f"{name}.onnx"
             shutil.copyfile(final, staged / file)
@@ -289,7 +290,7 @@ def export_bundle(contract: Contract, modules: dict[str, Any], out: Path, opts: 
         ins, outs = tensors[name]
         args = tuple(torch.from_numpy(examples[t.name]) for t in ins)
         export_onnx(modules[name], args, [t.name for t in ins], [t.name for t in outs], path,
-                    f"model {name}")
+                    f"model {name}", name != "follower" and contract.planner.dynamic_batch)
 
     def reference(name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The module's outputs, in batches of the size it was exported with."""

@@ -200,8 +200,10 @@ class Planner(_Strict):
     actions: Actions
     # Observations per engine call: every planner tensor leads with it. A planner server
     # (runtime/planner_server.py) fills up to this many rows from different robots in one
-    # call; a robot's own planner fills one.
+    # call; a robot's own planner fills one. `dynamic_batch`: the graphs take any number of
+    # rows up to `batch` (ONNX Runtime computes only those); else always `batch`.
     batch: int = Field(1, ge=1, le=256)
+    dynamic_batch: bool = False
 
     @model_validator(mode="after")
     def _stages_connect(self) -> Planner:

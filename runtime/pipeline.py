@@ -120,6 +120,7 @@ class PlannerPipeline:
         self._mean = np.asarray(a.mean if a.mean is not None else [0.0] * d_act)
         self.use_prefix = prefix
         self.batch = c.planner.batch
+        self.dynamic = c.planner.dynamic_batch  # an engine call computes only the rows filled
         self._rng = np.random.default_rng(seed)
         self.cameras: list[CameraFeed] = []
         self.proprio: list[tuple[ProprioInput, np.ndarray, np.ndarray]] = []
@@ -133,8 +134,9 @@ class PlannerPipeline:
         self._row_feeds: list[np.ndarray] = []  # feeds filled row by row from observations
         for stage in c.planner.stages:
             spec = bundle.stage_spec(stage)
-            eng = engines[stage.name] if engines else make_engine(spec, bundle, engine,
-                                                                  threads=threads)
+            eng = engines[stage.name] if engines else make_engine(
+                spec, bundle, engine, threads=threads,
+                dynamic_batch=self.batch if self.dynamic else None)
             feeds = eng.inputs  # filled in place: each call (K for a flow head) copies nothing
             run = _StageRun(stage.name, eng, feeds, [])
             for i in stage.inputs:
@@ -238,8 +240,10 @@ class PlannerPipeline:
             results.append(self._waypoints[row])
         if not rows:
             return results
-        for feed in self._row_feeds:  # spare rows repeat a real one: finite, and ignored
-            feed[len(rows):] = feed[:1]
+        n = len(rows) if self.dynamic else None  # the rows an engine call computes
+        if n is None:
+            for feed in self._row_feeds:  # spare rows repeat a real one: finite, and ignored
+                feed[len(rows):] = feed[:1]
         engine_ns = 0
         for run in self.stages:
             ts = time.perf_counter_ns()
@@ -248,12 +252,12 @@ class PlannerPipeline:
             steps = self.flow_steps.get(run.name)
             if steps is None:
                 te = time.perf_counter_ns()
-                out = run.engine.run(run.feeds)
+                out = run.engine.run(run.feeds, n)
                 engine_ns += time.perf_counter_ns() - te
                 for name, value in out.items():
                     self._outputs[f"{run.name}.{name}"] = value
             else:
-                engine_ns += self._integrate(run, steps)
+                engine_ns += self._integrate(run, steps, n)
             run.ms.add((time.perf_counter_ns() - ts) / 1e6)
         last = self.stages[-1]
         chunks = last.feeds[last.flow_noise] if self._flow_last and last.flow_noise \
@@ -286,7 +290,7 @@ class PlannerPipeline:
             self._fill_prefix(req.previous, t_obs, req.prefix_valid_s, q_obs, row)
         return q_obs.copy(), obs.history.at("q_cmd", t_obs).copy()
 
-    def _integrate(self, run: _StageRun, steps: int) -> int:
+    def _integrate(self, run: _StageRun, steps: int, rows: int | None) -> int:
         """Euler integration of the stage's velocity field from standard normal noise."""
         stage = next(s for s in self.contract.planner.stages if s.name == run.name)
         assert stage.flow is not None and run.flow_noise and run.flow_time and run.velocity
@@ -300,7 +304,7 @@ class PlannerPipeline:
         for k in range(steps):
             t.fill(stage.flow.t_start + k * h)
             te = time.perf_counter_ns()
-            v = run.engine.run(run.feeds)[run.velocity]
+            v = run.engine.run(run.feeds, rows)[run.velocity]
             engine_ns += time.perf_counter_ns() - te
             np.multiply(v, h, out=step)
             x += step

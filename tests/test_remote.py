@@ -500,13 +500,13 @@ BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def batch_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A planner exported with batch 4 through the public export API: waypoints = each
-    row's own q + a ramp on its first joint, so rows cannot be mixed up unseen."""
+def batch_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A planner exported with batch 4 through the public export API, with a static and
+    with a dynamic batch: waypoints = each row's own q + a ramp on its first joint, so rows
+    cannot be mixed up unseen."""
     import torch
     from torch import nn
 
-    from export.pipeline import ExportOptions, export_bundle, load_contract
     from runtime.tokenizer import Tokenizer
 
     class RowPlanner(nn.Module):
@@ -522,9 +522,18 @@ def batch_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
             return q[:, None, :] + self.ramp[None] + seen[:, None, None]
 
     root = tmp_path_factory.mktemp("batch")
+    Tokenizer().save(root / "tokenizer.json")
+    return {kind: _export_rows(root, RowPlanner().eval(), kind == "dynamic")
+            for kind in ("static", "dynamic")}
+
+
+def _export_rows(root: Path, module: Any, dynamic: bool) -> Path:
+    from export.pipeline import ExportOptions, export_bundle, load_contract
+
     contract = {
         "rates": {"planner_hz": 5.0, "follower_hz": 500.0},
-        "planner": {"batch": BATCH, "stages": [{"name": "planner", "file": "planner.onnx",
+        "planner": {"batch": BATCH, "dynamic_batch": dynamic,
+                    "stages": [{"name": "planner", "file": "planner.onnx",
                     "inputs": [
                         {"role": "camera", "name": "image", "camera": "scene", "height": 96,
                          "width": 96},
@@ -533,21 +542,23 @@ def batch_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         {"role": "proprio", "name": "q"}],
                     "outputs": [{"role": "actions", "name": "waypoints"}]}],
                     "actions": {"horizon": H, "dt_s": 0.1, "joints": JOINTS}}}
-    (root / "contract.yaml").write_text(yaml.safe_dump(contract))
-    Tokenizer().save(root / "tokenizer.json")
+    name = "dynamic" if dynamic else "static"
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(contract))
     with contextlib.redirect_stdout(io.StringIO()):
-        return export_bundle(load_contract(root / "contract.yaml"),
-                             {"planner": RowPlanner().eval()}, root / "bundle",
-                             ExportOptions(calib=8, parity_samples=5), root)
+        return export_bundle(load_contract(root / f"{name}.yaml"), {"planner": module},
+                             root / name, ExportOptions(calib=8, parity_samples=5), root)
 
 
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
 def test_a_batch_n_model_plans_n_observations_in_one_call_row_by_row(
-        batch_bundle: Path) -> None:
-    b = load_bundle(batch_bundle)
+        kind: str, batch_bundles: dict[str, Path]) -> None:
+    b = load_bundle(batch_bundles[kind])
     assert b.contract.planner.batch == BATCH
     spec = b.stage_spec(b.contract.planner.stages[0])
     assert all(t.shape[0] == BATCH for t in spec.inputs + spec.outputs)
     pipe = PlannerPipeline(b, JOINTS)
+    out_buf = pipe.stages[0].engine.run(pipe.stages[0].feeds)["waypoints"]
+    out_buf[3] = 123.0  # a sentinel in the row no observation fills
     requests, qs = [], []
     for i in range(3):  # fewer than the batch: the spare row repeats a real one
         h = StateHistory(6)
@@ -564,6 +575,9 @@ def test_a_batch_n_model_plans_n_observations_in_one_call_row_by_row(
         assert isinstance(w, np.ndarray)
         np.testing.assert_allclose(w[:, 0], q[0] + RAMP, atol=1e-5)
         np.testing.assert_allclose(w[:, 1:], np.tile(q[1:], (H, 1)), atol=1e-5)
+    # a static batch computes every row (the spare one repeats a real observation); a
+    # dynamic one computes the three that were filled, nothing more
+    assert (out_buf[3] == 123.0).all() == (kind == "dynamic")
     with pytest.raises(ValueError, match="5 observations for a batch of 4"):
         pipe.plan_batch(requests + requests[:2])
 
@@ -577,11 +591,14 @@ def _batched_robots(server: PlannerServerProcess, k: Keys, bundle: Path, n: int
     return robots
 
 
-@pytest.mark.parametrize("engine", ["local", "ray"])
+@pytest.mark.parametrize(("engine", "kind"), [("local", "static"), ("local", "dynamic"),
+                                             ("ray", "dynamic")])
 def test_the_server_batches_robots_into_one_engine_call(
-        engine: str, batch_bundle: Path, remote_keys: Keys, tmp_path: Path) -> None:
+        engine: str, kind: str, batch_bundles: dict[str, Path], remote_keys: Keys,
+        tmp_path: Path) -> None:
     """Four robots observing together share engine calls, on this host's engine and through
     a Ray Serve deployment (`@serve.batch`) on a local Ray instance; each gets its own plan."""
+    batch_bundle = batch_bundles[kind]
     if engine == "ray":
         pytest.importorskip("ray.serve", reason="the `serve` extra (Ray Serve)")
     sets = ["planner.serve.engine=" + engine, "planner.serve.ray.replicas=1",
