@@ -235,7 +235,7 @@ def fleet(server: PlannerServerProcess, bundle_dir: Path, keys: object, hz: floa
         for i, r in enumerate(robots):
             if now >= due[i]:
                 sent += r.observe()
-                due[i] += period
+                due[i] = max(due[i] + period, now)  # a late loop sends late, never a burst
         wait = max(0.0, min(due) - time.monotonic())
         poller.poll(round(wait * 1e3))
         for r in robots:
