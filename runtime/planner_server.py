@@ -53,7 +53,9 @@ from runtime.tokenizer import TokenizerError
 
 log = logging.getLogger("duet.planner.server")
 
-RATE_BURST = 2.0  # observations a robot may send back to back (jitter, a retry)
+# A robot's token bucket holds half a second of its rate (at least 2): observations that
+# queued up while the engine was busy arrive together and are not a flood.
+RATE_BURST_S = 0.5
 SESSION_IDLE_S = 60.0  # a robot silent this long is forgotten (its counters stay summed)
 HANDSHAKE_EVENTS: dict[int, str] = {
     int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "no_detail",
@@ -71,7 +73,7 @@ class Session:
     name: str
     route: bytes = b""
     pending: Job | None = None
-    tokens: float = RATE_BURST
+    tokens: float = 2.0
     t_tokens: float = 0.0
     last_seen: float = 0.0
     last_refusal_reply: float = 0.0
@@ -200,7 +202,8 @@ class PlannerServer:
     def _take(self, s: Session, body: bytes) -> None:
         now = time.monotonic()
         s.last_seen = now
-        s.tokens = min(RATE_BURST, s.tokens + (now - s.t_tokens) * self.serve.rate_hz)
+        rate = self.serve.rate_hz
+        s.tokens = min(max(2.0, rate * RATE_BURST_S), s.tokens + (now - s.t_tokens) * rate)
         s.t_tokens = now
         if s.tokens < 1.0:
             raise MessageError("rate", f"more than {self.serve.rate_hz:g} observations/s")

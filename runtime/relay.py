@@ -244,6 +244,8 @@ class Relay(PlannerShell):
             raise TaskError(str(exc)) from None
 
     def step(self) -> bool:
+        """Send this cycle's observation; plans are published as they arrive (`wait`), so
+        this returns False."""
         self._forward()
         got = self.observe()
         if got is None:

@@ -54,6 +54,9 @@ from runtime.remote_wire import (
     encode_plan,
 )
 
+# This shared test host can starve the follower for whole ticks: these tests are about the
+# network path, so a deadline-miss storm must be much worse than configs/sim.yaml's to FAULT.
+STORM_MISSES = 400  # of follower.deadline_storm.window_ticks (500)
 H = 10
 RAMP = 0.03 * (np.arange(H) + 1)  # the tiny planner's base_yaw offsets (tests/onnx_bundle.py)
 FRAME = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
@@ -489,7 +492,8 @@ def test_a_robot_flooding_the_server_is_held_to_its_rate(
             robot.observe()
             robot.receive(5)  # ~150 observations/s against planner.serve.rate_hz = 20
         robot.receive(300)
-        assert 30 <= len(robot.answers) <= 3.0 * 20 + 4, len(robot.answers)
+        # 20/s for 3 s, and the bucket's half second of burst
+        assert 30 <= len(robot.answers) <= 3.0 * 20 + 10 + 2, len(robot.answers)
         assert robot.link.refused["rate"] >= 1  # told (at most once a second)
     finally:
         robot.close()
@@ -642,6 +646,7 @@ def test_the_sim_robot_solves_episodes_with_its_planner_served_over_curve(
              "--set", f"planner.remote.endpoint={server.endpoint}",
              "--set", f"planner.remote.server_key={remote_keys.server_public}",
              "--set", f"planner.remote.robot_key={remote_keys.robots['robot-0']}",
+             "--set", f"follower.deadline_storm.misses={STORM_MISSES}",
              "--duration", "12", "--summary-json", str(out)],
             cwd=REPO, capture_output=True, text=True, timeout=120,
             env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")})
@@ -649,9 +654,9 @@ def test_the_sim_robot_solves_episodes_with_its_planner_served_over_curve(
     finally:
         server.stop()
     s = json.loads(out.read_text())
-    assert proc.returncode == 0 or s["outcome"]["reason"].startswith("deadline"), \
-        proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     remote = s["planner"]["remote"]
+    assert remote["round_trip_ms"]["p50"] > 0, (s["planner"], proc.stderr[-3000:])
     assert remote["endpoint"] == server.endpoint and remote["secure"] is True
     assert 0 < remote["round_trip_ms"]["p50"] <= remote["round_trip_ms"]["p99"]
     assert s["planner"]["plans"] > 20 and s["follower"]["mode_counts"]["TRACK"] > 0

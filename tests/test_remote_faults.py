@@ -38,6 +38,9 @@ WHY_NOT = netns.unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
 SERVER_PORT = 5571  # inside the server's own namespace
+# a busy shared host starves the follower for whole ticks: these tests are about the network,
+# so it takes a much worse deadline-miss storm than configs/sim.yaml's to FAULT here
+STORM_MISSES = 400  # of follower.deadline_storm.window_ticks (500)
 TIMEOUT_MS = 400.0  # configs/sim.yaml follower.plan_timeout_ms
 
 
@@ -157,7 +160,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
                 tmp / "server", bundle, keys, listen=f"tcp://{netns.SERVER_IP}:{SERVER_PORT}",
                 prefix=link.exec_in(link.server))
             proxy = FaultProxy(link, f"{netns.SERVER_IP}:{SERVER_PORT}")
-            overrides = [f"planner.remote.endpoint=tcp://127.0.0.1:{proxy.port}",
+            overrides = [f"follower.deadline_storm.misses={STORM_MISSES}",
+                         f"planner.remote.endpoint=tcp://127.0.0.1:{proxy.port}",
                          f"planner.remote.server_key={keys.server_public}",
                          f"planner.remote.robot_key={keys.robots['robot-0']}"]
             with Stack(tmp / "robot", bundle, overrides) as stack:
