@@ -1,7 +1,8 @@
 """Coverage-guided fuzzing (atheris) of everything that decodes outside input: wire messages,
 plans through the follower core's validation, requests through the request/reply server,
-joint states, config YAML, bundle manifests and the planner server's observations. Each target may only raise its own error
-type; anything else is a crash, saved by libFuzzer as crash-<hash> in the working dir.
+joint states, config YAML, bundle manifests and the planner server's observations. Each
+target may only raise its own error type; anything else is a crash, saved by libFuzzer as
+crash-<hash> in the working dir.
 
     make fuzz                       # every target, FUZZ_S seconds each (default 120)
     .venv/bin/python tests/fuzz_decoders.py --seconds 60 --target plan
