@@ -99,9 +99,6 @@ class StateHistory:
             row[i] = fields.get(name, fields.get("q") if name == "q_cmd" else 0.0)
         self.count += 1
 
-    def clear(self) -> None:
-        self.count = 0
-
     def rows_at(self, times_ns: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The states `at` returns for these times, each once, oldest first: (read times
         [m], values [len(FIELDS), m, n]) -- all a reader of those times needs."""
