@@ -6,7 +6,7 @@ TORCH_PIN := torch==2.13.0
 DURATION ?= 20
 FUZZ_S ?= 120
 
-.PHONY: demo test lint bench train bundle bundles eval fuzz verify-systemd clean
+.PHONY: demo demo-remote test lint bench train bundle bundles eval fuzz verify-systemd clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,12 +21,31 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 # tensorrt-stubs declares the full TensorRT runtime as a dependency; only its stubs are wanted.
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[sim,export,camera,dev]"
+	$(BIN)/pip install -q -e ".[sim,export,camera,serve,dev]"
 	$(BIN)/pip install -q --no-deps "tensorrt-stubs>=10.0"
 	touch $@
 
 demo: $(VENV)/.demo
 	$(BIN)/duet run --config configs/sim.yaml --set run_dir=$(CURDIR)/runs/demo --duration $(DURATION) --summary-json runs/demo/summary.json
+
+# The sim robot with its planner off-board: a planner server in a second process, reached
+# over CURVE TCP on the loopback (keys made here, the robot's in the server's allow-list).
+REMOTE_PORT ?= 5571
+DR := runs/demo-remote
+demo-remote: $(VENV)/.demo
+	rm -rf $(DR) && mkdir -p $(DR)/keys/allow
+	$(BIN)/duet keys generate server --out $(DR)/keys/server >/dev/null
+	$(BIN)/duet keys generate robot-1 --out $(DR)/keys/robot >/dev/null
+	cp $(DR)/keys/robot/robot-1.key $(DR)/keys/allow/
+	$(BIN)/duet planner --config configs/sim.yaml --set run_dir=$(CURDIR)/$(DR)/server \
+	  --set planner.serve.key=$(DR)/keys/server/server.key_secret \
+	  --set planner.serve.allow=$(DR)/keys/allow --listen tcp://127.0.0.1:$(REMOTE_PORT) & \
+	server=$$!; trap 'kill $$server; wait $$server' EXIT; \
+	$(BIN)/duet run --config configs/sim.yaml --set run_dir=$(CURDIR)/$(DR)/run \
+	  --set planner.remote.endpoint=tcp://127.0.0.1:$(REMOTE_PORT) \
+	  --set planner.remote.server_key=$(DR)/keys/server/server.key \
+	  --set planner.remote.robot_key=$(DR)/keys/robot/robot-1.key_secret \
+	  --duration $(DURATION) --summary-json $(DR)/summary.json
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -68,9 +68,11 @@ def measure(bundle: Bundle, calls: int, flow_steps: int | None = None) -> dict[s
     return out
 
 
-def flow_bundle(root: Path) -> Path:
+def flow_bundle(root: Path, batch: int = 1, dynamic: bool = False) -> Path:
     """A flow-matching planner of a realistic shape: a conv encoder of the camera and q, and
-    an MLP velocity network on (context, x_t, t), integrated K = 10 times."""
+    an MLP velocity network on (context, x_t, t), integrated K = 10 times; exported with
+    `batch` observations per engine call, or up to `batch` when `dynamic` (the same weights
+    for every batch)."""
     import contextlib
     import io
 
@@ -110,18 +112,21 @@ def flow_bundle(root: Path) -> Path:
             {"name": "encoder", "file": "encoder.onnx", "inputs": [
                 {"role": "camera", "name": "image", "camera": "scene", "height": 96,
                  "width": 96}, {"role": "proprio", "name": "q"}],
-             "outputs": [{"role": "features", "name": "ctx", "shape": [1, 256]}]},
+             "outputs": [{"role": "features", "name": "ctx", "shape": [batch, 256]}]},
             {"name": "decoder", "file": "decoder.onnx", "flow": {"steps": 10}, "inputs": [
                 {"role": "stage", "name": "ctx", "source": "encoder.ctx"},
                 {"role": "noise", "name": "x_t"}, {"role": "flow_time", "name": "t"}],
              "outputs": [{"role": "velocity", "name": "v"}]}],
             "actions": {"horizon": 10, "dt_s": 0.1, "joints": JOINTS,
-                        "mean": [0.0] * 6, "std": [0.3] * 6}}}
+                        "mean": [0.0] * 6, "std": [0.3] * 6},
+            "batch": batch, "dynamic_batch": dynamic}}
     (root / "contract.yaml").write_text(yaml.safe_dump(contract))
     with contextlib.redirect_stdout(io.StringIO()):
         return export_bundle(load_contract(root / "contract.yaml"),
                              {"encoder": Encoder().eval(), "decoder": Velocity().eval()},
-                             root / "flow", ExportOptions(calib=8, parity_samples=4), root)
+                             root / f"flow-b{batch}{'d' if dynamic else ''}",
+                             ExportOptions(calib=8, parity_samples=4),
+                             root)
 
 
 def main() -> None:

@@ -61,24 +61,34 @@ def take(samples: Samples, idx: slice | np.ndarray) -> Samples:
     return {k: v[idx] for k, v in samples.items()}
 
 
-def rows(samples: Samples) -> Iterator[dict[str, np.ndarray]]:
-    """One batch-of-1 feed dict per sample."""
-    for i in range(count(samples)):
-        yield {k: v[i : i + 1] for k, v in samples.items()}
+def batches(samples: Samples, batch: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Feed dicts of `batch` consecutive samples, for a model exported with that batch, and
+    how many of its rows are real (the last one is topped up with the first samples)."""
+    n = count(samples)
+    for i in range(0, n, batch):
+        real = min(batch, n - i)
+        idx = slice(i, i + batch) if real == batch else np.arange(i, i + batch) % n
+        yield {k: v[idx] for k, v in samples.items()}, real
+
+
+def batch_of(specs: list[TensorSpec]) -> int:
+    """The batch a model was exported with: its inputs' leading dimension."""
+    return specs[0].shape[0] if specs and specs[0].shape else 1
 
 
 class SampleReader(CalibrationDataReader):
-    """onnxruntime.quantization feeds, one sample at a time."""
+    """onnxruntime.quantization feeds, `batch` samples at a time."""
 
-    def __init__(self, samples: Samples) -> None:
-        self.samples = samples
-        self._it = rows(samples)
+    def __init__(self, samples: Samples, batch: int = 1) -> None:
+        self.samples, self.batch = samples, batch
+        self.rewind()
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
+        got = next(self._it, None)
+        return None if got is None else got[0]
 
     def rewind(self) -> None:
-        self._it = rows(self.samples)
+        self._it = batches(self.samples, self.batch)
 
 
 def synth_inputs(specs: list[TensorSpec], roles: dict[str, Any], n: int, seed: int,

@@ -1,4 +1,5 @@
-"""PyTorch -> ONNX (opset 17, static shapes), checked and shape-inferred."""
+"""PyTorch -> ONNX (opset 17, static shapes but for an optional dynamic batch), checked and
+shape-inferred."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ class ExportError(RuntimeError):
 
 
 def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[str],
-                out_names: list[str], path: Path, label: str) -> None:
-    """Trace `model` at batch 1 (its forward takes `inputs` in the contract's order) and
-    write a checked, shape-inferred ONNX file."""
+                out_names: list[str], path: Path, label: str,
+                dynamic_batch: bool = False) -> None:
+    """Trace `model` on `inputs` (in the contract's order; their leading dimension is the
+    batch, symbolic in the graph with `dynamic_batch`) and write a checked, shape-inferred
+    ONNX file."""
+    axes = {name: {0: "batch"} for name in in_names + out_names} if dynamic_batch else None
     model.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -27,17 +31,17 @@ def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], in_nam
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, inputs, str(path), input_names=in_names,
                               output_names=out_names, opset_version=OPSET, dynamo=False,
-                              do_constant_folding=True)
+                              do_constant_folding=True, dynamic_axes=axes)
     except Exception as exc:  # torch raises many types (TypeError for a wrong signature...)
         raise ExportError(f"{label}: torch.onnx.export failed: {exc.__class__.__name__}: "
                           f"{exc} (forward must take {in_names} in this order and return "
                           f"{out_names})") from None
-    check_onnx(path, label)
+    check_onnx(path, label, dynamic_batch)
 
 
-def check_onnx(path: Path, label: str) -> None:
-    """onnx.checker (full) and strict shape inference; static I/O shapes. Rewrites `path`
-    with the inferred shapes."""
+def check_onnx(path: Path, label: str, dynamic_batch: bool = False) -> None:
+    """onnx.checker (full) and strict shape inference; static I/O shapes (but the leading
+    one, with `dynamic_batch`). Rewrites `path` with the inferred shapes."""
     try:
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto, full_check=True)
@@ -45,7 +49,7 @@ def check_onnx(path: Path, label: str) -> None:
     except Exception as exc:  # checker, inference and protobuf errors alike
         raise ExportError(f"{label}: {path.name} is not a valid ONNX model: {exc}") from None
     for value in list(proto.graph.input) + list(proto.graph.output):
-        dims = value.type.tensor_type.shape.dim
+        dims = list(value.type.tensor_type.shape.dim)[1 if dynamic_batch else 0:]
         if any(not d.HasField("dim_value") for d in dims):
             raise ExportError(f"{label}: {value.name} has a dynamic shape; bundles are static "
                               "(export at batch 1 with fixed sizes)")

@@ -157,11 +157,11 @@ def _samples(name: str, ins: list[TensorSpec], n: int, contract: Contract, asset
 def _run(engine: OnnxRuntimeEngine, inputs: calib.Samples, outs: list[TensorSpec]
          ) -> dict[str, np.ndarray]:
     results: dict[str, list[np.ndarray]] = {t.name: [] for t in outs}
-    for feeds in calib.rows(inputs):
+    for feeds, real in calib.batches(inputs, calib.batch_of(engine.input_specs)):
         got = engine.run(feeds)
         for t in outs:
-            results[t.name].append(got[t.name][0].copy())
-    return {k: np.stack(v) for k, v in results.items()}
+            results[t.name].append(got[t.name][:real].copy())
+    return {k: np.concatenate(v) for k, v in results.items()}
 
 
 def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
@@ -189,10 +189,12 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
             kind = "follower" if name == "follower" else "planner"
             label = f"model {name}"
             fp32 = work / f"{name}.fp32.onnx"
-            examples = calib.synth_inputs(ins, _roles(contract, None, assets)[0], 1, 0)
+            examples = calib.synth_inputs(ins, _roles(contract, None, assets)[0],
+                                          calib.batch_of(ins), 0)
             produce(name, examples, fp32)
-            check_onnx(fp32, label)
-            engine = OnnxRuntimeEngine(fp32)
+            dynamic = kind == "planner" and contract.planner.dynamic_batch
+            check_onnx(fp32, label, dynamic)
+            engine = OnnxRuntimeEngine(fp32, batch=calib.batch_of(ins) if dynamic else None)
             spec = ModelSpec(file=fp32.name, precision="fp32", inputs=ins, outputs=outs)
             try:
                 check_specs(spec, engine, label)
@@ -218,9 +220,9 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
                 if precision == "fp16":
                     to_fp16(fp32, final)
                 else:
-                    to_int8(fp32, final, calibration, opts.int8_ops)
-                res.append(measure(f"{name} {precision}", OnnxRuntimeEngine(final), held_out,
-                                   ref, TOLERANCES[precision][kind]))
+                    to_int8(fp32, final, calibration, opts.int8_ops, calib.batch_of(ins))
+                res.append(measure(f"{name} {precision}", OnnxRuntimeEngine(
+                    final, batch=engine.batch), held_out, ref, TOLERANCES[precision][kind]))
             results += res
             file = f"{name}.onnx"
             shutil.copyfile(final, staged / file)
@@ -288,19 +290,19 @@ def export_bundle(contract: Contract, modules: dict[str, Any], out: Path, opts: 
         ins, outs = tensors[name]
         args = tuple(torch.from_numpy(examples[t.name]) for t in ins)
         export_onnx(modules[name], args, [t.name for t in ins], [t.name for t in outs], path,
-                    f"model {name}")
+                    f"model {name}", name != "follower" and contract.planner.dynamic_batch)
 
     def reference(name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The module's outputs, one sample at a time: batch 1, as it was exported."""
+        """The module's outputs, in batches of the size it was exported with."""
         ins, outs = tensors[name]
         results: dict[str, list[np.ndarray]] = {t.name: [] for t in outs}
         with torch.no_grad():
-            for feeds in calib.rows(inputs):
+            for feeds, real in calib.batches(inputs, calib.batch_of(ins)):
                 got = modules[name](*(torch.from_numpy(feeds[t.name]) for t in ins))
                 got = got if isinstance(got, (tuple, list)) else (got,)
                 for t, g in zip(outs, got, strict=True):
-                    results[t.name].append(g.detach().numpy()[0].astype(np.float64))
-        return {k: np.stack(v) for k, v in results.items()}
+                    results[t.name].append(g.detach().numpy()[:real].astype(np.float64))
+        return {k: np.concatenate(v) for k, v in results.items()}
 
     opts.torch_version = opts.torch_version or str(torch.__version__)
     return _build(contract, out, opts, assets, produce, reference)

@@ -10,7 +10,9 @@ files are needed on one host, and the checks are:
   `access.operator_group` are `operator` (status, estop, task). Anyone else is refused.
 
 The role travels on every message as its ZMQ "User-Id" property (see runtime/rpc.py).
-TCP peers are refused by these domains: off-board traffic uses CURVE (issue 14), not this.
+TCP peers are refused by these domains. Off-board traffic (the planner server's socket) is
+domain `remote`: CURVE, and only robots whose public key is in the server's allow-list
+(`RemoteAccess`); their User-Id is the robot's name. Plaintext peers only with `insecure`.
 Refusals are counted and logged once a second at most, never raised.
 """
 
@@ -27,11 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
+import zmq.utils.z85
 
 log = logging.getLogger("duet.access")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ADMIN, OPERATOR = "admin", "operator"
+REMOTE = "remote"  # the domain of the planner server's TCP socket
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,25 @@ class Policy:
         return None
 
 
+@dataclass
+class RemoteAccess:
+    """Domain `remote`: CURVE peers whose public key (Z85) is allowed, named by robot; NULL
+    (plaintext) peers only when `insecure`, named by their address."""
+
+    allowed: dict[bytes, str]
+    insecure: bool = False
+
+    def name(self, mechanism: bytes, credentials: list[bytes], address: str
+             ) -> tuple[str | None, str]:
+        """(the peer's User-Id, or None and the refusal's counter key)."""
+        if mechanism == b"CURVE" and credentials and len(credentials[0]) == 32:
+            name = self.allowed.get(zmq.utils.z85.encode(credentials[0]))
+            return (name, "") if name is not None else (None, "unknown key")
+        if mechanism == b"NULL":
+            return (f"insecure:{address}", "") if self.insecure else (None, "plaintext")
+        return None, "mechanism"
+
+
 class ZapHandler:
     """The process's ZAP handler (one per zmq context), on a daemon thread.
 
@@ -95,9 +118,12 @@ class ZapHandler:
     here, once per connection, never per message.
     """
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], policy: Policy,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], policy: Policy | None,
+                 clock: Callable[[], float] = time.monotonic,
+                 remote: RemoteAccess | None = None) -> None:
+        """`policy`: the ipc domains (None: none served); `remote`: domain `remote`."""
         self.policy = policy
+        self.remote = remote
         self.refused: Counter[str] = Counter()
         self.admitted: Counter[str] = Counter()
         self._clock = clock
@@ -138,8 +164,10 @@ class ZapHandler:
             self._refuse("malformed", "malformed ZAP request")
             return None
         domain = frames[2].decode("ascii", "replace")
+        if domain == REMOTE:
+            return self._decide_remote(frames)
         peer = parse_ipc_peer(frames[3])
-        if peer is None:
+        if peer is None or self.policy is None:
             self._refuse(domain, f"{domain}: peer {frames[3]!r} is not a local ipc peer")
             return None
         role = self.policy.role(domain, peer)
@@ -149,6 +177,20 @@ class ZapHandler:
         else:
             self.admitted[domain] += 1
         return role
+
+    def _decide_remote(self, frames: list[bytes]) -> str | None:
+        address = frames[3].decode("ascii", "replace")
+        if self.remote is None:
+            self._refuse(REMOTE, f"remote: {address}: this process serves no remote peers")
+            return None
+        name, why = self.remote.name(frames[5], frames[6:], address)
+        if name is None:
+            key = zmq.utils.z85.encode(frames[6]).decode() if len(frames) > 6 \
+                and len(frames[6]) == 32 else "-"
+            self._refuse(f"{REMOTE} {why}", f"remote: {why} from {address} (key {key})")
+        else:
+            self.admitted[REMOTE] += 1
+        return name
 
     def _refuse(self, key: str, text: str) -> None:
         self.refused[key] += 1

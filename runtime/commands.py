@@ -1,4 +1,4 @@
-"""`duet run | follower | planner | estop | reset`."""
+"""`duet run | follower | planner | estop | reset | task | keys`."""
 
 from __future__ import annotations
 
@@ -28,10 +28,29 @@ def _follower(args: argparse.Namespace) -> int:
 
 
 def _planner(args: argparse.Namespace) -> int:
+    setup_logging()
+    if args.listen:
+        from runtime.planner_server import run_server
+
+        args.set.append(f"planner.serve.listen={args.listen}")
+        return run_server(cliopts.load(args, "duet planner"), args.duration)
     from runtime.planner import run_planner
 
-    setup_logging()
     return run_planner(cliopts.load(args, "duet planner"), args.duration)
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from runtime.keys import KeyFileError, generate
+
+    try:
+        public, secret = generate(args.name, args.out)
+    except (KeyFileError, OSError) as exc:
+        print(f"duet keys generate: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key: {public}  (give it out: a robot's goes into the server's allow-list "
+          f"directory, the server's to its robots)\nsecret key: {secret}  (mode 0600; "
+          "never leaves this host)")
+    return 0
 
 
 def _estop(args: argparse.Namespace) -> int:
@@ -160,7 +179,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         cliopts.add_config(p)
         cliopts.add_run_dir(p)
         p.add_argument("--duration", type=float, default=None)
+        if name == "planner":
+            p.add_argument("--listen", default=None, metavar="tcp://HOST:PORT",
+                           help="serve robots over the network (CURVE; planner.serve)")
         p.set_defaults(func=func)
+
+    p = cliopts.subcommand(sub, "keys", "CURVE key pairs for the off-board planner",
+                           "duet keys generate robot-17 --out /etc/duet/keys")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    g = cliopts.subcommand(keys_sub, "generate", "write NAME.key (public) and NAME.key_secret "
+                           "(0600)", "duet keys generate robot-17 --out /etc/duet/keys")
+    g.add_argument("name", help="the robot's or the server's name (the allow-list shows it)")
+    g.add_argument("--out", default=".", help="directory for the two files (default: .)")
+    g.set_defaults(func=_keys_generate)
 
     for cmd, func, text in (
             ("estop", _estop, "emergency stop: torque off until `duet reset` (falls back to "

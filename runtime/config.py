@@ -194,6 +194,60 @@ class CameraConfig(_Strict):
     stale_ms: float = Field(500.0, gt=0, le=60_000)
 
 
+TCP_ENDPOINT = r"^tcp://[^\s/:]+:[0-9]{1,5}$"
+
+
+class RemoteConfig(_Strict):
+    """The robot's side of an off-board planner: the planner process relays state, frames
+    and task to the planner server at `endpoint` and its plans back to the follower."""
+
+    endpoint: str = Field(pattern=TCP_ENDPOINT)  # tcp://HOST:PORT of `duet planner --listen`
+    server_key: str | None = None  # the server's public certificate (NAME.key)
+    robot_key: str | None = None  # this robot's secret certificate (NAME.key_secret, 0600)
+    insecure: bool = False  # plaintext TCP, no authentication: `duet doctor` flags it
+    jpeg_quality: int = Field(90, ge=10, le=100)
+    max_frame_bytes: int = Field(1 << 20, gt=0, le=16 << 20)  # one encoded frame
+
+    @model_validator(mode="after")
+    def _keys_unless_insecure(self) -> RemoteConfig:
+        if not self.insecure and (self.server_key is None or self.robot_key is None):
+            raise ValueError("server_key and robot_key are required (`duet keys generate`); "
+                             "plaintext only with insecure: true")
+        return self
+
+
+class RayServeConfig(_Strict):
+    """Batches handed to a Ray Serve deployment (runtime/serve_ray.py)."""
+
+    address: str | None = None  # a running Ray cluster (ray://... or auto); None: start one here
+    replicas: int = Field(1, ge=1, le=1024)
+    gpus_per_replica: float = Field(0.0, ge=0, le=8)
+    cpus_per_replica: float = Field(1.0, gt=0, le=256)
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000)  # @serve.batch's batch_wait_timeout_s
+
+
+class ServeConfig(_Strict):
+    """`duet planner --listen tcp://HOST:PORT`: this host plans for robots over the network."""
+
+    listen: str | None = Field(None, pattern=TCP_ENDPOINT)
+    key: str | None = None  # the server's secret certificate (NAME.key_secret, 0600)
+    allow: str | None = None  # a directory of the admitted robots' public keys (*.key)
+    insecure: bool = False  # plaintext, anyone who reaches the port: `duet doctor` flags it
+    rate_hz: float = Field(20.0, gt=0, le=1000)  # the most observations served per robot
+    max_robots: int = Field(64, ge=1, le=4096)
+    max_frame_bytes: int = Field(1 << 20, gt=0, le=16 << 20)
+    max_frame_pixels: int = Field(4096 * 4096, gt=0, le=1 << 26)
+    engine: Literal["local", "ray"] = "local"
+    ray: RayServeConfig = RayServeConfig()
+
+    @model_validator(mode="after")
+    def _keys_unless_insecure(self) -> ServeConfig:
+        if not self.insecure and (self.key is None or self.allow is None):
+            raise ValueError("key and allow are required (`duet keys generate`); plaintext "
+                             "only with insecure: true")
+        return self
+
+
 class PlannerConfig(_Strict):
     hz: float = Field(5.0, gt=0, le=50)
     # The robot's cameras by name; the bundle's contract says which it reads.
@@ -205,6 +259,9 @@ class PlannerConfig(_Strict):
     threads: int = Field(1, ge=1, le=64)
     flow_steps: int | None = Field(None, ge=1, le=256)  # override a flow head's K
     prefix: bool = True  # feed the action prefix to models that take one
+    # set: this robot's planner runs off-board (the planner process relays to it)
+    remote: RemoteConfig | None = None
+    serve: ServeConfig | None = None  # this host serves robots (`duet planner --listen`)
 
 
 class BundleConfig(_Strict):

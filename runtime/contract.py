@@ -198,6 +198,12 @@ class Actions(_Strict):
 class Planner(_Strict):
     stages: list[Stage] = Field(min_length=1, max_length=8)
     actions: Actions
+    # Observations per engine call: every planner tensor leads with it. A planner server
+    # (runtime/planner_server.py) fills up to this many rows from different robots in one
+    # call; a robot's own planner fills one. `dynamic_batch`: the graphs take any number of
+    # rows up to `batch` (ONNX Runtime computes only those); else always `batch`.
+    batch: int = Field(1, ge=1, le=256)
+    dynamic_batch: bool = False
 
     @model_validator(mode="after")
     def _stages_connect(self) -> Planner:
@@ -213,6 +219,9 @@ class Planner(_Strict):
                 if isinstance(i, ProprioInput):
                     _check_stats(i.name, i.mean, i.std, i.joints or self.actions.joints)
             for o in stage.outputs:
+                if o.shape is not None and o.shape[0] != self.batch:
+                    raise ValueError(f"stage {stage.name}: output {o.name} shape {o.shape} "
+                                     f"does not lead with the batch ({self.batch})")
                 seen[f"{stage.name}.{o.name}"] = o
         last = self.stages[-1]
         if last.flow is None and not any(o.role == "actions" for o in last.outputs):
@@ -318,28 +327,29 @@ class Contract(_Strict):
     def stage_tensors(self, stage: Stage) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """The (inputs, outputs) an engine for this stage must have, derived from roles."""
         a = self.planner.actions
-        chunk = [1, a.horizon, len(a.joints)]
+        b = self.planner.batch
+        chunk = [b, a.horizon, len(a.joints)]
         ins: list[TensorSpec] = []
         for i in stage.inputs:
             if isinstance(i, CameraInput):
-                ins.append(TensorSpec(name=i.name, dtype=i.dtype, shape=i.shape()))
+                ins.append(TensorSpec(name=i.name, dtype=i.dtype, shape=[b, *i.shape()[1:]]))
             elif isinstance(i, ProprioInput):
                 d = len(self.proprio_joints(i))
-                shape = [1, d] if i.history == 1 else [1, i.history, d]
+                shape = [b, d] if i.history == 1 else [b, i.history, d]
                 ins.append(TensorSpec(name=i.name, dtype="float32", shape=shape))
             elif isinstance(i, InstructionInput):
-                ins.append(TensorSpec(name=i.name, dtype="int64", shape=[1, i.max_len]))
+                ins.append(TensorSpec(name=i.name, dtype="int64", shape=[b, i.max_len]))
                 if i.mask:
-                    ins.append(TensorSpec(name=i.mask, dtype="int64", shape=[1, i.max_len]))
+                    ins.append(TensorSpec(name=i.mask, dtype="int64", shape=[b, i.max_len]))
             elif isinstance(i, PrefixInput):
                 ins.append(TensorSpec(name=i.name, dtype="float32",
-                                      shape=[1, i.steps, len(a.joints)]))
+                                      shape=[b, i.steps, len(a.joints)]))
                 if i.length:
-                    ins.append(TensorSpec(name=i.length, dtype="int64", shape=[1]))
+                    ins.append(TensorSpec(name=i.length, dtype="int64", shape=[b]))
             elif isinstance(i, NoiseInput):
                 ins.append(TensorSpec(name=i.name, dtype="float32", shape=chunk))
             elif isinstance(i, FlowTimeInput):
-                ins.append(TensorSpec(name=i.name, dtype="float32", shape=[1]))
+                ins.append(TensorSpec(name=i.name, dtype="float32", shape=[b]))
             else:
                 src = self.planner.source(i.source)
                 ins.append(TensorSpec(name=i.name, dtype=src.dtype,

@@ -17,6 +17,11 @@ duet's own bound publishers and is bounded again by the decoders.
 | telemetry-planner    | planner   | PUB -> SUB   | status, top, recorder          |
 | recorder             | recorder  | ROUTER<-REQ  | CLI (domain `control`)         |
 | sim, sim-control     | sim       | PUB / ROUTER | planner cameras, tests         |
+| telemetry-planner-server | planner server | PUB -> SUB | status, tests            |
+
+Off the host, one TCP socket (runtime/planner_server.py): `duet planner --listen
+tcp://HOST:PORT` binds a ROUTER that robots' relays (DEALER) dial, CURVE with the allow-list
+(domain `remote`), capped at runtime/remote_wire.py's `max_observation_bytes`.
 """
 
 from __future__ import annotations

@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import struct
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 import numpy as np
 
 VERSION = 1
-TYPES = frozenset({"state", "plan", "telemetry", "request", "reply", "task", "frame", "episode"})
+TYPES = frozenset({"state", "plan", "telemetry", "request", "reply", "task", "frame", "episode",
+                   "observation"})
 _ARRAY_DTYPES = frozenset({"<f4", "<f8", "|u1", "<i8", "<i4", "<u4"})
 MAX_RANK = 4
 MAX_ELEMENTS = 1 << 24  # 16 M: a 1080p RGB frame is 6.2 M
@@ -37,12 +38,12 @@ class MessageError(ValueError):
         self.kind = kind
 
 
-def is_int(x: object) -> bool:
+def is_int(x: object) -> TypeGuard[int]:
     """An integer on the wire: not a bool (True == 1 in Python), inside int64."""
     return type(x) is int and -_INT64_MAX - 1 <= x <= _INT64_MAX
 
 
-def is_real(x: object) -> bool:
+def is_real(x: object) -> TypeGuard[float]:
     """A finite float or int (not a bool)."""
     return (type(x) is float and math.isfinite(x)) or is_int(x)
 

@@ -30,7 +30,7 @@ class CameraFeed:
 
     def __init__(self, spec: CameraInput, out: np.ndarray) -> None:
         self.spec = spec
-        self.out = out  # the engine feed this fills, [1, H, W, 3] or [1, 3, H, W]
+        self.out = out  # the engine feed this fills, [batch, H, W, 3] or [batch, 3, H, W]
         self._maps: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
         mean = np.asarray(spec.mean if spec.mean is not None else [0.0] * 3, np.float32)
         std = np.asarray(spec.std if spec.std is not None else [1.0] * 3, np.float32)
@@ -54,7 +54,7 @@ class CameraFeed:
             self._maps[key] = (*_axis_map(h, s.height, y0, ch), *_axis_map(w, s.width, x0, cw))
         return self._maps[key]
 
-    def fill(self, image: np.ndarray) -> None:
+    def fill(self, image: np.ndarray, row: int = 0) -> None:
         s = self.spec
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ObservationError(f"camera {s.camera}: frame {image.dtype}{list(image.shape)}"
@@ -75,10 +75,10 @@ class CameraFeed:
         if s.layout == "NCHW":
             img = img.transpose(2, 0, 1)
         if s.dtype == "uint8":
-            self.out[0] = img
+            self.out[row] = img
         else:
             chan = (slice(None), None, None) if s.layout == "NCHW" else (None, None, slice(None))
-            self.out[0] = img * self._mul[chan] + self._add[chan]
+            self.out[row] = img * self._mul[chan] + self._add[chan]
 
 
 class StateHistory:
@@ -99,6 +99,14 @@ class StateHistory:
             row[i] = fields.get(name, fields.get("q") if name == "q_cmd" else 0.0)
         self.count += 1
 
+    def rows_at(self, times_ns: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The states `at` returns for these times, each once, oldest first: (read times
+        [m], values [len(FIELDS), m, n]) -- all a reader of those times needs."""
+        order = self._order()
+        k = np.searchsorted(self.t_ns[order], np.asarray(times_ns), side="right") - 1
+        picked = order[np.unique(np.maximum(k, 0))]
+        return self.t_ns[picked].copy(), np.stack([self.values[f][picked] for f in FIELDS])
+
     @property
     def latest_t_ns(self) -> int:
         return int(self.t_ns[(self.count - 1) % self._cap]) if self.count else 0
@@ -106,13 +114,16 @@ class StateHistory:
     def latest(self, field: str) -> np.ndarray:
         return self.values[field][(self.count - 1) % self._cap]
 
-    def at(self, field: str, t_ns: int) -> np.ndarray:
-        """The newest state read at or before t_ns (the oldest kept, if none is)."""
+    def _order(self) -> np.ndarray:
+        """Ring indices, oldest first."""
         n = min(self.count, self._cap)
         if n == 0:
             raise ObservationError("no joint state yet")
         end = self.count % self._cap
-        order = np.r_[end:self._cap, 0:end] if self.count > self._cap else np.arange(n)
-        times = self.t_ns[order]
-        k = int(np.searchsorted(times, t_ns, side="right")) - 1
+        return np.r_[end:self._cap, 0:end] if self.count > self._cap else np.arange(n)
+
+    def at(self, field: str, t_ns: int) -> np.ndarray:
+        """The newest state read at or before t_ns (the oldest kept, if none is)."""
+        order = self._order()
+        k = int(np.searchsorted(self.t_ns[order], t_ns, side="right")) - 1
         return self.values[field][order[max(k, 0)]]

@@ -9,7 +9,10 @@ field from Gaussian noise with Euler steps --, then turn the chunk into robot wa
 bundle does not drive hold what the follower commands). Buffers are allocated once; each
 stage's time and each engine call's time are kept for telemetry and the summary.
 
-Used by the planner process, the closed-loop eval and the engine bench alike.
+A bundle exported with `planner.batch: N` takes N observations per engine call
+(`plan_batch`, the planner server's path for several robots); `plan` fills one row.
+
+Used by the planner process, the planner server, the closed-loop eval and the bench alike.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from runtime.bundle import Bundle
 from runtime.contract import (
     CameraInput,
+    Contract,
     FlowTimeInput,
     InstructionInput,
     NoiseInput,
@@ -61,6 +65,38 @@ class Observation:
     frames: dict[str, np.ndarray]
     history: StateHistory
     t_obs_ns: int  # the read time of the state the plan is computed from
+    instruction: str | None = None  # None: the one last set (`set_instruction`)
+
+
+@dataclass
+class PlanRequest:
+    """An observation and what the robot executes meanwhile (the action prefix's source)."""
+
+    obs: Observation
+    previous: Plan | None = None  # the plan executing now, on the robot's clock (s)
+    prefix_valid_s: float = 0.0  # how long after t_obs this plan is expected to take effect
+
+
+def sample_times_ns(spec: ProprioInput, t_obs_ns: int) -> list[int]:
+    """The state read times a proprio input samples, oldest first."""
+    return [t_obs_ns - round((spec.history - 1 - k) * spec.spacing_s * 1e9)
+            for k in range(spec.history)]
+
+
+def state_times_ns(contract: Contract, t_obs_ns: int) -> list[int]:
+    """Every state read time a plan from t_obs reads (what a relay sends the server)."""
+    times = {t_obs_ns}
+    for stage in contract.planner.stages:
+        for i in stage.inputs:
+            if isinstance(i, ProprioInput):
+                times.update(sample_times_ns(i, t_obs_ns))
+    return sorted(times)
+
+
+def instruction_encoder(i: InstructionInput, bundle: Bundle) -> InstructionEncoder:
+    """The tokenizer of an instruction input (TokenizerError naming what is wrong)."""
+    return InstructionEncoder(i.kind, bundle.path / i.tokenizer, i.max_len, i.padding_side,
+                              i.pad_id)
 
 
 class PlannerPipeline:
@@ -83,6 +119,8 @@ class PlannerPipeline:
         self._std = np.asarray(a.std if a.std is not None else [1.0] * d_act)
         self._mean = np.asarray(a.mean if a.mean is not None else [0.0] * d_act)
         self.use_prefix = prefix
+        self.batch = c.planner.batch
+        self.dynamic = c.planner.dynamic_batch  # an engine call computes only the rows filled
         self._rng = np.random.default_rng(seed)
         self.cameras: list[CameraFeed] = []
         self.proprio: list[tuple[ProprioInput, np.ndarray, np.ndarray]] = []
@@ -92,11 +130,13 @@ class PlannerPipeline:
         self.flow_steps: dict[str, int] = {}
         self._outputs: dict[str, np.ndarray] = {}
         self._flow_step: dict[str, np.ndarray] = {}
-        self._instruction: str | None = None
+        self._instruction: list[str | None] = [None] * self.batch  # encoded per row
+        self._row_feeds: list[np.ndarray] = []  # feeds filled row by row from observations
         for stage in c.planner.stages:
             spec = bundle.stage_spec(stage)
-            eng = engines[stage.name] if engines else make_engine(spec, bundle, engine,
-                                                                  threads=threads)
+            eng = engines[stage.name] if engines else make_engine(
+                spec, bundle, engine, threads=threads,
+                dynamic_batch=self.batch if self.dynamic else None)
             feeds = eng.inputs  # filled in place: each call (K for a flow head) copies nothing
             run = _StageRun(stage.name, eng, feeds, [])
             for i in stage.inputs:
@@ -118,28 +158,32 @@ class PlannerPipeline:
         self.plan_ms = Ring(4096)
         self.engine_ms = Ring(4096)  # the engines' own share of plan_ms
         self._chunk = np.zeros((self.horizon, d_act))
-        self._waypoints = np.zeros((self.horizon, len(robot_joints)), dtype=np.float32)
+        self._waypoints = np.zeros((self.batch, self.horizon, len(robot_joints)),
+                                   dtype=np.float32)
 
     # ------------------------------------------------------------------ inputs
     def _bind_input(self, i: object, feeds: dict[str, np.ndarray], run: _StageRun,
                     bundle: Bundle, index: dict[str, int]) -> None:
         if isinstance(i, CameraInput):
             self.cameras.append(CameraFeed(i, feeds[i.name]))
+            self._row_feeds.append(feeds[i.name])
         elif isinstance(i, ProprioInput):
             joints = self.contract.proprio_joints(i)
             missing = [j for j in joints if j not in index]
             if missing:
                 raise PipelineError(f"input {i.name}: joints {missing} are not on the robot")
             self.proprio.append((i, np.array([index[j] for j in joints]), feeds[i.name]))
+            self._row_feeds.append(feeds[i.name])
         elif isinstance(i, InstructionInput):
             try:
-                enc = InstructionEncoder(i.kind, bundle.path / i.tokenizer, i.max_len,
-                                         i.padding_side, i.pad_id)
+                enc = instruction_encoder(i, bundle)
             except TokenizerError as exc:
                 raise PipelineError(f"input {i.name}: {exc}") from None
             self.instruction.append((enc, feeds[i.name], feeds[i.mask] if i.mask else None))
+            self._row_feeds += [feeds[i.name]] + ([feeds[i.mask]] if i.mask else [])
         elif isinstance(i, PrefixInput):
             self.prefixes.append((i, feeds[i.name], feeds[i.length] if i.length else None))
+            self._row_feeds += [feeds[i.name]] + ([feeds[i.length]] if i.length else [])
         elif isinstance(i, NoiseInput):
             run.flow_noise = i.name
         elif isinstance(i, FlowTimeInput):
@@ -155,11 +199,11 @@ class PlannerPipeline:
         for enc, _, _ in self.instruction:
             enc.check(text)
 
-    def set_instruction(self, text: str) -> None:
-        if text != self._instruction:
+    def set_instruction(self, text: str, row: int = 0) -> None:
+        if text != self._instruction[row]:
             for enc, ids, mask in self.instruction:
-                enc.encode(text, ids[0], None if mask is None else mask[0])
-            self._instruction = text
+                enc.encode(text, ids[row], None if mask is None else mask[row])
+            self._instruction[row] = text
 
     # ------------------------------------------------------------------ one plan
     def plan(self, obs: Observation, previous: Plan | None = None,
@@ -170,23 +214,36 @@ class PlannerPipeline:
         ns / 1e9); its part from t_obs to t_obs + `prefix_valid_s` (what will run while this
         plan is computed) is the action prefix for models that take one.
         """
+        out = self.plan_batch([PlanRequest(obs, previous, prefix_valid_s)])[0]
+        if isinstance(out, ObservationError):
+            raise out
+        return out
+
+    def plan_batch(self, requests: list[PlanRequest]) -> list[np.ndarray | ObservationError]:
+        """One engine call (per stage, per flow step) for up to `batch` observations: each
+        one's waypoints [H, n_robot] (views on a buffer the next call reuses), or the
+        ObservationError that kept it out of the call."""
+        if not 1 <= len(requests) <= self.batch:
+            raise ValueError(f"{len(requests)} observations for a batch of {self.batch}")
         t0 = time.perf_counter_ns()
-        t_obs = obs.t_obs_ns
-        q_obs = obs.history.at("q", t_obs)
-        for cam in self.cameras:
-            frame = obs.frames.get(cam.spec.camera)
-            if frame is None:
-                raise ObservationError(f"no frame from camera {cam.spec.camera}")
-            cam.fill(frame)
-        for spec, idx, feed in self.proprio:
-            if spec.history == 1:
-                _normalised(feed[0], obs.history.at(spec.field, t_obs)[idx], spec)
-            else:
-                for k in range(spec.history):  # oldest first
-                    t_k = t_obs - round((spec.history - 1 - k) * spec.spacing_s * 1e9)
-                    _normalised(feed[0, k], obs.history.at(spec.field, t_k)[idx], spec)
-        if self.prefixes:
-            self._fill_prefix(previous, t_obs, prefix_valid_s, q_obs)
+        rows: list[int] = []  # the request each filled row holds
+        results: list[np.ndarray | ObservationError] = []
+        q_obs: list[tuple[np.ndarray, np.ndarray]] = []
+        for k, req in enumerate(requests):
+            row = len(rows)
+            try:
+                q_obs.append(self._fill_row(req, row))
+            except ObservationError as exc:
+                results.append(exc)
+                continue
+            rows.append(k)
+            results.append(self._waypoints[row])
+        if not rows:
+            return results
+        n = len(rows) if self.dynamic else None  # the rows an engine call computes
+        if n is None:
+            for feed in self._row_feeds:  # spare rows repeat a real one: finite, and ignored
+                feed[len(rows):] = feed[:1]
         engine_ns = 0
         for run in self.stages:
             ts = time.perf_counter_ns()
@@ -195,26 +252,45 @@ class PlannerPipeline:
             steps = self.flow_steps.get(run.name)
             if steps is None:
                 te = time.perf_counter_ns()
-                out = run.engine.run(run.feeds)
+                out = run.engine.run(run.feeds, n)
                 engine_ns += time.perf_counter_ns() - te
                 for name, value in out.items():
                     self._outputs[f"{run.name}.{name}"] = value
             else:
-                engine_ns += self._integrate(run, steps)
+                engine_ns += self._integrate(run, steps, n)
             run.ms.add((time.perf_counter_ns() - ts) / 1e6)
         last = self.stages[-1]
-        if self._flow_last:
-            assert last.flow_noise is not None
-            self._chunk[:] = last.feeds[last.flow_noise][0]
-        else:
-            assert last.actions is not None
-            self._chunk[:] = self._outputs[f"{last.name}.{last.actions}"][0]
-        self._to_robot(q_obs, obs.history.at("q_cmd", t_obs))
+        chunks = last.feeds[last.flow_noise] if self._flow_last and last.flow_noise \
+            else self._outputs[f"{last.name}.{last.actions}"]
+        for row, (q, q_hold) in enumerate(q_obs):
+            self._chunk[:] = chunks[row]
+            self._to_robot(q, q_hold, row)
         self.engine_ms.add(engine_ns / 1e6)
         self.plan_ms.add((time.perf_counter_ns() - t0) / 1e6)
-        return self._waypoints
+        return results
 
-    def _integrate(self, run: _StageRun, steps: int) -> int:
+    def _fill_row(self, req: PlanRequest, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one observation into `row`; (q at t_obs, q_cmd at t_obs)."""
+        obs, t_obs = req.obs, req.obs.t_obs_ns
+        q_obs = obs.history.at("q", t_obs)
+        for cam in self.cameras:
+            frame = obs.frames.get(cam.spec.camera)
+            if frame is None:
+                raise ObservationError(f"no frame from camera {cam.spec.camera}")
+            cam.fill(frame, row)
+        for spec, idx, feed in self.proprio:
+            for k, t_k in enumerate(sample_times_ns(spec, t_obs)):  # oldest first
+                _normalised(feed[row] if spec.history == 1 else feed[row, k],
+                            obs.history.at(spec.field, t_k)[idx], spec)
+        if obs.instruction is not None:
+            self.set_instruction(obs.instruction, row)
+        elif row:
+            raise ObservationError("an observation in a batch needs its instruction")
+        if self.prefixes:
+            self._fill_prefix(req.previous, t_obs, req.prefix_valid_s, q_obs, row)
+        return q_obs.copy(), obs.history.at("q_cmd", t_obs).copy()
+
+    def _integrate(self, run: _StageRun, steps: int, rows: int | None) -> int:
         """Euler integration of the stage's velocity field from standard normal noise."""
         stage = next(s for s in self.contract.planner.stages if s.name == run.name)
         assert stage.flow is not None and run.flow_noise and run.flow_time and run.velocity
@@ -228,14 +304,14 @@ class PlannerPipeline:
         for k in range(steps):
             t.fill(stage.flow.t_start + k * h)
             te = time.perf_counter_ns()
-            v = run.engine.run(run.feeds)[run.velocity]
+            v = run.engine.run(run.feeds, rows)[run.velocity]
             engine_ns += time.perf_counter_ns() - te
             np.multiply(v, h, out=step)
             x += step
         return engine_ns
 
     def _fill_prefix(self, previous: Plan | None, t_obs_ns: int, valid_s: float,
-                     q_obs: np.ndarray) -> None:
+                     q_obs: np.ndarray, row: int) -> None:
         d = 0
         if self.use_prefix and previous is not None:
             t_obs = t_obs_ns / 1e9
@@ -252,20 +328,20 @@ class PlannerPipeline:
                 a = a - q_obs[self._act_idx]
             a = (a - self._mean) / self._std
         for spec, out, length in self.prefixes:
-            out.fill(0.0)
+            out[row] = 0.0
             n = min(d, spec.steps)
             if n:
-                out[0, :n] = a[:n]
+                out[row, :n] = a[:n]
             if length is not None:
-                length[0] = n
+                length[row] = n
 
-    def _to_robot(self, q_obs: np.ndarray, q_hold: np.ndarray) -> None:
+    def _to_robot(self, q_obs: np.ndarray, q_hold: np.ndarray, row: int) -> None:
         a = self._chunk
         a *= self._std
         a += self._mean
         if self.delta:
             a += q_obs[self._act_idx]
-        w = self._waypoints
+        w = self._waypoints[row]
         w[:] = q_hold  # joints the bundle does not drive hold what the follower commands
         w[:, self._act_idx] = a
 

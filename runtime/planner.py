@@ -8,10 +8,15 @@ socket (`duet task`, a fleet system) or, with `planner.task_source: sim`, from t
 episode announcements; the current task is kept in the run dir, so a restarted planner
 carries on with it. Joint states are kept as they arrive (a model may read a history), and
 the plan last published is the action prefix of the next for models that take one.
+
+`PlannerShell` is everything but the planning (inputs, tasks, plan and telemetry output, the
+loop); `Planner` plans here with the bundle's pipeline, `Relay` (runtime/relay.py) has an
+off-board planner server plan (`planner.remote`).
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import signal
@@ -26,10 +31,11 @@ from drivers.bus import BusError
 from drivers.camera import Camera, CameraError
 from runtime import endpoints
 from runtime.access import OPERATOR, Policy, ZapHandler, uid_of
-from runtime.bundle import BundleError, load_bundle
+from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.cameras import open_camera
 from runtime.config import DuetConfig
 from runtime.engines import EngineError
+from runtime.keys import KeyFileError
 from runtime.messages import (
     Encoder,
     MessageError,
@@ -53,20 +59,25 @@ log = logging.getLogger("duet.planner")
 STATE_MAX_AGE_NS = 200_000_000  # a joint state older than this is not planned on
 
 
-class Planner:
-    def __init__(self, cfg: DuetConfig, cameras: dict[str, Camera] | None = None) -> None:
+def robot_bundle(cfg: DuetConfig) -> Bundle:
+    """The configured bundle, verified, and its contract checked against this robot."""
+    bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
+    problems = contract_problems(bundle.contract, cfg)
+    if problems:
+        raise BundleError(f"{bundle.path}: this robot cannot run it:\n  "
+                          + "\n  ".join(problems))
+    return bundle
+
+
+class PlannerShell(abc.ABC):
+    """The planner process's I/O; a subclass's `step` turns an observation into plans."""
+
+    def __init__(self, cfg: DuetConfig, bundle: Bundle,
+                 cameras: dict[str, Camera] | None = None) -> None:
         self.cfg = cfg
         self.n = len(cfg.robot.joints)
-        bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
-        problems = contract_problems(bundle.contract, cfg)
-        if problems:
-            raise BundleError(f"{bundle.path}: this robot cannot run it:\n  "
-                              + "\n  ".join(problems))
-        self.pipeline = PlannerPipeline(bundle, list(cfg.robot.joints), cfg.bundle.engine,
-                                        flow_steps=cfg.planner.flow_steps,
-                                        threads=cfg.planner.threads, prefix=cfg.planner.prefix)
         self.bundle_version = bundle.version
-        names = self.pipeline.camera_names()
+        names = sorted({c.camera for c in bundle.contract.cameras()})
         self.cameras = cameras if cameras is not None else {
             name: open_camera(name, cfg.planner.cameras[name], cfg.run_dir) for name in names}
         self.history = StateHistory(self.n)
@@ -156,12 +167,9 @@ class Planner:
                 extra[name] = value
         self.history.add(msg["t_read_ns"], q=q, dq=dq, **extra)
 
+    @abc.abstractmethod
     def _check_instruction(self, text: str) -> None:
         """Refuse what the model's tokenizer cannot represent (TaskError names why)."""
-        try:
-            self.pipeline.check_instruction(text)
-        except TokenizerError as exc:
-            raise TaskError(str(exc)) from None
 
     def _sim_task(self, text: Any, episode: Any) -> None:
         if not isinstance(text, str) or not (episode is None or type(episode) is int):
@@ -218,45 +226,52 @@ class Planner:
             frames[name] = frame.image
         return frames
 
-    def step(self) -> bool:
-        """One planning cycle; True when a plan was published."""
+    def observe(self) -> tuple[dict[str, np.ndarray], int] | None:
+        """Fresh frames and the newest state's read time (t_obs), or None with the status
+        saying why there is nothing to plan on (and the prefix forgotten when idle)."""
         self._drain_inputs()
         now = time.monotonic_ns()
         frames = self._frames(now)
         if frames is None:
-            return False
+            return None
         t_obs = self.history.latest_t_ns
         if not t_obs or now - t_obs > STATE_MAX_AGE_NS:
             self.status = "no_state"
-            return False
+            return None
         if not self.instruction:
             self.status = "idle"  # no task: the robot holds; healthy
             self.last_plan = None
-            return False
-        self.pipeline.set_instruction(self.instruction)
+            return None
+        return frames, t_obs
+
+    def expected_latency_s(self) -> float:
+        """How long after t_obs a plan takes effect, by the recent ones (the prefix)."""
         recent = self.latency.values(20)
-        expected_s = float(np.median(recent)) / 1e3 if recent.size else 0.0
-        try:
-            waypoints = self.pipeline.plan(Observation(frames, self.history, t_obs),
-                                           self.last_plan, expected_s)
-        except (ObservationError, EngineError) as exc:
-            self.status = f"bad_observation: {exc}"
-            return False
-        if not np.isfinite(waypoints).all():
-            self.status = "nonfinite_output"
-            return False
+        return float(np.median(recent)) / 1e3 if recent.size else 0.0
+
+    def publish(self, waypoints: np.ndarray, dt_s: float, t_obs: int, episode: Any,
+                waypoints_packed: dict[str, Any] | None = None) -> None:
+        """Send a plan to the follower (and to observers); it becomes the next prefix."""
         t_done = time.monotonic_ns()
         latency_ms = (t_done - t_obs) / 1e6
         plan = self.enc_plan.encode("plan", {
-            "waypoints": pack_array(waypoints), "dt_s": self.pipeline.dt_s,
-            "t_obs_ns": t_obs, "latency_ms": latency_ms, "episode": self.episode})
+            "waypoints": waypoints_packed or pack_array(waypoints), "dt_s": dt_s,
+            "t_obs_ns": t_obs, "latency_ms": latency_ms, "episode": episode})
         self.plan_pub.send(plan)
         self.tel_pub.send(plan)  # observers (the recorder) see plans here
-        self.last_plan = Plan(waypoints.copy(), self.pipeline.dt_s, t_obs / 1e9, t_done / 1e9)
+        self.last_plan = Plan(waypoints.copy(), dt_s, t_obs / 1e9, t_done / 1e9)
         self.plans += 1
         self.latency.add(latency_ms)
         self.status = "planning"
-        return True
+
+    @abc.abstractmethod
+    def step(self) -> bool:
+        """One planning cycle; True when a plan was published."""
+
+    def wait(self, timeout_ms: int) -> None:
+        """Between cycles: answer task requests (a subclass may watch more sockets)."""
+        if self.task_server.sock.poll(timeout_ms):
+            self.task_server.serve_pending()
 
     def telemetry(self) -> dict[str, Any]:
         starts = self.cycle_starts.values(20)
@@ -265,7 +280,6 @@ class Planner:
             "source": "planner", "status": self.status, "plans": self.plans,
             "achieved_hz": round(hz, 2), "bundle": self.bundle_version,
             "latency_ms": summarize(self.latency.values(50), ("p50", "p99"), digits=2),
-            "stage_ms": self.pipeline.stage_ms(50),
             "camera_age_ms": {k: None if v is None else round(v, 1)
                               for k, v in self.camera_age_ms.items()},
             "instruction": self.instruction, "episode": self.episode,
@@ -284,8 +298,7 @@ class Planner:
             if duration_s is not None and now - start >= duration_s * 1e9:
                 break
             if now < deadline:  # wait, answering task requests meanwhile
-                if self.task_server.sock.poll(min(deadline - now, 50_000_000) // 1_000_000):
-                    self.task_server.serve_pending()
+                self.wait(min(deadline - now, 50_000_000) // 1_000_000)
                 continue
             deadline += period_ns
             if deadline < now:
@@ -305,15 +318,62 @@ class Planner:
             "plans": self.plans,
             "achieved_hz": round(self.plans / span, 2) if span else 0.0,
             "latency_ms": summarize(self.latency.values(), ("p50", "p99"), digits=2),
-            "stage_ms": self.pipeline.stage_ms(),
             "dropped_messages": dict(self.dropped),
         }
 
 
+class Planner(PlannerShell):
+    """Plans on this host with the bundle's pipeline."""
+
+    def __init__(self, cfg: DuetConfig, cameras: dict[str, Camera] | None = None) -> None:
+        bundle = robot_bundle(cfg)
+        self.pipeline = PlannerPipeline(bundle, list(cfg.robot.joints), cfg.bundle.engine,
+                                        flow_steps=cfg.planner.flow_steps,
+                                        threads=cfg.planner.threads, prefix=cfg.planner.prefix)
+        super().__init__(cfg, bundle, cameras)
+
+    def _check_instruction(self, text: str) -> None:
+        try:
+            self.pipeline.check_instruction(text)
+        except TokenizerError as exc:
+            raise TaskError(str(exc)) from None
+
+    def step(self) -> bool:
+        got = self.observe()
+        if got is None:
+            return False
+        frames, t_obs = got
+        self.pipeline.set_instruction(self.instruction)
+        try:
+            waypoints = self.pipeline.plan(Observation(frames, self.history, t_obs),
+                                           self.last_plan, self.expected_latency_s())
+        except (ObservationError, EngineError) as exc:
+            self.status = f"bad_observation: {exc}"
+            return False
+        if not np.isfinite(waypoints).all():
+            self.status = "nonfinite_output"
+            return False
+        self.publish(waypoints, self.pipeline.dt_s, t_obs, self.episode)
+        return True
+
+    def telemetry(self) -> dict[str, Any]:
+        return {**super().telemetry(), "stage_ms": self.pipeline.stage_ms(50)}
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "stage_ms": self.pipeline.stage_ms()}
+
+
 def run_planner(cfg: DuetConfig, duration_s: float | None = None) -> int:
+    planner: PlannerShell
     try:
-        planner = Planner(cfg)
-    except (BundleError, EngineError, BusError, CameraError, PipelineError, KeyError) as exc:
+        if cfg.planner.remote is not None:
+            from runtime.relay import Relay
+
+            planner = Relay(cfg)
+        else:
+            planner = Planner(cfg)
+    except (BundleError, EngineError, BusError, CameraError, PipelineError, KeyError,
+            KeyFileError) as exc:
         log.error("%s", exc)
         return 2
 

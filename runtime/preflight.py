@@ -83,5 +83,49 @@ def sim_problems(cfg: DuetConfig) -> list[str]:
     return out
 
 
+def remote_checks(cfg: DuetConfig) -> list[tuple[str, str, str]]:
+    """The off-board planner's keys and plaintext, as (level, detail, fix) with `duet
+    doctor`'s levels: "fail" for what refuses to start, "warn" for plaintext TCP (no
+    authentication, no encryption: anyone on the path can read frames and send plans)."""
+    from runtime import keys
+
+    out: list[tuple[str, str, str]] = []
+    sides = []
+    if cfg.planner.remote is not None:
+        r = cfg.planner.remote
+        sides.append(("planner.remote", r.insecure, [("server_key", r.server_key, False),
+                                                     ("robot_key", r.robot_key, True)]))
+    if cfg.planner.serve is not None:
+        v = cfg.planner.serve
+        sides.append(("planner.serve", v.insecure, [("key", v.key, True)]))
+        if not v.insecure and v.allow is not None:
+            try:
+                n = len(keys.load_allow_list(v.allow))
+                out.append(("ok" if n else "warn", f"planner.serve.allow: {n} robot key(s)",
+                            "" if n else f"copy each robot's NAME.key into {v.allow}"))
+            except keys.KeyFileError as exc:
+                out.append(("fail", f"planner.serve.allow: {exc}", "duet keys generate"))
+    for section, insecure, files in sides:
+        if insecure:
+            out.append(("warn", f"{section}.insecure: true: plaintext TCP, no authentication",
+                        f"duet keys generate; set the keys in {section}; insecure: false"))
+            continue
+        for key, path, secret in files:
+            try:
+                if secret:
+                    keys.load_pair(str(path))
+                else:
+                    keys.load_public(str(path))
+            except keys.KeyFileError as exc:
+                out.append(("fail", f"{section}.{key}: {exc}", "duet keys generate"))
+            else:
+                out.append(("ok", f"{section}.{key}: {path}", ""))
+    return out
+
+
+def remote_problems(cfg: DuetConfig) -> list[str]:
+    return [detail for level, detail, _ in remote_checks(cfg) if level == "fail"]
+
+
 def problems(cfg: DuetConfig) -> list[str]:
-    return bundle_problems(cfg) + device_problems(cfg)
+    return bundle_problems(cfg) + device_problems(cfg) + remote_problems(cfg)

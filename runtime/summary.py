@@ -67,6 +67,16 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
         "dropped_messages": fol.get("dropped_messages", {}),
         "exit_codes": exit_codes,
     }
+    if cfg.planner.remote is not None:  # the relay's figures (runtime/relay.py)
+        got = pla.get("remote")
+        remote: dict[str, Any] = got if isinstance(got, dict) else {}
+        figures: dict[str, Any] = {
+            "endpoint": cfg.planner.remote.endpoint, "secure": not cfg.planner.remote.insecure,
+            "round_trip_ms": remote.get("round_trip_ms", {"p50": 0.0, "p99": 0.0})}
+        for key in ("server_ms", "connects", "disconnects", "refused", "dropped"):
+            if key in remote:
+                figures[key] = remote[key]
+        summary["planner"]["remote"] = figures
     if fol.get("safety", {}).get("last_reason"):
         summary["safety"]["last_reason"] = fol["safety"]["last_reason"]
     if cfg.sim is not None and cfg.sim.enabled:
@@ -98,6 +108,9 @@ def print_summary(s: dict[str, Any]) -> None:
         ("modes (ticks)", ", ".join(f"{k}={v}" for k, v in f["mode_counts"].items() if v)),
         ("planner plans / rate", f"{p['plans']} / {p['achieved_hz']:g} Hz"),
         ("planner latency p50/p99", f"{p['latency_ms']['p50']}/{p['latency_ms']['p99']} ms"),
+        *([("off-board planner round trip p50/p99",
+            f"{p['remote']['round_trip_ms']['p50']}/{p['remote']['round_trip_ms']['p99']} ms "
+            f"({p['remote']['endpoint']})")] if "remote" in p else []),
         ("plan delivery p50/p99",
          f"{s['plan_delivery_us']['p50']}/{s['plan_delivery_us']['p99']} µs"),
         ("bus reads / writes / errors",

@@ -1,7 +1,8 @@
 """Coverage-guided fuzzing (atheris) of everything that decodes outside input: wire messages,
 plans through the follower core's validation, requests through the request/reply server,
-joint states, config YAML and bundle manifests. Each target may only raise its own error
-type; anything else is a crash, saved by libFuzzer as crash-<hash> in the working dir.
+joint states, config YAML, bundle manifests and the planner server's observations. Each
+target may only raise its own error type; anything else is a crash, saved by libFuzzer as
+crash-<hash> in the working dir.
 
     make fuzz                       # every target, FUZZ_S seconds each (default 120)
     .venv/bin/python tests/fuzz_decoders.py --seconds 60 --target plan
@@ -28,6 +29,7 @@ with atheris.instrument_imports():
     from runtime.config import ConfigError, parse_yaml, validate
     from runtime.core import CoreSettings, FollowerCore, PlanRejected
     from runtime.messages import MessageError, decode, decode_plan, decode_state
+    from runtime.remote_wire import Limits, decode_observation
     from runtime.rpc import Command, ReplyServer, RequestError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,17 +100,36 @@ def manifest(data: bytes) -> None:
         pass
 
 
+OBS_LIMITS = Limits(N, frozenset({"scene"}), 1 << 16, 256 * 256)
+
+
+def observation(data: bytes) -> None:
+    try:
+        decode_observation(data, OBS_LIMITS)
+    except MessageError:
+        pass
+
+
 TARGETS = {"plan": plan, "message": message, "request": request, "config": config,
-           "manifest": manifest}
+           "manifest": manifest, "observation": observation}
 
 
 def _seeds(target: str, corpus: Path) -> None:
     """Valid inputs to start from: what the code itself emits."""
+    from runtime import jpeg
     from runtime.messages import Encoder, pack_array
+    from runtime.observation import StateHistory
+    from runtime.remote_wire import encode_observation
 
     corpus.mkdir(parents=True, exist_ok=True)
     enc = Encoder()
     w = np.zeros((10, N), np.float32)
+    h = StateHistory(N)
+    h.add(NOW, q=np.zeros(N), dq=np.zeros(N))
+    obs = encode_observation(enc, bundle="b", t_obs_ns=NOW, states=h.rows_at([NOW]),
+                             jpegs={"scene": jpeg.encode(np.zeros((16, 16, 3), np.uint8), 80)},
+                             instruction="touch the red block", episode=1, previous=None,
+                             previous_waypoints=None, expected_s=0.1)
     seeds = {
         "plan": [enc.encode("plan", {"waypoints": pack_array(w), "dt_s": 0.1,
                                      "t_obs_ns": NOW - 10**7, "latency_ms": 1.0})],
@@ -117,6 +138,7 @@ def _seeds(target: str, corpus: Path) -> None:
         "request": [b"\x00" + enc.encode("request", {"cmd": "estop", "args": {"reason": "x"}})],
         "config": [(ROOT / "configs/sim.yaml").read_bytes()],
         "manifest": [(ROOT / "bundles/reference/manifest.json").read_bytes()],
+        "observation": [obs],
     }[target]
     for i, seed in enumerate(seeds):
         (corpus / f"seed-{i}").write_bytes(seed)

@@ -236,6 +236,14 @@ def check_cameras(cfg: DuetConfig) -> list[Check]:
     return [Check("camera", OK, kinds or "no camera configured")]
 
 
+def check_remote(cfg: DuetConfig) -> list[Check]:
+    """The off-board planner: key files, and plaintext TCP flagged (preflight.remote_checks)."""
+    from runtime.preflight import remote_checks
+
+    return [Check("off-board planner", level, detail, fix)
+            for level, detail, fix in remote_checks(cfg)]
+
+
 def _systemctl_show(unit: str) -> dict[str, str]:
     out = _cmd(["systemctl", "show", unit, "-p", "LoadState", "-p", "ActiveState",
                 "-p", "SubState", "-p", "Result", "-p", "NRestarts", "-p", "UnitFileState"])
@@ -389,6 +397,7 @@ def diagnose(config: Path, site: Path | None, run_dir: str) -> list[Check]:
         lambda: check_bundle(cfg),
         lambda: check_engine(cfg),
         lambda: check_disk(cfg),
+        lambda: check_remote(cfg),
     ]
     for step in steps:
         result = step()

@@ -33,7 +33,10 @@ class Engine(Protocol):
         this very dict to `run` saves the copy."""
         ...
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: dict[str, np.ndarray], rows: int | None = None
+            ) -> dict[str, np.ndarray]:
+        """`rows`: the leading rows to compute, for a dynamic-batch model (else all)."""
+        ...
 
 
 EngineKind = Literal["onnxruntime", "tensorrt"]
@@ -68,8 +71,10 @@ def make_engine(
     threads: int = 1,
     providers: list[str] | None = None,
     cache_dir: str | Path | None = None,
+    dynamic_batch: int | None = None,
 ) -> Engine:
-    """An engine for one model of a verified bundle.
+    """An engine for one model of a verified bundle. `dynamic_batch`: the most rows a model
+    exported with a dynamic batch is called with.
 
     onnxruntime: the bundle's ONNX file. tensorrt: the engine that `duet engines build` cached
     for this ONNX file, this TensorRT version, this GPU and this precision (never built here:
@@ -80,7 +85,11 @@ def make_engine(
     if kind == "onnxruntime":
         from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 
-        engine = OnnxRuntimeEngine(onnx_path, threads=threads, providers=providers)
+        engine = OnnxRuntimeEngine(onnx_path, threads=threads, providers=providers,
+                                   batch=dynamic_batch)
+    elif kind == "tensorrt" and dynamic_batch is not None:
+        raise EngineError(f"{onnx_path}: a dynamic batch runs on ONNX Runtime (its CUDA or "
+                          "TensorRT execution provider); native TensorRT engines are static")
     elif kind == "tensorrt":
         from runtime.engines.tensorrt_engine import (
             TensorRTEngine,

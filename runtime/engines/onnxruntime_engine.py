@@ -3,6 +3,10 @@
 One intra-op thread, sequential execution, full graph optimisation, and I/O binding to
 preallocated host buffers: a call copies the feeds in (np.copyto), runs, and hands back the
 bound output arrays, so the 500 Hz follower allocates nothing per tick on its side.
+
+A planner exported with a dynamic batch (`planner.dynamic_batch`) has a symbolic leading
+dimension: its buffers hold `batch` rows and a call computes the first `rows` of them (the
+same memory, bound with a shorter shape), so one observation costs one row, not `batch`.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ _ORT_TYPES = {
 }
 
 
-def _spec(arg: ort.NodeArg, path: Path) -> TensorSpec:
+def _spec(arg: ort.NodeArg, path: Path, batch: int | None) -> TensorSpec:
     dtype = _ORT_TYPES.get(arg.type)
     if dtype is None:
         raise EngineError(f"{path}: tensor {arg.name!r} has unsupported type {arg.type}")
-    shape = arg.shape
+    shape = list(arg.shape)
+    if shape and batch is not None and not isinstance(shape[0], int):
+        shape[0] = batch  # a dynamic batch, sized for `batch` rows
     if not all(isinstance(d, int) and d > 0 for d in shape):
         raise EngineError(f"{path}: tensor {arg.name!r} has a dynamic shape {shape}; "
                           "bundles use static shapes")
@@ -53,7 +59,9 @@ class OnnxRuntimeEngine:
         path: str | Path,
         threads: int = 1,
         providers: list[str] | None = None,
+        batch: int | None = None,
     ) -> None:
+        """`batch`: the rows a dynamic leading dimension is sized for (None: static only)."""
         self.path = Path(path)
         try:
             self.session = ort.InferenceSession(
@@ -63,16 +71,26 @@ class OnnxRuntimeEngine:
             )
         except Exception as exc:  # ORT raises its own unrelated exception types
             raise EngineError(f"{self.path}: ONNX Runtime cannot load it: {exc}") from None
-        self._inputs = [_spec(a, self.path) for a in self.session.get_inputs()]
-        self._outputs = [_spec(a, self.path) for a in self.session.get_outputs()]
+        args = self.session.get_inputs() + self.session.get_outputs()
+        self._dynamic = {a.name for a in args if a.shape and not isinstance(a.shape[0], int)}
+        self.batch = batch if self._dynamic else None
+        self._inputs = [_spec(a, self.path, batch) for a in self.session.get_inputs()]
+        self._outputs = [_spec(a, self.path, batch) for a in self.session.get_outputs()]
         self._in_buf = {t.name: np.zeros(t.shape, dtype=t.dtype) for t in self._inputs}
         self._out_buf = {t.name: np.zeros(t.shape, dtype=t.dtype) for t in self._outputs}
         self._binding = self.session.io_binding()
-        # Bound by pointer: ORT reads the inputs from and writes the outputs into our arrays.
-        for name, buf in self._in_buf.items():
-            self._binding.bind_input(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
-        for name, buf in self._out_buf.items():
-            self._binding.bind_output(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+        self._rows = 0
+        self._bind(batch or 0)
+
+    def _bind(self, rows: int) -> None:
+        """Bound by pointer: ORT reads the inputs from and writes the outputs into our
+        arrays; a dynamic tensor's first `rows` rows (a prefix of the same memory)."""
+        for bufs, bind in ((self._in_buf, self._binding.bind_input),
+                           (self._out_buf, self._binding.bind_output)):
+            for name, buf in bufs.items():
+                shape = [rows, *buf.shape[1:]] if name in self._dynamic else list(buf.shape)
+                bind(name, "cpu", 0, buf.dtype, shape, buf.ctypes.data)
+        self._rows = rows
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -87,8 +105,15 @@ class OnnxRuntimeEngine:
         """The bound input buffers: fill them and pass this dict to `run` (no copy)."""
         return self._in_buf
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs are the engine's own buffers, overwritten by the next call."""
+    def run(self, feeds: dict[str, np.ndarray], rows: int | None = None) -> dict[str, np.ndarray]:
+        """Outputs are the engine's own buffers, overwritten by the next call. `rows`: how
+        many leading rows a dynamic-batch model computes (default: all)."""
+        if self.batch is not None:
+            want = self.batch if rows is None else rows
+            if not 1 <= want <= self.batch:
+                raise EngineError(f"{self.path}: {want} rows for a batch of {self.batch}")
+            if want != self._rows:
+                self._bind(want)
         if feeds is self._in_buf:
             self.session.run_with_iobinding(self._binding)
             return self._out_buf

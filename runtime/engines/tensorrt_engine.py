@@ -158,7 +158,9 @@ class TensorRTEngine:
         """The host input buffers: fill them and pass this dict to `run` (no copy)."""
         return self._in_dict
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], rows: int | None = None
+            ) -> dict[str, np.ndarray]:
+        """`rows` is ignored: native engines are static and compute every row."""
         rt = self._rt
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
