@@ -21,7 +21,9 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 # tensorrt-stubs declares the full TensorRT runtime as a dependency; only its stubs are wanted.
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[sim,export,camera,serve,dev]"
+	$(BIN)/pip install -q -e ".[sim,export,camera,dev]"
+	# Ray Serve (~80 MB) backs one off-board-planner test; an index hiccup must not stop the run
+	$(BIN)/pip install -q -e ".[serve]" || echo "warning: ray[serve] not installed: the Ray Serve test skips"
 	$(BIN)/pip install -q --no-deps "tensorrt-stubs>=10.0"
 	touch $@
 
