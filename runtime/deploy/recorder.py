@@ -300,7 +300,7 @@ class Recorder:
             if sink is not None:
                 sink.maybe_flush(now)
 
-    def run(self, ready: Callable[[], None] = lambda: None,
+    def run(self, ready: Callable[[], object] = lambda: None,
             duration_s: float | None = None) -> None:
         end = None if duration_s is None else time.monotonic() + duration_s
         ready()
@@ -320,7 +320,7 @@ def serve(run_dir: str, out_dir: Path, ring_s: float, budget_mb: float,
           metadata: dict[str, str], continuous: bool = False, frame_hz: float = 2.0,
           duration_s: float | None = None) -> int:
     """The recorder process (duet-recorder.service): until SIGTERM/SIGINT, then close files."""
-    import sdnotify
+    from runtime.notify import notifier as make_notifier
 
     rec = Recorder(run_dir, out_dir, ring_s, budget_mb, metadata, frame_hz=frame_hz,
                    continuous=continuous)
@@ -330,7 +330,7 @@ def serve(run_dir: str, out_dir: Path, ring_s: float, budget_mb: float,
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    notifier = sdnotify.SystemdNotifier()
+    notifier = make_notifier()
     log.info("run_dir=%s dir=%s ring_s=%g budget_mb=%g started", run_dir, out_dir, ring_s,
              budget_mb)
     try:
