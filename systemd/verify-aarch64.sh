@@ -1,0 +1,264 @@
+#!/usr/bin/env bash
+# Verify duet on arm64 for real, under emulation: build a Debian bookworm arm64 root with
+# debootstrap, run it with qemu-user (binfmt_misc), and inside it
+#   1. install duet's wheel (built here) with the robot extras `[sim]` from wheels only
+#      (`pip install --only-binary=:all:`, aarch64 wheels from the package index);
+#   2. import the robot code and check that torch is neither imported nor installed;
+#   3. rerun the reference bundle's parity set (`duet export check`, ONNX Runtime CPU);
+#   4. run the sim + follower + planner stack (`duet run`) for 10 s with the reference bundle,
+#      at rates emulation keeps up with, and check its summary;
+# then print what passed. It proves installation and function on aarch64, not timing.
+# Needs root; installs debootstrap, qemu-user-static and binfmt-support when missing. The
+# first run fetches and unpacks Debian and the wheels (~30-60 min on 2 busy cores); later
+# runs reuse the root and the venv under $CACHE (~10 min). Not part of the test suite.
+#
+#   make verify-aarch64            # or: systemd/verify-aarch64.sh; AARCH64_CACHE=runs/aarch64 by default
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=$(realpath -m "${AARCH64_CACHE:-$REPO/runs/aarch64}")
+ROOTFS=$CACHE/rootfs
+SUITE=bookworm
+VENV=/opt/duet/venv            # inside the root, where `duet install` puts it on the robot
+SRC=/opt/duet/src              # the repo's configs and bundles only: the code is the wheel's
+DURATION=10
+# Debian packages in the root: Python, and Mesa's EGL (llvmpipe) for the sim's camera.
+DEBS=(python3 python3-venv ca-certificates libegl1 libegl-mesa0 libgl1 libopengl0 libgl1-mesa-dri)
+# What emulation cannot keep: rates and real-time settings relaxed for this run only.
+RELAXED=(
+    follower.hz=100                              # 500 Hz on the robot
+    follower.spin_us=0                           # no busy-wait before each deadline
+    follower.realtime.sched_fifo_priority=0      # no SCHED_FIFO
+    follower.realtime.mlockall=false
+    follower.realtime.cpu=null                   # no reserved core
+    follower.deadline_storm.misses=100000        # deadline-miss storms never fault
+    follower.deadline_storm.window_ticks=100000
+    follower.plan_timeout_ms=5000                # plans may take seconds to arrive
+    bus.timeout_ms=100                           # the emulated servos answer slowly
+    planner.hz=1
+    planner.cameras.scene.stale_ms=10000
+    sim.rt_priority=0
+    sim.physics_hz=250
+    sim.camera_hz=2
+    sim.episode_timeout_s=4                      # so that episodes end within the run
+)
+
+source "$REPO/systemd/host-access.sh"
+
+T0=$SECONDS
+say() { printf '\n=== [%4ds] %s\n' $((SECONDS - T0)) "$*"; }
+die() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+RESULTS=()
+check() {  # name, detail, condition (a command)
+    local name=$1 detail=$2; shift 2
+    if "$@"; then RESULTS+=("PASS  $name: $detail"); else RESULTS+=("FAIL  $name: $detail"); fi
+}
+
+[[ $(id -u) == 0 ]] || die "run as root (debootstrap, chroot, mounts)"
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock -n 9 || die "another verify-aarch64 holds $CACHE/.lock"
+
+# ------------------------------------------------------------------ host tools, binfmt
+need=()
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
+command -v update-binfmts >/dev/null || need+=(binfmt-support)
+if ((${#need[@]})); then
+    say "apt-get install ${need[*]} (host)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+BINFMT=/proc/sys/fs/binfmt_misc
+mountpoint -q "$BINFMT" || mount -t binfmt_misc binfmt_misc "$BINFMT"
+[[ -e $BINFMT/qemu-aarch64 ]] || update-binfmts --enable qemu-aarch64 \
+    || update-binfmts --import qemu-aarch64
+# F: the kernel holds the interpreter open, so it runs inside a chroot that lacks it
+grep -q '^flags:.*F' "$BINFMT/qemu-aarch64" \
+    || die "binfmt qemu-aarch64 lacks the F flag: $(cat "$BINFMT/qemu-aarch64")"
+
+# ------------------------------------------------------------------ mounts, cleanup
+MOUNTED=()
+cleanup() {
+    local p pids=()
+    for p in /proc/[0-9]*; do  # whatever this run left running in the root
+        [[ $(readlink "$p/root" 2>/dev/null) == "$ROOTFS" ]] && pids+=("${p#/proc/}")
+    done
+    ((${#pids[@]})) && kill -KILL "${pids[@]}" 2>/dev/null
+    for ((i = ${#MOUNTED[@]} - 1; i >= 0; i--)); do
+        umount -R "${MOUNTED[i]}" 2>/dev/null || umount -Rl "${MOUNTED[i]}" || true
+    done
+    return 0
+}
+trap cleanup EXIT
+unmount_stale() {  # left by a run that was killed before its trap ran
+    local m
+    for m in dev sys proc; do
+        if mountpoint -q "$ROOTFS/$m"; then umount -R "$ROOTFS/$m" || umount -Rl "$ROOTFS/$m"; fi
+        ! mountpoint -q "$ROOTFS/$m" || die "$ROOTFS/$m is still mounted"
+    done
+}
+mount_root() {
+    unmount_stale
+    mount -t proc proc "$ROOTFS/proc" && MOUNTED+=("$ROOTFS/proc")
+    mount --rbind /sys "$ROOTFS/sys" && mount --make-rslave "$ROOTFS/sys" && MOUNTED+=("$ROOTFS/sys")
+    mount --rbind /dev "$ROOTFS/dev" && mount --make-rslave "$ROOTFS/dev" && MOUNTED+=("$ROOTFS/dev")
+}
+# A clean environment in the root (the host's PIP_* name host paths); nice: others' timing
+# tests share this machine.
+ROOT_ENV=("PATH=$VENV/bin:/usr/sbin:/usr/bin:/sbin:/bin" HOME=/root LANG=C.UTF-8
+    DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1)
+for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+    [[ -n ${!v:-} ]] && ROOT_ENV+=("$v=${!v}")
+done
+in_root() { nice -n 19 chroot "$ROOTFS" /usr/bin/env -i "${ROOT_ENV[@]}" "$@"; }
+
+# ------------------------------------------------------------------ the arm64 root
+MIRROR=$(host_debian_mirror)
+if [[ ! -e $ROOTFS/.duet-debootstrap-ok ]]; then
+    [[ -d $ROOTFS ]] && unmount_stale
+    rm -rf --one-file-system "$ROOTFS"
+    say "debootstrap --arch=arm64 $SUITE from $MIRROR (slow: the second stage runs under qemu)"
+    nice -n 19 debootstrap --arch=arm64 --variant=minbase --include="$(IFS=,; echo "${DEBS[*]}")" \
+        "$SUITE" "$ROOTFS" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 \
+        || die "debootstrap failed: $CACHE/debootstrap.log"
+    touch "$ROOTFS/.duet-debootstrap-ok"
+fi
+
+# ------------------------------------------------------------------ duet's wheel
+# built from the files git sees (not runs/, which holds this root), before anything is mounted
+say "duet's wheel, built here (pip wheel --no-deps)"
+rm -rf "$CACHE/wheel" "$CACHE/src" && mkdir -p "$CACHE/wheel" "$CACHE/src"
+git -C "$REPO" ls-files -z -co --exclude-standard \
+    | tar -C "$REPO" --null --ignore-failed-read -T - -cf - | tar -C "$CACHE/src" -xf -
+(cd "$CACHE/src" && nice -n 19 python3 -m pip wheel -q --no-deps -w "$CACHE/wheel" .) \
+    || die "pip wheel failed"
+WHL=$(basename "$(ls "$CACHE"/wheel/*.whl)")
+echo "$WHL"
+
+say "the root's package access (host settings copied in)"
+root_copy_host_access "$ROOTFS"
+mount_root
+[[ $(in_root uname -m) == aarch64 ]] || die "the root does not run as aarch64: $(in_root uname -m)"
+missing=()
+for d in "${DEBS[@]}"; do
+    # shellcheck disable=SC2016  # dpkg-query's own ${Status}
+    in_root dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q 'ok installed' || missing+=("$d")
+done
+if ((${#missing[@]})); then
+    say "apt-get install ${missing[*]} (arm64, in the root)"
+    in_root apt-get update -qq
+    in_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$CACHE/apt.log" 2>&1 \
+        || die "apt-get install in the root failed: $CACHE/apt.log"
+fi
+PYVER=$(in_root python3 -c 'import platform; print(platform.python_version())')
+echo "Debian $(cat "$ROOTFS/etc/debian_version") arm64, Python $PYVER, $(in_root uname -m) via" \
+    "$(qemu-aarch64-static --version | head -n1)"
+
+# ------------------------------------------------------------------ 1. install from wheels
+rm -rf "$ROOTFS/tmp/wheel" && cp -r "$CACHE/wheel" "$ROOTFS/tmp/wheel"
+
+say "pip install --only-binary=:all: '${WHL}[sim]' into $VENV (arm64)"
+[[ -x $ROOTFS$VENV/bin/python ]] || in_root python3 -m venv "$VENV"
+install_ok=true
+{ in_root pip install --only-binary=:all: "/tmp/wheel/${WHL}[sim]" \
+    && in_root pip install --only-binary=:all: --no-deps --force-reinstall "/tmp/wheel/$WHL"; } \
+    >"$CACHE/pip.log" 2>&1 || install_ok=false
+tail -n 3 "$CACHE/pip.log"
+# every installed distribution and the wheel tag it came with (an sdist build would say so)
+in_root python - <<'EOF' | tee "$CACHE/wheels.txt"
+import importlib.metadata as md
+rows = []
+for d in md.distributions():
+    tags = [ln.split(":", 1)[1].strip() for ln in (d.read_text("WHEEL") or "").splitlines()
+            if ln.startswith("Tag:")]
+    rows.append(f"{d.metadata['Name']}=={d.version} [{', '.join(tags) or 'no WHEEL record'}]")
+print("\n".join(sorted(rows, key=str.lower)))
+EOF
+n_whl=$(wc -l <"$CACHE/wheels.txt")
+n_arm=$(grep -c 'aarch64' "$CACHE/wheels.txt" || true)
+what="pip --only-binary=:all: '${WHL}[sim]': $n_whl distributions from wheels"
+check "install" "$what, $n_arm of them aarch64 builds, the rest pure Python" "$install_ok"
+$install_ok || { printf '%s\n' "${RESULTS[@]}"; die "install failed: $CACHE/pip.log"; }
+
+# ------------------------------------------------------------------ 2. imports, no torch
+say "import the robot code; torch neither imported nor installed"
+imports=$(in_root python - <<'EOF' 2>&1
+import importlib.util, platform, sys
+import onnxruntime
+import runtime.cli, runtime.follower, runtime.planner, runtime.supervisor  # noqa: F401
+import drivers, export.check, sim.server  # noqa: F401
+import mujoco
+assert platform.machine() == "aarch64", platform.machine()
+assert "site-packages" in runtime.__file__, runtime.__file__
+assert "torch" not in sys.modules, "torch was imported"
+assert importlib.util.find_spec("torch") is None, "torch is installed"
+print(f"{platform.machine()}: onnxruntime {onnxruntime.__version__} "
+      f"{onnxruntime.get_available_providers()}, mujoco {mujoco.__version__}, "
+      f"duet from {runtime.__file__.rsplit('/', 2)[0]}")
+EOF
+) && import_ok=true || import_ok=false
+echo "$imports"
+check "import" "${imports##*$'\n'}" "$import_ok"
+
+# ------------------------------------------------------------------ 3. parity
+say "duet export check bundles/reference (ONNX Runtime CPU, aarch64)"
+rm -rf "$ROOTFS$SRC" && mkdir -p "$ROOTFS$SRC"
+cp -r "$REPO/configs" "$REPO/bundles" "$ROOTFS$SRC/"
+parity_ok=true
+in_root env -C "$SRC" duet export check bundles/reference --config configs/sim.yaml --repeat 3 \
+    2>&1 | tee "$CACHE/parity.log" || parity_ok=false
+n_ok=$(grep -cE '  ok$' "$CACHE/parity.log" || true)
+n_models=$(grep -cE '  (ok|FAIL)$' "$CACHE/parity.log" || true)
+check "parity" "duet export check: $n_ok of $n_models models within tolerance of fp32" \
+    "$parity_ok"
+
+# ------------------------------------------------------------------ 4. the stack
+say "duet run --config configs/sim.yaml --duration $DURATION (sim + follower + planner)"
+echo "relaxed for emulation:"; printf '  --set %s\n' "${RELAXED[@]}"
+SETS=(--set run_dir=/tmp/duet-run --set "bundle.path=$SRC/bundles/reference")
+for s in "${RELAXED[@]}"; do SETS+=(--set "$s"); done
+rm -rf "$ROOTFS/tmp/duet-run" "$ROOTFS/tmp/summary.json"
+t_run=$SECONDS
+run_ok=true
+in_root env -C "$SRC" MUJOCO_GL=egl duet run --config configs/sim.yaml "${SETS[@]}" \
+    --duration "$DURATION" --summary-json /tmp/summary.json 2>&1 | tee "$CACHE/run.log" \
+    || run_ok=false
+echo "duet run took $((SECONDS - t_run)) s in all (start-up and shutdown included)"
+cp "$ROOTFS/tmp/summary.json" "$CACHE/summary.json" 2>/dev/null || echo '{}' >"$CACHE/summary.json"
+figures=$(python3 - "$CACHE/summary.json" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+f, p, t = s.get("follower", {}), s.get("planner", {}), s.get("task", {})
+modes = f.get("mode_counts", {})
+print(f"ok={s.get('outcome', {}).get('ok', False)}")
+print(f"exits={all(c == 0 for c in s.get('exit_codes', {'?': 1}).values())}")
+print(f"ticks={f.get('ticks', 0)} track={modes.get('TRACK', 0)} plans={p.get('plans', 0)}")
+print(f"episodes={t.get('episodes', 0)} faults={s.get('safety', {}).get('faults', -1)}")
+print(f"detail=outcome {s.get('outcome')}, exit codes {s.get('exit_codes')}")
+print(f"follower=ticks {f.get('ticks', 0)} at {f.get('achieved_hz', 0)} of "
+      f"{f.get('target_hz', 0)} Hz, modes {modes}, deadline misses "
+      f"{f.get('deadline_misses', 0)}, bus reads/errors {s.get('bus', {}).get('reads', 0)}/"
+      f"{s.get('bus', {}).get('errors', 0)}")
+print(f"planner={p.get('plans', 0)} plans at {p.get('achieved_hz', 0)} Hz, inference p50 "
+      f"{p.get('inference_ms', {}).get('p50', 0)} ms, restarts {p.get('restarts', 0)}")
+print(f"task={t.get('episodes', 0)} episodes, {t.get('successes', 0)} successes "
+      "(not expected at emulated rates)")
+EOF
+)
+fig() { sed -n "s/^$1=//p" <<<"$figures"; }
+read -r ticks track plans <<<"$(fig ticks | sed 's/[a-z]*=//g')"
+read -r episodes faults <<<"$(fig episodes | sed 's/[a-z]*=//g')"
+check "stack ran" "duet run exit 0, $(fig detail)" \
+    test "$run_ok" == true -a "$(fig ok)" == True -a "$(fig exits)" == True -a "$faults" == 0
+check "follower" "$(fig follower)" test "$ticks" -gt 0 -a "$track" -gt 0
+check "planner" "$(fig planner)" test "$plans" -gt 0
+check "episodes" "$(fig task)" test "$episodes" -gt 0
+
+# ------------------------------------------------------------------ what passed
+say "aarch64 under emulation: $((SECONDS - T0)) s in all (Python $PYVER, Debian $SUITE arm64)"
+printf '%s\n' "${RESULTS[@]}"
+printf '%s\n' "${RESULTS[@]}" >"$CACHE/results.txt"
+if printf '%s\n' "${RESULTS[@]}" | grep -q '^FAIL'; then
+    echo "SOME CHECKS FAILED (logs in $CACHE)"; exit 1
+fi
+echo "ALL CHECKS PASSED"
