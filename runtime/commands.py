@@ -28,12 +28,22 @@ def load_from_args(args: argparse.Namespace) -> DuetConfig:
         raise SystemExit(2) from None
 
 
+def _positive_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     from runtime.supervisor import run
 
     setup_logging()
     cfg = load_from_args(args)
-    return run(cfg, args.config, args.duration, args.summary_json)
+    return run(cfg, args.config, args.duration, args.summary_json, args.ready_timeout)
 
 
 def _follower(args: argparse.Namespace) -> int:
@@ -158,6 +168,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_args(p)
     p.add_argument("--duration", type=float, default=None, help="seconds, default: until Ctrl-C")
     p.add_argument("--summary-json", default=None, help="write the summary JSON here")
+    p.add_argument("--ready-timeout", type=_positive_s, default=None, metavar="S",
+                   help="seconds for the sim to offer its device and the follower to be ready"
+                        " (default 30; raise it on slow or emulated machines)")
     p.set_defaults(func=_run)
 
     for name, func, text in (("follower", _follower, "the real-time follower process"),
