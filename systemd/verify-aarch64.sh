@@ -26,7 +26,7 @@ DURATION=10
 DEBS=(python3 python3-venv ca-certificates libegl1 libegl-mesa0 libgl1 libopengl0 libgl1-mesa-dri)
 # What emulation cannot keep: rates and real-time settings relaxed for this run only.
 RELAXED=(
-    follower.hz=100                              # 500 Hz on the robot
+    follower.hz=20                               # the robot: 500 Hz
     follower.spin_us=0                           # no busy-wait before each deadline
     follower.realtime.sched_fifo_priority=0      # no SCHED_FIFO
     follower.realtime.mlockall=false
@@ -35,11 +35,11 @@ RELAXED=(
     follower.deadline_storm.window_ticks=100000
     follower.plan_timeout_ms=10000               # plans may take seconds to arrive
     bus.timeout_ms=100                           # the emulated servos answer slowly
-    planner.hz=0.5
+    planner.hz=0.25                              # the robot: 5 Hz; inference takes ~3 s here
     planner.cameras.scene.stale_ms=10000
     sim.rt_priority=0
-    sim.physics_hz=250
-    sim.camera_hz=0.5                            # a 96x96 frame takes ~1 s to render here
+    sim.physics_hz=200                           # 1 kHz by default
+    sim.camera_hz=0.25                           # 10 Hz by default; a frame takes 1-4 s here
     sim.episode_timeout_s=4                      # so that episodes end within the run
 )
 
@@ -246,41 +246,59 @@ in_root env -C "$SRC" MUJOCO_GL=egl GALLIUM_DRIVER=softpipe duet run --config co
     "${SETS[@]}" --duration "$DURATION" --ready-timeout 600 --summary-json /tmp/summary.json 2>&1 | tee "$CACHE/run.log" \
     | unnoise || run_ok=false
 echo "duet run took $((SECONDS - t_run)) s in all (start-up and shutdown included)"
-cp "$ROOTFS/tmp/summary.json" "$CACHE/summary.json" 2>/dev/null || echo '{}' >"$CACHE/summary.json"
-figures=$(python3 - "$CACHE/summary.json" <<'EOF'
+cp "$ROOTFS/tmp/summary.json" "$CACHE/" 2>/dev/null || echo '{}' >"$CACHE/summary.json"
+cp "$ROOTFS/tmp/duet-run/follower-summary.json" "$CACHE/" 2>/dev/null \
+    || echo '{}' >"$CACHE/follower-summary.json"
+mapfile -t verdicts < <(python3 - "$CACHE/summary.json" "$CACHE/follower-summary.json" \
+    "$REPO/bundles/reference/manifest.json" "$run_ok" <<'EOF'
 import json, sys
-s = json.load(open(sys.argv[1]))
-f, p, t = s.get("follower", {}), s.get("planner", {}), s.get("task", {})
-modes = f.get("mode_counts", {})
-print(f"ok={s.get('outcome', {}).get('ok', False)}")
-print(f"exits={all(c == 0 for c in s.get('exit_codes', {'?': 1}).values())}")
-print(f"ticks={f.get('ticks', 0)} track={modes.get('TRACK', 0)} plans={p.get('plans', 0)}")
-print(f"episodes={t.get('episodes', 0)} faults={s.get('safety', {}).get('faults', -1)}")
-print(f"detail=outcome {s.get('outcome')}, exit codes {s.get('exit_codes')}")
-print(f"follower=ticks {f.get('ticks', 0)} at {f.get('achieved_hz', 0)} of "
-      f"{f.get('target_hz', 0)} Hz, modes {modes}, deadline misses "
-      f"{f.get('deadline_misses', 0)}, bus reads/errors {s.get('bus', {}).get('reads', 0)}/"
-      f"{s.get('bus', {}).get('errors', 0)}")
-print(f"planner={p.get('plans', 0)} plans at {p.get('achieved_hz', 0)} Hz, inference p50 "
-      f"{p.get('inference_ms', {}).get('p50', 0)} ms, restarts {p.get('restarts', 0)}")
-print(f"task={t.get('episodes', 0)} episodes, {t.get('successes', 0)} successes "
-      "(not expected at emulated rates)")
+s, fs, manifest = (json.load(open(path)) for path in sys.argv[1:4])
+run_ok = sys.argv[4] == "true"
+f, p, bus, safety = s.get("follower", {}), s.get("planner", {}), s.get("bus", {}), s.get("safety", {})
+modes = {k: v for k, v in f.get("mode_counts", {}).items() if v}
+codes = s.get("exit_codes", {})
+def verdict(ok, name, detail):
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
+verdict(run_ok and s.get("outcome", {}).get("ok") and codes and set(codes.values()) == {0}
+        and safety.get("faults") == 0 and safety.get("estops") == 0, "stack ran",
+        f"duet run exit {'0' if run_ok else 'non-zero'}, {s.get('duration_s')} s, final mode "
+        f"{s.get('outcome', {}).get('final_mode')}, exit codes {codes}, faults "
+        f"{safety.get('faults')}, estops {safety.get('estops')}")
+verdict(f.get("ticks", 0) > 0 and bus.get("reads", 0) > 0, "follower",
+        f"{f.get('ticks', 0)} ticks at {f.get('achieved_hz')} of {f.get('target_hz')} Hz "
+        f"({f.get('deadline_misses')} late), modes {modes}, bus reads/writes/errors "
+        f"{bus.get('reads')}/{bus.get('writes')}/{bus.get('errors')}")
+received, dropped = fs.get("plans_received", 0), f.get("dropped_messages", {})
+latency_s = (p.get("latency_ms", {}).get("p50", 0) + s.get("plan_delivery_us", {}).get("p50", 0)
+             / 1000) / 1000
+verdict(p.get("plans", 0) > 0 and received > 0 and not dropped, "plans",
+        f"the planner made {p.get('plans', 0)} (inference p50 "
+        f"{p.get('stage_ms', {}).get('engines', {}).get('p50', 0) / 1000:.1f} s), the follower "
+        f"received {received}, dropped or rejected {dropped or 'none'}")
+horizon_s = manifest["horizon"] * manifest["dt_s"]
+track = modes.get("TRACK", 0)
+if track:
+    verdict(True, "track", f"TRACK for {track} ticks, first tracked command "
+            f"{s.get('startup', {}).get('first_track_s')} s after start")
+elif latency_s >= horizon_s:
+    print(f"SKIP  track: plans arrive {latency_s:.1f} s after their observation (p50), later than"
+          f" their own horizon ({manifest['horizon']} x {manifest['dt_s']} s): each has run out "
+          "on arrival and the follower holds, as it must")
+else:
+    verdict(False, "track", f"no TRACK although plans arrive within {latency_s:.1f} s, inside "
+            f"their {horizon_s:.1f} s horizon")
+t = s.get("task", {})
+verdict(t.get("episodes", 0) > 0, "episodes",
+        f"{t.get('episodes', 0)} sim episodes ended ({t.get('successes', 0)} successes)")
 EOF
 )
-fig() { sed -n "s/^$1=//p" <<<"$figures"; }
-read -r ticks track plans <<<"$(fig ticks | sed 's/[a-z]*=//g')"
-read -r episodes faults <<<"$(fig episodes | sed 's/[a-z]*=//g')"
-check "stack ran" "duet run exit 0, $(fig detail)" \
-    test "$run_ok" == true -a "$(fig ok)" == True -a "$(fig exits)" == True -a "$faults" == 0
-check "follower" "$(fig follower)" test "$ticks" -gt 0 -a "$track" -gt 0
-check "planner" "$(fig planner)" test "$plans" -gt 0
-check "episodes" "$(fig task)" test "$episodes" -gt 0
+RESULTS+=("${verdicts[@]}")
 
 # ------------------------------------------------------------------ what passed
 say "aarch64 under emulation: $((SECONDS - T0)) s in all (Python $PYVER, Debian $SUITE arm64)"
 printf '%s\n' "${RESULTS[@]}"
 printf '%s\n' "${RESULTS[@]}" >"$CACHE/results.txt"
-if printf '%s\n' "${RESULTS[@]}" | grep -q '^FAIL'; then
+if ((${#verdicts[@]} == 0)) || printf '%s\n' "${RESULTS[@]}" | grep -q '^FAIL'; then
     echo "SOME CHECKS FAILED (logs in $CACHE)"; exit 1
 fi
-echo "ALL CHECKS PASSED"
+echo "ALL CHECKS PASSED ($(printf '%s\n' "${RESULTS[@]}" | grep -c '^SKIP' || true) skipped)"
