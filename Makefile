@@ -6,7 +6,7 @@ TORCH_PIN := torch==2.13.0
 DURATION ?= 20
 FUZZ_S ?= 120
 
-.PHONY: demo demo-remote test lint bench train bundle bundles eval fuzz verify-systemd clean
+.PHONY: demo demo-remote test lint bench train bundle bundles eval fuzz verify-systemd verify-aarch64 clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -53,7 +53,7 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/vermin --target=3.10- --no-tips --violations runtime drivers
+	$(BIN)/vermin --target=3.10- --no-tips --violations runtime drivers export sim policy
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.dev
@@ -92,6 +92,9 @@ fuzz: $(VENV)/.dev         # coverage-guided fuzzing of every decoder (atheris),
 
 verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container; VENV=... for another venv)
 	systemd/verify-in-container.sh
+
+verify-aarch64:            # arm64 Debian under qemu-user: wheels-only install, parity, 10 s stack (root; ~10 min, first run ~1 h)
+	systemd/verify-aarch64.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

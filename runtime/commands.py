@@ -11,13 +11,24 @@ from runtime.cliopts import emit as _print
 from runtime.logs import setup_logging
 
 
+def _positive_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     from runtime.supervisor import run
 
     setup_logging()
     cfg = cliopts.load(args, "duet run")
     config, _ = cliopts.files(args)
-    return run(cfg, str(config), args.duration, args.summary_json, record=args.record)
+    return run(cfg, str(config), args.duration, args.summary_json, record=args.record,
+               ready_timeout_s=args.ready_timeout)
 
 
 def _follower(args: argparse.Namespace) -> int:
@@ -169,6 +180,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--summary-json", default=None, help="write the summary JSON here")
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=None,
                    help="start the recorder (default: recorder.enabled)")
+    p.add_argument("--ready-timeout", type=_positive_s, default=None, metavar="S",
+                   help="seconds for the sim to offer its device and the follower to be ready"
+                        " (default 30; raise it on slow or emulated machines)")
     p.set_defaults(func=_run)
 
     for name, func, text in (("follower", _follower, "the real-time follower process "

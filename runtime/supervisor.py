@@ -42,10 +42,12 @@ def _cli(*args: str) -> list[str]:
 
 
 class Supervisor:
-    def __init__(self, cfg: DuetConfig, config_label: str, record: bool = False) -> None:
+    def __init__(self, cfg: DuetConfig, config_label: str, record: bool = False,
+                 ready_timeout_s: float = READY_TIMEOUT_S) -> None:
         self.cfg = cfg
         self.record = record
         self.config_label = config_label
+        self.ready_timeout_s = ready_timeout_s
         self.run_dir = Path(cfg.run_dir)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.planner_restarts = 0
@@ -136,7 +138,7 @@ class Supervisor:
         overrides: list[str] = []
         if self.cfg.sim is not None and self.cfg.sim.enabled:
             self._spawn("sim", ["sim", "--config", str(effective)], stdout=subprocess.PIPE)
-            line = _read_first_line(self.children["sim"], READY_TIMEOUT_S)
+            line = _read_first_line(self.children["sim"], self.ready_timeout_s)
             if self.cfg.bus is not None:  # per-limb buses: the sim serves the configured ones
                 key = "bus.channel" if isinstance(self.cfg.bus, CanBusConfig) else "bus.device"
                 overrides.append(f"{key}={line}")
@@ -151,7 +153,7 @@ class Supervisor:
         self._wait_ready("follower")
 
     def _wait_ready(self, name: str) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + self.ready_timeout_s
         assert self.notify_sock is not None
         self.notify_sock.settimeout(0.1)
         while name not in self.ready:
@@ -159,7 +161,7 @@ class Supervisor:
                 raise SupervisorError(f"{name} exited with {self.children[name].returncode} "
                                       "before it was ready")
             if time.monotonic() > deadline:
-                raise SupervisorError(f"{name} not ready within {READY_TIMEOUT_S:.0f} s")
+                raise SupervisorError(f"{name} not ready within {self.ready_timeout_s:g} s")
             self._poll_notify()
             self.notify_sock.settimeout(0.1)
 
@@ -234,7 +236,7 @@ def _read_first_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
         if proc.poll() is not None:
             raise SupervisorError(f"sim exited with {proc.returncode} before printing its device")
         if time.monotonic() > deadline:
-            raise SupervisorError(f"sim printed no device within {timeout_s:.0f} s")
+            raise SupervisorError(f"sim printed no device within {timeout_s:g} s")
         time.sleep(0.01)
     if not result[0]:
         raise SupervisorError("sim printed an empty first line instead of its device")
@@ -242,9 +244,11 @@ def _read_first_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
 
 
 def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
-        summary_json: str | None, record: bool | None = None) -> int:
+        summary_json: str | None, record: bool | None = None,
+        ready_timeout_s: float | None = None) -> int:
     """`record`: start the recorder (None: as recorder.enabled says)."""
-    sup = Supervisor(cfg, config_label, cfg.recorder.enabled if record is None else record)
+    sup = Supervisor(cfg, config_label, cfg.recorder.enabled if record is None else record,
+                     ready_timeout_s or READY_TIMEOUT_S)
 
     def _stop(signum: int, _frame: Any) -> None:
         sup.stop_requested = True

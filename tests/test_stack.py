@@ -79,6 +79,23 @@ def test_the_reference_bundle_solves_sim_episodes_through_the_live_stack(
     assert task["successes"] >= 2 and task["success_rate"] >= 0.75, task
 
 
+def test_duet_run_ready_timeout_is_an_option_and_names_what_was_late(tmp_path: Path,
+                                                                     bundle: Path) -> None:
+    """`--ready-timeout` (emulated or slow machines raise it): a sim that cannot offer its
+    device in 50 ms stops the run with exit 2, naming the sim and the limit."""
+    base = [sys.executable, "-m", "runtime.cli", "run", "--config", str(REPO / "configs/sim.yaml"),
+            "--set", f"run_dir={tmp_path / 'run'}", "--set", f"bundle.path={bundle}",
+            "--duration", "1"]
+    proc = subprocess.run([*base, "--ready-timeout", "0.05"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "sim printed no device within 0.05 s" in proc.stderr, proc.stderr[-3000:]
+    for bad in ("0", "nan", "-1", "soon"):
+        proc = subprocess.run([*base, "--ready-timeout", bad], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and "--ready-timeout" in proc.stderr, (bad, proc.stderr)
+
+
 def test_planner_killed_follower_holds_and_arm_stays_put(tmp_path: Path, bundle: Path) -> None:
     with Stack(tmp_path, bundle) as stack:
         stack.wait_mode("TRACK", 15)
