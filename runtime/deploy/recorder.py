@@ -320,7 +320,7 @@ class Recorder:
             if self.free_bytes() < self.reserve_bytes:
                 self.enforce_budget()
 
-    def run(self, ready: Callable[[], None] = lambda: None,
+    def run(self, ready: Callable[[], object] = lambda: None,
             duration_s: float | None = None) -> None:
         end = None if duration_s is None else time.monotonic() + duration_s
         ready()
@@ -355,7 +355,7 @@ def recording_metadata(cfg: DuetConfig, config_label: str) -> dict[str, str]:
 def serve(cfg: DuetConfig, config_label: str, out_dir: Path, continuous: bool = False,
           frame_hz: float = 2.0, duration_s: float | None = None) -> int:
     """The recorder process (duet-recorder.service): until SIGTERM/SIGINT, then close files."""
-    import sdnotify
+    from runtime.notify import notifier as make_notifier
 
     rc = cfg.recorder
     rec = Recorder(cfg.run_dir, out_dir, rc.ring_s, rc.budget_mb,
@@ -367,7 +367,7 @@ def serve(cfg: DuetConfig, config_label: str, out_dir: Path, continuous: bool = 
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    notifier = sdnotify.SystemdNotifier()
+    notifier = make_notifier()
     log.info("run_dir=%s dir=%s ring_s=%g budget_mb=%g started", cfg.run_dir, out_dir,
              rc.ring_s, rc.budget_mb)
     try:
