@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -30,7 +32,7 @@ from runtime.contract import (
     ProprioInput,
     StageInput,
 )
-from runtime.engines import Engine, EngineKind, make_engine
+from runtime.engines import Engine, EngineKind, ProviderArg, make_engine
 from runtime.observation import CameraFeed, ObservationError, StateHistory
 from runtime.reference import Plan
 from runtime.stats import Ring, summarize
@@ -66,8 +68,11 @@ class Observation:
 class PlannerPipeline:
     def __init__(self, bundle: Bundle, robot_joints: list[str], engine: EngineKind = "onnxruntime",
                  *, flow_steps: int | None = None, threads: int = 1, prefix: bool = True,
-                 seed: int | None = None, engines: dict[str, Engine] | None = None) -> None:
-        """`engines`: prebuilt engines by stage name (tests, benches); else made here."""
+                 seed: int | None = None, engines: dict[str, Engine] | None = None,
+                 providers: Sequence[ProviderArg] | None = None,
+                 cache_dir: str | Path | None = None) -> None:
+        """`engines`: prebuilt engines by stage name (tests, benches); else made here, on
+        `providers` (ONNX Runtime) with TensorRT plans from `cache_dir`."""
         c = bundle.contract
         self.contract, self.bundle = c, bundle
         self.robot_joints = list(robot_joints)
@@ -95,8 +100,8 @@ class PlannerPipeline:
         self._instruction: str | None = None
         for stage in c.planner.stages:
             spec = bundle.stage_spec(stage)
-            eng = engines[stage.name] if engines else make_engine(spec, bundle, engine,
-                                                                  threads=threads)
+            eng = engines[stage.name] if engines else make_engine(
+                spec, bundle, engine, threads=threads, providers=providers, cache_dir=cache_dir)
             feeds = eng.inputs  # filled in place: each call (K for a flow head) copies nothing
             run = _StageRun(stage.name, eng, feeds, [])
             for i in stage.inputs:

@@ -29,7 +29,7 @@ from runtime.access import OPERATOR, Policy, ZapHandler, uid_of
 from runtime.bundle import BundleError, load_bundle
 from runtime.cameras import open_camera
 from runtime.config import DuetConfig
-from runtime.engines import EngineError
+from runtime.engines import EngineError, engine_options
 from runtime.messages import (
     Encoder,
     MessageError,
@@ -63,6 +63,7 @@ class Planner:
             raise BundleError(f"{bundle.path}: this robot cannot run it:\n  "
                               + "\n  ".join(problems))
         self.pipeline = PlannerPipeline(bundle, list(cfg.robot.joints), cfg.bundle.engine,
+                                        **engine_options(cfg.bundle, "planner"),
                                         flow_steps=cfg.planner.flow_steps,
                                         threads=cfg.planner.threads, prefix=cfg.planner.prefix)
         self.bundle_version = bundle.version
@@ -310,7 +311,15 @@ class Planner:
         }
 
 
+# ONNX Runtime's TensorRT provider builds its engines at the first start (minutes on a Jetson,
+# then cached): systemd is asked to wait this long rather than kill a build that restarts at 0.
+ENGINE_BUILD_TIMEOUT_S = 900
+
+
 def run_planner(cfg: DuetConfig, duration_s: float | None = None) -> int:
+    if cfg.bundle.engine == "onnxruntime" and \
+            "tensorrt" in cfg.bundle.onnxruntime.planner_providers:
+        make_notifier().notify(f"EXTEND_TIMEOUT_USEC={ENGINE_BUILD_TIMEOUT_S * 1_000_000}")
     try:
         planner = Planner(cfg)
     except (BundleError, EngineError, BusError, CameraError, PipelineError, KeyError) as exc:

@@ -158,9 +158,10 @@ def _validate(args: argparse.Namespace, config: Path, site: Path | None) -> int:
 
 def _config_set(args: argparse.Namespace, ce: Any, config: Path, site: Path) -> int:
     from runtime import endpoints
-    from runtime.deploy.install import StepFailed, external, rerender, run_checked
+    from runtime.deploy.install import rerender
     from runtime.deploy.journal import Journal, atomic_write
     from runtime.deploy.layout import change_log, installed_root
+    from runtime.deploy.steps import StepFailed, external, run_checked
     from runtime.rpc import ControlError, request_at
 
     log = args.log or change_log(site)
