@@ -268,7 +268,7 @@ def install(plan: InstallPlan) -> Installed:
     try:
         if plan.venv:
             journal.touch(venv.venv)
-            make_venv(venv, plan.run)
+            make_venv(venv, plan.run, plan.log)
         result.enabled = enabled = _write_files(plan, cfg, source, journal, l4t)
         if plan.venv:
             installed = load_config(lay.config, lay.site)

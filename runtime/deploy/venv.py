@@ -18,6 +18,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.parser import Parser
 from pathlib import Path
@@ -76,11 +77,13 @@ def installed_requires(venv: Path) -> list[str]:
     return Parser().parsestr(found[-1].read_text()).get_all("Requires-Dist") or []
 
 
-def make_venv(plan: VenvPlan, run: Runner) -> None:
+def make_venv(plan: VenvPlan, run: Runner, log: Callable[[str], None] = print) -> None:
     flags = ["--system-site-packages"] if plan.system_site else []
     external(run, [sys.executable, "-m", "venv", *flags, str(plan.venv)],
              "install the venv module (Debian/Ubuntu: apt-get install python3-venv)")
-    pip = [str(plan.venv / "bin" / "pip")]
+    # -I: the caller's PYTHONPATH is no part of the venv (a source tree on it would count as
+    # duet already installed)
+    pip = [plan.python, "-I", "-m", "pip"]
     if plan.wheelhouse is not None:
         # --isolated: no PIP_* variables or user config add other sources to the archive's
         pip += ["--isolated"]
@@ -95,6 +98,8 @@ def make_venv(plan: VenvPlan, run: Runner) -> None:
         return
     external(run, [*pip, "install", *source, "--no-deps", str(plan.package)], fix)
     wanted = robot_requirements(installed_requires(plan.venv))
+    log(f"installing duet's dependencies but {', '.join(sorted(VENDOR_KEPT))} (the system's): "
+        "pip will say duet-runtime requires it; that is expected here")
     external(run, [*pip, "install", *source, *wanted], fix)
 
 

@@ -101,7 +101,7 @@ def _name(arg: ProviderArg) -> str:
     return arg if isinstance(arg, str) else arg[0]
 
 
-def _prepare_caches(providers: Sequence[ProviderArg]) -> None:
+def prepare_engine_cache(providers: Sequence[ProviderArg]) -> None:
     """TensorRT's engine cache folder: made private to this user, refused when others may
     write it (ORT loads the engines it finds there: they are code)."""
     for arg in providers:
@@ -133,7 +133,7 @@ class OnnxRuntimeEngine:
                 f"onnxruntime {ort.__version__} ({Path(ort.__file__).parent}) offers only "
                 f"{', '.join(offered)}; install NVIDIA's onnxruntime-gpu (JetPack: the Jetson "
                 "wheel, and no PyPI onnxruntime over it) or set the providers to [cpu]")
-        _prepare_caches(providers)
+        prepare_engine_cache(providers)
         try:
             self.session = ort.InferenceSession(
                 str(self.path),
