@@ -22,7 +22,11 @@ def _install(args: argparse.Namespace) -> int:
     from runtime.config import ConfigError
     from runtime.deploy.archive import ArchiveError, unpack
     from runtime.deploy.install import InstallError, InstallPlan, install, restart_command
+    from runtime.deploy.steps import log_to_stderr, run_to_stderr
 
+    if args.sha256 is not None and args.offline is None:
+        return fail("duet install", "--sha256 checks an --offline ARCHIVE: give both",
+                    EXIT_USAGE)
     if args.config is None and args.offline is None:
         return fail("duet install", "--config FILE is required (or --offline ARCHIVE, which "
                     "carries one)", EXIT_USAGE)
@@ -30,6 +34,8 @@ def _install(args: argparse.Namespace) -> int:
                        config=args.config, bundle=args.bundle,
                        usb_serial=args.usb_serial, venv=not args.no_venv,
                        source=args.source, udev_reload=args.udev_reload)
+    if args.json:  # progress to stderr: stdout is the one JSON object
+        plan.run, plan.log = run_to_stderr, log_to_stderr
     with tempfile.TemporaryDirectory(prefix="duet-offline-") as tmp:
         try:
             if args.offline is not None:  # everything from the verified archive, no network
@@ -62,7 +68,7 @@ def _pack(args: argparse.Namespace) -> int:
     from runtime.config import ConfigError
     from runtime.deploy.archive import ArchiveError, Target, pack
     from runtime.deploy.layout import find_source
-    from runtime.deploy.steps import StepFailed
+    from runtime.deploy.steps import StepFailed, log_to_stderr, run_checked, run_to_stderr
 
     try:
         target = Target(args.platform, args.python, args.glibc)
@@ -72,7 +78,8 @@ def _pack(args: argparse.Namespace) -> int:
                                "pass --source DIR")
         out = args.out or Path(f"duet-{target.label}.tar.gz")
         result = pack(args.config, args.bundle, target, out, source,
-                      log=(lambda _: None) if args.json else print)
+                      run=run_to_stderr if args.json else run_checked,
+                      log=log_to_stderr if args.json else print)
     except StepFailed as exc:
         return fail("duet pack", exc)
     except (ConfigError, ArchiveError, BundleError) as exc:

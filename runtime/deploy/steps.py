@@ -19,15 +19,25 @@ class StepFailed(InstallError):
     pass
 
 
-def run_checked(cmd: Sequence[str]) -> None:
-    """Run an external step; its stderr goes to ours, its failure raises with the last line."""
-    print("+ " + " ".join(cmd), flush=True)
-    out = subprocess.run(list(cmd), stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+def run_checked(cmd: Sequence[str], to_stderr: bool = False) -> None:
+    """Run an external step; its stderr goes to ours, its failure raises with the last line.
+    `to_stderr`: its stdout too (a --json command keeps stdout for its one object)."""
+    stream = sys.stderr if to_stderr else sys.stdout
+    print("+ " + " ".join(cmd), flush=True, file=stream)
+    out = subprocess.run(list(cmd), stdout=stream, stderr=subprocess.PIPE, text=True)
     if out.stderr:
         sys.stderr.write(out.stderr)
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or [""])[-1]
         raise subprocess.CalledProcessError(out.returncode, list(cmd), stderr=last)
+
+
+def run_to_stderr(cmd: Sequence[str]) -> None:
+    run_checked(cmd, to_stderr=True)
+
+
+def log_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def capture_checked(cmd: Sequence[str]) -> str:
