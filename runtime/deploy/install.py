@@ -7,6 +7,10 @@ the live system (root = /) it then runs sysusers, tmpfiles, udev reload, daemon-
 enable. It is one transaction: every file goes through a Journal, and when any step fails the
 files are restored as they were, the failure is reported in one line with its fix, and nothing
 is enabled. Rerunning after fixing the cause is the way to resume.
+
+On a Jetson (an /etc/nv_tegra_release under the root) the venv keeps NVIDIA's onnxruntime and
+TensorRT (runtime/deploy/venv.py) and the planner gets the GPU providers; with an unpacked
+`duet pack` archive (runtime/deploy/archive.py) pip installs from its wheelhouse alone.
 """
 
 from __future__ import annotations
