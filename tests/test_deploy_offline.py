@@ -211,7 +211,7 @@ def _repack(src: Path, dst: Path, change: object) -> None:
 
 
 @pytest.mark.parametrize("case", ["wheel changed", "file added", "link", "outside",
-                                  "sha256", "platform"])
+                                  "sha256", "platform", "not a tar"])
 def test_a_bad_archive_installs_nothing(case: str, host_pack: tuple[Path, dict],
                                         tmp_path: Path) -> None:
     archive, _ = host_pack
@@ -238,6 +238,9 @@ def test_a_bad_archive_installs_nothing(case: str, host_pack: tuple[Path, dict],
             else:
                 tar.addfile(info, None)
         expect = "is not a plain file" if case == "link" else "points outside"
+    elif case == "not a tar":
+        bad.write_bytes(b"\x1f\x8b" + os.urandom(4096))  # gzip magic, then noise
+        expect = r"bad.tar.gz: not a readable archive \(.*\); make one with duet pack"
     elif case == "sha256":
         bad = archive
         extra = ["--sha256", "0" * 64]

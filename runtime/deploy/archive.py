@@ -196,7 +196,9 @@ def unpack(archive: Path, dest: Path, expect_sha256: str | None = None,
         with tarfile.open(archive, "r:*") as tar:
             top = _extract(tar, dest, where)
     except (OSError, tarfile.TarError) as exc:
-        raise ArchiveError(f"{where}: not a readable archive ({exc}); make one with duet pack"
+        why = "not a tar archive" if isinstance(exc, tarfile.ReadError) else \
+            " ".join(str(exc).split())
+        raise ArchiveError(f"{where}: not a readable archive ({why}); make one with duet pack"
                            ) from None
     manifest = _read_manifest(top / MANIFEST, where)
     _verify_files(top, manifest, where)
