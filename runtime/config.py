@@ -264,12 +264,44 @@ class PlannerConfig(_Strict):
     serve: ServeConfig | None = None  # this host serves robots (`duet planner --listen`)
 
 
+OrtProvider = Literal["tensorrt", "cuda", "cpu"]
+
+
+def _cpu_only() -> list[OrtProvider]:
+    return ["cpu"]
+
+
+class OnnxRuntimeConfig(_Strict):
+    """ONNX Runtime's execution providers (bundle.engine: onnxruntime), in priority order: each
+    node runs on the first provider that takes it. A provider this onnxruntime lacks, or one
+    that fails to start, refuses the start (never a silent fall-back to the CPU)."""
+
+    planner_providers: list[OrtProvider] = Field(default_factory=_cpu_only, min_length=1)
+    # The follower stays on the CPU unless told otherwise: a GPU launch + sync per 2 ms tick
+    # costs more than its small network, and its unit grants no GPU device.
+    follower_providers: list[OrtProvider] = Field(default_factory=_cpu_only, min_length=1)
+    device_id: int = Field(0, ge=0)  # CUDA device (a Jetson has one: 0)
+    trt_fp16: bool = True  # let TensorRT run fp32 layers in fp16 (Orin's tensor cores)
+    trt_workspace_mb: int = Field(1024, gt=0)  # TensorRT builder scratch memory
+    trt_timing_cache: bool = True  # layer timings kept beside the engines: faster rebuilds
+
+    @model_validator(mode="after")
+    def _distinct(self) -> OnnxRuntimeConfig:
+        for key in ("planner_providers", "follower_providers"):
+            names = getattr(self, key)
+            if len(set(names)) != len(names):
+                raise ValueError(f"{key} lists a provider twice: {names}")
+        return self
+
+
 class BundleConfig(_Strict):
     path: str
     public_key: str | None = None  # ed25519 public key file; when set, a signature is required
     engine: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    # TensorRT plans, built on the robot by `duet engines build`; root-owned (engines are code)
+    # TensorRT plans, built on the robot by `duet engines build`; root-owned (engines are code).
+    # ONNX Runtime's TensorRT engines go in its onnxruntime/ folder (built by the planner).
     engine_cache: str = "/var/lib/duet/engines"
+    onnxruntime: OnnxRuntimeConfig = Field(default_factory=OnnxRuntimeConfig)
 
 
 class SimConfig(_Strict):
@@ -503,7 +535,8 @@ def _origin(key_path: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]])
 
 # Config values that are file system paths: a relative one is relative to the file that set it
 # (the --set layer: to the working directory), so a config means the same from any folder.
-PATH_KEYS = (("bundle", "path"), ("bundle", "public_key"), ("recorder", "dir"), ("run_dir",))
+PATH_KEYS = (("bundle", "path"), ("bundle", "public_key"), ("bundle", "engine_cache"),
+             ("recorder", "dir"), ("run_dir",))
 
 Layer = tuple[str, dict[str, Any], Path]  # (name for errors, data, folder its paths are from)
 

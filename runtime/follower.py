@@ -38,7 +38,7 @@ from runtime.bundle import BundleError, load_bundle
 from runtime.buses import open_bus
 from runtime.config import TUNABLES, DuetConfig
 from runtime.core import CoreSettings, FollowerCore, PlanRejected
-from runtime.engines import EngineError
+from runtime.engines import EngineError, engine_options
 from runtime.messages import Encoder, FrameTemplate, MessageError, decode_plan, pack_array
 from runtime.models import residual_model
 from runtime.notify import notifier
@@ -114,7 +114,8 @@ class Follower:
         self.lock = rundir.RunLock(self.run_dir, endpoints.FOLLOWER_LOCK).acquire()
         try:
             bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
-            model = residual_model(bundle, list(cfg.robot.joints), cfg.bundle.engine)
+            model = residual_model(bundle, list(cfg.robot.joints), cfg.bundle.engine,
+                                   **engine_options(cfg.bundle, "follower"))
         except BaseException:
             self.lock.release()
             raise

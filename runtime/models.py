@@ -4,16 +4,20 @@ description into engine calls)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.contract import FollowerProprio
-from runtime.engines import EngineKind, make_engine
+from runtime.engines import EngineKind, ProviderArg, make_engine
 from runtime.residual import EngineResidual
 
 
-def residual_model(bundle: Bundle, robot_joints: list[str], engine: EngineKind = "onnxruntime"
-                   ) -> EngineResidual | None:
+def residual_model(bundle: Bundle, robot_joints: list[str], engine: EngineKind = "onnxruntime",
+                   *, providers: Sequence[ProviderArg] | None = None,
+                   cache_dir: str | Path | None = None) -> EngineResidual | None:
     """The follower network behind `tracking.ResidualModel`, or None (no follower model)."""
     spec = bundle.follower_spec()
     f = bundle.contract.follower
@@ -22,7 +26,8 @@ def residual_model(bundle: Bundle, robot_joints: list[str], engine: EngineKind =
     index = {j: k for k, j in enumerate(robot_joints)}
     names = {i.field: i.name for i in f.inputs if isinstance(i, FollowerProprio)}
     ref = f.reference
-    return EngineResidual(make_engine(spec, bundle, engine), ref=ref.name,
+    eng = make_engine(spec, bundle, engine, providers=providers, cache_dir=cache_dir)
+    return EngineResidual(eng, ref=ref.name,
                           q=names.get("q"), dq=names.get("dq"), out=f.output.name,
                           lookahead=ref.steps, lookahead_dt=ref.dt_s,
                           joints=np.array([index[j] for j in bundle.contract.follower_joints]),

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from runtime.bundle import Bundle
+from runtime.config import DuetConfig
 from runtime.contract import (
     CameraInput,
     Contract,
@@ -34,7 +37,7 @@ from runtime.contract import (
     ProprioInput,
     StageInput,
 )
-from runtime.engines import Engine, EngineKind, make_engine
+from runtime.engines import Engine, EngineKind, ProviderArg, engine_options, make_engine
 from runtime.observation import CameraFeed, ObservationError, StateHistory
 from runtime.reference import Plan
 from runtime.stats import Ring, summarize
@@ -100,10 +103,20 @@ def instruction_encoder(i: InstructionInput, bundle: Bundle) -> InstructionEncod
 
 
 class PlannerPipeline:
+    @classmethod
+    def configured(cls, bundle: Bundle, cfg: DuetConfig) -> PlannerPipeline:
+        """The pipeline as a robot's config sets it up (engine, providers, K, threads)."""
+        return cls(bundle, list(cfg.robot.joints), cfg.bundle.engine,
+                   **engine_options(cfg.bundle, "planner"), flow_steps=cfg.planner.flow_steps,
+                   threads=cfg.planner.threads, prefix=cfg.planner.prefix)
+
     def __init__(self, bundle: Bundle, robot_joints: list[str], engine: EngineKind = "onnxruntime",
                  *, flow_steps: int | None = None, threads: int = 1, prefix: bool = True,
-                 seed: int | None = None, engines: dict[str, Engine] | None = None) -> None:
-        """`engines`: prebuilt engines by stage name (tests, benches); else made here."""
+                 seed: int | None = None, engines: dict[str, Engine] | None = None,
+                 providers: Sequence[ProviderArg] | None = None,
+                 cache_dir: str | Path | None = None) -> None:
+        """`engines`: prebuilt engines by stage name (tests, benches); else made here, on
+        `providers` (ONNX Runtime) with TensorRT plans from `cache_dir`."""
         c = bundle.contract
         self.contract, self.bundle = c, bundle
         self.robot_joints = list(robot_joints)
@@ -135,7 +148,7 @@ class PlannerPipeline:
         for stage in c.planner.stages:
             spec = bundle.stage_spec(stage)
             eng = engines[stage.name] if engines else make_engine(
-                spec, bundle, engine, threads=threads,
+                spec, bundle, engine, threads=threads, providers=providers, cache_dir=cache_dir,
                 dynamic_batch=self.batch if self.dynamic else None)
             feeds = eng.inputs  # filled in place: each call (K for a flow head) copies nothing
             run = _StageRun(stage.name, eng, feeds, [])

@@ -327,9 +327,7 @@ class Planner(PlannerShell):
 
     def __init__(self, cfg: DuetConfig, cameras: dict[str, Camera] | None = None) -> None:
         bundle = robot_bundle(cfg)
-        self.pipeline = PlannerPipeline(bundle, list(cfg.robot.joints), cfg.bundle.engine,
-                                        flow_steps=cfg.planner.flow_steps,
-                                        threads=cfg.planner.threads, prefix=cfg.planner.prefix)
+        self.pipeline = PlannerPipeline.configured(bundle, cfg)
         super().__init__(cfg, bundle, cameras)
 
     def _check_instruction(self, text: str) -> None:
@@ -363,8 +361,16 @@ class Planner(PlannerShell):
         return {**super().summary(), "stage_ms": self.pipeline.stage_ms()}
 
 
+# ONNX Runtime's TensorRT provider builds its engines at the first start (minutes on a Jetson,
+# then cached): systemd is asked to wait this long rather than kill a build that restarts at 0.
+ENGINE_BUILD_TIMEOUT_S = 900
+
+
 def run_planner(cfg: DuetConfig, duration_s: float | None = None) -> int:
     planner: PlannerShell
+    if cfg.bundle.engine == "onnxruntime" and \
+            "tensorrt" in cfg.bundle.onnxruntime.planner_providers:
+        make_notifier().notify(f"EXTEND_TIMEOUT_USEC={ENGINE_BUILD_TIMEOUT_S * 1_000_000}")
     try:
         if cfg.planner.remote is not None:
             from runtime.relay import Relay

@@ -355,9 +355,7 @@ def make_backend(cfg: DuetConfig, bundle: Bundle) -> Backend:
         from runtime.serve_ray import RayBackend
 
         return RayBackend(cfg, bundle.contract.planner.batch)
-    pipeline = PlannerPipeline(bundle, list(cfg.robot.joints), cfg.bundle.engine,
-                               flow_steps=cfg.planner.flow_steps, threads=cfg.planner.threads,
-                               prefix=cfg.planner.prefix)
+    pipeline = PlannerPipeline.configured(bundle, cfg)
     return LocalBackend(pipeline)
 
 

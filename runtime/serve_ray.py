@@ -42,9 +42,7 @@ class PlannerReplica:
     def __init__(self, config: dict[str, Any], max_batch: int, wait_s: float) -> None:
         cfg = DuetConfig.model_validate(config)
         bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
-        self.pipeline = PlannerPipeline(bundle, list(cfg.robot.joints), cfg.bundle.engine,
-                                        flow_steps=cfg.planner.flow_steps,
-                                        threads=cfg.planner.threads, prefix=cfg.planner.prefix)
+        self.pipeline = PlannerPipeline.configured(bundle, cfg)
         self.plan.set_max_batch_size(max_batch)  # type: ignore[attr-defined]
         self.plan.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
 

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from runtime.buses import bus_sections
@@ -177,7 +178,7 @@ def check_bundle(cfg: DuetConfig) -> list[Check]:
     return out
 
 
-def check_engine(cfg: DuetConfig) -> list[Check]:
+def check_engine(cfg: DuetConfig, jetson: bool = False) -> list[Check]:
     out = []
     if cfg.bundle.engine == "tensorrt":
         try:
@@ -193,17 +194,77 @@ def check_engine(cfg: DuetConfig) -> list[Check]:
         out.append(Check("gpu", OK, f"GPU device {gpu[0]}") if gpu else
                    Check("gpu", FAIL, "no GPU device node",
                          "check the NVIDIA driver (nvidia-smi / tegrastats)"))
-    else:
-        import onnxruntime
+        return out
+    return check_providers(cfg, jetson)
 
-        out.append(Check("engine", OK, f"onnxruntime {onnxruntime.__version__} "
-                         f"({', '.join(onnxruntime.get_available_providers())})"))
-    mode = _cmd(["nvpmodel", "-q"])
-    if mode is not None:
-        first = mode.splitlines()[0] if mode else "?"
-        level = OK if "MAXN" in mode.upper() else WARN
-        out.append(Check("jetson power", level, first,
-                         "" if level == OK else "sudo nvpmodel -m 0 && sudo jetson_clocks"))
+
+def check_providers(cfg: DuetConfig, jetson: bool) -> list[Check]:
+    """The execution providers ONNX Runtime offers here, against those the config asks for."""
+    import onnxruntime
+
+    from runtime.engines.onnxruntime_engine import PROVIDERS, ort_cache_dir
+
+    offered = onnxruntime.get_available_providers()
+    dists = metadata.packages_distributions().get("onnxruntime", [])
+    where = f"{Path(onnxruntime.__file__).parent}" + (f", {'/'.join(dists)}" if dists else "")
+    out = [Check("engine", OK, f"onnxruntime {onnxruntime.__version__} ({where}) offers "
+                 f"{', '.join(offered)}")]
+    gpu = {PROVIDERS["tensorrt"], PROVIDERS["cuda"]}
+    if jetson and not gpu & set(offered):
+        out.append(Check("onnxruntime", WARN, "a CPU-only onnxruntime on a Jetson: the planner "
+                         "cannot use the GPU", "install NVIDIA's onnxruntime-gpu for this JetPack "
+                         "(Jetson AI Lab / Jetson Zoo wheel), then reinstall duet (duet install "
+                         "keeps PyPI's onnxruntime out of the venv on L4T)"))
+    opts = cfg.bundle.onnxruntime
+    for role in ("planner", "follower"):
+        names = getattr(opts, f"{role}_providers")
+        key = f"bundle.onnxruntime.{role}_providers"
+        missing = [n for n in names if PROVIDERS[n] not in offered]
+        if missing:
+            out.append(Check("providers", FAIL, f"{key} asks for {', '.join(missing)}, which "
+                             "this onnxruntime does not offer: that process will not start",
+                             "install NVIDIA's onnxruntime-gpu (and no PyPI onnxruntime over it),"
+                             f" or: duet config set {key}=[cpu]"))
+        else:
+            cache = f"; TensorRT engines in {ort_cache_dir(cfg.bundle.engine_cache)}" \
+                if "tensorrt" in names else ""
+            out.append(Check("providers", OK, f"{role}: {', '.join(names)}{cache}"))
+    return out
+
+
+def check_jetson(root: Path = Path("/")) -> list[Check]:
+    """On a Jetson (L4T): the release, the power mode and the clocks. Nothing elsewhere."""
+    from runtime.deploy import jetson
+
+    release = jetson.l4t_release(root)
+    if release is None:
+        return []
+    out = [Check("jetson", OK if release.jetpack == "6" else WARN, str(release),
+                 "" if release.jetpack == "6" else "duet's Jetson path is made for JetPack 6 "
+                 "(L4T R36, Python 3.10)")]
+    text = _cmd(["nvpmodel", "-q"])
+    mode = jetson.parse_nvpmodel(text) if text is not None else None
+    if mode is None:
+        out.append(Check("power mode", WARN, "`nvpmodel -q` gave no power mode"
+                         + ("" if shutil.which("nvpmodel") else " (nvpmodel not found)"),
+                         "install nvidia-l4t-tools; then: sudo nvpmodel -q"))
+    else:
+        ident = f" (mode {mode.mode_id})" if mode.mode_id is not None else ""
+        out.append(Check("power mode", OK if mode.is_max else WARN, f"{mode.name}{ident}",
+                         "" if mode.is_max else "a capped mode slows the planner and adds "
+                         "jitter: sudo nvpmodel -m 0 (MAXN on Orin AGX/NX; nvpmodel -p --verbose "
+                         "lists the modes)"))
+    text = _cmd(["jetson_clocks", "--show"])
+    clocks = jetson.parse_jetson_clocks(text) if text is not None else None
+    if clocks is None:
+        out.append(Check("jetson_clocks", WARN, "cannot read the clock state ("
+                         + ("`jetson_clocks --show` failed: it needs root"
+                            if shutil.which("jetson_clocks") else "jetson_clocks not found") + ")",
+                         "sudo duet doctor"))
+    else:
+        out.append(Check("jetson_clocks", OK if clocks.pinned else WARN, str(clocks),
+                         "" if clocks.pinned else "frequency changes add loop jitter: sudo "
+                         "jetson_clocks (at every boot: a oneshot unit running it)"))
     return out
 
 
@@ -382,7 +443,10 @@ def diagnose(config: Path, site: Path | None, run_dir: str) -> list[Check]:
         cfg = load_config(config, site)
     except ConfigError as exc:
         return [Check("config", FAIL, str(exc), "fix the file, then: duet config validate")]
-    installed = installed_root(config) is not None
+    root = installed_root(config)
+    installed = root is not None
+    system = root if root is not None else Path("/")  # a staged install: its /etc
+    jetson = check_jetson(system)
     checks = [Check("config", OK, f"{config}" + (f" + {site}" if site and site.exists() else ""))]
     steps: list[Callable[[], Check | list[Check]]] = [
         lambda: [check_can(bus) if isinstance(bus, CanBusConfig) else
@@ -395,7 +459,8 @@ def diagnose(config: Path, site: Path | None, run_dir: str) -> list[Check]:
         lambda: check_governor(cfg.follower.realtime.cpu),
         check_clock,
         lambda: check_bundle(cfg),
-        lambda: check_engine(cfg),
+        lambda: jetson,
+        lambda: check_engine(cfg, bool(jetson)),
         lambda: check_disk(cfg),
         lambda: check_remote(cfg),
     ]

@@ -7,6 +7,10 @@ the live system (root = /) it then runs sysusers, tmpfiles, udev reload, daemon-
 enable. It is one transaction: every file goes through a Journal, and when any step fails the
 files are restored as they were, the failure is reported in one line with its fix, and nothing
 is enabled. Rerunning after fixing the cause is the way to resume.
+
+On a Jetson (an /etc/nv_tegra_release under the root) the venv keeps NVIDIA's onnxruntime and
+TensorRT (runtime/deploy/venv.py) and the planner gets the GPU providers; with an unpacked
+`duet pack` archive (runtime/deploy/archive.py) pip installs from its wheelhouse alone.
 """
 
 from __future__ import annotations
@@ -15,16 +19,28 @@ import configparser
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from runtime.buses import single_bus
 from runtime.config import CanBusConfig, DuetConfig, load_config
 from runtime.deploy.bundle_store import BundleStore
+from runtime.deploy.jetson import L4TRelease, l4t_release
 from runtime.deploy.journal import Journal
 from runtime.deploy.layout import UNIT_PREFIX, Layout, find_source, templates_dir
+from runtime.deploy.steps import (
+    Capture,
+    InstallError,
+    Runner,
+    capture_checked,
+    external,
+    run_checked,
+)
+from runtime.deploy.venv import VenvPlan, check_onnxruntime, make_venv, probe_onnxruntime
 from runtime.preflight import bundle_problems, sim_problems
 
 UNITS = ("duet.target", "duet-follower.service", "duet-planner.service", "duet-recorder.service")
@@ -36,49 +52,6 @@ CPU_DROPIN = "cpu.conf"  # in duet-planner.service.d and duet-recorder.service.d
 U2D2_MATCH = 'ATTRS{idVendor}=="0403", ATTRS{idProduct}=="6014"'
 # Config keys the rendered drop-ins and udev rules come from: `duet config set` re-renders them.
 DERIVED_KEY_PREFIXES = ("follower.realtime", "bus", "buses")
-
-Runner = Callable[[Sequence[str]], None]
-
-
-class InstallError(Exception):
-    """A step that failed; the message is one line naming it, the reason and the fix."""
-
-
-class StepFailed(InstallError):
-    pass
-
-
-def run_checked(cmd: Sequence[str]) -> None:
-    """Run an external step; its stderr goes to ours, its failure raises with the last line."""
-    print("+ " + " ".join(cmd), flush=True)
-    out = subprocess.run(list(cmd), stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
-    if out.stderr:
-        sys.stderr.write(out.stderr)
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or [""])[-1]
-        raise subprocess.CalledProcessError(out.returncode, list(cmd), stderr=last)
-
-
-def external(run: Runner, cmd: Sequence[str], fix: str) -> None:
-    """One external step; any way it fails (missing tool, exit code) is a one-line StepFailed."""
-    try:
-        run(cmd)
-    except subprocess.CalledProcessError as exc:
-        why = f"exit {exc.returncode}" + (f": {exc.stderr.strip()}" if exc.stderr else "")
-        raise StepFailed(f"`{' '.join(cmd)}` failed ({why}); fix: {fix}") from None
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise StepFailed(f"`{' '.join(cmd)}` could not run ({exc}); fix: {fix}") from None
-
-
-def make_venv(venv: Path, source: Path, run: Runner) -> None:
-    """A virtualenv with this source tree installed (robot extras only: never torch)."""
-    external(run, [sys.executable, "-m", "venv", str(venv)],
-             "install the venv module (Debian/Ubuntu: apt-get install python3-venv)")
-    pip = str(venv / "bin" / "pip")
-    fix = "check the package index is reachable (pip config list) and pip's output above"
-    external(run, [pip, "install", "--upgrade", "pip"], fix)
-    external(run, [pip, "install", str(source)], fix)
-
 
 # ---------------------------------------------------------------------- rendering
 def render_realtime_dropin(cfg: DuetConfig) -> str:
@@ -202,7 +175,11 @@ class InstallPlan:
     venv: bool = True
     source: Path | None = None  # the duet source tree (default: found, see layout.py)
     udev_reload: bool = True
+    # offline (an unpacked `duet pack` archive): duet's wheel and the wheelhouse pip uses alone
+    package: Path | None = None
+    wheelhouse: Path | None = None
     run: Runner = run_checked
+    capture: Capture = capture_checked
     log: Callable[[str], None] = print
     live_steps: bool | None = None  # run the system steps (default: when root is /)
 
@@ -265,20 +242,44 @@ def check_plan(plan: InstallPlan) -> tuple[DuetConfig, Path]:
     return cfg, source
 
 
-def install(plan: InstallPlan) -> list[str]:
-    """Install as one transaction; returns the units enabled. On failure every file is as it
-    was and InstallError says which step failed and how to fix it."""
+@dataclass
+class Installed:
+    enabled: list[str]
+    l4t: L4TRelease | None = None  # a Jetson: NVIDIA's runtime kept, GPU providers
+    onnxruntime: dict[str, Any] = field(default_factory=dict)  # what the venv imports
+
+
+# The planner's providers on a Jetson when the robot config names none (ONNX Runtime tries
+# them in this order; the follower stays on the CPU).
+L4T_PLANNER_PROVIDERS = ["tensorrt", "cuda", "cpu"]
+
+
+def install(plan: InstallPlan) -> Installed:
+    """Install as one transaction; returns the units enabled and what was found. On failure
+    every file is as it was and InstallError says which step failed and how to fix it."""
     cfg, source = check_plan(plan)
     lay = plan.layout
-    prefix_dir = lay.root / plan.prefix.lstrip("/")
-    venv = prefix_dir / "venv"
+    l4t = l4t_release(lay.root)
+    if l4t is not None:
+        plan.log(f"{l4t}: NVIDIA's onnxruntime and TensorRT are kept (venv with the system "
+                 "site-packages, no PyPI onnxruntime); planner providers "
+                 f"{'/'.join(L4T_PLANNER_PROVIDERS)} unless the config names its own")
+    venv = VenvPlan(lay.root / plan.prefix.lstrip("/") / "venv", plan.package or source,
+                    plan.wheelhouse, system_site=l4t is not None)
+    result = Installed([], l4t)
     journal = Journal()
     reloaded = False
     try:
         if plan.venv:
-            journal.touch(venv)
-            make_venv(venv, source, plan.run)
-        enabled = _write_files(plan, cfg, source, journal)
+            journal.touch(venv.venv)
+            make_venv(venv, plan.run, plan.log)
+        result.enabled = enabled = _write_files(plan, cfg, source, journal, l4t)
+        if plan.venv:
+            installed = load_config(lay.config, lay.site)
+            result.onnxruntime = found = probe_onnxruntime(venv, plan.capture, l4t is not None)
+            check_onnxruntime(found, _providers_wanted(installed), venv, l4t is not None)
+            plan.log(f"onnxruntime {found['version']} ({found['file']}): "
+                     + ", ".join(found["providers"]))
         if plan.live:
             for cmd, fix in _live_steps(plan, enabled):
                 external(plan.run, cmd, fix)
@@ -301,11 +302,35 @@ def install(plan: InstallPlan) -> list[str]:
         plan.log(done)
         raise
     plan.log("enabled: " + " ".join(enabled))
-    return enabled
+    return result
 
 
-def _write_files(plan: InstallPlan, cfg: DuetConfig, source: Path, journal: Journal
-                 ) -> list[str]:
+def _providers_wanted(cfg: DuetConfig) -> list[str]:
+    """ONNX Runtime's names of the providers the installed config asks for."""
+    from runtime.engines.onnxruntime_engine import PROVIDERS
+
+    if cfg.bundle.engine != "onnxruntime":
+        return []
+    opts = cfg.bundle.onnxruntime
+    return [PROVIDERS[n] for n in dict.fromkeys(opts.planner_providers + opts.follower_providers)]
+
+
+def site_text(cfg: DuetConfig, bundle: bool, l4t: L4TRelease | None) -> str:
+    """The first site file: the run dir, the installed bundle and, on a Jetson, the planner's
+    GPU providers (unless the robot config chose its own)."""
+    site: dict[str, Any] = {"run_dir": "/run/duet"}
+    if bundle:
+        site["bundle"] = {"path": "/var/lib/duet/bundles/current"}
+    if l4t is not None and cfg.bundle.engine == "onnxruntime" and \
+            "planner_providers" not in cfg.bundle.onnxruntime.model_fields_set:
+        site.setdefault("bundle", {})["onnxruntime"] = {
+            "planner_providers": L4T_PLANNER_PROVIDERS}
+    return ("# Site overrides layered on duet.yaml; `duet config set` edits this file.\n"
+            + yaml.safe_dump(site, sort_keys=False))
+
+
+def _write_files(plan: InstallPlan, cfg: DuetConfig, source: Path, journal: Journal,
+                 l4t: L4TRelease | None = None) -> list[str]:
     lay = plan.layout
     prefix_dir = lay.root / plan.prefix.lstrip("/")
     # the units' Documentation= points here: the README's "On the robot" section
@@ -335,11 +360,7 @@ def _write_files(plan: InstallPlan, cfg: DuetConfig, source: Path, journal: Jour
         store.activate(version)
         plan.log(f"bundle {version} {'installed' if added else 'already there'}, current")
     if not lay.site.exists():
-        site = ["# Site overrides layered on duet.yaml; `duet config set` edits this file.",
-                "run_dir: /run/duet"]
-        if plan.bundle is not None:
-            site.append("bundle:\n  path: /var/lib/duet/bundles/current")
-        journal.write(lay.site, "\n".join(site) + "\n")
+        journal.write(lay.site, site_text(cfg, plan.bundle is not None, l4t))
     installed = load_config(lay.config, lay.site)  # what the services load must validate
     for problem in bundle_problems(installed):
         plan.log(f"warning: {problem} (install one: duet install --bundle DIR, or duet bundle "

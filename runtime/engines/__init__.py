@@ -7,13 +7,18 @@ arrays: they are overwritten by the next `run`, so copy anything you keep.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.bundle_files import ModelSpec, TensorSpec
+
+if TYPE_CHECKING:
+    from runtime.config import BundleConfig
 
 
 class EngineError(Exception):
@@ -40,9 +45,32 @@ class Engine(Protocol):
 
 
 EngineKind = Literal["onnxruntime", "tensorrt"]
+# ONNX Runtime's `providers=`: a name, or (name, options) as its Python API takes them.
+ProviderArg = str | tuple[str, dict[str, str]]
 
 
 DEFAULT_ENGINE_CACHE = "/var/lib/duet/engines"
+
+
+def check_owner(path: Path) -> None:
+    """Engines are code for the GPU: load them only from a path that root or this service
+    user owns and that nobody else can write."""
+    st = path.stat()
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise EngineError(f"{path}: engine cache must be owned by root (or this service user) "
+                          "and writable by nobody else; refusing to load engines from it")
+
+
+def engine_options(cfg: BundleConfig, role: Literal["planner", "follower"]) -> dict[str, Any]:
+    """make_engine's keywords for one process from the config: the engine cache and, for
+    ONNX Runtime, that process's providers with their options."""
+    out: dict[str, Any] = {"cache_dir": cfg.engine_cache}
+    if cfg.engine == "onnxruntime":
+        from runtime.engines.onnxruntime_engine import provider_args
+
+        names = getattr(cfg.onnxruntime, f"{role}_providers")
+        out["providers"] = provider_args(names, cfg.onnxruntime, cfg.engine_cache)
+    return out
 
 
 def check_specs(model: ModelSpec, engine: Engine, where: str) -> None:
@@ -69,16 +97,17 @@ def make_engine(
     kind: EngineKind = "onnxruntime",
     *,
     threads: int = 1,
-    providers: list[str] | None = None,
+    providers: Sequence[ProviderArg] | None = None,
     cache_dir: str | Path | None = None,
     dynamic_batch: int | None = None,
 ) -> Engine:
     """An engine for one model of a verified bundle. `dynamic_batch`: the most rows a model
     exported with a dynamic batch is called with.
 
-    onnxruntime: the bundle's ONNX file. tensorrt: the engine that `duet engines build` cached
-    for this ONNX file, this TensorRT version, this GPU and this precision (never built here:
-    building takes minutes and belongs to install time, not to start-up).
+    onnxruntime: the bundle's ONNX file, on `providers` (default: the CPU). tensorrt: the
+    engine that `duet engines build` cached for this ONNX file, this TensorRT version, this GPU
+    and this precision (never built here: building takes minutes and belongs to install time,
+    not to start-up).
     """
     onnx_path = bundle.path / model_spec.file
     engine: Engine

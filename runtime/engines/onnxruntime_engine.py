@@ -7,17 +7,31 @@ bound output arrays, so the 500 Hz follower allocates nothing per tick on its si
 A planner exported with a dynamic batch (`planner.dynamic_batch`) has a symbolic leading
 dimension: its buffers hold `batch` rows and a call computes the first `rows` of them (the
 same memory, bound with a shorter shape), so one observation costs one row, not `batch`.
+
+Execution providers come from the config (`bundle.onnxruntime`): on a Jetson NVIDIA's
+onnxruntime-gpu offers TensorRT and CUDA. A provider that is missing or fails to start is an
+error, never ONNX Runtime's silent fall-back to the CPU (a planner 20x slower is a fault).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from runtime.bundle import TensorSpec
-from runtime.engines import EngineError
+from runtime.engines import EngineError, ProviderArg, check_owner
+
+if TYPE_CHECKING:
+    from runtime.config import OnnxRuntimeConfig
+
+# The config's names -> ONNX Runtime's.
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "cpu": "CPUExecutionProvider"}
 
 # ONNX Runtime's type strings -> the bundle's dtype names.
 _ORT_TYPES = {
@@ -53,24 +67,96 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return opts
 
 
+def ort_cache_dir(engine_cache: str | Path) -> Path:
+    """Where ONNX Runtime's TensorRT provider keeps its engines and timing cache: one folder
+    per ONNX Runtime and TensorRT version, because its engines are valid for neither another
+    ORT nor another TensorRT (ORT's TensorRT EP documentation: clear the cache after either
+    changes); the GPU's compute capability is already in ORT's file names."""
+    try:
+        trt = metadata.version("tensorrt")
+    except metadata.PackageNotFoundError:
+        trt = "unknown"
+    return Path(engine_cache) / "onnxruntime" / f"ort{ort.__version__}-trt{trt}"
+
+
+def provider_args(names: Sequence[str], opts: OnnxRuntimeConfig, engine_cache: str | Path
+                  ) -> list[ProviderArg]:
+    """`providers=` for ONNX Runtime from the config's names (tensorrt, cuda, cpu), with the
+    documented options of each provider: TensorRT's engine cache under `engine_cache`."""
+    out: list[ProviderArg] = []
+    for name in names:
+        if name == "tensorrt":
+            cache = str(ort_cache_dir(engine_cache))
+            out.append((PROVIDERS[name], {
+                "device_id": str(opts.device_id),
+                "trt_fp16_enable": str(opts.trt_fp16),
+                "trt_max_workspace_size": str(opts.trt_workspace_mb << 20),
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": cache,
+                # the timing cache goes to trt_engine_cache_path when no path of its own is set
+                "trt_timing_cache_enable": str(opts.trt_timing_cache),
+            }))
+        elif name == "cuda":
+            out.append((PROVIDERS[name], {"device_id": str(opts.device_id)}))
+        else:
+            out.append(PROVIDERS[name])
+    return out
+
+
+def _name(arg: ProviderArg) -> str:
+    return arg if isinstance(arg, str) else arg[0]
+
+
+def prepare_engine_cache(providers: Sequence[ProviderArg]) -> None:
+    """TensorRT's engine cache folder: made private to this user, refused when others may
+    write it (ORT loads the engines it finds there: they are code)."""
+    for arg in providers:
+        if isinstance(arg, tuple) and "trt_engine_cache_path" in arg[1]:
+            folder = Path(arg[1]["trt_engine_cache_path"])
+            try:
+                folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise EngineError(f"{folder}: cannot create the TensorRT engine cache "
+                                  f"({exc.strerror}): check bundle.engine_cache") from None
+            check_owner(folder)
+
+
 class OnnxRuntimeEngine:
     def __init__(
         self,
         path: str | Path,
         threads: int = 1,
-        providers: list[str] | None = None,
+        providers: Sequence[ProviderArg] | None = None,
         batch: int | None = None,
     ) -> None:
         """`batch`: the rows a dynamic leading dimension is sized for (None: static only)."""
         self.path = Path(path)
+        providers = list(providers or [PROVIDERS["cpu"]])
+        wanted = [_name(p) for p in providers]
+        offered = ort.get_available_providers()
+        missing = [p for p in wanted if p not in offered]
+        if missing:
+            raise EngineError(
+                f"{self.path}: {', '.join(missing)} asked for (bundle.onnxruntime) but this "
+                f"onnxruntime {ort.__version__} ({Path(ort.__file__).parent}) offers only "
+                f"{', '.join(offered)}; install NVIDIA's onnxruntime-gpu (JetPack: the Jetson "
+                "wheel, and no PyPI onnxruntime over it) or set the providers to [cpu]")
+        prepare_engine_cache(providers)
         try:
             self.session = ort.InferenceSession(
                 str(self.path),
                 sess_options=session_options(threads),
-                providers=providers or ["CPUExecutionProvider"],
+                providers=providers,
             )
         except Exception as exc:  # ORT raises its own unrelated exception types
             raise EngineError(f"{self.path}: ONNX Runtime cannot load it: {exc}") from None
+        running = self.session.get_providers()
+        failed = [p for p in wanted if p not in running]
+        if failed:  # ORT logs the provider's error and carries on without it
+            raise EngineError(f"{self.path}: ONNX Runtime could not start {', '.join(failed)} "
+                              "(it printed why above: TensorRT or CUDA libraries missing?) "
+                              f"and would run on {', '.join(running)} instead")
+        self.providers = running
         args = self.session.get_inputs() + self.session.get_outputs()
         self._dynamic = {a.name for a in args if a.shape and not isinstance(a.shape[0], int)}
         self.batch = batch if self._dynamic else None

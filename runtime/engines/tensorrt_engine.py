@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.bundle import sha256_file
 from runtime.bundle_files import TensorSpec
-from runtime.engines import EngineError
+from runtime.engines import EngineError, check_owner
 
 _NP_TO_DTYPE = {
     np.dtype(np.float32): "float32",
@@ -84,14 +84,8 @@ def check_trusted(plan: Path) -> None:
     """A serialized engine is code for the GPU: load it only from a cache that root or this
     service user owns and nobody else can write, and only with the sha256 recorded when it
     was built (`<plan>.sha256`). A planted or swapped file is refused, naming why."""
-    import os
-
     for path in (plan.parent, plan):
-        st = path.stat()
-        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
-            raise EngineError(f"{path}: engine cache must be owned by root (or this service "
-                              "user) and writable by nobody else; refusing to load engines "
-                              "from it")
+        check_owner(path)
     recorded = plan.with_name(plan.name + ".sha256")
     try:
         want = recorded.read_text().split()[0]
