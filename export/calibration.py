@@ -2,7 +2,8 @@
 
 Preferred source: an .npz of recorded observations (`duet train` writes one from the sim:
 the distribution the robot sees), keys `<model>/<input>`. When none is given, observations
-are synthesised from the contract's roles (`synth_inputs`).
+are synthesised from the contract's roles (`synth_inputs`). numpy only: `duet export check`
+runs on the robot, which has no onnx (onnxruntime.quantization imports it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxruntime.quantization import CalibrationDataReader
 
 from runtime.bundle_files import TensorSpec
 
@@ -74,21 +74,6 @@ def batches(samples: Samples, batch: int) -> Iterator[tuple[dict[str, np.ndarray
 def batch_of(specs: list[TensorSpec]) -> int:
     """The batch a model was exported with: its inputs' leading dimension."""
     return specs[0].shape[0] if specs and specs[0].shape else 1
-
-
-class SampleReader(CalibrationDataReader):
-    """onnxruntime.quantization feeds, `batch` samples at a time."""
-
-    def __init__(self, samples: Samples, batch: int = 1) -> None:
-        self.samples, self.batch = samples, batch
-        self.rewind()
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        got = next(self._it, None)
-        return None if got is None else got[0]
-
-    def rewind(self) -> None:
-        self._it = batches(self.samples, self.batch)
 
 
 def synth_inputs(specs: list[TensorSpec], roles: dict[str, Any], n: int, seed: int,

@@ -12,18 +12,39 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from export.calibration import SampleReader, Samples
+from export.calibration import Samples, batches
 
 # Only the compute-heavy ops: Gather (token embedding), LayerNorm, Softmax stay float.
 # `duet export --int8-ops` narrows this per bundle: the reference planner's MLP layers are
 # <1 % of its multiply-adds and lose the most accuracy in int8, so it quantizes Conv only.
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+class SampleReader(CalibrationDataReader):
+    """onnxruntime.quantization feeds, `batch` samples at a time."""
+
+    def __init__(self, samples: Samples, batch: int = 1) -> None:
+        self.samples, self.batch = samples, batch
+        self.rewind()
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        got = next(self._it, None)
+        return None if got is None else got[0]
+
+    def rewind(self) -> None:
+        self._it = batches(self.samples, self.batch)
 
 
 def to_fp16(src: Path, dst: Path) -> None:
