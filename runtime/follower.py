@@ -45,6 +45,7 @@ from runtime.notify import notifier
 from runtime.realtime import apply_realtime, collect_if_slack, freeze_gc
 from runtime.rpc import Command, Deferred, RequestError, bind_server
 from runtime.safety import LATCHED, Mode
+from runtime.signals import stop_on_signals
 from runtime.stats import Ring, summarize
 
 log = logging.getLogger("duet.follower")
@@ -149,9 +150,11 @@ class Follower:
         self.enc_tel = Encoder()
         self.notifier = notifier()
         wd_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-        # ping four times per watchdog period (a late tick still leaves margin), else
-        # ten times a second
-        self.watchdog_every = max(1, round((wd_usec / 4e6 if wd_usec else 0.1) * fc.hz))
+        # ping four times per watchdog period (a late tick still leaves margin), else ten
+        # times a second; by the clock, not by ticks (a loop that skips periods under load
+        # is alive and must not look stalled)
+        self.watchdog_ns = wd_usec * 250 if wd_usec else 100_000_000
+        self.next_watchdog_ns = 0
 
     # ---------------------------------------------------------------- sockets
     def _setup_sockets(self) -> None:
@@ -257,10 +260,11 @@ class Follower:
             if self.estop_signal:
                 self.estop_signal = False
                 self._estop("SIGUSR1")
-            if self.ticks % self.watchdog_every == 0:
-                self.notifier.notify("WATCHDOG=1")
             deadline += self.period_ns
             now = time.monotonic_ns()
+            if now >= self.next_watchdog_ns:
+                self.notifier.notify("WATCHDOG=1")
+                self.next_watchdog_ns = now + self.watchdog_ns
             if now > deadline:  # fell more than a period behind: resynchronise, don't burst
                 deadline += ((now - deadline) // self.period_ns + 1) * self.period_ns
             if deadline - now > SLACK_FOR_TELEMETRY_NS:
@@ -606,14 +610,10 @@ def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
                                cfg.follower.realtime.cpu, cfg.follower.realtime.mlockall):
         log.info("realtime: %s", line)
 
-    def _stop(signum: int, _frame: Any) -> None:
-        follower.stop_requested = True
-
     def _estop(signum: int, _frame: Any) -> None:
         follower.estop_signal = True
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(follower)
     signal.signal(signal.SIGUSR1, _estop)
     try:
         try:

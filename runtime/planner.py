@@ -19,7 +19,6 @@ from __future__ import annotations
 import abc
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from runtime.pipeline import Observation, PipelineError, PlannerPipeline
 from runtime.preflight import contract_problems
 from runtime.reference import Plan
 from runtime.rpc import Command, RequestError, bind_server
+from runtime.signals import stop_on_signals
 from runtime.stats import Ring, summarize
 from runtime.tasks import TaskError, TaskStore
 from runtime.tokenizer import TokenizerError
@@ -383,11 +383,7 @@ def run_planner(cfg: DuetConfig, duration_s: float | None = None) -> int:
         log.error("%s", exc)
         return 2
 
-    def _stop(signum: int, _frame: Any) -> None:
-        planner.stop_requested = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(planner)
     try:
         planner.run(duration_s)
     finally:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from runtime.remote_wire import (
     encode_refusal,
     max_observation_bytes,
 )
+from runtime.signals import stop_on_signals
 from runtime.stats import Ring, summarize
 from runtime.tokenizer import TokenizerError
 
@@ -366,11 +366,7 @@ def run_server(cfg: DuetConfig, duration_s: float | None = None) -> int:
         log.error("%s", exc)
         return 2
 
-    def _stop(signum: int, _frame: Any) -> None:
-        server.stop_requested = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(server)
     try:
         server.run(duration_s)
     finally:

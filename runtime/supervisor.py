@@ -18,12 +18,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import yaml
 
 from runtime import endpoints, rundir
 from runtime.config import CanBusConfig, ConfigError, DuetConfig, config_to_dict
+from runtime.signals import stop_on_signals
 from runtime.summary import build_summary, print_summary
 
 log = logging.getLogger("duet.run")
@@ -250,11 +251,7 @@ def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
     sup = Supervisor(cfg, config_label, cfg.recorder.enabled if record is None else record,
                      ready_timeout_s or READY_TIMEOUT_S)
 
-    def _stop(signum: int, _frame: Any) -> None:
-        sup.stop_requested = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(sup)
     t0 = time.monotonic()
     rc = 0
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from typing import Any
 
@@ -15,6 +14,7 @@ import foxglove
 import zmq
 
 from runtime.deploy.channels import ChannelSubscriber, WallClock, schemas, to_record
+from runtime.signals import stop_on_signals
 
 log = logging.getLogger("duet.view")
 
@@ -67,11 +67,7 @@ def serve_view(run_dir: str, host: str, port: int, frame_hz: float,
                duration_s: float | None, joints: list[str] | None = None) -> int:
     view = LiveView(run_dir, host, port, frame_hz, joints)
 
-    def _stop(_signum: int, _frame: Any) -> None:
-        view.stop_requested = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(view)
     print(f"Foxglove live view on ws://{host}:{view.port} (run dir {run_dir}); from your "
           f"machine: ssh -L {view.port}:localhost:{view.port} THIS-ROBOT, then open "
           f"ws://localhost:{view.port} in Foxglove. Ctrl-C stops.", flush=True)

@@ -25,7 +25,6 @@ import json
 import logging
 import re
 import shutil
-import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from runtime.config import DuetConfig, config_to_dict
 from runtime.deploy.channels import ChannelSubscriber, Record, WallClock, schemas, to_record
 from runtime.deploy.mcap_sink import McapSink
 from runtime.rpc import Command, RequestError, bind_server
+from runtime.signals import stop_on_signals
 
 log = logging.getLogger("duet.recorder")
 
@@ -362,11 +362,7 @@ def serve(cfg: DuetConfig, config_label: str, out_dir: Path, continuous: bool = 
                    recording_metadata(cfg, config_label), frame_hz=frame_hz,
                    continuous=continuous, joints=list(cfg.robot.joints))
 
-    def _stop(_signum: int, _frame: Any) -> None:
-        rec.stop_requested = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(rec)
     notifier = make_notifier()
     log.info("run_dir=%s dir=%s ring_s=%g budget_mb=%g started", cfg.run_dir, out_dir,
              rc.ring_s, rc.budget_mb)
