@@ -49,7 +49,8 @@ def measure(bundle: Bundle, calls: int, flow_steps: int | None = None) -> dict[s
     obs = _observation(pipe)
     for _ in range(10):
         pipe.plan(obs)
-    full, bare = [], []
+    full: list[float] = []
+    bare: list[float] = []
     for i in range(calls):
         # interleaved, so drift and neighbours hit both alike, and each goes first half the
         # time (the second of two back-to-back engine calls finds warmer caches)

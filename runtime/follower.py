@@ -34,7 +34,7 @@ from drivers.bus import BusError, CommandError, MotorBus, MotorFault, MotorState
 from drivers.camera import CameraError
 from runtime import endpoints, rundir
 from runtime.access import OPERATOR, Policy, ZapHandler, uid_of
-from runtime.bundle import BundleError, load_bundle
+from runtime.bundle import BundleError
 from runtime.buses import open_bus
 from runtime.config import TUNABLES, DuetConfig
 from runtime.core import CoreSettings, FollowerCore, PlanRejected
@@ -42,6 +42,7 @@ from runtime.engines import EngineError, engine_options
 from runtime.messages import Encoder, FrameTemplate, MessageError, decode_plan, pack_array
 from runtime.models import residual_model
 from runtime.notify import notifier
+from runtime.preflight import robot_bundle
 from runtime.realtime import apply_realtime, collect_if_slack, freeze_gc
 from runtime.rpc import Command, Deferred, RequestError, bind_server
 from runtime.safety import LATCHED, Mode
@@ -114,7 +115,7 @@ class Follower:
         # replaces a live one).
         self.lock = rundir.RunLock(self.run_dir, endpoints.FOLLOWER_LOCK).acquire()
         try:
-            bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
+            bundle = robot_bundle(cfg)
             model = residual_model(bundle, list(cfg.robot.joints), cfg.bundle.engine,
                                    **engine_options(cfg.bundle, "follower"))
         except BaseException:

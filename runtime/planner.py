@@ -30,7 +30,7 @@ from drivers.bus import BusError
 from drivers.camera import Camera, CameraError
 from runtime import endpoints
 from runtime.access import OPERATOR, Policy, ZapHandler, uid_of
-from runtime.bundle import Bundle, BundleError, load_bundle
+from runtime.bundle import Bundle, BundleError
 from runtime.cameras import open_camera
 from runtime.config import DuetConfig
 from runtime.engines import EngineError
@@ -46,7 +46,7 @@ from runtime.messages import (
 from runtime.notify import notifier as make_notifier
 from runtime.observation import ObservationError, StateHistory
 from runtime.pipeline import Observation, PipelineError, PlannerPipeline
-from runtime.preflight import contract_problems
+from runtime.preflight import robot_bundle
 from runtime.reference import Plan
 from runtime.rpc import Command, RequestError, bind_server
 from runtime.signals import stop_on_signals
@@ -57,16 +57,6 @@ from runtime.tokenizer import TokenizerError
 log = logging.getLogger("duet.planner")
 
 STATE_MAX_AGE_NS = 200_000_000  # a joint state older than this is not planned on
-
-
-def robot_bundle(cfg: DuetConfig) -> Bundle:
-    """The configured bundle, verified, and its contract checked against this robot."""
-    bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
-    problems = contract_problems(bundle.contract, cfg)
-    if problems:
-        raise BundleError(f"{bundle.path}: this robot cannot run it:\n  "
-                          + "\n  ".join(problems))
-    return bundle
 
 
 class PlannerShell(abc.ABC):

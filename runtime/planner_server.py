@@ -31,13 +31,13 @@ import zmq.utils.monitor
 from runtime import endpoints, keys
 from runtime.access import REMOTE, RemoteAccess, ZapHandler
 from runtime.batching import Backend, Job, LocalBackend, Result
-from runtime.bundle import Bundle, BundleError, load_bundle
+from runtime.bundle import Bundle, BundleError
 from runtime.config import DuetConfig, ServeConfig
 from runtime.contract import InstructionInput
 from runtime.engines import EngineError
 from runtime.messages import Encoder, MessageError
 from runtime.pipeline import PipelineError, PlannerPipeline, instruction_encoder
-from runtime.preflight import contract_problems
+from runtime.preflight import robot_bundle
 from runtime.remote_wire import (
     Limits,
     Received,
@@ -107,10 +107,7 @@ class PlannerServer:
             raise ServerError("planner.serve.listen: give --listen tcp://HOST:PORT")
         self.cfg, self.serve = cfg, cfg.planner.serve
         serve = self.serve
-        bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
-        problems = contract_problems(bundle.contract, cfg)
-        if problems:
-            raise BundleError(f"{bundle.path}: cannot serve it:\n  " + "\n  ".join(problems))
+        bundle = robot_bundle(cfg)
         self.bundle_id = bundle_id(bundle)
         self.dt_s = bundle.contract.planner.actions.dt_s
         self.instructions = [instruction_encoder(i, bundle) for s in

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runtime.bundle import BundleError, load_bundle
+from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.buses import bus_sections
 from runtime.config import CanBusConfig, DuetConfig
 from runtime.contract import Contract
@@ -22,6 +22,17 @@ def bundle_problems(cfg: DuetConfig) -> list[str]:
     except BundleError as exc:
         return [f"bundle.path: {exc}"]
     return contract_problems(bundle.contract, cfg)
+
+
+def robot_bundle(cfg: DuetConfig) -> Bundle:
+    """The configured bundle, verified, and its contract checked against this config: what
+    the follower, the planner and the planner server load (nothing starts half-way)."""
+    bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
+    problems = contract_problems(bundle.contract, cfg)
+    if problems:
+        raise BundleError(f"{bundle.path}: this configuration cannot run it:\n  "
+                          + "\n  ".join(problems))
+    return bundle
 
 
 def contract_problems(contract: Contract, cfg: DuetConfig) -> list[str]:
@@ -41,6 +52,14 @@ def contract_problems(contract: Contract, cfg: DuetConfig) -> list[str]:
             continue
         k = cfg.planner.flow_steps or stage.flow.steps
         out += [] if k >= 1 else [f"stage {stage.name}: flow steps {k} < 1"]
+    if contract.follower is not None:  # its look-ahead window is read off the tick grid
+        ref = contract.follower.reference
+        ticks = ref.dt_s * cfg.follower.hz
+        if abs(ticks - round(ticks)) > 1e-6 or round(ticks) < 1:
+            out.append(f"follower input {ref.name}: a look-ahead point every {ref.dt_s * 1e3:g}"
+                       f" ms is not a whole number of ticks at follower.hz={cfg.follower.hz:g}"
+                       f" (a tick is {1e3 / cfg.follower.hz:g} ms); choose follower.hz as a "
+                       f"multiple of {1 / ref.dt_s:g} Hz")
     return out
 
 

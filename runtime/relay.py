@@ -35,7 +35,8 @@ from runtime.config import DuetConfig, RemoteConfig
 from runtime.contract import InstructionInput, PrefixInput
 from runtime.messages import Encoder, MessageError, decode, decode_plan, is_int, is_real
 from runtime.pipeline import instruction_encoder, state_times_ns
-from runtime.planner import PlannerShell, robot_bundle
+from runtime.planner import PlannerShell
+from runtime.preflight import robot_bundle
 from runtime.remote_wire import Sent, bundle_id, encode_observation
 from runtime.stats import Ring, summarize
 from runtime.tasks import TaskError

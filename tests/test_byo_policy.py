@@ -168,6 +168,23 @@ def test_an_engine_that_disagrees_with_the_contract_refuses_start(two_cam: Path,
            "float32[1, 3, 48, 48]" in out.stderr
 
 
+def test_a_follower_rate_off_the_look_ahead_grid_is_refused(tmp_path: Path) -> None:
+    """The reference follower reads its look-ahead every 20 ms; at 20 Hz (50 ms ticks) the
+    window is not on the tick grid: `config validate` says so, and the follower exits 2
+    with the same words (no traceback, the run dir's lock released)."""
+    bundle = REPO / "bundles/reference"
+    want = "a look-ahead point every 20 ms is not a whole number of ticks at follower.hz=20"
+    found = problems(_cfg(bundle, "follower.hz=20"))
+    assert any(want in p for p in found), found
+    assert problems(_cfg(bundle, "follower.hz=250")) == []
+    out = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "follower", "--config", str(REPO / "configs/sim.yaml"),
+         "--set", "follower.hz=20", "--set", f"run_dir={tmp_path / 'run'}", "--duration", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert want in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 # ---------------------------------------------------------------------- live and eval
 def _near(stack: Stack, goal: np.ndarray, joints: slice, timeout_s: float) -> np.ndarray:
     """The commanded reference (q + tracking error) once it is at `goal`, or at the timeout.
