@@ -37,7 +37,8 @@ def _recv_all(sock: socket.socket, seconds: float) -> list[tuple[float, str]]:
 def test_follower_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
-    sets = ["--set", f"run_dir={run_dir}", "--set", f"bundle.path={make_bundle(tmp_path / 'b')}"]
+    sets = ["--set", f"run_dir={run_dir}", "--set", f"bundle.path={make_bundle(tmp_path / 'b')}",
+            "--set", "follower.deadline_storm.misses=400"]  # behaviour, not timing (stack.py)
     sim = subprocess.Popen([sys.executable, "-m", "runtime.cli", "sim", "--config",
                             str(REPO / "configs/sim.yaml"), *sets], cwd=REPO, env=env,
                            stdout=subprocess.PIPE)
