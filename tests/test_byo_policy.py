@@ -178,8 +178,9 @@ def test_a_follower_rate_off_the_look_ahead_grid_is_refused(tmp_path: Path) -> N
     assert any(want in p for p in found), found
     assert problems(_cfg(bundle, "follower.hz=250")) == []
     out = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "follower", "--config", str(REPO / "configs/sim.yaml"),
-         "--set", "follower.hz=20", "--set", f"run_dir={tmp_path / 'run'}", "--duration", "1"],
+        [sys.executable, "-m", "runtime.cli", "follower",
+         "--config", str(REPO / "configs/sim.yaml"), "--set", "follower.hz=20",
+         "--set", f"run_dir={tmp_path / 'run'}", "--duration", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert want in out.stderr and "Traceback" not in out.stderr, out.stderr
