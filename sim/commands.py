@@ -44,7 +44,7 @@ def register_teleop(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _teleop(args: argparse.Namespace) -> int:
-    import json
+    import signal
 
     from runtime.logs import setup_logging
     from sim.teleop import TeleopError, collect
@@ -53,6 +53,11 @@ def _teleop(args: argparse.Namespace) -> int:
         return cliopts.fail("duet teleop", "--episodes must be positive", cliopts.EXIT_USAGE)
     setup_logging()
     cfg = cliopts.load(args, "duet teleop")
+
+    def _stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # through collect's cleanup: no orphaned stack
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         results = collect(cfg, args.out, args.episodes, args.prefix, args.frame_hz,
                           log_line=(lambda _: None) if args.json else print)

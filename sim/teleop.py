@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,10 @@ def _ask(cfg: DuetConfig, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
 
 def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
             frame_hz: float = 10.0, timeout_s: float | None = None,
-            log_line: Any = print) -> list[dict[str, Any]]:
-    """Record `episodes` sim episodes under out/episodes/; the recorder's stop replies."""
+            log_line: Any = print, during: Callable[[int], None] | None = None
+            ) -> list[dict[str, Any]]:
+    """Record `episodes` sim episodes under out/episodes/; the recorder's stop replies.
+    `during(n)` runs right after the n-th recording starts (an operator's action: an estop)."""
     sup = Supervisor(cfg, "teleop", record=False)
     operator: ExpertOperator | None = None
     recorder = thread = None
@@ -95,6 +98,8 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
                 elif current is None and index > first_seen:
                     current = index
                     _ask(cfg, "start", {"name": f"{prefix}-{len(results):03d}"})
+                    if during is not None:
+                        during(len(results))
             elif msg.get("type") == "episode" and index == current:
                 result = _ask(cfg, "stop", {})
                 results.append(result)
@@ -102,6 +107,11 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
                          f"({msg.get('duration_s')} s) {msg.get('instruction')!r}")
                 current = None
                 first_seen = index
+                mode = request_at(endpoints.control(cfg.run_dir), "status", {}, 5.0) \
+                    .get("result", {}).get("mode")
+                if mode in ("FAULT", "ESTOP"):  # latched: what follows would be no demonstration
+                    raise TeleopError(f"the follower is in {mode} after {len(results)} "
+                                      "episodes; recordings so far are kept")
     finally:
         if operator is not None:
             operator.stop_requested = True

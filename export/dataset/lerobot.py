@@ -282,7 +282,8 @@ def write(episodes: list[Frames], out: Path, fps: int, robot_type: str | None,
     tasks: list[str] = []
     videos = {name: VideoWriter(out, image_key(name), fps, int(video_file_mb * 2**20))
               for name in cameras}
-    data_cursor, pending, pending_bytes = Cursor(), [], 0
+    data_cursor, pending_bytes = Cursor(), 0
+    pending: list[pa.Table] = []
     rows: list[_Episode] = []
     total = 0
 
