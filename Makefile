@@ -89,14 +89,14 @@ eval: bundles              # closed loop through the runtime, 100 episodes per p
 # held-out seeds (and on the original phrasing, to show nothing was forgotten).
 LOOP ?= runs/data-loop
 LOOP_EPISODES ?= 24
-LOOP_STEPS ?= 300
-LOOP_EVAL ?= 40
+LOOP_STEPS ?= 200
+LOOP_EVAL ?= 30
 LOOP_TASK := --set sim.phrasing=after --set sim.two_step_fraction=1.0 --set sim.seed=7
 # a shared workstation has bursts of late ticks a robot's own core does not (tests/stack.py)
 LOOP_HOST := --set follower.deadline_storm.misses=400
 FP32 := --contract policy/reference_contract.yaml --precision fp32
 NICE ?= nice -n 19         # the CPU-heavy steps; teleop runs in real time, not niced
-data-loop: $(VENV)/.dev    # ~25 min on 2 shared CPU cores; CKPT= the checkpoints to start from
+data-loop: $(VENV)/.dev    # ~37 min on 2 busy shared CPU cores; CKPT= the checkpoints to start from
 	rm -rf $(LOOP) && mkdir -p $(LOOP)
 	$(BIN)/duet teleop --config configs/sim.yaml $(LOOP_TASK) $(LOOP_HOST) \
 	  --episodes $(LOOP_EPISODES) --out $(LOOP)/recordings --run-dir $(CURDIR)/$(LOOP)/run
