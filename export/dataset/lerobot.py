@@ -2,14 +2,15 @@
 
 Layout, column names, dtypes and file naming follow LeRobot's own writer, checked against
 huggingface/lerobot `src/lerobot/datasets/utils.py` (path templates, DEFAULT_FEATURES,
-`create_empty_dataset_info`, chunk/file index rollover), `compute_stats.py` (per-episode
+`create_empty_dataset_info`, `update_chunk_file_indices`), `compute_stats.py` (per-episode
 min/max/mean/std/count, images per channel in [0, 1] with shape (3, 1, 1), the parallel
-aggregation), `lerobot_dataset.py` (`save_episode_tasks`: tasks.parquet is a pandas frame
-with the task string as its index named "task" and a `task_index` column; the episode rows),
-`video_utils.get_video_info` (the `info` block of a video feature) and the v3.0 blog post
-(huggingface/blog lerobot-datasets-v3.md: several episodes per parquet and per mp4 file,
-located by `dataset_from_index`/`dataset_to_index` and `videos/<key>/from_timestamp`/
-`to_timestamp` in meta/episodes).
+aggregation), `lerobot_dataset.py` `save_episode_tasks` and the v2.1 -> v3.0 conversion's
+`convert_tasks` (tasks.parquet is a pandas frame indexed by the task string, index named
+"task", with a `task_index` column), the episode columns those write
+(`data/chunk_index`, `videos/<key>/from_timestamp`, `meta/episodes/file_index`, ...), the
+`info` block LeRobot writes for a video feature, and the v3.0 blog post (huggingface/blog
+lerobot-datasets-v3.md: several episodes per parquet and per mp4 file, located through the
+episodes metadata; its `meta/tasks.jsonl` predates the code's `meta/tasks.parquet`).
 
     meta/info.json              codebase_version "v3.0", fps, features, templates, totals
     meta/stats.json             the statistics over the whole dataset
