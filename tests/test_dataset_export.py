@@ -270,3 +270,32 @@ def test_finetune_smoke(dataset: Path, tmp_path: Path) -> None:
     assert any(n.startswith("grounding.") for n in changed)
     assert not any(n.startswith("vision.") for n in changed)  # the camera stem is frozen
     assert (tmp_path / "ft/follower.pt").read_bytes() == (tmp_path / "ck/follower.pt").read_bytes()
+
+
+def test_files_roll_over_at_their_size_limits(recordings: Path, tmp_path: Path) -> None:
+    """Tiny limits: each episode starts a new data and video file; the episode rows point at
+    them and the video ranges restart at 0 in each file."""
+    from export.dataset import lerobot
+    from export.dataset.recordings import resample
+    from export.dataset.select import select
+
+    frames = [resample(r, FPS) for r in select([recordings]).kept]
+    info = lerobot.write(frames, tmp_path, FPS, "t", data_file_mb=1e-6, video_file_mb=1e-6,
+                         log=lambda _: None)
+    rows = pq.read_table(tmp_path / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    key = "videos/observation.images.scene"
+    for e, row in enumerate(rows):
+        assert (row["data/chunk_index"], row["data/file_index"]) == (0, e)
+        assert (row[f"{key}/chunk_index"], row[f"{key}/file_index"]) == (0, e)
+        assert row[f"{key}/from_timestamp"] == 0.0
+        data = pq.read_table(tmp_path / info["data_path"].format(chunk_index=0, file_index=e))
+        assert data.column("episode_index").to_pylist() == [e] * row["length"]
+        assert data.column("index").to_pylist() == list(range(row["dataset_from_index"],
+                                                              row["dataset_to_index"]))
+        video = tmp_path / info["video_path"].format(
+            video_key="observation.images.scene", chunk_index=0, file_index=e)
+        with av.open(str(video)) as c:
+            assert sum(1 for _ in c.decode(video=0)) == row["length"]
+    cursor = lerobot.Cursor(0, lerobot.CHUNKS_SIZE - 1)
+    cursor.advance()
+    assert (cursor.chunk, cursor.file) == (1, 0)  # a new chunk folder after chunks_size files
