@@ -82,8 +82,8 @@ class BundlePlanner:
 
 
 def evaluate(bundle: Bundle, cfg: DuetConfig, settings: LoopSettings, seeds: list[int],
-             residual: bool, log: Log = print, label: str = "", **planner: Any
-             ) -> dict[str, Any]:
+             residual: bool, log: Log = print, label: str = "", phrasing: str = "then",
+             **planner: Any) -> dict[str, Any]:
     """Run the episodes of `seeds` with one bundle and loop settings; summarise them."""
     world = SimWorld(seed=0, physics_hz=settings.physics_hz)
     plan_fn = BundlePlanner(bundle, cfg, **planner)
@@ -91,7 +91,7 @@ def evaluate(bundle: Bundle, cfg: DuetConfig, settings: LoopSettings, seeds: lis
     results: list[EpisodeResult] = []
     t0 = time.monotonic()
     for seed in seeds:
-        episode = Episode(seed, two_step_fraction=1.0)
+        episode = Episode(seed, two_step_fraction=1.0, phrasing=phrasing)
         plan_fn.reset(episode.instruction)
         results.append(run_episode(world, episode, plan_fn, follower, settings,
                                    start_q=eval_start_q(seed)))
@@ -188,7 +188,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# duet closed-loop evaluation", "",
-             f"{report['episodes']} two-step episodes per main row "
+             f"{report['episodes']} two-step episodes ({report.get('phrasing', 'then')!r} "
+             "phrasing) per main row "
              f"({report['ablation_episodes']} per ablation row), seeds from "
              f"{report['first_seed']}; sim physics {report['physics_hz']:.0f} Hz, follower "
              f"{report['follower_hz']:.0f} Hz, planner {report['planner_hz']:.0f} Hz "
@@ -252,9 +253,10 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
 
 def run_eval(bundle_dirs: list[Path], episodes: int, ablation_episodes: int, config: Path,
              seed: int, json_path: Path | None, out_dir: Path, checkpoints: Path | None,
-             log: Log = print) -> int:
-    if episodes <= 0 or ablation_episodes <= 0:
-        raise SystemExit("duet eval: --episodes must be positive")
+             log: Log = print, phrasing: str = "then") -> int:
+    """`ablation_episodes` 0: the bundles' main rows only."""
+    if episodes <= 0 or ablation_episodes < 0:
+        raise SystemExit("duet eval: --episodes must be positive, --ablation-episodes >= 0")
     cfg = load_config(config)
     base = LoopSettings.from_config(cfg)
     bundles = [load_bundle(d, expect_joints=list(cfg.robot.joints)) for d in bundle_dirs]
@@ -267,7 +269,7 @@ def run_eval(bundle_dirs: list[Path], episodes: int, ablation_episodes: int, con
     def add(name: str, bundle: Bundle, residual: bool, strategy: str, s: list[int]) -> None:
         settings = LoopSettings.from_config(cfg, dt_s=bundle.contract.planner.actions.dt_s,
                                             strategy=strategy)
-        summary = evaluate(bundle, cfg, settings, s, residual, log, name)
+        summary = evaluate(bundle, cfg, settings, s, residual, log, name, phrasing)
         runs.append({"name": name, "bundle": str(bundle.path),
                      "precision": precision[bundle.path], "residual": residual,
                      "strategy": strategy, "summary": summary})
@@ -276,8 +278,9 @@ def run_eval(bundle_dirs: list[Path], episodes: int, ablation_episodes: int, con
     for b in bundles:
         add(f"full {precision[b.path]}", b, True, base.strategy, seeds)
     ref = bundles[0]
-    add("residual off", ref, False, base.strategy, ab_seeds)
-    for strategy in STRATEGIES:
+    if ab_seeds:
+        add("residual off", ref, False, base.strategy, ab_seeds)
+    for strategy in STRATEGIES if ab_seeds else ():
         if strategy != base.strategy:
             add(f"strategy {strategy}", ref, True, strategy, ab_seeds)
     latency = [{"engine": "onnxruntime", "precision": precision[b.path],
@@ -286,6 +289,7 @@ def run_eval(bundle_dirs: list[Path], episodes: int, ablation_episodes: int, con
         latency.append({"engine": "pytorch eager", "precision": "fp32",
                         **measure_torch_latency(checkpoints)})
     report = {"episodes": episodes, "ablation_episodes": ablation_episodes, "first_seed": first,
+              "phrasing": phrasing,
               "physics_hz": base.physics_hz, "follower_hz": base.follower_hz,
               "planner_hz": base.planner_hz, "runs": runs, "latency": latency}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -70,9 +70,12 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def _fit(model: torch.nn.Module, tensors: dict[str, torch.Tensor], train_idx: np.ndarray,
          val_idx: np.ndarray, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
          steps: int, batch: int, lr: float, seed: int, device: torch.device, log: Log,
-         name: str) -> dict[str, Any]:
-    """AdamW with warmup + cosine; returns loss history and final train/val losses."""
+         name: str, frozen: tuple[torch.nn.Module, ...] = ()) -> dict[str, Any]:
+    """AdamW with warmup + cosine; returns loss history and final train/val losses.
+    `frozen` submodules keep their weights and stay in eval mode (BatchNorm statistics)."""
     model.to(device).train()
+    for module in frozen:
+        module.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     train_t = torch.as_tensor(train_idx)
@@ -119,6 +122,27 @@ def _evaluate(tensors: dict[str, torch.Tensor], idx: np.ndarray,
     return total / n
 
 
+def chunk_loss(model: Planner, pred: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """Huber on waypoint errors in units of the dataset's delta spread."""
+    return F.smooth_l1_loss((pred - chunk) / model.delta_std, torch.zeros_like(pred), beta=0.1)
+
+
+def planner_loss(model: Planner, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The supervised loss on a batch of labelled sim scenes: end-to-end chunk, the action
+    MLP's chunk from the true target, block xy (cm, visible blocks only), visibility and
+    target order."""
+    out = model.forward_all(b["image"], b["tokens"], b["q"])
+    vis = b["visible"].float()
+    xy_err = (out["blocks_xy"] - b["blocks_xy"]).norm(dim=-1) / 0.01  # cm
+    xy = (F.smooth_l1_loss(xy_err, torch.zeros_like(xy_err), reduction="none") * vis).sum() \
+        / vis.sum().clamp_min(1.0)
+    order = F.cross_entropy(out["order"].reshape(-1, model.n_colours), b["order"].reshape(-1),
+                            ignore_index=-1)
+    return (chunk_loss(model, out["waypoints"], b["chunk"]) + xy + order
+            + F.binary_cross_entropy_with_logits(out["visible"], vis)
+            + chunk_loss(model, model.act(b["target_xy"], b["q"]), b["chunk"]))
+
+
 def train_planner(data: dict[str, np.ndarray], actions: dict[str, np.ndarray],
                   tokenizer: Tokenizer, steps: int, seed: int, batch: int = 48,
                   action_batch: int = 512, lr: float = 2e-3, device: torch.device | None = None,
@@ -150,25 +174,12 @@ def train_planner(data: dict[str, np.ndarray], actions: dict[str, np.ndarray],
     log(f"planner: {count_parameters(model) / 1e6:.2f} M params, {len(train_idx)} train / "
         f"{len(val_idx)} val scenes, {len(aq)} action samples, {steps} steps on {device}")
 
-    def chunk_loss(pred: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-        return F.smooth_l1_loss((pred - chunk) / model.delta_std, torch.zeros_like(pred),
-                                beta=0.1)
-
     def loss_fn(b: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model.forward_all(b["image"], b["tokens"], b["q"])
-        vis = b["visible"].float()
-        xy_err = (out["blocks_xy"] - b["blocks_xy"]).norm(dim=-1) / 0.01  # cm
-        xy = (F.smooth_l1_loss(xy_err, torch.zeros_like(xy_err), reduction="none") * vis).sum() \
-            / vis.sum().clamp_min(1.0)
-        order = F.cross_entropy(out["order"].reshape(-1, model.n_colours),
-                                b["order"].reshape(-1), ignore_index=-1)
-        loss = (chunk_loss(out["waypoints"], b["chunk"]) + xy + order
-                + F.binary_cross_entropy_with_logits(out["visible"], vis)
-                + chunk_loss(model.act(b["target_xy"], b["q"]), b["chunk"]))
+        loss = planner_loss(model, b)
         if model.training:  # the action MLP also learns from the cheap image-free samples
             pick = torch.randint(len(aq), (action_batch,), generator=agen)
             a = {k: v[pick].to(device) for k, v in atensors.items()}
-            loss = loss + chunk_loss(model.act(a["target_xy"], a["q"]), a["chunk"])
+            loss = loss + chunk_loss(model, model.act(a["target_xy"], a["q"]), a["chunk"])
         return loss
 
     metrics = _fit(model, tensors, train_idx, val_idx, loss_fn, steps, batch, lr, seed,

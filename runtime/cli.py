@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "policy.commands",  # train, eval
     "runtime.deploy.commands",  # install, bundle, config, status, doctor, top, record
     "export.commands",  # export, export check, engines build, bundle create
+    "export.dataset.commands",  # dataset export
 ]
 
 # Examples for subcommands whose module does not give one itself.

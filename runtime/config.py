@@ -309,6 +309,8 @@ class SimConfig(_Strict):
     seed: int = 0
     episode_timeout_s: float = Field(12.0, gt=0)
     two_step_fraction: float = Field(0.5, ge=0, le=1)
+    # two-target instructions: "touch A, then B" or "touch B after A" (sim/task.py PHRASINGS)
+    phrasing: Literal["then", "after"] = "then"
     camera_hz: float = Field(10.0, gt=0)
     physics_hz: float = Field(1000.0, gt=0)
     transport: Literal["serial", "can"] = "serial"

@@ -108,7 +108,7 @@ class PhysicsLoop:
     def _next_episode(self) -> None:
         self.episode_index += 1
         episode = Episode(episode_seed(self.cfg.seed, self.episode_index),
-                          self.cfg.two_step_fraction)
+                          self.cfg.two_step_fraction, self.cfg.phrasing)
         self.tracker = TaskTracker(episode, self.cfg.episode_timeout_s)
         self.tracker.start(self.world, self.world.time)  # the arm stays where it is
         self.events.put(("task", self.task_body()))

@@ -22,6 +22,11 @@ RADIUS_RANGE = (0.25, 0.44)  # m from the base axis
 BEARING_RANGE = (-0.7, 0.7)  # rad around +x
 MIN_SEPARATION = 0.09  # m between block centres
 
+# How a two-target instruction names its order: "touch the A block, then the B one" (what the
+# reference was trained on) or "touch the B block after the A one" (the same task in words
+# it never saw: A still comes first).
+PHRASINGS = ("then", "after")
+
 RUNNING = "running"
 SUCCESS = "success"
 TIMEOUT = "timeout"
@@ -36,9 +41,12 @@ class Episode:
     instruction: the English instruction.
     """
 
-    def __init__(self, seed: int, two_step_fraction: float = 0.5) -> None:
+    def __init__(self, seed: int, two_step_fraction: float = 0.5,
+                 phrasing: str = "then") -> None:
         if not 0.0 <= two_step_fraction <= 1.0:
             raise ValueError(f"two_step_fraction must be in [0, 1], got {two_step_fraction}")
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
         self.seed = seed
         rng = np.random.default_rng(seed)
         self.blocks = _place_blocks(rng)
@@ -48,6 +56,8 @@ class Episode:
         self.targets = {c: self.blocks[c] + np.array([0.0, 0.0, BLOCK_HALF]) for c in self.order}
         if n_targets == 1:
             self.instruction = f"touch the {self.order[0]} block"
+        elif phrasing == "after":
+            self.instruction = f"touch the {self.order[1]} block after the {self.order[0]} one"
         else:
             self.instruction = f"touch the {self.order[0]} block, then the {self.order[1]} one"
 

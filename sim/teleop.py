@@ -1,0 +1,131 @@
+"""`duet teleop`: collect demonstrations on the simulated robot the way an operator collects
+them on a real one. The stack runs without its planner (sim + follower, supervised as by
+`duet run`), the scripted expert teleoperates (sim/operator.py), the flight recorder runs as
+its own process, and each sim episode is one named recording: `record start` when the sim
+announces the episode, `record stop` when it reports the result (the recorder keeps the
+sim's outcome). The episode in progress when recording begins is not recorded (it started
+before the recorder could see it).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from runtime import endpoints
+from runtime.config import DuetConfig
+from runtime.messages import MessageError, decode
+from runtime.planner import robot_bundle
+from runtime.rpc import request_at
+from runtime.supervisor import Supervisor
+from sim.operator import ExpertOperator
+
+log = logging.getLogger("duet.teleop")
+
+
+class TeleopError(RuntimeError):
+    pass
+
+
+def _recorder(cfg: DuetConfig, effective: Path, out: Path, frame_hz: float
+              ) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "record", "serve",
+                             "--config", str(effective), "--run-dir", cfg.run_dir,
+                             "--dir", str(out), "--frame-hz", str(frame_hz)],
+                            start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (Path(cfg.run_dir) / "recorder").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise TeleopError(f"the recorder did not start (exit {proc.poll()})")
+        time.sleep(0.05)
+    return proc
+
+
+def _ask(cfg: DuetConfig, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    reply = request_at(endpoints.recorder(cfg.run_dir), cmd, args, timeout_s=10.0)
+    if not reply.get("ok"):
+        raise TeleopError(f"recorder {cmd}: {reply.get('error')}")
+    return dict(reply["result"])
+
+
+def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
+            frame_hz: float = 10.0, timeout_s: float | None = None,
+            log_line: Any = print, during: Callable[[int], None] | None = None
+            ) -> list[dict[str, Any]]:
+    """Record `episodes` sim episodes under out/episodes/; the recorder's stop replies.
+    `during(n)` runs right after the n-th recording starts (an operator's action: an estop)."""
+    sup = Supervisor(cfg, "teleop", record=False)
+    operator: ExpertOperator | None = None
+    recorder = thread = None
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.LINGER, 0)
+    results: list[dict[str, Any]] = []
+    timeout_s = timeout_s or episodes * 2.0 * (cfg.sim.episode_timeout_s if cfg.sim else 12.0)
+    try:
+        sup.start(with_planner=False)
+        recorder = _recorder(cfg, Path(cfg.run_dir) / "effective.yaml", out, frame_hz)
+        operator = ExpertOperator(cfg, robot_bundle(cfg))
+        thread = threading.Thread(target=operator.run, name="operator", daemon=True)
+        thread.start()
+        sub.connect(endpoints.sim(cfg.run_dir))
+        current: int | None = None  # the sim episode being recorded
+        first_seen: int | None = None
+        deadline = time.monotonic() + timeout_s
+        while len(results) < episodes:
+            if time.monotonic() > deadline:
+                raise TeleopError(f"{len(results)} of {episodes} episodes in {timeout_s:.0f} s")
+            if not sub.poll(200):
+                continue
+            try:
+                msg = decode(sub.recv())
+            except MessageError:
+                continue
+            index = msg.get("episode")
+            if msg.get("type") == "task" and isinstance(index, int):
+                if first_seen is None:
+                    first_seen = index  # already under way: not recorded
+                elif current is None and index > first_seen:
+                    current = index
+                    _ask(cfg, "start", {"name": f"{prefix}-{len(results):03d}"})
+                    if during is not None:
+                        during(len(results))
+            elif msg.get("type") == "episode" and index == current:
+                result = _ask(cfg, "stop", {})
+                results.append(result)
+                log_line(f"  teleop: {Path(result['path']).name} {result['outcome']} "
+                         f"({msg.get('duration_s')} s) {msg.get('instruction')!r}")
+                current = None
+                first_seen = index
+                mode = request_at(endpoints.control(cfg.run_dir), "status", {}, 5.0) \
+                    .get("result", {}).get("mode")
+                if mode in ("FAULT", "ESTOP"):  # latched: what follows would be no demonstration
+                    raise TeleopError(f"the follower is in {mode} after {len(results)} "
+                                      "episodes; recordings so far are kept")
+    finally:
+        if operator is not None:
+            operator.stop_requested = True
+        if thread is not None:
+            thread.join(timeout=5)
+        if operator is not None:
+            operator.close()
+        sub.close(linger=0)
+        if recorder is not None:
+            recorder.terminate()
+            try:
+                recorder.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
+                recorder.wait()
+        sup.stop()
+    return results
