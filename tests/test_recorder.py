@@ -332,3 +332,26 @@ def test_full_disk_drops_oldest_segments_and_keeps_the_incident(run_dir: Path,
     modes = [json.loads(d)["mode"] for t, _, _, d in contents.messages if t == "/follower/state"]
     assert "FAULT" in modes and modes.index("FAULT") > 50  # the ring before it, then after
     assert contents.metadata["duet"]["reason"] == "bus errors past threshold"
+
+
+def test_an_episode_keeps_its_own_instruction_when_the_next_task_comes_first(
+        run_dir: Path, tmp_path: Path) -> None:
+    """A sim (or fleet) task source may announce the next task before the operator stops the
+    episode: the outcome names the task the episode ran, and every one heard."""
+    rec = Recorder(str(run_dir), tmp_path / "rec", 1.0, 100.0, {})
+
+    def task(seq: int, text: str) -> None:
+        rec.handle("/sim/task", {"v": 1, "type": "task", "seq": seq,
+                                 "t_ns": time.monotonic_ns(), "episode": seq,
+                                 "instruction": text})
+
+    try:
+        task(1, "touch the red block")
+        rec.start_episode("ep")
+        task(2, "touch the blue block")
+        stopped = rec.stop_episode(True)
+    finally:
+        rec.close()
+    outcome = read_recording(Path(stopped["path"])).metadata["duet.outcome"]
+    assert outcome["instruction"] == "touch the red block"
+    assert json.loads(outcome["instructions"]) == ["touch the red block", "touch the blue block"]

@@ -85,6 +85,9 @@ class Recorder:
         self.ring: deque[Record] = deque()
         self.episode: McapSink | None = None
         self.episode_results: list[dict[str, Any]] = []  # the sim's, during the episode
+        # every instruction heard during the episode, in order: the task it recorded is the
+        # first (the one at stop may already be the next episode's)
+        self.episode_instructions: list[str] = []
         self.incident: McapSink | None = None
         self.incident_until_ns = 0
         self.segment: McapSink | None = None
@@ -137,6 +140,7 @@ class Recorder:
         except OSError as exc:
             raise RequestError(f"cannot create {path}: {exc.strerror}") from None
         self.episode_results = []
+        self.episode_instructions = [self.instruction] if self.instruction else []
         log.info("episode=%s path=%s started", name, path)
         return path
 
@@ -156,7 +160,8 @@ class Recorder:
             outcome, source = "unknown", "none"
         self._safe(ep, lambda: ep.add_metadata("duet.outcome", {
             "outcome": outcome, "source": source, "stopped": _iso_now(),
-            "instruction": self.instruction or "",
+            "instruction": self.episode_instructions[0] if self.episode_instructions else "",
+            "instructions": json.dumps(self.episode_instructions),
             "sim_results": json.dumps(self.episode_results)}))
         self._safe(ep, ep.close)
         log.info("episode=%s messages=%d outcome=%s (%s) stopped", ep.path.stem, ep.messages,
@@ -285,8 +290,11 @@ class Recorder:
                 self._open_incident(str(mode), str(msg.get("fault_reason") or ""), now)
             self.last_mode = mode if isinstance(mode, str) else None
         elif topic in ("/planner/telemetry", "/sim/task"):
-            if isinstance(msg.get("instruction"), str):
-                self.instruction = msg["instruction"]
+            text = msg.get("instruction")
+            if isinstance(text, str):
+                self.instruction = text
+                if self.episode is not None and text and text not in self.episode_instructions:
+                    self.episode_instructions.append(text)
         elif topic == "/sim/episode" and self.episode is not None:
             self.episode_results.append(json.loads(rec.data))
 
