@@ -249,11 +249,11 @@ def test_incidents_only_when_asked_and_filters(recordings: Path, tmp_path: Path)
     assert refused.returncode == 2 and "not a LeRobot dataset" in refused.stderr
 
 
-def test_finetune_smoke(dataset: Path, tmp_path: Path) -> None:
+def test_finetune_smoke(dataset: Path, smoke_training: Path, tmp_path: Path) -> None:
     """`duet train --smoke` for an initial checkpoint, then `duet train --dataset --init`."""
-    env = ["--data-dir", str(tmp_path / "data"), "--threads", "1"]
-    assert _duet("train", "--smoke", "--out", str(tmp_path / "ck"), *env).returncode == 0
-    proc = _duet("train", "--smoke", "--dataset", str(dataset), "--init", str(tmp_path / "ck"),
+    env = ["--data-dir", str(smoke_training / "data"), "--threads", "1"]
+    ck = smoke_training / "ck"
+    proc = _duet("train", "--smoke", "--dataset", str(dataset), "--init", str(ck),
                  "--out", str(tmp_path / "ft"), *env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "ft/train-metrics.json").read_text())["planner"]
@@ -262,14 +262,14 @@ def test_finetune_smoke(dataset: Path, tmp_path: Path) -> None:
     assert metrics["sim_fraction"] == 0.5 and metrics["val_mae_rad"] is not None
     from policy.models import load_checkpoint
 
-    before, _ = load_checkpoint(tmp_path / "ck/planner.pt")
+    before, _ = load_checkpoint(ck / "planner.pt")
     after, meta = load_checkpoint(tmp_path / "ft/planner.pt")
     assert meta["finetune"]["dataset"] == str(dataset)
     changed = [n for n, p in after.state_dict().items()
                if not np.array_equal(p.numpy(), before.state_dict()[n].numpy())]
     assert any(n.startswith("grounding.") for n in changed)
     assert not any(n.startswith("vision.") for n in changed)  # the camera stem is frozen
-    assert (tmp_path / "ft/follower.pt").read_bytes() == (tmp_path / "ck/follower.pt").read_bytes()
+    assert (tmp_path / "ft/follower.pt").read_bytes() == (ck / "follower.pt").read_bytes()
 
 
 def test_files_roll_over_at_their_size_limits(recordings: Path, tmp_path: Path) -> None:

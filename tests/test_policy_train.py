@@ -26,14 +26,9 @@ def _duet(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=240)
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("train")
-    proc = _duet("train", "--smoke", "--out", str(work / "ck"), "--data-dir",
-                 str(work / "data"), "--threads", "1", "--config", str(ROOT / "configs/sim.yaml"),
-                 cwd=work)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work
+@pytest.fixture
+def smoke(smoke_training: Path) -> Path:
+    return smoke_training
 
 
 def test_smoke_training_writes_loadable_checkpoints(smoke: Path) -> None:

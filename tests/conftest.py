@@ -1,0 +1,27 @@
+"""Fixtures more than one test module needs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_training(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`duet train --smoke` once per run: a folder with `ck/` (both checkpoints) and `data/`
+    (the cached sim data, which a fine-tune run reuses)."""
+    work = tmp_path_factory.mktemp("train")
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "train", "--smoke", "--out", str(work / "ck"),
+         "--data-dir", str(work / "data"), "--threads", "1",
+         "--config", str(ROOT / "configs/sim.yaml")],
+        cwd=work, env=dict(os.environ, MUJOCO_GL="egl", PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work
