@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/sim.yaml"
+# The planners' training data (policy.data, cached): rollout episodes, rendered walks, walks.
+DATA = {"episodes": 200, "scenes": 6000, "walks": 20000, "workers": 2}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,13 +15,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("checkpoints"))
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
-    p.add_argument("--episodes", type=int, default=200,
+    p.add_argument("--episodes", type=int, default=DATA["episodes"],
                    help="expert rollout episodes (follower data and planner scenes)")
-    p.add_argument("--scenes", type=int, default=6000,
+    p.add_argument("--scenes", type=int, default=DATA["scenes"],
                    help="kinematic walks rendered for planner scenes (3 images each)")
-    p.add_argument("--walks", type=int, default=20000,
+    p.add_argument("--walks", type=int, default=DATA["walks"],
                    help="kinematic walks for image-free planner action samples")
-    p.add_argument("--workers", type=int, default=2, help="processes for data generation")
+    p.add_argument("--workers", type=int, default=DATA["workers"],
+                   help="processes for data generation")
     p.add_argument("--steps", type=int, default=2500, help="planner optimiser steps")
     p.add_argument("--follower-steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
@@ -28,6 +31,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--smoke", action="store_true",
                    help="a few episodes and steps: checks the pipeline in seconds")
     p.set_defaults(func=_train)
+
+    f = subparsers.add_parser(
+        "train-fact", help="train the FACT tokenizer and the FACT planner (same sim data)")
+    f.add_argument("--out", type=Path, default=Path("runs/fact"))
+    f.add_argument("--data-dir", type=Path, default=Path("data"))
+    f.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    f.add_argument("--code-len", type=int, default=20, help="codes per chunk (L)")
+    f.add_argument("--code-bits", type=int, default=6, help="bits per code (B)")
+    f.add_argument("--tokenizer-steps", type=int, default=3000)
+    f.add_argument("--steps", type=int, default=2000, help="planner optimiser steps")
+    f.add_argument("--prefix-max", type=int, default=5,
+                   help="longest action prefix (waypoints) the planner is trained with")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    f.add_argument("--smoke", action="store_true",
+                   help="tiny data and a few steps: checks the pipeline in seconds")
+    f.set_defaults(func=_train_fact)
+
+    s = subparsers.add_parser(
+        "fact-study", help="reconstruction error vs code length: FACT, uniform binning, DCT")
+    s.add_argument("--data-dir", type=Path, default=Path("data"))
+    s.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    s.add_argument("--code-lens", type=int, nargs="+", default=[4, 8, 12, 20])
+    s.add_argument("--code-bits", type=int, default=6)
+    s.add_argument("--steps", type=int, default=3000, help="tokenizer optimiser steps")
+    s.add_argument("--decoder-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--json", type=Path, default=None)
+    s.set_defaults(func=_fact_study)
 
     e = subparsers.add_parser("eval", help="closed-loop evaluation of bundles in the sim")
     e.add_argument("--bundle", type=Path, required=True, action="append",
@@ -68,3 +101,42 @@ def _eval(args: argparse.Namespace) -> int:
 
     return run_eval(args.bundle, args.episodes, args.ablation_episodes or args.episodes,
                     args.config, args.seed, args.json, args.out, args.checkpoints)
+
+
+def _train_fact(args: argparse.Namespace) -> int:
+    from policy.fact_train import train_fact
+
+    for name in ("code_len", "code_bits", "tokenizer_steps", "steps", "prefix_max", "threads"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"duet train-fact: --{name.replace('_', '-')} must be positive")
+    sizes: dict[str, int] = {**DATA, "tokenizer_steps": args.tokenizer_steps,
+                             "planner_steps": args.steps}
+    if args.smoke:
+        sizes = {"episodes": 2, "scenes": 6, "walks": 20, "workers": 1, "held_out": 5,
+                 "tokenizer_steps": 20, "planner_steps": 5}
+    train_fact(args.out, args.data_dir, args.config, seed=args.seed, threads=args.threads,
+               code_len=args.code_len, code_bits=args.code_bits, prefix_max=args.prefix_max,
+               **sizes)
+    return 0
+
+
+def _fact_study(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from policy.fact_study import format_rows, study
+    from policy.fact_train import fact_test_sets
+    from policy.train import load_training_data
+
+    torch.set_num_threads(args.threads)
+    data = load_training_data(args.data_dir, args.config, DATA["episodes"], DATA["scenes"],
+                              DATA["walks"], args.seed, DATA["workers"])
+    train = data.actions["chunk"] - data.actions["q"][:, None]
+    rows = study(train, fact_test_sets(data, args.seed), args.code_lens, args.code_bits,
+                 args.steps, args.seed, args.decoder_steps)
+    print(format_rows(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
