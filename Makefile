@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 DURATION ?= 20
 
-.PHONY: demo test lint bench train bundle bundles eval verify-systemd clean
+.PHONY: demo test lint bench train train-fact fact-study bundle bundles eval verify-systemd clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,14 @@ lint: $(VENV)/.dev
 CKPT ?= checkpoints
 train: $(VENV)/.dev        # reproduces both reference models from fixed seeds (~15 min on 2 CPU cores, data cached)
 	$(BIN)/duet train --out $(CKPT)
+
+# FACT planner (tokenizer + code-predicting planner) on the same cached data as `train`.
+FACT ?= runs/fact
+train-fact: $(VENV)/.dev   # fixed seeds, 2 CPU threads
+	$(BIN)/duet train-fact --out $(FACT)
+
+fact-study: $(VENV)/.dev   # reconstruction error vs code length: FACT, uniform binning, DCT
+	$(BIN)/duet fact-study --json $(FACT)/study.json
 
 # INT8: the planner's convolutions (QDQ); its transformer and MLP layers and the follower
 # stay fp32 (see README, "Evaluation of the reference policy").

@@ -4,29 +4,33 @@ Both work on chunks of deltas from the observed q, [N, H, J] in rad, fit their s
 training chunks and round-trip (`roundtrip`) held-out chunks through a code of exactly `bits`
 bits:
 
-- `UniformBinning`: every one of the H*J values clipped to its training range (0.5-99.5 %
-  quantiles) and cut into the same number of equal bins, floor(2 ** (bits / (H*J))) (RT-2's
+- `UniformBinning`: every one of the H*J values clipped to its 0.5-99.5 % training quantiles
+  and cut into the same number of equal bins, floor(2 ** (bits / (H*J))) (RT-2's
   per-dimension binning, at a bit budget instead of 256 bins per value);
-- `DctQuantizer`: FAST-style, a per-joint DCT-II over time, then each coefficient clipped to
-  its training range and quantized uniformly; the bits go greedily, one at a time, to the
-  coefficient whose extra bit lowers the training error most (a fixed-rate allocation: FAST
-  rounds with one scale and entropy-codes with BPE instead, which gives a variable length).
+- `DctQuantizer`: FAST-style, a per-joint DCT-II over time, then each coefficient quantized
+  uniformly over its training range (FAST does not clip); the bits go greedily, one at a
+  time, to the coefficient whose extra bit lowers the training error most (a fixed-rate
+  allocation: FAST rounds with one scale and entropy-codes with BPE instead, which gives a
+  variable length).
+
+Both decode a bin to the mean of the training values in it, not its centre: never worse.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-QUANTILE = 0.005
+BINNING_QUANTILE = 0.005  # clipped tails: 0.5 % each side (binning is worse without)
 
 
 class _UniformQuantizer:
-    """Per column: `levels` equal bins over the training range, each decoded to the mean of
-    the training values that fell into it (an empty bin: its centre). Doubling the levels
+    """Per column: `levels` equal bins between the training values' `quantile` and
+    1 - `quantile` (values beyond go to the end bins), each decoded to the mean of the
+    training values that fell into it (an empty bin: its centre). Doubling the levels
     splits every bin, so an extra bit never raises the training error."""
 
-    def __init__(self, train: np.ndarray, levels: np.ndarray) -> None:
-        self.lo, hi = np.quantile(train, [QUANTILE, 1.0 - QUANTILE], axis=0)
+    def __init__(self, train: np.ndarray, levels: np.ndarray, quantile: float = 0.0) -> None:
+        self.lo, hi = np.quantile(train, [quantile, 1.0 - quantile], axis=0)
         self.levels = np.asarray(levels, dtype=int)
         self.width = np.maximum(hi - self.lo, 1e-9) / self.levels
         idx = self.index(train)
@@ -62,7 +66,8 @@ class UniformBinning:
     def fit(self, chunks: np.ndarray) -> UniformBinning:
         flat = chunks.reshape(len(chunks), -1)
         levels = int(np.floor(2.0 ** (self.bits / flat.shape[1]) + 1e-9))
-        self.quantizer = _UniformQuantizer(flat, np.full(flat.shape[1], levels))
+        self.quantizer = _UniformQuantizer(flat, np.full(flat.shape[1], levels),
+                                           BINNING_QUANTILE)
         return self
 
     def roundtrip(self, chunks: np.ndarray) -> np.ndarray:
@@ -83,8 +88,11 @@ class DctQuantizer:
         return np.einsum("kh,nhj->nkj", dct_matrix(chunks.shape[1]), chunks).reshape(
             len(chunks), -1)
 
-    def fit(self, chunks: np.ndarray, max_samples: int = 20000) -> DctQuantizer:
-        coef = self.coefficients(chunks[:max_samples])
+    def fit(self, chunks: np.ndarray, max_samples: int = 20000, seed: int = 0
+            ) -> DctQuantizer:
+        """Allocate the bits on (a seeded sample of at most `max_samples` of) the chunks."""
+        pick = np.random.default_rng(seed).permutation(len(chunks))[:max_samples]
+        coef = self.coefficients(chunks[np.sort(pick)])
         bits = np.zeros(coef.shape[1], dtype=int)
 
         def errors(b: np.ndarray) -> np.ndarray:  # per-coefficient training MSE at bits b

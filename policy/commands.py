@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--steps", type=int, default=2000, help="planner optimiser steps")
     f.add_argument("--prefix-max", type=int, default=5,
                    help="longest action prefix (waypoints) the planner is trained with")
+    f.add_argument("--init-planner", type=Path, default=None,
+                   help="reference planner checkpoint (duet train) to start from; its "
+                        "perception stays frozen (several times faster)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     f.add_argument("--smoke", action="store_true",
@@ -55,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
     s.add_argument("--code-lens", type=int, nargs="+", default=[4, 8, 12, 20])
     s.add_argument("--code-bits", type=int, default=6)
+    s.add_argument("--quantizer", choices=["gray", "lfq"], default="gray",
+                   help="FACT's bitwise quantizer (policy.fact.FactTokenizer)")
     s.add_argument("--steps", type=int, default=3000, help="tokenizer optimiser steps")
     s.add_argument("--decoder-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     s.add_argument("--seed", type=int, default=0)
@@ -109,14 +114,16 @@ def _train_fact(args: argparse.Namespace) -> int:
     for name in ("code_len", "code_bits", "tokenizer_steps", "steps", "prefix_max", "threads"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"duet train-fact: --{name.replace('_', '-')} must be positive")
-    sizes: dict[str, int] = {**DATA, "tokenizer_steps": args.tokenizer_steps,
-                             "planner_steps": args.steps}
+    data = {**DATA, "held_out": 1000}
+    steps = {"tokenizer_steps": args.tokenizer_steps, "planner_steps": args.steps}
     if args.smoke:
-        sizes = {"episodes": 2, "scenes": 6, "walks": 20, "workers": 1, "held_out": 5,
-                 "tokenizer_steps": 20, "planner_steps": 5}
+        data = {"episodes": 2, "scenes": 6, "walks": 20, "workers": 1, "held_out": 5}
+        steps = {"tokenizer_steps": 20, "planner_steps": 5}
     train_fact(args.out, args.data_dir, args.config, seed=args.seed, threads=args.threads,
                code_len=args.code_len, code_bits=args.code_bits, prefix_max=args.prefix_max,
-               **sizes)
+               episodes=data["episodes"], scenes=data["scenes"], walks=data["walks"],
+               workers=data["workers"], held_out=data["held_out"],
+               init_planner=args.init_planner, **steps)
     return 0
 
 
@@ -134,7 +141,7 @@ def _fact_study(args: argparse.Namespace) -> int:
                               DATA["walks"], args.seed, DATA["workers"])
     train = data.actions["chunk"] - data.actions["q"][:, None]
     rows = study(train, fact_test_sets(data, args.seed), args.code_lens, args.code_bits,
-                 args.steps, args.seed, args.decoder_steps)
+                 args.steps, args.seed, args.decoder_steps, quantizer=args.quantizer)
     print(format_rows(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

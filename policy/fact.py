@@ -4,17 +4,19 @@ An action chunk (H waypoints x J joints, as deltas from the observed q, normalis
 becomes `code_len` codes of `code_bits` bits each, and comes back through a flow-matching
 decoder:
 
-- encoder: an MLP (the seed uses an MM-DiT; a 60-value chunk needs no attention) maps the
-  chunk to a latent [L, B]; lookup-free quantization keeps each latent's sign, so a code is
-  B bits (a vocabulary of 2**B without a codebook), with the straight-through gradient;
+- encoder: an MLP (the seed uses an MM-DiT; a 60-value chunk needs no attention and 2 CPU
+  cores cannot afford one) maps the chunk to a latent; the quantizer turns it into L codes
+  of B bits with no codebook (a vocabulary of 2**B per code), straight-through gradient:
+  "gray" (default) cuts one latent per code into 2**B levels written as a Gray code,
+  "lfq" (MAGVIT-v2) keeps the sign of one latent per bit (see `FactTokenizer`);
 - decoder: a rectified flow from standard Gaussian noise (t = 0) to the chunk (t = 1),
   x_t = (1 - t) * noise + t * x1, conditioned on the codes. The network predicts the clean
   chunk x1 and the velocity is (x1_hat - x_t) / (1 - t), the field whose Euler steps the
   runtime integrates: one step already lands on x1_hat, more steps refine it.
 
-Training: flow-matching loss on x1 (the velocity loss weighted by (1 - t)^2), a commitment
-loss pulling latents towards +-1, a balance loss keeping every bit in use, and random bit
-flips on the codes so a planner's wrong bit costs little.
+Training: flow-matching loss on x1 (the velocity loss weighted by (1 - t)^2) through the
+straight-through quantizer, a commitment loss pulling latents to their quantized values and,
+for LFQ, a balance loss keeping every bit in use.
 """
 
 from __future__ import annotations
@@ -198,15 +200,12 @@ class FactTokenizer(nn.Module):
             x = x + self.velocity(codes, x, t) / steps
         return self.denormalise(x)
 
-    def loss(self, delta: torch.Tensor, generator: torch.Generator, flip: float = 0.0
+    def loss(self, delta: torch.Tensor, generator: torch.Generator
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Flow matching (x1-prediction) + commitment (+ bit balance for lfq) on a batch of
-        deltas; `flip`: probability of flipping each code bit the decoder sees."""
+        deltas."""
         latent = self.latent(delta)
         codes, hard = self.quantize(latent)
-        if flip > 0.0:
-            codes = codes * torch.where(torch.rand(codes.shape, generator=generator) < flip,
-                                        -1.0, 1.0)
         seen = self.condition(codes)
         flat = latent.reshape(seen.shape)
         cond = flat + (seen - flat).detach()  # straight-through
@@ -242,7 +241,7 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 def train_tokenizer(deltas: np.ndarray, steps: int, seed: int, batch: int = 512,
-                    lr: float = 1e-3, flip: float = 0.0, log: Log = print,
+                    lr: float = 1e-3, log: Log = print,
                     **model_kwargs: Any) -> FactTokenizer:
     """Fit a tokenizer on chunk deltas [N,H,J] (rad) from a fixed seed."""
     torch.manual_seed(seed)
@@ -259,7 +258,7 @@ def train_tokenizer(deltas: np.ndarray, steps: int, seed: int, batch: int = 512,
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
         pick = torch.randint(len(data), (batch,), generator=gen)
-        loss, parts = model.loss(data[pick], gen, flip)
+        loss, parts = model.loss(data[pick], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -18,7 +18,7 @@ an auxiliary loss that teaches the action MLP its features; it is not in the exp
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ class FactPlanner(Planner):
         self.code_pos = nn.Parameter(torch.randn(code_len, code_dim) * 0.02)
         self.code_layers = nn.ModuleList(EncoderLayer(code_dim, code_heads)
                                          for _ in range(code_layers))
+        self._layers = [cast(EncoderLayer, m) for m in self.code_layers]
         self.code_norm = nn.LayerNorm(code_dim)
         self.bits_head = nn.Linear(code_dim, code_bits)
         # Context (state + prefix) sees itself only; code slot i sees the context and the
@@ -64,6 +65,22 @@ class FactPlanner(Planner):
         allowed[:, :c] = True
         allowed[c:, c:] = torch.tril(torch.ones(code_len, code_len, dtype=torch.bool))
         self.register_buffer("code_mask", torch.where(allowed, 0.0, NEG))
+        self.perception_frozen = False
+
+    def freeze_perception(self) -> None:
+        """Keep keypoints and grounding as they are (weights and BatchNorm statistics)."""
+        self.perception_frozen = True
+        for module in (self.vision, self.grounding):
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FactPlanner:
+        super().train(mode)
+        if self.perception_frozen:
+            self.vision.eval()
+            self.grounding.eval()
+        return self
 
     @property
     def context_len(self) -> int:
@@ -87,7 +104,7 @@ class FactPlanner(Planner):
         b = context.shape[0]
         slots = torch.cat([self.bos.expand(b, 1, -1), self.code_embed(codes[:, :-1])], dim=1)
         x = torch.cat([context, slots + self.code_pos], dim=1)
-        for layer in self.code_layers:
+        for layer in self._layers:
             x = layer(x, self.code_mask)
         return self.bits_head(self.code_norm(x[:, self.context_len:]))
 
@@ -96,14 +113,14 @@ class FactPlanner(Planner):
         b = context.shape[0]
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         x = context
-        for layer in self.code_layers:
+        for layer in self._layers:
             x, kv = layer.step(x)
             cache.append(kv)
         slot = self.bos.expand(b, 1, -1)
         codes = []
         for i in range(self.code_len):
             x = slot + self.code_pos[i]
-            for j, layer in enumerate(self.code_layers):
+            for j, layer in enumerate(self._layers):
                 x, cache[j] = layer.step(x, past=cache[j])
             code = torch.where(self.bits_head(self.code_norm(x)) >= 0, 1.0, -1.0)
             codes.append(code)

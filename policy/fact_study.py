@@ -33,7 +33,8 @@ def study(train: np.ndarray, tests: dict[str, np.ndarray], code_lens: Sequence[i
         dct = DctQuantizer(bits).fit(train)
         for name, test in tests.items():
             row: dict[str, Any] = {
-                "test": name, "code_len": code_len, "code_bits": code_bits, "bits": bits,
+                "test": name, "quantizer": model.quantizer, "code_len": code_len,
+                "code_bits": code_bits, "bits": bits,
                 "chunks": len(test),
                 "uniform_binning": reconstruction_error(binning.roundtrip, test),
                 "dct": reconstruction_error(dct.roundtrip, test),
@@ -47,12 +48,12 @@ def study(train: np.ndarray, tests: dict[str, np.ndarray], code_lens: Sequence[i
 def format_rows(rows: list[dict[str, Any]], metric: str = "rmse_rad") -> str:
     """Markdown table of `study` rows (errors in mrad)."""
     ks = list(rows[0]["fact"]) if rows else []
-    head = (["held-out set", "L", "bits", "uniform binning", "DCT"]
+    head = (["held-out set", "FACT bits", "L", "bits", "uniform binning", "DCT"]
             + [f"FACT K={k}" for k in ks] + ["FACT (best K) / binning"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         fact = [r["fact"][k][metric] for k in ks]
-        cells = [r["test"], str(r["code_len"]), str(r["bits"]),
+        cells = [r["test"], r["quantizer"], str(r["code_len"]), str(r["bits"]),
                  f"{r['uniform_binning'][metric] * 1e3:.2f}", f"{r['dct'][metric] * 1e3:.2f}"]
         cells += [f"{v * 1e3:.2f}" for v in fact]
         cells.append(f"{min(fact) / r['uniform_binning'][metric]:.3f}")

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from policy.data import MAX_CHUNK_NOISE
 from policy.fact import FactTokenizer, Log, bits_of
 from policy.fact_planner import FactPlanner
-from policy.models import count_parameters
+from policy.models import Planner, count_parameters
 from policy.train import (
     TrainingData,
     TrainResult,
@@ -34,6 +34,7 @@ from policy.train import (
     seed_everything,
     split_by_episode,
 )
+from runtime.bundle import sha256_file
 from runtime.tokenizer import Tokenizer
 from sim.expert import expert_chunk
 from sim.world import BLOCK_HALF, ArmKinematics
@@ -49,7 +50,7 @@ def prefix_targets(q: np.ndarray, chunk: np.ndarray, target_xy: np.ndarray, d_ma
     rng = np.random.default_rng(seed)
     n, horizon, joints = chunk.shape
     ramp = np.linspace(0.2, 1.0, horizon)[:, None]
-    lengths = rng.integers(0, d_max + 1, n)
+    lengths = rng.integers(0, d_max + 1, size=(n,))
     prefix = np.zeros((n, d_max, joints), dtype=np.float32)
     target = chunk.astype(np.float32).copy()
     for i in np.flatnonzero(lengths):
@@ -98,22 +99,35 @@ def decoded_chunk(planner: FactPlanner, tokenizer: FactTokenizer, logits: torch.
 def train_fact_planner(scenes: dict[str, np.ndarray], actions: dict[str, np.ndarray],
                        tokenizer: FactTokenizer, vocab: Tokenizer, steps: int, seed: int,
                        batch: int = 48, action_batch: int = 128, lr: float = 2e-3,
-                       decoded_weight: float = 1.0, log: Log = print, **model_kwargs: Any
-                       ) -> TrainResult:
+                       decoded_weight: float = 1.0, init: Planner | None = None,
+                       log: Log = print, **model_kwargs: Any) -> TrainResult:
     """scenes: the reference planner's scene data plus prefix, prefix_len, target [N,H,6]
-    and codes [N,L,Bits]; actions: q, target_xy, chunk plus the same four."""
+    and codes [N,L,Bits]; actions: q, target_xy, chunk plus the same four.
+
+    From scratch, perception, action MLP and code head learn together (the reference's
+    losses plus the code losses). With `init` (a trained reference planner), its weights
+    are the starting point and its perception (keypoints, grounding) stays frozen: only the
+    action MLP and the code head train, several times faster.
+    """
     seed_everything(seed)
     horizon, n_joints = scenes["chunk"].shape[1:]
+    kwargs = {"n_joints": n_joints, "horizon": horizon, "max_tokens": vocab.max_len,
+              "n_colours": scenes["blocks_xy"].shape[1], **model_kwargs}
+    if init is not None:
+        kwargs = {**init.kwargs, **model_kwargs}
+        kwargs.pop("vocab_size")
     model = FactPlanner(vocab.vocab_size, code_len=tokenizer.code_len,
                         code_bits=tokenizer.code_bits, prefix_max=scenes["prefix"].shape[1],
-                        n_joints=n_joints, horizon=horizon, max_tokens=vocab.max_len,
-                        n_colours=scenes["blocks_xy"].shape[1], **model_kwargs)
+                        **kwargs)
     for p in tokenizer.parameters():
         p.requires_grad_(False)
     train_idx, val_idx = split_by_episode(scenes["episode"], 0.1, seed)
     aq = torch.as_tensor(actions["q"], dtype=torch.float32)
     adelta = torch.as_tensor(actions["chunk"], dtype=torch.float32) - aq[:, None, :]
-    model.set_normalisation(aq.mean(0), aq.std(0), adelta.pow(2).mean(0).sqrt())
+    if init is None:
+        model.set_normalisation(aq.mean(0), aq.std(0), adelta.pow(2).mean(0).sqrt())
+    else:
+        load_reference(model, init)
     keys = ("image", "tokens", "q", "chunk", "blocks_xy", "visible", "order", "target_xy",
             "prefix", "prefix_len", "target", "codes")
     tensors = {k: torch.as_tensor(scenes[k]) for k in keys}
@@ -136,12 +150,16 @@ def train_fact_planner(scenes: dict[str, np.ndarray], actions: dict[str, np.ndar
                                                         model.delta_std)
 
     def loss_fn(b: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model.forward_all(b["image"], b["tokens"], b["q"])
-        features = model.features(out["target_xy"], b["q"])
-        loss = (perception_loss(out, b, model.n_colours)
-                + chunk_loss(out["waypoints"], b["chunk"], model.delta_std)
-                + chunk_loss(model.act(b["target_xy"], b["q"]), b["chunk"], model.delta_std)
-                + code_loss(features, b))
+        loss = chunk_loss(model.act(b["target_xy"], b["q"]), b["chunk"], model.delta_std)
+        if init is None:
+            out = model.forward_all(b["image"], b["tokens"], b["q"])
+            loss = (loss + perception_loss(out, b, model.n_colours)
+                    + chunk_loss(out["waypoints"], b["chunk"], model.delta_std))
+            target = out["target_xy"]
+        else:
+            with torch.no_grad():
+                target = model.perceive(b["image"], b["tokens"])["target_xy"]
+        loss = loss + code_loss(model.features(target, b["q"]), b)
         if model.training:  # the action MLP and the code head learn from image-free samples
             pick = torch.randint(len(aq), (action_batch,), generator=agen)
             a = {k: v[pick] for k, v in atensors.items()}
@@ -155,6 +173,15 @@ def train_fact_planner(scenes: dict[str, np.ndarray], actions: dict[str, np.ndar
     metrics.update(planner_errors(model, tokenizer, tensors, val_idx))
     metrics["params"] = count_parameters(model)
     return TrainResult(model, metrics)
+
+
+def load_reference(model: FactPlanner, reference: Planner) -> None:
+    """Start from a trained reference planner: every one of its weights and statistics,
+    with its perception (keypoints, grounding) frozen."""
+    unexpected = model.load_state_dict(reference.state_dict(), strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"reference planner does not fit the FACT planner: {unexpected}")
+    model.freeze_perception()
 
 
 @torch.no_grad()
@@ -217,17 +244,25 @@ def train_fact(out_dir: Path, data_dir: Path, config_path: Path, seed: int = 0,
                threads: int = 2, code_len: int = 20, code_bits: int = 6,
                tokenizer_steps: int = 3000, planner_steps: int = 2000, prefix_max: int = 5,
                held_out: int = 1000, decoder_steps: tuple[int, ...] = (1, 2, 4, 8, 16),
-               log: Log = print) -> dict[str, Any]:
+               init_planner: Path | None = None, log: Log = print) -> dict[str, Any]:
     """Data (the reference planner's cache) -> FACT tokenizer -> FACT planner, from fixed
     seeds. Writes fact_tokenizer.pt, fact_planner.pt and fact-metrics.json (with the
-    tokenizer's reconstruction error next to both baselines at the same bits) to out_dir."""
+    tokenizer's reconstruction error next to both baselines at the same bits) to out_dir.
+    `init_planner`: a reference planner checkpoint to start from (`train_fact_planner`)."""
     from policy.action_baselines import DctQuantizer, UniformBinning
     from policy.fact import fact_roundtrip, reconstruction_error, train_tokenizer
-    from policy.models import save_checkpoint
+    from policy.models import load_checkpoint, save_checkpoint
     from policy.train import load_training_data
 
     t_start = time.monotonic()
     torch.set_num_threads(threads)
+    init: Planner | None = None
+    if init_planner is not None:
+        reference, meta = load_checkpoint(init_planner)
+        if not isinstance(reference, Planner) or meta["kind"] != Planner.kind:
+            raise ValueError(f"{init_planner}: not a reference planner checkpoint "
+                             f"(kind {meta['kind']!r})")
+        init = reference
     data = load_training_data(data_dir, config_path, episodes, scenes, walks, seed, workers, log)
     deltas = data.actions["chunk"] - data.actions["q"][:, None]
     t0 = time.monotonic()
@@ -236,8 +271,8 @@ def train_fact(out_dir: Path, data_dir: Path, config_path: Path, seed: int = 0,
     tokenizer_s = time.monotonic() - t0
     tests = fact_test_sets(data, seed, held_out)
     bits = tokenizer.total_bits
-    baselines = {"uniform_binning": UniformBinning(bits).fit(deltas),
-                 "dct": DctQuantizer(bits).fit(deltas)}
+    baselines: dict[str, UniformBinning | DctQuantizer] = {
+        "uniform_binning": UniformBinning(bits).fit(deltas), "dct": DctQuantizer(bits).fit(deltas)}
     recon: dict[str, Any] = {}
     for name, test in tests.items():
         recon[name] = {"chunks": len(test), **{
@@ -255,7 +290,7 @@ def train_fact(out_dir: Path, data_dir: Path, config_path: Path, seed: int = 0,
     log(f"prefix targets and codes: {time.monotonic() - t0:.0f} s")
     vocab = Tokenizer()
     planner = train_fact_planner(scenes_fact, actions_fact, tokenizer, vocab, planner_steps,
-                                 seed, log=log)
+                                 seed, init=init, log=log)
     common = {"joint_names": list(data.config.robot.joints), "horizon": tokenizer.horizon,
               "dt_s": data.settings.dt_s, "seed": seed,
               "dataset": {k: v for k, v in data.stats.items() if k != "seconds"},
@@ -268,7 +303,8 @@ def train_fact(out_dir: Path, data_dir: Path, config_path: Path, seed: int = 0,
              "train_s": round(tokenizer_s, 1)}),
         "fact_planner": save_checkpoint(
             out_dir / "fact_planner.pt", planner.model,
-            {**common, "tokenizer": vocab.to_dict(), "metrics": planner.metrics}),
+            {**common, "tokenizer": vocab.to_dict(), "metrics": planner.metrics,
+             "init_planner_sha256": sha256_file(init_planner) if init_planner else None}),
     }
     report = {"reconstruction": recon, "planner": planner.metrics, "checkpoints_sha256": shas,
               "threads": threads, "tokenizer_train_s": round(tokenizer_s, 1),

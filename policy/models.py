@@ -17,7 +17,7 @@ import hashlib
 import importlib
 import pickle
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -290,7 +290,8 @@ class Follower(nn.Module):
 # Checkpoint kinds -> "module:Class" (imported on load: the FACT modules build on this one).
 _KINDS: dict[str, str] = {
     "planner": "policy.models:Planner", "follower": "policy.models:Follower",
-    "fact_tokenizer": "policy.fact:FactTokenizer", "fact_planner": "policy.fact_planner:FactPlanner"}
+    "fact_tokenizer": "policy.fact:FactTokenizer",
+    "fact_planner": "policy.fact_planner:FactPlanner"}
 
 
 def _model_class(kind: str) -> type[nn.Module]:
@@ -329,7 +330,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "kind": kind, "kwargs": dict(model.kwargs),
+    kwargs = cast(dict[str, Any], model.kwargs)
+    torch.save({"format": CHECKPOINT_FORMAT, "kind": kind, "kwargs": dict(kwargs),
                 "state_dict": state, "meta": dict(meta)}, path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -1,0 +1,295 @@
+"""FACT: Gray-coded bitwise codes, the baselines, the tokenizer round trip, the flow decoder as
+the runtime integrates it, the prefix input, the two ONNX stages and a training smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from policy.action_baselines import DctQuantizer, UniformBinning, dct_matrix
+from policy.fact import (
+    FactDecoderStage,
+    FactTokenizer,
+    fact_roundtrip,
+    gray_bits,
+    gray_value,
+    reconstruction_error,
+    train_tokenizer,
+)
+from policy.fact_export import STAGE_IO, decoder_inputs, export_stage
+from policy.fact_planner import FactPlanner
+from policy.fact_train import load_reference, masked_chunk_loss, prefix_targets
+from policy.models import Planner, load_checkpoint, save_checkpoint
+from runtime.tokenizer import Tokenizer
+from sim.expert import expert_chunk
+from sim.world import ArmKinematics
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_PLANNER = {"code_len": 4, "code_bits": 3, "prefix_max": 3, "code_dim": 32,
+                 "stem_channels": 8, "hidden": 32, "dim": 32, "layers": 1}
+
+
+def expert_like_chunks(n: int, seed: int) -> np.ndarray:
+    """Deltas from q shaped like the expert's: every joint on one time profile toward a
+    goal, [n, 10, 6] rad (a 7-parameter family: 6 goals and the profile's pace)."""
+    rng = np.random.default_rng(seed)
+    goal = rng.normal(0.0, 0.3, (n, 1, 6))
+    pace = rng.uniform(0.3, 3.0, (n, 1, 1))
+    t = 0.1 * np.arange(1, 11)[None, :, None]
+    return (goal * (1.0 - np.exp(-t * pace))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer() -> FactTokenizer:
+    torch.set_num_threads(1)
+    return train_tokenizer(expert_like_chunks(20000, 0), steps=600, seed=0, batch=256,
+                           code_len=8, code_bits=5, hidden=128, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def small_planner() -> FactPlanner:
+    torch.manual_seed(0)
+    return FactPlanner(Tokenizer().vocab_size, **SMALL_PLANNER).eval()
+
+
+def test_gray_codes_round_trip_and_neighbours_differ_by_one_bit() -> None:
+    z = torch.linspace(-0.9999, 0.9999, 5001)
+    centre, codes = gray_bits(z, 6)
+    assert set(codes.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(gray_value(codes), centre)
+    assert (centre - z).abs().max() <= 1.0 / 64 + 1e-6  # half a level
+    levels, first = np.unique(centre.numpy(), return_index=True)
+    assert len(levels) == 64
+    steps = (codes[first[1:]] != codes[first[:-1]]).sum(-1)
+    assert steps.tolist() == [1] * 63
+
+
+def test_baselines_spend_exactly_their_bits() -> None:
+    train, test = expert_like_chunks(5000, 1), expert_like_chunks(1000, 2)
+    m = dct_matrix(10)
+    assert np.allclose(m @ m.T, np.eye(10), atol=1e-12)
+    binning = UniformBinning(120).fit(train)  # 2 bits per value: 4 levels
+    assert binning.quantizer.levels.tolist() == [4] * 60
+    dct = DctQuantizer(120).fit(train)
+    assert dct.coef_bits.sum() == 120
+    # the allocation favours the low frequencies of a smooth chunk
+    per_freq = dct.coef_bits.reshape(10, 6).sum(1)
+    assert per_freq[:3].sum() > per_freq[5:].sum()
+    errs = [reconstruction_error(DctQuantizer(b).fit(train).roundtrip, test)["rmse_rad"]
+            for b in (30, 60, 120, 240)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 0.2 * errs[0]
+    assert reconstruction_error(binning.roundtrip, test)["rmse_rad"] > errs[2]
+
+
+def test_tokenizer_round_trip_reconstructs_chunks(small_tokenizer: FactTokenizer) -> None:
+    """A small tokenizer trained for seconds on a 7-parameter family of chunks reconstructs
+    held-out chunks far better than uniform binning at the same 40 bits."""
+    train, test = expert_like_chunks(20000, 0), expert_like_chunks(2000, 3)
+    codes = small_tokenizer.encode(torch.as_tensor(test))
+    assert codes.shape == (2000, 8, 5) and set(codes.unique().tolist()) == {-1.0, 1.0}
+    fact = reconstruction_error(fact_roundtrip(small_tokenizer, 4), test)["rmse_rad"]
+    binning = reconstruction_error(UniformBinning(40).fit(train).roundtrip, test)["rmse_rad"]
+    assert fact < 0.03 and fact < 0.3 * binning, (fact, binning)
+
+
+def test_decoder_stage_is_the_velocity_the_runtime_integrates(
+        small_tokenizer: FactTokenizer) -> None:
+    """The runtime's loop over the stage-2 graph (x from N(0,1), x += v/K, then
+    x*std + mean) is `decode`; its first Euler step lands on the predicted chunk."""
+    tk = small_tokenizer
+    codes = tk.encode(torch.as_tensor(expert_like_chunks(3, 4)))
+    stage = FactDecoderStage(tk)
+    k = 4
+    noise = torch.randn(3, 10, 6, generator=torch.Generator().manual_seed(7))
+    x = noise.clone()
+    with torch.no_grad():
+        for i in range(k):
+            x = x + stage(codes, x, torch.full((3,), i / k)) / k
+        ref = tk.decode(codes, k, torch.Generator().manual_seed(7))
+        one = noise + stage(codes, noise, torch.zeros(3))
+        x1 = tk.predict_clean(codes, noise, torch.zeros(3))
+    assert torch.allclose(x * tk.std + tk.mean, ref, atol=1e-6)
+    assert torch.allclose(one, x1, atol=1e-5)
+    assert tk.mean.shape == (6,) and tk.std.shape == (6,)  # per-joint, declared
+
+
+def test_checkpoints_of_both_fact_models_load(tmp_path: Path, small_tokenizer: FactTokenizer,
+                                              small_planner: FactPlanner) -> None:
+    save_checkpoint(tmp_path / "t.pt", small_tokenizer, {"seed": 0})
+    save_checkpoint(tmp_path / "p.pt", small_planner, {"seed": 0})
+    tk, meta = load_checkpoint(tmp_path / "t.pt")
+    planner, pmeta = load_checkpoint(tmp_path / "p.pt")
+    assert isinstance(tk, FactTokenizer) and meta["kind"] == "fact_tokenizer"
+    assert isinstance(planner, FactPlanner) and pmeta["kind"] == "fact_planner"
+    x = torch.as_tensor(expert_like_chunks(5, 5))
+    assert torch.equal(tk.encode(x), small_tokenizer.encode(x))
+    inputs = small_planner.example_inputs(2)
+    with torch.no_grad():
+        assert torch.equal(planner(*inputs), small_planner(*inputs))
+
+
+def test_starting_from_a_reference_planner_freezes_its_perception() -> None:
+    torch.manual_seed(1)
+    planner_kwargs = {k: v for k, v in SMALL_PLANNER.items() if not k.startswith(("code",
+                                                                                  "prefix"))}
+    reference = Planner(Tokenizer().vocab_size, **planner_kwargs)
+    reference.vision.stem[0][1].running_mean.fill_(0.3)  # trained statistics
+    torch.manual_seed(2)
+    model = FactPlanner(Tokenizer().vocab_size, **SMALL_PLANNER)
+    load_reference(model, reference)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    model.train()
+    image, tokens, q, _, _ = model.example_inputs(4)
+    model.perceive(image, tokens)
+    assert torch.equal(model.vision.stem[0][1].running_mean, torch.full((4,), 0.3))
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    assert not any(p.requires_grad for p in model.grounding.parameters())
+    assert all(p.requires_grad for p in model.trunk.parameters())
+    assert all(p.requires_grad for p in model.code_layers.parameters())
+    with pytest.raises(ValueError, match="does not fit"):
+        load_reference(FactPlanner(Tokenizer().vocab_size, **SMALL_PLANNER),
+                       Planner(Tokenizer().vocab_size, **{**planner_kwargs, "layers": 2}))
+
+
+def _codes(planner: FactPlanner, prefix: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    image, tokens, _, _, _ = planner.example_inputs()
+    q = torch.tensor([[0.1, 0.2, 1.8, 1.3, 0.0, 0.1]])
+    with torch.no_grad():
+        return planner(image, tokens, q, prefix, torch.tensor([prefix_len]))
+
+
+def test_prefix_input_changes_codes_and_padding_is_ignored(small_planner: FactPlanner) -> None:
+    p = small_planner
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.tensor([[0.1, 0.2, 1.8, 1.3, 0.0, 0.1]]).repeat(3, 1)[None] \
+        + torch.randn(1, 3, 6, generator=g) * 0.3
+    seen = {tuple(_codes(p, prefix + torch.randn(1, 3, 6, generator=g), 2).flatten().tolist())
+            for _ in range(20)}
+    assert len(seen) > 1  # the codes depend on the prefix
+    # waypoints past prefix_len are padding: any value, inf and nan included, changes nothing
+    padded = prefix.clone()
+    padded[0, 2] = float("nan")
+    padded[0, 1] = float("inf")
+    assert torch.equal(_codes(p, prefix, 1), _codes(p, padded, 1))
+    assert torch.equal(_codes(p, prefix, 0), _codes(p, torch.zeros_like(prefix), 0))
+    # teacher forcing and greedy decoding agree: the greedy codes are the argmax of their
+    # own teacher-forced logits
+    image, tokens, _, _, _ = p.example_inputs()
+    q = torch.tensor([[0.1, 0.2, 1.8, 1.3, 0.0, 0.1]])
+    with torch.no_grad():
+        target = p.perceive(image, tokens)["target_xy"]
+        context = p.context(p.features(target, q), q, prefix, torch.tensor([2]))
+        codes = p.greedy_codes(context)
+        logits = p.code_logits(context, codes)
+    assert torch.equal(torch.where(logits >= 0, 1.0, -1.0), codes)
+
+
+def test_chunk_loss_masks_the_prefix() -> None:
+    target = torch.zeros(2, 10, 6)
+    pred = torch.randn(2, 10, 6, generator=torch.Generator().manual_seed(0))
+    pred.requires_grad_(True)
+    lengths = torch.tensor([0, 4])
+    loss = masked_chunk_loss(pred, target, lengths, torch.ones(10, 6))
+    loss.backward()
+    assert pred.grad is not None
+    assert (pred.grad[1, :4] == 0).all() and (pred.grad[1, 4:] != 0).all()
+    assert (pred.grad[0] != 0).all()
+    moved = pred.detach().clone()
+    moved[1, :4] += 10.0
+    assert masked_chunk_loss(moved, target, lengths, torch.ones(10, 6)) == loss.detach()
+
+
+def test_prefix_targets_continue_the_prefix_with_the_expert() -> None:
+    kin = ArmKinematics()
+    rng = np.random.default_rng(0)
+    target_xy = np.tile([0.35, 0.1], (40, 1))
+    q = np.array([0.0, 0.0, 1.82, 1.33, 0.0, 0.1]) + rng.normal(0, 0.2, (40, 6))
+    remaining = np.array([[0.35, 0.1, 0.05]])
+    chunk = np.stack([expert_chunk(kin, remaining, qi) for qi in q])
+    out = prefix_targets(q, chunk, target_xy, 3, seed=0, kin=kin)
+    lengths = out["prefix_len"]
+    assert set(lengths.tolist()) == {0, 1, 2, 3}
+    for i, d in enumerate(lengths.tolist()):
+        assert np.array_equal(out["target"][i, :d], out["prefix"][i, :d])
+        assert not out["prefix"][i, d:].any()
+        if d == 0:
+            assert np.array_equal(out["target"][i], chunk[i])
+        else:
+            assert not np.allclose(out["prefix"][i, :d], chunk[i, :d])  # a previous plan's error
+            tail = expert_chunk(kin, remaining, out["prefix"][i, d - 1].astype(float),
+                                horizon=10 - d)
+            assert np.allclose(out["target"][i, d:], tail, atol=1e-6)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def test_both_stages_export_to_onnx_with_parity(tmp_path: Path, small_planner: FactPlanner,
+                                                small_tokenizer: FactTokenizer) -> None:
+    p, tk = small_planner, small_tokenizer
+    codes_path, decoder_path = tmp_path / "codes.onnx", tmp_path / "decoder.onnx"
+    export_stage(p, "codes", p.example_inputs(), codes_path)
+    export_stage(FactDecoderStage(tk), "decoder", decoder_inputs(tk), decoder_path)
+    codes_s, decoder_s = _session(codes_path), _session(decoder_path)
+    assert [i.name for i in codes_s.get_inputs()] == STAGE_IO["codes"][0]
+    assert [i.name for i in decoder_s.get_inputs()] == STAGE_IO["decoder"][0]
+    assert codes_s.get_outputs()[0].shape == [1, 4, 3]
+    assert decoder_s.get_outputs()[0].shape == [1, 10, 6]
+    g = torch.Generator().manual_seed(3)
+    image, tokens, q, _, _ = p.example_inputs()
+    tokens = torch.as_tensor(Tokenizer().encode("touch the red block, then the blue one"))[None]
+    for d in (0, 2, 3):
+        prefix = q[:, None] + torch.randn(1, 3, 6, generator=g) * 0.2
+        prefix[:, d:] = 0.0
+        inputs = (image, tokens, q, prefix, torch.tensor([d]))
+        with torch.no_grad():
+            want = p(*inputs).numpy()
+        got = codes_s.run(None, dict(zip(STAGE_IO["codes"][0], (x.numpy() for x in inputs),
+                                         strict=True)))[0]
+        assert np.array_equal(got, want)
+    # stage 2 integrated by hand in ONNX Runtime matches torch's decode
+    codes = tk.encode(torch.as_tensor(expert_like_chunks(1, 6)))
+    x = torch.randn(1, 10, 6, generator=torch.Generator().manual_seed(9)).numpy()
+    for i in range(8):
+        v = decoder_s.run(None, {"codes": codes.numpy(), "x_t": x,
+                                 "t": np.array([i / 8], dtype=np.float32)})[0]
+        x = x + v / 8
+    want = tk.decode(codes, 8, torch.Generator().manual_seed(9)).numpy()
+    assert np.abs(x * tk.std.numpy() + tk.mean.numpy() - want).max() < 1e-4
+
+
+def test_train_fact_smoke_writes_checkpoints_and_figures(tmp_path: Path) -> None:
+    """`duet train-fact --smoke` as a real process: data, tokenizer, reconstruction
+    figures against both baselines, planner, loadable checkpoints."""
+    env = dict(os.environ, MUJOCO_GL="egl", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "train-fact", "--smoke", "--out",
+         str(tmp_path / "ck"), "--data-dir", str(tmp_path / "data"), "--threads", "1",
+         "--config", str(ROOT / "configs/sim.yaml")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ck" / "fact-metrics.json").read_text())
+    for name in ("held-out walks", "rollouts"):
+        recon = report["reconstruction"][name]
+        assert recon["chunks"] > 0
+        assert set(recon["fact"]) == {"1", "2", "4", "8", "16"}
+        assert recon["uniform_binning"]["rmse_rad"] > 0 and recon["dct"]["rmse_rad"] > 0
+    assert 0.0 <= report["planner"]["val_bit_acc"] <= 1.0
+    tk, meta = load_checkpoint(tmp_path / "ck" / "fact_tokenizer.pt")
+    planner, pmeta = load_checkpoint(tmp_path / "ck" / "fact_planner.pt")
+    assert isinstance(tk, FactTokenizer) and isinstance(planner, FactPlanner)
+    assert meta["action"] == "delta_from_q" and pmeta["dt_s"] == 0.1
+    assert (planner.code_len, planner.code_bits) == (tk.code_len, tk.code_bits) == (20, 6)
+    assert len(pmeta["tokenizer"]["words"]) > 0
