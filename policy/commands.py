@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fact-study", help="reconstruction error vs code length: FACT, uniform binning, DCT")
     s.add_argument("--data-dir", type=Path, default=Path("data"))
     s.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
-    s.add_argument("--code-lens", type=int, nargs="+", default=[4, 8, 12, 20])
+    s.add_argument("--code-lens", type=int, nargs="+", default=[4, 8, 12, 20, 32])
     s.add_argument("--code-bits", type=int, default=6)
     s.add_argument("--quantizer", choices=["gray", "lfq"], default="gray",
                    help="FACT's bitwise quantizer (policy.fact.FactTokenizer)")

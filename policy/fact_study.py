@@ -14,21 +14,18 @@ from typing import Any
 import numpy as np
 
 from policy.action_baselines import DctQuantizer, UniformBinning
-from policy.fact import FactTokenizer, Log, fact_roundtrip, reconstruction_error, train_tokenizer
+from policy.fact import Log, fact_roundtrip, reconstruction_error, train_tokenizer
 
 
 def study(train: np.ndarray, tests: dict[str, np.ndarray], code_lens: Sequence[int],
           code_bits: int, steps: int, seed: int, decoder_steps: Sequence[int],
-          trained: dict[int, FactTokenizer] | None = None, log: Log = print,
-          **tokenizer_kwargs: Any) -> list[dict[str, Any]]:
-    """One row per (code length, test set): errors in rad of every method. `trained` maps
-    a code length to a tokenizer already trained with these settings (reused)."""
+          log: Log = print, **tokenizer_kwargs: Any) -> list[dict[str, Any]]:
+    """One row per (code length, test set): errors in rad of every method."""
     rows: list[dict[str, Any]] = []
     for code_len in code_lens:
         bits = code_len * code_bits
-        model = (trained or {}).get(code_len) or train_tokenizer(
-            train, steps, seed, code_len=code_len, code_bits=code_bits, log=log,
-            **tokenizer_kwargs)
+        model = train_tokenizer(train, steps, seed, code_len=code_len, code_bits=code_bits,
+                                log=log, **tokenizer_kwargs)
         binning = UniformBinning(bits).fit(train)
         dct = DctQuantizer(bits).fit(train)
         for name, test in tests.items():

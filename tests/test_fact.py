@@ -26,6 +26,7 @@ from policy.fact import (
 )
 from policy.fact_export import STAGE_IO, decoder_inputs, export_stage
 from policy.fact_planner import FactPlanner
+from policy.fact_study import format_rows, study
 from policy.fact_train import load_reference, masked_chunk_loss, prefix_targets
 from policy.models import Planner, load_checkpoint, save_checkpoint
 from runtime.tokenizer import Tokenizer
@@ -98,6 +99,18 @@ def test_tokenizer_round_trip_reconstructs_chunks(small_tokenizer: FactTokenizer
     fact = reconstruction_error(fact_roundtrip(small_tokenizer, 4), test)["rmse_rad"]
     binning = reconstruction_error(UniformBinning(40).fit(train).roundtrip, test)["rmse_rad"]
     assert fact < 0.03 and fact < 0.3 * binning, (fact, binning)
+
+
+def test_study_compares_all_three_at_equal_bits() -> None:
+    rows = study(expert_like_chunks(3000, 0), {"a": expert_like_chunks(200, 1)}, [2, 4], 5,
+                 steps=30, seed=0, decoder_steps=[1, 2], hidden=32, log=lambda _: None)
+    assert [(r["code_len"], r["bits"]) for r in rows] == [(2, 10), (4, 20)]
+    assert all(set(r["fact"]) == {"1", "2"} and r["quantizer"] == "gray" for r in rows)
+    table = format_rows(rows).splitlines()
+    assert len(table) == 4 and "| FACT K=2 |" in table[0]
+    ratio = min(rows[1]["fact"][k]["rmse_rad"] for k in "12") \
+        / rows[1]["uniform_binning"]["rmse_rad"]
+    assert table[3].endswith(f"| {ratio:.3f} |")
 
 
 def test_decoder_stage_is_the_velocity_the_runtime_integrates(
