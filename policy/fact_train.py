@@ -49,18 +49,19 @@ def prefix_targets(q: np.ndarray, chunk: np.ndarray, target_xy: np.ndarray, d_ma
     kin = kin or ArmKinematics()
     rng = np.random.default_rng(seed)
     n, horizon, joints = chunk.shape
-    ramp = np.linspace(0.2, 1.0, horizon)[:, None]
     lengths = rng.integers(0, d_max + 1, size=(n,))
-    prefix = np.zeros((n, d_max, joints), dtype=np.float32)
+    # a previous plan's error: a random offset per joint growing along the chunk
+    offset = rng.normal(0.0, 1.0, (n, 1, joints)) * rng.uniform(0.0, 1.0, (n, 1, 1)) \
+        * MAX_CHUNK_NOISE * np.linspace(0.2, 1.0, horizon)[None, :d_max, None]
+    valid = np.arange(d_max)[None, :] < lengths[:, None]
+    prefix = np.where(valid[..., None], chunk[:, :d_max] + offset, 0.0).astype(np.float32)
     target = chunk.astype(np.float32).copy()
     for i in np.flatnonzero(lengths):
         d = int(lengths[i])
-        sigma = MAX_CHUNK_NOISE * rng.uniform(0.0, 1.0)
-        head = chunk[i, :d] + ramp[:d] * rng.normal(0.0, 1.0, joints) * sigma
         remaining = np.array([[target_xy[i, 0], target_xy[i, 1], TARGET_Z]])
-        tail = expert_chunk(kin, remaining, head[-1].astype(float), horizon=horizon - d)
-        prefix[i, :d] = head
-        target[i] = np.concatenate([head, tail])
+        target[i, :d] = prefix[i, :d]
+        target[i, d:] = expert_chunk(kin, remaining, prefix[i, d - 1].astype(float),
+                                     horizon=horizon - d)
     return {"prefix": prefix, "prefix_len": lengths.astype(np.int64), "target": target}
 
 

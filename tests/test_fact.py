@@ -161,7 +161,7 @@ def test_starting_from_a_reference_planner_freezes_its_perception() -> None:
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     model.train()
-    image, tokens, q, _, _ = model.example_inputs(4)
+    image, tokens = model.example_inputs(4)[:2]
     model.perceive(image, tokens)
     assert torch.equal(model.vision.stem[0][1].running_mean, torch.full((4,), 0.3))
     assert not any(p.requires_grad for p in model.vision.parameters())
