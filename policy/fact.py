@@ -22,7 +22,6 @@ for LFQ, a balance loss keeping every bit in use.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -31,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-Log = Callable[[str], None]
+from policy.train import Log, fit, seed_everything
+
 TIME_FREQS = 6  # sin/cos of t * pi * 2^k, k < TIME_FREQS
 MIN_ONE_MINUS_T = 1e-2  # the velocity's 1 / (1 - t), bounded near t = 1
 
@@ -200,8 +200,7 @@ class FactTokenizer(nn.Module):
             x = x + self.velocity(codes, x, t) / steps
         return self.denormalise(x)
 
-    def loss(self, delta: torch.Tensor, generator: torch.Generator
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Flow matching (x1-prediction) + commitment (+ bit balance for lfq) on a batch of
         deltas."""
         latent = self.latent(delta)
@@ -213,12 +212,11 @@ class FactTokenizer(nn.Module):
         t = torch.rand(delta.shape[0], generator=generator)
         noise = torch.randn(x1.shape, generator=generator)
         x_t = (1.0 - t)[:, None, None] * noise + t[:, None, None] * x1
-        flow = F.mse_loss(self.predict_clean(codes, x_t, t, cond), x1)
-        commit = (latent - hard).pow(2).mean()
-        total = flow + 0.05 * commit
+        total = (F.mse_loss(self.predict_clean(codes, x_t, t, cond), x1)
+                 + 0.05 * (latent - hard).pow(2).mean())
         if self.quantizer == "lfq":
             total = total + 0.1 * hard.mean(0).pow(2).mean()
-        return total, {"flow": flow.item(), "commit": commit.item()}
+        return total
 
 
 class FactDecoderStage(nn.Module):
@@ -233,40 +231,17 @@ class FactDecoderStage(nn.Module):
         return self.tokenizer.velocity(codes, x_t, t)
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
 def train_tokenizer(deltas: np.ndarray, steps: int, seed: int, batch: int = 512,
-                    lr: float = 1e-3, log: Log = print,
-                    **model_kwargs: Any) -> FactTokenizer:
+                    lr: float = 1e-3, log: Log = print, **model_kwargs: Any) -> FactTokenizer:
     """Fit a tokenizer on chunk deltas [N,H,J] (rad) from a fixed seed."""
-    torch.manual_seed(seed)
+    seed_everything(seed)
     data = torch.as_tensor(deltas, dtype=torch.float32)
     model = FactTokenizer(horizon=data.shape[1], n_joints=data.shape[2], **model_kwargs)
     model.set_normalisation(data)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
-    warmup = min(200, max(1, steps // 10))
-    log_every = max(1, steps // 10)
-    t0 = time.monotonic()
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
-        pick = torch.randint(len(data), (batch,), generator=gen)
-        loss, parts = model.loss(data[pick], gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            log(f"  fact L={model.code_len} B={model.code_bits} step {step + 1}/{steps} "
-                f"flow {parts['flow']:.5f} commit {parts['commit']:.3f} "
-                f"({time.monotonic() - t0:.0f} s)")
+    fit(model, {"delta": data}, np.arange(len(data)), np.arange(0),
+        lambda b: model.loss(b["delta"], gen), steps, batch, lr, seed, torch.device("cpu"),
+        log, f"fact tokenizer L={model.code_len} B={model.code_bits}")
     return model.eval()
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from policy.action_baselines import DctQuantizer, UniformBinning
-from policy.fact import Log, fact_roundtrip, reconstruction_error, train_tokenizer
+from policy.fact import fact_roundtrip, reconstruction_error, train_tokenizer
+from policy.train import Log
 
 
 def study(train: np.ndarray, tests: dict[str, np.ndarray], code_lens: Sequence[int],

@@ -22,10 +22,11 @@ import torch
 from torch.nn import functional as F
 
 from policy.data import MAX_CHUNK_NOISE
-from policy.fact import FactTokenizer, Log, bits_of
+from policy.fact import FactTokenizer, bits_of
 from policy.fact_planner import FactPlanner
 from policy.models import Planner, count_parameters
 from policy.train import (
+    Log,
     TrainingData,
     TrainResult,
     chunk_loss,

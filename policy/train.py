@@ -72,9 +72,9 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 def fit(model: torch.nn.Module, tensors: dict[str, torch.Tensor], train_idx: np.ndarray,
-         val_idx: np.ndarray, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-         steps: int, batch: int, lr: float, seed: int, device: torch.device, log: Log,
-         name: str) -> dict[str, Any]:
+        val_idx: np.ndarray, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        steps: int, batch: int, lr: float, seed: int, device: torch.device, log: Log,
+        name: str) -> dict[str, Any]:
     """AdamW with warmup + cosine; returns loss history and final train/val losses."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
