@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 DURATION ?= 20
+FUZZ_S ?= 120
 
-.PHONY: demo test lint bench train train-fact fact-study bundle bundles eval verify-systemd clean
+.PHONY: demo demo-remote test lint bench train train-fact fact-study bundle bundles eval fuzz verify-systemd verify-aarch64 clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,15 +22,38 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_PIN)"
 	$(BIN)/pip install -q -e ".[sim,export,camera,dev]"
+	# Ray Serve (~80 MB) backs one off-board-planner test; an index hiccup must not stop the run
+	$(BIN)/pip install -q -e ".[serve]" || echo "warning: ray[serve] not installed: the Ray Serve test skips"
 	$(BIN)/pip install -q --no-deps "tensorrt-stubs>=10.0"
 	touch $@
 
 demo: $(VENV)/.demo
 	$(BIN)/duet run --config configs/sim.yaml --set run_dir=$(CURDIR)/runs/demo --duration $(DURATION) --summary-json runs/demo/summary.json
 
+# The sim robot with its planner off-board: a planner server in a second process, reached
+# over CURVE TCP on the loopback (keys made here, the robot's in the server's allow-list).
+REMOTE_PORT ?= 5571
+DR := runs/demo-remote
+demo-remote: $(VENV)/.demo
+	rm -rf $(DR) && mkdir -p $(DR)/keys/allow
+	$(BIN)/duet keys generate server --out $(DR)/keys/server >/dev/null
+	$(BIN)/duet keys generate robot-1 --out $(DR)/keys/robot >/dev/null
+	cp $(DR)/keys/robot/robot-1.key $(DR)/keys/allow/
+	$(BIN)/duet planner --config configs/sim.yaml --set run_dir=$(CURDIR)/$(DR)/server \
+	  --set planner.serve.key=$(DR)/keys/server/server.key_secret \
+	  --set planner.serve.allow=$(DR)/keys/allow --listen tcp://127.0.0.1:$(REMOTE_PORT) & \
+	server=$$!; trap 'kill $$server; wait $$server' EXIT; \
+	$(BIN)/duet run --config configs/sim.yaml --set run_dir=$(CURDIR)/$(DR)/run \
+	  --set planner.remote.endpoint=tcp://127.0.0.1:$(REMOTE_PORT) \
+	  --set planner.remote.server_key=$(DR)/keys/server/server.key \
+	  --set planner.remote.robot_key=$(DR)/keys/robot/robot-1.key_secret \
+	  --duration $(DURATION) --summary-json $(DR)/summary.json
+
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/vermin --target=3.10- --no-tips --violations runtime drivers export sim policy
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.dev
@@ -51,16 +75,16 @@ fact-study: $(VENV)/.dev   # reconstruction error vs code length: FACT, uniform 
 # INT8: the planner's convolutions (QDQ); its transformer and MLP layers and the follower
 # stay fp32 (see README, "Evaluation of the reference policy").
 INT8 := --follower-precision fp32 --int8-ops Conv
+# The reference pair is exported like any model: a factory + its contract.
+REFERENCE := --module policy.reference:modules --checkpoint $(CKPT) \
+  --contract policy/reference_contract.yaml --assets $(CKPT)
 bundle: $(VENV)/.dev       # the shipped reference bundle
-	$(BIN)/duet export --planner $(CKPT)/planner.pt --follower $(CKPT)/follower.pt \
-	  --out bundles/reference --precision int8 $(INT8) --config configs/sim.yaml \
-	  --calib-data $(CKPT)/calib.npz
+	$(BIN)/duet export $(REFERENCE) --out bundles/reference --precision int8 $(INT8)
 
 bundles: $(VENV)/.dev      # fp32 / fp16 / int8 bundles for the evaluation table
 	for p in fp32 fp16 int8; do \
-	  $(BIN)/duet export --planner $(CKPT)/planner.pt --follower $(CKPT)/follower.pt \
-	    --out runs/bundles/$$p --precision $$p $$([ $$p = int8 ] && echo "$(INT8)") \
-	    --config configs/sim.yaml --calib-data $(CKPT)/calib.npz || exit 1; done
+	  $(BIN)/duet export $(REFERENCE) --out runs/bundles/$$p --precision $$p \
+	    $$([ $$p = int8 ] && echo "$(INT8)") || exit 1; done
 
 eval: bundles              # closed loop through the runtime, 100 episodes per precision
 	$(BIN)/duet eval --bundle runs/bundles/fp32 --bundle runs/bundles/fp16 --bundle runs/bundles/int8 \
@@ -71,8 +95,14 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.drivers --cycles 2000
 	$(BIN)/python bench/engines.py
 
-verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container)
+fuzz: $(VENV)/.dev         # coverage-guided fuzzing of every decoder (atheris), FUZZ_S seconds each
+	$(BIN)/python tests/fuzz_decoders.py --seconds $(FUZZ_S)
+
+verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container; VENV=... for another venv)
 	systemd/verify-in-container.sh
+
+verify-aarch64:            # arm64 Debian under qemu-user: wheels-only install, parity, 10 s stack (root; ~10 min, first run ~1 h)
+	systemd/verify-aarch64.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -24,8 +24,6 @@ import onnxruntime as ort
 from runtime.bundle import Bundle, TensorSpec, load_bundle
 from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine, session_options
 
-JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
-
 
 def _feeds(specs: list[TensorSpec], rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {s.name: (rng.normal(0, 0.5, s.shape).astype(np.float32) if s.dtype == "float32"
@@ -47,8 +45,7 @@ def _time(call: Callable[[dict[str, np.ndarray]], Any], feeds: dict[str, np.ndar
 def bench_bundle(bundle: Bundle, calls: int) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     rng = np.random.default_rng(0)
-    for model in ("follower", "planner"):
-        spec = getattr(bundle.manifest.models, model)
+    for model, spec in bundle.model_specs().items():
         path = bundle.path / spec.file
         n = calls if model == "follower" else max(50, calls // 20)
         engine = OnnxRuntimeEngine(path)
@@ -71,8 +68,9 @@ def bench_bundle(bundle: Bundle, calls: int) -> list[tuple[str, ...]]:
 def _reference_bundles(root: Path) -> list[Path]:
     import torch
 
-    from export.pipeline import ExportOptions, Source, export_bundle
+    from export.pipeline import ExportOptions, export_bundle, load_contract
     from policy.models import Follower, Planner
+    from policy.reference import CONTRACT
     from runtime.tokenizer import Tokenizer
 
     torch.manual_seed(0)
@@ -88,12 +86,13 @@ def _reference_bundles(root: Path) -> list[Path]:
         "follower/q": rng.uniform(-1, 1, (n, 6)).astype(np.float32),
         "follower/dq": rng.normal(0, 1, (n, 6)).astype(np.float32)}
     np.savez(obs, **arrays)
-    planner, follower = Planner(tok.vocab_size).eval(), Follower().eval()
+    modules = {"planner": Planner(tok.vocab_size).eval(), "follower": Follower().eval()}
+    tok.save(root / "tokenizer.json")
     out = []
     for precision in ("fp32", "int8"):
-        opts = ExportOptions(precision=precision, joints=JOINTS, planner_hz=5, follower_hz=500,
-                             calib=32, calib_data=obs, tokenizer=tok)
-        out.append(export_bundle(Source(planner), Source(follower), root / precision, opts))
+        opts = ExportOptions(precision=precision, calib=32, calib_data=obs)
+        out.append(export_bundle(load_contract(CONTRACT), modules, root / precision, opts,
+                                 assets=root))
     return out
 
 

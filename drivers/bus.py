@@ -25,6 +25,17 @@ class MotorFault(BusError):
     """A motor reported a hardware error (overload, overheating, ...)."""
 
 
+class CommandError(Exception):
+    """The driver refused a command: non-finite or outside the motor's own limits.
+
+    Raised by `MotorBus.write` before anything reaches the wire; `motor` names the joint.
+    """
+
+    def __init__(self, message: str, motor: str | None = None) -> None:
+        super().__init__(message)
+        self.motor = motor
+
+
 @dataclass
 class MotorState:
     """Preallocated state buffers, filled in place by `MotorBus.read`."""
@@ -34,6 +45,7 @@ class MotorState:
     dq: np.ndarray = field(init=False)  # rad/s
     effort: np.ndarray = field(init=False)  # N·m (or the bus's effort unit converted to it)
     error_flags: np.ndarray = field(init=False)  # per-motor hardware error bits, 0 = healthy
+    temperature_c: np.ndarray = field(init=False)  # hottest reported temperature, NaN = none
     t_ns: int = 0  # time.monotonic_ns() when the read completed
 
     def __post_init__(self) -> None:
@@ -41,6 +53,7 @@ class MotorState:
         self.dq = np.zeros(self.n)
         self.effort = np.zeros(self.n)
         self.error_flags = np.zeros(self.n, dtype=np.uint32)
+        self.temperature_c = np.full(self.n, np.nan)
 
 
 @dataclass
@@ -57,7 +70,9 @@ class BusStats:
 
 class MotorBus(Protocol):
     joint_names: list[str]
-    stats: BusStats
+
+    @property
+    def stats(self) -> BusStats: ...
 
     def open(self) -> None: ...
 
@@ -74,7 +89,21 @@ class MotorBus(Protocol):
         kd: np.ndarray | None = None,
         tau_ff: np.ndarray | None = None,
     ) -> None:
-        """One synchronous write of every motor's command (kp/kd/tau_ff only for MIT mode)."""
+        """One synchronous write of every motor's command (kp/kd/tau_ff only for MIT mode).
+
+        Raises CommandError (nothing sent) for a non-finite value or one outside a motor's
+        own limits, BusError when the wire fails.
+        """
+        ...
+
+    def present_goal(self, out: np.ndarray) -> bool:
+        """Fill `out` (rad, joint order) with the position each motor holds right now.
+
+        Returns True when torque is on for every motor. Where torque is off, `out` holds the
+        measured position and the result is False; a bus that cannot tell whether torque is
+        on returns False (its docstring says what `out` then holds). For start-up and reset
+        only, not the tick: commanding `out` next moves nothing.
+        """
         ...
 
     def close(self) -> None: ...

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from drivers.mit_dialects import dialect_class
+
 # Dynamixel Protocol 2.0 packet sizes in bytes (header FF FF FD 00, id, length[2],
 # instruction, ..., crc[2]).
 _DXL_SYNC_READ_FIXED = 14  # + 1 byte per id: addr[2] len[2] ids...
@@ -23,6 +25,17 @@ _UART_BITS_PER_BYTE = 10  # start + 8 data + stop
 # SOF..CRC (34 + 8n bits) and adds at most one bit per four after the first.
 _CAN_FIXED_BITS = 47
 _CAN_STUFFED_FIXED_BITS = 34
+
+# CAN FD, base format (ISO 11898-1:2015), bit-rate switching. Arbitration phase at the
+# nominal rate: SOF 1, id 11, RRS 1, IDE 1, FDF 1, res 1, BRS 1 (17 bits, dynamically
+# stuffed: at most (17 - 1) // 4 stuff bits), then after the data phase CRC delimiter 1,
+# ACK 2, EOF 7, interframe space 3 (13 bits). Data phase at the data rate: ESI 1, DLC 4,
+# data 8n (dynamically stuffed: at most one bit per four), stuff count 4 and CRC-17 (up to
+# 16 data bytes; CRC-21 above) with one fixed stuff bit before the stuff count and after
+# every fourth bit (6 bits, 7 for CRC-21). The CRC delimiter is counted at the nominal rate.
+_FD_ARBITRATION_BITS = 17
+_FD_TAIL_BITS = 13
+_FD_LENGTHS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64)
 
 DEFAULT_USABLE_FRACTION = 0.7
 
@@ -37,13 +50,36 @@ def can_frame_bits(dlc: int, worst_case_stuffing: bool = True) -> int:
     return bits
 
 
+def can_fd_frame_bits(n_bytes: int) -> tuple[int, int]:
+    """(nominal-rate bits, data-rate bits) of one base-format CAN FD frame with bit-rate
+    switching, worst-case stuffing."""
+    if n_bytes not in _FD_LENGTHS:
+        raise ValueError(f"CAN FD carries one of {_FD_LENGTHS} data bytes, got {n_bytes}")
+    nominal = _FD_ARBITRATION_BITS + (_FD_ARBITRATION_BITS - 1) // 4 + _FD_TAIL_BITS
+    dynamic = 5 + 8 * n_bytes  # ESI, DLC, data
+    crc = 17 if n_bytes <= 16 else 21
+    data = dynamic + (dynamic + 3) // 4 + 4 + crc + 1 + (4 + crc - 1) // 4
+    return nominal, data
+
+
+def can_frame_us(n_bytes: int, bitrate: int, fd: bool = False,
+                 data_bitrate: int | None = None) -> float:
+    """Wire time of one standard-id frame: classic CAN, or CAN FD with bit-rate switching."""
+    if not fd:
+        return can_frame_bits(n_bytes) * 1e6 / bitrate
+    nominal, data = can_fd_frame_bits(n_bytes)
+    return nominal * 1e6 / bitrate + data * 1e6 / (data_bitrate or bitrate)
+
+
 def can_mit_tick_bits(n_motors: int, command_dlc: int = 8, reply_dlc: int = 6) -> int:
-    """MIT mode: one command frame and one reply frame per motor per tick."""
+    """MIT mode, classic CAN: one command frame and one reply frame per motor per tick."""
     return n_motors * (can_frame_bits(command_dlc) + can_frame_bits(reply_dlc))
 
 
-def can_mit_tick_us(bitrate: int, n_motors: int, command_dlc: int = 8, reply_dlc: int = 6) -> float:
-    return can_mit_tick_bits(n_motors, command_dlc, reply_dlc) * 1e6 / bitrate
+def can_mit_tick_us(bitrate: int, n_motors: int, command_dlc: int = 8, reply_dlc: int = 6,
+                    fd: bool = False, data_bitrate: int | None = None) -> float:
+    return n_motors * (can_frame_us(command_dlc, bitrate, fd, data_bitrate)
+                       + can_frame_us(reply_dlc, bitrate, fd, data_bitrate))
 
 
 def dynamixel_tick_bytes(n_motors: int, read_bytes: int = 10, write_bytes: int = 4) -> int:
@@ -97,7 +133,8 @@ def tick_budget(
     bus: Any, n_motors: int, follower_hz: float, usable_fraction: float = DEFAULT_USABLE_FRACTION
 ) -> Budget:
     """Budget for a bus config (duck-typed: `kind` "dynamixel" with `baudrate` and optional
-    `return_delay_us`, or "mit_can" with `bitrate`)."""
+    `return_delay_us`, or "mit_can" with `bitrate` and optional `dialect` (its reply length),
+    `fd` and `data_bitrate`)."""
     if follower_hz <= 0:
         raise ValueError(f"follower rate must be > 0 Hz, got {follower_hz}")
     if not 0 < usable_fraction <= 1:
@@ -112,9 +149,20 @@ def tick_budget(
             f" = {n_bytes} bytes x {_UART_BITS_PER_BYTE} bits"
             f" + {n_motors} x {delay:g} us return delay = {wire:.1f} us per tick"
         )
+    elif kind == "mit_can" and getattr(bus, "fd", False):
+        rate, data_rate = bus.bitrate, bus.data_bitrate
+        reply_dlc = _reply_dlc(bus)
+        (cn, cd), (rn, rd) = can_fd_frame_bits(8), can_fd_frame_bits(reply_dlc)
+        wire = can_mit_tick_us(rate, n_motors, 8, reply_dlc, True, data_rate)
+        arithmetic = (
+            f"mit_can FD at {rate}/{data_rate} bit/s: {n_motors} motors x (command {cn} + reply"
+            f" {rn} bits at {rate} bit/s + command {cd} + reply {rd} bits at {data_rate} bit/s,"
+            f" 8 + {reply_dlc} data bytes, worst-case stuffing) = {wire:.1f} us per tick"
+        )
     elif kind == "mit_can":
-        cmd, rep = can_frame_bits(8), can_frame_bits(6)
-        wire = can_mit_tick_us(bus.bitrate, n_motors)
+        reply_dlc = _reply_dlc(bus)
+        cmd, rep = can_frame_bits(8), can_frame_bits(reply_dlc)
+        wire = can_mit_tick_us(bus.bitrate, n_motors, 8, reply_dlc)
         arithmetic = (
             f"mit_can at {bus.bitrate} bit/s: {n_motors} motors x ({cmd} command + {rep} reply"
             f" bits, worst-case stuffing) = {n_motors * (cmd + rep)} bits = {wire:.1f} us per tick"
@@ -122,6 +170,10 @@ def tick_budget(
     else:
         raise ValueError(f"unknown bus kind {kind!r} (expected 'dynamixel' or 'mit_can')")
     return Budget(wire, 1e6 / follower_hz, usable_fraction, arithmetic)
+
+
+def _reply_dlc(bus: Any) -> int:
+    return dialect_class(getattr(bus, "dialect", "generic")).reply_dlc
 
 
 def check_budget(

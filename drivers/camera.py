@@ -54,13 +54,15 @@ def _age_ms(frame: Frame | None) -> float:
 
 
 def decode_frame_message(
-    payload: bytes, height: int, width: int
+    payload: bytes, height: int, width: int, camera: str | None = None
 ) -> tuple[np.ndarray, int, int] | None:
     """(image, capture_t_ns, episode) from a sim `frame` message, None for another message
-    type on the same socket; ValueError for garbage or a malformed frame.
+    type (or another camera's frame) on the same socket; ValueError for garbage or a
+    malformed frame.
 
     A local decoder because drivers/ does not import runtime/: a msgpack map with v, type,
-    image = {"dtype": "|u1", "shape": [H, W, 3], "data": bytes}, capture_t_ns, episode.
+    camera (name), image = {"dtype": "|u1", "shape": [H, W, 3], "data": bytes},
+    capture_t_ns, episode.
     """
     try:
         msg = msgpack.unpackb(payload, raw=False)
@@ -69,6 +71,8 @@ def decode_frame_message(
     if not isinstance(msg, dict) or msg.get("v") != _FRAME_VERSION:
         raise ValueError("not a version-1 wire message")
     if msg.get("type") != "frame":
+        return None
+    if camera is not None and msg.get("camera", "scene") != camera:
         return None
     img, t_ns, episode = msg.get("image"), msg.get("capture_t_ns"), msg.get("episode", -1)
     if not isinstance(t_ns, int) or not isinstance(episode, int):
@@ -89,8 +93,8 @@ class SimCamera:
     """
 
     def __init__(self, endpoint: str, width: int = 96, height: int = 96,
-                 context: zmq.Context[Any] | None = None) -> None:
-        self.width, self.height = width, height
+                 context: zmq.Context[Any] | None = None, camera: str = "scene") -> None:
+        self.width, self.height, self.camera = width, height, camera
         self.dropped = 0
         self._latest: Frame | None = None
         self._seq = 0
@@ -107,7 +111,8 @@ class SimCamera:
             except zmq.Again:
                 return self._latest
             try:
-                decoded = decode_frame_message(parts[-1], self.height, self.width)
+                decoded = decode_frame_message(parts[-1], self.height, self.width,
+                                               self.camera)
             except ValueError:
                 self.dropped += 1
                 continue

@@ -1,4 +1,4 @@
-"""python-can interface "duet-udp": classic CAN frames between two peers over loopback UDP.
+"""python-can interface "duet-udp": CAN and CAN FD frames between two peers over loopback UDP.
 
 For machines without SocketCAN/vcan (containers, CI, macOS): the follower and the sim's
 emulated motors each hold one end. A channel names both ends,
@@ -6,10 +6,14 @@ emulated motors each hold one end. A channel names both ends,
     can.Bus(interface="duet-udp", channel="127.0.0.1:47011>127.0.0.1:47010")
 
 local address first. Only literal addresses inside 127.0.0.0/8 are accepted: never a
-hostname, multicast, or anything that leaves the host. Each datagram is one frame in a fixed
-little-endian struct: magic "DC", version, flags, dlc, arbitration id, sender timestamp
-(time.time(), python-can's convention), 8 data bytes. Malformed datagrams are counted in
-`dropped` and skipped. Registered as a python-can entry point in pyproject.toml.
+hostname, multicast, or anything that leaves the host. The socket is `connect()`ed to its
+peer, so the kernel delivers datagrams from that address and port only: another local process
+cannot inject frames (a forged motor reply). Each datagram is one frame in a fixed
+little-endian struct: magic "DC", version, flags (extended, remote, error, FD, bit-rate
+switch, error-state indicator), length, arbitration id, sender timestamp (time.time(),
+python-can's convention), 64 data bytes. Malformed datagrams are counted in `dropped` and
+skipped. Bit rates are accepted and ignored: this is a pipe. Registered as a python-can entry
+point in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from typing import Any
 
 import can
 
-_FRAME = struct.Struct("<2sBBBxIxxxd8s")  # magic, version, flags, dlc, pad, id, pad, t, data
+_FRAME = struct.Struct("<2sBBBxIxxxd64s")  # magic, version, flags, length, pad, id, pad, t, data
 _MAGIC = b"DC"
-_VERSION = 1
-_F_EXTENDED, _F_REMOTE, _F_ERROR = 1, 2, 4
+_VERSION = 2
+_F_EXTENDED, _F_REMOTE, _F_ERROR, _F_FD, _F_BRS, _F_ESI = 1, 2, 4, 8, 16, 32
+_FD_LENGTHS = frozenset((0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64))
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
@@ -73,13 +78,16 @@ class DuetUdpBus(can.BusABC):
         self.channel_info = f"duet-udp {self._local[0]}:{self._local[1]} -> " \
                             f"{self._remote[0]}:{self._remote[1]}"
         self.dropped = 0
+        self.unheard = 0  # frames sent while the peer's end was not open (an un-acked frame)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             self._sock.bind(self._local)
+            self._sock.connect(self._remote)  # the kernel now drops every other sender
         except OSError as exc:
             self._sock.close()
             raise can.CanInitializationError(
-                f"duet-udp: cannot bind {self._local[0]}:{self._local[1]}: {exc.strerror}"
+                f"duet-udp: cannot bind {self._local[0]}:{self._local[1]} to its peer"
+                f" {self._remote[0]}:{self._remote[1]}: {exc.strerror}"
             ) from exc
         self._sock.setblocking(False)
         self._tx = bytearray(_FRAME.size)
@@ -91,23 +99,32 @@ class DuetUdpBus(can.BusABC):
         return self._sock.fileno()
 
     def send(self, msg: can.Message, timeout: float | None = None) -> None:
-        if msg.is_fd or msg.dlc > 8:
-            raise can.CanOperationError("duet-udp carries classic CAN frames (dlc <= 8) only")
+        if msg.is_fd and (msg.dlc not in _FD_LENGTHS or msg.is_remote_frame):
+            raise can.CanOperationError(f"duet-udp: a CAN FD frame carries one of"
+                                        f" {sorted(_FD_LENGTHS)} bytes and is never remote")
+        if not msg.is_fd and (msg.dlc > 8 or msg.bitrate_switch or msg.error_state_indicator):
+            raise can.CanOperationError("duet-udp: a classic CAN frame carries <= 8 bytes and"
+                                        " no FD flags")
         flags = ((_F_EXTENDED if msg.is_extended_id else 0) | (_F_REMOTE if msg.is_remote_frame
-                 else 0) | (_F_ERROR if msg.is_error_frame else 0))
+                 else 0) | (_F_ERROR if msg.is_error_frame else 0) | (_F_FD if msg.is_fd else 0)
+                 | (_F_BRS if msg.bitrate_switch else 0)
+                 | (_F_ESI if msg.error_state_indicator else 0))
         stamp = time.time()
         _FRAME.pack_into(self._tx, 0, _MAGIC, _VERSION, flags, msg.dlc, msg.arbitration_id,
                          stamp, bytes(msg.data[: msg.dlc]))
         try:
-            self._sock.sendto(self._tx, self._remote)
+            self._sock.send(self._tx)
+        except ConnectionRefusedError:  # the peer's end is not open: nobody heard the frame
+            self.unheard += 1
         except OSError as exc:
             raise can.CanOperationError(f"duet-udp send failed: {exc.strerror}") from exc
         if self.receive_own_messages:
             self._own.append(can.Message(
                 timestamp=stamp, arbitration_id=msg.arbitration_id,
-                is_extended_id=msg.is_extended_id,
-                is_remote_frame=msg.is_remote_frame, dlc=msg.dlc, data=bytes(msg.data[: msg.dlc]),
-                is_rx=False, channel=self.channel_info))
+                is_extended_id=msg.is_extended_id, is_remote_frame=msg.is_remote_frame,
+                is_fd=msg.is_fd, bitrate_switch=msg.bitrate_switch,
+                error_state_indicator=msg.error_state_indicator, dlc=msg.dlc,
+                data=bytes(msg.data[: msg.dlc]), is_rx=False, channel=self.channel_info))
 
     def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
         if self._own:
@@ -116,7 +133,7 @@ class DuetUdpBus(can.BusABC):
         while True:
             try:
                 n = self._sock.recv_into(self._rx)
-            except BlockingIOError:
+            except (BlockingIOError, ConnectionRefusedError):  # refused: the peer is not open
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None, False
@@ -135,13 +152,18 @@ class DuetUdpBus(can.BusABC):
         if n != _FRAME.size:
             return None
         magic, version, flags, dlc, arb_id, stamp, data = _FRAME.unpack_from(self._rx, 0)
-        extended = bool(flags & _F_EXTENDED)
-        if magic != _MAGIC or version != _VERSION or dlc > 8 or flags & ~7 \
+        extended, fd = bool(flags & _F_EXTENDED), bool(flags & _F_FD)
+        if magic != _MAGIC or version != _VERSION or flags & ~63 \
                 or arb_id >= (1 << (29 if extended else 11)):
+            return None
+        if (fd and (dlc not in _FD_LENGTHS or flags & _F_REMOTE)) \
+                or (not fd and (dlc > 8 or flags & (_F_BRS | _F_ESI))):
             return None
         return can.Message(timestamp=stamp, arbitration_id=arb_id, is_extended_id=extended,
                            is_remote_frame=bool(flags & _F_REMOTE),
-                           is_error_frame=bool(flags & _F_ERROR), dlc=dlc,
+                           is_error_frame=bool(flags & _F_ERROR), is_fd=fd,
+                           bitrate_switch=bool(flags & _F_BRS),
+                           error_state_indicator=bool(flags & _F_ESI), dlc=dlc,
                            data=None if flags & _F_REMOTE else data[:dlc],
                            is_rx=True, channel=self.channel_info)
 

@@ -1,26 +1,43 @@
-"""MIT-mode CAN motors (Ben Katz's mini-cheetah protocol, as spoken by Damiao, CubeMars,
-MyActuator, ...) behind the `MotorBus` interface, on any python-can bus.
+"""MIT-mode CAN motors behind the `MotorBus` interface, on any python-can bus, classic or FD.
 
-Wire format, big-endian bit fields, each float mapped linearly onto an unsigned integer
-over the motor model's range (position [-p_max, p_max], velocity [-v_max, v_max],
-torque [-t_max, t_max], kp [0, kp_max], kd [0, kd_max]); out-of-range values are clamped:
-
-    command (8 bytes, to the motor's id):  p16 | v12 kp12 | kd12 t12
-    reply   (6 bytes):                     id8 | p16 | v12 t12
-    special (8 bytes):  FF FF FF FF FF FF FF FC enter motor mode, ...FD exit, ...FE zero here
-
-A motor answers every frame with one reply. The reply's first byte names the motor; when
-`master_ids` is configured (Damiao: replies come on a per-motor master id) the arbitration
-id names it instead.
+The bit layout and its rounding (truncation, as the firmware does) live in drivers/mit_codec.py;
+how each motor family frames it (ids, status bits, temperatures, special and register frames)
+in drivers/mit_dialects.py, chosen by `dialect`.
 
 What `read` and `write` mean here, since MIT mode is one command -> one reply:
-- `write` sends one command frame per motor and returns; the replies are left queued.
-- `read` collects the replies to the last `write` (the state the motors sampled when they
-  received it). With no `write` outstanding (the first read after `open`, or two reads in
-  a row) it sends a query first: the last command again, or, before any command, a
-  zero-gain zero-torque frame that only asks for the position.
+- `write` refuses (CommandError, nothing sent) a non-finite value or one outside the motor
+  model's ranges, else sends one command frame per motor and returns; the replies stay queued.
+- `read` collects the replies to the last `write` (the state the motors sampled when they got
+  it). With no `write` outstanding it asks first: the last command again, or, before any
+  command, the start-up query below.
 - a motor whose reply has not arrived within `timeout_ms` is counted in
-  `stats.missing_replies` and the read raises `BusError` naming it.
+  `stats.missing_replies` and the read raises `BusError` naming it; a reply carrying a fault
+  code (Damiao state nibble, CubeMars error byte) fills the state and raises `MotorFault`
+  naming the motor and the fault.
+
+Start-up never changes what an enabled motor is doing (a restarted follower must not move the
+arm). The protocol cannot report the goal a motor holds, so it is reconstructed: a motor
+applies tau = kp (p_des - q) + kd (v_des - dq) + t_ff, duet commands v_des = t_ff = 0, and a
+reply reports the torque of the command before it, so
+
+    goal = q + (tau + kd dq) / kp,   |goal - q| <= hold_jump_max_rad (the stated bound)
+
+with q, dq and tau taken at the centre of their codes (a reply truncates each: its lower edge
+is biased by half a code, and a velocity of zero decodes to -v_max/4095 there), and the goal
+sent rounded to the nearest position code, so a re-held goal lands on the code the motor held
+(within one code when the three quantisation errors add up past half a code).
+
+The start-up query is the dialect's pure status frame where one exists: Damiao's refresh frame
+(0x7FF .. CC), which reports torque too; MyActuator's "read multi-turn angle" (0x92), which
+reports no torque, so a restart there holds the measured position (the arm moves by its
+steady-state error, at most t_max / kp). The generic (Katz) and CubeMars protocols have none:
+every frame a motor answers is a command. There the query is a zero-gain command, followed at
+once by a hold command (the configured gains) at the reconstructed goal: a motor is limp for
+one bus round trip (about 2 ms for six motors at 1 Mbit/s), then holds the goal to within the
+torque field's quantisation / kp. Turning torque on sends the dialect's enable frame, then at
+once the last command written since (or a hold at the reconstructed goal), so a motor never
+runs a command left over in its firmware. `present_goal` returns True only where the protocol
+says torque is on (Damiao) or this process turned it on.
 """
 
 from __future__ import annotations
@@ -31,114 +48,12 @@ from typing import Any
 import can
 import numpy as np
 
-from drivers.bus import BusError, BusStats, MotorState
+from drivers.bus import BusError, BusStats, CommandError, MotorFault, MotorState
 from drivers.bus_budget import can_mit_tick_us
+from drivers.mit_codec import COMMAND_DLC, MitRanges, pack_command_into
+from drivers.mit_dialects import Frame, MitDialect, Reply, dialect_class
 
-ENTER_MOTOR_MODE = bytes([0xFF] * 7 + [0xFC])
-EXIT_MOTOR_MODE = bytes([0xFF] * 7 + [0xFD])
-ZERO_POSITION = bytes([0xFF] * 7 + [0xFE])
-SPECIAL_FRAMES = frozenset({ENTER_MOTOR_MODE, EXIT_MOTOR_MODE, ZERO_POSITION})
-COMMAND_DLC = 8
-REPLY_DLC = 6
-
-_U16 = (1 << 16) - 1
-_U12 = (1 << 12) - 1
-
-
-class MitRanges:
-    """Field ranges of one motor model (duck-types runtime.config.MitMotorModel)."""
-
-    __slots__ = ("kd_max", "kp_max", "p_max", "t_max", "v_max")
-
-    def __init__(
-        self, p_max: float, v_max: float, t_max: float, kp_max: float = 500.0, kd_max: float = 5.0
-    ) -> None:
-        for name, value in (("p_max", p_max), ("v_max", v_max), ("t_max", t_max),
-                            ("kp_max", kp_max), ("kd_max", kd_max)):
-            if not (np.isfinite(value) and value > 0):
-                raise ValueError(f"MIT motor model: {name} must be finite and > 0, got {value}")
-        self.p_max, self.v_max, self.t_max = float(p_max), float(v_max), float(t_max)
-        self.kp_max, self.kd_max = float(kp_max), float(kd_max)
-
-    @classmethod
-    def of(cls, model: Any) -> MitRanges:
-        """From any object with p_max, v_max, t_max, kp_max, kd_max attributes."""
-        if isinstance(model, MitRanges):
-            return model
-        return cls(model.p_max, model.v_max, model.t_max, model.kp_max, model.kd_max)
-
-    def __repr__(self) -> str:
-        return (f"MitRanges(p_max={self.p_max}, v_max={self.v_max}, t_max={self.t_max},"
-                f" kp_max={self.kp_max}, kd_max={self.kd_max})")
-
-
-def float_to_uint(x: float, lo: float, hi: float, bits: int) -> int:
-    """Clamp x to [lo, hi] and map it onto 0 .. 2**bits - 1 (rounded to nearest)."""
-    if x != x:  # NaN has no place on the wire; +-inf clamps like any out-of-range value
-        raise ValueError("MIT field cannot encode NaN")
-    top = (1 << bits) - 1
-    x = min(max(x, lo), hi)
-    return int((x - lo) * top / (hi - lo) + 0.5)
-
-
-def uint_to_float(u: int, lo: float, hi: float, bits: int) -> float:
-    return u * (hi - lo) / ((1 << bits) - 1) + lo
-
-
-def pack_command_into(
-    buf: bytearray, p: float, v: float, kp: float, kd: float, t: float, r: MitRanges
-) -> None:
-    """Write the 8-byte command into `buf` in place (the tick path allocates no frames)."""
-    pi = float_to_uint(p, -r.p_max, r.p_max, 16)
-    vi = float_to_uint(v, -r.v_max, r.v_max, 12)
-    kpi = float_to_uint(kp, 0.0, r.kp_max, 12)
-    kdi = float_to_uint(kd, 0.0, r.kd_max, 12)
-    ti = float_to_uint(t, -r.t_max, r.t_max, 12)
-    buf[0], buf[1] = pi >> 8, pi & 0xFF
-    buf[2], buf[3], buf[4] = vi >> 4, ((vi & 0xF) << 4) | (kpi >> 8), kpi & 0xFF
-    buf[5], buf[6], buf[7] = kdi >> 4, ((kdi & 0xF) << 4) | (ti >> 8), ti & 0xFF
-
-
-def pack_command(p: float, v: float, kp: float, kd: float, t: float, r: MitRanges) -> bytes:
-    buf = bytearray(COMMAND_DLC)
-    pack_command_into(buf, p, v, kp, kd, t, r)
-    return bytes(buf)
-
-
-def unpack_command(
-    data: bytes | bytearray, r: MitRanges
-) -> tuple[float, float, float, float, float]:
-    """(p, v, kp, kd, t) from an 8-byte command frame."""
-    if len(data) != COMMAND_DLC:
-        raise ValueError(f"MIT command has {COMMAND_DLC} bytes, got {len(data)}")
-    pi = (data[0] << 8) | data[1]
-    vi = (data[2] << 4) | (data[3] >> 4)
-    kpi = ((data[3] & 0xF) << 8) | data[4]
-    kdi = (data[5] << 4) | (data[6] >> 4)
-    ti = ((data[6] & 0xF) << 8) | data[7]
-    return (uint_to_float(pi, -r.p_max, r.p_max, 16), uint_to_float(vi, -r.v_max, r.v_max, 12),
-            uint_to_float(kpi, 0.0, r.kp_max, 12), uint_to_float(kdi, 0.0, r.kd_max, 12),
-            uint_to_float(ti, -r.t_max, r.t_max, 12))
-
-
-def pack_reply(motor_id: int, p: float, v: float, t: float, r: MitRanges) -> bytes:
-    if not 0 <= motor_id <= 0xFF:
-        raise ValueError(f"MIT reply carries an 8-bit motor id, got {motor_id}")
-    pi = float_to_uint(p, -r.p_max, r.p_max, 16)
-    vi = float_to_uint(v, -r.v_max, r.v_max, 12)
-    ti = float_to_uint(t, -r.t_max, r.t_max, 12)
-    return bytes((motor_id, pi >> 8, pi & 0xFF, vi >> 4, ((vi & 0xF) << 4) | (ti >> 8), ti & 0xFF))
-
-
-def unpack_reply(data: bytes | bytearray, r: MitRanges) -> tuple[int, float, float, float]:
-    """(motor id, p, v, t) from a reply; bytes past the sixth (temperatures) are ignored."""
-    if len(data) < REPLY_DLC:
-        raise ValueError(f"MIT reply has at least {REPLY_DLC} bytes, got {len(data)}")
-    pi = (data[1] << 8) | data[2]
-    vi = (data[3] << 4) | (data[4] >> 4)
-    ti = ((data[4] & 0xF) << 8) | data[5]
-    return (data[0], uint_to_float(pi, -r.p_max, r.p_max, 16),
-            uint_to_float(vi, -r.v_max, r.v_max, 12), uint_to_float(ti, -r.t_max, r.t_max, 12))
+DEFAULT_HOLD_JUMP_MAX_RAD = 0.1
 
 
 class MitCanBus:
@@ -152,81 +67,108 @@ class MitCanBus:
         kp: list[float],
         kd: list[float],
         *,
+        dialect: str = "generic",
         interface: str = "socketcan",
         channel: str = "can0",
         bitrate: int = 1_000_000,
+        fd: bool = False,
+        data_bitrate: int = 5_000_000,
         master_ids: list[int] | None = None,
         timeout_ms: float = 2.0,
         direction: list[int] | None = None,
+        hold_jump_max_rad: float = DEFAULT_HOLD_JUMP_MAX_RAD,
         bus: can.BusABC | None = None,
     ) -> None:
         n = len(joint_names)
         if len(ids) != n or len(kp) != n or len(kd) != n:
             raise ValueError(f"MIT CAN bus: {n} joints need {n} ids, kp and kd;"
                              f" got {len(ids)}, {len(kp)}, {len(kd)}")
-        if len(set(ids)) != n or not all(0 < i < 0x800 for i in ids):
-            raise ValueError(f"MIT CAN bus: ids must be distinct 11-bit ids > 0, got {ids}")
-        if master_ids is not None and (len(master_ids) != n or len(set(master_ids)) != n):
-            raise ValueError(f"MIT CAN bus: master_ids must be {n} distinct ids, got {master_ids}")
-        if master_ids is None and not all(i <= 0xFF for i in ids):
-            raise ValueError("MIT CAN bus: replies name the motor in one byte; ids above 255"
-                             " need master_ids")
+        self.dialect: MitDialect = dialect_class(dialect)(ids, master_ids)
+        if fd and not self.dialect.supports_fd:
+            raise ValueError(f"MIT CAN bus: dialect {dialect!r} speaks classic CAN only")
         if direction is not None and (len(direction) != n
                                       or any(d not in (1, -1) for d in direction)):
             raise ValueError(f"MIT CAN bus: direction must be {n} entries of +1/-1,"
                              f" got {direction}")
+        if not (np.isfinite(timeout_ms) and 0 < timeout_ms <= 10_000):
+            raise ValueError(f"MIT CAN bus: timeout_ms must be in (0, 10000], got {timeout_ms}")
+        if not (np.isfinite(hold_jump_max_rad) and hold_jump_max_rad > 0):
+            raise ValueError(f"MIT CAN bus: hold_jump_max_rad must be finite and > 0,"
+                             f" got {hold_jump_max_rad}")
         self.joint_names = list(joint_names)
         self.stats = BusStats(per_motor_errors={name: 0 for name in joint_names})
         self.ranges = MitRanges.of(model)
         self.ids = list(ids)
         self.kp = np.asarray(kp, dtype=float)
         self.kd = np.asarray(kd, dtype=float)
-        if np.any(self.kp < 0) or np.any(self.kp > self.ranges.kp_max) or np.any(self.kd < 0) \
-                or np.any(self.kd > self.ranges.kd_max):
-            raise ValueError(f"MIT CAN bus: kp must be in [0, {self.ranges.kp_max}] and kd in"
-                             f" [0, {self.ranges.kd_max}] for this motor model")
+        r = self.ranges
+        if not (np.all(np.isfinite(self.kp)) and np.all(np.isfinite(self.kd))
+                and np.all((self.kp >= 0) & (self.kp <= r.kp_max))
+                and np.all((self.kd >= 0) & (self.kd <= r.kd_max))):
+            raise ValueError(f"MIT CAN bus: kp must be in [0, {r.kp_max}] and kd in"
+                             f" [0, {r.kd_max}] for this motor model")
         self.interface, self.channel, self.bitrate = interface, channel, bitrate
+        self.fd, self.data_bitrate = fd, data_bitrate
         self.timeout_s = timeout_ms / 1000.0
+        self.hold_jump_max_rad = float(hold_jump_max_rad)
         self.late_replies = 0  # replies that arrived after their transaction timed out
+        self.hold_jumps_clipped = 0  # start-up goals that hit hold_jump_max_rad
         self._direction = np.asarray(direction if direction is not None else [1] * n, dtype=float)
-        # reply key (arbitration id with master_ids, else the first data byte) -> motor index
-        self._by_master = master_ids is not None
-        keys = master_ids if master_ids is not None else ids
-        self._index = {k: j for j, k in enumerate(keys)}
         self._bus = bus
         self._owns_bus = bus is None
         # preallocated frames and per-transaction buffers
-        self._frames = [can.Message(arbitration_id=i, is_extended_id=False,
-                                    data=bytearray(COMMAND_DLC)) for i in self.ids]
-        self._have_command = False
+        self._frames = [self._message(self.dialect.command_id(j), bytes(COMMAND_DLC))
+                        for j in range(n)]
+        self._have_command = False  # self._frames hold a command of this process
         self._pending = False  # a write's replies are still to be collected
+        self._torque_on: bool | None = None  # as this process last set it; None = unknown
+        self._resend_ok = False  # the last command was written after torque last went off
         self._sent_ns = 0
+        self._expect = np.ones(n, dtype=bool)
         self._got = np.zeros(n, dtype=bool)
-        self._q = np.zeros(n)
+        self._q = np.zeros(n)  # motor frame (before direction)
         self._dq = np.zeros(n)
         self._tau = np.zeros(n)
+        self._code = np.zeros(n, dtype=np.int64)
+        self._temp = np.full(n, np.nan)
+        self._mit_fields = np.ones(n, dtype=bool)  # the last reply carried MIT state fields
+        self._faulted = False  # a reply since the last fault check carried a fault code
+        # half a code of each state field: the centre of a truncated code
+        self._half_code = (r.p_max / 65535, r.v_max / 4095, r.t_max / 4095)
+        self._last_q = np.zeros(n)  # joint frame: the q_target in self._frames
         self._zeros = np.zeros(n)
+        self._reply = Reply()
 
     @classmethod
     def from_config(cls, bus_cfg: Any, joint_names: list[str], bus: can.BusABC | None = None
                     ) -> MitCanBus:
         """From a config object shaped like runtime.config.CanBusConfig."""
         return cls(joint_names, bus_cfg.ids, bus_cfg.model, bus_cfg.kp, bus_cfg.kd,
-                   interface=bus_cfg.interface, channel=bus_cfg.channel, bitrate=bus_cfg.bitrate,
-                   master_ids=bus_cfg.master_ids, timeout_ms=bus_cfg.timeout_ms,
-                   direction=bus_cfg.direction, bus=bus)
+                   dialect=bus_cfg.dialect, interface=bus_cfg.interface,
+                   channel=bus_cfg.channel, bitrate=bus_cfg.bitrate, fd=bus_cfg.fd,
+                   data_bitrate=bus_cfg.data_bitrate, master_ids=bus_cfg.master_ids,
+                   timeout_ms=bus_cfg.timeout_ms, direction=bus_cfg.direction,
+                   hold_jump_max_rad=bus_cfg.hold_jump_max_rad, bus=bus)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
+        """Open the CAN channel and check the motors' stored ranges (where a dialect has them).
+
+        Sends nothing a motor acts on: a restarted follower must not move the arm.
+        """
         if self._bus is None:
+            kwargs: dict[str, Any] = {"fd": True, "data_bitrate": self.data_bitrate} \
+                if self.fd else {}
             try:
                 self._bus = can.Bus(interface=self.interface, channel=self.channel,
-                                    bitrate=self.bitrate)
+                                    bitrate=self.bitrate, **kwargs)
             except (can.CanError, OSError, ValueError) as exc:
                 raise BusError(f"cannot open CAN {self.interface}:{self.channel}: {exc}") from exc
-        self._have_command = False
-        self._pending = False
+        self._have_command = self._resend_ok = self._pending = False
+        self._torque_on = None
+        self._code[:] = 0
+        self._check_range_registers()
 
     def close(self) -> None:
         if self._bus is not None and self._owns_bus:
@@ -234,14 +176,43 @@ class MitCanBus:
             self._bus = None
 
     def enable_torque(self, on: bool) -> None:
-        """Enter (or exit) motor mode on every motor and wait for each one's reply."""
-        self._transact_special(ENTER_MOTOR_MODE if on else EXIT_MOTOR_MODE)
-        # a motor entering motor mode must not jump to an old target: the next read queries
-        self._have_command = False
+        """Turn every motor's torque on (or off) and wait for each one's answer.
+
+        On: the dialect's enable frame to each motor not already reported enabled, then at once
+        the last command written since torque was last turned off (or a hold at the
+        reconstructed goal), so a motor never runs a command left over in its firmware.
+        Off: the disable frame to every motor.
+        """
+        d = self.dialect
+        n = len(self.ids)
+        if not on:
+            self._transact([d.disable(j) for j in range(n)])
+            self._torque_on = False
+            self._resend_ok = False
+            if d.enable(0) is None:  # a command would start the motor again: query instead
+                self._have_command = False
+            return
+        frames = [None if d.reports_torque_state and d.torque_on(int(self._code[j]))
+                  else d.enable(j) for j in range(n)]
+        if any(f is not None for f in frames):
+            self._transact(frames)
+        if not all(f is not None for f in frames) and not self._have_command:
+            self._startup_query()  # learn where the motors are before commanding them
+        if self._have_command and self._resend_ok:
+            self._send_all()
+            self._pending = False
+            self._collect()
+        else:
+            self._pack_hold(self._hold_goal())
+        self._torque_on = True
 
     def zero_position(self) -> None:
         """Make every motor's present position its zero (stored in the motor)."""
-        self._transact_special(ZERO_POSITION)
+        self._transact(self._every(self.dialect.zero, "setting the zero position"))
+
+    def clear_errors(self) -> None:
+        """Clear latched motor faults (Damiao: over-temperature, lost communication, ...)."""
+        self._transact(self._every(self.dialect.clear_error, "clearing motor errors"))
 
     # -- the tick ----------------------------------------------------------------------------
 
@@ -256,82 +227,226 @@ class MitCanBus:
         """Send one MIT command per motor: tau = kp (q_target - q) + kd (dq_target - dq) + tau_ff.
 
         kp/kd default to the configured gains, tau_ff and dq_target to zero. The replies are
-        collected by the next `read`.
+        collected by the next `read`. CommandError (nothing sent) for a value that is not
+        finite or outside the motor model's range.
         """
         kp = self.kp if kp is None else kp
         kd = self.kd if kd is None else kd
         tau_ff = self._zeros if tau_ff is None else tau_ff
         dq_target = self._zeros if dq_target is None else dq_target
         r, sign = self.ranges, self._direction
+        for j in range(len(self._frames)):  # all checked before any frame changes
+            p, v, t = float(q_target[j]), float(dq_target[j]), float(tau_ff[j])
+            kpj, kdj = float(kp[j]), float(kd[j])
+            if not (-r.p_max <= p <= r.p_max and -r.v_max <= v <= r.v_max
+                    and -r.t_max <= t <= r.t_max and 0.0 <= kpj <= r.kp_max
+                    and 0.0 <= kdj <= r.kd_max):
+                raise self._refusal(j, p, v, kpj, kdj, t)
         for j, frame in enumerate(self._frames):
-            pack_command_into(frame.data, sign[j] * q_target[j], sign[j] * dq_target[j],
-                              kp[j], kd[j], sign[j] * tau_ff[j], r)
-        self._have_command = True
+            s = sign[j]
+            pack_command_into(frame.data, s * q_target[j], s * dq_target[j], kp[j], kd[j],
+                              s * tau_ff[j], r)
+        np.copyto(self._last_q, q_target)
+        self._have_command = self._resend_ok = True
         self._send_all()
         self.stats.writes += 1
 
     def read(self, out: MotorState) -> None:
         if not self._pending:
-            if not self._have_command:
-                for frame in self._frames:  # zero gains, zero torque: "where are you?"
-                    pack_command_into(frame.data, 0.0, 0.0, 0.0, 0.0, 0.0, self.ranges)
-            self._send_all()
+            if self._have_command:
+                self._send_all()  # the last command again: changes nothing
+            else:
+                self._startup_query()
+                self._fill(out)
+                return
         self._pending = False
         self._collect()
+        self._fill(out)
+
+    def present_goal(self, out: np.ndarray) -> bool:
+        """Where each motor holds now (see the module docstring for how, per dialect).
+
+        Damiao reports torque on/off in every reply: True when on for every motor; a motor that
+        is off reports its measured position. Other dialects: True only when this process
+        turned torque on (`out` = its last command); after this process turned torque off,
+        the measured position; at start-up (torque state unknown) the reconstructed hold goal
+        (the measured position of a motor that is off, as it reports no torque), and False.
+        """
+        if self._have_command:
+            self._send_all()  # the last command again: changes nothing
+            self._pending = False
+            self._collect()
+            np.copyto(out, self._last_q)
+        else:
+            self._startup_query()
+            np.copyto(out, self._last_q if self._have_command else self._hold_goal())
+        self._raise_faults(None)
+        d = self.dialect
+        if d.reports_torque_state:
+            on = np.array([d.torque_on(int(c)) for c in self._code])
+        else:
+            on = np.full(len(self.ids), self._torque_on is not False)
+        np.copyto(out, self._q * self._direction, where=~on)
+        return bool(on.all()) and (d.reports_torque_state or self._torque_on is True)
+
+    def wire_time_us(self) -> float:
+        """One command and one reply frame per motor, worst-case bit stuffing."""
+        return can_mit_tick_us(self.bitrate, len(self.ids), COMMAND_DLC, self.dialect.reply_dlc,
+                               self.fd, self.data_bitrate)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _message(self, arbitration_id: int, data: bytes) -> can.Message:
+        return can.Message(arbitration_id=arbitration_id, is_extended_id=False,
+                           data=bytearray(data), is_fd=self.fd, bitrate_switch=self.fd)
+
+    def _refusal(self, j: int, p: float, v: float, kp: float, kd: float, t: float
+                 ) -> CommandError:
+        r, name = self.ranges, self.joint_names[j]
+        for field, value, lo, hi in (("q_target", p, -r.p_max, r.p_max),
+                                     ("dq_target", v, -r.v_max, r.v_max),
+                                     ("tau_ff", t, -r.t_max, r.t_max), ("kp", kp, 0.0, r.kp_max),
+                                     ("kd", kd, 0.0, r.kd_max)):
+            if not lo <= value <= hi:
+                return CommandError(f"{name} (id {self.ids[j]}): {field} = {value} is not finite"
+                                    f" or outside the motor's range [{lo:g}, {hi:g}]", name)
+        return CommandError(f"{name}: command refused", name)  # unreachable by construction
+
+    def _every(self, frame_of: Any, what: str) -> list[Frame | None]:
+        frames = [frame_of(j) for j in range(len(self.ids))]
+        if any(f is None for f in frames):
+            raise BusError(f"MIT dialect {self.dialect.name!r} has no frame for {what}")
+        return frames
+
+    def _fill(self, out: MotorState) -> None:
         sign = self._direction
         np.multiply(self._q, sign, out=out.q)
         np.multiply(self._dq, sign, out=out.dq)
         np.multiply(self._tau, sign, out=out.effort)
-        out.error_flags[:] = 0
+        np.copyto(out.temperature_c, self._temp)
         out.t_ns = self._sent_ns
         self.stats.reads += 1
+        self._raise_faults(out)
 
-    def wire_time_us(self) -> float:
-        """One command and one reply frame per motor, worst-case bit stuffing."""
-        return can_mit_tick_us(self.bitrate, len(self.ids), COMMAND_DLC, REPLY_DLC)
+    def _raise_faults(self, out: MotorState | None) -> None:
+        d = self.dialect
+        if out is not None:
+            out.error_flags[:] = 0
+        if not self._faulted:  # no reply since the last check carried a fault code
+            return
+        self._faulted = False
+        faults = None
+        for j, code in enumerate(self._code):
+            reason = d.fault(int(code)) if code else None
+            if reason is None:
+                continue
+            if out is not None:
+                out.error_flags[j] = code
+            faults = faults or []
+            faults.append(f"{self.joint_names[j]} (id {self.ids[j]}): {reason}")
+        if faults:
+            first = faults[0].split(" (", 1)[0]
+            raise MotorFault(f"motor fault ({d.name}): " + "; ".join(faults), first)
 
-    # -- internals ---------------------------------------------------------------------------
+    def _hold_goal(self) -> np.ndarray:
+        """Joint-frame goal each motor holds, reconstructed from its last reply."""
+        hp, hv, ht = self._half_code
+        centre = self._mit_fields.astype(float)
+        q = self._q + hp * centre
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = np.where(self.kp > 0, (self._tau + ht * centre
+                                          + self.kd * (self._dq + hv * centre)) / self.kp, 0.0)
+        step = np.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
+        clipped = np.clip(step, -self.hold_jump_max_rad, self.hold_jump_max_rad)
+        self.hold_jumps_clipped += int(np.count_nonzero(clipped != step))
+        return (q + clipped) * self._direction
+
+    def _startup_query(self) -> None:
+        """Ask every motor for its state without changing what it does (module docstring)."""
+        d = self.dialect
+        queries = [d.query(j) for j in range(len(self.ids))]
+        if all(f is not None for f in queries):
+            self._transact(queries)
+            return
+        for frame in self._frames:  # zero gains, zero torque: "where are you?"
+            pack_command_into(frame.data, 0.0, 0.0, 0.0, 0.0, 0.0, self.ranges)
+        self._send_all()
+        self._pending = False
+        self._collect()
+        self._pack_hold(self._hold_goal())
+
+    def _pack_hold(self, goal: np.ndarray) -> None:
+        """Command `goal` (joint frame) with the configured gains now; it becomes the last
+        command. The position goes out rounded to the nearest code (it is an estimate of a
+        code the motor held, not a new target)."""
+        goal = np.clip(goal, -self.ranges.p_max, self.ranges.p_max)
+        half = self._half_code[0]
+        for j, frame in enumerate(self._frames):
+            s = self._direction[j]
+            pack_command_into(frame.data, s * goal[j] + half, 0.0, self.kp[j], self.kd[j], 0.0,
+                              self.ranges)
+        np.copyto(self._last_q, goal)
+        self._have_command = self._resend_ok = True
+        self._send_all()
+        self._pending = False
+        self._collect()
 
     def _require_bus(self) -> can.BusABC:
         if self._bus is None:
             raise BusError("MIT CAN bus is not open")
         return self._bus
 
-    def _send_all(self) -> None:
+    def _drain(self) -> None:
         bus = self._require_bus()
         # replies left over from a timed-out transaction would pass for this one's
         while (late := bus.recv(0.0)) is not None:
-            if self._key(late) is not None:
+            if self.dialect.motor_of(late) >= 0:
                 self.late_replies += 1
+
+    def _send(self, messages: list[can.Message]) -> None:
+        bus = self._require_bus()
+        self._drain()
         self._sent_ns = time.monotonic_ns()
         try:
-            for frame in self._frames:
-                bus.send(frame)
+            for msg in messages:
+                bus.send(msg)
         except can.CanError as exc:
             self.stats.errors += 1
             raise BusError(f"CAN send on {self.channel} failed: {exc}") from exc
         self._pending = True
 
-    def _key(self, msg: can.Message) -> int | None:
-        """Index of the motor a reply belongs to, None for anything else on the bus."""
-        if msg.is_error_frame or msg.is_remote_frame or msg.dlc < REPLY_DLC:
-            return None
-        return self._index.get(msg.arbitration_id if self._by_master else msg.data[0])
+    def _send_all(self) -> None:
+        self._expect[:] = True
+        self._send(self._frames)
+
+    def _transact(self, frames: list[Frame | None]) -> None:
+        """Send the given frame to each motor (None: skip that motor), collect their answers."""
+        for j, f in enumerate(frames):
+            self._expect[j] = f is not None
+        self._send([self._message(*f) for f in frames if f is not None])
+        self._pending = False
+        self._collect()
 
     def _collect(self) -> None:
         bus = self._require_bus()
-        got = self._got
+        d, r, reply = self.dialect, self.ranges, self._reply
+        expect, got = self._expect, self._got
         got[:] = False
         deadline = time.monotonic() + self.timeout_s
-        remaining = len(got)
+        remaining = int(np.count_nonzero(expect))
         while remaining:
             msg = bus.recv(max(deadline - time.monotonic(), 0.0))
             if msg is None:  # recv waited out the deadline
                 break
-            j = self._key(msg)
-            if j is None:
+            j = d.motor_of(msg)
+            if j < 0 or not expect[j]:
                 continue
-            _, self._q[j], self._dq[j], self._tau[j] = unpack_reply(msg.data, self.ranges)
+            if d.parse(msg, r, reply):
+                self._q[j], self._dq[j], self._tau[j] = reply.p, reply.v, reply.t
+                self._code[j], self._temp[j] = reply.code, reply.temperature_c
+                self._mit_fields[j] = reply.mit_fields
+                if reply.code and d.fault(reply.code) is not None:
+                    self._faulted = True
             if not got[j]:
                 got[j] = True
                 remaining -= 1
@@ -339,7 +454,7 @@ class MitCanBus:
             self._fail_missing()
 
     def _fail_missing(self) -> None:
-        silent = np.flatnonzero(~self._got)
+        silent = np.flatnonzero(self._expect & ~self._got)
         missing = [self.joint_names[j] for j in silent]
         self.stats.missing_replies += len(missing)
         self.stats.timeouts += 1
@@ -350,9 +465,46 @@ class MitCanBus:
         raise BusError(f"no MIT reply within {self.timeout_s * 1e3:g} ms from {names}",
                        motor=missing[0])
 
-    def _transact_special(self, payload: bytes) -> None:
-        for frame in self._frames:
-            frame.data[:] = payload
-        self._send_all()
-        self._pending = False
-        self._collect()
+    def _check_range_registers(self, attempts: int = 3) -> None:
+        """Refuse to start when a motor's stored ranges differ from the configured model: every
+        position, velocity and torque would be scaled wrong. A start-up read, so a motor that
+        does not answer is asked again (`attempts` in all) before it is named."""
+        d = self.dialect
+        for key, rid in d.range_registers.items():
+            want = float(getattr(self.ranges, key))
+            values: list[float | None] = [None] * len(self.ids)
+            for _ in range(attempts):
+                frames = [d.read_register(j, rid) for j, v in enumerate(values) if v is None]
+                self._send([self._message(*f) for f in frames if f is not None])
+                self._pending = False
+                self._collect_registers(rid, values)
+                if all(v is not None for v in values):
+                    break
+            reg = getattr(d, "REGISTER_NAMES", {}).get(rid, str(rid))
+            for j, value in enumerate(values):
+                name = f"{self.joint_names[j]} (id {self.ids[j]})"
+                if value is None:
+                    raise BusError(f"{name}: no reply to reading register {reg} ({rid}) within"
+                                   f" {self.timeout_s * 1e3:g} ms, {attempts} times",
+                                   self.joint_names[j])
+                # the motor stores float32: compare at its precision
+                if abs(value - want) > 1e-6 * max(abs(want), 1.0):
+                    raise BusError(
+                        f"{name}: the motor's {reg} (register {rid}) is {value:g} but"
+                        f" model.{key} is {want:g}: every {key[0]} on the wire would be scaled"
+                        f" wrong. Set model.{key} to {value:g} or write the motor's {reg}.",
+                        self.joint_names[j])
+
+    def _collect_registers(self, rid: int, values: list[float | None]) -> None:
+        bus = self._require_bus()
+        deadline = time.monotonic() + self.timeout_s
+        while any(v is None for v in values):
+            msg = bus.recv(max(deadline - time.monotonic(), 0.0))
+            if msg is None:
+                break
+            for j in range(len(values)):
+                if values[j] is None:
+                    value = self.dialect.register_value(msg, j, rid)
+                    if value is not None:
+                        values[j] = value
+                        break

@@ -21,7 +21,7 @@ import numpy as np
 import serial
 
 from drivers import dynamixel_protocol as dx
-from drivers.bus import BusError, BusStats, MotorFault, MotorState
+from drivers.bus import BusError, BusStats, CommandError, MotorFault, MotorState
 
 _READ_ADDR = dx.ADDR_PRESENT_CURRENT
 _READ_LEN = 10  # current (2) + velocity (4) + position (4)
@@ -93,7 +93,7 @@ class DynamixelBus:
         self._cur_raw = np.zeros(n)
         self._vel_raw = np.zeros(n)
         self._pos_raw = np.zeros(n)
-        self._seen = [False] * n
+        self._replies = dx.SyncReplyParser(self.ids, _READ_LEN)
         self._alert = [False] * n
         self._goal_f = np.zeros(n)
         self._finite = np.zeros(n, dtype=bool)
@@ -200,7 +200,7 @@ class DynamixelBus:
         tau_ff: np.ndarray | None = None,
     ) -> None:
         if kp is not None or kd is not None or tau_ff is not None:
-            raise ValueError("kp/kd/tau_ff are MIT-mode commands; Dynamixel runs Position mode")
+            raise CommandError("kp/kd/tau_ff are MIT-mode commands; Dynamixel runs Position mode")
         goal = self._goal_f
         np.multiply(q_target, self._tick_per_q, out=goal)
         np.add(goal, self._zero, out=goal)
@@ -208,10 +208,10 @@ class DynamixelBus:
         np.isfinite(goal, out=self._finite)
         if not self._finite.all() or (goal < self._goal_lo).any() or (goal > self._goal_hi).any():
             k = int(np.argmax(~self._finite | (goal < self._goal_lo) | (goal > self._goal_hi)))
-            raise ValueError(
-                f"goal for {self.joint_names[k]} = {q_target[k]} rad is outside the servo's "
-                f"position limits [{self._goal_lo[k]:.0f}, {self._goal_hi[k]:.0f}] ticks"
-            )
+            raise CommandError(
+                f"goal for {self.joint_names[k]} (id {self.ids[k]}) = {q_target[k]} rad is not"
+                f" finite or outside the servo's position limits [{self._goal_lo[k]:.0f},"
+                f" {self._goal_hi[k]:.0f}] ticks", self.joint_names[k])
         self._goal_ticks[:] = goal
         packet = self._sync_write
         crc = dx.crc16(packet, 0, self._crc_at)
@@ -224,100 +224,75 @@ class DynamixelBus:
             raise
         self.stats.writes += 1
 
+    def present_goal(self, out: np.ndarray) -> bool:
+        """Goal Position of every servo whose torque is on, else its Present Position.
+
+        One READ of Torque Enable .. Present Position (64..135) per servo (start-up only). A
+        servo holding under load sits off its goal by the position loop's steady-state error:
+        commanding the goal read here moves nothing, commanding the measured position would.
+        """
+        first = dx.ADDR_TORQUE_ENABLE
+        length = dx.ADDR_PRESENT_POSITION + 4 - first
+        on = True
+        for k, dxl_id in enumerate(self.ids):
+            block = self._read_block(dxl_id, first, length)
+            torque = block[0] == 1
+            addr = dx.ADDR_GOAL_POSITION if torque else dx.ADDR_PRESENT_POSITION
+            (ticks,) = struct.unpack_from("<i", block, addr - first)
+            out[k] = (ticks - self._zero[k]) * self._q_per_tick[k]
+            on = on and torque
+        return on
+
     def wire_time_us(self) -> float:
         """Bytes of one tick (sync read + n replies + sync write) at 10 bits/byte, plus delays."""
         wire_bytes = len(self._sync_read) + self.n * _REPLY_BYTES + len(self._sync_write)
         return wire_bytes * 10 / self.baudrate * 1e6 + sum(self.return_delay_us)
 
     def _sync_read_once(self) -> bool:
-        """One SYNC READ attempt; fills the raw buffers, or sets self._error and returns False."""
+        """One SYNC READ attempt; fills the raw buffers, or sets self._error and returns False.
+
+        A corrupt reply fails only its motor, at once: the parser knows each reply's length
+        and order (dynamixel_protocol.SyncReplyParser)."""
         self._send(self._sync_read, flush_input=True)
-        rx, n, seen, alert = self._rx, self.n, self._seen, self._alert
-        for k in range(n):
-            seen[k] = False
-            alert[k] = False
+        rx, parser = self._rx, self._replies
+        parser.reset()
+        crc_before = parser.crc_errors
         deadline = time.monotonic_ns() + int(self.timeout_ms * 1e6)
-        got = pos = accounted = 0
-        failed_motor: str | None = None
-        while True:
-            while got - pos >= dx.HEADER_BYTES:
-                h = rx.find(dx.HEADER, pos, got)
-                if h < 0:
-                    pos = got - 3  # keep a possible partial header
-                    break
-                if got - h < dx.HEADER_BYTES:
-                    pos = h
-                    break
-                length = rx[h + 5] | (rx[h + 6] << 8)
-                end = h + dx.HEADER_BYTES + length
-                if length < 4 or length > len(rx):
-                    pos = h + 1
-                    continue
-                if end > got:
-                    pos = h
-                    break
-                k = self._index_by_id.get(rx[h + 4], -1)
-                if dx.crc16(rx, h, end - 2) != rx[end - 2] | (rx[end - 1] << 8):
-                    # the id byte may itself be corrupt: blame the first motor not yet heard
-                    if k < 0 or seen[k]:
-                        k = seen.index(False) if False in seen else 0
-                    self.stats.crc_errors += 1
-                    failed_motor = self._note_motor_error(k, "CRC error in the reply")
-                    accounted += 1
-                    pos = h + 1  # resync: the length field may be corrupt too
-                    continue
-                pos = end
-                if k < 0 or seen[k] or rx[h + 7] != dx.STATUS:
-                    continue  # a stray packet (e.g. a late reply): not ours
-                seen[k] = True
-                accounted += 1
-                error = rx[h + 8]
-                alert[k] = bool(error & dx.ERROR_ALERT)
-                if error & 0x7F:
-                    reason = dx.RESULT_NAMES.get(error & 0x7F, f"error {error & 0x7F}")
-                    failed_motor = self._note_motor_error(k, f"status {reason}")
-                    continue
-                if length == 4 + _READ_LEN:
-                    cur, vel, ticks = _UNPACK_PRESENT(rx, h + 9)
-                else:  # stuffed payload (rare: needs FF FF FD in the data)
-                    data = dx.unstuff(rx[h + 9 : end - 2])
-                    if len(data) != _READ_LEN:
-                        failed_motor = self._note_motor_error(k, "reply of the wrong length")
-                        continue
-                    cur, vel, ticks = _UNPACK_PRESENT(data)
-                self._cur_raw[k] = cur
-                self._vel_raw[k] = vel
-                self._pos_raw[k] = ticks
-            if accounted >= n:
-                return failed_motor is None
+        got = 0
+        while not parser.feed(rx, got):
             if got == len(rx):
                 self._error, self._error_motor = "sync read: reply overflow", None
                 return False
             remaining_ms = (deadline - time.monotonic_ns()) / 1e6
             if remaining_ms <= 0 or not self._wait_readable(remaining_ms):
-                return self._timed_out()
+                break
             got += self._read_available(got)
-
-    def _timed_out(self) -> bool:
-        self.stats.timeouts += 1
-        missing = [k for k in range(self.n) if not self._seen[k]]
-        self.stats.missing_replies += len(missing)
-        first = None
-        for k in missing:
-            name = self.joint_names[k]
-            self.stats.per_motor_errors[name] += 1
-            first = first or name
-        names = ", ".join(f"{self.joint_names[k]} (id {self.ids[k]})" for k in missing)
-        self._error = f"sync read: no reply from {names} within {self.timeout_ms} ms"
-        self._error_motor = first
-        return False
-
-    def _note_motor_error(self, k: int, reason: str) -> str:
-        name = self.joint_names[k]
-        self.stats.per_motor_errors[name] += 1
-        self._error = f"sync read: {reason} from {name} (id {self.ids[k]})"
-        self._error_motor = name
-        return name
+        self.stats.crc_errors += parser.crc_errors - crc_before
+        silent = parser.unsettled()
+        if silent:  # the timeout: never heard
+            self.stats.timeouts += 1
+            self.stats.missing_replies += len(silent)
+            for k in silent:
+                parser.bad[k] = f"no reply within {self.timeout_ms} ms"
+        failed = [k for k in range(self.n) if parser.bad[k] is not None]
+        if failed:
+            for k in failed:
+                self.stats.per_motor_errors[self.joint_names[k]] += 1
+                if k not in silent and parser.bad[k] == dx.LOST_REPLY:
+                    self.stats.missing_replies += 1
+            self._error = "sync read: " + "; ".join(
+                f"{parser.bad[k]} from {self.joint_names[k]} (id {self.ids[k]})" for k in failed)
+            self._error_motor = self.joint_names[failed[0]]
+            return False
+        for k in range(self.n):
+            self._alert[k] = bool(parser.error[k] & dx.ERROR_ALERT)
+            at = parser.offset[k]
+            cur, vel, ticks = (_UNPACK_PRESENT(rx, at) if at >= 0
+                               else _UNPACK_PRESENT(parser.unstuffed[k]))
+            self._cur_raw[k] = cur
+            self._vel_raw[k] = vel
+            self._pos_raw[k] = ticks
+        return True
 
     def _raise_hardware_fault(self, out: MotorState) -> None:
         faults = []

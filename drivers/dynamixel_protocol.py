@@ -382,3 +382,130 @@ def decode_hardware_error(bits: int) -> list[str]:
         if bits & (1 << bit):
             names.append(HW_ERROR_BITS.get(bit, f"bit {bit}"))
     return names
+
+
+LOST_REPLY = "no reply (the next motor answered first)"
+
+
+class SyncReplyParser:
+    """The status packets answering one SYNC READ, resolved motor by motor as bytes arrive.
+
+    What makes it resynchronise at once instead of waiting out the timeout:
+    - the reply length is known (`data_len` + 4, a few more when stuffed, or 4 for a bare error
+      status): a header whose length field says otherwise is corrupt, not a packet to wait for;
+    - stuffing keeps FF FF FD 00 out of every packet, so a header found inside a candidate's
+      claimed extent proves that candidate cut short (a stray header or a flipped length);
+    - servos answer in the order of the request's id list, so a valid reply from a motor
+      settles every earlier motor still unheard: its reply was lost.
+    A corrupt candidate is blamed on the motor its id byte names when that motor is unsettled,
+    else on the first unsettled motor in order; a valid reply arriving later clears the blame.
+    `offset[k]` is where motor k's data starts in the receive buffer (or -1 when its reply was
+    stuffed: the unstuffed data is in `unstuffed[k]`).
+    """
+
+    def __init__(self, ids: Sequence[int], data_len: int) -> None:
+        self.ids = list(ids)
+        self.n = len(self.ids)
+        self.data_len = data_len
+        self._index = {dxl_id: k for k, dxl_id in enumerate(self.ids)}
+        self._min_len, self._max_len = data_len + 4, data_len + 4 + data_len // 3 + 1
+        self.seen = [False] * self.n
+        self.bad: list[str | None] = [None] * self.n
+        self.error = [0] * self.n  # status error byte of each seen reply
+        self.offset = [0] * self.n
+        self.unstuffed: list[bytes] = [b""] * self.n
+        self.pos = 0
+        self.left = self.n  # motors neither seen nor blamed
+        self._first = 0  # no motor before this one is unsettled
+        self.crc_errors = self.length_errors = self.stray = 0
+
+    def reset(self) -> None:
+        for k in range(self.n):
+            self.seen[k] = False
+            self.bad[k] = None
+        self.pos = self._first = 0
+        self.left = self.n
+
+    @property
+    def settled(self) -> bool:
+        return self.left == 0
+
+    def unsettled(self) -> list[int]:
+        return [k for k in range(self._first, self.n)
+                if not self.seen[k] and self.bad[k] is None]
+
+    def _settle(self, k: int, reason: str | None) -> None:
+        """Motor k (unsettled) is seen (reason None) or blamed."""
+        self.left -= 1
+        if reason is None:
+            self.seen[k] = True
+        else:
+            self.bad[k] = reason
+        while self._first < self.n and (self.seen[self._first]
+                                        or self.bad[self._first] is not None):
+            self._first += 1
+
+    def feed(self, rx: bytearray, got: int) -> bool:
+        """Parse rx[pos:got]; True once every motor is settled (seen, or blamed)."""
+        pos = self.pos
+        while got - pos >= HEADER_BYTES:
+            h = rx.find(HEADER, pos, got)
+            if h < 0:
+                pos = max(pos, got - 3)  # keep a possible partial header
+                break
+            if got - h < HEADER_BYTES:
+                pos = h
+                break
+            length = rx[h + 5] | (rx[h + 6] << 8)
+            k = self._index.get(rx[h + 4], -1)
+            if length != 4 and not self._min_len <= length <= self._max_len:
+                self.length_errors += 1
+                self._blame(k, f"length field {length} (a reply has {self._min_len})")
+                pos = h + 1
+                continue
+            end = h + HEADER_BYTES + length
+            inner = rx.find(HEADER, h + 4, min(end + 3, got))  # a header starting inside
+            if inner >= 0:  # a real packet never contains a header: this one was cut short
+                self.length_errors += 1
+                self._blame(k, "reply cut short by the next packet")
+                pos = inner
+                continue
+            if end > got:
+                pos = h
+                break
+            if crc16(rx, h, end - 2) != rx[end - 2] | (rx[end - 1] << 8):
+                self.crc_errors += 1
+                self._blame(k, "CRC error in the reply")
+                pos = h + 1
+                continue
+            pos = end
+            if k < 0 or self.seen[k] or rx[h + 7] != STATUS:
+                self.stray += 1  # not an answer to this request (a late or foreign packet)
+                continue
+            for earlier in range(self._first, k):  # replies come in request order: lost
+                if not self.seen[earlier] and self.bad[earlier] is None:
+                    self._settle(earlier, LOST_REPLY)
+            if self.bad[k] is None:
+                self._settle(k, None)
+            else:  # blamed for a stray packet, yet its reply came: the blame was wrong
+                self.seen[k], self.bad[k] = True, None
+            error = self.error[k] = rx[h + 8]
+            if error & 0x7F:
+                self.bad[k] = "status " + RESULT_NAMES.get(error & 0x7F, f"error {error & 0x7F}")
+            elif length == self._min_len:
+                self.offset[k] = h + 9
+            else:
+                data = unstuff(rx[h + 9 : end - 2])
+                if len(data) != self.data_len:
+                    self.bad[k] = "reply of the wrong length"
+                self.offset[k], self.unstuffed[k] = -1, data
+        self.pos = pos
+        return self.left == 0
+
+    def _blame(self, k: int, reason: str) -> None:
+        if k < 0 or self.seen[k] or self.bad[k] is not None:
+            if self._first == self.n:
+                self.stray += 1
+                return
+            k = self._first
+        self._settle(k, reason)

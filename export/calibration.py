@@ -1,21 +1,20 @@
 """Observations for INT8 calibration and parity checks, keyed by model input name.
 
-Preferred source: an .npz recorded from the sim by the policy's data generation (the same
-distribution the robot sees). When none is given, observations are synthesised: planner
-images rendered by the MuJoCo sim at random arm poses with random instructions; follower
-reference windows as smooth random motions around random states.
+Preferred source: an .npz of recorded observations (`duet train` writes one from the sim:
+the distribution the robot sees), keys `<model>/<input>`. When none is given, observations
+are synthesised from the contract's roles (`synth_inputs`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from runtime.bundle import TensorSpec
+from runtime.bundle_files import TensorSpec
 
 Samples = dict[str, np.ndarray]  # input name -> [N, *shape-without-batch]
 
@@ -25,11 +24,13 @@ class CalibrationError(ValueError):
 
 
 def load_npz(path: Path, model: str, specs: list[TensorSpec]) -> Samples:
-    """Arrays for `model` from an .npz: key `<model>/<input>` (or `<model>_<input>`)."""
+    """Arrays for `model` from an .npz: key `<model>/<input>` (or `<model>_<input>`, or
+    `<model>/in/<input>` as in a parity file)."""
     with np.load(path) as data:
         out: Samples = {}
         for spec in specs:
-            for key in (f"{model}/{spec.name}", f"{model}_{spec.name}"):
+            for key in (f"{model}/{spec.name}", f"{model}_{spec.name}",
+                        f"{model}/in/{spec.name}"):
                 if key in data:
                     out[spec.name] = data[key]
                     break
@@ -60,59 +61,62 @@ def take(samples: Samples, idx: slice | np.ndarray) -> Samples:
     return {k: v[idx] for k, v in samples.items()}
 
 
-def rows(samples: Samples) -> Iterator[dict[str, np.ndarray]]:
-    """One batch-of-1 feed dict per sample."""
-    for i in range(count(samples)):
-        yield {k: v[i : i + 1] for k, v in samples.items()}
+def batches(samples: Samples, batch: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Feed dicts of `batch` consecutive samples, for a model exported with that batch, and
+    how many of its rows are real (the last one is topped up with the first samples)."""
+    n = count(samples)
+    for i in range(0, n, batch):
+        real = min(batch, n - i)
+        idx = slice(i, i + batch) if real == batch else np.arange(i, i + batch) % n
+        yield {k: v[idx] for k, v in samples.items()}, real
+
+
+def batch_of(specs: list[TensorSpec]) -> int:
+    """The batch a model was exported with: its inputs' leading dimension."""
+    return specs[0].shape[0] if specs and specs[0].shape else 1
 
 
 class SampleReader(CalibrationDataReader):
-    """onnxruntime.quantization feeds, one sample at a time."""
+    """onnxruntime.quantization feeds, `batch` samples at a time."""
 
-    def __init__(self, samples: Samples) -> None:
-        self.samples = samples
-        self._it = rows(samples)
+    def __init__(self, samples: Samples, batch: int = 1) -> None:
+        self.samples, self.batch = samples, batch
+        self.rewind()
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
+        got = next(self._it, None)
+        return None if got is None else got[0]
 
     def rewind(self) -> None:
-        self._it = rows(self.samples)
+        self._it = batches(self.samples, self.batch)
 
 
-def synth_follower(n: int, joints: int, lookahead: int, dt_s: float, seed: int,
-                   q_lo: np.ndarray, q_hi: np.ndarray) -> Samples:
-    """Reference windows that move smoothly from near q, at up to ~1.5 rad/s."""
+def synth_inputs(specs: list[TensorSpec], roles: dict[str, Any], n: int, seed: int,
+                 vocab: int = 2) -> Samples:
+    """`n` samples for a model's inputs, by the role the contract gives each tensor: random,
+    but in each role's range (pixels 0..255, token ids < vocab, flow time in [0, 1], a
+    valid prefix length, unit-scale joint values). For parity checks and, when no recorded
+    data is given, calibration (a recorded .npz calibrates int8 far better)."""
     rng = np.random.default_rng(seed)
-    q = rng.uniform(q_lo, q_hi, size=(n, joints))
-    vel = rng.normal(0.0, 0.6, size=(n, 1, joints))
-    acc = rng.normal(0.0, 3.0, size=(n, 1, joints))
-    t = (np.arange(1, lookahead + 1) * dt_s)[None, :, None]
-    lag = rng.normal(0.0, 0.01, size=(n, 1, joints))  # tracking error: ref starts off q
-    ref = q[:, None, :] + lag + vel * t + 0.5 * acc * t**2
-    dq = vel[:, 0] + rng.normal(0.0, 0.2, size=(n, joints))
-    return {"ref": ref.astype(np.float32), "q": q.astype(np.float32),
-            "dq": dq.astype(np.float32)}
-
-
-def synth_planner(n: int, seed: int, tokenizer_words: list[str], max_tokens: int) -> Samples:
-    """Sim renders at random poses with random (valid) instructions."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    from runtime.tokenizer import Tokenizer
-    from sim.world import BLOCK_COLOURS, HOME_Q, SimWorld
-
-    tok = Tokenizer(tokenizer_words, max_len=max_tokens)
-    rng = np.random.default_rng(seed)
-    world = SimWorld(seed=seed)
-    images = np.zeros((n, 96, 96, 3), np.uint8)
-    tokens = np.zeros((n, max_tokens), np.int64)
-    qs = np.zeros((n, len(HOME_Q)), np.float32)
-    for i in range(n):
-        q = np.clip(HOME_Q + rng.normal(0.0, 0.4, size=HOME_Q.shape), world.q_min, world.q_max)
-        world.set_joint_state(q)
-        images[i] = world.render()
-        a, b = rng.choice(BLOCK_COLOURS, size=2, replace=False)
-        text = f"touch the {a} block" if i % 2 else f"touch the {a} block, then the {b} one"
-        tokens[i] = tok.encode(text)
-        qs[i] = world.q()
-    return {"image": images, "tokens": tokens, "q": qs}
+    out: Samples = {}
+    for spec in specs:
+        shape = (n, *spec.shape[1:])
+        role = roles.get(spec.name, "")
+        if spec.dtype == "uint8":
+            a: np.ndarray = rng.integers(0, 256, shape, dtype=np.uint8)
+        elif role == "instruction":
+            a = rng.integers(0, max(vocab, 2), shape, dtype=np.int64)
+        elif role == "instruction_mask":
+            a = (np.arange(shape[-1]) < rng.integers(1, shape[-1] + 1, (n, 1))).astype(np.int64)
+        elif role == "prefix_length":
+            a = rng.integers(0, int(roles.get(f"{spec.name}:max", 1)) + 1, shape, dtype=np.int64)
+        elif role == "flow_time":
+            # where K >= 10 Euler steps evaluate; a rectified-flow velocity field
+            # (x1 - x_t) / (1 - t) diverges as t -> 1, which parity need not chase
+            a = rng.uniform(0.0, 0.9, shape)
+        elif spec.dtype == "int64":
+            a = rng.integers(0, 2, shape, dtype=np.int64)
+        else:
+            a = rng.normal(0.0, 0.5, shape)
+        out[spec.name] = np.ascontiguousarray(a, dtype=spec.dtype)
+    return out

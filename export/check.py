@@ -26,15 +26,14 @@ def check_bundle(path: Path, public_key: str | None, joints: list[str] | None,
         raise BundleError(f"{bundle.path}: manifest has no parity set to check against")
     data = load_parity(bundle.parity_path)
     results: list[ParityResult] = []
-    for name in ("planner", "follower"):
+    for name, spec in bundle.model_specs().items():
         if name not in data:
             raise BundleError(f"{bundle.parity_path}: no reference data for {name}")
-        spec = getattr(m.models, name)
         eng = make_engine(spec, bundle, engine, cache_dir=cache_dir)
         inputs, reference = data[name]
         results.append(measure(f"{name} {spec.precision}", eng, inputs, reference,
                                m.parity.max_abs[name], repeat=repeat))
-    print(format_table(results, f"parity vs PyTorch fp32 ({engine})"))
+    print(format_table(results, f"parity vs the source model ({engine})"))
     ok = all(r.ok for r in results)
     print("PASS" if ok else "FAIL: above tolerance")
     return ok

@@ -11,28 +11,20 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "export", help="export checkpoints to a bundle (or: keygen, check)",
-        description="PyTorch planner + follower -> ONNX (fp32/fp16/int8 QDQ) bundle with "
-                    "parity checks, sha256 manifest and optional ed25519 signature.")
-    p.add_argument("--planner", type=Path, help="planner checkpoint (duet train)")
-    p.add_argument("--follower", type=Path, help="follower checkpoint (duet train)")
+        "export", help="export PyTorch models + a contract to a bundle (or: keygen, check)",
+        description="Any PyTorch model + a model contract YAML -> ONNX (fp32/fp16/int8 QDQ) "
+                    "bundle with parity checks, a sha256 manifest and an optional ed25519 "
+                    "signature. Example: duet export --module policy.reference:modules "
+                    "--checkpoint runs/ck4 --contract policy/reference_contract.yaml "
+                    "--assets runs/ck4 --out bundles/reference")
+    p.add_argument("--module", help="package.module:factory returning the models: a "
+                   "torch.nn.Module (a one-stage planner) or {stage name | 'follower': module}")
+    p.add_argument("--checkpoint", type=Path, help="passed to the factory (file or folder)")
+    p.add_argument("--contract", type=Path, help="the model contract (YAML)")
+    p.add_argument("--assets", type=Path, help="where the contract's other files (tokenizers)"
+                   " are (default: the contract's folder)")
     p.add_argument("--out", type=Path, help="bundle folder to write (replaced if a bundle)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
-    p.add_argument("--follower-precision", choices=["fp32", "fp16", "int8"],
-                   help="the follower's own precision (default: --precision)")
-    p.add_argument("--int8-ops", default="Conv,MatMul,Gemm",
-                   help="op types quantized in int8 (default: %(default)s)")
-    p.add_argument("--config", type=Path, default=Path("configs/sim.yaml"),
-                   help="robot config: joint names, limits and rates (default: %(default)s)")
-    p.add_argument("--sign-key", type=Path, help="ed25519 private key (duet export keygen)")
-    p.add_argument("--calib", type=int, default=64, help="calibration samples per model")
-    p.add_argument("--calib-data", type=Path,
-                   help=".npz of recorded observations (keys <model>/<input>); default: "
-                        "calib.npz next to the planner checkpoint, else synthesised from the sim")
-    p.add_argument("--parity-samples", type=int, default=8,
-                   help="held-out samples per model stored in the bundle")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the planner's)")
-    p.add_argument("--seed", type=int, default=0)
+    _common_export_args(p)
     p.set_defaults(func=_export)
     sub = p.add_subparsers(dest="export_command", metavar="{keygen,check}")
 
@@ -46,7 +38,8 @@ def register(subparsers: Any) -> None:
     c.add_argument("--config", type=Path, dest="check_config",
                    help="robot config whose joint names the bundle must match")
     c.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    c.add_argument("--cache", type=Path, help="TensorRT engine cache (default <bundle>/engines)")
+    c.add_argument("--cache", type=Path, help="TensorRT engine cache "
+                   "(default /var/lib/duet/engines)")
     c.add_argument("--repeat", type=int, default=20, help="timed runs per parity sample")
     c.set_defaults(func=_check)
 
@@ -56,10 +49,47 @@ def register(subparsers: Any) -> None:
     b.add_argument("--bundle", type=Path, required=True)
     b.add_argument("--precision", choices=["fp16", "int8"],
                    help="default: the bundle's precision")
-    b.add_argument("--cache", type=Path, help="engine cache (default <bundle>/engines)")
+    b.add_argument("--cache", type=Path, help="engine cache (default /var/lib/duet/engines; "
+                   "root-owned: engines are code)")
     b.add_argument("--public-key", help="ed25519 public key: the signature is then required")
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
     b.set_defaults(func=_engines_build)
+
+    from runtime.cli import subcommands
+
+    bundle_cmds = subcommands(subparsers.choices.get("bundle"))
+    if bundle_cmds is not None:  # `duet bundle create` (the install-side `bundle` is runtime's)
+        bc = bundle_cmds.add_parser(
+            "create", help="wrap ONNX files you already have into a verified bundle",
+            description="ONNX files + a model contract YAML (whose `file:` entries name them, "
+                        "relative to it) -> a bundle, with the same checks as `duet export`. "
+                        "Example: duet bundle create --contract my_policy.yaml --out "
+                        "bundles/mine --reference ref.npz")
+        bc.add_argument("--contract", type=Path, required=True)
+        bc.add_argument("--out", type=Path, required=True)
+        bc.add_argument("--assets", type=Path, help="where the ONNX files and tokenizers are "
+                        "(default: the contract's folder)")
+        bc.add_argument("--reference", type=Path, help=".npz of inputs and outputs the models "
+                        "must reproduce: <model>/in/<input>, <model>/out/<output>")
+        _common_export_args(bc)
+        bc.set_defaults(func=_bundle_create)
+
+
+def _common_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="the planner's stages (default: %(default)s)")
+    p.add_argument("--follower-precision", choices=["fp32", "fp16", "int8"],
+                   help="the follower's own precision (default: --precision)")
+    p.add_argument("--int8-ops", default="Conv,MatMul,Gemm",
+                   help="op types quantized in int8 (default: %(default)s)")
+    p.add_argument("--sign-key", type=Path, help="ed25519 private key (duet export keygen)")
+    p.add_argument("--calib", type=int, default=64, help="calibration samples per model")
+    p.add_argument("--calib-data", type=Path,
+                   help=".npz of recorded observations, keys <model>/<input> (default: "
+                        "calib.npz among the assets, else synthesised from the contract)")
+    p.add_argument("--parity-samples", type=int, default=8,
+                   help="held-out samples per model stored in the bundle")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _fail(message: str) -> int:
@@ -67,74 +97,94 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _options(args: argparse.Namespace, assets: Path) -> Any:
+    from export.pipeline import ExportOptions
+
+    calib = args.calib_data or (assets / "calib.npz" if (assets / "calib.npz").is_file()
+                                else None)
+    print(f"observations: {calib if calib else 'synthesised from the contract'}")
+    return ExportOptions(
+        precision=args.precision, follower_precision=args.follower_precision,
+        int8_ops=tuple(op.strip() for op in args.int8_ops.split(",") if op.strip()),
+        calib=args.calib, parity_samples=args.parity_samples, calib_data=calib,
+        sign_key=args.sign_key, seed=args.seed)
+
+
+def load_factory(spec: str, checkpoint: Path | None, contract: Any) -> dict[str, Any]:
+    """`package.module:factory` -> {model name: torch.nn.Module}."""
+    import importlib
+    import os
+
+    import torch
+
+    from export.onnx_export import ExportError
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ExportError(f"--module {spec!r}: expected package.module:factory")
+    if os.getcwd() not in sys.path:  # the user's own package, as `python -c` would find it
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ExportError(f"--module {spec!r}: {exc}") from None
+    got = factory(checkpoint) if checkpoint is not None else factory()
+    if isinstance(got, torch.nn.Module):
+        stages = [s.name for s in contract.planner.stages]
+        if len(stages) != 1 or contract.follower is not None:
+            raise ExportError(f"--module {spec}: returned one module; the contract has models "
+                              f"{stages + (['follower'] if contract.follower else [])}")
+        return {stages[0]: got}
+    if isinstance(got, dict) and all(isinstance(m, torch.nn.Module) for m in got.values()):
+        return dict(got)
+    raise ExportError(f"--module {spec}: the factory returned {type(got).__name__}, expected "
+                      "a torch.nn.Module or a dict of them")
+
+
 def _export(args: argparse.Namespace) -> int:
-    missing = [f"--{n}" for n in ("planner", "follower", "out") if getattr(args, n) is None]
+    missing = [f"--{n}" for n in ("module", "contract", "out") if getattr(args, n) is None]
     if missing:
         return _fail(f"duet export needs {', '.join(missing)}")
+    import hashlib
+
+    from export.calibration import CalibrationError
     from export.onnx_export import ExportError
-    from export.pipeline import ExportOptions, export_bundle
+    from export.pipeline import export_bundle, load_contract
     from export.signing import SigningError
-    from runtime.config import ConfigError, load_config
-    from runtime.tokenizer import Tokenizer, TokenizerError
 
     try:
-        cfg = load_config(args.config)
-        planner, follower = _load_source(args.planner), _load_source(args.follower)
-        if args.tokenizer is not None:
-            tokenizer = Tokenizer.load(args.tokenizer)
-        else:
-            tokenizer = _meta_tokenizer(planner.meta)
-        for src, name in ((planner, "planner"), (follower, "follower")):
-            joints = src.meta.get("joints", src.meta.get("joint_names"))
-            if joints is not None and list(joints) != cfg.robot.joints:
-                return _fail(f"{name} checkpoint joints {joints} != {args.config} robot.joints "
-                             f"{cfg.robot.joints}")
-        opts = ExportOptions(
-            precision=args.precision, joints=cfg.robot.joints, planner_hz=cfg.planner.hz,
-            follower_hz=cfg.follower.hz,
-            dt_s=float(planner.meta.get("dt_s", 0.1)),
-            lookahead_dt_s=float(follower.meta.get(
-                "lookahead_dt_s", follower.meta.get("lookahead_spacing_s", 0.02))),
-            lookahead=int(follower.meta.get("lookahead", 8)),
-            position_min=cfg.robot.limits.position_min,
-            position_max=cfg.robot.limits.position_max,
-            calib=args.calib, parity_samples=args.parity_samples,
-            calib_data=_calib_data(args.calib_data, args.planner),
-            sign_key=args.sign_key, seed=args.seed, tokenizer=tokenizer,
-            follower_precision=args.follower_precision,
-            int8_ops=tuple(op.strip() for op in args.int8_ops.split(",") if op.strip()))
-        out = export_bundle(planner, follower, args.out, opts)
-    except (ExportError, ConfigError, SigningError, TokenizerError, ValueError) as exc:
+        contract = load_contract(args.contract)
+        assets = args.assets or args.contract.parent
+        modules = load_factory(args.module, args.checkpoint, contract)
+        opts = _options(args, assets)
+        if args.checkpoint is not None and args.checkpoint.is_file():
+            opts.checkpoints = {"checkpoint": hashlib.sha256(
+                args.checkpoint.read_bytes()).hexdigest()}
+        elif args.checkpoint is not None:
+            opts.checkpoints = {p.stem: hashlib.sha256(p.read_bytes()).hexdigest()
+                                for p in sorted(args.checkpoint.glob("*.pt"))}
+        out = export_bundle(contract, modules, args.out, opts, assets)
+    except (ExportError, SigningError, CalibrationError, ValueError) as exc:
         return _fail(str(exc))
     print(f"bundle written: {out}" + (" (signed)" if args.sign_key else ""))
     return 0
 
 
-def _calib_data(given: Path | None, planner_ckpt: Path) -> Path | None:
-    """--calib-data, else the calib.npz `duet train` writes next to its checkpoints, else
-    None (observations are then synthesised from the sim)."""
-    found = given or next((p for p in [planner_ckpt.parent / "calib.npz"] if p.is_file()), None)
-    print(f"observations: {found if found else 'synthesised from the sim'}")
-    return found
+def _bundle_create(args: argparse.Namespace) -> int:
+    from export.calibration import CalibrationError
+    from export.onnx_export import ExportError
+    from export.pipeline import bundle_from_onnx, load_contract
+    from export.signing import SigningError
 
-
-def _load_source(path: Path) -> Any:
-    import hashlib
-
-    from export.pipeline import Source
-    from policy.models import load_checkpoint
-
-    module, meta = load_checkpoint(path)
-    return Source(module=module, meta=meta, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-
-
-def _meta_tokenizer(meta: dict[str, Any]) -> Any:
-    from runtime.tokenizer import Tokenizer
-
-    spec = meta.get("tokenizer")
-    if isinstance(spec, dict) and isinstance(spec.get("words"), list):
-        return Tokenizer(spec["words"], max_len=int(spec.get("max_len", 16)))
-    return Tokenizer()
+    try:
+        contract = load_contract(args.contract)
+        assets = args.assets or args.contract.parent
+        out = bundle_from_onnx(contract, args.out, _options(args, assets), assets,
+                               args.reference)
+    except (ExportError, SigningError, CalibrationError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"bundle written: {out}" + (" (signed)" if args.sign_key else ""))
+    return 0
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -166,13 +216,13 @@ def _check(args: argparse.Namespace) -> int:
 def _engines_build(args: argparse.Namespace) -> int:
     from export.tensorrt_build import build_bundle_engines
     from runtime.bundle import BundleError, load_bundle
-    from runtime.engines import EngineError, default_cache_dir
+    from runtime.engines import DEFAULT_ENGINE_CACHE, EngineError
     from runtime.engines.tensorrt_engine import require_tensorrt
 
     try:
         require_tensorrt()
         bundle = load_bundle(args.bundle, args.public_key)
-        cache = args.cache if args.cache is not None else default_cache_dir(bundle)
+        cache = args.cache if args.cache is not None else Path(DEFAULT_ENGINE_CACHE)
         build_bundle_engines(bundle, cache, args.precision, args.force)
     except (BundleError, EngineError) as exc:
         return _fail(str(exc))

@@ -1,4 +1,5 @@
-"""PyTorch -> ONNX (opset 17, static shapes), checked and shape-inferred."""
+"""PyTorch -> ONNX (opset 17, static shapes but for an optional dynamic batch), checked and
+shape-inferred."""
 
 from __future__ import annotations
 
@@ -10,38 +11,46 @@ import torch
 
 OPSET = 17
 
-# The fixed model I/O contract (names in forward-argument order).
-IO_NAMES: dict[str, tuple[list[str], list[str]]] = {
-    "planner": (["image", "tokens", "q"], ["waypoints"]),
-    "follower": (["ref", "q", "dq"], ["residual"]),
-}
-
 
 class ExportError(RuntimeError):
     """The export stage refused to produce a bundle; the message says why."""
 
 
-def export_onnx(model: torch.nn.Module, kind: str, inputs: tuple[torch.Tensor, ...],
-                path: Path) -> onnx.ModelProto:
-    """Trace `model` at batch 1 and write a checked, shape-inferred ONNX file."""
-    in_names, out_names = IO_NAMES[kind]
+def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[str],
+                out_names: list[str], path: Path, label: str,
+                dynamic_batch: bool = False) -> None:
+    """Trace `model` on `inputs` (in the contract's order; their leading dimension is the
+    batch, symbolic in the graph with `dynamic_batch`) and write a checked, shape-inferred
+    ONNX file."""
+    axes = {name: {0: "batch"} for name in in_names + out_names} if dynamic_batch else None
     model.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of dynamo, but is the one that
-        # gives stable, static-shape opset-17 graphs that quantize cleanly.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, inputs, str(path), input_names=in_names,
-                          output_names=out_names, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True)
-    proto = onnx.load(str(path))
     try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of dynamo, but is the one that
+            # gives stable, static-shape opset-17 graphs that quantize cleanly.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, inputs, str(path), input_names=in_names,
+                              output_names=out_names, opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True, dynamic_axes=axes)
+    except Exception as exc:  # torch raises many types (TypeError for a wrong signature...)
+        raise ExportError(f"{label}: torch.onnx.export failed: {exc.__class__.__name__}: "
+                          f"{exc} (forward must take {in_names} in this order and return "
+                          f"{out_names})") from None
+    check_onnx(path, label, dynamic_batch)
+
+
+def check_onnx(path: Path, label: str, dynamic_batch: bool = False) -> None:
+    """onnx.checker (full) and strict shape inference; static I/O shapes (but the leading
+    one, with `dynamic_batch`). Rewrites `path` with the inferred shapes."""
+    try:
+        proto = onnx.load(str(path))
         onnx.checker.check_model(proto, full_check=True)
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"{kind}: exported graph is invalid: {exc}") from exc
+    except Exception as exc:  # checker, inference and protobuf errors alike
+        raise ExportError(f"{label}: {path.name} is not a valid ONNX model: {exc}") from None
     for value in list(proto.graph.input) + list(proto.graph.output):
-        dims = value.type.tensor_type.shape.dim
+        dims = list(value.type.tensor_type.shape.dim)[1 if dynamic_batch else 0:]
         if any(not d.HasField("dim_value") for d in dims):
-            raise ExportError(f"{kind}: {value.name} has a dynamic shape; bundles are static")
+            raise ExportError(f"{label}: {value.name} has a dynamic shape; bundles are static "
+                              "(export at batch 1 with fixed sizes)")
     onnx.save(proto, str(path))
-    return proto

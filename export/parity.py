@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from export.calibration import batch_of, batches
 from runtime.engines import Engine
 
 # Max |onnx - pytorch fp32| in output units (rad), per precision and model. fp32 is the issue's
@@ -46,20 +47,22 @@ class ParityResult:
 
 def measure(model: str, engine: Engine, inputs: dict[str, np.ndarray],
             reference: dict[str, np.ndarray], tolerance: float, repeat: int = 5) -> ParityResult:
-    """Run every sample (batch 1) through `engine`; compare with `reference` [N, ...]."""
+    """Run every sample through `engine` (as many per call as its batch); compare with
+    `reference` [N, ...]."""
     n = len(next(iter(reference.values())))
+    batch = batch_of(engine.input_specs)
     max_abs, scale = 0.0, 0.0
     times: list[float] = []
-    for i in range(n):
-        feeds = {k: v[i : i + 1] for k, v in inputs.items()}
+    for i, (feeds, real) in zip(range(0, n, batch), batches(inputs, batch), strict=False):
         for _ in range(repeat):
             t0 = time.perf_counter()
             out = engine.run(feeds)
             times.append(time.perf_counter() - t0)
         for name, ref in reference.items():
-            diff = np.abs(out[name][0].astype(np.float64) - ref[i])
+            got, want = out[name][:real].astype(np.float64), ref[i:i + real]
+            diff = np.abs(got - want)
             max_abs = max(max_abs, float(diff.max()) if np.isfinite(diff).all() else np.inf)
-            scale = max(scale, float(np.abs(ref[i]).max()))
+            scale = max(scale, float(np.abs(want).max()))
     ms = np.asarray(times) * 1e3
     return ParityResult(model=model, samples=n, max_abs=max_abs,
                         max_rel=max_abs / scale if scale > 0 else max_abs, tolerance=tolerance,

@@ -1,15 +1,24 @@
-"""The export stage: trained PyTorch planner + follower -> a verified (optionally signed) bundle.
+"""The export stage: a model contract plus the models -> a verified, optionally signed bundle.
 
-fp32 ONNX (checked, shape-inferred) -> fp16 / int8 QDQ when asked -> parity against PyTorch
-on held-out observations (refused above tolerance) -> tokenizer, parity set, manifest with
-sha256 of every file -> signature. The bundle is assembled in a scratch folder next to `out`
-and moved into place only when every check passed.
+Two entry points share every check:
+- `export_bundle`: PyTorch modules (one per planner stage, and `follower`), traced to ONNX;
+- `bundle_from_onnx`: ONNX files the user already has.
+
+Per model: fp32 ONNX (onnx.checker, strict shape inference, static shapes) -> its real I/O
+against the tensors the contract derives (refused naming the tensor) -> fp16 / int8 QDQ when
+asked -> parity on held-out samples (recorded or given by the user, else synthesised from the
+contract's roles) against the source (PyTorch outputs, or reference outputs the user gives,
+else the fp32 graph itself) -> tokenizers and other files the contract names, the parity set,
+a format-2 manifest with the sha256 of every file -> signature -> the robot's own
+`load_bundle`. The bundle is assembled in a scratch folder next to `out` and moved into place
+only when every check passed.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -18,152 +27,145 @@ from typing import Any
 
 import numpy as np
 import onnxruntime
-import torch
 
 from export import calibration as calib
-from export.onnx_export import IO_NAMES, OPSET, ExportError, export_onnx
+from export.onnx_export import OPSET, ExportError, check_onnx
 from export.parity import TOLERANCES, ParityResult, format_table, measure, save_parity
 from export.precision import QUANTIZABLE_OPS, to_fp16, to_int8
 from export.signing import sign_bundle
 from runtime.bundle import (
     FORMAT_VERSION,
     MANIFEST,
-    Lookahead,
-    Manifest,
-    Models,
-    ModelSpec,
+    ManifestV2,
     ParitySpec,
     Provenance,
-    Rates,
-    RobotSpec,
     load_bundle,
     sha256_file,
 )
+from runtime.bundle_files import ModelSpec, TensorSpec
+from runtime.contract import Contract, InstructionInput, PrefixInput, Stage
+from runtime.engines import check_specs
 from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
-from runtime.tokenizer import Tokenizer
+from runtime.tokenizer import InstructionEncoder, TokenizerError
 
-TOKENIZER_FILE = "tokenizer.json"
 PARITY_FILE = "parity.npz"
-NORMALISATION = (
-    "Baked into both graphs. planner: image uint8 RGB HWC as rendered (x/255, ImageNet "
-    "mean/std inside), tokens = tokenizer.json ids (0 = pad), q in rad; waypoints are absolute "
-    "joint targets (rad) at t_obs + (k+1)*dt_s. follower: ref = reference at t + (i+1)*"
-    "lookahead.dt_s (rad), q (rad), dq (rad/s); residual (rad) is added to the next command."
-)
 
-
-@dataclass
-class Source:
-    """A model to export: the module, its checkpoint meta and the checkpoint file's sha256."""
-
-    module: torch.nn.Module
-    meta: dict[str, Any] = field(default_factory=dict)
-    sha256: str = "0" * 64
+# name -> fp32 ONNX file written into `work`, given the example inputs to trace with
+Producer = Callable[[str, dict[str, np.ndarray], Path], None]
+# name -> reference outputs [N, ...] for sample inputs [N, ...]
+Reference = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclass
 class ExportOptions:
-    precision: str
-    joints: list[str]
-    planner_hz: float
-    follower_hz: float
-    dt_s: float = 0.1
-    lookahead: int = 8  # follower reference window length (contract: 8 at 0.02 s)
-    lookahead_dt_s: float = 0.02
-    position_min: list[float] | None = None
-    position_max: list[float] | None = None
-    calib: int = 64  # calibration samples per model (int8)
-    parity_samples: int = 8  # held-out samples per model, stored in the bundle
-    calib_data: Path | None = None  # .npz of recorded observations; None = synthesise
-    sign_key: Path | None = None
-    seed: int = 0
-    tokenizer: Tokenizer = field(default_factory=Tokenizer)
-    # The follower's own precision (None: `precision`). A follower MLP runs in ~15 µs in
+    precision: str = "fp32"  # the planner's stages
+    # the follower's own precision (None: `precision`). A follower MLP runs in ~15 µs in
     # fp32; int8 buys it nothing and costs accuracy on the motor path.
     follower_precision: str | None = None
     int8_ops: tuple[str, ...] = QUANTIZABLE_OPS
+    calib: int = 64  # calibration samples per model (int8)
+    parity_samples: int = 8  # held-out samples per model, stored in the bundle
+    calib_data: Path | None = None  # .npz of recorded observations, keys <model>/<input>
+    sign_key: Path | None = None
+    seed: int = 0
+    tool: str = "duet export"
+    checkpoints: dict[str, str] = field(default_factory=dict)  # model -> sha256 of its source
+    torch_version: str | None = None
 
-    def precision_of(self, kind: str) -> str:
-        if kind == "follower" and self.follower_precision is not None:
+    def precision_of(self, model: str) -> str:
+        if model == "follower" and self.follower_precision is not None:
             return self.follower_precision
         return self.precision
 
 
-def contract_inputs(kind: str, joints: int, lookahead: int, max_tokens: int
-                    ) -> tuple[torch.Tensor, ...]:
-    """Batch-1 tracing inputs with the contract's shapes and dtypes."""
-    if kind == "planner":
-        return (torch.zeros(1, 96, 96, 3, dtype=torch.uint8),
-                torch.zeros(1, max_tokens, dtype=torch.int64), torch.zeros(1, joints))
-    return torch.zeros(1, lookahead, joints), torch.zeros(1, joints), torch.zeros(1, joints)
+def load_contract(path: Path) -> Contract:
+    """A contract YAML -> Contract; every failure an ExportError naming the file and key."""
+    import yaml
+    from pydantic import ValidationError
 
+    from runtime.config import ConfigError, check_plain
 
-def _observations(kind: str, engine: OnnxRuntimeEngine, n: int, opts: ExportOptions
-                  ) -> calib.Samples:
-    specs = engine.input_specs
-    if opts.calib_data is not None:
-        return calib.load_npz(opts.calib_data, kind, specs)
-    d = len(opts.joints)
-    if kind == "planner":
-        samples = calib.synth_planner(n, opts.seed, list(opts.tokenizer.words),
-                                      opts.tokenizer.max_len)
-    else:
-        lo = np.asarray(opts.position_min if opts.position_min else [-1.0] * d)
-        hi = np.asarray(opts.position_max if opts.position_max else [1.0] * d)
-        samples = calib.synth_follower(n, d, opts.lookahead, opts.lookahead_dt_s, opts.seed,
-                                       lo, hi)
-    return calib.check_samples(samples, specs, f"synthesised {kind} observations")
-
-
-def _torch_reference(module: torch.nn.Module, kind: str, inputs: calib.Samples
-                     ) -> dict[str, np.ndarray]:
-    in_names, out_names = IO_NAMES[kind]
-    with torch.no_grad():
-        out = module(*(torch.from_numpy(inputs[name]) for name in in_names))
-    return {out_names[0]: out.numpy().astype(np.float32)}
-
-
-def _export_model(kind: str, src: Source, work: Path, opts: ExportOptions
-                  ) -> tuple[Path, list[ParityResult], calib.Samples, dict[str, np.ndarray]]:
-    d = len(opts.joints)
-    fp32 = work / f"{kind}.fp32.onnx"
-    export_onnx(src.module, kind,
-                contract_inputs(kind, d, opts.lookahead, opts.tokenizer.max_len), fp32)
-    fp32_engine = OnnxRuntimeEngine(fp32)
-    n_parity = opts.parity_samples
-    data = _observations(kind, fp32_engine, opts.calib + n_parity, opts)
-    total = calib.count(data)
-    if total <= n_parity:
-        raise ExportError(f"{kind}: {total} observations; need more than {n_parity} "
-                          "(held-out parity samples + calibration)")
-    held_out = calib.take(data, slice(total - n_parity, total))
-    calibration = calib.take(data, slice(0, min(opts.calib, total - n_parity)))
-    reference = _torch_reference(src.module, kind, held_out)
-
-    results = [measure(kind, fp32_engine, held_out, reference, TOLERANCES["fp32"][kind])]
-    precision = opts.precision_of(kind)
-    final = work / f"{kind}.{precision}.onnx" if precision != "fp32" else fp32
-    if precision == "fp16":
-        to_fp16(fp32, final)
-    elif precision == "int8":
-        to_int8(fp32, final, calibration, opts.int8_ops)
-    if final != fp32:
-        results.append(measure(kind, OnnxRuntimeEngine(final), held_out, reference,
-                               TOLERANCES[precision][kind]))
-    results[0].model = f"{kind} fp32"
-    results[-1].model = f"{kind} {precision}" if final != fp32 else results[0].model
-    return final, results, held_out, reference
-
-
-def _version_string() -> str:
     try:
-        return metadata.version("duet-runtime")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        check_plain(data, str(path))
+        return Contract.model_validate(data)
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot read: {exc.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ConfigError) as exc:
+        raise ExportError(f"{path}: not a valid contract file: {exc}") from None
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                 for e in exc.errors()]
+        raise ExportError(f"{path}: invalid contract:\n  " + "\n  ".join(lines)) from None
 
 
-def export_bundle(planner: Source, follower: Source, out: Path, opts: ExportOptions) -> Path:
-    """Write a verified bundle to `out` (replacing a bundle already there); return `out`."""
+def _with_files(contract: Contract, names: dict[str, str]) -> Contract:
+    """The contract with each model's `file` renamed (its name inside the bundle)."""
+    data = contract.model_dump(mode="json")
+    for stage in data["planner"]["stages"]:
+        stage["file"] = names[stage["name"]]
+        stage["precision"] = names[f"{stage['name']}:precision"]
+    if data.get("follower") is not None:
+        data["follower"]["file"] = names["follower"]
+        data["follower"]["precision"] = names["follower:precision"]
+    return Contract.model_validate(data)
+
+
+def _models(contract: Contract) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
+    out = {s.name: contract.stage_tensors(s) for s in contract.planner.stages}
+    if contract.follower is not None:
+        out["follower"] = contract.follower_tensors()
+    return out
+
+
+def _roles(contract: Contract, stage: Stage | None, assets: Path) -> tuple[dict[str, Any], int]:
+    """Tensor name -> role (and the vocabulary size of an instruction input)."""
+    roles: dict[str, Any] = {}
+    vocab = 2
+    for i in stage.inputs if stage is not None else []:
+        roles[i.name] = i.role
+        if isinstance(i, InstructionInput):
+            if i.mask:
+                roles[i.mask] = "instruction_mask"
+            try:
+                enc = InstructionEncoder(i.kind, assets / i.tokenizer, i.max_len)
+            except TokenizerError as exc:
+                raise ExportError(f"input {i.name}: {exc}") from None
+            vocab = enc.vocab_size()
+        if isinstance(i, PrefixInput) and i.length:
+            roles[i.length] = "prefix_length"
+            roles[f"{i.length}:max"] = i.steps
+    return roles, vocab
+
+
+def _samples(name: str, ins: list[TensorSpec], n: int, contract: Contract, assets: Path,
+             opts: ExportOptions, upstream: dict[str, np.ndarray]) -> calib.Samples:
+    """Recorded observations when given, else synthesised; a stage's inputs from an earlier
+    stage are that stage's outputs on the same samples (in distribution, not noise)."""
+    stage = next((s for s in contract.planner.stages if s.name == name), None)
+    if opts.calib_data is not None:
+        return calib.load_npz(opts.calib_data, name, ins)
+    roles, vocab = _roles(contract, stage, assets)
+    samples = calib.synth_inputs(ins, roles, n, opts.seed, vocab)
+    for i in stage.inputs if stage is not None else []:
+        if i.role == "stage" and i.source in upstream:
+            samples[i.name] = np.ascontiguousarray(upstream[i.source][:n],
+                                                   dtype=samples[i.name].dtype)
+    return samples
+
+
+def _run(engine: OnnxRuntimeEngine, inputs: calib.Samples, outs: list[TensorSpec]
+         ) -> dict[str, np.ndarray]:
+    results: dict[str, list[np.ndarray]] = {t.name: [] for t in outs}
+    for feeds, real in calib.batches(inputs, calib.batch_of(engine.input_specs)):
+        got = engine.run(feeds)
+        for t in outs:
+            results[t.name].append(got[t.name][:real].copy())
+    return {k: np.concatenate(v) for k, v in results.items()}
+
+
+def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
+           produce: Producer, reference: Reference | None) -> Path:
     for given in (opts.precision, opts.follower_precision):
         if given is not None and given not in TOLERANCES:
             raise ExportError(f"precision {given!r}: expected fp32, fp16 or int8")
@@ -171,62 +173,177 @@ def export_bundle(planner: Source, follower: Source, out: Path, opts: ExportOpti
     if unknown or not opts.int8_ops:
         raise ExportError(f"int8 op types {sorted(opts.int8_ops)}: expected a non-empty "
                           f"subset of {', '.join(QUANTIZABLE_OPS)}")
-    if out.exists() and not (out / MANIFEST).is_file():
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not a bundle; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         work, staged = Path(tmp) / "work", Path(tmp) / "bundle"
         work.mkdir()
         staged.mkdir()
-        specs: dict[str, ModelSpec] = {}
-        parity: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
         results: list[ParityResult] = []
-        for kind, src in (("planner", planner), ("follower", follower)):
-            onnx_path, res, held_out, reference = _export_model(kind, src, work, opts)
+        parity: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+        names: dict[str, str] = {}
+        upstream: dict[str, np.ndarray] = {}
+        n_parity = opts.parity_samples
+        for name, (ins, outs) in _models(contract).items():
+            kind = "follower" if name == "follower" else "planner"
+            label = f"model {name}"
+            fp32 = work / f"{name}.fp32.onnx"
+            examples = calib.synth_inputs(ins, _roles(contract, None, assets)[0],
+                                          calib.batch_of(ins), 0)
+            produce(name, examples, fp32)
+            dynamic = kind == "planner" and contract.planner.dynamic_batch
+            check_onnx(fp32, label, dynamic)
+            engine = OnnxRuntimeEngine(fp32, batch=calib.batch_of(ins) if dynamic else None)
+            spec = ModelSpec(file=fp32.name, precision="fp32", inputs=ins, outputs=outs)
+            try:
+                check_specs(spec, engine, label)
+            except Exception as exc:
+                raise ExportError(str(exc)) from None
+            data = _samples(name, ins, opts.calib + n_parity, contract, assets, opts, upstream)
+            total = calib.count(data)
+            if total <= n_parity:
+                raise ExportError(f"{label}: {total} observations; need more than {n_parity} "
+                                  "(held-out parity samples + calibration)")
+            held_out = calib.take(data, slice(total - n_parity, total))
+            calibration = calib.take(data, slice(0, min(opts.calib, total - n_parity)))
+            fp32_out = _run(engine, data, outs)
+            for t in outs:
+                upstream[f"{name}.{t.name}"] = fp32_out[t.name]
+            ref = reference(name, held_out) if reference is not None else \
+                {k: v[total - n_parity:] for k, v in fp32_out.items()}
+            precision = opts.precision_of(name)
+            res = [measure(f"{name} fp32", engine, held_out, ref, TOLERANCES["fp32"][kind])]
+            final = fp32
+            if precision != "fp32":
+                final = work / f"{name}.{precision}.onnx"
+                if precision == "fp16":
+                    to_fp16(fp32, final)
+                else:
+                    to_int8(fp32, final, calibration, opts.int8_ops, calib.batch_of(ins))
+                res.append(measure(f"{name} {precision}", OnnxRuntimeEngine(
+                    final, batch=engine.batch), held_out, ref, TOLERANCES[precision][kind]))
             results += res
-            name = f"{kind}.onnx"
-            shutil.copyfile(onnx_path, staged / name)
-            engine = OnnxRuntimeEngine(staged / name)
-            specs[kind] = ModelSpec(file=name, precision=opts.precision_of(kind),
-                                    inputs=engine.input_specs, outputs=engine.output_specs)
-            parity[kind] = (held_out, reference)
-        print(format_table(results, f"parity vs PyTorch fp32 ({opts.precision} export)"))
+            file = f"{name}.onnx"
+            shutil.copyfile(final, staged / file)
+            names[name], names[f"{name}:precision"] = file, precision
+            parity[name] = (held_out, ref)
+        print(format_table(results, f"parity vs the source ({opts.precision} export)"))
         failed = [r.model for r in results if not r.ok]
         if failed:
             raise ExportError(f"parity above tolerance for {', '.join(failed)}; no bundle written")
-
-        opts.tokenizer.save(staged / TOKENIZER_FILE)
+        final_contract = _with_files(contract, names)
+        for extra in set(contract.files()) - {s.file for s in contract.planner.stages} - (
+                {contract.follower.file} if contract.follower else set()):
+            src = assets / extra
+            if not src.is_file():
+                raise ExportError(f"{src}: named by the contract but missing")
+            (staged / extra).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, staged / extra)
         save_parity(staged / PARITY_FILE, parity)
-        waypoints = specs["planner"].output("waypoints").shape
-        ref = specs["follower"].input("ref").shape
+        files = {str(p.relative_to(staged)): sha256_file(p)
+                 for p in sorted(staged.rglob("*")) if p.is_file()}
         created = datetime.now(timezone.utc)
-        files = {p.name: sha256_file(p) for p in sorted(staged.iterdir())}
-        manifest = Manifest(
+        first = files[names[contract.planner.stages[0].name]][:8]
+        manifest = ManifestV2(
             format_version=FORMAT_VERSION,
-            version=f"{created:%Y%m%d-%H%M%S}-{opts.precision}-{files['planner.onnx'][:8]}",
-            robot=RobotSpec(joints=list(opts.joints)),
-            models=Models(planner=specs["planner"], follower=specs["follower"]),
-            rates=Rates(planner_hz=opts.planner_hz, follower_hz=opts.follower_hz),
-            horizon=waypoints[1],
-            dt_s=opts.dt_s,
-            lookahead=Lookahead(steps=ref[1], dt_s=opts.lookahead_dt_s),
-            normalisation=NORMALISATION,
-            tokenizer=TOKENIZER_FILE,
+            version=f"{created:%Y%m%d-%H%M%S}-{opts.precision}-{first}",
+            contract=final_contract,
             parity=ParitySpec(file=PARITY_FILE, max_abs={
-                kind: TOLERANCES[spec.precision][kind] for kind, spec in specs.items()}),
+                name: TOLERANCES[names[f"{name}:precision"]][
+                    "follower" if name == "follower" else "planner"]
+                for name in _models(contract)}),
             files=files,
             provenance=Provenance(
-                tool="duet export", tool_version=_version_string(), opset=OPSET,
-                torch_version=torch.__version__, onnxruntime_version=onnxruntime.__version__,
-                checkpoints={"planner": planner.sha256, "follower": follower.sha256},
-                created=created.isoformat(timespec="seconds"),
-            ),
-        )
+                tool=opts.tool, tool_version=_version_string(), opset=OPSET,
+                torch_version=opts.torch_version,
+                onnxruntime_version=onnxruntime.__version__,
+                checkpoints=dict(opts.checkpoints), created=created.isoformat(timespec="seconds")))
         (staged / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
         if opts.sign_key is not None:
             sign_bundle(staged, opts.sign_key)
-        load_bundle(staged, expect_joints=opts.joints)  # the robot's own checks, before moving
+        load_bundle(staged)  # the robot's own checks, before moving into place
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)
     return out
+
+
+def export_bundle(contract: Contract, modules: dict[str, Any], out: Path, opts: ExportOptions,
+                  assets: Path) -> Path:
+    """PyTorch modules (by planner stage name, and `follower`) -> bundle at `out`.
+
+    Each module's forward takes its model's inputs in the contract's order (an instruction
+    mask right after its instruction, a prefix length right after its prefix) and returns
+    its outputs in order. `assets`: where the contract's other files (tokenizers) are."""
+    import torch
+
+    from export.onnx_export import export_onnx
+
+    wanted = set(_models(contract))
+    if set(modules) != wanted:
+        raise ExportError(f"modules {sorted(modules)} do not match the contract's models "
+                          f"{sorted(wanted)}")
+    tensors = _models(contract)
+
+    def produce(name: str, examples: dict[str, np.ndarray], path: Path) -> None:
+        ins, outs = tensors[name]
+        args = tuple(torch.from_numpy(examples[t.name]) for t in ins)
+        export_onnx(modules[name], args, [t.name for t in ins], [t.name for t in outs], path,
+                    f"model {name}", name != "follower" and contract.planner.dynamic_batch)
+
+    def reference(name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The module's outputs, in batches of the size it was exported with."""
+        ins, outs = tensors[name]
+        results: dict[str, list[np.ndarray]] = {t.name: [] for t in outs}
+        with torch.no_grad():
+            for feeds, real in calib.batches(inputs, calib.batch_of(ins)):
+                got = modules[name](*(torch.from_numpy(feeds[t.name]) for t in ins))
+                got = got if isinstance(got, (tuple, list)) else (got,)
+                for t, g in zip(outs, got, strict=True):
+                    results[t.name].append(g.detach().numpy()[:real].astype(np.float64))
+        return {k: np.concatenate(v) for k, v in results.items()}
+
+    opts.torch_version = opts.torch_version or str(torch.__version__)
+    return _build(contract, out, opts, assets, produce, reference)
+
+
+def bundle_from_onnx(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
+                     reference_data: Path | None = None) -> Path:
+    """ONNX files the contract names (relative to `assets`) -> bundle at `out`.
+
+    `reference_data`: an .npz with `<model>/in/<input>` and `<model>/out/<output>` arrays
+    the models must reproduce (from the training framework); without it parity compares a
+    reduced precision against the fp32 graph itself."""
+    files = {s.name: s.file for s in contract.planner.stages}
+    if contract.follower is not None:
+        files["follower"] = contract.follower.file
+
+    def produce(name: str, examples: dict[str, np.ndarray], path: Path) -> None:
+        src = assets / files[name]
+        if not src.is_file():
+            raise ExportError(f"{src}: the ONNX file of model {name} is missing")
+        shutil.copyfile(src, path)
+
+    reference = None
+    if reference_data is not None:
+        from export.parity import load_parity
+
+        given = load_parity(reference_data)
+        opts.calib_data = opts.calib_data or reference_data
+
+        def reference(name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if name not in given:
+                raise ExportError(f"{reference_data}: no reference outputs for model {name}")
+            outs = given[name][1]
+            n = len(next(iter(inputs.values())))
+            return {k: v[-n:].astype(np.float64) for k, v in outs.items()}
+
+    return _build(contract, out, opts, assets, produce, reference)
+
+
+def _version_string() -> str:
+    try:
+        return metadata.version("duet-runtime")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -39,7 +39,7 @@ def to_fp16(src: Path, dst: Path) -> None:
 
 
 def to_int8(src: Path, dst: Path, calibration: Samples,
-            op_types: tuple[str, ...] = QUANTIZABLE_OPS) -> None:
+            op_types: tuple[str, ...] = QUANTIZABLE_OPS, batch: int = 1) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # Symbolic shape inference + constant folding first, as ORT recommends for QDQ.
         prepped = Path(tmp) / "prepped.onnx"
@@ -47,7 +47,7 @@ def to_int8(src: Path, dst: Path, calibration: Samples,
         quantize_static(
             str(prepped),
             str(dst),
-            SampleReader(calibration),
+            SampleReader(calibration, batch),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from runtime.bundle import Bundle, ModelSpec
+from runtime.bundle import Bundle, sha256_file
+from runtime.bundle_files import ModelSpec
 from runtime.engines import EngineError
 from runtime.engines.tensorrt_engine import cached_engine_path
 
@@ -54,6 +55,8 @@ def build_engine(
     tmp = plan_path.with_suffix(".tmp")
     tmp.write_bytes(bytes(serialized))
     tmp.replace(plan_path)  # atomic: a half-written plan is never picked up
+    # what the runtime checks before it loads the plan (runtime.engines.tensorrt_engine)
+    plan_path.with_name(plan_path.name + ".sha256").write_text(sha256_file(plan_path) + "\n")
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return plan_path
 
@@ -77,10 +80,9 @@ def build_bundle_engines(
 ) -> dict[str, Path]:
     """Build (or reuse from the cache) one engine per model; returns model -> plan path."""
     plans: dict[str, Path] = {}
-    for name in ("planner", "follower"):
-        model: ModelSpec = getattr(bundle.manifest.models, name)
+    for name, model in bundle.model_specs().items():
         prec = engine_precision(model, precision)
-        plan = cached_engine_path(cache_dir, bundle.manifest.files[model.file], prec)
+        plan = cached_engine_path(cache_dir, bundle.files[model.file], prec)
         if plan.is_file() and not force:
             print(f"{name}: cached {plan}")
         else:

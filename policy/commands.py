@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from runtime import cliopts
+
 DEFAULT_CONFIG = "configs/sim.yaml"
 # The planners' training data (policy.data, cached): rollout episodes, rendered walks, walks.
 DATA = {"episodes": 200, "scenes": 6000, "walks": 20000, "workers": 2}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="generate sim data and train planner + follower")
+    p = cliopts.subcommand(subparsers, "train", "generate sim data and train planner + follower",
+                           "duet train --out runs/ck4   # ~15 min on 2 cores, fixed seeds")
     p.add_argument("--out", type=Path, default=Path("checkpoints"))
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
@@ -32,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a few episodes and steps: checks the pipeline in seconds")
     p.set_defaults(func=_train)
 
-    f = subparsers.add_parser(
-        "train-fact", help="train the FACT tokenizer and the FACT planner (same sim data)")
+    f = cliopts.subcommand(
+        subparsers, "train-fact", "train the FACT tokenizer and the FACT planner (same sim data)",
+        "duet train-fact --out runs/fact --init-planner runs/ck_ref")
     f.add_argument("--out", type=Path, default=Path("runs/fact"))
     f.add_argument("--data-dir", type=Path, default=Path("data"))
     f.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
@@ -52,8 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="tiny data and a few steps: checks the pipeline in seconds")
     f.set_defaults(func=_train_fact)
 
-    s = subparsers.add_parser(
-        "fact-study", help="reconstruction error vs code length: FACT, uniform binning, DCT")
+    s = cliopts.subcommand(
+        subparsers, "fact-study", "reconstruction error vs code length: FACT, uniform binning, DCT",
+        "duet fact-study --json runs/fact-study.json")
     s.add_argument("--data-dir", type=Path, default=Path("data"))
     s.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
     s.add_argument("--code-lens", type=int, nargs="+", default=[4, 8, 12, 20, 32])
@@ -67,7 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--json", type=Path, default=None)
     s.set_defaults(func=_fact_study)
 
-    e = subparsers.add_parser("eval", help="closed-loop evaluation of bundles in the sim")
+    e = cliopts.subcommand(subparsers, "eval", "closed-loop evaluation of bundles in the sim",
+                           "duet eval --bundle runs/bundles/fp32 --bundle runs/bundles/int8 "
+                           "--episodes 100")
     e.add_argument("--bundle", type=Path, required=True, action="append",
                    help="bundle folder; repeat for several precisions (fp32/fp16/int8)")
     e.add_argument("--episodes", type=int, default=100)

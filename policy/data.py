@@ -30,6 +30,7 @@ from policy.rollout import LoopSettings, run_episode
 from policy.servo_target import ServoResidualTarget
 from policy.synth import scene_labels
 from runtime.bundle import sha256_file
+from runtime.observation import StateHistory
 from runtime.tokenizer import Tokenizer
 from sim.expert import expert_chunk
 from sim.task import Episode, TaskTracker
@@ -51,7 +52,10 @@ def episode_seed(seed: int, i: int) -> int:
 
 
 class _InverseDynamicsFollower:
-    """A `ResidualEngine` that executes and records (window, q, dq) -> target residual."""
+    """A `ResidualModel` that executes and records (window, q, dq) -> target residual."""
+
+    lookahead = 8
+    lookahead_dt = 0.02
 
     def __init__(self, world: SimWorld, residual_max: float, tick_dt: float) -> None:
         self.target = ServoResidualTarget(world.model, world.position_kp, world.position_kd,
@@ -61,21 +65,21 @@ class _InverseDynamicsFollower:
         self.noise = 0.0
         self.rng = np.random.default_rng(0)
         self.calls = 0
-        self._out = {"residual": np.zeros((1, 6), dtype=np.float32)}
+        self._out = np.zeros(6)
         self.samples: dict[str, list[np.ndarray]] = {"ref": [], "q": [], "dq": [], "residual": []}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ref = feeds["ref"][0].astype(np.float64)
-        q = feeds["q"][0].astype(np.float64)
-        dq = feeds["dq"][0].astype(np.float64)
-        target = self.target.from_window(ref, q, dq, self.tick_dt)
+    def residual(self, ref: np.ndarray, q: np.ndarray, dq: np.ndarray) -> np.ndarray:
+        # the network sees float32 inputs: record and compute on exactly those
+        ref32, q32, dq32 = (a.astype(np.float32) for a in (ref, q, dq))
+        target = self.target.from_window(ref32.astype(np.float64), q32.astype(np.float64),
+                                         dq32.astype(np.float64), self.tick_dt)
         if self.calls % FOLLOWER_RECORD_EVERY == 0:
-            self.samples["ref"].append(feeds["ref"][0].copy())
-            self.samples["q"].append(feeds["q"][0].copy())
-            self.samples["dq"].append(feeds["dq"][0].copy())
+            self.samples["ref"].append(ref32)
+            self.samples["q"].append(q32)
+            self.samples["dq"].append(dq32)
             self.samples["residual"].append(target.astype(np.float32))
         self.calls += 1
-        self._out["residual"][0] = self.scale * target + self.rng.normal(0, self.noise, 6)
+        self._out[:] = self.scale * target + self.rng.normal(0, self.noise, 6)
         return self._out
 
 
@@ -106,12 +110,13 @@ def generate(episodes: int, seed: int, settings: LoopSettings, two_step_fraction
             start = np.clip(HOME_Q + rng.uniform(-1, 1, 6) * START_NOISE,
                             settings.pos_min, settings.pos_max)
 
-        def plan(image: np.ndarray, q: np.ndarray, task: TaskTracker,
+        def plan(world: SimWorld, history: StateHistory, task: TaskTracker,
                  i: int = i, tokens: np.ndarray = tokens, sigma: np.ndarray = sigma,
                  delay: float = delay, rng: np.random.Generator = rng
                  ) -> tuple[np.ndarray, float]:
+            q = history.latest("q").copy()
             chunk = expert_plan(world, task, q, settings.dt_s)
-            sample = {"image": image.copy(), "tokens": tokens, "q": q.astype(np.float32),
+            sample = {"image": world.render(), "tokens": tokens, "q": q.astype(np.float32),
                       "chunk": chunk.astype(np.float32), "episode": np.int32(i),
                       **scene_labels(task.episode, len(task.touched))}
             for k, v in sample.items():

@@ -1,10 +1,12 @@
-"""Closed-loop evaluation of exported bundles in the sim (lockstep, fixed seeds).
+"""Closed-loop evaluation of bundles in the sim (lockstep, fixed seeds).
 
-Each run drives `policy.rollout.run_episode` with the bundle's planner ONNX (called at
-planner_hz; its measured wall-clock latency delays the plan in simulated time) and the
-bundle's follower ONNX through the runtime's `OnnxRuntimeEngine` inside the runtime's
-`Tracker` at follower_hz, with sim physics at physics_hz. Episodes are two-step instructions
-("touch the X block, then the Y one") from seeds disjoint from the training data.
+Each run drives `policy.rollout.run_episode` -- the robot's own follower core -- with the
+bundle's planner through the runtime's `PlannerPipeline` (the planner process's code: the
+contract's cameras rendered by the sim, the state history, the instruction, the action
+prefix; called at planner_hz, its measured wall-clock latency, plus any injected delay,
+delaying the plan in simulated time) and the bundle's follower model through the runtime's
+residual adapter, at follower_hz, with sim physics at physics_hz. Episodes are two-step
+instructions ("touch the X block, then the Y one") from seeds disjoint from the training data.
 
 Rows: every bundle (precision) with the follower residual on and the configured strategy;
 for the first bundle also residual off and every other chunk strategy. Columns: success rate,
@@ -26,12 +28,13 @@ import numpy as np
 
 from policy.rollout import EpisodeResult, LoopSettings, run_episode
 from runtime.bundle import Bundle, load_bundle
-from runtime.config import load_config
-from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
-from runtime.reference import STRATEGIES
-from runtime.tokenizer import Tokenizer
+from runtime.config import DuetConfig, load_config
+from runtime.models import residual_model
+from runtime.observation import StateHistory
+from runtime.pipeline import Observation, PlannerPipeline
+from runtime.reference import STRATEGIES, Plan
 from sim.task import Episode, TaskTracker
-from sim.world import HOME_Q, SimWorld
+from sim.world import HOME_Q, JOINTS, SimWorld
 
 EVAL_SEED_BASE = 900_000_000  # training seeds are seed * 1_000_003 + i: far below this
 START_NOISE = np.array([0.3, 0.2, 0.2, 0.2, 0.2, 0.0])
@@ -43,47 +46,58 @@ def eval_start_q(seed: int) -> np.ndarray:
     return HOME_Q + rng.uniform(-1.0, 1.0, 6) * START_NOISE
 
 
-class OnnxPlanner:
-    """Planner engine as a rollout PlanFn: the measured call time is the simulated latency."""
+class BundlePlanner:
+    """A bundle's planner as a rollout PlanFn, through the runtime's own pipeline: the
+    measured call time (plus `delay_s`, an injected planner delay) is the simulated latency;
+    the plan it returned last is the action prefix of the next."""
 
-    def __init__(self, bundle: Bundle, instruction: str = "") -> None:
-        self.engine = OnnxRuntimeEngine(bundle.model_path("planner"), threads=1)
-        self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
-        self.feeds: dict[str, np.ndarray] = {"image": np.zeros((1, 96, 96, 3), dtype=np.uint8),
-                      "tokens": np.zeros((1, self.tokenizer.max_len), dtype=np.int64),
-                      "q": np.zeros((1, 6), dtype=np.float32)}
+    def __init__(self, bundle: Bundle, cfg: DuetConfig, flow_steps: int | None = None,
+                 prefix: bool = True, delay_s: float = 0.0, seed: int = 0) -> None:
+        self.pipeline = PlannerPipeline(bundle, list(JOINTS), flow_steps=flow_steps,
+                                        prefix=prefix, seed=seed)
+        cams = cfg.planner.cameras
+        self.cameras = {name: (cams[name].width, cams[name].height) if name in cams
+                        else (96, 96) for name in self.pipeline.camera_names()}
+        self.delay_s = delay_s
         self.latencies: list[float] = []
-        self.set_instruction(instruction)
+        self.previous: Plan | None = None
 
-    def set_instruction(self, text: str) -> None:
-        self.feeds["tokens"][0] = self.tokenizer.encode(text)
+    def reset(self, instruction: str) -> None:
+        self.pipeline.set_instruction(instruction)
+        self.previous = None
 
-    def __call__(self, image: np.ndarray, q: np.ndarray, task: TaskTracker
+    def __call__(self, world: SimWorld, history: StateHistory, task: TaskTracker
                  ) -> tuple[np.ndarray, float]:
-        self.feeds["image"][0] = image
-        self.feeds["q"][0] = q
+        frames = {name: world.render(name, w, h) for name, (w, h) in self.cameras.items()}
+        t_obs = history.latest_t_ns
+        expected = (self.latencies[-1] if self.latencies else 0.0) + self.delay_s
         t0 = time.perf_counter()
-        out = self.engine.run(self.feeds)["waypoints"][0].copy()
+        out = self.pipeline.plan(Observation(frames, history, t_obs), self.previous,
+                                 expected).copy()
         latency = time.perf_counter() - t0
         self.latencies.append(latency)
-        return out, latency
+        self.previous = Plan(out, self.pipeline.dt_s, t_obs / 1e9,
+                             t_obs / 1e9 + latency + self.delay_s)
+        return out, latency + self.delay_s
 
 
-def evaluate(bundle: Bundle, settings: LoopSettings, seeds: list[int], residual: bool,
-             log: Log = print, label: str = "") -> dict[str, Any]:
+def evaluate(bundle: Bundle, cfg: DuetConfig, settings: LoopSettings, seeds: list[int],
+             residual: bool, log: Log = print, label: str = "", **planner: Any
+             ) -> dict[str, Any]:
     """Run the episodes of `seeds` with one bundle and loop settings; summarise them."""
     world = SimWorld(seed=0, physics_hz=settings.physics_hz)
-    planner = OnnxPlanner(bundle)
-    follower = OnnxRuntimeEngine(bundle.model_path("follower"), threads=1) if residual else None
+    plan_fn = BundlePlanner(bundle, cfg, **planner)
+    follower = residual_model(bundle, list(JOINTS)) if residual else None
     results: list[EpisodeResult] = []
     t0 = time.monotonic()
     for seed in seeds:
         episode = Episode(seed, two_step_fraction=1.0)
-        planner.set_instruction(episode.instruction)
-        results.append(run_episode(world, episode, planner, follower, settings,
+        plan_fn.reset(episode.instruction)
+        results.append(run_episode(world, episode, plan_fn, follower, settings,
                                    start_q=eval_start_q(seed)))
     summary = summarise(results)
-    summary["planner_latency_ms_p50"] = float(np.median(planner.latencies) * 1e3)
+    summary["planner_latency_ms_p50"] = float(np.median(plan_fn.latencies) * 1e3)
+    summary["stage_ms"] = plan_fn.pipeline.stage_ms()
     summary["wall_s"] = round(time.monotonic() - t0, 1)
     log(f"  {label}: success {summary['success_rate']:.1%} over {len(seeds)} episodes, "
         f"mean time {_fmt(summary['mean_time_to_success_s'], '.2f')} s ({summary['wall_s']} s)")
@@ -113,29 +127,34 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99))}
 
 
-def measure_latency(bundle: Bundle, n_planner: int = 100, n_follower: int = 2000
-                    ) -> dict[str, dict[str, float]]:
-    """ONNX Runtime latency (1 thread, IO binding) on contract-shaped random inputs."""
-    rng = np.random.default_rng(0)
-    out: dict[str, dict[str, float]] = {}
-    runs: list[tuple[str, int, dict[str, np.ndarray]]] = [
-        ("planner", n_planner, {"image": rng.integers(0, 256, (1, 96, 96, 3), dtype=np.uint8),
-                                "tokens": np.zeros((1, 16), dtype=np.int64),
-                                "q": np.zeros((1, 6), dtype=np.float32)}),
-        ("follower", n_follower, {"ref": np.zeros((1, 8, 6), dtype=np.float32),
-                                  "q": np.zeros((1, 6), dtype=np.float32),
-                                  "dq": np.zeros((1, 6), dtype=np.float32)}),
-    ]
-    for name, n, feeds in runs:
-        engine = OnnxRuntimeEngine(bundle.model_path(name), threads=1)  # type: ignore[arg-type]
-        for _ in range(10):
-            engine.run(feeds)
+def measure_latency(bundle: Bundle, cfg: DuetConfig, n_planner: int = 100,
+                    n_follower: int = 2000) -> dict[str, dict[str, float]]:
+    """ONNX Runtime latency (1 thread, I/O binding) of the whole planner pipeline on sim
+    observations, and of the follower model on contract-shaped inputs."""
+    world = SimWorld(seed=1)
+    plan_fn = BundlePlanner(bundle, cfg)
+    plan_fn.reset("touch the red block, then the blue one")
+    history = StateHistory(6)
+    history.add(1, q=HOME_Q, dq=np.zeros(6))
+    task = TaskTracker(Episode(1), timeout_s=10.0)
+    for _ in range(10):
+        plan_fn(world, history, task)
+    plan_fn.latencies.clear()
+    for _ in range(n_planner):
+        plan_fn(world, history, task)
+    out = {"planner": _percentiles(plan_fn.latencies)}
+    model = residual_model(bundle, list(JOINTS))
+    if model is not None:
+        ref, q = np.tile(HOME_Q, (model.lookahead, 1)), HOME_Q.copy()
         times = []
-        for _ in range(n):
+        for i in range(n_follower + 10):
             t0 = time.perf_counter()
-            engine.run(feeds)
-            times.append(time.perf_counter() - t0)
-        out[name] = _percentiles(times)
+            model.residual(ref, q, q)
+            if i >= 10:
+                times.append(time.perf_counter() - t0)
+        out["follower"] = _percentiles(times)
+    else:
+        out["follower"] = {"p50_ms": 0.0, "p99_ms": 0.0}
     return out
 
 
@@ -239,28 +258,30 @@ def run_eval(bundle_dirs: list[Path], episodes: int, ablation_episodes: int, con
     cfg = load_config(config)
     base = LoopSettings.from_config(cfg)
     bundles = [load_bundle(d, expect_joints=list(cfg.robot.joints)) for d in bundle_dirs]
+    precision = {b.path: b.precision() for b in bundles}
     first = EVAL_SEED_BASE + seed
     seeds = [first + i for i in range(episodes)]
     ab_seeds = seeds[:ablation_episodes]
     runs: list[dict[str, Any]] = []
 
     def add(name: str, bundle: Bundle, residual: bool, strategy: str, s: list[int]) -> None:
-        settings = LoopSettings.from_config(cfg, dt_s=bundle.manifest.dt_s, strategy=strategy)
-        precision = bundle.manifest.models.planner.precision
-        summary = evaluate(bundle, settings, s, residual, log, name)
-        runs.append({"name": name, "bundle": str(bundle.path), "precision": precision,
-                     "residual": residual, "strategy": strategy, "summary": summary})
+        settings = LoopSettings.from_config(cfg, dt_s=bundle.contract.planner.actions.dt_s,
+                                            strategy=strategy)
+        summary = evaluate(bundle, cfg, settings, s, residual, log, name)
+        runs.append({"name": name, "bundle": str(bundle.path),
+                     "precision": precision[bundle.path], "residual": residual,
+                     "strategy": strategy, "summary": summary})
 
     log(f"eval: {len(bundles)} bundle(s), {episodes} episodes (ablations {ablation_episodes})")
     for b in bundles:
-        add(f"full {b.manifest.models.planner.precision}", b, True, base.strategy, seeds)
+        add(f"full {precision[b.path]}", b, True, base.strategy, seeds)
     ref = bundles[0]
     add("residual off", ref, False, base.strategy, ab_seeds)
     for strategy in STRATEGIES:
         if strategy != base.strategy:
             add(f"strategy {strategy}", ref, True, strategy, ab_seeds)
-    latency = [{"engine": "onnxruntime", "precision": b.manifest.models.planner.precision,
-                **measure_latency(b)} for b in bundles]
+    latency = [{"engine": "onnxruntime", "precision": precision[b.path],
+                **measure_latency(b, cfg)} for b in bundles]
     if checkpoints is not None:
         latency.append({"engine": "pytorch eager", "precision": "fp32",
                         **measure_torch_latency(checkpoints)})

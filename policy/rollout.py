@@ -1,11 +1,12 @@
-"""One episode in lockstep: sim physics, the runtime's tracking path, a planner at its rate.
+"""One episode in lockstep: sim physics, the robot's own follower core, a planner at its rate.
 
 The same code path serves data generation (planner = scripted expert, follower = servo
-inverse dynamics) and closed-loop evaluation (planner and follower = ONNX engines): per
-follower tick the runtime's `Tracker` (reference generator + residual engine) and
-`SafetyFilter` turn the newest plan into a position command for the sim's servos, exactly
-as the follower process does, only on simulated time. A planner's latency is simulated by
-delivering its plan `latency_s` after the observation it was computed from.
+inverse dynamics) and closed-loop evaluation (planner and follower = the bundle's models): per
+follower tick the runtime's `FollowerCore` -- the class the follower process runs -- takes the
+newest plan and the measured state and returns the position command for the sim's servos,
+only on simulated time. Plan validation, the plan timeout (-> HOLD), the safety state machine
+and the command filter are therefore the robot's. A planner's latency is simulated by
+offering its plan `latency_s` after the observation it was computed from.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.config import DuetConfig
-from runtime.reference import ReferenceGenerator
-from runtime.safety import SafetyFilter
-from runtime.tracking import ResidualEngine, Tracker
+from runtime.core import CoreSettings, FollowerCore, PlanRejected
+from runtime.observation import StateHistory
+from runtime.tracking import ResidualModel, Tracker
 from sim.task import RUNNING, SUCCESS, Episode, TaskTracker
-from sim.world import SimWorld
+from sim.world import JOINTS, SimWorld
 
-# (image uint8 [96,96,3], q [6], tracker) -> (waypoints [H,6], latency_s)
-PlanFn = Callable[[np.ndarray, np.ndarray, TaskTracker], tuple[np.ndarray, float]]
+# (world, state history, tracker) -> (waypoints [H,6], latency_s): the planner renders the
+# cameras it reads and samples the history (the follower's state stream) as it needs
+PlanFn = Callable[[SimWorld, StateHistory, TaskTracker], tuple[np.ndarray, float]]
 # called once per follower tick, after the command is written (data recording)
 TickHook = Callable[[float, np.ndarray, np.ndarray, Tracker], None]
 
@@ -48,6 +50,8 @@ class LoopSettings:
     acc_max: np.ndarray
     lookahead: int = 8
     lookahead_dt: float = 0.02
+    plan_timeout_s: float = 0.5
+    residual: bool = True
 
     @classmethod
     def from_config(cls, cfg: DuetConfig, dt_s: float = 0.1, **over: object) -> LoopSettings:
@@ -62,9 +66,18 @@ class LoopSettings:
             "timeout_s": sim.episode_timeout_s if sim else 12.0,
             "pos_min": np.array(lim.position_min), "pos_max": np.array(lim.position_max),
             "vel_max": np.array(lim.velocity_max), "acc_max": np.array(lim.accel_max),
+            "plan_timeout_s": cfg.follower.plan_timeout_ms / 1e3,
         }
         values.update(over)
         return cls(**values)  # type: ignore[arg-type]
+
+    def core(self, tick_s: float) -> CoreSettings:
+        return CoreSettings(
+            joints=tuple(JOINTS), tick_s=tick_s, pos_min=self.pos_min, pos_max=self.pos_max,
+            vel_max=self.vel_max, acc_max=self.acc_max, plan_timeout_s=self.plan_timeout_s,
+            strategy=self.strategy, blend_s=self.blend_s, residual=self.residual,
+            residual_max=self.residual_max, residual_filter_s=self.residual_filter_s,
+            hold_decel=self.hold_decel, storm_misses=1 << 30)
 
 
 @dataclass
@@ -83,10 +96,17 @@ class EpisodeResult:
     boundary_jerk: list[float] = field(default_factory=list)
     tracking_rms: float = 0.0  # rad, measured q vs the reference at the same time
     clamped: int = 0
+    faults: list[str] = field(default_factory=list)  # the core's FAULT reasons
+    plans_rejected: dict[str, int] = field(default_factory=dict)
+    hold_ticks: int = 0  # ticks in HOLD after the first plan (timeouts, gaps)
+
+
+def _ns(t: float) -> int:
+    return round(t * 1e9)
 
 
 def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
-                engine: ResidualEngine | None, s: LoopSettings,
+                model: ResidualModel | None, s: LoopSettings,
                 start_q: np.ndarray | None = None, tick_hook: TickHook | None = None,
                 ) -> EpisodeResult:
     """Run one episode to success or timeout; the arm starts at rest at `start_q`
@@ -97,25 +117,18 @@ def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
     if steps_per_tick < 1 or ticks_per_plan < 1:
         raise ValueError("need physics_hz >= follower_hz >= planner_hz")
     tick_dt = steps_per_tick / s.physics_hz
-    if start_q is not None:
-        world.set_joint_state(start_q)
-    else:
-        world.set_joint_state(world.q())
+    world.set_joint_state(start_q if start_q is not None else world.q())
     act = world.actuators
     with act.lock:
         act.torque_enabled[:] = True
         act.hw_error[:] = 0
     task = TaskTracker(episode, timeout_s=s.timeout_s)
     task.start(world, world.time)
-    tracker = Tracker(n, tick_dt, ReferenceGenerator(n, s.strategy, s.blend_s), engine,
-                      lookahead=s.lookahead, lookahead_dt=s.lookahead_dt,
-                      residual_max=s.residual_max, residual_filter_s=s.residual_filter_s,
-                      hold_decel=s.hold_decel)
-    safety = SafetyFilter(s.pos_min, s.pos_max, s.vel_max, s.acc_max, tick_dt)
+    core = FollowerCore(s.core(tick_dt), model)
     q0 = world.q()
-    safety.reset(q0)
-    tracker.start_hold(q0, np.zeros(n))
-    desired, cmd = np.zeros(n), np.zeros(n)
+    core.start(_ns(world.time), q0, held=q0)  # servos on, at rest, holding q0
+    tracker = core.tracker
+    history = StateHistory(n)
     pending: list[tuple[float, np.ndarray, float]] = []  # (t_deliver, waypoints, t_obs)
     pos_hist = np.zeros((4, n))  # reference at the command time, last four ticks
     boundaries_seen = 0
@@ -124,28 +137,36 @@ def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
     boundary_jerks: list[float] = []
     cur_step, cur_jerk = 0.0, 0.0
     sq_err, n_err = 0.0, 0
-    calls = 0
+    calls = hold_ticks = 0
     status = RUNNING
     tick = 0
     while status == RUNNING:
         t = world.time
         q, dq = world.q(), world.dq()
+        history.add(_ns(t), q=q, dq=dq, q_cmd=core.command)
         if tick % ticks_per_plan == 0:
-            waypoints, latency = plan_fn(world.render(), q, task)
+            waypoints, latency = plan_fn(world, history, task)
             calls += 1
             pending.append((t + latency, waypoints, t))
         while pending and pending[0][0] <= t + 1e-9:
-            _, w, t_obs = pending.pop(0)
-            tracker.add_plan(w, s.dt_s, t_obs, t)
-        if tracker.reference.has_plan and not tracker.reference.expired(t):
-            tracker.track_command(t, q, dq, desired)
+            t_deliver, w, t_obs = pending.pop(0)
+            try:
+                core.offer_plan(np.asarray(w, dtype=np.float64), s.dt_s, _ns(t_obs),
+                                _ns(t_deliver))
+            except PlanRejected as exc:
+                core.reject(exc.kind)
+        if core.step(_ns(t), q, dq):
+            with act.lock:
+                act.goal_q[:] = core.command
+            core.slack()  # lockstep: every tick has slack
+        else:  # ESTOP, or FAULT with torque off: what the servos would do
+            with act.lock:
+                act.torque_enabled[:] = False
+        if core.mode.name == "TRACK":
             sq_err += float(np.sum((q - tracker.ref_now) ** 2))
             n_err += n
-        else:
-            desired[:] = tracker.hold_command()
-        safety.apply(desired, cmd)
-        with act.lock:
-            act.goal_q[:] = cmd
+        elif calls > 1 and core.mode.name == "HOLD":
+            hold_ticks += 1
         # A plan took effect (broker: possibly long after it arrived). The first two
         # boundaries are the hold seed and the first plan, not chunk-to-chunk transitions.
         if tracker.reference.boundaries != boundaries_seen:
@@ -169,8 +190,11 @@ def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
     if watch_until > 0:
         boundary_steps.append(cur_step)
         boundary_jerks.append(cur_jerk)
+    faults = [tr.reason for tr in core.transitions if tr.new.name in ("FAULT", "ESTOP")]
     return EpisodeResult(
         seed=episode.seed, instruction=episode.instruction, n_targets=len(episode.order),
         success=status == SUCCESS, duration_s=task.duration_s, touched=len(task.touched),
         planner_calls=calls, boundary_vel_step=boundary_steps, boundary_jerk=boundary_jerks,
-        tracking_rms=float(np.sqrt(sq_err / n_err)) if n_err else 0.0, clamped=safety.clamped)
+        tracking_rms=float(np.sqrt(sq_err / n_err)) if n_err else 0.0,
+        clamped=core.filter.clamped, faults=faults, plans_rejected=dict(core.plans_rejected),
+        hold_ticks=hold_ticks)

@@ -1,10 +1,14 @@
-"""Policy bundles: a folder with `manifest.json`, the ONNX models, the tokenizer and a parity set.
+"""Policy bundles: a folder with `manifest.json`, the ONNX models, tokenizers and a parity set.
 
-`load_bundle` is what the robot calls before it loads any model: it checks the format version,
-the manifest schema, the ed25519 signature over the canonical manifest bytes (when a public key
-is configured), the sha256 of every listed file, that the model I/O agrees with the fixed
-contract, and that the joint names match the robot config. Any failure raises `BundleError`
-with a message naming the file and the field. Robot code: no torch, no onnx import here.
+`load_bundle` is what the robot calls before it loads any model: it reads the manifest as
+hostile input (size, nesting, encoding), checks the format version, the ed25519 signature over
+the canonical manifest bytes (when a public key is configured), the schema, that every listed
+file is a regular file inside the bundle with the listed sha256, and that the contract's
+joints exist on the robot. Any failure raises `BundleError` naming the file and the field.
+
+Format 2 carries the model contract (runtime/contract.py) itself. Format 1 (the shipped
+reference bundle) lists the fixed reference I/O; it is read into the same contract, so the
+rest of the runtime sees one kind of bundle. Robot code: no torch, no onnx import here.
 """
 
 from __future__ import annotations
@@ -13,24 +17,36 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from runtime.bundle_files import BundleFile, ModelSpec, Precision, TensorSpec, plain_file_name
+from runtime.contract import (
+    Actions,
+    CameraInput,
+    Contract,
+    Follower,
+    FollowerProprio,
+    InstructionInput,
+    Output,
+    Planner,
+    ProprioInput,
+    Rates,
+    ReferenceInput,
+    ResidualOutput,
+    Stage,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the exporter writes
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
+MAX_MANIFEST_BYTES = 1 << 20
 
-Precision = Literal["fp32", "fp16", "int8"]
-DType = Literal["uint8", "int64", "float32", "float16"]
+__all__ = ["FORMAT_VERSION", "MANIFEST", "SIGNATURE", "Bundle", "BundleError", "ModelSpec",
+           "TensorSpec", "load_bundle", "sha256_file"]
 
 
 class BundleError(Exception):
@@ -38,72 +54,7 @@ class BundleError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _plain_file_name(value: str) -> str:
-    # Files live directly inside the bundle: no absolute paths, no escaping the folder.
-    p = PurePosixPath(value)
-    if p.is_absolute() or ".." in p.parts or value in {"", "."} or "\\" in value:
-        raise ValueError(f"{value!r} is not a relative path inside the bundle")
-    return value
-
-
-BundleFile = Annotated[str, AfterValidator(_plain_file_name)]
-
-
-class TensorSpec(_Strict):
-    name: str
-    dtype: DType
-    shape: list[int] = Field(min_length=1)
-
-    @field_validator("shape")
-    @classmethod
-    def _static(cls, shape: list[int]) -> list[int]:
-        if any(d <= 0 for d in shape):
-            raise ValueError(f"shape {shape} must be static and positive")
-        return shape
-
-
-class ModelSpec(_Strict):
-    file: BundleFile
-    precision: Precision
-    inputs: list[TensorSpec] = Field(min_length=1)
-    outputs: list[TensorSpec] = Field(min_length=1)
-
-    def input(self, name: str) -> TensorSpec:
-        return _by_name(self.inputs, name)
-
-    def output(self, name: str) -> TensorSpec:
-        return _by_name(self.outputs, name)
-
-
-def _by_name(specs: list[TensorSpec], name: str) -> TensorSpec:
-    for spec in specs:
-        if spec.name == name:
-            return spec
-    raise KeyError(name)
-
-
-class Models(_Strict):
-    planner: ModelSpec
-    follower: ModelSpec
-
-
-class RobotSpec(_Strict):
-    joints: list[str] = Field(min_length=1)
-    position_unit: Literal["rad"] = "rad"
-    velocity_unit: Literal["rad/s"] = "rad/s"
-
-
-class Rates(_Strict):
-    planner_hz: float = Field(gt=0)
-    follower_hz: float = Field(gt=0)
-
-
-class Lookahead(_Strict):
-    steps: int = Field(gt=0)
-    dt_s: float = Field(gt=0)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Provenance(_Strict):
@@ -117,51 +68,146 @@ class Provenance(_Strict):
 
 
 class ParitySpec(_Strict):
-    """Stored reference inputs + fp32 PyTorch outputs, and the tolerance for this precision."""
+    """Stored reference inputs + source outputs, and the tolerance per model."""
 
     file: BundleFile
-    max_abs: dict[str, float]  # model name -> allowed max |onnx - reference| in output units
+    max_abs: dict[str, float]  # model name -> allowed max |onnx - reference|
 
 
-class Manifest(_Strict):
-    format_version: int
-    version: str  # human-readable bundle id, e.g. 20250101-120000-ab12cd34
-    robot: RobotSpec
-    models: Models
-    rates: Rates
-    horizon: int = Field(gt=0)
-    dt_s: float = Field(gt=0)
-    lookahead: Lookahead
-    normalisation: str
-    tokenizer: BundleFile
+def _hashes(files: dict[str, str]) -> dict[str, str]:
+    for name, digest in files.items():
+        plain_file_name(name)
+        if name in {MANIFEST, SIGNATURE}:
+            raise ValueError(f"{name} cannot hash itself")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"{name}: {digest!r} is not a lowercase sha256 hex digest")
+    return files
+
+
+class ManifestV2(_Strict):
+    format_version: Literal[2]
+    version: str = Field(min_length=1, max_length=200)  # e.g. 20250101-120000-ab12cd34
+    contract: Contract
     parity: ParitySpec | None = None
-    files: dict[str, str]  # file name -> sha256 hex
+    files: dict[str, str] = Field(max_length=1000)  # file name -> sha256 hex
     provenance: Provenance
 
     @field_validator("files")
     @classmethod
-    def _hashes(cls, files: dict[str, str]) -> dict[str, str]:
-        for name, digest in files.items():
-            _plain_file_name(name)
-            if name in {MANIFEST, SIGNATURE}:
-                raise ValueError(f"{name} cannot hash itself")
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ValueError(f"{name}: {digest!r} is not a lowercase sha256 hex digest")
-        return files
+    def _files(cls, files: dict[str, str]) -> dict[str, str]:
+        return _hashes(files)
 
 
+# ---------------------------------------------------------------------- format 1
+class _Models1(_Strict):
+    planner: ModelSpec
+    follower: ModelSpec
+
+
+class _Robot1(_Strict):
+    joints: list[str] = Field(min_length=1)
+    position_unit: Literal["rad"] = "rad"
+    velocity_unit: Literal["rad/s"] = "rad/s"
+
+
+class _Lookahead1(_Strict):
+    steps: int = Field(gt=0)
+    dt_s: float = Field(gt=0)
+
+
+class _Rates1(_Strict):
+    planner_hz: float = Field(gt=0)
+    follower_hz: float = Field(gt=0)
+
+
+class ManifestV1(_Strict):
+    """The reference bundle's fixed I/O: image + tokens + q -> waypoints; ref + q + dq ->
+    residual."""
+
+    format_version: Literal[1]
+    version: str
+    robot: _Robot1
+    models: _Models1
+    rates: _Rates1
+    horizon: int = Field(gt=0)
+    dt_s: float = Field(gt=0)
+    lookahead: _Lookahead1
+    normalisation: str
+    tokenizer: BundleFile
+    parity: ParitySpec | None = None
+    files: dict[str, str]
+    provenance: Provenance
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, files: dict[str, str]) -> dict[str, str]:
+        return _hashes(files)
+
+    def contract(self) -> Contract:
+        p, f = self.models.planner, self.models.follower
+        image = p.input("image").shape
+        return Contract(
+            rates=Rates(planner_hz=self.rates.planner_hz, follower_hz=self.rates.follower_hz),
+            planner=Planner(
+                stages=[Stage(name="planner", file=p.file, precision=p.precision, inputs=[
+                    CameraInput(role="camera", name="image", camera="scene",
+                                height=image[1], width=image[2]),
+                    InstructionInput(role="instruction", name="tokens",
+                                     tokenizer=self.tokenizer, kind="duet-words",
+                                     max_len=p.input("tokens").shape[1]),
+                    ProprioInput(role="proprio", name="q", field="q"),
+                ], outputs=[Output(name="waypoints", role="actions")])],
+                actions=Actions(horizon=self.horizon, dt_s=self.dt_s, kind="absolute",
+                                joints=list(self.robot.joints))),
+            follower=Follower(file=f.file, precision=f.precision, inputs=[
+                ReferenceInput(role="reference", name="ref", steps=self.lookahead.steps,
+                               dt_s=self.lookahead.dt_s),
+                FollowerProprio(role="proprio", name="q", field="q"),
+                FollowerProprio(role="proprio", name="dq", field="dq"),
+            ], output=ResidualOutput(name="residual")))
+
+
+# ---------------------------------------------------------------------- the bundle
 @dataclass(frozen=True)
 class Bundle:
     path: Path
-    manifest: Manifest
+    manifest: ManifestV1 | ManifestV2
+    contract: Contract
     signed: bool  # the signature was checked against a configured public key
 
-    def model_path(self, name: Literal["planner", "follower"]) -> Path:
-        return self.path / getattr(self.manifest.models, name).file
+    @property
+    def version(self) -> str:
+        return self.manifest.version
 
     @property
-    def tokenizer_path(self) -> Path:
-        return self.path / self.manifest.tokenizer
+    def files(self) -> dict[str, str]:
+        return self.manifest.files
+
+    @property
+    def parity(self) -> ParitySpec | None:
+        return self.manifest.parity
+
+    def stage_spec(self, stage: Stage) -> ModelSpec:
+        ins, outs = self.contract.stage_tensors(stage)
+        return ModelSpec(file=stage.file, precision=stage.precision, inputs=ins, outputs=outs)
+
+    def follower_spec(self) -> ModelSpec | None:
+        f = self.contract.follower
+        if f is None:
+            return None
+        ins, outs = self.contract.follower_tensors()
+        return ModelSpec(file=f.file, precision=f.precision, inputs=ins, outputs=outs)
+
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """Every model by name: the planner's stages, and `follower`."""
+        specs = {s.name: self.stage_spec(s) for s in self.contract.planner.stages}
+        follower = self.follower_spec()
+        if follower is not None:
+            specs["follower"] = follower
+        return specs
+
+    def precision(self) -> Precision:
+        return self.contract.planner.stages[0].precision
 
     @property
     def parity_path(self) -> Path | None:
@@ -212,103 +258,115 @@ def _verify_signature(bundle_dir: Path, data: dict[str, Any], public_key: str) -
         ) from None
 
 
-def _check_contract(m: Manifest, where: Path) -> None:
-    """Model I/O must agree with the manifest's own robot/horizon/lookahead fields."""
-    d = len(m.robot.joints)
-    # model -> (inputs, outputs), each name -> (dtype, shape or None when free)
-    Io = dict[str, tuple[str, "list[int] | None"]]
-    expected: dict[str, tuple[Io, Io]] = {
-        "planner": (
-            {"image": ("uint8", None), "tokens": ("int64", None), "q": ("float32", [1, d])},
-            {"waypoints": ("float32", [1, m.horizon, d])},
-        ),
-        "follower": (
-            {
-                "ref": ("float32", [1, m.lookahead.steps, d]),
-                "q": ("float32", [1, d]),
-                "dq": ("float32", [1, d]),
-            },
-            {"residual": ("float32", [1, d])},
-        ),
-    }
-    for model_name, (ins, outs) in expected.items():
-        spec: ModelSpec = getattr(m.models, model_name)
-        for kind, want, have in (("inputs", ins, spec.inputs), ("outputs", outs, spec.outputs)):
-            names = sorted(t.name for t in have)
-            if names != sorted(want):
-                raise BundleError(
-                    f"{where}: models.{model_name}.{kind}: names {names}, expected {sorted(want)}"
-                )
-            for t in have:
-                dtype, shape = want[t.name]
-                if t.dtype != dtype or (shape is not None and t.shape != shape):
-                    raise BundleError(
-                        f"{where}: models.{model_name}.{kind}.{t.name}: {t.dtype}{t.shape}, "
-                        f"expected {dtype}{shape if shape is not None else ''}"
-                    )
-
-
-def load_bundle(
-    path: str | Path,
-    public_key: str | None = None,
-    expect_joints: list[str] | None = None,
-) -> Bundle:
-    """Verify and load the bundle at `path`. Raises BundleError naming file and field."""
-    bundle_dir = Path(path)
-    manifest_path = bundle_dir / MANIFEST
+def read_manifest(manifest_path: Path) -> dict[str, Any]:
+    """The manifest as plain JSON data; hostile files are BundleErrors, never tracebacks."""
     try:
-        raw = manifest_path.read_bytes()
+        with manifest_path.open("rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise BundleError(f"{manifest_path}: cannot read: {exc.strerror}") from None
+    return parse_manifest(raw, manifest_path)
+
+
+def parse_manifest(raw: bytes, manifest_path: Path) -> dict[str, Any]:
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise BundleError(f"{manifest_path}: not valid JSON: {exc}") from None
+        data = json.loads(raw.decode("utf-8"))
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates fail here
+    except RecursionError:
+        raise BundleError(f"{manifest_path}: nested too deeply") from None
+    except (ValueError, UnicodeError) as exc:  # JSONDecodeError is a ValueError
+        raise BundleError(f"{manifest_path}: not valid UTF-8 JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BundleError(f"{manifest_path}: top level must be an object")
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"{manifest_path}: format_version {version!r} is not supported "
-            f"(this runtime reads {FORMAT_VERSION})"
-        )
-    # Authenticity before anything else in the manifest is trusted.
-    if public_key is not None:
-        _verify_signature(bundle_dir, data, public_key)
-    try:
-        manifest = Manifest.model_validate(data)
-    except ValidationError as exc:
-        lines = [
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in exc.errors()
-        ]
-        raise BundleError(f"{manifest_path}: invalid manifest:\n  " + "\n  ".join(lines)) from None
+    return data
 
-    needed = {
-        "models.planner.file": manifest.models.planner.file,
-        "models.follower.file": manifest.models.follower.file,
-        "tokenizer": manifest.tokenizer,
-    }
-    if manifest.parity is not None:
-        needed["parity.file"] = manifest.parity.file
-    for field, name in needed.items():
+
+def validate_manifest(data: dict[str, Any], manifest_path: Path) -> ManifestV1 | ManifestV2:
+    """The manifest's schema for its format version; BundleError naming each field."""
+    version = data.get("format_version")
+    if type(version) is not int or version not in READABLE_FORMATS:
+        raise BundleError(f"{manifest_path}: format_version {version!r} is not supported "
+                          f"(this runtime reads {', '.join(map(str, READABLE_FORMATS))})")
+    model: type[ManifestV1] | type[ManifestV2] = ManifestV1 if version == 1 else ManifestV2
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+                 for err in exc.errors()]
+        raise BundleError(f"{manifest_path}: invalid manifest:\n  " + "\n  ".join(lines[:20])
+                          ) from None
+    except (ValueError, RecursionError) as exc:
+        raise BundleError(f"{manifest_path}: invalid manifest: {exc}") from None
+
+
+def _check_files(bundle_dir: Path, manifest: ManifestV1 | ManifestV2, contract: Contract,
+                 manifest_path: Path) -> None:
+    needed = contract.files() + ([manifest.parity.file] if manifest.parity else [])
+    for name in needed:
         if name not in manifest.files:
-            raise BundleError(f"{manifest_path}: {field} {name!r} has no sha256 in files")
+            raise BundleError(f"{manifest_path}: {name!r} is used but has no sha256 in files")
+    root = bundle_dir.resolve()
     for name, digest in manifest.files.items():
         file_path = bundle_dir / name
-        if not file_path.is_file():
-            raise BundleError(f"{file_path}: missing (listed in {MANIFEST} files.{name})")
+        if file_path.is_symlink() or not file_path.is_file():
+            raise BundleError(f"{file_path}: missing or not a regular file (listed in "
+                              f"{MANIFEST} files.{name})")
+        if root not in file_path.resolve().parents:
+            raise BundleError(f"{file_path}: outside the bundle")
         actual = sha256_file(file_path)
         if actual != digest:
             raise BundleError(
                 f"{file_path}: sha256 {actual[:16]}… does not match {MANIFEST} "
-                f"files.{name} {digest[:16]}… (file modified or corrupt)"
-            )
+                f"files.{name} {digest[:16]}… (file modified or corrupt)")
 
-    _check_contract(manifest, manifest_path)
-    if expect_joints is not None and list(expect_joints) != manifest.robot.joints:
-        raise BundleError(
-            f"{manifest_path}: robot.joints {manifest.robot.joints} do not match the robot "
-            f"config's joints {list(expect_joints)}"
-        )
-    return Bundle(path=bundle_dir, manifest=manifest, signed=public_key is not None)
+
+def _check_v1_tensors(m: ManifestV1, contract: Contract, where: Path) -> None:
+    """A format-1 manifest lists its tensors; they must be the fixed reference I/O."""
+    want = {"planner": contract.stage_tensors(contract.planner.stages[0]),
+            "follower": contract.follower_tensors()}
+    for name, (ins, outs) in want.items():
+        spec: ModelSpec = getattr(m.models, name)
+        for kind, declared, derived in (("inputs", spec.inputs, ins),
+                                        ("outputs", spec.outputs, outs)):
+            if sorted(declared, key=lambda t: t.name) != sorted(derived, key=lambda t: t.name):
+                raise BundleError(
+                    f"{where}: models.{name}.{kind}: "
+                    f"{[(t.name, t.dtype, t.shape) for t in declared]}, expected "
+                    f"{[(t.name, t.dtype, t.shape) for t in derived]}")
+
+
+def load_bundle(path: str | Path, public_key: str | None = None,
+                expect_joints: list[str] | None = None) -> Bundle:
+    """Verify and load the bundle at `path`. Raises BundleError naming file and field.
+
+    `expect_joints`: the robot's joints; every joint the contract names must be one of them
+    (format 1: exactly them, in order)."""
+    bundle_dir = Path(path)
+    manifest_path = bundle_dir / MANIFEST
+    data = read_manifest(manifest_path)
+    if data.get("format_version") not in READABLE_FORMATS:
+        validate_manifest(data, manifest_path)  # the error, before any signature check
+    # Authenticity before anything else in the manifest is trusted.
+    if public_key is not None:
+        _verify_signature(bundle_dir, data, public_key)
+    manifest = validate_manifest(data, manifest_path)
+    try:
+        contract = manifest.contract() if isinstance(manifest, ManifestV1) \
+            else manifest.contract
+    except (ValidationError, KeyError, StopIteration) as exc:
+        raise BundleError(f"{manifest_path}: not the reference I/O: {exc}") from None
+    _check_files(bundle_dir, manifest, contract, manifest_path)
+    if isinstance(manifest, ManifestV1):
+        _check_v1_tensors(manifest, contract, manifest_path)
+        if expect_joints is not None and list(expect_joints) != manifest.robot.joints:
+            raise BundleError(f"{manifest_path}: robot.joints {manifest.robot.joints} do not "
+                              f"match the robot config's joints {list(expect_joints)}")
+    elif expect_joints is not None:
+        unknown = [j for j in contract.joints() if j not in expect_joints]
+        if unknown:
+            raise BundleError(f"{manifest_path}: the contract names joints the robot lacks: "
+                              f"{unknown} (robot.joints: {list(expect_joints)})")
+    return Bundle(path=bundle_dir, manifest=manifest, contract=contract,
+                  signed=public_key is not None)

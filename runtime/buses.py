@@ -1,17 +1,44 @@
-"""Pick the motor-bus driver the config names (drivers/ stays free of runtime imports)."""
+"""Pick the motor-bus drivers the config names (drivers/ stays free of runtime imports)."""
 
 from __future__ import annotations
 
 from drivers.bus import MotorBus
-from runtime.config import CanBusConfig, DuetConfig
+from runtime.config import BusConfig, CanBusConfig, ConfigError, DuetConfig
+
+
+def bus_sections(cfg: DuetConfig) -> list[tuple[BusConfig, list[str]]]:
+    """Each configured bus with the joints it drives (`bus:` is one section of every joint)."""
+    if cfg.bus is not None:
+        return [(cfg.bus, list(cfg.robot.joints))]
+    assert cfg.buses is not None  # the config validator requires one of the two
+    return [(bus, list(bus.joints or [])) for bus in cfg.buses]
+
+
+def single_bus(cfg: DuetConfig, what: str) -> BusConfig:
+    """The one bus of a single-bus robot; ConfigError naming `what` for per-limb buses."""
+    if cfg.bus is None:
+        raise ConfigError(f"{what} handles one motor bus; this config has `buses:` (one per"
+                          " limb): set up each adapter by hand (README, \"Several buses\")")
+    return cfg.bus
+
+
+def _one(bus_cfg: BusConfig, joints: list[str]) -> MotorBus:
+    if isinstance(bus_cfg, CanBusConfig):
+        from drivers.can_mit import MitCanBus
+
+        return MitCanBus.from_config(bus_cfg, joints)
+    from drivers.dynamixel import DynamixelBus
+
+    return DynamixelBus.from_config(bus_cfg, joints)
 
 
 def open_bus(cfg: DuetConfig) -> MotorBus:
-    """Construct (not yet open) the configured bus."""
-    if isinstance(cfg.bus, CanBusConfig):
-        from drivers.can_mit import MitCanBus
+    """Construct (not yet open) the configured bus, or one bus over the per-limb buses."""
+    sections = bus_sections(cfg)
+    if len(sections) == 1:
+        return _one(*sections[0])
+    from drivers.multi_bus import MultiBus
 
-        return MitCanBus.from_config(cfg.bus, list(cfg.robot.joints))
-    from drivers.dynamixel import DynamixelBus
-
-    return DynamixelBus.from_config(cfg.bus, list(cfg.robot.joints))
+    joints = list(cfg.robot.joints)
+    return MultiBus(joints, [(_one(b, names), [joints.index(n) for n in names])
+                             for b, names in sections])

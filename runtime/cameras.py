@@ -7,9 +7,9 @@ from runtime import endpoints
 from runtime.config import CameraConfig
 
 
-def open_camera(cfg: CameraConfig, run_dir: str) -> Camera:
+def open_camera(name: str, cfg: CameraConfig, run_dir: str) -> Camera:
     from drivers.camera import SimCamera, V4L2Camera
 
     if cfg.kind == "sim":
-        return SimCamera(endpoints.sim(run_dir))
+        return SimCamera(endpoints.sim(run_dir), cfg.width, cfg.height, camera=name)
     return V4L2Camera(cfg.device, width=cfg.width, height=cfg.height, fps=cfg.fps)

@@ -27,7 +27,11 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
     sim = _load(run_dir / "sim-summary.json")
     zero3 = {"p50": 0.0, "p99": 0.0, "max": 0.0}
     first_track_ns = fol.get("first_track_ns") or 0
+    final_mode = fol.get("final_mode", "unknown")
     summary: dict[str, Any] = {
+        # first: how the run ended (a FAULT must never look like a success)
+        "outcome": {"ok": final_mode in ("HOLD", "TRACK"), "final_mode": final_mode,
+                    "reason": fol.get("final_reason")},
         "config": config_label,
         "duration_s": round(duration_s, 2),
         "follower": {
@@ -42,6 +46,8 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
             "bus_write_us": fol.get("bus_write_us", zero3),
             "logic_us": fol.get("logic_us", zero3),
             "max_rss_mb": fol.get("max_rss_mb"),
+            "final_mode": final_mode,
+            "dropped_messages": fol.get("dropped_messages", {}),
         },
         "planner": {
             "plans": pla.get("plans", 0),
@@ -49,6 +55,8 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
             "latency_ms": pla.get("latency_ms", {"p50": 0.0, "p99": 0.0}),
             "inference_ms": pla.get("inference_ms", {"p50": 0.0, "p99": 0.0}),
             "restarts": planner_restarts,
+            "stage_ms": pla.get("stage_ms", {}),
+            "dropped_messages": pla.get("dropped_messages", {}),
         },
         "plan_delivery_us": fol.get("plan_delivery_us", {"p50": 0.0, "p99": 0.0}),
         "bus": fol.get("bus", {"errors": 0, "reads": 0, "writes": 0}),
@@ -59,6 +67,16 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
         "dropped_messages": fol.get("dropped_messages", {}),
         "exit_codes": exit_codes,
     }
+    if cfg.planner.remote is not None:  # the relay's figures (runtime/relay.py)
+        got = pla.get("remote")
+        remote: dict[str, Any] = got if isinstance(got, dict) else {}
+        figures: dict[str, Any] = {
+            "endpoint": cfg.planner.remote.endpoint, "secure": not cfg.planner.remote.insecure,
+            "round_trip_ms": remote.get("round_trip_ms", {"p50": 0.0, "p99": 0.0})}
+        for key in ("server_ms", "connects", "disconnects", "refused", "dropped"):
+            if key in remote:
+                figures[key] = remote[key]
+        summary["planner"]["remote"] = figures
     if fol.get("safety", {}).get("last_reason"):
         summary["safety"]["last_reason"] = fol["safety"]["last_reason"]
     if cfg.sim is not None and cfg.sim.enabled:
@@ -70,6 +88,11 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
 
 def print_summary(s: dict[str, Any]) -> None:
     f, p = s["follower"], s["planner"]
+    console = Console()
+    outcome = s["outcome"]
+    if not outcome["ok"]:
+        console.print(f"[bold red]follower ended in {outcome['final_mode']}: "
+                      f"{outcome['reason']}[/] (after fixing the cause: duet reset)")
     table = Table(title=f"duet run — {s['config']} — {s['duration_s']} s", show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -85,6 +108,9 @@ def print_summary(s: dict[str, Any]) -> None:
         ("modes (ticks)", ", ".join(f"{k}={v}" for k, v in f["mode_counts"].items() if v)),
         ("planner plans / rate", f"{p['plans']} / {p['achieved_hz']:g} Hz"),
         ("planner latency p50/p99", f"{p['latency_ms']['p50']}/{p['latency_ms']['p99']} ms"),
+        *([("off-board planner round trip p50/p99",
+            f"{p['remote']['round_trip_ms']['p50']}/{p['remote']['round_trip_ms']['p99']} ms "
+            f"({p['remote']['endpoint']})")] if "remote" in p else []),
         ("plan delivery p50/p99",
          f"{s['plan_delivery_us']['p50']}/{s['plan_delivery_us']['p99']} µs"),
         ("bus reads / writes / errors",
@@ -101,4 +127,4 @@ def print_summary(s: dict[str, Any]) -> None:
                      f"{t['episodes']} / {t['successes']} ({100 * t['success_rate']:.0f} %)"))
     for name, value in rows:
         table.add_row(name, value)
-    Console().print(table)
+    console.print(table)

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import yaml
 
+from runtime import endpoints, rundir
 from runtime.config import CanBusConfig, ConfigError, DuetConfig, config_to_dict
 from runtime.summary import build_summary, print_summary
 
@@ -41,9 +42,12 @@ def _cli(*args: str) -> list[str]:
 
 
 class Supervisor:
-    def __init__(self, cfg: DuetConfig, config_label: str) -> None:
+    def __init__(self, cfg: DuetConfig, config_label: str, record: bool = False,
+                 ready_timeout_s: float = READY_TIMEOUT_S) -> None:
         self.cfg = cfg
+        self.record = record
         self.config_label = config_label
+        self.ready_timeout_s = ready_timeout_s
         self.run_dir = Path(cfg.run_dir)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.planner_restarts = 0
@@ -52,13 +56,23 @@ class Supervisor:
         self.notify_sock: socket.socket | None = None
         self.ready: set[str] = set()
         self.others_cpus: set[int] = set()
+        self.lock: rundir.RunLock | None = None
 
     # ------------------------------------------------------------ plumbing
     def _prepare_run_dir(self) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("plan", "state", "control", "telemetry-follower", "telemetry-planner", "sim",
-                     "notify", "follower-summary.json", "planner-summary.json",
-                     "sim-summary.json", "follower.latched"):
+        rundir.prepare(self.run_dir)
+        try:  # one stack per run dir: a second `duet run` (or a live follower) refuses
+            self.lock = rundir.RunLock(self.run_dir, endpoints.SUPERVISOR_LOCK).acquire()
+        except rundir.LockHeld as exc:
+            raise SupervisorError(str(exc)) from None
+        held, pid = rundir.holder(self.run_dir, endpoints.FOLLOWER_LOCK)
+        if held:
+            raise SupervisorError(f"a follower (pid {pid or '?'}) is running on {self.run_dir}: "
+                                  "stop it first, or use another run dir")
+        stale = ["notify", "follower-summary.json", "planner-summary.json", "sim-summary.json"]
+        if self.cfg.sim is not None and self.cfg.sim.enabled:
+            stale.append(endpoints.LATCH)  # a fresh simulated robot starts unlatched
+        for name in stale:
             (self.run_dir / name).unlink(missing_ok=True)
         self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -116,26 +130,30 @@ class Supervisor:
     def start(self, with_planner: bool = True) -> None:
         effective = self._prepare_run_dir()
         self._reserve_follower_cpu()
+        # The planner needs no bus: it loads its engines while the sim and the follower come
+        # up, and plans once it has frames and a joint state (no ordering needed).
+        self.planner_args = ["planner", "--config", str(effective)]
+        if with_planner:
+            self._spawn("planner", self.planner_args)
         overrides: list[str] = []
         if self.cfg.sim is not None and self.cfg.sim.enabled:
             self._spawn("sim", ["sim", "--config", str(effective)], stdout=subprocess.PIPE)
-            line = _read_first_line(self.children["sim"], READY_TIMEOUT_S)
-            key = "bus.channel" if isinstance(self.cfg.bus, CanBusConfig) else "bus.device"
-            overrides.append(f"{key}={line}")
+            line = _read_first_line(self.children["sim"], self.ready_timeout_s)
+            if self.cfg.bus is not None:  # per-limb buses: the sim serves the configured ones
+                key = "bus.channel" if isinstance(self.cfg.bus, CanBusConfig) else "bus.device"
+                overrides.append(f"{key}={line}")
             self.device = line
             log.info("sim robot on %s", line)
         sets = [a for o in overrides for a in ("--set", o)]
         self.follower_args = ["follower", "--config", str(effective), *sets]
         self._spawn("follower", self.follower_args)
-        # The planner loads its engine while the follower reads the motors: it plans only
-        # once it has a joint state, so it needs no ordering beyond the follower's start.
-        self.planner_args = ["planner", "--config", str(effective), *sets]
-        if with_planner:
-            self._spawn("planner", self.planner_args)
+        if self.record:  # the flight recorder, as duet-recorder.service on the robot
+            self.recorder_args = ["record", "serve", "--config", str(effective)]
+            self._spawn("recorder", self.recorder_args)
         self._wait_ready("follower")
 
     def _wait_ready(self, name: str) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + self.ready_timeout_s
         assert self.notify_sock is not None
         self.notify_sock.settimeout(0.1)
         while name not in self.ready:
@@ -143,7 +161,7 @@ class Supervisor:
                 raise SupervisorError(f"{name} exited with {self.children[name].returncode} "
                                       "before it was ready")
             if time.monotonic() > deadline:
-                raise SupervisorError(f"{name} not ready within {READY_TIMEOUT_S:.0f} s")
+                raise SupervisorError(f"{name} not ready within {self.ready_timeout_s:g} s")
             self._poll_notify()
             self.notify_sock.settimeout(0.1)
 
@@ -165,16 +183,23 @@ class Supervisor:
                 self.planner_restarts += 1
                 time.sleep(PLANNER_RESTART_BACKOFF_S)
                 self._spawn("planner", self.planner_args)
+            recorder = self.children.get("recorder")
+            if recorder is not None and recorder.poll() is not None:
+                log.warning("recorder exited with %s; restarting", recorder.returncode)
+                time.sleep(PLANNER_RESTART_BACKOFF_S)
+                self._spawn("recorder", self.recorder_args)
         return 0
 
     def stop(self) -> dict[str, int | None]:
-        """SIGTERM in dependency order: planner, follower (controlled stop), sim."""
+        """SIGTERM in dependency order: planner, follower (controlled stop), the recorder
+        (after the follower's last state), sim."""
         codes: dict[str, int | None] = {}
-        for name in ("planner", "follower", "sim"):
+        for name in ("planner", "follower", "recorder", "sim"):
             proc = self.children.get(name)
             if proc is None:
                 continue
-            if proc.poll() is None:
+            asked = proc.poll() is None
+            if asked:
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(STOP_TIMEOUT_S)
@@ -182,9 +207,14 @@ class Supervisor:
                     log.error("%s did not stop within %.0f s; killing", name, STOP_TIMEOUT_S)
                     proc.kill()
                     proc.wait()
-            codes[name] = proc.returncode
+            code = proc.returncode
+            # Killed by our own SIGTERM before it had installed its handler (still starting:
+            # nothing opened yet): a stop as asked, not a failure.
+            codes[name] = 0 if asked and code == -signal.SIGTERM else code
         if self.notify_sock is not None:
             self.notify_sock.close()
+        if self.lock is not None:
+            self.lock.release()
         return codes
 
 
@@ -206,7 +236,7 @@ def _read_first_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
         if proc.poll() is not None:
             raise SupervisorError(f"sim exited with {proc.returncode} before printing its device")
         if time.monotonic() > deadline:
-            raise SupervisorError(f"sim printed no device within {timeout_s:.0f} s")
+            raise SupervisorError(f"sim printed no device within {timeout_s:g} s")
         time.sleep(0.01)
     if not result[0]:
         raise SupervisorError("sim printed an empty first line instead of its device")
@@ -214,8 +244,11 @@ def _read_first_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
 
 
 def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
-        summary_json: str | None) -> int:
-    sup = Supervisor(cfg, config_label)
+        summary_json: str | None, record: bool | None = None,
+        ready_timeout_s: float | None = None) -> int:
+    """`record`: start the recorder (None: as recorder.enabled says)."""
+    sup = Supervisor(cfg, config_label, cfg.recorder.enabled if record is None else record,
+                     ready_timeout_s or READY_TIMEOUT_S)
 
     def _stop(signum: int, _frame: Any) -> None:
         sup.stop_requested = True
@@ -232,10 +265,13 @@ def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
         rc = 2
     finally:
         codes = sup.stop()
-    if any(code not in (0, None) for name, code in codes.items() if name != "planner"):
+    if any(code not in (0, None) for name, code in codes.items()
+           if name not in ("planner", "recorder")):
         rc = rc or 1
     summary = build_summary(cfg, config_label, Path(cfg.run_dir), time.monotonic() - t0,
                             sup.t_start_ns, sup.planner_restarts, codes)
+    if not summary["outcome"]["ok"]:
+        rc = rc or 1  # ended in FAULT/ESTOP: never a silent success
     print_summary(summary)
     if summary_json:
         Path(summary_json).parent.mkdir(parents=True, exist_ok=True)

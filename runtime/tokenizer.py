@@ -56,6 +56,21 @@ class Tokenizer:
     def split(self, text: str) -> list[str]:
         return _WORD_RE.findall(text.lower())
 
+    def check(self, text: str, max_len: int | None = None) -> None:
+        """Refuse text this closed vocabulary cannot represent, naming the unknown words,
+        and text longer than the model's token budget."""
+        words = self.split(text)
+        unknown = sorted({w for w in words if w not in self._ids})
+        if unknown:
+            raise TokenizerError(f"unknown word(s) {', '.join(repr(w) for w in unknown)}: the "
+                                 f"model knows {len(self.words)} words ({', '.join(self.words)})")
+        limit = self.max_len if max_len is None else max_len
+        if len(words) > limit:
+            raise TokenizerError(f"{len(words)} tokens; the model reads at most {limit}")
+
+    def ids(self, text: str) -> list[int]:
+        return [self._ids.get(w, UNK_ID) for w in self.split(text)]
+
     def encode(self, text: str) -> np.ndarray:
         """Token ids, truncated or zero-padded to max_len."""
         ids = [self._ids.get(w, UNK_ID) for w in self.split(text)][: self.max_len]
@@ -91,3 +106,84 @@ class Tokenizer:
         if not isinstance(max_len, int):
             raise TokenizerError(f"{path}: max_len must be an integer")
         return cls(words, max_len)
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` JSON (BPE, WordPiece, WordLevel, Unigram) behind the same
+    interface. Text it cannot represent -- tokens that map to the model's unknown token -- is
+    refused naming the words, as with the word tokenizer."""
+
+    def __init__(self, path: str | Path, max_len: int) -> None:
+        try:
+            from tokenizers import Tokenizer as _HF
+        except ImportError as exc:  # a robot dependency; named if an install lacks it
+            raise TokenizerError("the `tokenizers` package is not installed") from exc
+        try:
+            self._tok = _HF.from_file(str(path))
+        except Exception as exc:  # the Rust side raises its own exception type
+            raise TokenizerError(f"{path}: not a Hugging Face tokenizers JSON: {exc}") from None
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.max_len = max_len
+        unk = None
+        try:
+            unk = json.loads(Path(path).read_text()).get("model", {}).get("unk_token")
+        except (OSError, ValueError, AttributeError):
+            pass
+        self._unk_id = self._tok.token_to_id(unk) if isinstance(unk, str) else None
+
+    def ids(self, text: str) -> list[int]:
+        return list(self._tok.encode(text).ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size())
+
+    def check(self, text: str) -> None:
+        enc = self._tok.encode(text)
+        if self._unk_id is not None and self._unk_id in enc.ids:
+            words = sorted({text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets, strict=True)
+                            if i == self._unk_id})
+            raise TokenizerError(f"unknown word(s) {', '.join(repr(w) for w in words)}: not in "
+                                 "the model's tokenizer vocabulary")
+        if len(enc.ids) > self.max_len:
+            raise TokenizerError(f"{len(enc.ids)} tokens; the model reads at most {self.max_len}")
+
+
+class InstructionEncoder:
+    """The contract's instruction input: text -> ids (and mask) padded as the model wants."""
+
+    def __init__(self, kind: str, path: str | Path, max_len: int, padding_side: str = "right",
+                 pad_id: int = 0) -> None:
+        self.max_len, self.left, self.pad_id = max_len, padding_side == "left", pad_id
+        self._words: Tokenizer | None = None
+        self._hf: HFTokenizer | None = None
+        if kind == "hf-tokenizers":
+            self._hf = HFTokenizer(path, max_len)
+        else:
+            self._words = Tokenizer.load(path)
+
+    def vocab_size(self) -> int:
+        tok = self._hf if self._hf is not None else self._words
+        assert tok is not None
+        return tok.vocab_size
+
+    def check(self, text: str) -> None:
+        if self._hf is not None:
+            self._hf.check(text)
+            return
+        assert self._words is not None
+        self._words.check(text, self.max_len)
+
+    def encode(self, text: str, ids_out: np.ndarray, mask_out: np.ndarray | None = None) -> None:
+        """Fill ids_out [max_len] (and mask_out, 1 = token) for `text`."""
+        tok = self._hf if self._hf is not None else self._words
+        assert tok is not None
+        ids = tok.ids(text)[: self.max_len]
+        n = len(ids)
+        ids_out.fill(self.pad_id)
+        at = slice(self.max_len - n, self.max_len) if self.left else slice(0, n)
+        ids_out[at] = ids
+        if mask_out is not None:
+            mask_out.fill(0)
+            mask_out[at] = 1

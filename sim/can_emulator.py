@@ -1,15 +1,23 @@
 """Emulated MIT-mode CAN motors for the sim, answering on a real python-can bus.
 
 Runs in the sim process (a thread), apart from the follower: the follower's `MitCanBus`
-talks to it over the same wire format a real Damiao/CubeMars motor speaks. Each frame to a
-motor's id is answered by one 6-byte reply (id, position, velocity, torque) from the shared
-`Actuators`:
-- enter motor mode -> mode MODE_MIT, torque enabled; exit -> torque off;
-- zero position -> the present position becomes the motor's zero (kept by the emulator);
-- a command -> goal_q, goal_dq, kp, kd, tau_ff, applied only in motor mode (as real
-  firmware does) but answered in any mode.
-A silent motor (`actuators.silent`) answers nothing. Torque beyond the model's t_max is
-reported clamped at t_max, as the 12-bit field saturates on a real motor.
+talks to it in the wire format of the configured dialect (drivers/mit_dialects.py; the same
+class frames both ends). Each frame to a motor is answered like the motor's firmware does,
+from the shared `Actuators`:
+- enable (Damiao/Katz/CubeMars FC) -> motor mode, torque on; a motor entering it holds where
+  it is with zero gains until commanded; enabling an enabled motor changes nothing;
+- disable -> torque off; zero -> the present position becomes the motor's zero;
+- a command -> goal_q, goal_dq, kp, kd, tau_ff, applied only with torque on (a MyActuator
+  motion command turns torque on: that protocol has no enable frame) but answered always;
+- a status query (Damiao refresh, MyActuator angle read) and a register read (Damiao PMAX,
+  VMAX, TMAX, from the model or `registers`) -> answered, nothing changes;
+- clear error (Damiao FB) -> the latched fault is cleared, torque stays off.
+A reply carries the dialect's status: Damiao's nibble is 1 with torque on, 0 off, or the code
+of a latched sim fault (`actuators.hw_error`, injected through the sim's fault socket); CubeMars
+reports the fault in its error byte; generic and MyActuator replies carry no status. A silent
+motor (`actuators.silent`) answers nothing. Torque beyond the model's t_max is reported clamped
+at t_max, as the 12-bit field saturates on a real motor. Replies are CAN FD with bit-rate
+switching when the request was.
 """
 
 from __future__ import annotations
@@ -17,24 +25,29 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import can
 import numpy as np
 
 from drivers.can_loopback import peer_channel
-from drivers.can_mit import (
-    COMMAND_DLC,
-    ENTER_MOTOR_MODE,
-    EXIT_MOTOR_MODE,
-    ZERO_POSITION,
-    MitRanges,
-    pack_reply,
-    unpack_command,
+from drivers.mit_codec import MitRanges, unpack_command
+from drivers.mit_dialects import MitDialect, dialect_class
+from sim.actuators import (
+    HW_ELECTRICAL_SHOCK,
+    HW_ENCODER,
+    HW_INPUT_VOLTAGE,
+    HW_OVERHEATING,
+    HW_OVERLOAD,
+    MODE_MIT,
+    Actuators,
 )
-from sim.actuators import MODE_MIT, Actuators
 
-HOST_ID = 0  # arbitration id of replies when no master ids are configured (Katz firmware)
+# sim fault bits (Dynamixel's Hardware Error Status layout) -> the dialects' fault names
+_FAULT_NAMES = ((HW_OVERLOAD, "overload"), (HW_OVERHEATING, "overheating"),
+                (HW_ELECTRICAL_SHOCK, "electrical shock"), (HW_INPUT_VOLTAGE, "input voltage"),
+                (HW_ENCODER, "motor encoder"))
 
 
 class MitCanEmulator:
@@ -45,19 +58,27 @@ class MitCanEmulator:
         model: Any,
         bus: can.BusABC,
         master_ids: list[int] | None = None,
+        *,
+        dialect: str = "generic",
+        joints: Sequence[int] | None = None,
+        registers: dict[int, float] | None = None,
     ) -> None:
-        if len(ids) != actuators.n:
-            raise ValueError(f"MIT emulator: {actuators.n} actuators need {actuators.n} ids,"
-                             f" got {len(ids)}")
-        if master_ids is not None and len(master_ids) != len(ids):
-            raise ValueError("MIT emulator: master_ids must match ids")
+        joints = list(joints) if joints is not None else list(range(actuators.n))
+        if len(ids) != len(joints) or not all(0 <= k < actuators.n for k in joints):
+            raise ValueError(f"MIT emulator: {len(joints)} actuators {joints} need as many"
+                             f" ids, got {len(ids)}")
         self.actuators = actuators
+        self.joints = joints  # actuator index of each motor
         self.ids = list(ids)
         self.ranges = MitRanges.of(model)
+        self.dialect: MitDialect = dialect_class(dialect)(ids, master_ids)
         self.bus = bus
-        self._index = {motor_id: j for j, motor_id in enumerate(ids)}
-        self._reply_ids = list(master_ids) if master_ids is not None else [HOST_ID] * len(ids)
-        self._zero = np.zeros(actuators.n)  # joint position of each motor's encoder zero
+        # the motor's stored registers (Damiao: the range registers follow the model)
+        stored = {rid: float(getattr(self.ranges, key))
+                  for key, rid in self.dialect.range_registers.items()}
+        stored.update(registers or {})
+        self.registers = [dict(stored) for _ in ids]
+        self._zero = np.zeros(len(ids))  # joint position of each motor's encoder zero
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.rt_priority = 0  # SCHED_FIFO priority of the serving thread, 0 = don't ask
@@ -66,7 +87,8 @@ class MitCanEmulator:
         self.ignored = 0  # frames to other ids or malformed
 
     @classmethod
-    def from_config(cls, actuators: Actuators, bus_cfg: Any) -> MitCanEmulator:
+    def from_config(cls, actuators: Actuators, bus_cfg: Any,
+                    joints: Sequence[int] | None = None) -> MitCanEmulator:
         """Open the motor end of the follower's link (bus config like runtime's CanBusConfig).
 
         duet-udp: the peer of the follower's channel. Any other interface: the same channel
@@ -75,8 +97,12 @@ class MitCanEmulator:
         channel = bus_cfg.channel
         if bus_cfg.interface == "duet-udp":
             channel = peer_channel(channel)
-        bus = can.Bus(interface=bus_cfg.interface, channel=channel, bitrate=bus_cfg.bitrate)
-        return cls(actuators, bus_cfg.ids, bus_cfg.model, bus, bus_cfg.master_ids)
+        kwargs: dict[str, Any] = {"fd": True, "data_bitrate": bus_cfg.data_bitrate} \
+            if bus_cfg.fd else {}
+        bus = can.Bus(interface=bus_cfg.interface, channel=channel, bitrate=bus_cfg.bitrate,
+                      **kwargs)
+        return cls(actuators, bus_cfg.ids, bus_cfg.model, bus, bus_cfg.master_ids,
+                   dialect=bus_cfg.dialect, joints=joints)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -109,34 +135,61 @@ class MitCanEmulator:
             if msg is not None:
                 self.handle(msg)
 
+    def fault_code(self, j: int) -> int:
+        """The dialect's code for motor j's latched sim fault, 0 when none (or unreported)."""
+        bits = int(self.actuators.hw_error[self.joints[j]])
+        codes = self.dialect.fault_codes
+        for bit, name in _FAULT_NAMES:
+            if bits & bit and name in codes:
+                return codes[name]
+        return 0
+
     def handle(self, msg: can.Message) -> None:
         """Apply one frame to the actuators and send the reply (if the motor speaks)."""
-        j = self._index.get(msg.arbitration_id)
-        if j is None or msg.is_extended_id or msg.is_remote_frame or msg.dlc != COMMAND_DLC:
+        kind, j = self.dialect.classify(msg)
+        if j < 0:
             self.ignored += 1
             return
         self.frames_in += 1
-        data = bytes(msg.data)
-        a = self.actuators
+        a, d, k = self.actuators, self.dialect, self.joints[j]
+        reply = None
         with a.lock:
-            if data == ENTER_MOTOR_MODE:
-                a.mode[j] = MODE_MIT
-                a.torque_enabled[j] = True
-                # entering motor mode must not pull toward a stale target: hold where it is
-                a.goal_q[j], a.goal_dq[j], a.kp[j], a.kd[j], a.tau_ff[j] = a.q[j], 0, 0, 0, 0
-            elif data == EXIT_MOTOR_MODE:
-                a.torque_enabled[j] = False
-            elif data == ZERO_POSITION:
-                self._zero[j] = a.q[j]
-            else:
-                p, v, kp, kd, t = unpack_command(data, self.ranges)
-                if a.torque_enabled[j] and a.mode[j] == MODE_MIT:
-                    a.goal_q[j] = p + self._zero[j]
-                    a.goal_dq[j], a.kp[j], a.kd[j], a.tau_ff[j] = v, kp, kd, t
-            if a.silent[j]:
+            if kind == "enable":
+                if not a.torque_enabled[k] and not a.hw_error[k]:
+                    a.mode[k] = MODE_MIT
+                    a.torque_enabled[k] = True
+                    # entering motor mode must not pull toward a stale target: zero gains
+                    a.goal_q[k], a.goal_dq[k], a.kp[k], a.kd[k], a.tau_ff[k] = a.q[k], 0, 0, 0, 0
+            elif kind == "disable":
+                a.torque_enabled[k] = False
+                reply = d.ack_reply(j, bytes(msg.data))
+            elif kind == "zero":
+                self._zero[j] = a.q[k]
+            elif kind == "clear":
+                a.hw_error[k] = 0
+            elif kind == "register":
+                rid = msg.data[3]
+                if rid in self.registers[j]:
+                    reply = d.register_reply(j, rid, self.registers[j][rid])
+                else:
+                    return  # the firmware ignores unknown registers
+            elif kind == "command":
+                p, v, kp, kd, t = unpack_command(msg.data, self.ranges)
+                if d.enable(j) is None and not a.hw_error[k]:  # a command is the enable
+                    a.mode[k], a.torque_enabled[k] = MODE_MIT, True
+                if a.torque_enabled[k] and a.mode[k] == MODE_MIT:
+                    a.goal_q[k] = p + self._zero[j]
+                    a.goal_dq[k], a.kp[k], a.kd[k], a.tau_ff[k] = v, kp, kd, t
+            if a.silent[k]:
                 return
-            reply = pack_reply(self.ids[j] & 0xFF, a.q[j] - self._zero[j], a.dq[j], a.tau[j],
-                               self.ranges)
-        self.bus.send(can.Message(arbitration_id=self._reply_ids[j], is_extended_id=False,
-                                  data=reply))
+            if reply is None:
+                code = self.fault_code(j) or (1 if a.torque_enabled[k] else 0)
+                if not d.reports_torque_state:
+                    code = self.fault_code(j)
+                state = (j, float(a.q[k] - self._zero[j]), float(a.dq[k]), float(a.tau[k]),
+                         code, float(a.temperature_c[k]), self.ranges)
+                reply = d.query_reply(*state) if kind == "query" else d.state_reply(*state)
+        arb, data = reply
+        self.bus.send(can.Message(arbitration_id=arb, is_extended_id=False, data=data,
+                                  is_fd=msg.is_fd, bitrate_switch=msg.bitrate_switch))
         self.replies_out += 1

@@ -166,7 +166,12 @@ class DynamixelEmulator:
         if not np.all(np.abs(self.direction) == 1):
             raise ValueError("direction entries must be +1 or -1")
         self._direction_list = self.direction.tolist()
+        # line noise on the replies: each reply is hit with this probability, one byte flipped
+        # anywhere (header and length included) or at `corrupt_byte`, on every servo or on
+        # `corrupt_servos` (indices) only
         self.corrupt_probability = corrupt_probability
+        self.corrupt_byte: int | None = None
+        self.corrupt_servos: frozenset[int] | None = None
         self.rt_priority = 0  # SCHED_FIFO priority of the serving thread, 0 = don't ask
         self._rng = random.Random(seed)
         self.models = list(models) if models is not None else [XM430_W350] * n
@@ -185,16 +190,23 @@ class DynamixelEmulator:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    def open(self) -> str:
-        """Create the pty; return the slave device path a serial driver opens."""
+    def open(self, powered: bool = False) -> str:
+        """Create the pty; return the slave device path a serial driver opens.
+
+        `powered`: the servos kept power while the line was down (a pulled cable): Torque
+        Enable and Goal Position continue from the actuators. Else power-on: torque off,
+        Goal Position = present position (no jump on torque enable).
+        """
         master, slave = os.openpty()
         tty.setraw(slave)  # no echo, no line discipline: bytes pass untouched
         self._master, self._slave = master, slave
         self.path = os.ttyname(slave)
-        # Power-on: Goal Position starts at the present position (no jump on torque enable).
         with self.actuators.lock:
             for k in range(len(self.tables)):
-                struct.pack_into("<i", self.tables[k], dx.ADDR_GOAL_POSITION, self._q_to_ticks(k))
+                ticks = self._q_to_ticks(k, self.actuators.goal_q[k] if powered else None)
+                struct.pack_into("<i", self.tables[k], dx.ADDR_GOAL_POSITION, ticks)
+                if powered:
+                    self.tables[k][dx.ADDR_TORQUE_ENABLE] = int(self.actuators.torque_enabled[k])
                 self._apply_goal(k)
                 self._apply_gains(k)
         return self.path
@@ -322,11 +334,12 @@ class DynamixelEmulator:
         if hw:
             error |= dx.ERROR_ALERT
         packet = dx.status_packet(self.tables[k][dx.ADDR_ID], error, params)
-        if self.corrupt_probability and self._rng.random() < self.corrupt_probability:
-            # line noise inside the frame (after the length field), caught by the CRC
+        if self.corrupt_probability and (self.corrupt_servos is None or k in self.corrupt_servos) \
+                and self._rng.random() < self.corrupt_probability:
             flipped = bytearray(packet)
-            at = self._rng.randrange(dx.HEADER_BYTES, len(flipped))
-            flipped[at] ^= self._rng.randrange(1, 256)
+            at = self.corrupt_byte if self.corrupt_byte is not None \
+                else self._rng.randrange(len(flipped))
+            flipped[at % len(flipped)] ^= self._rng.randrange(1, 256)
             return bytes(flipped)
         return packet
 
@@ -439,8 +452,9 @@ class DynamixelEmulator:
     def _shutdown(self, k: int) -> bool:
         return bool(self.actuators.hw_error[k] & self.tables[k][dx.ADDR_SHUTDOWN])
 
-    def _q_to_ticks(self, k: int) -> int:
-        q = float(self.actuators.q[k])
+    def _q_to_ticks(self, k: int, q: float | None = None) -> int:
+        """Ticks of joint position q (default: the present position)."""
+        q = float(self.actuators.q[k]) if q is None else float(q)
         return round(float(self.zero_ticks[k]) + float(self.direction[k]) * q * TICKS_PER_RAD)
 
     def _apply_goal(self, k: int) -> None:  # lock held

@@ -7,13 +7,17 @@ motors on a CAN channel. `FaultInjector` answers on ipc://RUN_DIR/sim-control:
 
     {"cmd": "cut_line"}                      the device disappears (pty closed / motors gone)
     {"cmd": "restore_line"}                  the device is back
-    {"cmd": "corrupt", "probability": p}     flip bytes in servo replies (serial)
+    {"cmd": "corrupt", "probability": p}     flip a byte (anywhere: header, length, data,
+                                             CRC) in servo replies (serial); optional
+                                             "byte": offset, "joint": i to aim it
     {"cmd": "silence", "joint": i, "on": b}  one motor stops answering
     {"cmd": "overload", "joint": i}          one motor latches an overload error, torque off
+    {"cmd": "state"}                         (read-only) the physics' true joint positions
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import threading
@@ -24,7 +28,7 @@ from typing import Any, Protocol
 import zmq
 
 from runtime.config import CanBusConfig, DynamixelBusConfig
-from runtime.messages import Encoder, MessageError, decode
+from runtime.rpc import Command, RequestError, bind_server
 from sim.actuators import HW_OVERLOAD, Actuators
 
 
@@ -35,7 +39,8 @@ class MotorLink(Protocol):
 
     def restore(self) -> None: ...
 
-    def corrupt(self, probability: float) -> None: ...
+    def corrupt(self, probability: float, byte: int | None = None,
+                joint: int | None = None) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -76,8 +81,9 @@ class SerialLink:
     def restore(self) -> None:
         self._point_link(self._call("restore"))
 
-    def corrupt(self, probability: float) -> None:
-        self._call("corrupt", probability)
+    def corrupt(self, probability: float, byte: int | None = None,
+                joint: int | None = None) -> None:
+        self._call("corrupt", probability, byte, joint)
 
     def stop(self) -> None:
         if self._proc.is_alive():
@@ -100,22 +106,26 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig, rt_priority: in
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    probability = 0.0
+    corruption: tuple[float, int | None, int | None] = (0.0, None, None)
 
-    def start() -> DynamixelEmulator:
+    def start(powered: bool) -> DynamixelEmulator:
         emu = DynamixelEmulator(actuators, bus.ids, zero_ticks=bus.zero_ticks,
-                                direction=bus.direction, corrupt_probability=probability,
+                                direction=bus.direction,
                                 models=[SERVO_MODELS[m] for m in JOINT_SERVOS])
-        # Torque Enable reflects the motors' real state (homed at power-on, or whatever the
-        # physics had when the line was cut)
+        # Torque Enable reflects the motors' real state (homed at power-on)
         for k, table in enumerate(emu.tables):
             table[ADDR_TORQUE_ENABLE] = int(actuators.torque_enabled[k])
         emu.rt_priority = rt_priority
-        emu.open()
+        aim(emu, *corruption)
+        emu.open(powered=powered)
         emu.start()
         return emu
 
-    emulator = start()
+    def aim(emu: DynamixelEmulator, p: float, byte: int | None, joint: int | None) -> None:
+        emu.corrupt_probability, emu.corrupt_byte = p, byte
+        emu.corrupt_servos = None if joint is None else frozenset((joint,))
+
+    emulator = start(powered=False)
     while True:
         cmd, args = conn.recv()
         try:
@@ -124,13 +134,13 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig, rt_priority: in
             elif cmd == "cut":
                 emulator.close_line()
                 reply = None
-            elif cmd == "restore":
+            elif cmd == "restore":  # the servos kept power: goals and torque continue
                 emulator.stop()
-                emulator = start()
+                emulator = start(powered=True)
                 reply = emulator.path
             elif cmd == "corrupt":
-                probability = float(args[0])
-                emulator.corrupt_probability = probability
+                corruption = (float(args[0]), args[1], args[2])
+                aim(emulator, *corruption)
                 reply = None
             elif cmd == "stop":
                 emulator.stop()
@@ -144,15 +154,19 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig, rt_priority: in
 
 
 class CanLink:
-    def __init__(self, actuators: Actuators, bus: CanBusConfig, rt_priority: int = 0) -> None:
+    """MIT-mode motors of one CAN bus: the actuators `joints` (default: all), in its dialect."""
+
+    def __init__(self, actuators: Actuators, bus: CanBusConfig, rt_priority: int = 0,
+                 joints: list[int] | None = None) -> None:
         self.actuators, self.bus, self.rt_priority = actuators, bus, rt_priority
+        self.joints = joints
         self.device = bus.channel
         self._start()
 
     def _start(self) -> None:
         from sim.can_emulator import MitCanEmulator
 
-        self.emulator = MitCanEmulator.from_config(self.actuators, self.bus)
+        self.emulator = MitCanEmulator.from_config(self.actuators, self.bus, self.joints)
         self.emulator.rt_priority = self.rt_priority
         self.emulator.start()
 
@@ -162,7 +176,8 @@ class CanLink:
     def restore(self) -> None:
         self._start()
 
-    def corrupt(self, probability: float) -> None:
+    def corrupt(self, probability: float, byte: int | None = None,
+                joint: int | None = None) -> None:
         raise ValueError("byte corruption is a serial-line fault; CAN frames carry a CRC "
                          "checked by the controller")
 
@@ -170,32 +185,57 @@ class CanLink:
         self.emulator.stop(close_bus=True)
 
 
+class LinkGroup:
+    """Several buses as one link: a cut line cuts them all (the robot's harness)."""
+
+    def __init__(self, links: list[MotorLink]) -> None:
+        self.links = links
+        self.device = ",".join(link.device for link in links)
+
+    def cut(self) -> None:
+        for link in self.links:
+            link.cut()
+
+    def restore(self) -> None:
+        for link in self.links:
+            link.restore()
+
+    def corrupt(self, probability: float, byte: int | None = None,
+                joint: int | None = None) -> None:
+        for link in self.links:
+            link.corrupt(probability, byte, joint)
+
+    def stop(self) -> None:
+        for link in self.links:
+            link.stop()
+
+
+FAULTS = ("cut_line", "restore_line", "corrupt", "silence", "overload", "state")
+
+
 class FaultInjector:
-    """REP socket on a thread; each request changes the link or the actuators."""
+    """The sim's request socket (runtime.rpc) on a thread; each request changes the link or
+    the actuators."""
 
     def __init__(self, endpoint: str, link: MotorLink, actuators: Actuators) -> None:
         self.link, self.actuators = link, actuators
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.sock = self.ctx.socket(zmq.REP)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
-        self.encoder = Encoder()
+        self.server = bind_server(self.ctx, endpoint, {
+            cmd: Command(functools.partial(self._checked, cmd)) for cmd in FAULTS})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="sim-faults", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
-            if not self.sock.poll(100):
-                continue
-            frame = self.sock.recv()
-            try:
-                req = decode(frame, "request")
-                result = self.handle(str(req.get("cmd")), req.get("args") or {})
-                reply: dict[str, Any] = {"ok": True, "error": None, "result": result}
-            except (MessageError, ValueError, KeyError, IndexError) as exc:
-                reply = {"ok": False, "error": str(exc), "result": {}}
-            self.sock.send(self.encoder.encode("reply", reply))
+            if self.server.sock.poll(100):
+                self.server.serve_pending()
+
+    def _checked(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.handle(cmd, args)
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RequestError(f"{cmd}: {exc!r}") from None
 
     def handle(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         act = self.actuators
@@ -204,10 +244,16 @@ class FaultInjector:
         elif cmd == "restore_line":
             self.link.restore()
         elif cmd == "corrupt":
-            self.link.corrupt(float(args["probability"]))
+            byte, joint = args.get("byte"), args.get("joint")
+            self.link.corrupt(float(args["probability"]), None if byte is None else int(byte),
+                              None if joint is None else int(joint))
         elif cmd == "silence":
             with act.lock:
                 act.silent[int(args["joint"])] = bool(args.get("on", True))
+        elif cmd == "state":  # read-only: the physics' true joint positions (tests)
+            with act.lock:
+                return {"cmd": cmd, "q": act.q.tolist(), "goal_q": act.goal_q.tolist(),
+                        "torque_enabled": act.torque_enabled.tolist()}
         elif cmd == "overload":
             with act.lock:
                 j = int(args["joint"])
@@ -220,5 +266,5 @@ class FaultInjector:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2.0)
-        self.sock.close()
+        self.server.sock.close(linger=0)
         self.ctx.term()

@@ -10,7 +10,8 @@ Threads:
   ipc://RUN_DIR/sim: `frame` (image, capture_t_ns, episode), `task` (episode, instruction;
   at each episode start and every `TASK_RESEND_S`) and `episode` (the result of each one).
 
-The first line on stdout is the device the follower opens (pty path or CAN channel).
+The first line on stdout is the device the follower opens (pty path or CAN channel; with
+per-limb buses the channels, comma-separated).
 SIGTERM/SIGINT: stop, write RUN_DIR/sim-summary.json, exit 0.
 """
 
@@ -32,11 +33,12 @@ import numpy as np
 import zmq
 
 from runtime import endpoints
-from runtime.config import CanBusConfig, ConfigError, DuetConfig, SimConfig
+from runtime.buses import bus_sections
+from runtime.config import CanBusConfig, ConfigError, DuetConfig, DynamixelBusConfig, SimConfig
 from runtime.messages import Encoder, pack_array
-from sim.actuators import Actuators
+from sim.actuators import MODE_MIT, Actuators
 from sim.camera import SceneCamera
-from sim.faults import CanLink, FaultInjector, MotorLink, SerialLink
+from sim.faults import CanLink, FaultInjector, LinkGroup, MotorLink, SerialLink
 from sim.task import RUNNING, SUCCESS, Episode, TaskTracker, episode_seed
 from sim.world import JOINTS, SimWorld
 
@@ -47,17 +49,33 @@ SEND_HWM = 16
 
 
 def _open_link(cfg: DuetConfig, actuators: Actuators) -> MotorLink:
-    """Start the emulated motors behind the configured transport."""
+    """Start the emulated motors behind the configured transport (one link per bus)."""
     sim_cfg = cfg.sim or SimConfig()
-    bus = cfg.bus
-    if sim_cfg.transport == "serial":
-        if isinstance(bus, CanBusConfig):
-            raise ConfigError("sim.transport is 'serial' but bus.kind is 'mit_can'")
-        # a stable name, as udev gives a real adapter, so a replugged line keeps its path
-        return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0", sim_cfg.rt_priority)
-    if not isinstance(bus, CanBusConfig):
-        raise ConfigError("sim.transport is 'can' but bus.kind is not 'mit_can'")
-    return CanLink(actuators, bus, sim_cfg.rt_priority)
+    joints = list(cfg.robot.joints)
+    links: list[MotorLink] = []
+    try:
+        for bus, names in bus_sections(cfg):
+            if sim_cfg.transport == "serial":
+                if not isinstance(bus, DynamixelBusConfig):
+                    raise ConfigError("sim.transport is 'serial' but a bus is not 'dynamixel'")
+                if cfg.buses is not None:
+                    raise ConfigError("sim: per-limb buses (`buses:`) need sim.transport 'can'")
+                # a stable name, as udev gives a real adapter: a replugged line keeps its path
+                links.append(SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0",
+                                        sim_cfg.rt_priority))
+            elif not isinstance(bus, CanBusConfig):
+                raise ConfigError("sim.transport is 'can' but a bus is not 'mit_can'")
+            else:
+                idx = [joints.index(n) for n in names]
+                with actuators.lock:  # homed by an earlier session over this bus: its gains
+                    actuators.mode[idx] = MODE_MIT
+                    actuators.kp[idx], actuators.kd[idx] = bus.kp, bus.kd
+                links.append(CanLink(actuators, bus, sim_cfg.rt_priority, joints=idx))
+    except BaseException:
+        for link in links:
+            link.stop()
+        raise
+    return links[0] if len(links) == 1 else LinkGroup(links)
 
 
 class PhysicsLoop:
@@ -167,10 +185,11 @@ class Publisher:
         self.ctx.term()
 
 
-def _serve_camera(loop: PhysicsLoop, publisher: Publisher, camera: SceneCamera,
-                  camera_hz: float, stop: threading.Event) -> dict[str, float]:
-    """Main-thread loop: render and publish frames, forward the physics thread's events,
-    re-announce the task. Returns render timing figures (ms)."""
+def _serve_camera(loop: PhysicsLoop, publisher: Publisher,
+                  cameras: dict[str, SceneCamera], camera_hz: float,
+                  stop: threading.Event) -> dict[str, float]:
+    """Main-thread loop: render and publish each camera's frames, forward the physics
+    thread's events, re-announce the task. Returns render timing figures (ms)."""
     world = loop.world
     period = 1.0 / camera_hz
     next_frame = time.monotonic()
@@ -191,13 +210,14 @@ def _serve_camera(loop: PhysicsLoop, publisher: Publisher, camera: SceneCamera,
             publisher.send("task", loop.task_body())
             next_task = now + TASK_RESEND_S
         if now >= next_frame:
-            capture_t_ns = time.monotonic_ns()
-            world.snapshot(camera.shadow)
-            episode = loop.episode_index
-            image = camera.render(camera.shadow)  # releases the GIL while OpenGL draws
-            render_ms.append((time.monotonic_ns() - capture_t_ns) / 1e6)
-            publisher.send("frame", {"image": pack_array(image),
-                                     "capture_t_ns": capture_t_ns, "episode": episode})
+            for name, camera in cameras.items():
+                capture_t_ns = time.monotonic_ns()
+                world.snapshot(camera.shadow)
+                episode = loop.episode_index
+                image = camera.render(camera.shadow)  # releases the GIL while OpenGL draws
+                render_ms.append((time.monotonic_ns() - capture_t_ns) / 1e6)
+                publisher.send("frame", {"camera": name, "image": pack_array(image),
+                                         "capture_t_ns": capture_t_ns, "episode": episode})
             next_frame += period
             if next_frame < now:  # fell behind (slow render): skip, do not burst
                 next_frame = now + period
@@ -234,10 +254,12 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     # The robot starts homed: servos enabled and holding HOME_Q, as after a homing routine,
     # so the follower's INIT reads a meaningful pose rather than an arm slumped on the table.
     world.actuators.torque_enabled[:] = True
-    # The GL context belongs to this (the main) thread; its slow set-up and first frame
-    # happen before the motors are served.
-    camera = SceneCamera(world.model)
-    camera.render(camera.shadow)
+    # The GL contexts belong to this (the main) thread; their slow set-up and first frames
+    # happen before the motors are served. Only the cameras the config names are rendered.
+    cameras = {name: SceneCamera(world.model, cam.width, cam.height, camera=name)
+               for name, cam in cfg.planner.cameras.items() if cam.kind == "sim"}
+    for camera in cameras.values():
+        camera.render(camera.shadow)
     publisher = Publisher(str(run_dir))
     loop = PhysicsLoop(world, sim_cfg)
     link = _open_link(cfg, world.actuators)
@@ -247,13 +269,14 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     if ready_line:
         print(link.device, flush=True)
     try:
-        render = _serve_camera(loop, publisher, camera, sim_cfg.camera_hz, stop)
+        render = _serve_camera(loop, publisher, cameras, sim_cfg.camera_hz, stop)
     finally:
         loop.stop()
         faults.close()
         link.stop()
         publisher.close()
-        camera.close()
+        for camera in cameras.values():
+            camera.close()
     wall = time.monotonic() - wall0
     summary = {"episodes": loop.episodes, "successes": loop.successes,
                "success_rate": loop.successes / loop.episodes if loop.episodes else 0.0}

@@ -169,7 +169,7 @@ class SimWorld:
             raise RuntimeError(f"arm.xml: blocks must be cubes of half-edge {BLOCK_HALF} m")
         self._saturated_s = np.zeros(len(JOINTS))
         self._tau = np.zeros(len(JOINTS))
-        self._camera: object | None = None  # SceneCamera, created on first render
+        self._cameras: dict[tuple[str, int, int], object] = {}  # SceneCameras, made on use
         self.set_joint_state(HOME_Q)
 
     # -- state ---------------------------------------------------------------------------
@@ -270,11 +270,13 @@ class SimWorld:
             dst.mocap_pos[:] = self.data.mocap_pos
             dst.time = self.data.time
 
-    def render(self) -> np.ndarray:
-        """The scene camera's view of the current state: uint8 [96, 96, 3] RGB."""
+    def render(self, camera: str = "scene", width: int = 96, height: int = 96) -> np.ndarray:
+        """A camera's view of the current state: uint8 [height, width, 3] RGB."""
         from sim.camera import SceneCamera
 
-        if self._camera is None:
-            self._camera = SceneCamera(self.model)
-        assert isinstance(self._camera, SceneCamera)
-        return self._camera.render(self.data)
+        key = (camera, width, height)
+        renderer = self._cameras.get(key)
+        if renderer is None:
+            renderer = self._cameras[key] = SceneCamera(self.model, width, height, camera)
+        assert isinstance(renderer, SceneCamera)
+        return renderer.render(self.data)

@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# Verify the duet units under a real systemd: boot Debian bookworm in systemd-nspawn, install
-# duet into it with `duet install --root`, drive the follower against the sim on the host, and
-# check, with assertions on what systemctl and the journal report:
+# Verify duet's install and units under a real systemd: boot Debian bookworm in systemd-nspawn,
+# install duet into it the way the README tells a technician (a non-editable bootstrap venv,
+# then `sudo duet install` on /), drive the follower against the sim on the host, and check,
+# with assertions on what the commands, systemctl and the journal report:
+#   0. `duet install` on / when udevadm fails (no udevd in a container): one line naming the
+#      step and its fix, exit 1, nothing left installed; rerun with --no-udev-reload: duet on
+#      PATH (/usr/local/bin/duet), units enabled, `duet doctor` sees the services;
 #   1. duet-follower.service (Type=notify) is active only after READY=1, its STATUS= text
 #      shows in `systemctl status`, and it never becomes active when the motors don't answer;
 #   2. the watchdog (WatchdogSec=2s) kills a stalled (SIGSTOPped) follower and it restarts;
 #   3. duet-planner.service restarts on its own while the follower stays active, same PID;
-#   4. duet.target starts both at boot, and stop/start of the target stops/starts both.
-# Needs root, a built .venv in the checkout, debootstrap and systemd-nspawn (apt-get install
-# debootstrap systemd-container); the first run fetches Debian (~3 min), later runs reuse it.
-# Takes about 2 minutes after that. Not part of the test suite.
+#   4. duet.target starts both at boot, and stop/start of the target stops/starts both;
+#   5. after the follower hits its start limit, `systemctl restart duet.target` leaves it
+#      failed, and the command duet prints (reset-failed + restart) brings it back;
+#   6. `duet config set follower.realtime.cpu=0` re-renders the drop-in and reloads systemd;
+#   7. `duet uninstall` stops and removes everything but /etc/duet and the recordings;
+#      `--purge` removes those too.
+# Needs root, a Python venv with duet's dependencies and the sim's (VENV, default .venv in the
+# checkout), debootstrap and systemd-nspawn (apt-get install debootstrap systemd-container).
+# The first run fetches Debian (~3 min); later runs reuse it. The pip installs inside the
+# container use the host's package index folders and pip config. Not part of the test suite.
 #
 #   sudo systemd/verify-in-container.sh            # WORK=/tmp/duet-nspawn by default
-#
-# The service manager only sees the binds below; the units run as shipped except for one
-# container-only drop-in (zz-container.conf), printed at the end.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-/tmp/duet-nspawn}
 ROOTFS=$WORK/rootfs
 RUN=$WORK/run          # the host sim's run dir = /run/duet in the container (camera ipc)
-VENV=$REPO/.venv
+VENV=${VENV:-$REPO/.venv}
 PY=$VENV/bin/python
 UNITS=$ROOTFS/etc/systemd/system
 
@@ -29,8 +36,8 @@ say() { printf '\n=== %s\n' "$*"; }
 die() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 
 [[ $(id -u) == 0 ]] || die "run as root (debootstrap, nspawn)"
-[[ -x $PY ]] || die "no virtualenv at $VENV (make venv)"
-for tool in debootstrap systemd-nspawn nsenter systemd-sysusers systemd-tmpfiles; do
+[[ -x $PY ]] || die "no virtualenv at $VENV (make venv, or VENV=...)"
+for tool in debootstrap systemd-nspawn nsenter; do
     command -v "$tool" >/dev/null || die "$tool missing: apt-get install debootstrap systemd-container"
 done
 
@@ -52,57 +59,52 @@ trap cleanup EXIT
 if [[ ! -x $ROOTFS/usr/lib/systemd/systemd ]]; then
     say "debootstrap bookworm into $ROOTFS (minutes)"
     mkdir -p "$WORK"
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3 bookworm \
-        "$ROOTFS" >"$WORK/debootstrap.log" 2>&1 || die "debootstrap failed: $WORK/debootstrap.log"
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,udev,python3-venv \
+        bookworm "$ROOTFS" >"$WORK/debootstrap.log" 2>&1 \
+        || die "debootstrap failed: $WORK/debootstrap.log"
 fi
+# a clean robot: nothing of an earlier run
 rm -rf "$UNITS"/duet* "$UNITS"/multi-user.target.wants/duet.target "$ROOTFS"/etc/duet \
-    "$ROOTFS"/var/lib/duet "$RUN" "$WORK/bundle"
+    "$ROOTFS"/var/lib/duet "$ROOTFS"/opt/duet "$ROOTFS"/usr/local/bin/duet \
+    "$ROOTFS"/etc/udev/rules.d/99-duet-* "$ROOTFS"/etc/sysusers.d/duet.conf \
+    "$ROOTFS"/etc/tmpfiles.d/duet.conf "$ROOTFS"/root/duet "$ROOTFS"/tmp/duet-bootstrap \
+    "$RUN" "$WORK/bundle"
 mkdir -p "$RUN"
 
-say "bundle, robot config, duet install --root"
-"$PY" -c "import sys; sys.path.insert(0, '$REPO/tests'); from pathlib import Path
-from onnx_bundle import make_bundle; make_bundle(Path('$WORK/bundle'))"
-"$PY" - "$REPO/configs/sim.yaml" "$WORK/robot.yaml" <<'EOF'
+say "the checkout, a bundle and a robot config, copied into the container"
+mkdir -p "$ROOTFS/root/duet"
+(cd "$REPO" && git ls-files -co --exclude-standard -z | xargs -0 tar -cf - 2>/dev/null) \
+    | tar -xf - -C "$ROOTFS/root/duet"
+PYTHONPATH=$REPO "$PY" -c "import sys; sys.path.insert(0, '$REPO/tests'); from pathlib import Path
+from onnx_bundle import make_bundle; make_bundle(Path('$ROOTFS/root/bundle'))"
+"$PY" - "$REPO/configs/sim.yaml" "$ROOTFS/root/robot.yaml" <<'EOF'
 import sys
 import yaml
 cfg = yaml.safe_load(open(sys.argv[1]))
 cfg["bus"]["device"] = "/dev/ttyDUET0"   # the udev name; bound to the sim's pty below
-cfg["sim"]["enabled"] = False
+del cfg["sim"]                           # a real robot's config: duet install refuses a sim one
+cfg["bundle"]["path"] = "/var/lib/duet/bundles/current"
+cfg["recorder"] = {"enabled": True}
 yaml.safe_dump(cfg, open(sys.argv[2], "w"), sort_keys=False)
 EOF
-(cd "$REPO" && "$VENV/bin/duet" install --root "$ROOTFS" --prefix /opt/duet --no-venv \
-    --config "$WORK/robot.yaml" --bundle "$WORK/bundle")
-# What a live install does after writing the files (the container has no udev).
-systemd-sysusers --root="$ROOTFS" >/dev/null
-systemd-tmpfiles --root="$ROOTFS" --create "$ROOTFS/etc/tmpfiles.d/duet.conf"
-ln -sfn "$VENV" "$ROOTFS/opt/duet/venv"   # ExecStart stays /opt/duet/venv/bin/duet
-
-# The checkout and the venv's base interpreter are bound in at their host paths. When one
-# lives under /root or /home, ProtectHome=yes hides it (and /root is 0700): expose just that
-# tree on a tmpfs home. The only relaxation of the shipped hardening.
-BASE=$("$PY" -c 'import sys; print(sys.base_prefix)')
-BINDS=(--bind="$REPO" --bind-ro="$BASE")
-HOMED=()
-for p in "$REPO" "$BASE"; do [[ $p == /root/* || $p == /home/* ]] && HOMED+=("$p"); done
-for unit in duet-follower duet-planner; do
-    mkdir -p "$UNITS/$unit.service.d"
-    {
-        echo "# container only: the bind-mounted venv lives under a home directory"
-        echo "[Service]"
-        if ((${#HOMED[@]})); then
-            echo "ProtectHome=tmpfs"
-            echo "BindReadOnlyPaths=${HOMED[*]}"
-        fi
-    } >"$UNITS/$unit.service.d/zz-container.conf"
+# the host's package index folders are bound in below; its pip config is copied in
+for f in /etc/pip.conf /etc/xdg/pip/pip.conf /etc/xdg/pip/constraints.txt \
+         /root/.config/pip/pip.conf; do
+    [[ -f $f ]] && install -D -m 0644 "$f" "$ROOTFS$f"
+done
+BINDS=()
+for d in /opt/pypi /opt/pypi-more /opt/wheels /etc/ssl/certs; do
+    [[ -d $d ]] && BINDS+=(--bind-ro="$d")
 done
 
 # ------------------------------------------------------------------ the sim on the host
 say "duet sim on the host (run dir $RUN)"
 # umask 000: the sim's camera socket must be connectable by the container's duet user.
-(umask 000; cd "$REPO"; MUJOCO_GL=egl exec setsid "$VENV/bin/duet" sim --config "$WORK/robot.yaml" \
-    --set run_dir="$RUN" --set sim.enabled=true >"$WORK/sim.out" 2>"$WORK/sim.err") &
+(umask 000; cd "$REPO"; MUJOCO_GL=egl PYTHONPATH=$REPO exec setsid "$PY" -m runtime.cli sim \
+    --config "$REPO/configs/sim.yaml" --set bus.device=sim --run-dir "$RUN" \
+    >"$WORK/sim.out" 2>"$WORK/sim.err") &
 SIM_PGID=$!
-for _ in $(seq 1 100); do [[ -s $WORK/sim.out ]] && break; sleep 0.2; done
+for _ in $(seq 1 150); do [[ -s $WORK/sim.out ]] && break; sleep 0.2; done
 PTY=$(readlink -f "$(head -n1 "$WORK/sim.out")")
 [[ $PTY == /dev/pts/* ]] || die "sim gave no pty: $(cat "$WORK/sim.out" "$WORK/sim.err")"
 # as udev sets a USB serial adapter: root:dialout 0660 (the follower runs as duet, in dialout)
@@ -118,10 +120,13 @@ NSPAWN_PID=$!
 for _ in $(seq 1 100); do INIT=$(pgrep -P "$NSPAWN_PID" -x systemd || true); [[ -n $INIT ]] && break
     sleep 0.2; done
 [[ -n $INIT ]] || die "container did not boot: $(cat "$WORK/nspawn.log")"
-C=(nsenter -t "$INIT" -a)
+# a root shell on the robot: the container's binaries, a clean environment
+C=(nsenter -t "$INIT" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+   HOME=/root LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180)
+on_robot() { "${C[@]}" sh -c "cd /root/duet && $1"; }
 sctl() { "${C[@]}" systemctl "$@"; }
 prop() { sctl show -p "$2" --value "$1"; }
-state() { echo "$(prop "$1" ActiveState)/$(prop "$1" SubState)"; }
+state() { sctl show -p ActiveState -p SubState --value "$1" | paste -sd/; }  # one read: no race
 wait_active() {  # unit, seconds
     for _ in $(seq 1 $(($2 * 10))); do [[ $(prop "$1" ActiveState) == active ]] && return 0
         sleep 0.1; done
@@ -133,18 +138,60 @@ for _ in $(seq 1 150); do
     [[ $(sctl is-system-running --wait 2>/dev/null) =~ ^(running|degraded)$ ]] && break; sleep 0.2
 done
 
-# ------------------------------------------------------------------ 4. duet.target at boot
-say "4a. duet.target, enabled by duet install, started both services at boot"
-wait_active duet.target 30; wait_active duet-follower 30; wait_active duet-planner 60
+# ------------------------------------------------------------------ 0. install on /
+say "0a. README: a non-editable bootstrap venv in the checkout"
+on_robot "python3 -m venv /tmp/duet-bootstrap && /tmp/duet-bootstrap/bin/pip install -q ." \
+    || die "bootstrap pip install failed"
+on_robot "/tmp/duet-bootstrap/bin/duet --version"
+
+say "0b. duet install on / with a udevadm that fails (no udevd in a container)"
+set +e
+out=$(on_robot "/tmp/duet-bootstrap/bin/duet install --config /root/robot.yaml \
+    --bundle /root/bundle" 2>&1)
+rc=$?
+set -e
+echo "$out" | grep -v '^+ \|^  \|^Requirement\|^Collecting\|^Using\|^Processing\|^Installing\|^Successfully\|^Building\|^Created\|^Looking\|^Obtaining\|^Attempting\|^  ' | tail -8
+[[ $rc == 1 ]] || die "expected exit 1 from the failing install, got $rc"
+last=$(echo "$out" | tail -n1)
+[[ $last =~ ^duet\ install:\ \`udevadm\ control\ --reload\`\ failed\ \(exit\ [0-9]+.*\)\;\ fix:.*--no-udev-reload\;\ rolled\ back.*nothing\ enabled$ ]] \
+    || die "the failure is not one line naming udevadm and its fix: $last"
+for p in /etc/systemd/system/duet.target /etc/systemd/system/duet-follower.service \
+         /etc/systemd/system/duet-follower.service.d /usr/local/bin/duet /opt/duet /etc/duet \
+         /etc/udev/rules.d/99-duet-serial.rules /var/lib/duet/bundles/current; do
+    [[ ! -e $ROOTFS$p && ! -L $ROOTFS$p ]] || die "half-installed: $p was left behind"
+done
+[[ $(prop duet-follower.service LoadState) == not-found ]] || die "systemd still knows duet-follower"
+echo "rolled back: no unit, drop-in, rule, config, bundle, venv or /usr/local/bin/duet left"
+
+say "0c. rerun as the fix says (--no-udev-reload): installed, duet on PATH"
+on_robot "/tmp/duet-bootstrap/bin/duet install --config /root/robot.yaml --bundle /root/bundle \
+    --no-udev-reload" 2>&1 | grep -v '^  \|^Requirement\|^Collecting\|^Using\|^Processing\|^Installing\|^Successfully\|^Building\|^Created\|^Looking' | tail -6
+[[ $("${C[@]}" sh -c 'command -v duet') == /usr/local/bin/duet ]] || die "duet not on PATH"
+"${C[@]}" duet --version
+"${C[@]}" ls -l /usr/local/bin/duet
+[[ $(prop duet.target UnitFileState) == enabled ]] || die "duet.target not enabled"
+for u in duet-follower duet-planner duet-recorder; do
+    [[ $(prop "$u" UnitFileState) == enabled ]] || die "$u not enabled"
+done
+echo "enabled: duet.target duet-follower duet-planner duet-recorder"
+
+# ------------------------------------------------------------------ 4. duet.target
+say "4a. systemctl start duet.target starts all services"
+sctl start duet.target
+wait_active duet-follower 60; wait_active duet-planner 90; wait_active duet-recorder 60
 sctl list-units 'duet*' --no-pager --plain --no-legend
+"${C[@]}" stat -c '%A %U:%G %n' /run/duet
+"${C[@]}" duet status --json >/dev/null && echo "duet status: healthy" \
+    || "${C[@]}" duet status || true
+"${C[@]}" duet doctor | grep -E '^(ok|WARN|FAIL) +(service|run dir|config|bus device)' || true
 
 # ------------------------------------------------------------------ 1. READY gates active
 say "1. Type=notify: activating until READY=1, STATUS= in systemctl status"
-sctl stop duet-planner duet-follower
+sctl stop duet-recorder duet-planner duet-follower
 T0=$(date +%s)
 sctl start --no-block duet-follower
 seen=() last=""
-for _ in $(seq 1 300); do
+for _ in $(seq 1 600); do
     s=$(state duet-follower); [[ $last == "$s" ]] || seen+=("$s"); last=$s
     [[ $s == active/running ]] && break; sleep 0.02
 done
@@ -180,10 +227,10 @@ done
 kill -CONT -- "-$SIM_PGID"
 echo "states seen in 4 s: ${seen[*]}"
 for s in "${seen[@]}"; do [[ $s != active/* ]] || die "active without READY=1: ${seen[*]}"; done
-journal_since "$T1" -u duet-follower | grep -E 'BusError|Failed with result|restart counter' | head -4
+journal_since "$T1" -u duet-follower | grep -E 'BusError|not readable|Failed with result|restart counter' | head -4
 sctl reset-failed duet-follower   # also clears the start rate limit the failures used up
 sctl start duet-follower duet-planner
-wait_active duet-follower 30; wait_active duet-planner 60
+wait_active duet-follower 30; wait_active duet-planner 90
 
 # ------------------------------------------------------------------ 2. watchdog
 say "2. WatchdogSec=2s: a SIGSTOPped follower is killed and restarted"
@@ -209,7 +256,7 @@ fpid=$(prop duet-follower MainPID); fn=$(prop duet-follower NRestarts)
 ppid=$(prop duet-planner MainPID); pn=$(prop duet-planner NRestarts)
 T3=$(date +%s)
 sctl kill --signal=SIGKILL --kill-who=main duet-planner
-for _ in $(seq 1 200); do
+for _ in $(seq 1 300); do
     [[ $(prop duet-follower ActiveState) == active ]] || die "follower left active: $(state duet-follower)"
     [[ $(prop duet-planner NRestarts) -gt $pn && $(prop duet-planner ActiveState) == active ]] && break
     sleep 0.1
@@ -227,19 +274,67 @@ echo "planner pid $ppid -> $(prop duet-planner MainPID) (crash, then systemctl r
 say "4b. systemctl stop / start duet.target"
 sctl stop duet.target
 # `systemctl stop` waits for the target's own job only: the services stop after it returns
-for _ in $(seq 1 100); do
-    [[ $(prop duet-follower ActiveState) == inactive && $(prop duet-planner ActiveState) == inactive ]] \
-        && break; sleep 0.1; done
+# (a follower that stops latched in FAULT/ESTOP exits 3/4: systemd shows it failed, not inactive)
+down() { [[ $(prop "$1" ActiveState) =~ ^(inactive|failed)$ ]]; }
+for _ in $(seq 1 100); do down duet-follower && down duet-planner && break; sleep 0.1; done
 echo "after stop: follower $(state duet-follower), planner $(state duet-planner)"
-[[ $(prop duet-follower ActiveState) == inactive && $(prop duet-planner ActiveState) == inactive ]] \
-    || die "stopping duet.target left a service running"
+down duet-follower && down duet-planner || die "stopping duet.target left a service running"
 sctl start duet.target
+wait_active duet-follower 30; wait_active duet-planner 90
 echo "after start: target $(state duet.target), follower $(state duet-follower)," \
     "planner $(state duet-planner)"
-[[ $(prop duet-follower ActiveState) == active && $(prop duet-planner ActiveState) == active ]] \
-    || die "starting duet.target did not start both"
 
-say "relaxed for the container (everything else as shipped)"
-cat "$UNITS"/duet-follower.service.d/zz-container.conf
+# ------------------------------------------------------------------ 5. the restart hint
+say "5. start limit hit: the restart hint that really recovers"
+kill -STOP -- "-$SIM_PGID"         # the motors stop answering: every start fails
+T5=$(date +%s)
+sctl restart duet-follower || true
+limit() { journal_since "$T5" -u duet-follower | grep -q 'Start request repeated too quickly'; }
+for _ in $(seq 1 120); do limit && break; sleep 0.5; done
+kill -CONT -- "-$SIM_PGID"         # the motors are back
+journal_since "$T5" -u duet-follower | grep -E 'restart counter|repeated too quickly' | tail -3
+echo "follower: $(state duet-follower), result $(prop duet-follower Result)," \
+    "restarts $(prop duet-follower NRestarts)"
+limit || die "the start limit was not hit"
+sctl restart duet.target || true
+sleep 3
+echo "after 'systemctl restart duet.target' alone: follower $(state duet-follower)"
+[[ $(prop duet-follower ActiveState) != active ]] \
+    || die "expected the follower to stay failed after a plain restart"
+doctor=$("${C[@]}" duet doctor || true)   # exit 1: a check failed, as it should
+echo "$doctor" | grep -A1 'duet-follower.service: failed'
+hint=$(echo "$doctor" | grep -A1 'duet-follower.service: failed' \
+    | grep -o 'sudo systemctl reset-failed.*' | head -n1 || true)
+echo "duet doctor says: $hint"
+[[ $hint == *reset-failed*restart* ]] || die "no reset-failed hint from duet doctor"
+"${C[@]}" sh -c "${hint//sudo /}"
+wait_active duet-follower 30; wait_active duet-planner 90
+echo "after the hint: follower $(state duet-follower), planner $(state duet-planner)"
+
+# ------------------------------------------------------------------ 6. drop-ins follow the config
+say "6. duet config set re-renders the drop-in and reloads systemd"
+"${C[@]}" duet config set follower.realtime.cpu=0
+"${C[@]}" cat /etc/systemd/system/duet-follower.service.d/realtime.conf | grep CPUAffinity
+[[ $(prop duet-follower NeedDaemonReload) == no ]] || die "systemd was not reloaded"
+[[ $(sctl cat duet-follower | grep -c '^CPUAffinity=0$') -ge 1 ]] || die "drop-in not in effect"
+"${C[@]}" tail -n1 /var/lib/duet/config-changes.log
+
+# ------------------------------------------------------------------ 7. uninstall
+say "7. duet uninstall keeps the config and recordings; --purge removes them"
+"${C[@]}" mkdir -p /var/lib/duet/recordings/episodes
+"${C[@]}" touch /var/lib/duet/recordings/episodes/kept.mcap
+"${C[@]}" duet uninstall
+for p in /etc/systemd/system/duet-follower.service /usr/local/bin/duet /opt/duet \
+         /var/lib/duet/bundles; do
+    [[ ! -e $ROOTFS$p && ! -L $ROOTFS$p ]] || die "uninstall left $p"
+done
+[[ -f $ROOTFS/etc/duet/site.yaml && -f $ROOTFS/var/lib/duet/recordings/episodes/kept.mcap ]] \
+    || die "uninstall removed the config or the recordings"
+[[ $(prop duet-follower.service LoadState) == not-found ]] || die "systemd still has the unit"
+[[ $(prop duet-follower.service ActiveState) == inactive ]] || die "follower still running"
+on_robot "/tmp/duet-bootstrap/bin/duet uninstall --purge"
+[[ ! -e $ROOTFS/etc/duet && ! -e $ROOTFS/var/lib/duet ]] || die "--purge left data"
+
+say "relaxed for the container: nothing in the units; udev reload skipped (no udevd)"
 echo
 echo "ALL CHECKS PASSED"

@@ -3,14 +3,14 @@ need the runtime stack without the trained reference policy."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.bundle import FORMAT_VERSION, sha256_file
 from runtime.tokenizer import Tokenizer
 
 JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
@@ -52,41 +52,48 @@ def _follower(d: int, gain: float) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+REFERENCE_CONTRACT = {
+    "rates": {"planner_hz": 5.0, "follower_hz": 500.0},
+    "planner": {
+        "stages": [{"name": "planner", "file": "planner.onnx", "inputs": [
+            {"role": "camera", "name": "image", "camera": "scene", "height": 96, "width": 96},
+            {"role": "instruction", "name": "tokens", "tokenizer": "tokenizer.json",
+             "kind": "duet-words", "max_len": 16},
+            {"role": "proprio", "name": "q", "field": "q"}],
+            "outputs": [{"role": "actions", "name": "waypoints"}]}],
+        "actions": {"horizon": H, "dt_s": DT, "kind": "absolute", "joints": JOINTS}},
+    "follower": {"file": "follower.onnx", "inputs": [
+        {"role": "reference", "name": "ref", "steps": LOOK, "dt_s": LOOK_DT},
+        {"role": "proprio", "name": "q", "field": "q"},
+        {"role": "proprio", "name": "dq", "field": "dq"}],
+        "output": {"name": "residual"}},
+}
+
+
 def make_bundle(out: Path, offsets: np.ndarray | None = None, gain: float = 0.0,
                 joints: list[str] = JOINTS) -> Path:
-    """Write a complete bundle; `offsets` [H, D] default: a slow sweep of the base joint."""
+    """A complete format-2 bundle, made by the exporter's own `bundle_from_onnx` from two
+    small ONNX graphs and the reference contract; `offsets` [H, D] default: a slow sweep
+    of the base joint."""
+    import copy
+
+    import yaml
+
+    from export.pipeline import ExportOptions, bundle_from_onnx, load_contract
+
     d = len(joints)
     if offsets is None:
         offsets = np.zeros((H, d))
         offsets[:, 0] = 0.03 * (np.arange(H) + 1)
-    out.mkdir(parents=True, exist_ok=True)
-    onnx.save(_planner(offsets), out / "planner.onnx")
-    onnx.save(_follower(d, gain), out / "follower.onnx")
-    Tokenizer().save(out / "tokenizer.json")
-
-    def io(name: str, dtype: str, shape: list[int]) -> dict[str, object]:
-        return {"name": name, "dtype": dtype, "shape": shape}
-
-    files = {n: sha256_file(out / n) for n in ("planner.onnx", "follower.onnx", "tokenizer.json")}
-    manifest = {
-        "format_version": FORMAT_VERSION, "version": "test",
-        "robot": {"joints": joints},
-        "models": {
-            "planner": {"file": "planner.onnx", "precision": "fp32",
-                        "inputs": [io("image", "uint8", [1, 96, 96, 3]),
-                                   io("tokens", "int64", [1, 16]), io("q", "float32", [1, d])],
-                        "outputs": [io("waypoints", "float32", [1, H, d])]},
-            "follower": {"file": "follower.onnx", "precision": "fp32",
-                         "inputs": [io("ref", "float32", [1, LOOK, d]), io("q", "float32", [1, d]),
-                                    io("dq", "float32", [1, d])],
-                         "outputs": [io("residual", "float32", [1, d])]},
-        },
-        "rates": {"planner_hz": 5.0, "follower_hz": 500.0},
-        "horizon": H, "dt_s": DT, "lookahead": {"steps": LOOK, "dt_s": LOOK_DT},
-        "normalisation": "none (test graphs)", "tokenizer": "tokenizer.json",
-        "files": files,
-        "provenance": {"tool": "tests/onnx_bundle.py", "tool_version": "0", "opset": 17,
-                       "checkpoints": {}, "created": "2026-01-01T00:00:00Z"},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    src = out.with_name(out.name + ".src")
+    src.mkdir(parents=True, exist_ok=True)
+    onnx.save(_planner(offsets), src / "planner.onnx")
+    onnx.save(_follower(d, gain), src / "follower.onnx")
+    Tokenizer().save(src / "tokenizer.json")
+    contract = copy.deepcopy(REFERENCE_CONTRACT)
+    contract["planner"]["actions"]["joints"] = list(joints)  # type: ignore[index]
+    (src / "contract.yaml").write_text(yaml.safe_dump(contract))
+    opts = ExportOptions(calib=4, parity_samples=2)
+    with contextlib.redirect_stdout(io.StringIO()):  # the parity table: not test output
+        bundle_from_onnx(load_contract(src / "contract.yaml"), out, opts, src)
     return out

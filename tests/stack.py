@@ -15,8 +15,8 @@ import zmq
 
 from runtime import endpoints
 from runtime.config import DuetConfig, load_config
-from runtime.control_client import request, request_at
 from runtime.messages import decode, unpack_array
+from runtime.rpc import request_at
 from runtime.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,11 @@ class Stack:
     def __init__(self, tmp: Path, bundle: Path, overrides: list[str] | None = None,
                  planner: bool = True, config: str = "sim.yaml") -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")
-        sets = [f"run_dir={tmp / 'run'}", f"bundle.path={bundle}", *(overrides or [])]
+        # A shared 2-core test machine has bursts of late ticks that a robot's dedicated core
+        # does not: these tests check behaviour, not timing, so the deadline-miss storm is
+        # tolerant here (80 % of a window late; a test may set its own).
+        sets = [f"run_dir={tmp / 'run'}", f"bundle.path={bundle}",
+                "follower.deadline_storm.misses=400", *(overrides or [])]
         self.cfg: DuetConfig = load_config(REPO / "configs" / config, None, sets)
         self.sup = Supervisor(self.cfg, "test")
         self.with_planner = planner
@@ -59,7 +63,7 @@ class Stack:
         os.kill(self.pid(name), sig)
 
     def control(self, cmd: str, **args: Any) -> dict[str, Any]:
-        return request(self.run_dir, cmd, args, timeout_s=5.0)
+        return request_at(endpoints.control(self.run_dir), cmd, args, timeout_s=5.0)
 
     def sim_fault(self, cmd: str, **args: Any) -> dict[str, Any]:
         """Break (or mend) the sim robot through its fault-injection socket."""

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from drivers.bus_budget import (
+    can_fd_frame_bits,
     can_frame_bits,
+    can_frame_us,
     can_mit_tick_us,
     check_budget,
     dynamixel_tick_bytes,
@@ -69,3 +71,30 @@ def test_fraction_and_bad_inputs() -> None:
         check_budget(CAN_1M, 6, 500, usable_fraction=1.5)
     with pytest.raises(ValueError, match="> 0 Hz"):
         check_budget(CAN_1M, 6, 0)
+
+
+def test_can_fd_frame_arithmetic() -> None:
+    # 8 data bytes: nominal = 17 arbitration + 4 stuff + 13 tail = 34 bits; data = ESI, DLC and
+    # 64 data bits (69) + 18 stuff + 4 stuff count + 17 CRC + 6 fixed stuff = 114 bits
+    assert can_fd_frame_bits(8) == (34, 114)
+    assert can_fd_frame_bits(0) == (34, 5 + 2 + 4 + 17 + 6)
+    assert can_fd_frame_bits(64) == (34, 517 + 130 + 4 + 21 + 7)  # CRC-21 above 16 bytes
+    with pytest.raises(ValueError, match="CAN FD carries one of"):
+        can_fd_frame_bits(9)
+    assert can_frame_us(8, 1_000_000, fd=True, data_bitrate=5_000_000) == pytest.approx(56.8)
+    assert can_frame_us(8, 1_000_000) == pytest.approx(135.0)  # classic
+    # FD without a faster data phase is longer than classic (more header, CRC-17)
+    assert can_frame_us(8, 1_000_000, fd=True, data_bitrate=1_000_000) > 135.0
+
+
+def test_fd_budget_and_dialect_reply_length() -> None:
+    damiao = SimpleNamespace(kind="mit_can", bitrate=1_000_000, dialect="damiao")
+    b = tick_budget(damiao, 6, 400)
+    assert b.wire_us == pytest.approx(6 * (135 + 135))  # Damiao replies carry 8 bytes
+    fd = SimpleNamespace(kind="mit_can", bitrate=1_000_000, dialect="damiao", fd=True,
+                         data_bitrate=5_000_000)
+    b = check_budget(fd, 6, 1000)  # 6 x 2 x 56.8 = 681.6 us <= 700 us
+    assert b.wire_us == pytest.approx(681.6)
+    assert "FD at 1000000/5000000 bit/s" in b.arithmetic and "114" in b.arithmetic
+    with pytest.raises(ValueError, match=r"681\.6 us > 560\.0 us.*at most 1026 Hz"):
+        check_budget(fd, 6, 1250)

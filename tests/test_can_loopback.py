@@ -61,9 +61,7 @@ def test_frames_cross_in_process_with_all_fields_and_garbage_is_dropped() -> Non
     assert isinstance(a, DuetUdpBus)
     try:
         assert b.recv(0.0) is None
-        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        raw.sendto(b"not a frame", ("127.0.0.1", pb))
-        raw.close()
+        a._sock.send(b"not a frame")  # type: ignore[attr-defined]  # garbage from the peer
         a.send(can.Message(arbitration_id=0x7FF, is_extended_id=False, data=b"\x01\x02\x03"))
         a.send(can.Message(arbitration_id=0x1ABCDEF0, is_extended_id=True, data=bytes(range(8))))
         a.send(can.Message(arbitration_id=0x10, is_extended_id=False, is_remote_frame=True, dlc=2))
@@ -75,8 +73,15 @@ def test_frames_cross_in_process_with_all_fields_and_garbage_is_dropped() -> Non
             0x1ABCDEF0, True, bytes(range(8)))
         assert m3.is_remote_frame and m3.dlc == 2 and not m3.data
         assert b.dropped == 1  # type: ignore[attr-defined]
-        with pytest.raises(can.CanOperationError, match="classic CAN"):
-            a.send(can.Message(arbitration_id=1, is_fd=True, data=bytes(12)))
+        a.send(can.Message(arbitration_id=0x123, is_extended_id=False, is_fd=True,
+                           bitrate_switch=True, data=bytes(range(64))))
+        fd = b.recv(1.0)
+        assert fd is not None and fd.is_fd and fd.bitrate_switch and not fd.error_state_indicator
+        assert (fd.arbitration_id, fd.dlc, bytes(fd.data)) == (0x123, 64, bytes(range(64)))
+        with pytest.raises(can.CanOperationError, match="classic CAN frame carries <= 8"):
+            a.send(can.Message(arbitration_id=1, data=bytes(8), bitrate_switch=True))
+        with pytest.raises(can.CanOperationError, match="CAN FD frame carries one of"):
+            a.send(can.Message(arbitration_id=1, is_fd=True, data=bytes(9), check=False))
     finally:
         a.shutdown()
         b.shutdown()
@@ -172,6 +177,38 @@ class _Model:
     """A duck-typed motor model, as runtime.config.MitMotorModel is to the driver."""
 
     p_max, v_max, t_max, kp_max, kd_max = 12.5, 30.0, 10.0, 500.0, 5.0
+
+
+def test_datagrams_from_any_other_sender_are_never_received() -> None:
+    """A local process that forges a motor reply (valid framing, right port) is not heard: the
+    socket is connected to its peer, so the kernel drops every other source."""
+    pa, pb = free_ports(2)
+    bus = can.Bus(interface="duet-udp", channel=f"127.0.0.1:{pa}>127.0.0.1:{pb}")
+    peer = can.Bus(interface="duet-udp", channel=f"127.0.0.1:{pb}>127.0.0.1:{pa}")
+    forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other_ip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        # a well-formed frame, captured from the real peer's socket format
+        probe = can.Bus(interface="duet-udp", channel=f"127.0.0.1:{free_ports(1)[0]}>127.0.0.1:1")
+        probe._tx[:] = bytes(len(probe._tx))  # type: ignore[attr-defined]
+        msg = can.Message(arbitration_id=0, is_extended_id=False, data=bytes([1, 0xFF, 0xFF]))
+        probe.send(msg)  # fills probe._tx with the frame bytes (nobody listens on port 1)
+        forged = bytes(probe._tx)  # type: ignore[attr-defined]
+        probe.shutdown()
+        forger.sendto(forged, ("127.0.0.1", pa))  # another port on the peer's address
+        other_ip.bind(("127.0.0.2", 0))
+        other_ip.sendto(forged, ("127.0.0.1", pa))  # another loopback address
+        assert bus.recv(0.2) is None
+        assert bus.dropped == 0  # type: ignore[attr-defined]  # never even reached the bus
+        peer.send(msg)
+        got = bus.recv(1.0)
+        assert got is not None and bytes(got.data) == bytes([1, 0xFF, 0xFF])
+        assert bus.recv(0.05) is None
+    finally:
+        forger.close()
+        other_ip.close()
+        bus.shutdown()
+        peer.shutdown()
 
 
 def test_receive_timeout_is_honoured() -> None:

@@ -10,9 +10,13 @@ SIM = REPO / "configs" / "sim.yaml"
 
 
 def test_shipped_configs_validate() -> None:
+    from runtime.buses import bus_sections
+
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(path)
-        assert len(cfg.bus.ids) == len(cfg.robot.joints), path
+        sections = bus_sections(cfg)
+        assert sorted(n for _, names in sections for n in names) == sorted(cfg.robot.joints)
+        assert all(len(bus.ids) == len(names) for bus, names in sections), path
 
 
 def test_layers_site_then_cli(tmp_path: Path) -> None:

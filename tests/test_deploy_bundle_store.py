@@ -24,8 +24,9 @@ def _bundle(tmp: Path, version: str) -> Path:
 
 def test_add_activate_rollback_swaps_symlinks(tmp_path: Path) -> None:
     store = BundleStore(tmp_path / "bundles", expect_joints=JOINTS)
-    assert store.add(_bundle(tmp_path, "v1")) == "v1"
-    assert store.add(_bundle(tmp_path, "v2")) == "v2"
+    assert store.add(_bundle(tmp_path, "v1")) is True
+    assert store.add(_bundle(tmp_path, "v2")) is True
+    assert store.add(_bundle(tmp_path / "again", "v1")) is False  # identical: nothing to do
     assert store.activate("v1") is None
     assert store.activate("v2") == "v1"
     current, previous = tmp_path / "bundles/current", tmp_path / "bundles/previous"
@@ -45,7 +46,8 @@ def test_tampered_bundle_is_refused_everywhere(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"follower\.onnx"):
         store.add(src)
     assert not (tmp_path / "bundles" / "v1").exists()
-    good = store.add(_bundle(tmp_path, "v2"))
+    good = "v2"
+    assert store.add(_bundle(tmp_path, good))
     (tmp_path / "bundles" / good / "planner.onnx").write_bytes(b"corrupted on disk")
     with pytest.raises(BundleError, match=r"planner\.onnx"):
         store.activate(good)
@@ -67,7 +69,7 @@ def test_same_version_different_content_is_refused(tmp_path: Path) -> None:
     store.add(_bundle(tmp_path, "v1"))
     other = _bundle(tmp_path / "other", "v1")
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["normalisation"] = "different"
+    manifest["contract"]["rates"]["planner_hz"] = 7.0
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="different bundle"):
         store.add(other)
@@ -77,6 +79,9 @@ def test_bundle_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = ["--store", str(tmp_path / "b"), "--config", str(tmp_path / "none.yaml")]
     assert main(["bundle", "add", str(_bundle(tmp_path, "v1")), *store]) == 0
     assert main(["bundle", "add", str(_bundle(tmp_path, "v2")), *store]) == 0
+    assert "added v2; make it current: duet bundle activate v2" in capsys.readouterr().out
+    assert main(["bundle", "add", str(_bundle(tmp_path / "again", "v2")), *store]) == 0
+    assert "v2 is already installed (identical): nothing to do" in capsys.readouterr().out
     assert main(["bundle", "activate", "v1", *store]) == 0
     assert main(["bundle", "activate", "v2", *store]) == 0
     assert main(["bundle", "rollback", *store]) == 0
@@ -86,3 +91,24 @@ def test_bundle_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "* v1" in out and "< v2" in out
     assert main(["bundle", "activate", "nope", *store]) == 1
     assert "no bundle 'nope'" in capsys.readouterr().err
+
+
+def test_add_copies_only_listed_files_and_refuses_symlinks(tmp_path: Path) -> None:
+    """A signed bundle with a planted TensorRT engine beside it: the engine never reaches
+    the store (engines are built on the robot, into a root-owned cache)."""
+    src = _bundle(tmp_path, "v1")
+    (src / "engines").mkdir()
+    (src / "engines" / "planner.plan").write_bytes(b"planted")
+    (src / "notes.txt").write_text("extra")
+    store = BundleStore(tmp_path / "bundles")
+    assert store.add(src)
+    stored = tmp_path / "bundles" / "v1"
+    assert not (stored / "engines").exists() and not (stored / "notes.txt").exists()
+    assert sorted(p.name for p in stored.iterdir()) == sorted(
+        ["manifest.json", *json.loads((src / "manifest.json").read_text())["files"]])
+    other = _bundle(tmp_path / "o", "v2")
+    (other / "manifest.json").rename(tmp_path / "real-manifest.json")
+    (other / "manifest.json").symlink_to(tmp_path / "real-manifest.json")
+    with pytest.raises(BundleError, match=r"manifest.json: a symbolic link"):
+        store.add(other)
+    assert not any(p.name.startswith(".incoming") for p in (tmp_path / "bundles").iterdir())

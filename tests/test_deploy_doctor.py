@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +31,7 @@ def _config(tmp: Path, device: str, bundle: Path) -> Path:
 
 
 def _levels(config: Path) -> dict[str, str]:
-    return {c.name: c.level for c in diagnose(config, None)}
+    return {c.name: c.level for c in diagnose(config, None, str(config.parent / "run"))}
 
 
 def test_healthy_device_and_bundle(tmp_path: Path) -> None:
@@ -57,5 +61,85 @@ def test_missing_device_and_tampered_bundle_fail(tmp_path: Path,
 def test_invalid_config_is_one_failing_check(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("robot: 3\n")
-    checks = diagnose(bad, None)
+    checks = diagnose(bad, None, str(tmp_path))
     assert [(c.name, c.level) for c in checks] == [("config", FAIL)]
+
+
+def test_latched_fault_dead_camera_and_json(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path, "sim", make_bundle(tmp_path / "b"))
+    data = yaml.safe_load(config.read_text())
+    planner = data.setdefault("planner", {})
+    camera = {"kind": "v4l2", "device": "/dev/video-missing"}
+    if "cameras" in planner:  # named cameras
+        planner["cameras"] = {"scene": camera}
+    else:
+        planner["camera"] = camera
+    config.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "follower.latched").write_text("ESTOP: cli (alice)\n")
+    assert main(["doctor", "--config", str(config), "--run-dir", str(run), "--json"]) == 1
+    checks = json.loads(capsys.readouterr().out)["checks"]
+    by_name = {c["name"]: c for c in checks}
+    assert by_name["latched fault"]["level"] == FAIL
+    assert "ESTOP: cli (alice)" in by_name["latched fault"]["detail"]
+    assert "duet reset" in by_name["latched fault"]["fix"]
+    assert by_name["camera"]["level"] == FAIL
+    assert "/dev/video-missing does not exist" in by_name["camera"]["detail"]
+
+
+def test_cpu_contention_names_the_busy_process(tmp_path: Path) -> None:
+    from runtime.config import load_config
+    from runtime.deploy.doctor import WARN, check_cpu
+
+    cfg = load_config(_config(tmp_path, "sim", tmp_path / "b"))
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        check = check_cpu(cfg, sample_s=1.0)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert check.level == WARN and f"pid {hog.pid}" in check.detail, check
+    assert "cpu 1 (the follower's)" in check.fix
+
+
+def test_services_start_limit_hit_names_the_command_that_recovers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd as a real `systemctl` executable would answer for a unit past its start limit."""
+    from runtime.config import load_config
+    from runtime.deploy.doctor import check_services
+
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "duet-follower.service").write_text("[Service]\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    failed = "ActiveState=failed\\nSubState=failed\\nResult=start-limit-hit\\nNRestarts=5"
+    running = "ActiveState=active\\nSubState=running\\nResult=success\\nNRestarts=0"
+    (bin_dir / "systemctl").write_text(f"""#!/bin/sh
+case "$*" in
+  *duet-follower*) printf 'LoadState=loaded\\n{failed}\\n';;
+  *) printf 'LoadState=loaded\\n{running}\\n';;
+esac
+""")
+    (bin_dir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    checks = check_services(load_config(_config(tmp_path, "sim", tmp_path / "b")), units)
+    follower, planner = checks[0], checks[1]
+    assert follower.level == FAIL and "start limit hit" in follower.detail
+    assert "sudo systemctl reset-failed duet-follower.service" in follower.fix
+    assert "&& sudo systemctl restart duet.target" in follower.fix
+    assert planner.level == OK and "active/running" in planner.detail
+
+
+def test_installed_sim_config_fails(tmp_path: Path) -> None:
+    """An installed config (…/etc/duet/duet.yaml) whose bus is the sim: the follower would
+    crash-loop, so doctor says FAIL (not ok)."""
+    etc = tmp_path / "etc/duet"
+    etc.mkdir(parents=True)
+    installed = etc / "duet.yaml"
+    installed.write_text(_config(tmp_path, "sim", make_bundle(tmp_path / "b")).read_text())
+    levels = {c.name: c for c in diagnose(installed, None, str(tmp_path / "run"))}
+    assert levels["bus device"].level == FAIL and "crash-loop" in levels["bus device"].detail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def test_install_stages_a_complete_tree(tmp_path: Path) -> None:
     assert "u duet" in (root / "etc/sysusers.d/duet.conf").read_text()
     assert "recordings 0770 duet duet" in (root / "etc/tmpfiles.d/duet.conf").read_text()
     assert (root / "etc/duet/duet.yaml").read_text() == config.read_text()
-    assert os.readlink(root / "var/lib/duet/bundles/current") == "test"
+    version = json.loads((bundle / "manifest.json").read_text())["version"]
+    assert os.readlink(root / "var/lib/duet/bundles/current") == version
     assert (root / "opt/duet/README.md").is_file()
     # what the services will load: robot config + site file pointing at the current bundle
     cfg = load_config(root / "etc/duet/duet.yaml", root / "etc/duet/site.yaml")
@@ -86,9 +88,156 @@ def test_invalid_config_installs_nothing(tmp_path: Path, capsys: pytest.CaptureF
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "configs/sim.yaml").read_text().replace("hz: 500", "hz: -1"))
     rc = main(["install", "--root", str(tmp_path / "root"), "--config", str(bad), "--no-venv"])
-    assert rc == 1
+    assert rc == 2  # bad input
     assert "follower.hz" in capsys.readouterr().err
     assert not (tmp_path / "root").exists()
+
+
+def test_sim_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["install", "--root", str(tmp_path / "root"), "--config",
+               str(REPO / "configs/sim.yaml"), "--no-venv"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "simulated robot's config" in err and "bus.device is `sim`" in err
+    assert "sim.enabled is true" in err and not (tmp_path / "root").exists()
+
+
+STEPS = {  # the live steps, in order: (tool, first argument) -> what its failure prints
+    "systemd-sysusers": ("systemd-sysusers", "duet.conf"),
+    "systemd-tmpfiles": ("systemd-tmpfiles", "--create"),
+    "udevadm control": ("udevadm", "control"),
+    "udevadm trigger": ("udevadm", "trigger"),
+    "systemctl daemon-reload": ("systemctl", "daemon-reload"),
+    "systemctl enable": ("systemctl", "enable"),
+}
+
+
+def _fake_tools(tmp: Path, fail: str | None, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Real executables named like the system tools, first on PATH: each appends its argv to
+    calls.log; the one named by `fail` prints an error and exits 1."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp / "calls.log"
+    for tool in {t for t, _ in STEPS.values()}:
+        script = bin_dir / tool
+        fail_arg = STEPS[fail][1] if fail and STEPS[fail][0] == tool else ""
+        script.write_text(f"""#!/bin/sh
+echo "{tool} $*" >> {log}
+case "$*" in *"{fail_arg or '@never@'}"*) echo "{tool}: Failed: simulated" >&2; exit 1;; esac
+exit 0
+""")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every path under root with its content or link target."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = p.read_text(errors="replace")
+        else:
+            out[rel] = "/"
+    return out
+
+
+def _live_plan(root: Path, config: Path, bundle: Path | None = None) -> InstallPlan:
+    return InstallPlan(layout=Layout(root), prefix="/opt/duet", config=config, bundle=bundle,
+                       venv=False, live_steps=True, log=lambda _: None)
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_each_failing_step_rolls_back_to_the_previous_install(
+        step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first install succeeds; a second, with a changed config, fails at `step`: the error
+    is one line naming the command and the fix, and every file is as the first left it."""
+    from runtime.deploy.install import InstallError
+
+    root, config = tmp_path / "root", _robot_config(tmp_path, cpu=1, sched_fifo_priority=80)
+    bundle = make_bundle(tmp_path / "bundle")
+    _fake_tools(tmp_path, None, monkeypatch)
+    install(_live_plan(root, config, bundle))
+    before = _tree(root)
+    (tmp_path / "changed").mkdir()
+    changed = _robot_config(tmp_path / "changed", cpu=0, sched_fifo_priority=70)
+    log = _fake_tools(tmp_path, step, monkeypatch)
+    log.unlink()
+    with pytest.raises(InstallError) as exc:
+        install(_live_plan(root, changed))
+    text = str(exc.value)
+    assert "\n" not in text and f"`{STEPS[step][0]}" in text and "fix:" in text
+    assert "Failed: simulated" in text and text.endswith("nothing enabled")
+    assert _tree(root) == before  # nothing half-installed: the previous install, exactly
+    calls = log.read_text().splitlines()
+    tools = [" ".join(c.split()[:2]) for c in calls]
+    failed_at = [" ".join(t for t in STEPS[k] if t != "duet.conf") for k in STEPS].index(
+        " ".join(t for t in STEPS[step] if t != "duet.conf"))
+    if step == "systemctl enable":  # systemd had seen the new units: it reloads the old
+        assert tools[-1] == "systemctl daemon-reload" and len(calls) == failed_at + 2
+    else:
+        assert len(calls) == failed_at + 1  # nothing ran after the failing step
+
+
+def test_failed_first_install_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    from runtime.deploy.install import InstallError
+
+    root = tmp_path / "root"
+    root.mkdir()
+    _fake_tools(tmp_path, "udevadm control", monkeypatch)
+    with pytest.raises(InstallError, match=r"udevadm control --reload.*--no-udev-reload"):
+        install(_live_plan(root, _robot_config(tmp_path)))
+    assert _tree(root) == {}  # not a file, not a folder left
+
+
+def test_missing_tool_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.deploy.install import InstallError
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(InstallError, match=r"`systemd-sysusers .*` could not run .*fix:"):
+        install(_live_plan(tmp_path / "root", _robot_config(tmp_path)))
+    assert not list((tmp_path / "root").rglob("*.service"))
+
+
+def test_duet_on_path_and_uninstall(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, config = tmp_path / "root", _robot_config(tmp_path)
+    assert main(["install", "--root", str(root), "--config", str(config), "--bundle",
+                 str(make_bundle(tmp_path / "b")), "--no-venv"]) == 0
+    assert os.readlink(root / "usr/local/bin/duet") == "/opt/duet/venv/bin/duet"
+    (root / "var/lib/duet/recordings/episodes").mkdir(parents=True)
+    (root / "var/lib/duet/recordings/episodes/e.mcap").write_bytes(b"x")
+    assert main(["uninstall", "--root", str(root)]) == 0
+    left = _tree(root)
+    assert not [p for p in left if p.endswith((".service", ".target", ".rules", "duet.conf"))]
+    assert "usr/local/bin/duet" not in left and "opt/duet" not in left
+    assert "var/lib/duet/bundles" not in left
+    assert "etc/duet/site.yaml" in left and "var/lib/duet/recordings/episodes/e.mcap" in left
+    assert main(["uninstall", "--root", str(root), "--purge"]) == 0
+    assert "etc/duet" not in _tree(root) and "var/lib/duet" not in _tree(root)
+
+
+def test_non_editable_bootstrap_finds_the_checkout(tmp_path: Path) -> None:
+    """duet installed as a plain package (no systemd/ beside it), run inside the checkout."""
+    import shutil
+    import subprocess
+    import sys
+
+    site = tmp_path / "site-packages"
+    for pkg in ("runtime", "drivers", "sim", "policy", "export"):
+        shutil.copytree(REPO / pkg, site / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    args = [sys.executable, "-m", "runtime.cli", "install", "--root", str(tmp_path / "root"),
+            "--config", str(_robot_config(tmp_path)), "--no-venv"]
+    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "root/etc/systemd/system/duet-follower.service").is_file()
+    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and "pass --source DIR" in out.stderr
 
 
 def test_custom_prefix_and_can_bus(tmp_path: Path) -> None:
@@ -97,6 +246,7 @@ def test_custom_prefix_and_can_bus(tmp_path: Path) -> None:
                    "ids": [1, 2, 3, 4, 5, 6], "model": {"p_max": 12.5, "v_max": 45, "t_max": 18},
                    "kp": [20.0] * 6, "kd": [1.0] * 6}
     data["follower"]["hz"] = 400  # what one 1 Mbit/s bus carries for 6 motors
+    data.pop("sim")
     config = tmp_path / "can.yaml"
     config.write_text(yaml.safe_dump(data))
     root = tmp_path / "root"

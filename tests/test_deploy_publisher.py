@@ -31,6 +31,8 @@ def follower_telemetry(ticks: int, mode: str, t: float) -> dict[str, Any]:
     return {
         "source": "follower", "mode": mode,
         "fault_reason": "bus errors past threshold" if mode == "FAULT" else None,
+        "health": {"ok": mode != "FAULT", "achieved_hz": 499.7, "miss_ratio": 0.0,
+                   "problems": ["FAULT: bus errors past threshold"] if mode == "FAULT" else []},
         "target_hz": 500.0, "achieved_hz": 499.7, "ticks": ticks, "deadline_misses": 3,
         "period_jitter_us": {"p50": 12.5, "p99": 87.25, "max": 140.0},
         "tick_compute_us": {"p50": 210.0, "p99": 390.0, "max": 612.0},
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = zmq.Context.instance()
     socks = {}
-    for name in ("telemetry-follower", "telemetry-planner", "state", "plan", "sim"):
+    for name in ("telemetry-follower", "telemetry-planner", "state", "sim"):
         s = ctx.socket(zmq.PUB)
         s.setsockopt(zmq.LINGER, 0)
         s.bind(f"ipc://{run_dir}/{name}")
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         socks["state"].send(enc["state"].encode("state", {
             "q": pack_array(q), "dq": pack_array(np.zeros(6, np.float32)),
             "effort": pack_array(np.zeros(6, np.float32)), "mode": mode,
-            "t_ns": time.monotonic_ns()}))
+            "t_read_ns": time.monotonic_ns()}))
         if ticks % max(1, int(args.state_hz / 20)) == 0:
             socks["telemetry-follower"].send(enc["telemetry-follower"].encode(
                 "telemetry", follower_telemetry(ticks, mode, t)))
@@ -89,9 +91,18 @@ def main(argv: list[str] | None = None) -> int:
             plans += 1
             socks["telemetry-planner"].send(enc["telemetry-planner"].encode(
                 "telemetry", planner_telemetry(plans)))
-            socks["plan"].send(enc["plan"].encode("plan", {
+            # plans travel to observers on the planner's telemetry socket
+            socks["telemetry-planner"].send(enc["telemetry-planner"].encode("plan", {
                 "waypoints": pack_array(np.zeros((10, 6), np.float32)), "dt_s": 0.1,
                 "t_obs_ns": time.monotonic_ns(), "latency_ms": 41.5}))
+        if ticks % max(1, int(args.state_hz)) == 0:  # once a second: the sim's episode news
+            episode = ticks // max(1, int(args.state_hz))
+            socks["sim"].send(enc["sim"].encode("task", {
+                "episode": episode, "instruction": "touch the red block"}))
+            socks["sim"].send(enc["sim"].encode("episode", {
+                "episode": episode - 1, "instruction": "touch the red block",
+                "success": True, "reason": "success", "touched": ["red"],
+                "duration_s": 1.0}))
         if ticks % max(1, int(args.state_hz / 10)) == 0:
             image[:] = ticks % 256
             socks["sim"].send(enc["sim"].encode("frame", {
@@ -107,11 +118,11 @@ def test_messages_decode_with_runtime_codecs() -> None:
     assert msg["mode"] == "TRACK" and msg["joint_names"] == JOINTS
     plan = enc.encode("plan", {"waypoints": pack_array(np.zeros((10, 6), np.float32)),
                                "dt_s": 0.1, "t_obs_ns": 1, "latency_ms": 1.0})
-    assert decode_plan(plan, 6)[1].shape == (10, 6)
+    assert decode_plan(plan)[1].shape == (10, 6)
     state = enc.encode("state", {"q": pack_array(np.zeros(6, np.float32)),
                                  "dq": pack_array(np.zeros(6, np.float32)),
                                  "effort": pack_array(np.zeros(6, np.float32)),
-                                 "mode": "HOLD", "t_ns": 1})
+                                 "mode": "HOLD", "t_read_ns": 1})
     assert decode_state(state, 6)[1].shape == (6,)
 
 

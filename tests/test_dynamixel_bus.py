@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from drivers import dynamixel_protocol as dx
-from drivers.bus import BusError, MotorFault, MotorState
+from drivers.bus import BusError, CommandError, MotorFault, MotorState
 from drivers.dynamixel import DynamixelBus
 from runtime.config import DynamixelBusConfig
 from sim.actuators import HW_OVERLOAD, Actuators
@@ -108,13 +109,17 @@ def test_goal_ticks_on_the_wire_follow_zero_and_direction(
 def test_write_rejects_bad_targets(bus: DynamixelBus) -> None:
     q = np.zeros(6)
     q[2] = np.nan
-    with pytest.raises(ValueError, match="elbow"):
+    with pytest.raises(CommandError, match=r"elbow \(id 3\) = nan rad is not finite") as err:
+        bus.write(q)
+    assert err.value.motor == "elbow"
+    q[2] = np.inf
+    with pytest.raises(CommandError, match="elbow"):
         bus.write(q)
     q[2] = 0.0
     q[5] = 4.0  # beyond one revolution from zero: outside Min/Max Position Limit
-    with pytest.raises(ValueError, match="gripper"):
+    with pytest.raises(CommandError, match=r"gripper .*limits \[0, 4095\] ticks"):
         bus.write(q)
-    with pytest.raises(ValueError, match="MIT"):
+    with pytest.raises(CommandError, match="MIT"):
         bus.write(np.zeros(6), kp=np.ones(6))
     assert bus.stats.writes == 0
 
@@ -165,17 +170,54 @@ def test_wire_time(bus: DynamixelBus, emulator: DynamixelEmulator) -> None:
     assert bus.wire_time_us() == pytest.approx(475.0 + 6 * 10.0)
 
 
-def test_silent_motor_times_out(bus: DynamixelBus, actuators: Actuators) -> None:
+def test_silent_motor_is_named_without_waiting_when_the_next_one_answers(
+        bus: DynamixelBus, actuators: Actuators) -> None:
     actuators.silent[2] = True
     state = MotorState(6)
-    with pytest.raises(BusError, match="elbow") as info:
+    bus.timeout_ms = 500.0  # replies come in request order: wrist_pitch's settles elbow
+    t0 = time.monotonic()
+    with pytest.raises(BusError, match=r"no reply \(the next motor answered first\) from"
+                                       r" elbow \(id 3\)$") as info:
         bus.read(state)
+    assert time.monotonic() - t0 < 0.25  # both attempts, neither waited out 500 ms
     assert info.value.motor == "elbow" and not isinstance(info.value, MotorFault)
     s = bus.stats
-    assert (s.timeouts, s.retries, s.errors, s.reads) == (2, 1, 1, 0)
+    assert (s.timeouts, s.retries, s.errors, s.reads) == (0, 1, 1, 0)
     assert s.missing_replies == 2 and s.per_motor_errors["elbow"] == 2
+    assert sum(s.per_motor_errors.values()) == 2  # nobody else blamed
     actuators.silent[2] = False
     bus.read(state)  # recovers
+    assert bus.stats.reads == 1
+
+
+def test_silent_last_motor_times_out(bus: DynamixelBus, actuators: Actuators) -> None:
+    actuators.silent[5] = True
+    with pytest.raises(BusError, match=r"no reply within 20.0 ms from gripper \(id 6\)$"):
+        bus.read(MotorState(6))
+    s = bus.stats
+    assert (s.timeouts, s.missing_replies, s.per_motor_errors["gripper"]) == (2, 2, 2)
+    assert sum(s.per_motor_errors.values()) == 2
+
+
+@pytest.mark.parametrize(("byte", "reason"), [(5, "length field"), (0, "no reply"),
+                                              (3, "no reply"), (10, "CRC error")])
+def test_one_corrupt_reply_fails_only_its_motor_at_once(
+        bus: DynamixelBus, emulator: DynamixelEmulator, byte: int, reason: str) -> None:
+    """The sim's `corrupt` fault aimed at the elbow's replies: at the length byte (0x0E -> a
+    length no reply has), the header (the reply vanishes) or the data (CRC). The other five
+    replies are parsed as they arrive and only the elbow is blamed, without a timeout."""
+    bus.timeout_ms = 500.0
+    emulator.corrupt_probability, emulator.corrupt_byte = 1.0, byte
+    emulator.corrupt_servos = frozenset({2})
+    state = MotorState(6)
+    t0 = time.monotonic()
+    with pytest.raises(BusError, match=rf"^sync read: {reason}[^;]* from elbow \(id 3\)$"):
+        bus.read(state)
+    assert time.monotonic() - t0 < 0.25
+    assert bus.stats.timeouts == 0
+    assert bus.stats.per_motor_errors == {name: 2 if name == "elbow" else 0 for name in JOINTS}
+    emulator.corrupt_probability = 0.0
+    bus.read(state)
     assert bus.stats.reads == 1
 
 
@@ -200,7 +242,7 @@ def test_corrupted_replies_counted_never_accepted(
     assert bus.stats.crc_errors > 0 and ok > 0
     assert bus.stats.errors == failed
     emulator.corrupt_probability = 1.0
-    with pytest.raises(BusError, match="CRC"):
+    with pytest.raises(BusError, match=r"CRC|length|cut short|no reply"):
         bus.read(state)
 
 
@@ -261,3 +303,100 @@ def test_hot_path_does_not_grow_memory() -> None:
     )
     assert growth < 512, f"driver retained {growth} B over 300 ticks"
     assert peak - base < 2048, f"transient peak {peak - base} B in a tick"
+
+
+# -- restart: present_goal under gravity, with the sim's physics ------------------------------
+
+
+class Physics:
+    """SimWorld (MuJoCo, gravity) stepping its actuators in real time on a thread."""
+
+    def __init__(self, actuators: Actuators) -> None:
+        from sim.world import SimWorld
+
+        self.world = SimWorld(actuators=actuators)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t = time.monotonic()
+        while not self._stop:
+            self.world.step(1)
+            t += self.world.dt
+            time.sleep(max(0.0, t - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop = True
+        self._thread.join()
+
+
+def test_present_goal_after_a_restart_is_the_goal_written_and_holding_it_moves_nothing() -> None:
+    """A follower restart under load: the servos hold their goal with a steady-state error
+    (gravity); the new process reads back Goal Position, so re-commanding it moves nothing,
+    where re-commanding the measured position would sag by that error."""
+    from sim.dynamixel_emulator import SERVO_MODELS
+    from sim.world import HOME_Q
+    from sim.world import JOINTS as SIM_JOINTS
+    from sim.world import SERVO_MODELS as JOINT_SERVOS
+
+    act = Actuators(6)
+    physics = Physics(act)
+    emu = DynamixelEmulator(act, IDS, models=[SERVO_MODELS[m] for m in JOINT_SERVOS])
+    path = emu.open()
+    emu.start()
+    try:
+        assert list(SIM_JOINTS) == JOINTS
+        first = DynamixelBus(path, 4_000_000, IDS, JOINTS, timeout_ms=100.0)
+        first.open()
+        goal = HOME_Q + np.array([0.0, 0.35, -0.3, 0.2, 0.0, 0.0])
+        first.write(goal)
+        first.enable_torque(True)
+        time.sleep(1.0)  # settle under gravity
+        state = MotorState(6)
+        first.read(state)
+        sag = np.abs(state.q - goal)
+        assert sag[1] > 5 * RAD_PER_TICK, sag  # the shoulder holds off its goal
+        first.close()  # the follower dies; the servos keep torque and their goal
+
+        second = DynamixelBus(path, 4_000_000, IDS, JOINTS, timeout_ms=100.0)
+        second.open()
+        held = np.zeros(6)
+        assert second.present_goal(held) is True
+        np.testing.assert_allclose(held, goal, atol=RAD_PER_TICK / 2 + 1e-9)  # 1 encoder tick
+        second.read(state)
+        before = state.q.copy()
+        second.write(held)
+        time.sleep(0.5)
+        second.read(state)
+        assert np.abs(state.q - before).max() < 1e-3  # < 1 mrad: within an encoder tick
+        second.enable_torque(False)
+        time.sleep(0.05)
+        second.read(state)
+        off = np.zeros(6)
+        assert second.present_goal(off) is False  # torque off: the measured position
+        np.testing.assert_allclose(off, state.q, atol=0.05)  # it falls meanwhile
+        second.close()
+    finally:
+        emu.stop()
+        physics.stop()
+
+
+def test_a_restored_line_finds_the_servos_holding_their_goal(actuators: Actuators) -> None:
+    """The sim's cut_line/restore_line: the servos kept power, so Goal Position and Torque
+    Enable continue (a power-on would reset the goal to the present position)."""
+    with actuators.lock:
+        actuators.torque_enabled[:] = True
+        actuators.goal_q[:] = actuators.q + 0.05  # holding under load, off its goal
+    emu = DynamixelEmulator(actuators, IDS, zero_ticks=ZERO, direction=DIRECTION)
+    path = emu.open(powered=True)
+    emu.start()
+    try:
+        bus = make_bus(path)
+        bus.open()
+        goal = np.zeros(6)
+        assert bus.present_goal(goal) is True
+        np.testing.assert_allclose(goal, actuators.q + 0.05, atol=RAD_PER_TICK / 2 + 1e-9)
+        bus.close()
+    finally:
+        emu.stop()

@@ -164,3 +164,102 @@ def test_crc16_table_matches_bitwise_definition() -> None:
         data = bytes(rng.randrange(256) for _ in range(length + 5))
         start = rng.randrange(0, 5)
         assert dx.crc16(data, start, start + length) == _crc16_bitwise(data[start : start + length])
+
+
+# -- the SYNC READ reply parser: one bad reply never hides the others -------------------------
+
+SYNC_IDS = [1, 2, 3, 4, 5, 6]
+
+
+def replies(*, patch: dict[int, dict[int, int]] | None = None, drop: int | None = None,
+            insert: dict[int, bytes] | None = None) -> bytearray:
+    """Six status packets of 10 data bytes; patch[k][offset] = byte, drop motor k, insert
+    bytes before motor k's packet."""
+    stream = bytearray()
+    for k, dxl_id in enumerate(SYNC_IDS):
+        stream += (insert or {}).get(k, b"")
+        if k == drop:
+            continue
+        packet = bytearray(dx.status_packet(dxl_id, 0, bytes([dxl_id] * 10)))
+        for at, value in (patch or {}).get(k, {}).items():
+            packet[at] = value
+        stream += packet
+    return stream
+
+
+def parse(stream: bytearray, chunk: int = 0) -> dx.SyncReplyParser:
+    parser = dx.SyncReplyParser(SYNC_IDS, 10)
+    parser.reset()
+    got = 0
+    while got < len(stream):
+        got = min(len(stream), got + chunk) if chunk else len(stream)
+        if parser.feed(stream, got):
+            break
+    return parser
+
+
+def data_of(parser: dx.SyncReplyParser, stream: bytearray, k: int) -> bytes:
+    at = parser.offset[k]
+    return bytes(stream[at : at + 10]) if at >= 0 else parser.unstuffed[k]
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 7])
+def test_sync_parser_reads_every_reply_in_any_chunking(chunk: int) -> None:
+    stream = replies()
+    parser = parse(stream, chunk)
+    assert parser.settled and parser.bad == [None] * 6
+    assert [data_of(parser, stream, k) for k in range(6)] == [bytes([i] * 10) for i in SYNC_IDS]
+
+
+@pytest.mark.parametrize(("patch", "reason"), [
+    ({5: 0x8E}, "length field 142"),   # a flipped length bit: no reply is that long
+    # plausible (a stuffed reply's length): the next header inside it, or the CRC, whichever
+    # arrives first
+    ({5: 0x0F}, ("reply cut short", "CRC error")),
+    ({6: 0x01}, "length field 270"),
+    ({12: 0x00}, "CRC error"),         # a data byte
+])
+def test_sync_parser_blames_only_the_corrupt_reply_and_settles_at_once(
+        patch: dict[int, int], reason: str | tuple[str, ...]) -> None:
+    stream = replies(patch={2: patch})
+    parser = parse(stream, chunk=5)
+    assert parser.settled
+    assert parser.bad[2] is not None and parser.bad[2].startswith(reason)
+    assert [b for k, b in enumerate(parser.bad) if k != 2] == [None] * 5
+    assert data_of(parser, stream, 3) == bytes([4] * 10)
+
+
+def test_sync_parser_a_stray_header_blames_nobody() -> None:
+    # a stray header (line noise that looks like one) before the elbow's reply, with a length
+    # no reply has and with a plausible one: both are dropped and every motor is read
+    for stray in (dx.HEADER + bytes([3, 0xFF, 0x7F]), dx.HEADER + bytes([9, 14, 0]) + b"xx"):
+        stream = replies(insert={2: stray})
+        parser = parse(stream, chunk=3)
+        assert parser.settled and parser.bad == [None] * 6, (stray, parser.bad)
+        assert data_of(parser, stream, 2) == bytes([3] * 10)
+
+
+def test_sync_parser_a_lost_reply_is_settled_by_the_next_one() -> None:
+    # the elbow's header was hit (its packet is garbage now): the wrist's reply settles it
+    stream = replies(patch={2: {1: 0x00}})
+    parser = parse(stream)
+    assert parser.bad[2] == dx.LOST_REPLY and parser.settled
+    assert [b for k, b in enumerate(parser.bad) if k != 2] == [None] * 5
+    # ... and a silent last motor stays unsettled: only the timeout can say it
+    parser = parse(replies(drop=5))
+    assert not parser.settled and parser.unsettled() == [5]
+
+
+def test_sync_parser_reads_stuffed_replies_and_ignores_foreign_packets() -> None:
+    stuffed = dx.status_packet(3, 0, b"\xff\xff\xfd\x01\x02\x03\x04\x05\x06\x07")
+    stream = replies(insert={0: dx.status_packet(9, 0, bytes(10))})  # an id not asked for
+    three = stream.index(dx.status_packet(3, 0, bytes([3] * 10)))
+    stream[three : three + 21] = stuffed
+    parser = parse(stream)
+    assert parser.settled and parser.bad == [None] * 6 and parser.stray == 1
+    assert data_of(parser, stream, 2) == b"\xff\xff\xfd\x01\x02\x03\x04\x05\x06\x07"
+    error = replies(patch={4: {8: dx.ERR_DATA_RANGE}})
+    error[-21 * 2 + 19 : -21 * 2 + 21] = dx.crc16(error, len(error) - 42,
+                                                   len(error) - 23).to_bytes(2, "little")
+    parser = parse(error)
+    assert parser.bad[4] == "status data range error"

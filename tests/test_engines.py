@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from test_export import export_tiny
 from runtime.bundle import Bundle, TensorSpec, load_bundle
 from runtime.engines import EngineError, make_engine
 from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
-from runtime.engines.tensorrt_engine import engine_cache_key
+from runtime.engines.tensorrt_engine import check_trusted, engine_cache_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def _random_feeds(specs: list[TensorSpec], rng: np.random.Generator) -> dict[str
 
 @pytest.mark.parametrize("model", ["planner", "follower"])
 def test_iobinding_engine_matches_session_run(bundle: Bundle, model: str) -> None:
-    path = bundle.model_path(model)  # type: ignore[arg-type]
+    path = bundle.path / bundle.model_specs()[model].file
     engine = OnnxRuntimeEngine(path)
     plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
@@ -51,7 +52,7 @@ def test_iobinding_engine_matches_session_run(bundle: Bundle, model: str) -> Non
 
 
 def test_outputs_are_preallocated_and_overwritten(bundle: Bundle) -> None:
-    engine = make_engine(bundle.manifest.models.follower, bundle)
+    engine = make_engine(bundle.model_specs()["follower"], bundle)
     rng = np.random.default_rng(2)
     first = engine.run(_random_feeds(engine.input_specs, rng))
     residual = first["residual"]
@@ -62,7 +63,7 @@ def test_outputs_are_preallocated_and_overwritten(bundle: Bundle) -> None:
 
 
 def test_feeds_broadcast_and_cast_like_copyto(bundle: Bundle) -> None:
-    engine = make_engine(bundle.manifest.models.follower, bundle)
+    engine = make_engine(bundle.model_specs()["follower"], bundle)
     rng = np.random.default_rng(3)
     feeds = _random_feeds(engine.input_specs, rng)
     expected = engine.run(feeds)["residual"].copy()
@@ -71,7 +72,7 @@ def test_feeds_broadcast_and_cast_like_copyto(bundle: Bundle) -> None:
 
 
 def test_bad_feeds_raise_engine_error(bundle: Bundle) -> None:
-    engine = make_engine(bundle.manifest.models.planner, bundle)
+    engine = make_engine(bundle.model_specs()["planner"], bundle)
     feeds = _random_feeds(engine.input_specs, np.random.default_rng(4))
     with pytest.raises(EngineError, match=r"missing input 'tokens'"):
         engine.run({k: v for k, v in feeds.items() if k != "tokens"})
@@ -82,10 +83,11 @@ def test_bad_feeds_raise_engine_error(bundle: Bundle) -> None:
 
 
 def test_engine_must_match_the_manifest(bundle: Bundle) -> None:
-    spec = bundle.manifest.models.follower
+    spec = bundle.model_specs()["follower"]
     lying = spec.model_copy(update={"outputs": [TensorSpec(name="residual", dtype="float32",
                                                            shape=[1, 7])]})
-    with pytest.raises(EngineError, match=r"outputs .* differ from the manifest"):
+    with pytest.raises(EngineError, match=r"output 'residual': the contract gives "
+                                          r"float32\[1, 7\], the model has float32\[1, 6\]"):
         make_engine(lying, bundle)
 
 
@@ -95,9 +97,33 @@ def test_unloadable_model_raises_engine_error(tmp_path: Path) -> None:
         OnnxRuntimeEngine(tmp_path / "bad.onnx")
 
 
+def test_an_engine_from_an_untrusted_cache_is_refused(tmp_path: Path) -> None:
+    """TensorRT plans are code: only from a cache root (or the service user) owns and
+    nobody else can write, and only with the sha256 recorded when they were built."""
+    cache = tmp_path / "engines"
+    cache.mkdir(mode=0o755)
+    plan = cache / "m.plan"
+    plan.write_bytes(b"serialized engine")
+    cache.chmod(0o755)  # explicit: an earlier test's umask may linger in this process
+    plan.chmod(0o644)
+    (cache / "m.plan.sha256").write_text(hashlib.sha256(b"serialized engine").hexdigest())
+    check_trusted(plan)  # owned by this user, 0644: fine
+    plan.write_bytes(b"planted engine")
+    with pytest.raises(EngineError, match=r"sha256 differs from the one recorded"):
+        check_trusted(plan)
+    plan.write_bytes(b"serialized engine")
+    cache.chmod(0o777)
+    with pytest.raises(EngineError, match=r"writable by nobody else"):
+        check_trusted(plan)
+    cache.chmod(0o755)
+    (cache / "m.plan.sha256").unlink()
+    with pytest.raises(EngineError, match=r"m.plan.sha256: missing"):
+        check_trusted(plan)
+
+
 def test_tensorrt_kind_without_tensorrt_is_a_clear_error(bundle: Bundle) -> None:
     with pytest.raises(EngineError, match=r"TensorRT is not installed"):
-        make_engine(bundle.manifest.models.planner, bundle, "tensorrt")
+        make_engine(bundle.model_specs()["planner"], bundle, "tensorrt")
 
 
 def test_engine_cache_key_separates_precision_tensorrt_and_gpu() -> None:

@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from policy.data import generate
 from policy.rollout import LoopSettings, run_episode
 from policy.servo_target import ServoResidualTarget
 from runtime.config import load_config
+from runtime.observation import StateHistory
 from sim.expert import expert_chunk
 from sim.task import Episode, TaskTracker
 from sim.world import HOME_Q, SimWorld
@@ -37,8 +39,10 @@ def test_expert_in_lockstep_touches_both_targets(settings: LoopSettings) -> None
     episode = Episode(_two_step_seed(), 0.5)
     latencies = []
 
-    def plan(image: np.ndarray, q: np.ndarray, task: TaskTracker) -> tuple[np.ndarray, float]:
-        assert image.shape == (96, 96, 3) and image.dtype == np.uint8
+    def plan(w: SimWorld, history: StateHistory, task: TaskTracker
+             ) -> tuple[np.ndarray, float]:
+        assert w is world
+        q = history.latest("q").copy()
         latencies.append(0.05)
         return expert_chunk(world, task.remaining(), q), 0.05
 
@@ -50,6 +54,26 @@ def test_expert_in_lockstep_touches_both_targets(settings: LoopSettings) -> None
     # chunk boundaries were measured and the default blend keeps them smooth
     assert len(result.boundary_vel_step) >= result.planner_calls - 3
     assert max(result.boundary_vel_step) < 0.5
+    # the robot's core ran it: no faults, no plan refused
+    assert result.faults == [] and result.plans_rejected == {}
+
+
+def test_lockstep_eval_holds_when_plans_are_older_than_the_timeout(
+        settings: LoopSettings) -> None:
+    """The eval's numbers are the robot's: a planner slower than the plan timeout never
+    moves the arm (every plan is refused as stale; the core holds)."""
+    world = SimWorld(seed=0)
+    episode = Episode(_two_step_seed(), 0.5)
+
+    def slow(w: SimWorld, history: StateHistory, task: TaskTracker
+             ) -> tuple[np.ndarray, float]:
+        q = history.latest("q").copy()
+        return expert_chunk(world, task.remaining(), q), settings.plan_timeout_s + 0.05
+
+    short = replace(settings, timeout_s=2.0)
+    result = run_episode(world, episode, slow, None, short, start_q=HOME_Q)
+    assert not result.success and result.touched == 0
+    assert result.plans_rejected.get("stale", 0) >= result.planner_calls - 3
 
 
 def test_inverse_dynamics_residual_cuts_servo_lag() -> None:

@@ -81,9 +81,9 @@ def test_split_by_episode_keeps_episodes_whole() -> None:
 
 def test_export_and_closed_loop_eval(smoke: Path) -> None:
     ck, bundle = smoke / "ck", smoke / "bundle"
-    proc = _duet("export", "--planner", str(ck / "planner.pt"), "--follower",
-                 str(ck / "follower.pt"), "--out", str(bundle), "--precision", "fp32",
-                 "--config", str(ROOT / "configs/sim.yaml"), cwd=smoke)
+    proc = _duet("export", "--module", "policy.reference:modules", "--checkpoint", str(ck),
+                 "--contract", str(ROOT / "policy/reference_contract.yaml"), "--assets",
+                 str(ck), "--out", str(bundle), "--precision", "fp32", cwd=smoke)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = yaml.safe_load((ROOT / "configs/sim.yaml").read_text())
     cfg["sim"]["episode_timeout_s"] = 0.6  # an untrained policy only has to run, not succeed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.control_client import request_at
+from runtime import endpoints
 from runtime.deploy.mcap_sink import read_recording
-from runtime.deploy.recorder import Recorder, recorder_endpoint
+from runtime.deploy.recorder import Recorder
+from runtime.rpc import RequestError, request_at
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = Path(__file__).with_name("test_deploy_publisher.py")
@@ -49,7 +51,7 @@ def test_sigkill_leaves_complete_chunks(run_dir: Path, tmp_path: Path) -> None:
                             str(run_dir), "--dir", str(tmp_path / "rec")], cwd=REPO)
     try:
         _wait_for(run_dir / "recorder")
-        reply = request_at(recorder_endpoint(str(run_dir)), "start", {"name": "ep1"}, 10.0)
+        reply = request_at(endpoints.recorder(str(run_dir)), "start", {"name": "ep1"}, 10.0)
         assert reply["ok"], reply
         time.sleep(2.6)  # two 1-second chunks flushed, a third in progress
         rec.send_signal(signal.SIGKILL)
@@ -109,15 +111,15 @@ def test_fault_dumps_the_ring_and_a_clean_close_is_complete(run_dir: Path, tmp_p
 def test_episode_control_errors(run_dir: Path, tmp_path: Path) -> None:
     rec = Recorder(str(run_dir), tmp_path / "rec", 1.0, 100.0, {})
     try:
-        with pytest.raises(ValueError, match="episode name"):
+        with pytest.raises(RequestError, match="episode name"):
             rec.start_episode("../etc/passwd")
-        with pytest.raises(ValueError, match="no episode"):
+        with pytest.raises(RequestError, match="no episode"):
             rec.stop_episode()
         rec.start_episode("a")
-        with pytest.raises(ValueError, match="is recording"):
+        with pytest.raises(RequestError, match="is recording"):
             rec.start_episode("b")
         assert rec.stop_episode()["messages"] == 0
-        with pytest.raises(ValueError, match="exists"):
+        with pytest.raises(RequestError, match="exists"):
             rec.start_episode("a")
     finally:
         rec.close()
@@ -141,3 +143,192 @@ def test_budget_deletes_oldest_segments_then_incidents_never_episodes(
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*.mcap"))
     assert left == ["episodes/keep.mcap", "incidents/i1.mcap"]
     assert rec.stats.deleted_files == 2
+
+
+def test_hostile_requests_and_messages_never_stop_the_recorder(run_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """Non-dict args (which killed it), an unhashable type, and a zero-size array with huge
+    dimensions on a data socket (which sent it out of memory in `.tolist()`)."""
+    import msgpack
+    import zmq
+
+    from runtime.messages import Encoder
+
+    rec = subprocess.Popen([sys.executable, "-m", "runtime.cli", "record", "serve",
+                            "--config", str(REPO / "configs/sim.yaml"), "--run-dir",
+                            str(run_dir), "--dir", str(tmp_path / "rec")], cwd=REPO)
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    try:
+        _wait_for(run_dir / "recorder")
+        pub.bind(endpoints.telemetry(str(run_dir), "follower"))
+        enc = Encoder()
+        bomb = {"dtype": "<f4", "shape": [2**20, 2**20, 0], "data": b""}
+        for _ in range(20):  # PUB/SUB joins asynchronously: repeat
+            pub.send(enc.encode("telemetry", {"mode": "TRACK", "q": bomb}))
+            time.sleep(0.02)
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoints.recorder(str(run_dir)))
+        for body in (enc.encode("request", {"cmd": "start", "args": [1]}),
+                     msgpack.packb({"v": 1, "type": [], "seq": 1, "t_ns": 1})):
+            sock.send(body)
+            assert sock.poll(5000)
+            sock.recv()
+        sock.close()
+        status = request_at(endpoints.recorder(str(run_dir)), "status", {}, 5.0)
+        # recorded, with the bomb array as null (its 2**40 empty lists never built)
+        assert status["ok"] and status["result"]["ring_messages"] >= 1, status
+        assert rec.poll() is None
+    finally:
+        pub.close(linger=0)
+        if rec.poll() is None:
+            rec.terminate()
+            rec.wait(timeout=10)
+
+
+def _channels(contents: object) -> dict[str, list[dict[str, object]]]:
+    out: dict[str, list[dict[str, object]]] = {}
+    for topic, _schema, _t, data in contents.messages:  # type: ignore[attr-defined]
+        out.setdefault(topic, []).append(json.loads(data))
+    return out
+
+
+def test_episode_is_labelled_for_people(run_dir: Path, tmp_path: Path) -> None:
+    """Wall-clock stamps with the monotonic kept, joint names and units in the schemas, the
+    instruction, the sim's outcome, bundle version and config hash in the metadata; nothing
+    the publisher sends is rejected; the operator's outcome wins over the sim's."""
+    from runtime.config import load_config
+    from runtime.deploy.recorder import recording_metadata
+
+    cfg = load_config(REPO / "configs/sim.yaml", None, [f"run_dir={run_dir}"])
+    meta = recording_metadata(cfg, "configs/sim.yaml")
+    rec = Recorder(str(run_dir), tmp_path / "rec", 1.0, 100.0, meta, frame_hz=0.0,
+                   joints=list(cfg.robot.joints))
+    pub = _publisher(run_dir, "--duration", "20")
+    try:
+        end = time.monotonic() + 10
+        while rec.instruction is None and time.monotonic() < end:
+            rec.poll_once(50)
+        before_ns = time.time_ns()
+        rec.start_episode("ep-sim")
+        end = time.monotonic() + 10
+        while not rec.episode_results and time.monotonic() < end:
+            rec.poll_once(50)
+        sim_stop = rec.stop_episode()
+        rec.start_episode("ep-operator")
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            rec.poll_once(50)
+        operator_stop = rec.stop_episode(False)
+        status = rec.status()
+    finally:
+        pub.kill()
+        pub.wait()
+        rec.close()
+    assert sim_stop["outcome"] == "success" and sim_stop["outcome_source"] == "sim"
+    assert operator_stop["outcome"] == "fail" and operator_stop["outcome_source"] == "operator"
+    assert status["rejected"] == {}, status  # sim tasks and results are channels, not noise
+    contents = read_recording(Path(sim_stop["path"]))
+    assert contents.complete
+    duet, outcome = contents.metadata["duet"], contents.metadata["duet.outcome"]
+    assert duet["instruction"] == "put the red cube in the bin"  # what the planner works on
+    assert duet["bundle_version"] == json.loads(
+        (REPO / "bundles/reference/manifest.json").read_text())["version"]
+    assert len(duet["config_hash"]) == 16 and duet["joints"].startswith("base_yaw,shoulder")
+    assert outcome["outcome"] == "success" and outcome["source"] == "sim"
+    channels = _channels(contents)
+    assert {"/follower/state", "/sim/episode", "/sim/task"} <= set(channels)
+    state = channels["/follower/state"][-1]
+    wall = state["timestamp"]["sec"] * 10**9 + state["timestamp"]["nsec"]  # type: ignore[index]
+    assert before_ns - 2e9 < wall < time.time_ns()  # wall clock, not monotonic
+    assert abs(state["t_mono_ns"] - time.monotonic_ns()) < 60e9  # type: ignore[operator]
+    log_times = [t for topic, _, t, _ in contents.messages if topic == "/follower/state"]
+    assert before_ns - 2e9 < log_times[0] < time.time_ns()
+    from mcap.reader import make_reader
+
+    with open(sim_stop["path"], "rb") as f:
+        summary = make_reader(f).get_summary()
+    assert summary is not None
+    state_schema = next(s for s in summary.schemas.values() if s.name == "duet.State")
+    q = json.loads(state_schema.data)["properties"]["q"]["description"]
+    assert "rad" in q and "[1] shoulder" in q and "[5] gripper" in q
+    assert all(ch.metadata["joints"].startswith("base_yaw") for ch in summary.channels.values())
+
+
+def test_record_cli_stop_with_outcome(run_dir: Path, tmp_path: Path) -> None:
+    pub = _publisher(run_dir, "--duration", "30")
+    rec = subprocess.Popen([sys.executable, "-m", "runtime.cli", "record", "serve",
+                            "--config", str(REPO / "configs/sim.yaml"), "--run-dir",
+                            str(run_dir), "--dir", str(tmp_path / "rec")], cwd=REPO)
+    cli = [sys.executable, "-m", "runtime.cli", "record"]
+    try:
+        _wait_for(run_dir / "recorder")
+        out = subprocess.run([*cli, "start", "cli-ep", "--run-dir", str(run_dir)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and "duet record stop" in out.stdout, out
+        time.sleep(1.0)
+        out = subprocess.run([*cli, "stop", "--success", "--run-dir", str(run_dir), "--json"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["outcome"] == "success"
+        status = subprocess.run([*cli, "status", "--run-dir", str(run_dir)],
+                                capture_output=True, text=True, timeout=30)
+        assert "rejected: none" in status.stdout, status.stdout
+        info = subprocess.run([*cli, "info", str(tmp_path / "rec/episodes/cli-ep.mcap")],
+                              capture_output=True, text=True, timeout=30)
+        assert "duet.outcome.outcome: success" in info.stdout, info.stdout
+        assert "/follower/state" in info.stdout and "complete" in info.stdout
+    finally:
+        for proc in (rec, pub):
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB file system (tmpfs), so the disk really fills up."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                                            str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_drops_oldest_segments_and_keeps_the_incident(run_dir: Path,
+                                                                small_disk: Path) -> None:
+    old = small_disk / "continuous"
+    old.mkdir()
+    (small_disk / "episodes").mkdir()
+    (small_disk / "episodes/keep.mcap").write_bytes(b"\1" * 100_000)
+    for i, name in enumerate(("old1.mcap", "old2.mcap", "old3.mcap")):
+        # the last one fills the disk up to the last 16 KiB
+        size = 1200 * 1024 if i < 2 else shutil.disk_usage(small_disk).free - 16 * 1024
+        (old / name).write_bytes(os.urandom(size))
+        os.utime(old / name, (1_000_000 + i, 1_000_000 + i))
+    # the budget alone would keep everything: only the free space forces deletions
+    rec = Recorder(str(run_dir), small_disk, ring_s=1.0, budget_mb=100.0, metadata={},
+                   frame_hz=0.0, post_s=2.0, reserve_mb=0.0)
+    pub = _publisher(run_dir, "--fault-after", "1.5", "--duration", "12")
+    try:
+        end = time.monotonic() + 10
+        while time.monotonic() < end and not (rec.stats.incidents and rec.incident is None):
+            rec.poll_once(50)
+    finally:
+        pub.kill()
+        pub.wait()
+        rec.close()
+    incidents = list((small_disk / "incidents").glob("*-FAULT.mcap"))
+    assert len(incidents) == 1
+    assert rec.stats.write_errors >= 1  # the disk really was full
+    left = sorted(p.name for p in old.glob("*.mcap"))
+    assert "old1.mcap" not in left  # oldest first
+    assert (small_disk / "episodes/keep.mcap").exists()
+    contents = read_recording(incidents[0])
+    modes = [json.loads(d)["mode"] for t, _, _, d in contents.messages if t == "/follower/state"]
+    assert "FAULT" in modes and modes.index("FAULT") > 50  # the ring before it, then after
+    assert contents.metadata["duet"]["reason"] == "bus errors past threshold"

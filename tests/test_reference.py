@@ -38,7 +38,7 @@ def _run(strategy: str, tick: float = TICK) -> tuple[np.ndarray, np.ndarray]:
     """Commanded positions and reference velocities over 2 s with a new plan every 200 ms
     that disagrees with the previous one (offset + other slope), as an imperfect planner's."""
     ref = ReferenceGenerator(D, strategy, 0.08)
-    tr = Tracker(D, tick, ref, engine=None)
+    tr = Tracker(D, tick, ref)
     tr.start_hold(np.zeros(D), np.zeros(D))
     out, q = np.zeros(D), np.zeros(D)
     rng = np.random.default_rng(0)
@@ -48,7 +48,7 @@ def _run(strategy: str, tick: float = TICK) -> tuple[np.ndarray, np.ndarray]:
         t = i * tick
         if i % every == 0:
             w = _ramp(0.02 * rng.normal() + 0.3 * t, 0.3 + 0.2 * rng.normal())
-            tr.add_plan(w, 0.1, t_obs=t - 0.05, t_now=t)
+            tr.add_plan(Plan(w, 0.1, t_obs=t - 0.05, t_recv=t), t)
         tr.track_command(t, q, q, out)
         pos.append(out.copy())
         vel.append(tr.ref_vel.copy())
@@ -108,7 +108,8 @@ def test_first_plan_is_blended_in_from_the_hold_position() -> None:
     ref = ReferenceGenerator(D, "blend", 0.08)
     tr = Tracker(D, TICK, ref)
     tr.start_hold(np.full(D, 0.2), np.zeros(D))
-    tr.add_plan(_ramp(1.0, 0.0), 0.1, t_obs=0.0, t_now=0.0)  # far from the hold position
+    # far from the hold position
+    tr.add_plan(Plan(_ramp(1.0, 0.0), 0.1, t_obs=0.0, t_recv=0.0), 0.0)
     out = np.zeros(D)
     tr.track_command(0.0, out, out, out)
     assert out[0] == pytest.approx(0.2, abs=1e-3)  # starts where the arm is commanded

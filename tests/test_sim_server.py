@@ -142,3 +142,54 @@ def test_duet_sim_rejects_a_bad_config(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stdout == b""
     assert b"sim.physics_hz" in proc.stderr
+
+
+def test_duet_sim_serves_per_limb_can_fd_buses(tmp_path: Path) -> None:
+    """configs/sim_can_fd.yaml: two Damiao FD buses, one per limb, from one `duet sim`; the
+    follower's bus (a MultiBus over both) reads the homed arm and drives both limbs, and the
+    sim's fault socket reaches the motors of each."""
+    from drivers.bus import MotorFault
+    from runtime.buses import open_bus
+    from runtime.config import load_config
+    from runtime.rpc import request_at
+
+    cfg_path = REPO / "configs/sim_can_fd.yaml"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "sim", "--config", str(cfg_path),
+         "--run-dir", str(tmp_path), "--set", "sim.rt_priority=0"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode().strip()
+        assert line == "127.0.0.1:47021>127.0.0.1:47020,127.0.0.1:47031>127.0.0.1:47030", line
+        cfg = load_config(cfg_path)
+        for section in cfg.buses or []:  # a loaded test host, not a real-time follower
+            section.timeout_ms = 100.0
+        bus = open_bus(cfg)
+        bus.open()  # reads each Damiao motor's PMAX/VMAX/TMAX registers: they match
+        state = MotorState(6)
+        bus.read(state)
+        np.testing.assert_allclose(state.q, HOME_Q, atol=0.05)  # homed, sagging under gravity
+        assert np.isfinite(state.temperature_c).all()
+        goal = np.zeros(6)
+        # homed: enabled (the Damiao nibble says so), holding HOME_Q; the goal is
+        # reconstructed from each reply's torque (q + tau/kp), not the sagging position
+        assert bus.present_goal(goal) is True
+        np.testing.assert_allclose(goal, HOME_Q, atol=1e-3)
+        bus.enable_torque(True)
+        target = HOME_Q + np.array([0.1, 0.0, 0.0, 0.0, 0.0, 0.1])
+        for _ in range(400):  # 0.8 s at 500 Hz
+            bus.write(target)
+            bus.read(state)
+            time.sleep(0.002)
+        assert abs(state.q[0] - target[0]) < 0.02 and abs(state.q[5] - target[5]) < 0.02
+        assert bus.present_goal(goal) is True
+        np.testing.assert_array_equal(goal, target)  # this process's own last command
+        reply = request_at(endpoints.sim_control(str(tmp_path)), "overload", {"joint": 4})
+        assert reply["ok"], reply
+        bus.write(target)
+        with pytest.raises(MotorFault, match=r"wrist_roll \(id 5\): overload"):
+            bus.read(state)
+        bus.close()
+    finally:
+        _stop(proc)

@@ -23,6 +23,9 @@ needs_analyze = pytest.mark.skipif(
 def _installed(tmp: Path) -> Path:
     """Install with the prefix inside tmp, its venv/bin/duet being this checkout's duet."""
     data = yaml.safe_load((REPO / "configs/sim.yaml").read_text())
+    data["bus"]["device"] = "/dev/ttyDUET0"  # a real robot's config: install refuses a sim's
+    data.pop("sim", None)
+    data["bundle"]["path"] = str(REPO / "bundles/reference")
     data["follower"]["realtime"] = {"sched_fifo_priority": 70, "cpu": 1, "mlockall": True}
     config = tmp / "robot.yaml"
     config.write_text(yaml.safe_dump(data))

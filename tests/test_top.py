@@ -16,12 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = Path(__file__).with_name("test_deploy_publisher.py")
 
 
+def _publish(run_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, str(PUBLISHER), str(run_dir), *extra],
+                            stdout=subprocess.PIPE, cwd=REPO)
+    assert proc.stdout is not None and proc.stdout.readline() == b"publishing\n"
+    return proc
+
+
 @pytest.fixture
 def publisher(tmp_path: Path) -> Iterator[Path]:
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(PUBLISHER), str(run_dir), "--duration", "30"],
-                            stdout=subprocess.PIPE, cwd=REPO)
-    assert proc.stdout is not None and proc.stdout.readline() == b"publishing\n"
+    proc = _publish(run_dir, "--duration", "30")
     try:
         yield run_dir
     finally:
@@ -35,27 +40,43 @@ def _duet(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed (apt: tmux)")
-def test_top_draws_live_telemetry_in_tmux(publisher: Path, tmp_path: Path) -> None:
+def test_top_fits_80x24_and_says_why_and_what_next(tmp_path: Path) -> None:
+    """A real terminal of 80x24 (tmux): everything is on screen, the health line turns from
+    healthy to the fault with the next step, and q quits."""
+    run_dir = tmp_path / "run"
+    # the fault comes late enough for a slow start (textual, a loaded machine) to show TRACK
+    pub = _publish(run_dir, "--fault-after", "30", "--duration", "90")
     session = f"duet-top-{tmp_path.name}"
     sock = str(tmp_path / "tmux.sock")  # a private tmux server, nothing shared
     tmux = ["tmux", "-S", sock]
-    cmd = f"{sys.executable} -m runtime.cli top --run-dir {publisher} --refresh-hz 5"
-    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "100", "-y", "40",
+    cmd = f"{sys.executable} -m runtime.cli top --run-dir {run_dir} --refresh-hz 5"
+    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
                     "-c", str(REPO), cmd], check=True, timeout=30)
-    try:
+
+    def screen_when(*wanted: str, timeout_s: float = 25.0) -> str:
         screen = ""
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", session],
                                     capture_output=True, text=True, timeout=10).stdout
-            if "TRACK" in screen and "put the red cube in the bin" in screen:
+            if all(w in screen for w in wanted):
                 break
             time.sleep(0.3)
-        assert "TRACK" in screen, screen
+        return screen
+
+    try:
+        screen = screen_when("TRACK", "put the red cube in the", "healthy")
+        assert "TRACK" in screen and "healthy" in screen, screen
         assert "499.7 / 500 Hz" in screen
-        assert "p99 87.2" in screen  # jitter
+        assert "p50 12 p99 87 max 140" in screen  # jitter, µs
         assert "wrist_pitch" in screen and "+4.0" in screen  # tracking error, mrad
-        assert "put the red cube in the bin" in screen
+        assert "put the red cube in the" in screen  # folded at 80 columns
+        assert "quit" in screen.splitlines()[-1]  # the footer: nothing cut at the bottom
+        assert max(len(line) for line in screen.splitlines()) <= 80
+        screen = screen_when("FAULT", "duet reset", timeout_s=45.0)
+        assert "follower: FAULT: bus errors past threshold" in screen, screen
+        assert "next: check the robot, then: duet reset" in screen
+        assert len(screen.rstrip("\n").splitlines()) <= 24 and "quit" in screen
         # q quits: the pane's process exits and the session goes away
         subprocess.run([*tmux, "send-keys", "-t", session, "q"], check=True, timeout=10)
         deadline = time.monotonic() + 10
@@ -68,6 +89,8 @@ def test_top_draws_live_telemetry_in_tmux(publisher: Path, tmp_path: Path) -> No
         assert not alive, "duet top did not quit on q"
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)
+        pub.kill()
+        pub.wait()
 
 
 def test_status_json_and_exit_code(publisher: Path) -> None:

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
+from runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, load_bundle
 
 CURRENT = "current"
 PREVIOUS = "previous"
@@ -59,26 +59,53 @@ class BundleStore:
                                     entry.name == previous, created))
         return out
 
-    def add(self, source: Path) -> str:
-        """Verify `source` and copy it in under its manifest version; returns the version."""
+    @staticmethod
+    def _folder_name(version: object, manifest: Path) -> str:
+        if not isinstance(version, str) or not version or "/" in version or \
+                version in (CURRENT, PREVIOUS, ".", ".."):
+            raise BundleError(f"{manifest}: version {version!r} cannot name a folder")
+        return version
+
+    def manifest_version(self, source: Path) -> str:
+        """The version `source` says it is (read, not verified: `add` verifies)."""
+        try:
+            version = json.loads((source / MANIFEST).read_text()).get("version")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise BundleError(f"{source / MANIFEST}: unreadable ({exc})") from None
+        return self._folder_name(version, source / MANIFEST)
+
+    def add(self, source: Path) -> bool:
+        """Verify `source` and copy it in under its manifest version. False when that
+        version is already stored with the same content (nothing to do)."""
         bundle = self.verify(source)
-        version = bundle.manifest.version
-        if not version or "/" in version or version in (CURRENT, PREVIOUS, ".", ".."):
-            raise BundleError(f"{source / MANIFEST}: version {version!r} cannot name a folder")
+        version = self._folder_name(bundle.manifest.version, source / MANIFEST)
         dest = self.root / version
         if dest.exists():
             # same version string must mean the same content
             self.verify(dest)
             if (dest / MANIFEST).read_bytes() != (source / MANIFEST).read_bytes():
                 raise BundleError(f"{dest}: already holds a different bundle named {version!r}")
-            return version
+            return False
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".incoming-{version}"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging, symlinks=False)
-        self.verify(staging)  # the copy, not just the source
+        try:
+            # Only what the manifest lists (and the manifest and its signature): a file
+            # planted beside a signed bundle (an `engines/` folder, say) never comes in.
+            names = [MANIFEST, *([SIGNATURE] if (source / SIGNATURE).exists() else []),
+                     *bundle.files]
+            for name in names:
+                src = source / name
+                if src.is_symlink():  # load_bundle refuses listed symlinks; the manifest too
+                    raise BundleError(f"{src}: a symbolic link; a bundle holds plain files")
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, staging / name)
+            self.verify(staging)  # the copy, not just the source
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         os.rename(staging, dest)
-        return version
+        return True
 
     def _swap(self, name: str, target: str) -> None:
         tmp = self.root / f".{name}.tmp"

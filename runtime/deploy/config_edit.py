@@ -1,4 +1,4 @@
-"""Config over SSH: validate, show, set (atomic, backed up, logged, applied live), diff.
+"""Config over SSH: validate, show, set (locked, atomic, backed up, logged, applied live), diff.
 
 Operator changes go into the site file (/etc/duet/site.yaml), layered on the shipped robot
 config (/etc/duet/duet.yaml), so `duet config diff` always shows what the site changed.
@@ -6,28 +6,35 @@ config (/etc/duet/duet.yaml), so `duet config diff` always shows what the site c
 
 from __future__ import annotations
 
-import getpass
+import contextlib
+import fcntl
 import os
-import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from runtime.cliopts import caller
 from runtime.config import (
     TUNABLES,
     ConfigError,
     DuetConfig,
+    close_keys,
     config_to_dict,
+    file_layer,
     load_config,
     parse_override,
     set_path,
+    validate_layers,
 )
+from runtime.deploy.install import DERIVED_KEY_PREFIXES, restart_command
 
 
-def effective(config: Path, site: Path | None) -> DuetConfig:
-    return load_config(config, site if site is not None and site.exists() else None)
+def effective(config: Path, site: Path | None, overrides: list[str] | None = None
+              ) -> DuetConfig:
+    return load_config(config, site if site is not None and site.exists() else None, overrides)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -56,41 +63,25 @@ def lookup(cfg: DuetConfig, key: str) -> Any:
     node: Any = config_to_dict(cfg)
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"{key}: no such key")
+            near = close_keys(key)
+            hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+            raise ConfigError(f"{key}: no such key{hint}")
         node = node[part]
     return node
 
 
-def atomic_write(path: Path, text: str, backup: bool = True) -> None:
-    """Write via a temp file in the same folder + rename; keep the old file as PATH.bak."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+@contextlib.contextmanager
+def locked(site: Path) -> Iterator[None]:
+    """Hold an exclusive flock on the site file's folder for a read-modify-write, so two
+    `duet config set` never lose one of their updates. Locking the folder, not the file:
+    the file is replaced by rename, and a folder needs no lock file left behind."""
+    folder = site.parent
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-            if backup:
-                bak = path.with_name(path.name + ".bak")
-                bak.write_bytes(path.read_bytes())
-        else:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        os.close(dir_fd)
-
-
-def who() -> str:
-    """The person behind the change: the sudo caller when run through sudo."""
-    return os.environ.get("SUDO_USER") or os.environ.get("USER") or getpass.getuser()
+        os.close(fd)
 
 
 def _flow(value: Any) -> str:
@@ -99,53 +90,45 @@ def _flow(value: Any) -> str:
 
 def log_change(log: Path, key: str, old: Any, new: Any, applied: str) -> str:
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    line = (f"{stamp} user={who()} key={key} old={_flow(old)} new={_flow(new)}"
+    line = (f"{stamp} user={caller()} key={key} old={_flow(old)} new={_flow(new)}"
             f" applied={applied}\n")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
     return line
 
 
 def _read_site(site: Path) -> dict[str, Any]:
-    if not site.exists():
-        return {}
-    data = yaml.safe_load(site.read_text())
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{site}: top level must be a mapping")
-    return data
+    return file_layer(site)[1] if site.exists() else {}
 
 
 def stage_set(config: Path, site: Path, item: str) -> tuple[str, Any, Any, str, DuetConfig]:
-    """Validate `KEY=VALUE` layered on the current files without touching them.
-    Returns (key, old, new, new site text, new effective config)."""
+    """Validate `KEY=VALUE` layered on the current files without touching them; errors name
+    the user's files. Returns (key, old, new, new site text, new effective config)."""
     parts, value = parse_override(item)
     key = ".".join(parts)
-    current = effective(config, site)
-    old = lookup(current, key)
+    old = lookup(effective(config, site), key)
     data = _read_site(site)
     set_path(data, parts, value)
-    text = yaml.safe_dump(data, sort_keys=False)
-    folder = site.parent if site.parent.is_dir() else None
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=folder, delete=False) as tmp:
-        tmp.write(text)
-    try:
-        new_cfg = load_config(config, tmp.name)
-    finally:
-        os.unlink(tmp.name)
-    return key, old, lookup(new_cfg, key), text, new_cfg
+    new_cfg = validate_layers([file_layer(config), (str(site), data, site.absolute().parent)])
+    return key, old, lookup(new_cfg, key), yaml.safe_dump(data, sort_keys=False), new_cfg
 
 
 def is_tunable(key: str) -> bool:
     return key in TUNABLES
 
 
+def renders_files(key: str) -> bool:
+    """Whether the installed drop-ins or udev rules come from this key."""
+    return any(key == p or key.startswith(p + ".") for p in DERIVED_KEY_PREFIXES)
+
+
 def restart_hint(key: str) -> str:
     top = key.split(".", 1)[0]
-    unit = {"planner": "duet-planner", "recorder": "duet-recorder"}.get(top)
+    unit = {"planner": "duet-planner.service", "recorder": "duet-recorder.service"}.get(top)
     if unit is None:
         # bus, robot, bundle, run_dir... are read by both processes
-        unit = "duet-follower" if top == "follower" else "duet.target"
-    return f"restart needed: systemctl restart {unit}"
+        unit = "duet-follower.service" if top == "follower" else "duet.target"
+    return f"restart needed: {restart_command([unit])}"

@@ -15,8 +15,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
+from runtime.buses import bus_sections
 from runtime.config import CanBusConfig, ConfigError, DuetConfig, load_config
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -41,8 +43,12 @@ def _cmd(argv: list[str], timeout_s: float = 3.0) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def check_serial(device: str) -> Check:
+def check_serial(device: str, installed: bool = False) -> Check:
     if device == "sim":
+        if installed:
+            return Check("bus device", FAIL, "bus.device is `sim` in the installed config: "
+                         "the follower has no motors and will crash-loop",
+                         "sudo duet config set bus.device=/dev/ttyDUET0")
         return Check("bus device", OK, "sim pty (created by the sim at start)")
     path = Path(device)
     if not path.exists():
@@ -172,7 +178,7 @@ def check_bundle(cfg: DuetConfig) -> list[Check]:
     return out
 
 
-def check_engine(cfg: DuetConfig) -> list[Check]:
+def check_engine(cfg: DuetConfig, jetson: bool = False) -> list[Check]:
     out = []
     if cfg.bundle.engine == "tensorrt":
         try:
@@ -188,17 +194,77 @@ def check_engine(cfg: DuetConfig) -> list[Check]:
         out.append(Check("gpu", OK, f"GPU device {gpu[0]}") if gpu else
                    Check("gpu", FAIL, "no GPU device node",
                          "check the NVIDIA driver (nvidia-smi / tegrastats)"))
-    else:
-        import onnxruntime
+        return out
+    return check_providers(cfg, jetson)
 
-        out.append(Check("engine", OK, f"onnxruntime {onnxruntime.__version__} "
-                         f"({', '.join(onnxruntime.get_available_providers())})"))
-    mode = _cmd(["nvpmodel", "-q"])
-    if mode is not None:
-        first = mode.splitlines()[0] if mode else "?"
-        level = OK if "MAXN" in mode.upper() else WARN
-        out.append(Check("jetson power", level, first,
-                         "" if level == OK else "sudo nvpmodel -m 0 && sudo jetson_clocks"))
+
+def check_providers(cfg: DuetConfig, jetson: bool) -> list[Check]:
+    """The execution providers ONNX Runtime offers here, against those the config asks for."""
+    import onnxruntime
+
+    from runtime.engines.onnxruntime_engine import PROVIDERS, ort_cache_dir
+
+    offered = onnxruntime.get_available_providers()
+    dists = metadata.packages_distributions().get("onnxruntime", [])
+    where = f"{Path(onnxruntime.__file__).parent}" + (f", {'/'.join(dists)}" if dists else "")
+    out = [Check("engine", OK, f"onnxruntime {onnxruntime.__version__} ({where}) offers "
+                 f"{', '.join(offered)}")]
+    gpu = {PROVIDERS["tensorrt"], PROVIDERS["cuda"]}
+    if jetson and not gpu & set(offered):
+        out.append(Check("onnxruntime", WARN, "a CPU-only onnxruntime on a Jetson: the planner "
+                         "cannot use the GPU", "install NVIDIA's onnxruntime-gpu for this JetPack "
+                         "(Jetson AI Lab / Jetson Zoo wheel), then reinstall duet (duet install "
+                         "keeps PyPI's onnxruntime out of the venv on L4T)"))
+    opts = cfg.bundle.onnxruntime
+    for role in ("planner", "follower"):
+        names = getattr(opts, f"{role}_providers")
+        key = f"bundle.onnxruntime.{role}_providers"
+        missing = [n for n in names if PROVIDERS[n] not in offered]
+        if missing:
+            out.append(Check("providers", FAIL, f"{key} asks for {', '.join(missing)}, which "
+                             "this onnxruntime does not offer: that process will not start",
+                             "install NVIDIA's onnxruntime-gpu (and no PyPI onnxruntime over it),"
+                             f" or: duet config set {key}=[cpu]"))
+        else:
+            cache = f"; TensorRT engines in {ort_cache_dir(cfg.bundle.engine_cache)}" \
+                if "tensorrt" in names else ""
+            out.append(Check("providers", OK, f"{role}: {', '.join(names)}{cache}"))
+    return out
+
+
+def check_jetson(root: Path = Path("/")) -> list[Check]:
+    """On a Jetson (L4T): the release, the power mode and the clocks. Nothing elsewhere."""
+    from runtime.deploy import jetson
+
+    release = jetson.l4t_release(root)
+    if release is None:
+        return []
+    out = [Check("jetson", OK if release.jetpack == "6" else WARN, str(release),
+                 "" if release.jetpack == "6" else "duet's Jetson path is made for JetPack 6 "
+                 "(L4T R36, Python 3.10)")]
+    text = _cmd(["nvpmodel", "-q"])
+    mode = jetson.parse_nvpmodel(text) if text is not None else None
+    if mode is None:
+        out.append(Check("power mode", WARN, "`nvpmodel -q` gave no power mode"
+                         + ("" if shutil.which("nvpmodel") else " (nvpmodel not found)"),
+                         "install nvidia-l4t-tools; then: sudo nvpmodel -q"))
+    else:
+        ident = f" (mode {mode.mode_id})" if mode.mode_id is not None else ""
+        out.append(Check("power mode", OK if mode.is_max else WARN, f"{mode.name}{ident}",
+                         "" if mode.is_max else "a capped mode slows the planner and adds "
+                         "jitter: sudo nvpmodel -m 0 (MAXN on Orin AGX/NX; nvpmodel -p --verbose "
+                         "lists the modes)"))
+    text = _cmd(["jetson_clocks", "--show"])
+    clocks = jetson.parse_jetson_clocks(text) if text is not None else None
+    if clocks is None:
+        out.append(Check("jetson_clocks", WARN, "cannot read the clock state ("
+                         + ("`jetson_clocks --show` failed: it needs root"
+                            if shutil.which("jetson_clocks") else "jetson_clocks not found") + ")",
+                         "sudo duet doctor"))
+    else:
+        out.append(Check("jetson_clocks", OK if clocks.pinned else WARN, str(clocks),
+                         "" if clocks.pinned else "frequency changes add loop jitter: sudo "
+                         "jetson_clocks (at every boot: a oneshot unit running it)"))
     return out
 
 
@@ -218,32 +284,185 @@ def check_disk(cfg: DuetConfig) -> Check:
     return Check("disk", OK, f"{free_mb:.0f} MB free at {probe} (budget {budget:.0f} MB)")
 
 
-def check_run_dir(cfg: DuetConfig) -> Check:
-    run_dir = Path(cfg.run_dir)
-    if not run_dir.exists():
-        return Check("run dir", OK, f"{run_dir} absent (systemd creates it: RuntimeDirectory)")
-    if not os.access(run_dir, os.W_OK):
-        return Check("run dir", WARN, f"{run_dir} not writable by uid {os.getuid()}",
-                     "run the duet CLI as the duet user or in its group")
-    return Check("run dir", OK, f"{run_dir} writable")
+def check_cameras(cfg: DuetConfig) -> list[Check]:
+    """Every configured camera: a V4L2 device must exist and be readable."""
+    from runtime.preflight import camera_problems
+
+    found = camera_problems(cfg)
+    if found:
+        return [Check("camera", FAIL, p, "plug the camera in; `v4l2-ctl --list-devices` "
+                      "names it; the duet user is in group video") for p in found]
+    kinds = ", ".join(f"{n} ({c.kind}{' ' + c.device if c.kind == 'v4l2' else ''})"
+                      for n, c in cfg.planner.cameras.items())
+    return [Check("camera", OK, kinds or "no camera configured")]
 
 
-def diagnose(config: Path, site: Path | None) -> list[Check]:
+def check_remote(cfg: DuetConfig) -> list[Check]:
+    """The off-board planner: key files, and plaintext TCP flagged (preflight.remote_checks)."""
+    from runtime.preflight import remote_checks
+
+    return [Check("off-board planner", level, detail, fix)
+            for level, detail, fix in remote_checks(cfg)]
+
+
+def _systemctl_show(unit: str) -> dict[str, str]:
+    out = _cmd(["systemctl", "show", unit, "-p", "LoadState", "-p", "ActiveState",
+                "-p", "SubState", "-p", "Result", "-p", "NRestarts", "-p", "UnitFileState"])
+    if out is None:
+        return {}
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def check_services(cfg: DuetConfig, units_dir: Path = Path("/etc/systemd/system")
+                   ) -> list[Check]:
+    """The services of an installed duet, as systemd sees them."""
+    from runtime.deploy.install import restart_command
+
+    if not (units_dir / "duet-follower.service").is_file():
+        return [Check("services", OK, "duet is not installed here (no units): checks of a "
+                      "workstation run only")]
+    if shutil.which("systemctl") is None:
+        return [Check("services", WARN, "systemctl not found", "run duet doctor on the robot")]
+    units = ["duet-follower.service", "duet-planner.service"]
+    if cfg.recorder.enabled:
+        units.append("duet-recorder.service")
+    out = []
+    for unit in units:
+        info = _systemctl_show(unit)
+        state, sub, result = (info.get("ActiveState", "?"), info.get("SubState", "?"),
+                              info.get("Result", "?"))
+        detail = f"{unit}: {state}/{sub}, restarts {info.get('NRestarts', '?')}"
+        if state == "active":
+            out.append(Check("service", OK, detail))
+        elif state == "failed":
+            why = " (start limit hit: systemd stopped restarting it)" \
+                if result == "start-limit-hit" else f" (result {result})"
+            out.append(Check("service", FAIL, detail + why,
+                             f"journalctl -u {unit} -n 50 shows why; once fixed: "
+                             f"{restart_command()}"))
+        elif state in ("activating", "deactivating", "reloading"):
+            out.append(Check("service", WARN, detail, f"journalctl -u {unit} -f"))
+        else:
+            out.append(Check("service", WARN, detail + " (not started)",
+                             "sudo systemctl start duet.target"))
+    return out
+
+
+def check_run_dir(run_dir: str) -> list[Check]:
+    """The live run dir: who holds it, a latched fault, a telemetry sample."""
+    from runtime import endpoints, rundir
+    from runtime.deploy.status import collect, diagnosis
+
+    path = Path(run_dir)
+    if not path.exists():
+        return [Check("run dir", WARN, f"{path} absent: nothing running here",
+                      "sudo systemctl start duet.target (or --run-dir / DUET_RUN_DIR)")]
+    out = []
+    if not os.access(path, os.R_OK | os.X_OK):
+        out.append(Check("run dir", FAIL, f"{path} not readable by uid {os.getuid()}",
+                         "add yourself to the operators' group: sudo usermod -aG duet $USER "
+                         "(log in again)"))
+        return out
+    latch = path / endpoints.LATCH
+    if latch.exists():
+        try:
+            text = latch.read_text().strip()
+        except OSError as exc:
+            text = f"(unreadable: {exc.strerror})"
+        out.append(Check("latched fault", FAIL, f"{latch}: {text}",
+                         "check the robot, then: duet reset (the latch survives restarts)"))
+    held, pid = rundir.holder(path, endpoints.FOLLOWER_LOCK)
+    if not held:
+        out.append(Check("run dir", WARN, f"{path}: no follower holds it",
+                         "sudo systemctl start duet.target"))
+        return out
+    sample = collect(run_dir, 1.5)
+    found = diagnosis(sample)
+    follower = sample.get("follower") or {}
+    detail = (f"{path}: follower pid {pid or '?'} in {follower.get('mode', '?')}, "
+              f"planner {(sample.get('planner') or {}).get('status', 'silent')}")
+    out.append(Check("run dir", OK, detail) if not found else
+               Check("run dir", FAIL, f"{detail}; " + "; ".join(w for w, _ in found),
+                     "; ".join(dict.fromkeys(step for _, step in found))))
+    return out
+
+
+def _cpu_ticks() -> dict[int, tuple[int, str]]:
+    """pid -> (utime + stime in clock ticks, command) for every process."""
+    out = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_file.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        out[int(stat_file.parent.name)] = (int(fields[11]) + int(fields[12]), name)
+    return out
+
+
+def check_cpu(cfg: DuetConfig, sample_s: float = 0.5) -> Check:
+    """Other programs competing for CPU: load and the busiest non-duet processes."""
+    before = _cpu_ticks()
+    time.sleep(sample_s)
+    after = _cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    mine = {os.getpid(), os.getppid()}
+    busy = []
+    for pid, (ticks, name) in after.items():
+        if pid in mine or pid not in before:
+            continue
+        share = (ticks - before[pid][0]) / hz / sample_s
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace").strip()
+        except OSError:
+            cmdline = name
+        if share >= 0.2 and "duet" not in cmdline and "runtime.cli" not in cmdline:
+            busy.append((share, pid, cmdline[:60] or name))
+    busy.sort(reverse=True)
+    load1 = os.getloadavg()[0]
+    ncpu = os.cpu_count() or 1
+    core = cfg.follower.realtime.cpu
+    where = f"cpu {core} (the follower's)" if core is not None else "the follower"
+    if busy:
+        top = ", ".join(f"pid {pid} {cmd!r} {share:.0%}" for share, pid, cmd in busy[:3])
+        return Check("cpu contention", WARN, f"load {load1:.2f} on {ncpu} cores; busy: {top}",
+                     f"keep them off {where}: taskset / CPUAffinity=, or renice them"
+                     + ("" if core is not None else "; pin the follower: duet config set "
+                        "follower.realtime.cpu=N"))
+    level = WARN if load1 > ncpu else OK
+    return Check("cpu contention", level, f"load {load1:.2f} on {ncpu} cores; no other "
+                 "process above 20% of a core", "" if level == OK else "find it: top -o %CPU")
+
+
+def diagnose(config: Path, site: Path | None, run_dir: str) -> list[Check]:
+    from runtime.deploy.layout import installed_root
+
     try:
         cfg = load_config(config, site)
     except ConfigError as exc:
         return [Check("config", FAIL, str(exc), "fix the file, then: duet config validate")]
+    root = installed_root(config)
+    installed = root is not None
+    system = root if root is not None else Path("/")  # a staged install: its /etc
+    jetson = check_jetson(system)
     checks = [Check("config", OK, f"{config}" + (f" + {site}" if site and site.exists() else ""))]
     steps: list[Callable[[], Check | list[Check]]] = [
-        lambda: check_can(cfg.bus) if isinstance(cfg.bus, CanBusConfig)
-        else check_serial(cfg.bus.device),
+        lambda: [check_can(bus) if isinstance(bus, CanBusConfig) else
+                 check_serial(bus.device, installed) for bus, _ in bus_sections(cfg)],
+        lambda: check_cameras(cfg),
+        lambda: check_services(cfg),
+        lambda: check_run_dir(run_dir),
+        lambda: check_cpu(cfg),
         lambda: check_realtime(cfg),
         lambda: check_governor(cfg.follower.realtime.cpu),
         check_clock,
         lambda: check_bundle(cfg),
-        lambda: check_engine(cfg),
+        lambda: jetson,
+        lambda: check_engine(cfg, bool(jetson)),
         lambda: check_disk(cfg),
-        lambda: check_run_dir(cfg),
+        lambda: check_remote(cfg),
     ]
     for step in steps:
         result = step()

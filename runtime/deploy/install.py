@@ -1,9 +1,16 @@
-"""`duet install`: put duet on a robot (or into a staging tree with --root).
+"""`duet install` and `duet uninstall`: put duet on a robot (or into a staging tree, --root).
 
-Writes the units (+ the real-time drop-in rendered from follower.realtime), the duet user
-(sysusers.d) and its directories (tmpfiles.d), udev rules naming the motor bus, the config
-under /etc/duet and the bundle under /var/lib/duet/bundles, then enables the units. On the
-live system (root = /) it also runs sysusers, tmpfiles, udev reload and systemctl.
+Install writes the units (+ drop-ins rendered from the config), the duet user (sysusers.d) and
+its directories (tmpfiles.d), udev rules naming the motor bus, the config under /etc/duet, the
+bundle under /var/lib/duet/bundles and the `duet` command on PATH (/usr/local/bin/duet); on
+the live system (root = /) it then runs sysusers, tmpfiles, udev reload, daemon-reload and
+enable. It is one transaction: every file goes through a Journal, and when any step fails the
+files are restored as they were, the failure is reported in one line with its fix, and nothing
+is enabled. Rerunning after fixing the cause is the way to resume.
+
+On a Jetson (an /etc/nv_tegra_release under the root) the venv keeps NVIDIA's onnxruntime and
+TensorRT (runtime/deploy/venv.py) and the planner gets the GPU providers; with an unpacked
+`duet pack` archive (runtime/deploy/archive.py) pip installs from its wheelhouse alone.
 """
 
 from __future__ import annotations
@@ -12,45 +19,44 @@ import configparser
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from runtime.buses import single_bus
 from runtime.config import CanBusConfig, DuetConfig, load_config
 from runtime.deploy.bundle_store import BundleStore
-from runtime.deploy.config_edit import atomic_write
-from runtime.deploy.layout import UNIT_PREFIX, Layout, repo_systemd_dir, templates_dir
+from runtime.deploy.jetson import L4TRelease, l4t_release
+from runtime.deploy.journal import Journal
+from runtime.deploy.layout import UNIT_PREFIX, Layout, find_source, templates_dir
+from runtime.deploy.steps import (
+    Capture,
+    InstallError,
+    Runner,
+    capture_checked,
+    external,
+    run_checked,
+)
+from runtime.deploy.venv import VenvPlan, check_onnxruntime, make_venv, probe_onnxruntime
+from runtime.preflight import bundle_problems, sim_problems
 
 UNITS = ("duet.target", "duet-follower.service", "duet-planner.service", "duet-recorder.service")
+SERVICES = UNITS[1:]
 DROPIN = "duet-follower.service.d/realtime.conf"
 DEVICE_DROPIN = "duet-follower.service.d/device.conf"
 CPU_DROPIN = "cpu.conf"  # in duet-planner.service.d and duet-recorder.service.d
 # USB ids of the ROBOTIS U2D2 (FTDI FT232H), the usual Dynamixel adapter.
 U2D2_MATCH = 'ATTRS{idVendor}=="0403", ATTRS{idProduct}=="6014"'
+# Config keys the rendered drop-ins and udev rules come from: `duet config set` re-renders them.
+DERIVED_KEY_PREFIXES = ("follower.realtime", "bus", "buses")
 
-Runner = Callable[[Sequence[str]], None]
-
-
-class InstallError(Exception):
-    pass
-
-
-def run_checked(cmd: Sequence[str]) -> None:
-    print("+ " + " ".join(cmd))
-    subprocess.run(list(cmd), check=True)
-
-
-def make_venv(venv: Path, source: Path, run: Runner = run_checked) -> None:
-    """A virtualenv with this checkout installed (robot extras only: never torch)."""
-    run([sys.executable, "-m", "venv", str(venv)])
-    run([str(venv / "bin" / "pip"), "install", "--upgrade", "pip"])
-    run([str(venv / "bin" / "pip"), "install", str(source)])
-
-
+# ---------------------------------------------------------------------- rendering
 def render_realtime_dropin(cfg: DuetConfig) -> str:
     rt = cfg.follower.realtime
-    lines = ["# Rendered by `duet install` from follower.realtime; edit the config, not this.",
+    lines = ["# Rendered by duet from follower.realtime; edit the config, not this.",
              "[Service]"]
     if rt.sched_fifo_priority > 0:
         lines += ["CPUSchedulingPolicy=fifo",
@@ -68,17 +74,18 @@ def render_cpu_dropin(cfg: DuetConfig, n_cpus: int) -> str:
     cpu = cfg.follower.realtime.cpu
     others = [c for c in range(n_cpus) if c != cpu]
     keep = cpu is not None and 0 <= cpu < n_cpus and others
-    return ("# Rendered by `duet install` from follower.realtime.cpu; edit the config, not this.\n"
+    return ("# Rendered by duet from follower.realtime.cpu; edit the config, not this.\n"
             "[Service]\n" + (f"CPUAffinity={' '.join(map(str, others))}\n" if keep
                               else "CPUAffinity=\n"))
 
 
 def device_unit(cfg: DuetConfig) -> str:
     """The systemd .device unit of the motor bus (as `systemd-escape --path` names it)."""
-    if isinstance(cfg.bus, CanBusConfig):
-        path = f"/sys/subsystem/net/devices/{cfg.bus.channel}"
+    bus = single_bus(cfg, "duet install")
+    if isinstance(bus, CanBusConfig):
+        path = f"/sys/subsystem/net/devices/{bus.channel}"
     else:
-        path = cfg.bus.device
+        path = bus.device
     out = []
     for i, ch in enumerate(path.strip("/")):
         if ch == "/":
@@ -94,8 +101,17 @@ def render_device_dropin(cfg: DuetConfig) -> str:
     """Start the follower once the bus adapter exists (udev may name it after boot), instead
     of burning the restart budget on a missing device."""
     unit = device_unit(cfg)
-    return ("# Rendered by `duet install` from bus.*; edit the config, not this.\n"
+    return ("# Rendered by duet from bus.*; edit the config, not this.\n"
             f"[Unit]\nWants={unit}\nAfter={unit}\n")
+
+
+def render_dropins(cfg: DuetConfig, n_cpus: int | None = None) -> dict[str, str]:
+    """Unit drop-ins derived from the config: path under the units folder -> content."""
+    cpus = n_cpus or os.cpu_count() or 1
+    out = {DROPIN: render_realtime_dropin(cfg), DEVICE_DROPIN: render_device_dropin(cfg)}
+    for unit in ("duet-planner.service", "duet-recorder.service"):
+        out[f"{unit}.d/{CPU_DROPIN}"] = render_cpu_dropin(cfg, cpus)
+    return out
 
 
 def render_unit(text: str, prefix: str) -> str:
@@ -105,15 +121,16 @@ def render_unit(text: str, prefix: str) -> str:
 def render_udev(cfg: DuetConfig, usb_serial: str | None) -> dict[str, str]:
     """File name (relative to root) -> content, for the configured bus kind."""
     tpl = templates_dir()
-    if isinstance(cfg.bus, CanBusConfig):
+    bus = single_bus(cfg, "duet install")
+    if isinstance(bus, CanBusConfig):
         match = (f"Property=ID_SERIAL_SHORT={usb_serial}" if usb_serial
                  else "Driver=gs_usb")  # candleLight / CANable firmware
         ip = shutil.which("ip") or "/usr/sbin/ip"
         return {
             "etc/systemd/network/80-duet-can.link": (tpl / "80-duet-can.link").read_text()
-            .format(match=match, channel=cfg.bus.channel),
+            .format(match=match, channel=bus.channel),
             "etc/udev/rules.d/99-duet-can.rules": (tpl / "99-duet-can.rules").read_text()
-            .format(channel=cfg.bus.channel, bitrate=cfg.bus.bitrate, ip=ip),
+            .format(channel=bus.channel, bitrate=bus.bitrate, ip=ip),
         }
     match = f'ATTRS{{serial}}=="{usb_serial}"' if usb_serial else U2D2_MATCH
     return {"etc/udev/rules.d/99-duet-serial.rules":
@@ -129,22 +146,25 @@ def wanted_by(unit_text: str) -> list[str]:
     return parser.get("Install", "WantedBy", fallback="").split()
 
 
-def enable_offline(units_dir: Path, unit: str) -> list[Path]:
+def enable_offline(units_dir: Path, unit: str, journal: Journal | None = None) -> list[Path]:
     """What `systemctl --root enable` does: a .wants symlink per WantedBy target."""
+    journal = journal or Journal()
     made = []
     for target in wanted_by((units_dir / unit).read_text()):
         link = units_dir / f"{target}.wants" / unit
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.unlink(missing_ok=True)
-        link.symlink_to(f"/etc/systemd/system/{unit}")
+        journal.symlink(link, f"/etc/systemd/system/{unit}")
         made.append(link)
     return made
 
 
-def _write(path: Path, text: str) -> None:
-    atomic_write(path, text, backup=path.exists() and path.read_text() != text)
+def restart_command(units: Sequence[str] = ("duet.target",)) -> str:
+    """The command that really restarts duet, also after a service hit its start limit
+    (`systemctl restart` alone leaves a unit in start-limit-hit failed)."""
+    return (f"sudo systemctl reset-failed {' '.join(SERVICES)} && "
+            f"sudo systemctl restart {' '.join(units)}")
 
 
+# ---------------------------------------------------------------------- install
 @dataclass
 class InstallPlan:
     layout: Layout
@@ -153,77 +173,267 @@ class InstallPlan:
     bundle: Path | None = None
     usb_serial: str | None = None
     venv: bool = True
-    source: Path = field(default_factory=lambda: repo_systemd_dir().parent)
+    source: Path | None = None  # the duet source tree (default: found, see layout.py)
+    udev_reload: bool = True
+    # offline (an unpacked `duet pack` archive): duet's wheel and the wheelhouse pip uses alone
+    package: Path | None = None
+    wheelhouse: Path | None = None
     run: Runner = run_checked
+    capture: Capture = capture_checked
     log: Callable[[str], None] = print
+    live_steps: bool | None = None  # run the system steps (default: when root is /)
 
     @property
     def live(self) -> bool:
-        return self.layout.root == Path("/")
+        return self.layout.root == Path("/") if self.live_steps is None else self.live_steps
+
+    @property
+    def bin_link(self) -> Path:
+        return self.layout.root / "usr/local/bin/duet"
+
+    def venv_bin(self, name: str = "duet") -> str:
+        return f"{self.prefix.rstrip('/')}/venv/bin/{name}"
 
 
-def install(plan: InstallPlan) -> list[str]:
-    """Install; returns the units enabled."""
+def _live_steps(plan: InstallPlan, enabled: list[str]) -> list[tuple[list[str], str]]:
     lay = plan.layout
-    cfg = load_config(plan.config)  # refuse an invalid config before touching anything
-    units_src = repo_systemd_dir()
-    if not (units_src / "duet-follower.service").is_file():
-        raise InstallError(f"unit files not found in {units_src} (run from a duet checkout)")
+    steps = [
+        (["systemd-sysusers", str(lay.sysusers / "duet.conf")],
+         f"check {lay.sysusers / 'duet.conf'} (systemd-sysusers --dry-run shows why)"),
+        (["systemd-tmpfiles", "--create", str(lay.tmpfiles / "duet.conf")],
+         f"check {lay.tmpfiles / 'duet.conf'} and that the user exists (id duet)"),
+    ]
+    if plan.udev_reload:
+        fix = ("start udev (sudo systemctl start systemd-udevd); where there is no udev "
+               "(a container), rerun with --no-udev-reload")
+        steps += [(["udevadm", "control", "--reload"], fix),
+                  (["udevadm", "trigger", "--subsystem-match=tty", "--subsystem-match=net"],
+                   fix)]
+    steps += [
+        (["systemctl", "daemon-reload"], "is systemd running here? (systemctl "
+         "is-system-running); then rerun duet install"),
+        (["systemctl", "enable", *enabled], "systemd-analyze verify "
+         "/etc/systemd/system/duet-*.service shows what systemd refuses"),
+    ]
+    return steps
+
+
+def check_plan(plan: InstallPlan) -> tuple[DuetConfig, Path]:
+    """Everything that can be known before a file is written: config, sim, sources, bundle,
+    privileges. Returns the config and the source tree."""
+    cfg = load_config(plan.config)  # ConfigError: refused before anything is touched
+    sim = sim_problems(cfg)
+    if sim:
+        raise InstallError(f"{plan.config} is a simulated robot's config ({'; '.join(sim)}); "
+                           "install a config for the real robot (bus.device: /dev/ttyDUET0, "
+                           "no sim: section)")
+    source = plan.source or find_source()
+    if source is None or not (source / "systemd" / "duet-follower.service").is_file():
+        where = source or Path.cwd()
+        raise InstallError(f"duet's unit files are not in {where / 'systemd'}: run duet "
+                           "install from the duet source tree, or pass --source DIR")
     if plan.bundle is not None:
-        BundleStore(lay.bundles, cfg.bundle.public_key, cfg.robot.joints).verify(plan.bundle)
+        BundleStore(plan.layout.bundles, cfg.bundle.public_key, cfg.robot.joints).verify(
+            plan.bundle)
+    if plan.live and plan.layout.root == Path("/") and os.geteuid() != 0:
+        raise InstallError("installing onto this system needs root: sudo duet install ...")
+    if plan.bin_link.exists() and not plan.bin_link.is_symlink():
+        raise InstallError(f"{plan.bin_link} exists and is not duet's link: move it away")
+    return cfg, source
 
+
+@dataclass
+class Installed:
+    enabled: list[str]
+    l4t: L4TRelease | None = None  # a Jetson: NVIDIA's runtime kept, GPU providers
+    onnxruntime: dict[str, Any] = field(default_factory=dict)  # what the venv imports
+
+
+# The planner's providers on a Jetson when the robot config names none (ONNX Runtime tries
+# them in this order; the follower stays on the CPU).
+L4T_PLANNER_PROVIDERS = ["tensorrt", "cuda", "cpu"]
+
+
+def install(plan: InstallPlan) -> Installed:
+    """Install as one transaction; returns the units enabled and what was found. On failure
+    every file is as it was and InstallError says which step failed and how to fix it."""
+    cfg, source = check_plan(plan)
+    lay = plan.layout
+    l4t = l4t_release(lay.root)
+    if l4t is not None:
+        plan.log(f"{l4t}: NVIDIA's onnxruntime and TensorRT are kept (venv with the system "
+                 "site-packages, no PyPI onnxruntime); planner providers "
+                 f"{'/'.join(L4T_PLANNER_PROVIDERS)} unless the config names its own")
+    venv = VenvPlan(lay.root / plan.prefix.lstrip("/") / "venv", plan.package or source,
+                    plan.wheelhouse, system_site=l4t is not None)
+    result = Installed([], l4t)
+    journal = Journal()
+    reloaded = False
+    try:
+        if plan.venv:
+            journal.touch(venv.venv)
+            make_venv(venv, plan.run, plan.log)
+        result.enabled = enabled = _write_files(plan, cfg, source, journal, l4t)
+        if plan.venv:
+            installed = load_config(lay.config, lay.site)
+            result.onnxruntime = found = probe_onnxruntime(venv, plan.capture, l4t is not None)
+            check_onnxruntime(found, _providers_wanted(installed), venv, l4t is not None)
+            plan.log(f"onnxruntime {found['version']} ({found['file']}): "
+                     + ", ".join(found["providers"]))
+        if plan.live:
+            for cmd, fix in _live_steps(plan, enabled):
+                external(plan.run, cmd, fix)
+                reloaded = reloaded or cmd[:2] == ["systemctl", "daemon-reload"]
+        else:
+            for unit in enabled:
+                enable_offline(lay.units, unit, journal)
+    except BaseException as exc:  # Ctrl-C too: never half-installed
+        undone = journal.rollback()  # a venv this run created goes too
+        if reloaded:  # systemd saw the new units: let it see the restored ones
+            try:
+                plan.run(["systemctl", "daemon-reload"])
+            except (OSError, subprocess.SubprocessError):
+                pass
+        done = f"rolled back ({len(undone)} paths restored or removed), nothing enabled"
+        if isinstance(exc, InstallError):
+            raise InstallError(f"{exc}; {done}") from None
+        if isinstance(exc, OSError):
+            raise InstallError(f"{exc.filename or ''}: {exc.strerror}; {done}") from None
+        plan.log(done)
+        raise
+    plan.log("enabled: " + " ".join(enabled))
+    return result
+
+
+def _providers_wanted(cfg: DuetConfig) -> list[str]:
+    """ONNX Runtime's names of the providers the installed config asks for."""
+    from runtime.engines.onnxruntime_engine import PROVIDERS
+
+    if cfg.bundle.engine != "onnxruntime":
+        return []
+    opts = cfg.bundle.onnxruntime
+    return [PROVIDERS[n] for n in dict.fromkeys(opts.planner_providers + opts.follower_providers)]
+
+
+def site_text(cfg: DuetConfig, bundle: bool, l4t: L4TRelease | None) -> str:
+    """The first site file: the run dir, the installed bundle and, on a Jetson, the planner's
+    GPU providers (unless the robot config chose its own)."""
+    site: dict[str, Any] = {"run_dir": "/run/duet"}
+    if bundle:
+        site["bundle"] = {"path": "/var/lib/duet/bundles/current"}
+    if l4t is not None and cfg.bundle.engine == "onnxruntime" and \
+            "planner_providers" not in cfg.bundle.onnxruntime.model_fields_set:
+        site.setdefault("bundle", {})["onnxruntime"] = {
+            "planner_providers": L4T_PLANNER_PROVIDERS}
+    return ("# Site overrides layered on duet.yaml; `duet config set` edits this file.\n"
+            + yaml.safe_dump(site, sort_keys=False))
+
+
+def _write_files(plan: InstallPlan, cfg: DuetConfig, source: Path, journal: Journal,
+                 l4t: L4TRelease | None = None) -> list[str]:
+    lay = plan.layout
     prefix_dir = lay.root / plan.prefix.lstrip("/")
-    prefix_dir.mkdir(parents=True, exist_ok=True)
-    if plan.venv:
-        make_venv(prefix_dir / "venv", plan.source, plan.run)
     # the units' Documentation= points here: the README's "On the robot" section
-    shutil.copyfile(units_src.parent / "README.md", prefix_dir / "README.md")
-
+    journal.write(prefix_dir / "README.md", (source / "README.md").read_text())
+    units_src = source / "systemd"
     for unit in UNITS:
-        _write(lay.units / unit, render_unit((units_src / unit).read_text(), plan.prefix))
-    _write(lay.units / DROPIN, render_realtime_dropin(cfg))
-    _write(lay.units / DEVICE_DROPIN, render_device_dropin(cfg))
-    for unit in ("duet-planner.service", "duet-recorder.service"):
-        _write(lay.units / f"{unit}.d" / CPU_DROPIN, render_cpu_dropin(cfg, os.cpu_count() or 1))
-    _write(lay.sysusers / "duet.conf", (units_src / "duet.sysusers.conf").read_text())
-    _write(lay.tmpfiles / "duet.conf", (units_src / "duet.tmpfiles.conf").read_text())
+        journal.write(lay.units / unit, render_unit((units_src / unit).read_text(), plan.prefix))
+    for rel, text in render_dropins(cfg).items():
+        journal.write(lay.units / rel, text)
+    journal.write(lay.sysusers / "duet.conf", (units_src / "duet.sysusers.conf").read_text())
+    journal.write(lay.tmpfiles / "duet.conf", (units_src / "duet.tmpfiles.conf").read_text())
     for rel, text in render_udev(cfg, plan.usb_serial).items():
-        _write(lay.root / rel, text)
-    plan.log(f"units, drop-in, sysusers, tmpfiles and udev rules written under {lay.root}")
+        journal.write(lay.root / rel, text)
+    journal.symlink(plan.bin_link, plan.venv_bin())
+    plan.log(f"units, drop-ins, sysusers, tmpfiles, udev rules and {plan.bin_link} written "
+             f"under {lay.root}")
 
-    _write(lay.config, plan.config.read_text())
+    journal.write(lay.config, plan.config.read_text())
     for folder in (lay.bundles, lay.recordings, lay.state / "engines"):
-        folder.mkdir(parents=True, exist_ok=True)
+        journal.mkdir(folder)
     if plan.bundle is not None:
         store = BundleStore(lay.bundles, cfg.bundle.public_key, cfg.robot.joints)
-        version = store.add(plan.bundle)
+        version = store.manifest_version(plan.bundle)
+        for name in (version, "current", "previous"):
+            journal.touch(lay.bundles / name)
+        added = store.add(plan.bundle)
         store.activate(version)
-        plan.log(f"bundle {version} installed and current")
+        plan.log(f"bundle {version} {'installed' if added else 'already there'}, current")
     if not lay.site.exists():
-        site = ["# Site overrides layered on duet.yaml; `duet config set` edits this file.",
-                "run_dir: /run/duet"]
-        if plan.bundle is not None:
-            site.append("bundle:\n  path: /var/lib/duet/bundles/current")
-        _write(lay.site, "\n".join(site) + "\n")
-    load_config(lay.config, lay.site)  # what the services will load must validate
-
+        journal.write(lay.site, site_text(cfg, plan.bundle is not None, l4t))
+    installed = load_config(lay.config, lay.site)  # what the services load must validate
+    for problem in bundle_problems(installed):
+        plan.log(f"warning: {problem} (install one: duet install --bundle DIR, or duet bundle "
+                 "add DIR && duet bundle activate VERSION)")
     enabled = ["duet.target", "duet-follower.service", "duet-planner.service"]
-    if cfg.recorder.enabled:
+    if installed.recorder.enabled:
         enabled.append("duet-recorder.service")
-    if plan.live:
-        plan.run(["systemd-sysusers", str(lay.sysusers / "duet.conf")])
-        plan.run(["systemd-tmpfiles", "--create", str(lay.tmpfiles / "duet.conf")])
-        plan.run(["udevadm", "control", "--reload"])
-        plan.run(["udevadm", "trigger", "--subsystem-match=tty", "--subsystem-match=net"])
-        plan.run(["systemctl", "daemon-reload"])
-        plan.run(["systemctl", "enable", *enabled])
-    else:
-        for unit in enabled:
-            enable_offline(lay.units, unit)
-    plan.log("enabled: " + " ".join(enabled))
     return enabled
 
 
-def ensure_root_user(plan: InstallPlan) -> None:
-    if plan.live and os.geteuid() != 0:
-        raise InstallError("installing onto this system needs root (sudo duet install ...)")
+# ---------------------------------------------------------------------- uninstall
+def installed_files(lay: Layout, prefix: str) -> list[Path]:
+    """What install puts outside the data folders (units, drop-ins, rules, link, venv)."""
+    units = [lay.units / u for u in UNITS]
+    units += [lay.units / f"{u}.d" for u in SERVICES]
+    units += [lay.units / t / u for t in ("multi-user.target.wants", "duet.target.wants")
+              for u in UNITS]
+    return [*units, lay.sysusers / "duet.conf", lay.tmpfiles / "duet.conf",
+            lay.udev_rules / "99-duet-serial.rules", lay.udev_rules / "99-duet-can.rules",
+            lay.network / "80-duet-can.link", lay.root / "usr/local/bin/duet",
+            lay.root / prefix.lstrip("/")]
+
+
+def uninstall(lay: Layout, prefix: str, purge: bool, run: Runner = run_checked,
+              live: bool | None = None, log: Callable[[str], None] = print) -> list[Path]:
+    """Stop and disable the services, remove what install wrote. Keeps the config
+    (/etc/duet) and the recordings unless `purge`; the duet user stays (files may be owned
+    by it). Returns the paths removed."""
+    live = lay.root == Path("/") if live is None else live
+    if live:
+        if os.geteuid() != 0 and lay.root == Path("/"):
+            raise InstallError("uninstalling from this system needs root: sudo duet uninstall")
+        # stop first: a unit file removed under a running service leaves it unmanageable
+        present = [u for u in UNITS if (lay.units / u).is_file()]
+        if present:
+            external(run, ["systemctl", "disable", "--now", *present],
+                     "systemctl status 'duet*' shows what did not stop")
+            # a pattern matches only loaded units: stopped ones are unloaded at once
+            _best_effort(run, ["systemctl", "reset-failed", "duet*"], log)
+    journal = Journal()
+    removed = [p for p in installed_files(lay, prefix) if journal.remove(p)]
+    for folder in (lay.bundles, lay.state / "engines"):
+        if journal.remove(folder):
+            removed.append(folder)
+    if purge:
+        removed += [p for p in (lay.etc, lay.state) if journal.remove(p)]
+    if live:
+        _best_effort(run, ["systemctl", "daemon-reload"], log)
+    kept = [] if purge else [str(p) for p in (lay.etc, lay.recordings, lay.change_log)
+                             if p.exists()]
+    log(f"removed {len(removed)} paths" + (f"; kept {', '.join(kept)} (--purge removes them)"
+                                           if kept else ""))
+    return removed
+
+
+def _best_effort(run: Runner, cmd: list[str], log: Callable[[str], None]) -> None:
+    try:
+        run(cmd)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log(f"warning: `{' '.join(cmd)}` failed ({exc})")
+
+
+def rerender(lay: Layout, cfg: DuetConfig, journal: Journal) -> list[Path]:
+    """After a config change on an installed tree: rewrite the drop-ins and udev rules that
+    come from the config (the adapter match, from --usb-serial, is kept as installed).
+    Returns the files that changed; nothing when duet is not installed under `lay`."""
+    if not (lay.units / "duet-follower.service").is_file():
+        return []
+    files = {lay.units / rel: text for rel, text in render_dropins(cfg).items()}
+    link = lay.network / "80-duet-can.link"
+    if isinstance(single_bus(cfg, "duet config set"), CanBusConfig) and link.is_file():
+        match = link.read_text().split("[Match]\n", 1)[-1].split("\n", 1)[0]
+        serial = match.removeprefix("Property=ID_SERIAL_SHORT=") if "=ID_SERIAL" in match \
+            else None
+        files.update({lay.root / rel: text for rel, text in render_udev(cfg, serial).items()})
+    return [path for path, text in files.items() if journal.write(path, text)]

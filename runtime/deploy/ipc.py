@@ -1,5 +1,5 @@
 """Client side of the ipc sockets: telemetry samples (status, top) and REQ/REP requests
-(the recorder; the follower's control socket goes through runtime.control_client)."""
+(requests go through runtime.rpc)."""
 
 from __future__ import annotations
 

@@ -66,10 +66,32 @@ class Layout:
         return self._at("/etc/tmpfiles.d")
 
 
-def repo_systemd_dir() -> Path:
-    """The unit files shipped in the source tree (duet install runs from a checkout)."""
-    return Path(__file__).resolve().parents[2] / "systemd"
+def find_source() -> Path | None:
+    """The duet source tree `duet install` installs from (units, README, the package): the
+    tree this code runs from (a checkout or an editable install), else the working directory
+    when it is one (a non-editable bootstrap run inside the checkout)."""
+    for tree in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (tree / "systemd" / "duet-follower.service").is_file() and \
+                (tree / "pyproject.toml").is_file():
+            return tree
+    return None
 
 
 def templates_dir() -> Path:
     return Path(__file__).resolve().parent / "templates"
+
+
+def installed_root(site: Path) -> Path | None:
+    """The root of the install a site file belongs to (ROOT/etc/duet/site.yaml), or None
+    for a site file elsewhere (a workstation)."""
+    folder = Path(site).absolute().parent
+    if folder.name == "duet" and folder.parent.name == "etc":
+        return folder.parent.parent
+    return None
+
+
+def change_log(site: Path) -> Path:
+    """Where `duet config set` logs changes to `site`: /var/lib/duet/config-changes.log of
+    its install, else config-changes.log beside the site file."""
+    root = installed_root(site)
+    return Layout(root).change_log if root is not None else site.with_name("config-changes.log")

@@ -17,22 +17,16 @@ from typing import IO, Any
 
 from mcap.writer import CompressionType, Writer
 
+from runtime.deploy.channels import Record
+
 PROFILE = ""  # no ROS profile: plain JSON messages
-
-
-@dataclass(frozen=True)
-class Record:
-    topic: str
-    log_time_ns: int  # wall clock at receipt (what MCAP tools show)
-    publish_time_ns: int  # sender's monotonic send time (one clock for all duet processes)
-    sequence: int
-    data: bytes  # JSON
 
 
 class McapSink:
     def __init__(self, path: Path, schemas: dict[str, tuple[str, dict[str, Any]]],
                  metadata: dict[str, str], flush_s: float = 1.0,
-                 chunk_bytes: int = 512 * 1024) -> None:
+                 chunk_bytes: int = 512 * 1024,
+                 channel_metadata: dict[str, str] | None = None) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         # "x": never clobber an earlier recording; the file lives as long as the sink
@@ -42,6 +36,7 @@ class McapSink:
         self._writer.start(profile=PROFILE, library="duet recorder")
         self._writer.add_metadata("duet", metadata)
         self._schemas = schemas  # topic -> (schema name, JSON schema)
+        self._channel_metadata = channel_metadata or {}
         self._channels: dict[str, int] = {}
         self._flush_ns = int(flush_s * 1e9)
         self._last_flush_ns = 0
@@ -55,15 +50,20 @@ class McapSink:
             schema_id = self._writer.register_schema(
                 name=name, encoding="jsonschema", data=json.dumps(schema).encode())
             channel = self._writer.register_channel(
-                topic=topic, message_encoding="json", schema_id=schema_id)
+                topic=topic, message_encoding="json", schema_id=schema_id,
+                metadata=self._channel_metadata)
             self._channels[topic] = channel
         return channel
 
     def write(self, rec: Record) -> None:
         self._writer.add_message(self._channel(rec.topic), log_time=rec.log_time_ns,
-                                 data=rec.data, publish_time=rec.publish_time_ns,
+                                 data=rec.data, publish_time=rec.log_time_ns,
                                  sequence=rec.sequence & 0xFFFFFFFF)
         self.messages += 1
+
+    def add_metadata(self, name: str, data: dict[str, str]) -> None:
+        """A metadata record (e.g. an episode's outcome, known only at its end)."""
+        self._writer.add_metadata(name, data)
 
     def maybe_flush(self, now_ns: int) -> bool:
         """Close the current chunk when it is older than flush_s (complete on disk)."""
@@ -75,6 +75,14 @@ class McapSink:
 
     def size(self) -> int:
         return self._file.tell()
+
+    def abandon(self) -> None:
+        """Stop writing after a failed write: the complete chunks stay readable (no footer)."""
+        self.closed = True
+        try:
+            self._file.close()
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self.closed:
@@ -93,6 +101,7 @@ class Contents:
     messages: list[tuple[str, str, int, bytes]]  # (topic, schema name, log_time_ns, data)
     complete: bool  # the file was closed cleanly (summary and footer present)
     error: str | None  # why reading stopped early, for a cut-off file
+    metadata: dict[str, dict[str, str]]  # name -> the last metadata record of that name
 
 
 def read_recording(path: Path) -> Contents:
@@ -100,7 +109,7 @@ def read_recording(path: Path) -> Contents:
     loss yields what was flushed before it (no summary section is needed)."""
     from mcap.exceptions import McapError
     from mcap.reader import NonSeekingReader
-    from mcap.records import Footer
+    from mcap.records import Footer, Metadata
     from mcap.stream_reader import StreamReader
 
     out: list[tuple[str, str, int, bytes]] = []
@@ -114,7 +123,35 @@ def read_recording(path: Path) -> Contents:
         except (McapError, EOFError, ValueError, struct.error) as exc:
             error = f"{type(exc).__name__}: {exc}".rstrip(": ")
     complete = False
-    if error is None:
-        with open(path, "rb") as f:
-            complete = any(isinstance(r, Footer) for r in StreamReader(f).records)
-    return Contents(out, complete, error)
+    metadata: dict[str, dict[str, str]] = {}
+    with open(path, "rb") as f:
+        try:
+            for record in StreamReader(f).records:
+                if isinstance(record, Metadata):
+                    metadata[record.name] = dict(record.metadata)
+                complete = complete or isinstance(record, Footer)
+        except (McapError, EOFError, ValueError, struct.error):
+            complete = False
+    return Contents(out, complete and error is None, error, metadata)
+
+
+def summarize_recording(path: Path) -> dict[str, Any]:
+    """What `duet record info` shows: metadata, channels with counts, span, completeness."""
+    from collections import Counter
+    from datetime import datetime, timezone
+
+    contents = read_recording(path)
+    counts = Counter((topic, schema) for topic, schema, *_ in contents.messages)
+    times = [t for _, _, t, _ in contents.messages]
+
+    def iso(ns: int) -> str:
+        return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="milliseconds")
+
+    return {"file": str(path), "metadata": contents.metadata,
+            "topics": [{"topic": t, "schema": s, "messages": n}
+                       for (t, s), n in sorted(counts.items())],
+            "messages": len(times), "duration_s": (max(times) - min(times)) / 1e9 if times
+            else 0.0, "start": iso(min(times)) if times else None,
+            "end": iso(max(times)) if times else None,
+            "state": "complete" if contents.complete else
+            f"cut off ({contents.error or 'no footer'}); complete chunks read"}

@@ -1,7 +1,8 @@
 """`duet status`: one sample of each process's telemetry, one screen (or JSON), then exit.
 
-Exit code: 0 when the follower reports HOLD or TRACK and the planner is planning,
-1 when anything is missing or in FAULT/ESTOP, so scripts can `duet status || alert`.
+Exit code: 0 when the follower is healthy by its own configured thresholds (not latched,
+loop rate and deadline misses within `follower.health`) and the planner is planning or idle
+(no task: the robot holds), 1 otherwise, so scripts can `duet status || alert`.
 """
 
 from __future__ import annotations
@@ -9,16 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from runtime import cliopts
 from runtime.deploy.ipc import TelemetrySubscriber
-from runtime.deploy.layout import Layout
 from runtime.deploy.telemetry_view import render, to_jsonable
-
-ETC = Layout()
 
 
 def collect(run_dir: str, timeout_s: float) -> dict[str, Any]:
@@ -30,27 +28,61 @@ def collect(run_dir: str, timeout_s: float) -> dict[str, Any]:
     return {source: to_jsonable(latest.get(source)) for source in ("follower", "planner")}
 
 
-def healthy(sample: dict[str, Any]) -> bool:
+LATCHED = ("FAULT", "ESTOP")
+
+
+def diagnosis(sample: dict[str, Any]) -> list[tuple[str, str]]:
+    """(why the robot is not healthy, the next step) pairs; empty: healthy."""
     follower, planner = sample.get("follower"), sample.get("planner")
-    return (
-        isinstance(follower, dict) and follower.get("mode") in ("HOLD", "TRACK")
-        and isinstance(planner, dict) and planner.get("status") == "planning"
-    )
+    out: list[tuple[str, str]] = []
+    if not isinstance(follower, dict):
+        out.append(("follower: no telemetry (not running?)",
+                    "systemctl status duet-follower; wrong run dir? --run-dir / DUET_RUN_DIR"))
+    else:
+        health = follower.get("health")
+        mode = follower.get("mode")
+        listed = health.get("problems") or [] if isinstance(health, dict) else \
+            ([] if mode in ("HOLD", "TRACK", "INIT") else [str(mode)])
+        for problem in map(str, listed):
+            step = ("check the robot, then: duet reset" if problem.startswith(LATCHED)
+                    else "duet doctor (CPU contention, governor, real-time)")
+            out.append((f"follower: {problem}", step))
+    if not isinstance(planner, dict):
+        out.append(("planner: no telemetry (not running?)",
+                    "systemctl status duet-planner; journalctl -u duet-planner -n 50"))
+    elif planner.get("status") not in ("planning", "idle"):
+        out.append((f"planner: {planner.get('status')}",
+                    "duet doctor (cameras); journalctl -u duet-planner -n 50"))
+    return out
+
+
+def problems(sample: dict[str, Any]) -> list[str]:
+    """Why the robot is not healthy (empty: healthy)."""
+    return [why for why, _ in diagnosis(sample)]
+
+
+def healthy(sample: dict[str, Any]) -> bool:
+    return not problems(sample)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", help="runtime dir with the ipc sockets (default: config)")
-    parser.add_argument("--config", type=Path, default=ETC.config, help="robot config (run_dir)")
-    parser.add_argument("--site", type=Path, default=ETC.site, help="site config on --config")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    cliopts.add_run_dir(parser)
+    cliopts.add_json(parser)
     parser.add_argument("--timeout", type=float, default=1.5, help="seconds to wait for a sample")
 
 
 def run(args: argparse.Namespace, run_dir: str) -> int:
     sample = collect(run_dir, args.timeout)
+    found = diagnosis(sample)
     if args.json:
-        json.dump(sample, sys.stdout, indent=2)
+        json.dump({**sample, "healthy": not found, "problems": [
+            {"problem": why, "next": step} for why, step in found]}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        Console().print(render(sample, title=f"duet status  ({run_dir})"))
-    return 0 if healthy(sample) else 1
+        console = Console()
+        console.print(render(sample, title=f"duet status  ({run_dir})"))
+        for why, step in found:
+            console.print(f"[bold red]{why}[/]\n  next: {step}", highlight=False)
+        if not found:
+            console.print("[green]healthy[/]")
+    return 0 if not found else 1

@@ -51,7 +51,7 @@ def _get(d: dict[str, Any] | None, *path: str) -> Any:
 
 def _kv_table(title: str) -> Table:
     table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
-    table.add_column(style="dim", no_wrap=True, min_width=17)
+    table.add_column(style="dim", no_wrap=True, min_width=12)
     table.add_column(overflow="fold")
     return table
 
@@ -68,21 +68,22 @@ def follower_table(t: dict[str, Any] | None, age_s: float | None) -> Table:
     table.add_row("mode", mode_text)
     rate = f"{_num(t.get('achieved_hz'))} / {_num(t.get('target_hz'), '{:.0f}')} Hz"
     table.add_row("loop rate", rate)
-    table.add_row("ticks / misses", f"{_num(t.get('ticks'), '{:d}')} / "
+    table.add_row("ticks/misses", f"{_num(t.get('ticks'), '{:d}')} / "
                   f"{_num(t.get('deadline_misses'), '{:d}')}")
     for key, label in (("period_jitter_us", "jitter us"), ("tick_compute_us", "compute us")):
-        table.add_row(label, "p50 {}  p99 {}  max {}".format(
-            *(_num(_get(t, key, p)) for p in ("p50", "p99", "max"))))
+        table.add_row(label, "p50 {} p99 {} max {}".format(
+            *(_num(_get(t, key, p), "{:.0f}") for p in ("p50", "p99", "max"))))
     table.add_row("plan age", f"{_num(t.get('plan_age_ms'))} ms")
-    table.add_row("plan delivery us", "p50 {}  p99 {}".format(
+    table.add_row("delivery us", "p50 {}  p99 {}".format(
         *(_num(_get(t, "plan_delivery_us", p)) for p in ("p50", "p99"))))
     bus = t.get("bus") or {}
-    table.add_row("bus", "  ".join(f"{k} {_num(bus.get(k), '{:d}')}" for k in
-                                   ("reads", "writes", "errors", "retries", "crc_errors",
-                                    "timeouts")))
+    table.add_row("bus", "  ".join(f"{label} {_num(bus.get(k), '{:d}')}" for k, label in
+                                   (("errors", "err"), ("retries", "retry"),
+                                    ("crc_errors", "crc"), ("timeouts", "timeout"))))
     safety = t.get("safety") or {}
-    table.add_row("safety", "  ".join(f"{k} {_num(safety.get(k), '{:d}')}" for k in
-                                      ("faults", "clamped_commands", "estops")))
+    table.add_row("safety", "  ".join(f"{label} {_num(safety.get(k), '{:d}')}" for k, label in
+                                      (("faults", "faults"), ("clamped_commands", "clamped"),
+                                       ("estops", "estops"))))
     if age_s is not None:
         table.add_row("sample age", f"{age_s:.1f} s")
     return table

@@ -1,73 +1,120 @@
-"""`duet top`: live view of follower and planner telemetry for a plain SSH terminal.
+"""`duet top`: live follower and planner telemetry for an SSH terminal, on textual.
 
-rich.live redraws in place; `q` or Ctrl-C quits. Works without a tty too (then only
-Ctrl-C/SIGTERM stop it), so it can run under tmux, screen or a serial console.
+Fits 80x24: the follower on the left; joints and planner on the right; below them why the
+robot is not healthy and the next step (runtime/deploy/status.py); `q` quits. Without a
+terminal (a pipe, a log) it prints the same screen once a second instead.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import select
 import sys
-import termios
 import time
-import tty
-from collections.abc import Iterator
+from typing import Any, ClassVar
 
-from rich.console import Console
-from rich.live import Live
+from rich.console import Group, RenderableType
+from rich.text import Text
+from textual.app import App, ComposeResult
+from textual.containers import Horizontal
+from textual.widgets import Footer, Static
 
 from runtime.deploy.ipc import TelemetrySubscriber
-from runtime.deploy.telemetry_view import render
+from runtime.deploy.status import diagnosis
+from runtime.deploy.telemetry_view import follower_table, joints_table, planner_table
+
+STALE_S = 2.0  # a source silent this long is shown as gone, not as its last good numbers
 
 
-@contextlib.contextmanager
-def _cbreak(stream: object) -> Iterator[bool]:
-    """Single-key input when stdin is a terminal; yields whether keys can be read."""
-    fd = stream.fileno() if hasattr(stream, "fileno") else -1
-    if fd < 0 or not os.isatty(fd):
-        yield False
-        return
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setcbreak(fd)
-        yield True
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+def health_text(latest: dict[str, Any]) -> Text:
+    found = diagnosis(latest)
+    if not found:
+        return Text("healthy", style="bold green")
+    text = Text()
+    for why, step in found:
+        text.append(f"{why}\n", style="bold red")
+        text.append(f"  next: {step}\n")
+    text.rstrip()
+    return text
 
 
-def _quit_pressed() -> bool:
-    ready, _, _ = select.select([sys.stdin], [], [], 0)
-    return bool(ready) and sys.stdin.read(1) in ("q", "Q")
+class TopApp(App[int]):
+    CSS = """
+    Screen { layout: vertical; }
+    #title { height: 1; background: $boost; }
+    #panels { height: auto; }
+    #follower { width: 1fr; }
+    #right { width: 1fr; }
+    #health { height: auto; margin-top: 1; }
+    """
+    BINDINGS: ClassVar = [("q", "quit", "quit"), ("ctrl+c", "quit", "quit")]
+
+    def __init__(self, run_dir: str, refresh_hz: float, duration_s: float | None) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        self.refresh_hz = refresh_hz
+        self.duration_s = duration_s
+        self.sub = TelemetrySubscriber(run_dir)
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"duet top  {self.run_dir}", id="title")
+        with Horizontal(id="panels"):
+            yield Static(id="follower")
+            yield Static(id="right")
+        yield Static(id="health")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.set_interval(1.0 / self.refresh_hz, self.refresh_view)
+        if self.duration_s is not None:
+            self.set_timer(self.duration_s, self.exit)
+        self.refresh_view()
+
+    def refresh_view(self) -> None:
+        latest, ages = sample(self.sub)
+        follower = latest.get("follower")
+        self.query_one("#follower", Static).update(follower_table(follower,
+                                                                  ages.get("follower")))
+        right: list[RenderableType] = []
+        joints = joints_table(follower)
+        if joints is not None:
+            right.append(joints)
+        right.append(planner_table(latest.get("planner"), ages.get("planner")))
+        self.query_one("#right", Static).update(Group(*right))
+        self.query_one("#health", Static).update(health_text(latest))
+
+    def on_unmount(self) -> None:
+        self.sub.close()
 
 
-def run_top(run_dir: str, refresh_hz: float = 4.0, duration_s: float | None = None) -> int:
-    sub = TelemetrySubscriber(run_dir)
-    # On a terminal follow its real size (and resizes); stale COLUMNS/LINES exported by a
-    # parent shell or tool would otherwise pin the layout to 80x24.
-    environ = ({k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-               if sys.stdout.isatty() else None)
-    console = Console(_environ=environ)
-    period = 1.0 / refresh_hz
+def sample(sub: TelemetrySubscriber) -> tuple[dict[str, Any], dict[str, float]]:
+    sub.poll(0)
+    now = time.monotonic()
+    ages = {s: now - t for s, t in sub.received_at.items()}
+    return {s: m for s, m in sub.latest.items() if ages[s] < STALE_S}, ages
+
+
+def _print_loop(run_dir: str, refresh_hz: float, duration_s: float | None) -> int:
+    from rich.console import Console
+
+    from runtime.deploy.telemetry_view import render
+
+    console, sub = Console(), TelemetrySubscriber(run_dir)
     end = None if duration_s is None else time.monotonic() + duration_s
-    title = f"duet top  ({run_dir})   q: quit"
     try:
-        with _cbreak(sys.stdin) as keys, Live(
-            render({}, title=title), console=console, refresh_per_second=refresh_hz,
-            screen=console.is_terminal, transient=False,
-        ) as live:
-            while end is None or time.monotonic() < end:
-                sub.poll(period)
-                now = time.monotonic()
-                ages = {s: now - t for s, t in sub.received_at.items()}
-                # a source silent for 2 s is shown as gone, not as its last good numbers
-                latest = {s: m for s, m in sub.latest.items() if ages[s] < 2.0}
-                live.update(render(latest, ages, title=title))
-                if keys and _quit_pressed():
-                    break
+        while end is None or time.monotonic() < end:
+            sub.poll(1.0 / refresh_hz)
+            latest, ages = sample(sub)
+            console.print(render(latest, ages, title=f"duet top  {run_dir}"),
+                          health_text(latest))
+            time.sleep(max(0.0, 1.0 - 1.0 / refresh_hz))
     except KeyboardInterrupt:
         pass
     finally:
         sub.close()
+    return 0
+
+
+def run_top(run_dir: str, refresh_hz: float = 4.0, duration_s: float | None = None) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return _print_loop(run_dir, refresh_hz, duration_s)
+    TopApp(run_dir, refresh_hz, duration_s).run()
     return 0

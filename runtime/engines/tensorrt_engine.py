@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bundle import TensorSpec
-from runtime.engines import EngineError
+from runtime.bundle import sha256_file
+from runtime.bundle_files import TensorSpec
+from runtime.engines import EngineError, check_owner
 
 _NP_TO_DTYPE = {
     np.dtype(np.float32): "float32",
@@ -79,6 +80,22 @@ def engine_cache_key(onnx_sha256: str, precision: str, trt_version: str, gpu: st
     return f"{onnx_sha256[:16]}-{precision}-trt{trt_version}-{slug}.plan"
 
 
+def check_trusted(plan: Path) -> None:
+    """A serialized engine is code for the GPU: load it only from a cache that root or this
+    service user owns and nobody else can write, and only with the sha256 recorded when it
+    was built (`<plan>.sha256`). A planted or swapped file is refused, naming why."""
+    for path in (plan.parent, plan):
+        check_owner(path)
+    recorded = plan.with_name(plan.name + ".sha256")
+    try:
+        want = recorded.read_text().split()[0]
+    except (OSError, IndexError):
+        raise EngineError(f"{recorded}: missing: rebuild with `duet engines build`") from None
+    if sha256_file(plan) != want:
+        raise EngineError(f"{plan}: sha256 differs from the one recorded at build time "
+                          "(modified or corrupt): rebuild with `duet engines build --force`")
+
+
 def cached_engine_path(cache_dir: Path, onnx_sha256: str, precision: str) -> Path:
     import tensorrt as trt
 
@@ -120,6 +137,7 @@ class TensorRTEngine:
             self._device[name] = int(cuda_call(self._rt.cudaMalloc(host.nbytes)))
             self._context.set_tensor_address(name, self._device[name])
         self._out_dict = {t.name: self._host[t.name] for t in self._outputs}
+        self._in_dict = {t.name: self._host[t.name] for t in self._inputs}
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -129,15 +147,23 @@ class TensorRTEngine:
     def output_specs(self) -> list[TensorSpec]:
         return list(self._outputs)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The host input buffers: fill them and pass this dict to `run` (no copy)."""
+        return self._in_dict
+
+    def run(self, feeds: dict[str, np.ndarray], rows: int | None = None
+            ) -> dict[str, np.ndarray]:
+        """`rows` is ignored: native engines are static and compute every row."""
         rt = self._rt
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        try:
-            for t in self._inputs:
-                np.copyto(self._host[t.name], feeds[t.name], casting="same_kind")
-        except KeyError as exc:
-            raise EngineError(f"{self.path}: missing input {exc.args[0]!r}") from None
+        if feeds is not self._in_dict:
+            try:
+                for t in self._inputs:
+                    np.copyto(self._host[t.name], feeds[t.name], casting="same_kind")
+            except KeyError as exc:
+                raise EngineError(f"{self.path}: missing input {exc.args[0]!r}") from None
         for t in self._inputs:
             host = self._host[t.name]
             cuda_call(rt.cudaMemcpyAsync(self._device[t.name], host.ctypes.data, host.nbytes,

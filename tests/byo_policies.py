@@ -1,0 +1,152 @@
+"""Planners a company might bring, defined here (not in policy/) and exported through the same
+`export_bundle` a user calls. Untrained, but with behaviour a test can check exactly:
+
+- `TwoCameraPlanner`: scene (NCHW float, normalised) + wrist (NCHW float, scaled) cameras, an
+  instruction through a Hugging Face `tokenizers` WordLevel JSON (left padding, attention
+  mask), a q history of 4 states 50 ms apart, and *normalised deltas* for five of the six
+  joints (the gripper is not driven: it must hold). It moves toward the pose its instruction
+  names: "go left" / "go right".
+- `FlowPlanner`: an encoder (camera + q -> the chunk x1 in its action space) and a
+  velocity field v(x_t, t) = (x1 - x_t) / (1 - t): the rectified flow toward x1, so K Euler
+  steps from any noise reach x1 exactly -- a check of the runtime's integration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from export.pipeline import ExportOptions, export_bundle, load_contract
+from sim.world import HOME_Q
+
+JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
+DRIVEN = JOINTS[:5]
+H, DT = 10, 0.1
+HOME = HOME_Q[:5]  # the sim's home pose, driven joints
+GOALS = {"left": HOME + np.array([0.5, 0.1, -0.2, 0.1, 0.3]),
+         "right": HOME + np.array([-0.5, -0.1, 0.1, -0.1, -0.3])}
+ACT_MEAN = np.array([0.01, -0.02, 0.03, 0.0, 0.05])
+ACT_STD = np.array([0.2, 0.1, 0.15, 0.1, 0.3])
+WORDS = ["[PAD]", "[UNK]", "go", "left", "right", "home"]
+MAX_LEN = 6
+
+
+def write_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+class TwoCameraPlanner(nn.Module):
+    """delta[k] = goal(instruction) - q_now for every k, normalised with ACT_MEAN/STD.
+
+    (A ramp from q_now would restart at the *measured* position every plan, and a servo's
+    gravity sag would then walk the arm away, one plan at a time: a real hazard of
+    delta-from-observation policies on position servos, but not what this test checks.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        goals = torch.zeros(len(WORDS), len(DRIVEN))
+        goals[WORDS.index("left")] = torch.tensor(GOALS["left"], dtype=torch.float32)
+        goals[WORDS.index("right")] = torch.tensor(GOALS["right"], dtype=torch.float32)
+        self.register_buffer("goals", goals)
+        self.register_buffer("mean", torch.tensor(ACT_MEAN, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(ACT_STD, dtype=torch.float32))
+
+    def forward(self, scene: torch.Tensor, wrist: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor, q_hist: torch.Tensor) -> torch.Tensor:
+        # left padding: the last token is the instruction's last word ("left" / "right")
+        goal = self.goals[tokens[:, -1]] * mask[:, -1:].float()
+        q_now = q_hist[:, -1]  # history oldest first
+        delta = (goal - q_now)[:, None, :].expand(-1, H, -1)
+        seen = 0.0 * (scene.mean() + wrist.mean())  # both cameras are real graph inputs
+        return (delta - self.mean) / self.std + seen
+
+
+TWO_CAMERA_CONTRACT: dict[str, Any] = {
+    "rates": {"planner_hz": 5.0, "follower_hz": 500.0},
+    "planner": {
+        "stages": [{"name": "policy", "file": "policy.onnx", "inputs": [
+            {"role": "camera", "name": "scene", "camera": "scene", "height": 64, "width": 64,
+             "layout": "NCHW", "dtype": "float32", "scale": 1 / 255,
+             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+            {"role": "camera", "name": "wrist", "camera": "wrist", "height": 48, "width": 48,
+             "layout": "NCHW", "dtype": "float32", "scale": 1 / 255, "resize": "none"},
+            {"role": "instruction", "name": "tokens", "tokenizer": "tokenizer.json",
+             "kind": "hf-tokenizers", "max_len": MAX_LEN, "padding_side": "left",
+             "mask": "mask"},
+            {"role": "proprio", "name": "q_hist", "field": "q", "history": 4,
+             "spacing_s": 0.05}],
+            "outputs": [{"role": "actions", "name": "deltas"}]}],
+        "actions": {"horizon": H, "dt_s": DT, "kind": "delta", "joints": DRIVEN,
+                    "mean": ACT_MEAN.tolist(), "std": ACT_STD.tolist()}},
+}
+
+
+class FlowEncoder(nn.Module):
+    """x1 = a chunk that goes to GOALS['left'] (all six joints: gripper held), depending on
+    q only through a term that vanishes there (so the features are a real function of q)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        goal = np.r_[GOALS["left"], 0.1]
+        self.register_buffer("goal", torch.tensor(goal, dtype=torch.float32))
+        self.register_buffer("decay", torch.exp(-torch.arange(H) - 3.0))
+
+    def forward(self, image: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        seen = 0.0 * image.float().mean()
+        return self.goal + (q - self.goal)[:, None, :] * self.decay[None, :, None] + seen
+
+
+class FlowVelocity(nn.Module):
+    """The rectified-flow velocity toward x1: Euler from t = 0 lands on x1 at t = 1."""
+
+    def forward(self, x1: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (x1 - x_t) / (1.0 - t)
+
+
+FLOW_CONTRACT: dict[str, Any] = {
+    "rates": {"planner_hz": 5.0, "follower_hz": 500.0},
+    "planner": {
+        "stages": [
+            {"name": "encoder", "file": "encoder.onnx", "inputs": [
+                {"role": "camera", "name": "image", "camera": "scene", "height": 96,
+                 "width": 96},
+                {"role": "proprio", "name": "q", "field": "q", "joints": JOINTS}],
+             "outputs": [{"role": "features", "name": "x1", "shape": [1, H, 6]}]},
+            {"name": "decoder", "file": "decoder.onnx", "flow": {"steps": 10}, "inputs": [
+                {"role": "stage", "name": "x1", "source": "encoder.x1"},
+                {"role": "noise", "name": "x_t"},
+                {"role": "flow_time", "name": "t"}],
+             "outputs": [{"role": "velocity", "name": "v"}]}],
+        "actions": {"horizon": H, "dt_s": DT, "kind": "absolute", "joints": JOINTS}},
+}
+
+
+def build(out: Path, contract: dict[str, Any], modules: dict[str, nn.Module],
+          tokenizer: bool = False) -> Path:
+    src = out.with_name(out.name + ".src")
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "contract.yaml").write_text(yaml.safe_dump(contract))
+    if tokenizer:
+        write_tokenizer(src / "tokenizer.json")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return export_bundle(load_contract(src / "contract.yaml"), modules, out,
+                             ExportOptions(calib=8, parity_samples=4), src)
+
+
+def two_camera_bundle(out: Path) -> Path:
+    return build(out, TWO_CAMERA_CONTRACT, {"policy": TwoCameraPlanner()}, tokenizer=True)
+
+
+def flow_bundle(out: Path) -> Path:
+    return build(out, FLOW_CONTRACT, {"encoder": FlowEncoder(), "decoder": FlowVelocity()})
