@@ -73,12 +73,6 @@ def gray_bits(z: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return centre, torch.stack(gray, dim=-1)
 
 
-def gray_level(codes: torch.Tensor) -> torch.Tensor:
-    """+-1 Gray bits [..., bits] -> their level index [...] (int64, 0 = the lowest)."""
-    levels = 2 ** codes.shape[-1]
-    return ((gray_value(codes) + 1.0) * (levels / 2) - 0.5).round().long()
-
-
 def gray_value(codes: torch.Tensor) -> torch.Tensor:
     """Inverse of `gray_bits`: +-1 Gray bits [..., bits] -> level centres [...] in (-1, 1)."""
     bits = codes.shape[-1]
@@ -179,16 +173,13 @@ class FactTokenizer(nn.Module):
         """Chunk deltas [B,H,J] (rad) -> codes [B,L,Bits] of +-1."""
         return self.quantize(self.latent(delta))[0]
 
-    def predict_clean(self, codes: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-                      ) -> torch.Tensor:
-        """The decoder network: (codes [B,L,Bits], x_t [B,H,J], t [B]) -> x1_hat [B,H,J]."""
-        return self.predict_from(self.condition(codes), x_t, t)
-
-    def predict_from(self, condition: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-                     ) -> torch.Tensor:
-        """`predict_clean` from the codes' conditioning (training: straight-through)."""
-        b = x_t.shape[0]
-        inp = torch.cat([condition, x_t.reshape(b, -1), time_features(t)], dim=1)
+    def predict_clean(self, codes: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                      condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder network: (codes [B,L,Bits], x_t [B,H,J], t [B]) -> x1_hat [B,H,J].
+        `condition` replaces `condition(codes)` (training: the straight-through latent)."""
+        b = codes.shape[0]
+        cond = self.condition(codes) if condition is None else condition
+        inp = torch.cat([cond, x_t.reshape(b, -1), time_features(t)], dim=1)
         return self.decoder(inp).reshape(b, self.horizon, self.n_joints)
 
     def velocity(self, codes: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
@@ -221,7 +212,7 @@ class FactTokenizer(nn.Module):
         t = torch.rand(delta.shape[0], generator=generator)
         noise = torch.randn(x1.shape, generator=generator)
         x_t = (1.0 - t)[:, None, None] * noise + t[:, None, None] * x1
-        total = (F.mse_loss(self.predict_from(cond, x_t, t), x1)
+        total = (F.mse_loss(self.predict_clean(codes, x_t, t, cond), x1)
                  + 0.05 * (latent - hard).pow(2).mean())
         if self.quantizer == "lfq":
             total = total + 0.1 * hard.mean(0).pow(2).mean()

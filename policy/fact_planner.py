@@ -4,10 +4,7 @@
 action MLP on (q, next target)) with a code head: a small causal transformer built from the
 same `EncoderLayer` that reads the action MLP's features as a state token, then the action
 prefix (the waypoints that will execute while it thinks), then predicts the chunk's FACT codes
-one code at a time. A code is a token of a 2**Bits vocabulary: the head scores every level
-of the Gray-coded latent (`policy.fact.gray_bits`), greedy decoding takes the best one and
-emits its bits. Levels are ordered, so training smooths each target over its neighbours
-(`level_targets`): a near miss costs one level, not a random bit.
+one code at a time, each code's bits together (greedy: a bit is the sign of its logit).
 
 Stage 1 of the exported planner is `forward`, the autoregressive loop unrolled over the code
 length with a key/value cache, so a traced graph has static shapes:
@@ -26,7 +23,6 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
-from policy.fact import gray_bits
 from policy.models import EncoderLayer, Planner
 
 NEG = -1e4  # additive attention mask (finite: fp16-safe)
@@ -37,8 +33,6 @@ class FactPlanner(Planner):
 
     kind: ClassVar[str] = "fact_planner"
     code_mask: torch.Tensor
-    level_centres: torch.Tensor  # [levels]: the latent value of each level
-    level_codes: torch.Tensor  # [levels, Bits]: its Gray code, +-1
 
     def __init__(self, vocab_size: int, code_len: int = 20, code_bits: int = 6,
                  prefix_max: int = 5, code_dim: int = 128, code_layers: int = 2,
@@ -63,10 +57,7 @@ class FactPlanner(Planner):
                                          for _ in range(code_layers))
         self._layers = [cast(EncoderLayer, m) for m in self.code_layers]
         self.code_norm = nn.LayerNorm(code_dim)
-        self.level_head = nn.Linear(code_dim, 2 ** code_bits)
-        centres = (2.0 * torch.arange(2 ** code_bits) + 1.0) / 2 ** code_bits - 1.0
-        self.register_buffer("level_centres", centres)
-        self.register_buffer("level_codes", gray_bits(centres, code_bits)[1])
+        self.bits_head = nn.Linear(code_dim, code_bits)
         # Context (state + prefix) sees itself only; code slot i sees the context and the
         # slots up to i (slot i holds BOS or code i-1, its output predicts code i).
         c, n = self.context_len, self.context_len + code_len
@@ -109,14 +100,13 @@ class FactPlanner(Planner):
         return torch.cat([self.state_token(features)[:, None], prefix_tokens], dim=1)
 
     def code_logits(self, context: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: context [B,C,D], target codes [B,L,Bits] -> level logits
-        [B,L,2**Bits]."""
+        """Teacher forcing: context [B,C,D], target codes [B,L,Bits] -> bit logits."""
         b = context.shape[0]
         slots = torch.cat([self.bos.expand(b, 1, -1), self.code_embed(codes[:, :-1])], dim=1)
         x = torch.cat([context, slots + self.code_pos], dim=1)
         for layer in self._layers:
             x = layer(x, self.code_mask)
-        return self.level_head(self.code_norm(x[:, self.context_len:]))
+        return self.bits_head(self.code_norm(x[:, self.context_len:]))
 
     def greedy_codes(self, context: torch.Tensor) -> torch.Tensor:
         """Autoregressive greedy decoding with a key/value cache: codes [B,L,Bits] of +-1."""
@@ -132,9 +122,7 @@ class FactPlanner(Planner):
             x = slot + self.code_pos[i]
             for j, layer in enumerate(self._layers):
                 x, cache[j] = layer.step(x, past=cache[j])
-            best = self.level_head(self.code_norm(x)).argmax(-1, keepdim=True)  # [B,1,1]
-            levels = torch.arange(self.level_codes.shape[0], device=x.device)
-            code = (best == levels).float() @ self.level_codes  # [B,1,Bits]
+            code = torch.where(self.bits_head(self.code_norm(x)) >= 0, 1.0, -1.0)
             codes.append(code)
             slot = self.code_embed(code)
         return torch.cat(codes, dim=1)

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from policy.data import MAX_CHUNK_NOISE
-from policy.fact import FactTokenizer, gray_level
+from policy.fact import FactTokenizer, bits_of
 from policy.fact_planner import FactPlanner
 from policy.models import Planner, count_parameters
 from policy.train import (
@@ -41,7 +41,6 @@ from sim.expert import expert_chunk
 from sim.world import BLOCK_HALF, ArmKinematics
 
 TARGET_Z = 2 * BLOCK_HALF  # m, a target's top face (the expert's goal height reference)
-LEVEL_SIGMA = 1.0  # levels: width of the soft code targets
 
 
 def prefix_targets(q: np.ndarray, chunk: np.ndarray, target_xy: np.ndarray, d_max: int,
@@ -88,25 +87,14 @@ def masked_chunk_loss(pred: torch.Tensor, target: torch.Tensor, prefix_len: torc
     return (err * keep).sum() / keep.sum().clamp_min(1.0)
 
 
-def level_targets(level: torch.Tensor, levels: int, sigma: float = LEVEL_SIGMA
-                  ) -> torch.Tensor:
-    """Level indices [...] -> soft labels [..., levels]: a Gaussian over the neighbouring
-    levels (levels are ordered values of one latent), so near misses cost little."""
-    offset = torch.arange(levels, device=level.device) - level[..., None]
-    weights = torch.exp(-0.5 * (offset / sigma) ** 2)
-    return weights / weights.sum(-1, keepdim=True)
-
-
 def decoded_chunk(planner: FactPlanner, tokenizer: FactTokenizer, logits: torch.Tensor,
                   q: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The chunk (absolute rad) the predicted levels decode to in one Euler step: the best
-    level's value forward, the expected level's gradient backward (straight-through)."""
-    soft = torch.softmax(logits, dim=-1) @ planner.level_centres
-    hard = planner.level_centres[logits.argmax(-1)]
-    value = soft + (hard - soft).detach()
-    b = q.shape[0]
-    noise = torch.randn(b, planner.horizon, planner.n_joints, generator=generator)
-    x1 = tokenizer.predict_from(value, noise, torch.zeros(b))
+    """The chunk (absolute rad) the predicted bits decode to in one Euler step, with the
+    straight-through gradient of the bits to their logits."""
+    soft = torch.tanh(logits)
+    codes = soft + (bits_of(logits) - soft).detach()
+    noise = torch.randn(q.shape[0], planner.horizon, planner.n_joints, generator=generator)
+    x1 = tokenizer.predict_clean(codes, noise, torch.zeros(q.shape[0]))
     return q[:, None, :] + tokenizer.denormalise(x1)
 
 
@@ -123,9 +111,6 @@ def train_fact_planner(scenes: dict[str, np.ndarray], actions: dict[str, np.ndar
     are the starting point and its perception (keypoints, grounding) stays frozen: only the
     action MLP and the code head train, several times faster.
     """
-    if tokenizer.quantizer != "gray":
-        raise ValueError(f"the FACT planner predicts Gray-coded levels; the tokenizer's "
-                         f"quantizer is {tokenizer.quantizer!r}")
     seed_everything(seed)
     horizon, n_joints = scenes["chunk"].shape[1:]
     kwargs = {"n_joints": n_joints, "horizon": horizon, "max_tokens": vocab.max_len,
@@ -161,11 +146,10 @@ def train_fact_planner(scenes: dict[str, np.ndarray], actions: dict[str, np.ndar
     def code_loss(features: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
         context = model.context(features, b["q"], b["prefix"], b["prefix_len"])
         logits = model.code_logits(context, b["codes"])
-        soft = level_targets(gray_level(b["codes"]), logits.shape[-1])
-        ce = -(soft * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+        bce = F.binary_cross_entropy_with_logits(logits, (b["codes"] > 0).float())
         chunk = decoded_chunk(model, tokenizer, logits, b["q"], ngen)
-        return ce + decoded_weight * masked_chunk_loss(chunk, b["target"], b["prefix_len"],
-                                                       model.delta_std)
+        return bce + decoded_weight * masked_chunk_loss(chunk, b["target"], b["prefix_len"],
+                                                        model.delta_std)
 
     def loss_fn(b: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = chunk_loss(model.act(b["target_xy"], b["q"]), b["chunk"], model.delta_std)
@@ -206,13 +190,13 @@ def load_reference(model: FactPlanner, reference: Planner) -> None:
 def planner_errors(model: FactPlanner, tokenizer: FactTokenizer,
                    tensors: dict[str, torch.Tensor], idx: np.ndarray, steps: int = 4,
                    seed: int = 0) -> dict[str, Any]:
-    """Validation through the exported path (greedy codes, `steps` Euler steps): bit
-    accuracy, exact-code rate, mean level error, chunk MAE (rad) after the prefix, and the
-    tokenizer's own round-trip MAE on the same targets (the floor)."""
+    """Closed-form validation through the exported path (greedy codes, `steps` Euler steps):
+    bit accuracy, exact-code rate, chunk MAE (rad) after the prefix, and the tokenizer's own
+    round-trip MAE on the same targets (the floor)."""
     if len(idx) == 0:
         return {}
     gen = torch.Generator().manual_seed(seed)
-    bit_ok = code_ok = level_err = 0
+    bit_ok = code_ok = 0
     errs, floor = [], []
     for start in range(0, len(idx), 256):
         pick = torch.as_tensor(idx[start:start + 256])
@@ -220,7 +204,6 @@ def planner_errors(model: FactPlanner, tokenizer: FactTokenizer,
         codes = model(b["image"], b["tokens"], b["q"], b["prefix"], b["prefix_len"])
         bit_ok += int((codes == b["codes"]).sum())
         code_ok += int((codes == b["codes"]).all(-1).sum())
-        level_err += int((gray_level(codes) - gray_level(b["codes"])).abs().sum())
         keep = torch.arange(model.horizon)[None, :] >= b["prefix_len"][:, None]
         chunk = b["q"][:, None] + tokenizer.decode(codes, steps, gen)
         errs.append((chunk - b["target"]).abs()[keep])
@@ -229,7 +212,6 @@ def planner_errors(model: FactPlanner, tokenizer: FactTokenizer,
     n = len(idx)
     return {"val_bit_acc": bit_ok / (n * model.code_len * model.code_bits),
             "val_code_acc": code_ok / (n * model.code_len),
-            "val_level_err": level_err / (n * model.code_len),
             "val_mae_rad": float(torch.cat(errs).mean()),
             "val_tokenizer_floor_mae_rad": float(torch.cat(floor).mean()),
             "val_decoder_steps": steps}
