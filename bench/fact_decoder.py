@@ -1,17 +1,20 @@
-"""Latency of the FACT decoder run K times (the runtime's Euler loop) on this CPU:
-ONNX Runtime fp32 through the runtime's engine (1 thread, I/O binding) next to PyTorch eager
-(1 thread), for each K, and the stage-1 code predictor once.
+"""Latency of the FACT decoder run K times (the runtime's Euler loop) on this CPU: the
+bundle's decoder graph in ONNX Runtime fp32 and int8 (QDQ, `export.precision.to_int8`,
+calibrated on the bundle's parity codes with Gaussian x_t), through the runtime's engine
+(1 thread, I/O binding), next to PyTorch eager (1 thread) on the source checkpoint; and the
+code predictor (stage 1) once.
 
-    .venv/bin/python bench/fact_decoder.py [--checkpoints runs/fact] [--calls 300]
+    .venv/bin/python bench/fact_decoder.py [--bundle bundles/fact] [--checkpoints runs/fact]
 
-Without --checkpoints, untrained models of the default size (latency does not depend on the
-weights). Prints median and p99 per whole decode (K stage-2 calls plus the x update) in ms,
-the ORT/eager ratio, and the largest K whose p99 stays under --budget-ms.
+Prints p50 and p99 per whole decode (K stage-2 calls plus the x update) in ms, the ratio to
+ORT fp32 in the same run, int8's chunk deviation from fp32 (same codes and noise, rad after
+de-normalisation), and the largest K whose p99 stays under --budget-ms per engine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,12 +24,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from export.parity import load_parity
+from export.precision import to_int8
 from policy.fact import FactDecoderStage, FactTokenizer
-from policy.fact_export import STAGE_IO, decoder_inputs, export_stage
-from policy.fact_planner import FactPlanner
 from policy.models import load_checkpoint
+from runtime.bundle import load_bundle
 from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
-from runtime.tokenizer import Tokenizer
 
 STEPS = (1, 2, 4, 8, 16)
 
@@ -44,7 +47,8 @@ def _time_ms(call: Callable[[], object], calls: int) -> np.ndarray:
 
 def _ort_decode(engine: OnnxRuntimeEngine, codes: np.ndarray, noise: np.ndarray, k: int
                 ) -> Callable[[], np.ndarray]:
-    feeds = {"codes": codes, "x_t": noise.copy(), "t": np.zeros(1, dtype=np.float32)}
+    feeds = engine.inputs  # the runtime's way: preallocated feeds, filled in place
+    np.copyto(feeds["codes"], codes)
 
     def run() -> np.ndarray:
         x = feeds["x_t"]
@@ -67,65 +71,98 @@ def _eager_decode(stage: FactDecoderStage, codes: torch.Tensor, noise: torch.Ten
     return run
 
 
+def _calibration(codes: np.ndarray, chunk: tuple[int, int], n: int, seed: int
+                 ) -> dict[str, np.ndarray]:
+    """Real codes, x_t ~ N(0, 1) and t ~ U(0, 1): where the Euler loop evaluates."""
+    rng = np.random.default_rng(seed)
+    return {"codes": codes[rng.integers(0, len(codes), n)].astype(np.float32),
+            "x_t": rng.standard_normal((n, *chunk), dtype=np.float32),
+            "t": rng.uniform(0.0, 1.0, (n,)).astype(np.float32)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoints", type=Path, default=None,
-                    help="folder with fact_tokenizer.pt and fact_planner.pt")
+    ap.add_argument("--bundle", type=Path, default=Path("bundles/fact"))
+    ap.add_argument("--checkpoints", type=Path, default=Path("runs/fact"),
+                    help="the `duet train-fact` folder (fact_tokenizer.pt) for PyTorch eager")
     ap.add_argument("--calls", type=int, default=300, help="decodes per K and engine")
     ap.add_argument("--budget-ms", type=float, default=10.0)
+    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    if args.checkpoints:
-        tk, _ = load_checkpoint(args.checkpoints / "fact_tokenizer.pt")
-        planner, _ = load_checkpoint(args.checkpoints / "fact_planner.pt")
-        assert isinstance(tk, FactTokenizer) and isinstance(planner, FactPlanner)
-    else:
-        tk, planner = FactTokenizer().eval(), FactPlanner(Tokenizer().vocab_size).eval()
+    bundle = load_bundle(args.bundle)
+    stages = {s.name: s for s in bundle.contract.planner.stages}
+    a = bundle.contract.planner.actions
+    std = np.asarray(a.std or [1.0] * len(a.joints))  # int8's deviation, in rad
+    tk, _ = load_checkpoint(args.checkpoints / "fact_tokenizer.pt")
+    assert isinstance(tk, FactTokenizer)
     stage = FactDecoderStage(tk).eval()
-    codes_t, noise_t, _ = decoder_inputs(tk)
-    codes, noise = codes_t.numpy(), noise_t.numpy()
+    parity = load_parity(bundle.path / "parity.npz")
+    real_codes = parity["decoder"][0]["codes"]
+    codes = real_codes[:1].astype(np.float32)
+    noise = np.random.default_rng(0).standard_normal((1, a.horizon, len(a.joints)),
+                                                     dtype=np.float32)
+    codes_t, noise_t = torch.from_numpy(codes), torch.from_numpy(noise)
+    dec_fp32 = bundle.path / stages["decoder"].file
     rows: list[tuple[str, ...]] = []
     p99: dict[tuple[str, int], float] = {}
+    report: dict[str, object] = {"decoder": {}, "int8_chunk_dev_rad": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        dec_path, codes_path = Path(tmp) / "decoder.onnx", Path(tmp) / "codes.onnx"
-        export_stage(stage, "decoder", decoder_inputs(tk), dec_path)
-        export_stage(planner, "codes", planner.example_inputs(), codes_path)
-        engine = OnnxRuntimeEngine(dec_path, threads=1)
+        dec_int8 = Path(tmp) / "decoder.int8.onnx"
+        to_int8(dec_fp32, dec_int8, _calibration(real_codes, (a.horizon, len(a.joints)), 128, 1))
+        engines = {"ORT fp32": OnnxRuntimeEngine(dec_fp32, threads=1),
+                   "ORT int8": OnnxRuntimeEngine(dec_int8, threads=1)}
         for k in STEPS:
-            # interleave the two so drift and neighbours hit both alike
-            ort_ms, eager_ms = [], []
-            for _ in range(3):
-                ort_ms.append(_time_ms(_ort_decode(engine, codes, noise, k), args.calls // 3))
-                eager_ms.append(_time_ms(_eager_decode(stage, codes_t, noise_t, k),
-                                         args.calls // 3))
-            o, e = np.concatenate(ort_ms), np.concatenate(eager_ms)
-            for name, ms in (("ORT fp32", o), ("PyTorch eager", e)):
+            times: dict[str, list[np.ndarray]] = {name: [] for name in [*engines, "PyTorch eager"]}
+            for _ in range(3):  # interleaved, so drift and neighbours hit all alike
+                for name, eng in engines.items():
+                    times[name].append(_time_ms(_ort_decode(eng, codes, noise, k),
+                                                args.calls // 3))
+                times["PyTorch eager"].append(_time_ms(_eager_decode(stage, codes_t, noise_t, k),
+                                                       args.calls // 3))
+            base = float(np.median(np.concatenate(times["ORT fp32"])))
+            for name, parts in times.items():
+                ms = np.concatenate(parts)
                 rows.append((f"decoder x{k}", name, f"{np.median(ms):.3f}",
-                             f"{np.percentile(ms, 99):.3f}",
-                             f"{np.median(ms) / np.median(o):.2f}"))
+                             f"{np.percentile(ms, 99):.3f}", f"{np.median(ms) / base:.2f}"))
                 p99[name, k] = float(np.percentile(ms, 99))
-        codes_engine = OnnxRuntimeEngine(codes_path, threads=1)
-        inputs = planner.example_inputs()
-        feeds = dict(zip(STAGE_IO["codes"][0], (x.numpy() for x in inputs), strict=True))
+                report["decoder"].setdefault(name, {})[k] = {  # type: ignore[union-attr]
+                    "p50_ms": float(np.median(ms)), "p99_ms": p99[name, k]}
+            dev = []
+            for c in real_codes:
+                outs = [_ort_decode(e, c[None].astype(np.float32), noise, k)().copy()
+                        for e in engines.values()]
+                dev.append(np.abs((outs[1] - outs[0]) * std).max())
+            report["int8_chunk_dev_rad"][k] = float(np.max(dev))  # type: ignore[index]
+        codes_engine = OnnxRuntimeEngine(bundle.path / stages["codes"].file, threads=1)
+        feeds = codes_engine.inputs
+        for name, value in parity["codes"][0].items():
+            np.copyto(feeds[name], value[:1])
         ms = _time_ms(lambda: codes_engine.run(feeds), max(30, args.calls // 5))
-        with torch.no_grad():
-            eager = _time_ms(lambda: planner(*inputs), max(30, args.calls // 5))
         rows.append(("codes (stage 1)", "ORT fp32", f"{np.median(ms):.3f}",
-                     f"{np.percentile(ms, 99):.3f}", "1.00"))
-        rows.append(("codes (stage 1)", "PyTorch eager", f"{np.median(eager):.3f}",
-                     f"{np.percentile(eager, 99):.3f}", f"{np.median(eager) / np.median(ms):.2f}"))
+                     f"{np.percentile(ms, 99):.3f}", "—"))
+        report["codes_ms"] = {"p50_ms": float(np.median(ms)),
+                              "p99_ms": float(np.percentile(ms, 99))}
     print(f"FACT L={tk.code_len} B={tk.code_bits}, decoder hidden {tk.kwargs['hidden']}; "
-          f"ONNX Runtime {ort.__version__} and torch {torch.__version__}, 1 thread, CPU")
-    head = ("graph", "engine", "p50 ms", "p99 ms", "p50 / ORT")
+          f"ONNX Runtime {ort.__version__}, torch {torch.__version__}, 1 thread, CPU; "
+          f"{args.calls} decodes per cell")
+    head = ("graph", "engine", "p50 ms", "p99 ms", "p50 / ORT fp32")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                         enumerate(zip(r, widths, strict=True))))
-    for name in ("ORT fp32", "PyTorch eager"):
+    dev = report["int8_chunk_dev_rad"]
+    print("int8 chunk deviation from fp32 (max over parity codes, rad): "
+          + ", ".join(f"K={k}: {v:.4f}" for k, v in dev.items()))  # type: ignore[union-attr]
+    fits: dict[str, int | None] = {}
+    for name in ("ORT fp32", "ORT int8", "PyTorch eager"):
         fit = [k for k in STEPS if all(p99[name, j] < args.budget_ms for j in STEPS if j <= k)]
+        fits[name] = fit[-1] if fit else None
         print(f"{name}: largest K with decoder p99 < {args.budget_ms:g} ms: "
               f"{fit[-1] if fit else 'none'} (of {list(STEPS)})")
+    report["largest_k_under_budget"] = fits
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -250,10 +250,12 @@ def train_fact(out_dir: Path, data_dir: Path, config_path: Path, seed: int = 0,
                init_planner: Path | None = None, log: Log = print) -> dict[str, Any]:
     """Data (the reference planner's cache) -> FACT tokenizer -> FACT planner, from fixed
     seeds. Writes fact_tokenizer.pt, fact_planner.pt and fact-metrics.json (with the
-    tokenizer's reconstruction error next to both baselines at the same bits) to out_dir.
+    tokenizer's reconstruction error next to both baselines at the same bits) to out_dir,
+    and what `duet export` needs beside them (`policy.fact_bundle.write_export_folder`).
     `init_planner`: a reference planner checkpoint to start from (`train_fact_planner`)."""
     from policy.action_baselines import DctQuantizer, UniformBinning
     from policy.fact import fact_roundtrip, reconstruction_error, train_tokenizer
+    from policy.fact_bundle import write_export_folder
     from policy.models import load_checkpoint, save_checkpoint
     from policy.train import load_training_data
 
@@ -318,6 +320,9 @@ def train_fact(out_dir: Path, data_dir: Path, config_path: Path, seed: int = 0,
               "threads": threads, "tokenizer_train_s": round(tokenizer_s, 1),
               "total_s": round(time.monotonic() - t_start, 1)}
     (out_dir / "fact-metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    follower = init_planner.with_name("follower.pt") if init_planner else None
+    write_export_folder(out_dir, tokenizer, planner.model, vocab,
+                        follower if follower and follower.is_file() else None)
     log(f"saved {out_dir}/fact_tokenizer.pt, {out_dir}/fact_planner.pt (val MAE after the "
         f"prefix {planner.metrics.get('val_mae_rad', 0):.4f} rad, bit accuracy "
         f"{planner.metrics.get('val_bit_acc', 0):.3f}); {report['total_s']:.0f} s in all")

@@ -1,8 +1,11 @@
 """FACT: Gray-coded bitwise codes, the baselines, the tokenizer round trip, the flow decoder as
-the runtime integrates it, the prefix input, the two ONNX stages and a training smoke run."""
+the runtime integrates it, the prefix input, the two-stage bundle (exported, in the runtime's
+pipeline, live) and a training smoke run."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -10,10 +13,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
+from export.pipeline import ExportOptions, export_bundle, load_contract
 from policy.action_baselines import DctQuantizer, UniformBinning, dct_matrix
 from policy.fact import (
     FactDecoderStage,
@@ -24,14 +27,19 @@ from policy.fact import (
     reconstruction_error,
     train_tokenizer,
 )
-from policy.fact_export import STAGE_IO, decoder_inputs, export_stage
+from policy.fact_bundle import CONTRACT, write_export_folder
+from policy.fact_bundle import modules as fact_modules
 from policy.fact_planner import FactPlanner
 from policy.fact_study import format_rows, study
 from policy.fact_train import load_reference, masked_chunk_loss, prefix_targets
-from policy.models import Planner, load_checkpoint, save_checkpoint
+from policy.models import Follower, Planner, load_checkpoint, save_checkpoint
+from runtime.bundle import load_bundle
+from runtime.observation import StateHistory
+from runtime.pipeline import Observation, PlannerPipeline
+from runtime.reference import Plan
 from runtime.tokenizer import Tokenizer
 from sim.expert import expert_chunk
-from sim.world import ArmKinematics
+from sim.world import JOINTS, ArmKinematics, SimWorld
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_PLANNER = {"code_len": 4, "code_bits": 3, "prefix_max": 3, "code_dim": 32,
@@ -243,44 +251,110 @@ def test_prefix_targets_continue_the_prefix_with_the_expert() -> None:
             assert np.allclose(out["target"][i, d:], tail, atol=1e-6)
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def _observation(q: np.ndarray, t_obs_ns: int, frame: np.ndarray) -> Observation:
+    history = StateHistory(6)
+    history.add(t_obs_ns, q=q, dq=np.zeros(6), q_cmd=q)
+    return Observation({"scene": frame}, history, t_obs_ns,
+                       "touch the red block, then the blue one")
 
 
-def test_both_stages_export_to_onnx_with_parity(tmp_path: Path, small_planner: FactPlanner,
-                                                small_tokenizer: FactTokenizer) -> None:
-    p, tk = small_planner, small_tokenizer
-    codes_path, decoder_path = tmp_path / "codes.onnx", tmp_path / "decoder.onnx"
-    export_stage(p, "codes", p.example_inputs(), codes_path)
-    export_stage(FactDecoderStage(tk), "decoder", decoder_inputs(tk), decoder_path)
-    codes_s, decoder_s = _session(codes_path), _session(decoder_path)
-    assert [i.name for i in codes_s.get_inputs()] == STAGE_IO["codes"][0]
-    assert [i.name for i in decoder_s.get_inputs()] == STAGE_IO["decoder"][0]
-    assert codes_s.get_outputs()[0].shape == [1, 4, 3]
-    assert decoder_s.get_outputs()[0].shape == [1, 10, 6]
-    g = torch.Generator().manual_seed(3)
-    image, tokens, q, _, _ = p.example_inputs()
-    tokens = torch.as_tensor(Tokenizer().encode("touch the red block, then the blue one"))[None]
-    for d in (0, 2, 3):
-        prefix = q[:, None] + torch.randn(1, 3, 6, generator=g) * 0.2
-        prefix[:, d:] = 0.0
-        inputs = (image, tokens, q, prefix, torch.tensor([d]))
-        with torch.no_grad():
-            want = p(*inputs).numpy()
-        got = codes_s.run(None, dict(zip(STAGE_IO["codes"][0], (x.numpy() for x in inputs),
-                                         strict=True)))[0]
-        assert np.array_equal(got, want)
-    # stage 2 integrated by hand in ONNX Runtime matches torch's decode
-    codes = tk.encode(torch.as_tensor(expert_like_chunks(1, 6)))
-    x = torch.randn(1, 10, 6, generator=torch.Generator().manual_seed(9)).numpy()
-    for i in range(8):
-        v = decoder_s.run(None, {"codes": codes.numpy(), "x_t": x,
-                                 "t": np.array([i / 8], dtype=np.float32)})[0]
-        x = x + v / 8
-    want = tk.decode(codes, 8, torch.Generator().manual_seed(9)).numpy()
-    assert np.abs(x * tk.std.numpy() + tk.mean.numpy() - want).max() < 1e-4
+def test_fact_bundle_through_the_exporter_runs_in_the_runtime_pipeline_as_in_torch(
+        tmp_path: Path, small_tokenizer: FactTokenizer) -> None:
+    """The export folder `duet train-fact` writes -> `export_bundle` -> the robot's
+    `PlannerPipeline`: its plan (the prefix from the previous plan, normalised by the
+    runtime, K Euler steps of the decoder graph, de-normalised from q) is the torch
+    planner's codes fed the absolute prefix, decoded by the tokenizer from the same noise."""
+    folder = tmp_path / "ck"
+    torch.manual_seed(0)
+    small_planner = FactPlanner(Tokenizer().vocab_size, **{
+        **SMALL_PLANNER, "code_len": small_tokenizer.code_len,
+        "code_bits": small_tokenizer.code_bits}).eval()
+    with pytest.raises(ValueError, match="the tokenizer decodes"):
+        write_export_folder(folder, small_tokenizer, FactPlanner(Tokenizer().vocab_size,
+                                                                 **SMALL_PLANNER),
+                            Tokenizer(), None)
+    save_checkpoint(folder / "fact_tokenizer.pt", small_tokenizer, {})
+    save_checkpoint(folder / "fact_planner.pt", small_planner, {})
+    save_checkpoint(folder / "follower.pt", Follower(hidden=32), {})
+    write_export_folder(folder, small_tokenizer, small_planner, Tokenizer(), None)
+    contract = load_contract(folder / CONTRACT)
+    assert contract.planner.actions.std == [float(v) for v in small_tokenizer.std]
+    with contextlib.redirect_stdout(io.StringIO()):
+        export_bundle(contract, fact_modules(folder), tmp_path / "b", ExportOptions(), folder)
+    bundle = load_bundle(tmp_path / "b", expect_joints=JOINTS)
+    assert [s.name for s in bundle.contract.planner.stages] == ["codes", "decoder"]
+    k, seed = 4, 5
+    pipe = PlannerPipeline(bundle, JOINTS, flow_steps=k, seed=seed)
+    rng = np.random.default_rng(1)
+    q = np.array([0.1, 0.2, 1.8, 1.3, 0.0, 0.1])
+    frame = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    t_obs = 10**9
+    previous = q + np.cumsum(rng.normal(0.0, 0.05, (10, 6)), axis=0)
+    plan = Plan(previous.astype(np.float32), 0.1, t_obs / 1e9, t_obs / 1e9)
+    got = pipe.plan(_observation(q, t_obs, frame), plan, prefix_valid_s=0.25).copy()
+    assert pipe.prefixes[0][2] is not None and int(pipe.prefixes[0][2][0]) == 2
+    image = torch.from_numpy(pipe.cameras[0].out.copy())
+    tokens = torch.from_numpy(pipe.instruction[0][1].copy())
+    prefix = torch.zeros(1, SMALL_PLANNER["prefix_max"], 6)
+    prefix[0, :2] = torch.as_tensor(previous[:2], dtype=torch.float32)  # absolute, as trained
+    q_t = torch.as_tensor(q, dtype=torch.float32)[None]
+    noise = np.random.default_rng(seed).standard_normal((1, 10, 6), dtype=np.float32)
+    x = torch.from_numpy(noise)
+    stage = FactDecoderStage(small_tokenizer)
+    with torch.no_grad():
+        codes = small_planner(image, tokens, q_t, prefix, torch.tensor([2]))
+        for i in range(k):
+            x = x + stage(codes, x, torch.tensor([i / k])) / k
+    want = (q_t + small_tokenizer.denormalise(x))[0].numpy()
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+    # without the prefix (or with prefix conditioning off) the codes see prefix_len 0
+    off = PlannerPipeline(bundle, JOINTS, flow_steps=k, seed=seed, prefix=False)
+    off.plan(_observation(q, t_obs, frame), plan, prefix_valid_s=0.25)
+    assert pipe.prefixes[0][2] is not None and int(off.prefixes[0][2][0]) == 0
+
+
+def test_the_shipped_fact_bundle_plans_from_a_sim_observation() -> None:
+    """bundles/fact through the runtime's pipeline on a rendered sim scene: finite plans that
+    start near q and move; more decoder steps converge (K = 4 within 10 mrad of K = 16) and
+    depend less on the noise; the instruction changes the plan."""
+    bundle = load_bundle(ROOT / "bundles/fact", expect_joints=JOINTS)
+    world = SimWorld(seed=3)
+    frame = world.render("scene", 96, 96)
+    q = world.q()
+    obs = _observation(q, 10**9, frame)
+    plans = {}
+    for k, seed in ((1, 0), (1, 1), (4, 0), (16, 0), (16, 1)):
+        pipe = PlannerPipeline(bundle, JOINTS, flow_steps=k, seed=seed)
+        plans[k, seed] = w = pipe.plan(obs).copy()
+        assert w.shape == (10, 6) and np.isfinite(w).all()
+        assert np.abs(w[0] - q).max() < 0.3 and np.abs(w[-1] - w[0]).max() > 0.05
+        again = pipe.plan(obs, Plan(w, 0.1, 1.0, 1.0), prefix_valid_s=0.3)
+        assert np.isfinite(again).all() and int(pipe.prefixes[0][2][0]) == 3  # type: ignore[index]
+    assert np.abs(plans[16, 0] - plans[4, 0]).max() < 0.01
+    spread = {k: np.abs(plans[k, 0] - plans[k, 1]).max() for k in (1, 16)}
+    assert spread[16] < 0.5 * spread[1], spread
+    pipe = PlannerPipeline(bundle, JOINTS, seed=0)
+    other = pipe.plan(Observation({"scene": frame}, obs.history, 10**9,
+                                  "touch the green block, then the red one"))
+    assert np.abs(other - plans[4, 0]).max() > 0.02
+
+
+def test_the_shipped_fact_bundle_solves_sim_episodes_through_the_live_stack(
+        tmp_path: Path) -> None:
+    """`duet run` with bundles/fact: two planner stages (K decoder calls), live camera,
+    servos over the pty."""
+    out = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "run", "--config", str(ROOT / "configs/sim.yaml"),
+         "--set", "follower.deadline_storm.misses=400", "--set", "bundle.path=bundles/fact",
+         "--set", f"run_dir={tmp_path / 'run'}", "--duration", "10",
+         "--summary-json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert set(summary["planner"]["stage_ms"]) >= {"codes", "decoder"}
+    assert summary["task"]["successes"] >= 2 and summary["task"]["success_rate"] >= 0.75, \
+        summary["task"]
 
 
 def test_train_fact_smoke_writes_checkpoints_and_figures(tmp_path: Path) -> None:
