@@ -106,7 +106,8 @@ def main() -> None:
     dec_fp32 = bundle.path / stages["decoder"].file
     rows: list[tuple[str, ...]] = []
     p99: dict[tuple[str, int], float] = {}
-    report: dict[str, object] = {"decoder": {}, "int8_chunk_dev_rad": {}}
+    decoder: dict[str, dict[int, dict[str, float]]] = {}
+    int8_dev: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         dec_int8 = Path(tmp) / "decoder.int8.onnx"
         to_int8(dec_fp32, dec_int8, _calibration(real_codes, (a.horizon, len(a.joints)), 128, 1))
@@ -126,14 +127,14 @@ def main() -> None:
                 rows.append((f"decoder x{k}", name, f"{np.median(ms):.3f}",
                              f"{np.percentile(ms, 99):.3f}", f"{np.median(ms) / base:.2f}"))
                 p99[name, k] = float(np.percentile(ms, 99))
-                report["decoder"].setdefault(name, {})[k] = {  # type: ignore[union-attr]
-                    "p50_ms": float(np.median(ms)), "p99_ms": p99[name, k]}
+                decoder.setdefault(name, {})[k] = {"p50_ms": float(np.median(ms)),
+                                                   "p99_ms": p99[name, k]}
             dev = []
             for c in real_codes:
                 outs = [_ort_decode(e, c[None].astype(np.float32), noise, k)().copy()
                         for e in engines.values()]
                 dev.append(np.abs((outs[1] - outs[0]) * std).max())
-            report["int8_chunk_dev_rad"][k] = float(np.max(dev))  # type: ignore[index]
+            int8_dev[k] = float(np.max(dev))
         codes_engine = OnnxRuntimeEngine(bundle.path / stages["codes"].file, threads=1)
         feeds = codes_engine.inputs
         for name, value in parity["codes"][0].items():
@@ -141,8 +142,7 @@ def main() -> None:
         ms = _time_ms(lambda: codes_engine.run(feeds), max(30, args.calls // 5))
         rows.append(("codes (stage 1)", "ORT fp32", f"{np.median(ms):.3f}",
                      f"{np.percentile(ms, 99):.3f}", "—"))
-        report["codes_ms"] = {"p50_ms": float(np.median(ms)),
-                              "p99_ms": float(np.percentile(ms, 99))}
+        codes_ms = {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99))}
     print(f"FACT L={tk.code_len} B={tk.code_bits}, decoder hidden {tk.kwargs['hidden']}; "
           f"ONNX Runtime {ort.__version__}, torch {torch.__version__}, 1 thread, CPU; "
           f"{args.calls} decodes per cell")
@@ -151,17 +151,18 @@ def main() -> None:
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                         enumerate(zip(r, widths, strict=True))))
-    dev = report["int8_chunk_dev_rad"]
     print("int8 chunk deviation from fp32 (max over parity codes, rad): "
-          + ", ".join(f"K={k}: {v:.4f}" for k, v in dev.items()))  # type: ignore[union-attr]
+          + ", ".join(f"K={k}: {v:.4f}" for k, v in int8_dev.items()))
     fits: dict[str, int | None] = {}
     for name in ("ORT fp32", "ORT int8", "PyTorch eager"):
         fit = [k for k in STEPS if all(p99[name, j] < args.budget_ms for j in STEPS if j <= k)]
         fits[name] = fit[-1] if fit else None
         print(f"{name}: largest K with decoder p99 < {args.budget_ms:g} ms: "
               f"{fit[-1] if fit else 'none'} (of {list(STEPS)})")
-    report["largest_k_under_budget"] = fits
     if args.json:
+        report = {"decoder": decoder, "int8_chunk_dev_rad": int8_dev, "codes_ms": codes_ms,
+                  "largest_k_under_budget": fits, "budget_ms": args.budget_ms,
+                  "calls": args.calls}
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 

@@ -86,6 +86,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0, help="first evaluation episode seed offset")
     e.add_argument("--json", type=Path, default=None)
     e.add_argument("--out", type=Path, default=Path("runs/eval"))
+    fact = e.add_argument_group(
+        "FACT planner (issue 13)", "--fact BUNDLE: the first --bundle is the reference; "
+        "writes fact-eval.md/png/json (policy/fact_eval.py)")
+    fact.add_argument("--fact", type=Path, default=None, help="the FACT bundle")
+    fact.add_argument("--flow-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                      help="decoder Euler steps K to compare")
+    fact.add_argument("--grid-episodes", type=int, default=20,
+                      help="episodes per prefix x strategy x delay cell")
+    fact.add_argument("--delays-ms", type=float, nargs="+", default=[0.0, 100.0, 300.0],
+                      help="injected planner delays")
+    fact.add_argument("--fact-metrics", type=Path, default=None,
+                      help="duet train-fact's fact-metrics.json (reconstruction error)")
+    fact.add_argument("--decoder-latency", type=Path, default=None,
+                      help="bench/fact_decoder.py --json output")
+    fact.add_argument("--workers", type=int, default=1, help="processes running cells")
     e.set_defaults(func=_eval)
 
 
@@ -111,6 +126,18 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from policy.eval import run_eval
 
+    if args.fact is not None:
+        from policy.fact_eval import run_fact_eval
+
+        for name in ("episodes", "grid_episodes", "workers"):
+            if getattr(args, name) <= 0:
+                raise SystemExit(f"duet eval: --{name.replace('_', '-')} must be positive")
+        if any(k <= 0 for k in args.flow_steps) or any(d < 0 for d in args.delays_ms):
+            raise SystemExit("duet eval: --flow-steps must be positive, --delays-ms >= 0")
+        return run_fact_eval(args.bundle[0], args.fact, args.config, args.seed, args.episodes,
+                             args.grid_episodes, args.flow_steps,
+                             [d / 1e3 for d in args.delays_ms], args.fact_metrics,
+                             args.decoder_latency, args.out, args.workers)
     return run_eval(args.bundle, args.episodes, args.ablation_episodes or args.episodes,
                     args.config, args.seed, args.json, args.out, args.checkpoints)
 

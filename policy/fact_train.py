@@ -321,6 +321,7 @@ def train_fact(out_dir: Path, data_dir: Path, config_path: Path, seed: int = 0,
               "total_s": round(time.monotonic() - t_start, 1)}
     (out_dir / "fact-metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     follower = init_planner.with_name("follower.pt") if init_planner else None
+    assert isinstance(planner.model, FactPlanner)
     write_export_folder(out_dir, tokenizer, planner.model, vocab,
                         follower if follower and follower.is_file() else None)
     log(f"saved {out_dir}/fact_tokenizer.pt, {out_dir}/fact_planner.pt (val MAE after the "
