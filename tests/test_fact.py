@@ -380,3 +380,29 @@ def test_train_fact_smoke_writes_checkpoints_and_figures(tmp_path: Path) -> None
     assert meta["action"] == "delta_from_q" and pmeta["dt_s"] == 0.1
     assert (planner.code_len, planner.code_bits) == (tk.code_len, tk.code_bits) == (20, 6)
     assert len(pmeta["tokenizer"]["words"]) > 0
+
+
+def test_fact_eval_cells_and_one_delayed_cell_in_the_closed_loop(tmp_path: Path) -> None:
+    """`duet eval --fact` plans 1 + |K| planner rows and prefix x strategy x delay cells; a
+    cell runs the shipped bundle through the lockstep loop with the injected delay (the plan
+    timeout grown by it: no HOLD between plans) and is kept for a rerun."""
+    from policy.fact_eval import Cell, _run_and_save, _slug, plan_cells
+
+    cells = plan_cells(ROOT / "bundles/reference", ROOT / "bundles/fact", [1, 4], 3, 2,
+                       [0.0, 0.3])
+    planners = [c for c in cells if c.table == "planners"]
+    grid = [c for c in cells if c.table == "grid"]
+    assert sorted(c.name for c in planners) == ["FACT K=1", "FACT K=4", "reference"]
+    assert len(grid) == 16 and {(c.prefix, c.strategy, c.delay_s) for c in grid} == {
+        (p, s, d) for p in (True, False) for s in ("blend", "broker", "average", "switch")
+        for d in (0.0, 0.3)}
+    assert len({_slug(c, 0) for c in cells}) == len(cells)
+    cell = Cell("grid", "delayed", str(ROOT / "bundles/fact"), None, True, "blend", 0.3, 1)
+    path = tmp_path / "cell.json"
+    _run_and_save((cell, str(ROOT / "configs/sim.yaml"), 900_000_000, path))
+    s = json.loads(path.read_text())["summary"]
+    assert s["episodes"] == 1 and s["successes"] == 1, s
+    assert s["planner_latency_ms_p99"] >= s["planner_latency_ms_p50"] > 0
+    assert set(s["stage_ms"]) >= {"codes", "decoder"}
+    # smooth at the boundaries: blend keeps the reference's velocity step small
+    assert s["boundary_vel_step_rad_s"]["max"] < 5.0, s["boundary_vel_step_rad_s"]
