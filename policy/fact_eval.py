@@ -172,7 +172,7 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.6))
     rows = report["planners"]
     names = [r["name"] for r in rows]
     axes[0].bar(names, [100 * r["summary"]["success_rate"] for r in rows], color="tab:blue")
@@ -199,12 +199,14 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
                     color=f"C{STRATEGIES.index(s)}")
         axes[2].bar(x, [cells[d]["boundary_vel_step_rad_s"]["median"] for d in delays], width,
                     hatch=hatch, color=f"C{STRATEGIES.index(s)}")
-    for ax, label in ((axes[1], "success (%)"), (axes[2], "boundary Δv, median (rad/s)")):
+    for ax, label in ((axes[1], "success (%)"), (axes[2], "boundary Δv, median (rad/s, log)")):
         ax.set_xticks(np.arange(len(delays)), [f"{d * 1e3:.0f} ms" for d in delays])
         ax.set_xlabel("injected planner delay")
         ax.set_ylabel(label)
     axes[1].axhline(90, color="tab:red", linestyle="--")
-    axes[1].legend(fontsize=7, ncol=2, loc="lower left")
+    axes[2].set_yscale("log")
+    handles, labels = axes[1].get_legend_handles_labels()
+    axes[2].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
