@@ -180,9 +180,9 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel("success (%)")
     axes[0].set_ylim(0, 100)
     ax2 = axes[0].twinx()
-    ax2.plot(names, [r["summary"]["planner_latency_ms_p99"] for r in rows], "o-",
-             color="tab:orange", label="planner p99 (ms)")
-    ax2.set_ylabel("planner p99 (ms)")
+    ax2.plot(names, [r["summary"]["planner_latency_ms_p50"] for r in rows], "o-",
+             color="tab:orange", label="planner p50 (ms)")
+    ax2.set_ylabel("planner latency p50 (ms)")
     axes[0].legend(loc="lower left")
     axes[0].tick_params(axis="x", rotation=20)
     grid = report["grid"]
