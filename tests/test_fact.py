@@ -380,6 +380,11 @@ def test_train_fact_smoke_writes_checkpoints_and_figures(tmp_path: Path) -> None
     assert meta["action"] == "delta_from_q" and pmeta["dt_s"] == 0.1
     assert (planner.code_len, planner.code_bits) == (tk.code_len, tk.code_bits) == (20, 6)
     assert len(pmeta["tokenizer"]["words"]) > 0
+    # the export folder: the filled contract (the tokenizer's statistics), the vocabulary
+    contract = load_contract(tmp_path / "ck" / CONTRACT)
+    assert contract.planner.actions.mean == [float(v) for v in tk.mean]
+    assert contract.planner.stages[0].outputs[0].shape == [1, 20, 6]
+    assert (tmp_path / "ck" / "tokenizer.json").is_file()
 
 
 def test_fact_eval_cells_and_one_delayed_cell_in_the_closed_loop(tmp_path: Path) -> None:
