@@ -6,7 +6,7 @@ TORCH_PIN := torch==2.13.0
 DURATION ?= 20
 FUZZ_S ?= 120
 
-.PHONY: demo demo-remote test lint bench train bundle bundles eval data-loop fuzz verify-systemd verify-aarch64 clean
+.PHONY: demo demo-remote test lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop fuzz verify-systemd verify-aarch64 clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -63,6 +63,24 @@ lint: $(VENV)/.dev
 CKPT ?= checkpoints
 train: $(VENV)/.dev        # reproduces both reference models from fixed seeds (~15 min on 2 CPU cores, data cached)
 	$(BIN)/duet train --out $(CKPT)
+
+# FACT planner (tokenizer + code-predicting planner) on the same cached data as `train`,
+# starting from the reference planner (its perception frozen).
+FACT ?= runs/fact
+$(CKPT)/planner.pt: | $(VENV)/.dev
+	$(BIN)/duet train --out $(CKPT)
+
+train-fact: $(CKPT)/planner.pt  # fixed seeds, 2 CPU threads
+	$(BIN)/duet train-fact --out $(FACT) --init-planner $(CKPT)/planner.pt
+
+# The shipped FACT bundle from scratch: data, reference planner, FACT tokenizer + planner,
+# export (fp32: a flipped argmax code fails fp16/int8 parity). See README-fact.md for times.
+bundle-fact: train-fact
+	$(BIN)/duet export --module policy.fact_bundle:modules --checkpoint $(FACT) \
+	  --contract $(FACT)/fact_contract.yaml --assets $(FACT) --out bundles/fact
+
+fact-study: $(VENV)/.dev   # reconstruction error vs code length: FACT, uniform binning, DCT
+	$(BIN)/duet fact-study --json $(FACT)/study.json
 
 # INT8: the planner's convolutions (QDQ); its transformer and MLP layers and the follower
 # stay fp32 (see README, "Evaluation of the reference policy").

@@ -8,6 +8,8 @@ from pathlib import Path
 from runtime import cliopts
 
 DEFAULT_CONFIG = "configs/sim.yaml"
+# The planners' training data (policy.data, cached): rollout episodes, rendered walks, walks.
+DATA = {"episodes": 200, "scenes": 6000, "walks": 20000, "workers": 2}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,13 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("checkpoints"))
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
-    p.add_argument("--episodes", type=int, default=200,
+    p.add_argument("--episodes", type=int, default=DATA["episodes"],
                    help="expert rollout episodes (follower data and planner scenes)")
-    p.add_argument("--scenes", type=int, default=6000,
+    p.add_argument("--scenes", type=int, default=DATA["scenes"],
                    help="kinematic walks rendered for planner scenes (3 images each)")
-    p.add_argument("--walks", type=int, default=20000,
+    p.add_argument("--walks", type=int, default=DATA["walks"],
                    help="kinematic walks for image-free planner action samples")
-    p.add_argument("--workers", type=int, default=2, help="processes for data generation")
+    p.add_argument("--workers", type=int, default=DATA["workers"],
+                   help="processes for data generation")
     p.add_argument("--steps", type=int, default=None,
                    help="planner optimiser steps (default 2500; 300 with --dataset)")
     p.add_argument("--follower-steps", type=int, default=3000)
@@ -39,6 +42,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sim-fraction", type=float, default=0.5,
                    help="share of each fine-tuning batch drawn from the sim data (default 0.5)")
     p.set_defaults(func=_train)
+
+    f = cliopts.subcommand(
+        subparsers, "train-fact", "train the FACT tokenizer and the FACT planner (same sim data)",
+        "duet train-fact --out runs/fact --init-planner runs/ck_ref")
+    f.add_argument("--out", type=Path, default=Path("runs/fact"))
+    f.add_argument("--data-dir", type=Path, default=Path("data"))
+    f.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    f.add_argument("--code-len", type=int, default=20, help="codes per chunk (L)")
+    f.add_argument("--code-bits", type=int, default=6, help="bits per code (B)")
+    f.add_argument("--tokenizer-steps", type=int, default=3000)
+    f.add_argument("--steps", type=int, default=2000, help="planner optimiser steps")
+    f.add_argument("--prefix-max", type=int, default=5,
+                   help="longest action prefix (waypoints) the planner is trained with")
+    f.add_argument("--init-planner", type=Path, default=None,
+                   help="reference planner checkpoint (duet train) to start from; its "
+                        "perception stays frozen (several times faster)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    f.add_argument("--smoke", action="store_true",
+                   help="tiny data and a few steps: checks the pipeline in seconds")
+    f.set_defaults(func=_train_fact)
+
+    s = cliopts.subcommand(
+        subparsers, "fact-study", "reconstruction error vs code length: FACT, uniform binning, DCT",
+        "duet fact-study --json runs/fact-study.json")
+    s.add_argument("--data-dir", type=Path, default=Path("data"))
+    s.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    s.add_argument("--code-lens", type=int, nargs="+", default=[4, 8, 12, 20, 32])
+    s.add_argument("--code-bits", type=int, default=6)
+    s.add_argument("--quantizer", choices=["gray", "lfq"], default="gray",
+                   help="FACT's bitwise quantizer (policy.fact.FactTokenizer)")
+    s.add_argument("--steps", type=int, default=3000, help="tokenizer optimiser steps")
+    s.add_argument("--decoder-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--json", type=Path, default=None)
+    s.set_defaults(func=_fact_study)
 
     e = cliopts.subcommand(subparsers, "eval", "closed-loop evaluation of bundles in the sim",
                            "duet eval --bundle runs/bundles/fp32 --bundle runs/bundles/int8 "
@@ -57,6 +97,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0, help="first evaluation episode seed offset")
     e.add_argument("--json", type=Path, default=None)
     e.add_argument("--out", type=Path, default=Path("runs/eval"))
+    fact = e.add_argument_group(
+        "FACT planner (issue 13)", "--fact BUNDLE: the first --bundle is the reference; "
+        "writes fact-eval.md/png/json (policy/fact_eval.py)")
+    fact.add_argument("--fact", type=Path, default=None, help="the FACT bundle")
+    fact.add_argument("--flow-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                      help="decoder Euler steps K to compare")
+    fact.add_argument("--grid-episodes", type=int, default=20,
+                      help="episodes per prefix x strategy x delay cell")
+    fact.add_argument("--delays-ms", type=float, nargs="+", default=[0.0, 100.0, 300.0],
+                      help="injected planner delays")
+    fact.add_argument("--fact-metrics", type=Path, default=None,
+                      help="duet train-fact's fact-metrics.json (reconstruction error)")
+    fact.add_argument("--decoder-latency", type=Path, default=None,
+                      help="bench/fact_decoder.py --json output")
+    fact.add_argument("--workers", type=int, default=1, help="processes running cells")
     e.set_defaults(func=_eval)
 
 
@@ -114,6 +169,59 @@ def _finetune(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from policy.eval import run_eval
 
+    if args.fact is not None:
+        from policy.fact_eval import run_fact_eval
+
+        for name in ("episodes", "grid_episodes", "workers"):
+            if getattr(args, name) <= 0:
+                raise SystemExit(f"duet eval: --{name.replace('_', '-')} must be positive")
+        if any(k <= 0 for k in args.flow_steps) or any(d < 0 for d in args.delays_ms):
+            raise SystemExit("duet eval: --flow-steps must be positive, --delays-ms >= 0")
+        return run_fact_eval(args.bundle[0], args.fact, args.config, args.seed, args.episodes,
+                             args.grid_episodes, args.flow_steps,
+                             [d / 1e3 for d in args.delays_ms], args.fact_metrics,
+                             args.decoder_latency, args.out, args.workers)
     ablation = args.episodes if args.ablation_episodes is None else args.ablation_episodes
     return run_eval(args.bundle, args.episodes, ablation, args.config, args.seed, args.json,
                     args.out, args.checkpoints, phrasing=args.phrasing)
+
+
+def _train_fact(args: argparse.Namespace) -> int:
+    from policy.fact_train import train_fact
+
+    for name in ("code_len", "code_bits", "tokenizer_steps", "steps", "prefix_max", "threads"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"duet train-fact: --{name.replace('_', '-')} must be positive")
+    data = {**DATA, "held_out": 1000}
+    steps = {"tokenizer_steps": args.tokenizer_steps, "planner_steps": args.steps}
+    if args.smoke:
+        data = {"episodes": 2, "scenes": 6, "walks": 20, "workers": 1, "held_out": 5}
+        steps = {"tokenizer_steps": 20, "planner_steps": 5}
+    train_fact(args.out, args.data_dir, args.config, seed=args.seed, threads=args.threads,
+               code_len=args.code_len, code_bits=args.code_bits, prefix_max=args.prefix_max,
+               episodes=data["episodes"], scenes=data["scenes"], walks=data["walks"],
+               workers=data["workers"], held_out=data["held_out"],
+               init_planner=args.init_planner, **steps)
+    return 0
+
+
+def _fact_study(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from policy.fact_study import format_rows, study
+    from policy.fact_train import fact_test_sets
+    from policy.train import load_training_data
+
+    torch.set_num_threads(args.threads)
+    data = load_training_data(args.data_dir, args.config, DATA["episodes"], DATA["scenes"],
+                              DATA["walks"], args.seed, DATA["workers"])
+    train = data.actions["chunk"] - data.actions["q"][:, None]
+    rows = study(train, fact_test_sets(data, args.seed), args.code_lens, args.code_bits,
+                 args.steps, args.seed, args.decoder_steps, quantizer=args.quantizer)
+    print(format_rows(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from policy.lerobot_data import load_planner_samples
 from policy.models import Planner, load_checkpoint, save_checkpoint
-from policy.train import _fit, chunk_loss, planner_loss, seed_everything, split_by_episode
+from policy.train import chunk_loss, fit, planner_loss, seed_everything, split_by_episode
 from runtime.tokenizer import Tokenizer
 
 Log = Callable[[str], None]
@@ -74,7 +74,7 @@ def finetune(init: Path, dataset: Path, out: Path, sim: dict[str, np.ndarray],
 
     def loss_fn(b: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model.forward_all(b["image"], b["tokens"], b["q"])
-        loss = chunk_loss(model, out["waypoints"], b["chunk"]) + F.cross_entropy(
+        loss = chunk_loss(out["waypoints"], b["chunk"], model.delta_std) + F.cross_entropy(
             out["order"].reshape(-1, model.n_colours), b["order"].reshape(-1), ignore_index=-1)
         if model.training and sim_batch:
             pick = torch.randint(len(sim_t["q"]), (sim_batch,), generator=gen)
@@ -84,8 +84,8 @@ def finetune(init: Path, dataset: Path, out: Path, sim: dict[str, np.ndarray],
 
     before = _chunk_error(model, tensors, val_idx)
     t0 = time.monotonic()
-    metrics = _fit(model, tensors, train_idx, val_idx, loss_fn, steps, batch, lr, seed,
-                   torch.device("cpu"), log, "planner fine-tune", frozen=(model.vision,))
+    metrics = fit(model, tensors, train_idx, val_idx, loss_fn, steps, batch, lr, seed,
+                  torch.device("cpu"), log, "planner fine-tune", frozen=(model.vision,))
     metrics.update(val_mae_rad_before=before, val_mae_rad=_chunk_error(model, tensors, val_idx),
                    recorded_frames=len(rec["q"]), sim_scenes=len(sim["q"]),
                    sim_fraction=sim_fraction, seconds=round(time.monotonic() - t0, 1))

@@ -14,9 +14,10 @@ MatMul/Gemm) or leaves in float (Softmax, LayerNorm, GELU, Sigmoid) are used.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -105,13 +106,26 @@ class EncoderLayer(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.step(x, mask=mask)[0]
+
+    def step(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None,
+             mask: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [B,N,D] attends to the cached keys/values `past` (each [B,heads,M,head_dim])
+        and to itself; `mask` [N, M+N] is added to the attention scores. Returns the output
+        and the keys/values including x's (an autoregressive decoder's cache)."""
         b, n, d = x.shape
         qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, head_dim]
-        att = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        scores = q @ k.transpose(-1, -2) * self.head_dim ** -0.5
+        if mask is not None:
+            scores = scores + mask
+        att = torch.softmax(scores, dim=-1)
         x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
-        return x + self.mlp(self.norm2(x))
+        return x + self.mlp(self.norm2(x)), (k, v)
 
 
 class Grounding(nn.Module):
@@ -155,6 +169,7 @@ class Planner(nn.Module):
     `forward_all` also returns the intermediate predictions for the auxiliary losses.
     """
 
+    kind: ClassVar[str] = "planner"
     q_mean: torch.Tensor
     q_std: torch.Tensor
     delta_std: torch.Tensor
@@ -195,16 +210,19 @@ class Planner(nn.Module):
         """Table xy (m) -> the normalised frame the networks read."""
         return (xy - self.table_centre) / TABLE_SCALE
 
+    def features(self, target_xy: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """(next target table xy [B,2], q [B,6]) -> the action MLP's features [B,hidden]."""
+        return self.trunk(torch.cat([(q - self.q_mean) / self.q_std,
+                                     self.table_frame(target_xy)], dim=1))
+
     def act(self, target_xy: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """(next target table xy [B,2], q [B,6]) -> waypoints [B,H,6]."""
         b = q.shape[0]
-        x = torch.cat([(q - self.q_mean) / self.q_std,
-                       self.table_frame(target_xy)], dim=1)
-        delta = self.head(self.trunk(x)).reshape(b, self.horizon, self.n_joints)
+        delta = self.head(self.features(target_xy, q)).reshape(b, self.horizon, self.n_joints)
         return q[:, None, :] + delta * self.delta_std
 
-    def forward_all(self, image: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor
-                    ) -> dict[str, torch.Tensor]:
+    def perceive(self, image: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Steps 1 and 2: block xy, visibility, target order and the next target's xy."""
         xy, visible = self.vision(image)
         scene = torch.cat([self.table_frame(xy), torch.sigmoid(visible)[..., None]], dim=-1)
         order = self.grounding(tokens, scene)
@@ -212,8 +230,13 @@ class Planner(nn.Module):
         first_done = (w[:, 0] * torch.sigmoid(-visible)).sum(-1, keepdim=True)  # [B,1]
         picked = w @ xy  # [B,2,2]: xy of the first and the second target
         target = (1.0 - first_done) * picked[:, 0] + first_done * picked[:, 1]
-        return {"waypoints": self.act(target, q), "blocks_xy": xy, "visible": visible,
-                "order": order, "target_xy": target}
+        return {"blocks_xy": xy, "visible": visible, "order": order, "target_xy": target}
+
+    def forward_all(self, image: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        out = self.perceive(image, tokens)
+        out["waypoints"] = self.act(out["target_xy"], q)
+        return out
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return self.forward_all(image, tokens, q)["waypoints"]
@@ -226,6 +249,7 @@ class Follower(nn.Module):
     and dq normalised; the output is tanh-bounded and scaled by `residual_scale`.
     """
 
+    kind: ClassVar[str] = "follower"
     residual_scale: torch.Tensor
     ref_scale: torch.Tensor
     q_mean: torch.Tensor
@@ -263,7 +287,17 @@ class Follower(nn.Module):
         return torch.tanh(self.net(x)) * self.residual_scale
 
 
-_KINDS: dict[str, type[nn.Module]] = {"planner": Planner, "follower": Follower}
+# Checkpoint kinds -> "module:Class" (imported on load: the FACT modules build on this one).
+_KINDS: dict[str, str] = {
+    "planner": "policy.models:Planner", "follower": "policy.models:Follower",
+    "fact_tokenizer": "policy.fact:FactTokenizer",
+    "fact_planner": "policy.fact_planner:FactPlanner"}
+
+
+def _model_class(kind: str) -> type[nn.Module]:
+    module, name = _KINDS[kind].split(":")
+    cls: type[nn.Module] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -290,13 +324,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     meta holds joint names, horizon, dt_s, lookahead spacing, training seed and dataset hash
     (plain JSON-able values).
     """
-    if not isinstance(model, (Planner, Follower)):
+    kind = getattr(model, "kind", None)
+    if kind not in _KINDS or type(model) is not _model_class(kind):
         raise TypeError(f"not a duet model: {type(model).__name__}")
-    kind = "planner" if isinstance(model, Planner) else "follower"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "kind": kind, "kwargs": dict(model.kwargs),
+    kwargs = cast(dict[str, Any], model.kwargs)
+    torch.save({"format": CHECKPOINT_FORMAT, "kind": kind, "kwargs": dict(kwargs),
                 "state_dict": state, "meta": dict(meta)}, path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -313,7 +348,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     kind = ckpt.get("kind")
     if kind not in _KINDS:
         raise ValueError(f"{path}: unknown model kind {kind!r}")
-    model = _KINDS[kind](**ckpt["kwargs"])
+    model = _model_class(kind)(**ckpt["kwargs"])
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     meta = dict(ckpt["meta"])

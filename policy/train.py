@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,10 @@ from torch.nn import functional as F
 
 from policy.models import Follower, Planner, count_parameters
 from runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from policy.rollout import LoopSettings
+    from runtime.config import DuetConfig
 
 Log = Callable[[str], None]
 
@@ -67,10 +71,10 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _fit(model: torch.nn.Module, tensors: dict[str, torch.Tensor], train_idx: np.ndarray,
-         val_idx: np.ndarray, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-         steps: int, batch: int, lr: float, seed: int, device: torch.device, log: Log,
-         name: str, frozen: tuple[torch.nn.Module, ...] = ()) -> dict[str, Any]:
+def fit(model: torch.nn.Module, tensors: dict[str, torch.Tensor], train_idx: np.ndarray,
+        val_idx: np.ndarray, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        steps: int, batch: int, lr: float, seed: int, device: torch.device, log: Log,
+        name: str, frozen: tuple[torch.nn.Module, ...] = ()) -> dict[str, Any]:
     """AdamW with warmup + cosine; returns loss history and final train/val losses.
     `frozen` submodules keep their weights and stay in eval mode (BatchNorm statistics)."""
     model.to(device).train()
@@ -122,25 +126,31 @@ def _evaluate(tensors: dict[str, torch.Tensor], idx: np.ndarray,
     return total / n
 
 
-def chunk_loss(model: Planner, pred: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-    """Huber on waypoint errors in units of the dataset's delta spread."""
-    return F.smooth_l1_loss((pred - chunk) / model.delta_std, torch.zeros_like(pred), beta=0.1)
+def chunk_loss(pred: torch.Tensor, chunk: torch.Tensor, delta_std: torch.Tensor
+               ) -> torch.Tensor:
+    """Huber loss on the chunk error in units of the per-waypoint delta scale."""
+    return F.smooth_l1_loss((pred - chunk) / delta_std, torch.zeros_like(pred), beta=0.1)
 
 
-def planner_loss(model: Planner, b: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The supervised loss on a batch of labelled sim scenes: end-to-end chunk, the action
-    MLP's chunk from the true target, block xy (cm, visible blocks only), visibility and
-    target order."""
-    out = model.forward_all(b["image"], b["tokens"], b["q"])
+def perception_loss(out: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                    n_colours: int) -> torch.Tensor:
+    """Block xy (cm, visible blocks only), visibility (BCE) and target order (CE)."""
     vis = b["visible"].float()
     xy_err = (out["blocks_xy"] - b["blocks_xy"]).norm(dim=-1) / 0.01  # cm
     xy = (F.smooth_l1_loss(xy_err, torch.zeros_like(xy_err), reduction="none") * vis).sum() \
         / vis.sum().clamp_min(1.0)
-    order = F.cross_entropy(out["order"].reshape(-1, model.n_colours), b["order"].reshape(-1),
+    order = F.cross_entropy(out["order"].reshape(-1, n_colours), b["order"].reshape(-1),
                             ignore_index=-1)
-    return (chunk_loss(model, out["waypoints"], b["chunk"]) + xy + order
-            + F.binary_cross_entropy_with_logits(out["visible"], vis)
-            + chunk_loss(model, model.act(b["target_xy"], b["q"]), b["chunk"]))
+    return xy + order + F.binary_cross_entropy_with_logits(out["visible"], vis)
+
+
+def planner_loss(model: Planner, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The supervised loss on a batch of labelled sim scenes: end-to-end chunk, the action
+    MLP's chunk from the true target, block xy, visibility and target order."""
+    out = model.forward_all(b["image"], b["tokens"], b["q"])
+    return (chunk_loss(out["waypoints"], b["chunk"], model.delta_std)
+            + perception_loss(out, b, model.n_colours)
+            + chunk_loss(model.act(b["target_xy"], b["q"]), b["chunk"], model.delta_std))
 
 
 def train_planner(data: dict[str, np.ndarray], actions: dict[str, np.ndarray],
@@ -179,10 +189,11 @@ def train_planner(data: dict[str, np.ndarray], actions: dict[str, np.ndarray],
         if model.training:  # the action MLP also learns from the cheap image-free samples
             pick = torch.randint(len(aq), (action_batch,), generator=agen)
             a = {k: v[pick].to(device) for k, v in atensors.items()}
-            loss = loss + chunk_loss(model, model.act(a["target_xy"], a["q"]), a["chunk"])
+            loss = loss + chunk_loss(model.act(a["target_xy"], a["q"]), a["chunk"],
+                                     model.delta_std)
         return loss
 
-    metrics = _fit(model, tensors, train_idx, val_idx, loss_fn, steps, batch, lr, seed,
+    metrics = fit(model, tensors, train_idx, val_idx, loss_fn, steps, batch, lr, seed,
                    device, log, "planner")
     metrics.update(_planner_errors(model, tensors, val_idx, device))
     metrics["params"] = count_parameters(model)
@@ -237,7 +248,7 @@ def train_follower(data: dict[str, np.ndarray], steps: int, seed: int, batch: in
         pred = model(b["ref"], b["q"], b["dq"])
         return F.mse_loss(pred / model.residual_scale, b["residual"] / model.residual_scale)
 
-    metrics = _fit(model, t, train_idx, val_idx, loss_fn, steps, batch, lr, seed, device, log,
+    metrics = fit(model, t, train_idx, val_idx, loss_fn, steps, batch, lr, seed, device, log,
                    "follower")
     with torch.no_grad():
         idx = torch.as_tensor(val_idx)
@@ -262,21 +273,28 @@ def write_calibration(path: Path, pdata: dict[str, np.ndarray], fdata: dict[str,
     np.savez(path, **arrays)
 
 
-def train_all(out_dir: Path, episodes: int, planner_steps: int, follower_steps: int, seed: int,
-              data_dir: Path, threads: int, config_path: Path, scenes: int = 6000,
-              walks: int = 20000, workers: int = 1, log: Log = print) -> dict[str, Any]:
-    """Data (cached) -> planner + follower checkpoints + train-metrics.json in out_dir.
+@dataclass
+class TrainingData:
+    """The cached datasets of `policy.data` as both planners train on them."""
 
-    Rollout episodes (physics, the runtime's tracking path) feed the follower and part of
+    config: DuetConfig
+    settings: LoopSettings
+    rollouts: dict[str, np.ndarray]  # planner samples of the expert rollouts
+    follower: dict[str, np.ndarray]
+    scenes: dict[str, np.ndarray]  # rollout samples + rendered kinematic-walk scenes
+    actions: dict[str, np.ndarray]  # image-free kinematic-walk samples
+    stats: dict[str, Any]
+
+
+def load_training_data(data_dir: Path, config_path: Path, episodes: int, scenes: int,
+                       walks: int, seed: int, workers: int, log: Log = print) -> TrainingData:
+    """Rollout episodes (physics, the runtime's tracking path) feed the follower and part of
     the planner's scenes; kinematic walks (`policy.synth`) add rendered scenes and
-    image-free action samples for the planner.
-    """
+    image-free action samples for the planner. Cached under data_dir."""
     from policy.data import load_or_generate, load_or_generate_synth
-    from policy.models import save_checkpoint
     from policy.rollout import LoopSettings
     from runtime.config import load_config
 
-    torch.set_num_threads(threads)
     cfg = load_config(config_path)
     settings = LoopSettings.from_config(cfg)
     two_step = cfg.sim.two_step_fraction if cfg.sim else 0.5
@@ -285,6 +303,21 @@ def train_all(out_dir: Path, episodes: int, planner_steps: int, follower_steps: 
     dstats.update(scene_samples=len(sdata["q"]), action_samples=len(adata["q"]))
     scenes_all = {k: np.concatenate([pdata[k], sdata[k].astype(pdata[k].dtype)])
                   for k in pdata}
+    return TrainingData(cfg, settings, pdata, fdata, scenes_all, adata, dstats)
+
+
+def train_all(out_dir: Path, episodes: int, planner_steps: int, follower_steps: int, seed: int,
+              data_dir: Path, threads: int, config_path: Path, scenes: int = 6000,
+              walks: int = 20000, workers: int = 1, log: Log = print) -> dict[str, Any]:
+    """Data (cached, `load_training_data`) -> planner + follower checkpoints +
+    train-metrics.json in out_dir."""
+    from policy.models import save_checkpoint
+
+    torch.set_num_threads(threads)
+    data = load_training_data(data_dir, config_path, episodes, scenes, walks, seed, workers,
+                              log)
+    cfg, settings, dstats = data.config, data.settings, data.stats
+    pdata, fdata, scenes_all, adata = data.rollouts, data.follower, data.scenes, data.actions
     tok = Tokenizer()
     device = pick_device()
     planner = train_planner(scenes_all, adata, tok, planner_steps, seed, device=device, log=log)
