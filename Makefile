@@ -54,7 +54,7 @@ test: $(VENV)/.dev
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/vermin --target=3.10- --no-tips --violations runtime drivers export sim policy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # a file per worker: module fixtures built once
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
