@@ -169,9 +169,9 @@ def read(path: Path) -> Recording:
             raise RecordingError(f"{where}: size changed from {cam[2]} to {(h, w)}")
         cam[0].append(stamp)
         cam[1].append(raw)
-    # The task is what the robot worked on for most of the episode: the metadata holds the
-    # instruction current at `record start`/`stop`, and at a boundary that can be the
-    # neighbouring episode's.
+    # The task is what the robot worked on for most of the episode: the instruction in the
+    # metadata at `record start` can be the previous episode's, and recordings made before the
+    # recorder kept each episode's own (its outcome's `instruction`) name the next one at stop.
     instruction = heard.most_common(1)[0][0] if heard else \
         meta.get("instruction") or end.get("instruction", "")
     if len(t) < 2:
