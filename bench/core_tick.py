@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import load_bundle
 from runtime.config import load_config
-from runtime.core import CoreSettings, FollowerCore
-from runtime.models import residual_model
+from runtime.follower.core import CoreSettings, FollowerCore
+from runtime.model.bundle import load_bundle
+from runtime.model.residual import residual_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TICK_NS = 2_000_000

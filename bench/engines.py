@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.bundle import Bundle, TensorSpec, load_bundle
-from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine, session_options
+from runtime.model.bundle import Bundle, TensorSpec, load_bundle
+from runtime.model.engines.onnxruntime_engine import OnnxRuntimeEngine, session_options
 
 
 def _feeds(specs: list[TensorSpec], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -71,7 +71,7 @@ def _reference_bundles(root: Path) -> list[Path]:
     from export.pipeline import ExportOptions, export_bundle, load_contract
     from policy.models import Follower, Planner
     from policy.reference import CONTRACT
-    from runtime.tokenizer import Tokenizer
+    from runtime.model.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     tok = Tokenizer()

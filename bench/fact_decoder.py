@@ -28,8 +28,8 @@ from export.parity import load_parity
 from export.precision import to_int8
 from policy.fact import FactDecoderStage, FactTokenizer
 from policy.models import load_checkpoint
-from runtime.bundle import load_bundle
-from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+from runtime.model.bundle import load_bundle
+from runtime.model.engines.onnxruntime_engine import OnnxRuntimeEngine
 
 STEPS = (1, 2, 4, 8, 16)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import Bundle, load_bundle
-from runtime.observation import StateHistory
-from runtime.pipeline import Observation, PlannerPipeline
+from runtime.model.bundle import Bundle, load_bundle
+from runtime.planner.observation import StateHistory
+from runtime.planner.pipeline import Observation, PlannerPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]

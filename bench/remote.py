@@ -33,12 +33,12 @@ import zmq
 
 from bench.planner import flow_bundle
 from bench.remote_robots import PlannerServerProcess, SimulatedRobot, make_keys, remote_config
-from runtime import jpeg
-from runtime.bundle import Bundle, load_bundle
-from runtime.messages import Encoder, decode_plan, pack_array
-from runtime.observation import StateHistory
-from runtime.pipeline import Observation, PlannerPipeline, state_times_ns
-from runtime.remote_wire import Limits, decode_observation, encode_observation, encode_plan
+from runtime.ipc.messages import Encoder, decode_plan, pack_array
+from runtime.model.bundle import Bundle, load_bundle
+from runtime.planner.observation import StateHistory
+from runtime.planner.pipeline import Observation, PlannerPipeline, state_times_ns
+from runtime.remote import jpeg
+from runtime.remote.wire import Limits, decode_observation, encode_observation, encode_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]

@@ -1,7 +1,7 @@
 """Simulated robots for the planner server, and the server as a separate process: what the
 remote benchmark and the off-board planner tests drive.
 
-A `SimulatedRobot` speaks the relay's own wire and checks (`ServerLink`, runtime/relay.py):
+A `SimulatedRobot` speaks the relay's own wire and checks (`ServerLink`, runtime/remote/relay.py):
 it stamps a joint state now, sends the observation the bundle's contract reads (fixed frames
 as JPEG, its own q) and takes the plans that answer it.
 """
@@ -18,14 +18,15 @@ from typing import Any
 import numpy as np
 import zmq
 
-from runtime import endpoints, jpeg, keys
-from runtime.bundle import Bundle
 from runtime.config import RemoteConfig
-from runtime.messages import decode
-from runtime.observation import StateHistory
-from runtime.pipeline import state_times_ns
-from runtime.relay import Answer, ServerLink
-from runtime.remote_wire import bundle_id, encode_observation
+from runtime.ipc import endpoints, keys
+from runtime.ipc.messages import decode
+from runtime.model.bundle import Bundle
+from runtime.planner.observation import StateHistory
+from runtime.planner.pipeline import state_times_ns
+from runtime.remote import jpeg
+from runtime.remote.relay import Answer, ServerLink
+from runtime.remote.wire import bundle_id, encode_observation
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTION = "touch the red block"

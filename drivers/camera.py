@@ -18,7 +18,7 @@ import msgpack
 import numpy as np
 import zmq
 
-_FRAME_VERSION = 1  # the wire-message schema version (runtime/messages.py VERSION)
+_FRAME_VERSION = 1  # the wire-message schema version (runtime/ipc/messages.py VERSION)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bundle_files import TensorSpec
+from runtime.model.bundle_files import TensorSpec
 
 Samples = dict[str, np.ndarray]  # input name -> [N, *shape-without-batch]
 

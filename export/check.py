@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from export.parity import ParityResult, format_table, load_parity, measure
-from runtime.bundle import BundleError, load_bundle
-from runtime.engines import EngineKind, make_engine
+from runtime.model.bundle import BundleError, load_bundle
+from runtime.model.engines import EngineKind, make_engine
 
 
 def check_bundle(path: Path, public_key: str | None, joints: list[str] | None,

@@ -200,9 +200,9 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from export.check import check_bundle
-    from runtime.bundle import BundleError
     from runtime.config import ConfigError, load_config
-    from runtime.engines import EngineError
+    from runtime.model.bundle import BundleError
+    from runtime.model.engines import EngineError
 
     try:
         joints = load_config(args.check_config).robot.joints if args.check_config else None
@@ -215,9 +215,9 @@ def _check(args: argparse.Namespace) -> int:
 
 def _engines_build(args: argparse.Namespace) -> int:
     from export.tensorrt_build import build_bundle_engines
-    from runtime.bundle import BundleError, load_bundle
-    from runtime.engines import DEFAULT_ENGINE_CACHE, EngineError
-    from runtime.engines.tensorrt_engine import require_tensorrt
+    from runtime.model.bundle import BundleError, load_bundle
+    from runtime.model.engines import DEFAULT_ENGINE_CACHE, EngineError
+    from runtime.model.engines.tensorrt_engine import require_tensorrt
 
     try:
         require_tensorrt()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from export.calibration import batch_of, batches
-from runtime.engines import Engine
+from runtime.model.engines import Engine
 
 # Max |onnx - pytorch fp32| in output units (rad), per precision and model. fp32 is the issue's
 # 1e-4. fp16 carries ~3 significant digits through a few transformer layers. int8 moves the

@@ -33,7 +33,7 @@ from export.onnx_export import OPSET, ExportError, check_onnx
 from export.parity import TOLERANCES, ParityResult, format_table, measure, save_parity
 from export.precision import QUANTIZABLE_OPS, to_fp16, to_int8
 from export.signing import sign_bundle
-from runtime.bundle import (
+from runtime.model.bundle import (
     FORMAT_VERSION,
     MANIFEST,
     ManifestV2,
@@ -42,11 +42,11 @@ from runtime.bundle import (
     load_bundle,
     sha256_file,
 )
-from runtime.bundle_files import ModelSpec, TensorSpec
-from runtime.contract import Contract, InstructionInput, PrefixInput, Stage
-from runtime.engines import check_specs
-from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
-from runtime.tokenizer import InstructionEncoder, TokenizerError
+from runtime.model.bundle_files import ModelSpec, TensorSpec
+from runtime.model.contract import Contract, InstructionInput, PrefixInput, Stage
+from runtime.model.engines import check_specs
+from runtime.model.engines.onnxruntime_engine import OnnxRuntimeEngine
+from runtime.model.tokenizer import InstructionEncoder, TokenizerError
 
 PARITY_FILE = "parity.npz"
 

@@ -1,4 +1,4 @@
-"""ed25519 keys and bundle signatures (the robot verifies them in runtime.bundle)."""
+"""ed25519 keys and bundle signatures (the robot verifies them in runtime.model.bundle)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from runtime.bundle import MANIFEST, SIGNATURE, canonical_manifest_bytes
+from runtime.model.bundle import MANIFEST, SIGNATURE, canonical_manifest_bytes
 
 
 class SigningError(ValueError):

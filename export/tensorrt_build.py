@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from runtime.bundle import Bundle, sha256_file
-from runtime.bundle_files import ModelSpec
-from runtime.engines import EngineError
-from runtime.engines.tensorrt_engine import cached_engine_path
+from runtime.model.bundle import Bundle, sha256_file
+from runtime.model.bundle_files import ModelSpec
+from runtime.model.engines import EngineError
+from runtime.model.engines.tensorrt_engine import cached_engine_path
 
 TIMING_CACHE = "timing.cache"
 WORKSPACE_BYTES = 1 << 30
@@ -55,7 +55,7 @@ def build_engine(
     tmp = plan_path.with_suffix(".tmp")
     tmp.write_bytes(bytes(serialized))
     tmp.replace(plan_path)  # atomic: a half-written plan is never picked up
-    # what the runtime checks before it loads the plan (runtime.engines.tensorrt_engine)
+    # what the runtime checks before it loads the plan (runtime.model.engines.tensorrt_engine)
     plan_path.with_name(plan_path.name + ".sha256").write_text(sha256_file(plan_path) + "\n")
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return plan_path

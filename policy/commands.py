@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runtime import cliopts
+from runtime.commands import options as cliopts
 
 DEFAULT_CONFIG = "configs/sim.yaml"
 # The planners' training data (policy.data, cached): rollout episodes, rendered walks, walks.

@@ -29,9 +29,9 @@ import numpy as np
 from policy.rollout import LoopSettings, run_episode
 from policy.servo_target import ServoResidualTarget
 from policy.synth import scene_labels
-from runtime.bundle import sha256_file
-from runtime.observation import StateHistory
-from runtime.tokenizer import Tokenizer
+from runtime.model.bundle import sha256_file
+from runtime.model.tokenizer import Tokenizer
+from runtime.planner.observation import StateHistory
 from sim.expert import expert_chunk
 from sim.task import Episode, TaskTracker
 from sim.world import HOME_Q, SimWorld

@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 
 from policy.rollout import EpisodeResult, LoopSettings, run_episode
-from runtime.bundle import Bundle, load_bundle
 from runtime.config import DuetConfig, load_config
-from runtime.models import residual_model
-from runtime.observation import StateHistory
-from runtime.pipeline import Observation, PlannerPipeline
-from runtime.reference import STRATEGIES, Plan
+from runtime.follower.reference import STRATEGIES
+from runtime.model.bundle import Bundle, load_bundle
+from runtime.model.plan import Plan
+from runtime.model.residual import residual_model
+from runtime.planner.observation import StateHistory
+from runtime.planner.pipeline import Observation, PlannerPipeline
 from sim.task import Episode, TaskTracker
 from sim.world import HOME_Q, JOINTS, SimWorld
 

@@ -24,7 +24,7 @@ from torch import nn
 from policy.fact import FactDecoderStage, FactTokenizer
 from policy.fact_planner import FactPlanner
 from policy.models import Follower, load_checkpoint
-from runtime.tokenizer import Tokenizer
+from runtime.model.tokenizer import Tokenizer
 
 TEMPLATE = Path(__file__).with_name("fact_contract.yaml")
 CONTRACT = "fact_contract.yaml"  # the filled copy, in the checkpoint folder

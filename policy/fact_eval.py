@@ -32,9 +32,9 @@ import numpy as np
 
 from policy.eval import EVAL_SEED_BASE, Log, evaluate
 from policy.rollout import LoopSettings
-from runtime.bundle import load_bundle
 from runtime.config import load_config
-from runtime.reference import STRATEGIES
+from runtime.follower.reference import STRATEGIES
+from runtime.model.bundle import load_bundle
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from policy.train import (
     seed_everything,
     split_by_episode,
 )
-from runtime.bundle import sha256_file
-from runtime.tokenizer import Tokenizer
+from runtime.model.bundle import sha256_file
+from runtime.model.tokenizer import Tokenizer
 from sim.expert import expert_chunk
 from sim.world import BLOCK_HALF, ArmKinematics
 

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from policy.lerobot_data import load_planner_samples
 from policy.models import Planner, load_checkpoint, save_checkpoint
 from policy.train import chunk_loss, fit, planner_loss, seed_everything, split_by_episode
-from runtime.tokenizer import Tokenizer
+from runtime.model.tokenizer import Tokenizer
 
 Log = Callable[[str], None]
 SIM_KEYS = ("image", "tokens", "q", "chunk", "blocks_xy", "visible", "order", "target_xy")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.tokenizer import Tokenizer
+from runtime.model.tokenizer import Tokenizer
 
 STATE = "observation.state"
 

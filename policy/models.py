@@ -133,7 +133,7 @@ class Grounding(nn.Module):
     plus where the camera sees it): which colour is the first and which the second target.
 
     Reading the instruction *against the scene* is the planner's reasoning step; the
-    tokenizer is the planner's own (`runtime/tokenizer.py`), no pretrained weights.
+    tokenizer is the planner's own (`runtime/model/tokenizer.py`), no pretrained weights.
     """
 
     def __init__(self, vocab_size: int, max_tokens: int, n_colours: int, dim: int = 256,

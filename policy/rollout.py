@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.config import DuetConfig
-from runtime.core import CoreSettings, FollowerCore, PlanRejected
-from runtime.observation import StateHistory
-from runtime.tracking import ResidualModel, Tracker
+from runtime.follower.core import CoreSettings, FollowerCore, PlanRejected
+from runtime.follower.tracking import ResidualModel, Tracker
+from runtime.planner.observation import StateHistory
 from sim.task import RUNNING, SUCCESS, Episode, TaskTracker
 from sim.world import JOINTS, SimWorld
 

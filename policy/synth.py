@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.tokenizer import Tokenizer
+from runtime.model.tokenizer import Tokenizer
 from sim.expert import GRIPPER_POINT, TOUCH_HEIGHT, expert_chunk
 from sim.task import Episode
 from sim.world import BLOCK_COLOURS, HOME_Q, ArmKinematics, SimWorld

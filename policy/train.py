@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from policy.models import Follower, Planner, count_parameters
-from runtime.tokenizer import Tokenizer
+from runtime.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from policy.rollout import LoopSettings

@@ -2,7 +2,7 @@
 (mujoco, torch, onnx) happen inside the handlers, so `duet` starts fast on the robot and
 works without the optional extras for the commands that do not need them.
 
-Conventions for every subcommand live in runtime/cliopts.py: the shared options, --json,
+Conventions for every subcommand live in runtime/commands/options.py: the shared options, --json,
 the exit codes (0 ok, 1 failed check, 2 bad input) and help with an example."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import argparse
 import importlib
 import sys
 
-from runtime.cliopts import Parser, version
+from runtime.commands.options import Parser
+from runtime.version import version
 
 # Modules exposing `register(subparsers)`. Order = order in `duet --help`.
 COMMAND_MODULES = [
-    "runtime.commands",  # run, follower, planner, estop, reset, task
+    "runtime.commands.robot",  # run, follower, planner, estop, reset, task
     "sim.commands",  # sim
     "policy.commands",  # train, eval
-    "runtime.deploy.commands",  # install, bundle, config, status, doctor, top, record
+    "runtime.commands.deploy",  # install, bundle, config, status, doctor, top, record
     "export.commands",  # export, export check, engines build, bundle create
     "export.dataset.commands",  # dataset export
 ]

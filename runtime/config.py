@@ -217,7 +217,7 @@ class RemoteConfig(_Strict):
 
 
 class RayServeConfig(_Strict):
-    """Batches handed to a Ray Serve deployment (runtime/serve_ray.py)."""
+    """Batches handed to a Ray Serve deployment (runtime/remote/ray_backend.py)."""
 
     address: str | None = None  # a running Ray cluster (ray://... or auto); None: start one here
     replicas: int = Field(1, ge=1, le=1024)
@@ -327,7 +327,7 @@ class RecorderConfig(_Strict):
 
 
 class AccessConfig(_Strict):
-    """Who may use the ipc sockets (runtime/access.py): checked by the kernel's peer
+    """Who may use the ipc sockets (runtime/ipc/access.py): checked by the kernel's peer
     credentials, no keys on one host."""
 
     planner_user: str | None = None  # sends plans; None = the follower's own user

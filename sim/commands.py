@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runtime import cliopts
+from runtime.commands import options as cliopts
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,7 +46,7 @@ def register_teleop(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 def _teleop(args: argparse.Namespace) -> int:
     import signal
 
-    from runtime.logs import setup_logging
+    from runtime.ipc.logs import setup_logging
     from sim.teleop import TeleopError, collect
 
     if args.episodes <= 0:

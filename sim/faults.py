@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import zmq
 
 from runtime.config import CanBusConfig, DynamixelBusConfig
-from runtime.rpc import Command, RequestError, bind_server
+from runtime.ipc.rpc import Command, RequestError, bind_server
 from sim.actuators import HW_OVERLOAD, Actuators
 
 
@@ -214,7 +214,7 @@ FAULTS = ("cut_line", "restore_line", "corrupt", "silence", "overload", "state")
 
 
 class FaultInjector:
-    """The sim's request socket (runtime.rpc) on a thread; each request changes the link or
+    """The sim's request socket (runtime.ipc.rpc) on a thread; each request changes the link or
     the actuators."""
 
     def __init__(self, endpoint: str, link: MotorLink, actuators: Actuators) -> None:

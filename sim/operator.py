@@ -1,5 +1,5 @@
 """The scripted expert as the robot's teleoperator: a planner process shell
-(runtime/planner.py `PlannerShell`) whose plans come from `sim.expert.expert_chunk` instead
+(runtime/planner/process.py `PlannerShell`) whose plans come from `sim.expert.expert_chunk` instead
 of a bundle's model, so demonstrations travel the robot's real path (plan socket, follower,
 servos on the wire) and the flight recorder records them like any other episode.
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.bundle import Bundle
 from runtime.config import DuetConfig, SimConfig
-from runtime.planner import PlannerShell
+from runtime.model.bundle import Bundle
+from runtime.planner.process import PlannerShell
 from sim.expert import expert_chunk
 from sim.task import TOUCH_RADIUS, Episode, episode_seed
 from sim.world import ArmKinematics

@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import zmq
 
-from runtime import endpoints
-from runtime.buses import bus_sections
 from runtime.config import CanBusConfig, ConfigError, DuetConfig, DynamixelBusConfig, SimConfig
-from runtime.messages import Encoder, pack_array
+from runtime.follower.buses import bus_sections
+from runtime.ipc import endpoints
+from runtime.ipc.messages import Encoder, pack_array
 from sim.actuators import MODE_MIT, Actuators
 from sim.camera import SceneCamera
 from sim.faults import CanLink, FaultInjector, LinkGroup, MotorLink, SerialLink

@@ -20,12 +20,12 @@ from typing import Any
 
 import zmq
 
-from runtime import endpoints
 from runtime.config import DuetConfig
-from runtime.messages import MessageError, decode
-from runtime.planner import robot_bundle
-from runtime.rpc import request_at
-from runtime.supervisor import Supervisor
+from runtime.ipc import endpoints
+from runtime.ipc.messages import MessageError, decode
+from runtime.ipc.rpc import request_at
+from runtime.planner.process import robot_bundle
+from runtime.stack.supervisor import Supervisor
 from sim.operator import ExpertOperator
 
 log = logging.getLogger("duet.teleop")

@@ -205,7 +205,7 @@ echo "(ONNX Runtime's warnings that it cannot identify the emulated CPU: in the 
 imports=$(in_root python - <<'EOF' 2>&1
 import importlib.util, platform, sys
 import onnxruntime
-import runtime.cli, runtime.follower, runtime.planner, runtime.supervisor  # noqa: F401
+import runtime.cli, runtime.follower.process, runtime.planner.process, runtime.stack.supervisor  # noqa: F401
 import drivers, export.check, sim.server  # noqa: F401
 import mujoco
 assert platform.machine() == "aarch64", platform.machine()

@@ -25,12 +25,12 @@ import atheris
 with atheris.instrument_imports():
     import numpy as np
 
-    from runtime.bundle import BundleError, parse_manifest, validate_manifest
     from runtime.config import ConfigError, parse_yaml, validate
-    from runtime.core import CoreSettings, FollowerCore, PlanRejected
-    from runtime.messages import MessageError, decode, decode_plan, decode_state
-    from runtime.remote_wire import Limits, decode_observation
-    from runtime.rpc import Command, ReplyServer, RequestError
+    from runtime.follower.core import CoreSettings, FollowerCore, PlanRejected
+    from runtime.ipc.messages import MessageError, decode, decode_plan, decode_state
+    from runtime.ipc.rpc import Command, ReplyServer, RequestError
+    from runtime.model.bundle import BundleError, parse_manifest, validate_manifest
+    from runtime.remote.wire import Limits, decode_observation
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 6
@@ -116,10 +116,10 @@ TARGETS = {"plan": plan, "message": message, "request": request, "config": confi
 
 def _seeds(target: str, corpus: Path) -> None:
     """Valid inputs to start from: what the code itself emits."""
-    from runtime import jpeg
-    from runtime.messages import Encoder, pack_array
-    from runtime.observation import StateHistory
-    from runtime.remote_wire import encode_observation
+    from runtime.ipc.messages import Encoder, pack_array
+    from runtime.planner.observation import StateHistory
+    from runtime.remote import jpeg
+    from runtime.remote.wire import encode_observation
 
     corpus.mkdir(parents=True, exist_ok=True)
     enc = Encoder()

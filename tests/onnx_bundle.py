@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.tokenizer import Tokenizer
+from runtime.model.tokenizer import Tokenizer
 
 JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
 H, DT, LOOK, LOOK_DT = 10, 0.1, 8, 0.02

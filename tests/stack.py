@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from runtime import endpoints
 from runtime.config import DuetConfig, load_config
-from runtime.messages import decode, unpack_array
-from runtime.rpc import request_at
-from runtime.supervisor import Supervisor
+from runtime.ipc import endpoints
+from runtime.ipc.messages import decode, unpack_array
+from runtime.ipc.rpc import request_at
+from runtime.stack.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,9 +22,9 @@ import zmq
 from onnx_bundle import make_bundle
 from stack import REPO, Stack
 
-from runtime import endpoints
-from runtime.messages import Encoder, decode, pack_array
-from runtime.rpc import request_at
+from runtime.ipc import endpoints
+from runtime.ipc.messages import Encoder, decode, pack_array
+from runtime.ipc.rpc import request_at
 
 NOBODY = pwd.getpwnam("nobody")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switches to another uid")
@@ -88,8 +88,8 @@ def _as_nobody(code: str, run_dir: str) -> subprocess.CompletedProcess[str]:
     """Run `code` in a child that dropped to uid nobody (another local user). What it needs
     is imported first: the interpreter's own files are not readable by nobody here."""
     pre = ("import os, sys, time, json, numpy, zmq; from runtime import endpoints; "
-           "from runtime.messages import Encoder, pack_array; "
-           "from runtime.rpc import request_at, ControlError; os.setgroups([]); "
+           "from runtime.ipc.messages import Encoder, pack_array; "
+           "from runtime.ipc.rpc import request_at, ControlError; os.setgroups([]); "
            f"os.setgid({NOBODY.pw_gid}); os.setuid({NOBODY.pw_uid}); ")
     return subprocess.run([sys.executable, "-c", pre + code, run_dir], cwd=REPO,
                           capture_output=True, text=True, timeout=30)
@@ -97,8 +97,8 @@ def _as_nobody(code: str, run_dir: str) -> subprocess.CompletedProcess[str]:
 
 _FORGE = """
 import sys, time, numpy as np, zmq
-from runtime import endpoints
-from runtime.messages import Encoder, pack_array
+from runtime.ipc import endpoints
+from runtime.ipc.messages import Encoder, pack_array
 run_dir = sys.argv[1]
 pub = zmq.Context.instance().socket(zmq.PUB)
 pub.connect(endpoints.plan(run_dir))
@@ -156,7 +156,7 @@ def test_operators_get_status_and_estop_but_not_reset_or_set(
         os.chmod(stack.run_dir, 0o755)
         os.chmod(Path(stack.run_dir) / "control", 0o777)
         code = ("import sys, json; from runtime import endpoints; "
-                "from runtime.rpc import request_at; ep = endpoints.control(sys.argv[1]); "
+                "from runtime.ipc.rpc import request_at; ep = endpoints.control(sys.argv[1]); "
                 "print(json.dumps([request_at(ep, c, a, 3.0) for c, a in "
                 "[('status', {}), ('set', {'key': 'follower.blend_ms', 'value': 10}), "
                 "('reset', {}), ('estop', {})]]))")
@@ -173,7 +173,7 @@ def test_operators_get_status_and_estop_but_not_reset_or_set(
     with Stack(open_dir / "2", bundle, ["access.operator_group=root"], planner=False) as stack:
         os.chmod(stack.run_dir, 0o755)
         os.chmod(Path(stack.run_dir) / "control", 0o777)
-        out = _as_nobody("import sys; from runtime import endpoints; from runtime.rpc import "
+        out = _as_nobody("import sys; from runtime import endpoints; from runtime.ipc.rpc import "
                          "request_at, ControlError\ntry:\n request_at(endpoints.control("
                          "sys.argv[1]), 'estop', {}, 1.5)\nexcept ControlError:\n "
                          "print('REFUSED')", stack.run_dir)

@@ -1,4 +1,4 @@
-"""runtime.bundle: hashes, signatures, joints, format and the contract are verified before any
+"""runtime.model.bundle: hashes, signatures, joints, format and the contract are verified before any
 model loads; a hostile manifest is a BundleError, never a traceback."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from test_export import JOINTS, export_tiny
 
 from export.signing import keygen, sign_bundle
-from runtime.bundle import BundleError, canonical_manifest_bytes, load_bundle
-from runtime.engines import EngineError, make_engine
+from runtime.model.bundle import BundleError, canonical_manifest_bytes, load_bundle
+from runtime.model.engines import EngineError, make_engine
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,12 +25,12 @@ from byo_policies import (
 )
 from stack import REPO, Stack
 
-from runtime.bundle import load_bundle
 from runtime.config import load_config
-from runtime.observation import StateHistory
-from runtime.pipeline import Observation, PipelineError, PlannerPipeline
-from runtime.preflight import problems
-from runtime.tokenizer import TokenizerError
+from runtime.deploy.preflight import problems
+from runtime.model.bundle import load_bundle
+from runtime.model.tokenizer import TokenizerError
+from runtime.planner.observation import StateHistory
+from runtime.planner.pipeline import Observation, PipelineError, PlannerPipeline
 from sim.world import HOME_Q
 
 TWO_CAMERAS = ["planner.cameras.wrist={kind: sim, width: 48, height: 48}",
@@ -138,7 +138,7 @@ def test_a_missing_tokenizer_file_is_refused(two_cam: Path, tmp_path: Path) -> N
 
 
 def test_a_broken_tokenizer_is_refused_at_start(two_cam: Path, tmp_path: Path) -> None:
-    from runtime.bundle import sha256_file
+    from runtime.model.bundle import sha256_file
 
     bundle = Path(shutil.copytree(two_cam, tmp_path / "b"))
     (bundle / "tokenizer.json").write_text("{}")
@@ -190,7 +190,7 @@ def test_a_follower_rate_off_the_look_ahead_grid_is_refused(tmp_path: Path) -> N
 def _near(stack: Stack, goal: np.ndarray, joints: slice, timeout_s: float) -> np.ndarray:
     """The commanded reference (q + tracking error) once it is at `goal`, or at the timeout.
     (The measured q sits a servo's gravity sag, ~25 mrad on the shoulder, off it.)"""
-    from runtime.messages import unpack_array
+    from runtime.ipc.messages import unpack_array
 
     deadline = time.monotonic() + timeout_s
     while True:

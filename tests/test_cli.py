@@ -91,7 +91,7 @@ def test_config_paths_are_relative_to_their_file(tmp_path: Path,
 
 
 def test_run_dir_precedence_for_processes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from runtime.cliopts import process_overrides
+    from runtime.commands.options import process_overrides
 
     monkeypatch.setenv("DUET_RUN_DIR", "/tmp/env")
     ns = argparse.Namespace

@@ -10,7 +10,7 @@ SIM = REPO / "configs" / "sim.yaml"
 
 
 def test_shipped_configs_validate() -> None:
-    from runtime.buses import bus_sections
+    from runtime.follower.buses import bus_sections
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(path)

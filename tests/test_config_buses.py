@@ -11,8 +11,8 @@ import yaml
 
 from drivers.can_mit import MitCanBus
 from drivers.multi_bus import MultiBus
-from runtime.buses import bus_sections, open_bus
 from runtime.config import ConfigError, load_config
+from runtime.follower.buses import bus_sections, open_bus
 
 REPO = Path(__file__).resolve().parents[1]
 CAN = REPO / "configs" / "sim_can.yaml"

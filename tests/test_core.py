@@ -1,4 +1,4 @@
-"""The follower core (runtime/core.py): the state machine, plan validation, start and reset
+"""The follower core (runtime/follower/core.py): the state machine, plan validation, start and reset
 without a jump, and an allocation-free steady-state tick -- the class the follower process,
 the lockstep eval and the bench all drive."""
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from onnx_bundle import make_bundle
 
-from runtime.bundle import load_bundle
 from runtime.config import load_config
-from runtime.core import CoreSettings, FollowerCore, PlanRejected
-from runtime.models import residual_model
-from runtime.safety import Mode
+from runtime.follower.core import CoreSettings, FollowerCore, PlanRejected
+from runtime.follower.safety import Mode
+from runtime.model.bundle import load_bundle
+from runtime.model.residual import residual_model
 
 REPO = Path(__file__).resolve().parents[1]
 N = 6

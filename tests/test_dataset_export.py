@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runtime import endpoints
 from runtime.config import load_config
-from runtime.deploy.mcap_sink import read_recording
-from runtime.rpc import request_at
+from runtime.ipc import endpoints
+from runtime.ipc.rpc import request_at
+from runtime.observe.mcap_sink import read_recording
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from onnx_bundle import JOINTS, make_bundle
 
-from runtime.bundle import BundleError
 from runtime.cli import main
 from runtime.deploy.bundle_store import BundleStore
+from runtime.model.bundle import BundleError
 
 
 def _bundle(tmp: Path, version: str) -> Path:

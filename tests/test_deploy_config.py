@@ -191,8 +191,8 @@ def test_set_applies_tunables_live_on_a_running_follower(
 
     from stack import stop_processes
 
-    from runtime import endpoints
-    from runtime.rpc import request_at
+    from runtime.ipc import endpoints
+    from runtime.ipc.rpc import request_at
 
     run_dir = tmp_path / "run"
     env = {**os.environ, "MUJOCO_GL": "egl"}

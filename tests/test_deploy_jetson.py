@@ -18,8 +18,8 @@ from runtime.cli import main
 from runtime.config import load_config
 from runtime.deploy import jetson
 from runtime.deploy.doctor import FAIL, OK, WARN, Check, diagnose
-from runtime.engines import EngineError, engine_options, make_engine
-from runtime.engines.onnxruntime_engine import (
+from runtime.model.engines import EngineError, engine_options, make_engine
+from runtime.model.engines.onnxruntime_engine import (
     OnnxRuntimeEngine,
     ort_cache_dir,
     prepare_engine_cache,
@@ -206,7 +206,7 @@ def test_no_jetson_checks_off_a_jetson(tmp_path: Path) -> None:
 def test_a_missing_provider_refuses_the_engine(tmp_path: Path) -> None:
     """Never ONNX Runtime's silent fall-back to the CPU: the start fails naming the provider
     and what this onnxruntime offers."""
-    from runtime.bundle import load_bundle
+    from runtime.model.bundle import load_bundle
 
     bundle = load_bundle(make_bundle(tmp_path / "b"))
     spec = bundle.model_specs()["planner"]

@@ -118,7 +118,7 @@ def test_offline_install_without_network(host_pack: tuple[Path, dict], netns: st
     # the venv holds duet's wheel itself, and runs the robot code without torch
     version = _installed(root, "-m", "runtime.cli", "--version")
     assert version.stdout.split() == ["duet", manifest["duet"]], version.stderr
-    probe = _installed(root, "-c", "import sys, runtime.follower, runtime.planner, "
+    probe = _installed(root, "-c", "import sys, runtime.follower.process, runtime.planner.process, "
                        "drivers.dynamixel; print('torch' in sys.modules)")
     assert probe.stdout.strip() == "False", probe.stderr
     # the installed bundle passes its parity check with the offline-installed runtime

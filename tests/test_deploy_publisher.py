@@ -1,6 +1,6 @@
 """A small stand-in robot for the deploy tests: real ZeroMQ publishers on the runtime's ipc
 endpoints, emitting the follower/planner telemetry, state, plan and sim frame messages in
-the wire format of runtime/messages.py. Run as a script:
+the wire format of runtime/ipc/messages.py. Run as a script:
 
     python tests/test_deploy_publisher.py RUN_DIR [--fault-after S] [--duration S]
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from runtime.messages import Encoder, decode, decode_plan, decode_state, pack_array
+from runtime.ipc.messages import Encoder, decode, decode_plan, decode_state, pack_array
 
 JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
 

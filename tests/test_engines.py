@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 from test_export import export_tiny
 
-from runtime.bundle import Bundle, TensorSpec, load_bundle
-from runtime.engines import EngineError, make_engine
-from runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
-from runtime.engines.tensorrt_engine import check_trusted, engine_cache_key
+from runtime.model.bundle import Bundle, TensorSpec, load_bundle
+from runtime.model.engines import EngineError, make_engine
+from runtime.model.engines.onnxruntime_engine import OnnxRuntimeEngine
+from runtime.model.engines.tensorrt_engine import check_trusted, engine_cache_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_tensorrt_modules_typecheck_against_tensorrt_stubs(tmp_path: Path) -> No
     run = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(config),
          "--cache-dir", str(tmp_path / "cache"),
-         "runtime/engines/tensorrt_engine.py", "export/tensorrt_build.py"],
+         "runtime/model/engines/tensorrt_engine.py", "export/tensorrt_build.py"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stdout + run.stderr

@@ -21,9 +21,9 @@ from torch import nn
 from export.onnx_export import ExportError
 from export.parity import TOLERANCES
 from export.pipeline import ExportOptions, export_bundle, load_contract
-from runtime.bundle import load_bundle
 from runtime.cli import main as duet
-from runtime.tokenizer import Tokenizer
+from runtime.model.bundle import load_bundle
+from runtime.model.tokenizer import Tokenizer
 
 JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
 D, H, L = 6, 10, 8

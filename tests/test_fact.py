@@ -33,11 +33,11 @@ from policy.fact_planner import FactPlanner
 from policy.fact_study import format_rows, study
 from policy.fact_train import load_reference, masked_chunk_loss, prefix_targets
 from policy.models import Follower, Planner, load_checkpoint, save_checkpoint
-from runtime.bundle import load_bundle
-from runtime.observation import StateHistory
-from runtime.pipeline import Observation, PlannerPipeline
-from runtime.reference import Plan
-from runtime.tokenizer import Tokenizer
+from runtime.model.bundle import load_bundle
+from runtime.model.plan import Plan
+from runtime.model.tokenizer import Tokenizer
+from runtime.planner.observation import StateHistory
+from runtime.planner.pipeline import Observation, PlannerPipeline
 from sim.expert import expert_chunk
 from sim.world import JOINTS, ArmKinematics, SimWorld
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import websockets
 
-from runtime.deploy.channels import schemas
+from runtime.observe.channels import schemas
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = Path(__file__).with_name("test_deploy_publisher.py")

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.messages import (
+from runtime.ipc.messages import (
     MAX_ELEMENTS,
     VERSION,
     Encoder,

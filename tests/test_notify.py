@@ -1,4 +1,4 @@
-"""runtime.notify: the sd_notify datagrams reach a path or an abstract socket, and a receiver
+"""runtime.ipc.notify: the sd_notify datagrams reach a path or an abstract socket, and a receiver
 that does not drain never blocks the sender. (The follower's whole READY/WATCHDOG/STOPPING
 sequence under a real NOTIFY_SOCKET: tests/test_systemd_notify.py.)"""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.notify import Notifier, notifier
+from runtime.ipc.notify import Notifier, notifier
 
 
 def _receiver(address: str) -> socket.socket:

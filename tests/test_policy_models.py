@@ -19,7 +19,7 @@ from policy.models import (
     load_checkpoint,
     save_checkpoint,
 )
-from runtime.tokenizer import Tokenizer
+from runtime.model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from policy.data import generate
 from policy.rollout import LoopSettings, run_episode
 from policy.servo_target import ServoResidualTarget
 from runtime.config import load_config
-from runtime.observation import StateHistory
+from runtime.planner.observation import StateHistory
 from sim.expert import expert_chunk
 from sim.task import Episode, TaskTracker
 from sim.world import HOME_Q, SimWorld

@@ -12,7 +12,7 @@ from torch import nn
 
 from policy.models import Planner
 from policy.synth import _walk, action_samples, parallel, scene_labels, scene_samples
-from runtime.tokenizer import Tokenizer
+from runtime.model.tokenizer import Tokenizer
 from sim.expert import TOUCH_HEIGHT, expert_chunk
 from sim.task import Episode
 from sim.world import BLOCK_COLOURS, HOME_Q, ArmKinematics

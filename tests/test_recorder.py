@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime import endpoints
-from runtime.deploy.mcap_sink import read_recording
-from runtime.deploy.recorder import Recorder
-from runtime.rpc import RequestError, request_at
+from runtime.ipc import endpoints
+from runtime.ipc.rpc import RequestError, request_at
+from runtime.observe.mcap_sink import read_recording
+from runtime.observe.recorder import Recorder
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = Path(__file__).with_name("test_deploy_publisher.py")
@@ -152,7 +152,7 @@ def test_hostile_requests_and_messages_never_stop_the_recorder(run_dir: Path,
     import msgpack
     import zmq
 
-    from runtime.messages import Encoder
+    from runtime.ipc.messages import Encoder
 
     rec = subprocess.Popen([sys.executable, "-m", "runtime.cli", "record", "serve",
                             "--config", str(REPO / "configs/sim.yaml"), "--run-dir",
@@ -199,7 +199,7 @@ def test_episode_is_labelled_for_people(run_dir: Path, tmp_path: Path) -> None:
     instruction, the sim's outcome, bundle version and config hash in the metadata; nothing
     the publisher sends is rejected; the operator's outcome wins over the sim's."""
     from runtime.config import load_config
-    from runtime.deploy.recorder import recording_metadata
+    from runtime.observe.recorder import recording_metadata
 
     cfg = load_config(REPO / "configs/sim.yaml", None, [f"run_dir={run_dir}"])
     meta = recording_metadata(cfg, "configs/sim.yaml")

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from runtime.reference import Plan, ReferenceGenerator
-from runtime.tracking import Tracker
+from runtime.follower.reference import ReferenceGenerator
+from runtime.follower.tracking import Tracker
+from runtime.model.plan import Plan
 
 D = 6
 TICK = 0.002

@@ -38,15 +38,16 @@ from bench.remote_robots import (
     make_keys,
     remote_config,
 )
-from runtime import jpeg, keys
-from runtime.bundle import load_bundle
 from runtime.config import ConfigError, load_config
-from runtime.messages import Encoder, MessageError, decode, pack_array
-from runtime.observation import StateHistory
-from runtime.pipeline import Observation, PlannerPipeline, PlanRequest, state_times_ns
-from runtime.preflight import remote_checks, remote_problems
-from runtime.reference import Plan
-from runtime.remote_wire import (
+from runtime.deploy.preflight import remote_checks, remote_problems
+from runtime.ipc import keys
+from runtime.ipc.messages import Encoder, MessageError, decode, pack_array
+from runtime.model.bundle import load_bundle
+from runtime.model.plan import Plan
+from runtime.planner.observation import StateHistory
+from runtime.planner.pipeline import Observation, PlannerPipeline, PlanRequest, state_times_ns
+from runtime.remote import jpeg
+from runtime.remote.wire import (
     Limits,
     bundle_id,
     decode_observation,
@@ -515,7 +516,7 @@ def batch_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
     from torch import nn
 
-    from runtime.tokenizer import Tokenizer
+    from runtime.model.tokenizer import Tokenizer
 
     class RowPlanner(nn.Module):
         def __init__(self) -> None:

@@ -31,8 +31,8 @@ from onnx_bundle import make_bundle
 from stack import REPO, Stack
 
 from bench.remote_robots import Keys, PlannerServerProcess, make_keys
-from runtime import endpoints
-from runtime.messages import decode
+from runtime.ipc import endpoints
+from runtime.ipc.messages import decode
 
 WHY_NOT = netns.unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
@@ -139,7 +139,7 @@ class Net:
 
     def relay(self) -> dict[str, Any]:
         """The relay's own figures (its status socket)."""
-        from runtime.rpc import request_at
+        from runtime.ipc.rpc import request_at
 
         reply = request_at(endpoints.task(self.stack.run_dir), "status", timeout_s=5.0)
         assert reply["ok"], reply

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from runtime.safety import NonFiniteCommand, SafetyFilter
+from runtime.follower.safety import NonFiniteCommand, SafetyFilter
 
 D = 3
 DT = 0.002

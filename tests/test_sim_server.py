@@ -19,8 +19,8 @@ import zmq
 
 from drivers.bus import MotorState
 from drivers.dynamixel import DynamixelBus
-from runtime import endpoints
-from runtime.messages import decode, unpack_array
+from runtime.ipc import endpoints
+from runtime.ipc.messages import decode, unpack_array
 from sim.task import Episode, episode_seed
 from sim.world import HOME_Q, JOINTS, SimWorld
 
@@ -149,9 +149,9 @@ def test_duet_sim_serves_per_limb_can_fd_buses(tmp_path: Path) -> None:
     follower's bus (a MultiBus over both) reads the homed arm and drives both limbs, and the
     sim's fault socket reaches the motors of each."""
     from drivers.bus import MotorFault
-    from runtime.buses import open_bus
     from runtime.config import load_config
-    from runtime.rpc import request_at
+    from runtime.follower.buses import open_bus
+    from runtime.ipc.rpc import request_at
 
     cfg_path = REPO / "configs/sim_can_fd.yaml"
     proc = subprocess.Popen(

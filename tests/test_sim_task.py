@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.reference import Plan, ReferenceGenerator
+from runtime.follower.reference import ReferenceGenerator
+from runtime.model.plan import Plan
 from sim.expert import GRIPPER_POINT, expert_chunk
 from sim.task import (
     MIN_SEPARATION,

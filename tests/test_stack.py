@@ -19,8 +19,8 @@ import zmq
 from onnx_bundle import make_bundle
 from stack import REPO, Stack, stop_and_cont
 
-from runtime import endpoints
-from runtime.messages import VERSION, Encoder, pack_array
+from runtime.ipc import endpoints
+from runtime.ipc.messages import VERSION, Encoder, pack_array
 
 PLANNER_PERIOD = 0.2  # configs/sim.yaml planner.hz = 5
 TOLERANT = "follower.deadline_storm.misses=400"  # as tests/stack.py: behaviour, not timing

@@ -1,4 +1,4 @@
-"""runtime.tokenizer: fixed word-level vocabulary, padding, unknowns, round trip as JSON."""
+"""runtime.model.tokenizer: fixed word-level vocabulary, padding, unknowns, round trip as JSON."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.tokenizer import MAX_TOKENS, PAD_ID, UNK_ID, Tokenizer, TokenizerError
+from runtime.model.tokenizer import MAX_TOKENS, PAD_ID, UNK_ID, Tokenizer, TokenizerError
 
 
 def test_encode_two_step_instruction() -> None:

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from runtime import cliopts
+from runtime.commands import options as cliopts
 
 
 def register(subparsers: Any) -> None:

@@ -1,4 +1,4 @@
-"""Recorded episodes (the flight recorder's MCAP files, runtime/deploy/recorder.py) read back
+"""Recorded episodes (the flight recorder's MCAP files, runtime/observe/recorder.py) read back
 and resampled onto a fixed frame rate.
 
 One `Recording` per file: the joint state and the follower's command at the follower's rate,
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.deploy.mcap_sink import read_recording
+from runtime.observe.mcap_sink import read_recording
 
 ALARM_MODES = ("FAULT", "ESTOP")
 MAX_IMAGE_PIXELS = 4096 * 4096

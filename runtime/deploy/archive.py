@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from runtime.bundle import load_bundle, sha256_file
 from runtime.deploy.steps import InstallError, Runner, external, run_checked
+from runtime.model.bundle import load_bundle, sha256_file
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -85,7 +85,7 @@ def pack(config: Path, bundle: Path | None, target: Target, out: Path, source: P
          run: Runner = run_checked, log: Any = print) -> dict[str, Any]:
     """Build the archive at `out`; returns its manifest plus `sha256` of the archive."""
     from runtime.config import load_config
-    from runtime.preflight import sim_problems
+    from runtime.deploy.preflight import sim_problems
 
     cfg = load_config(config)  # ConfigError: bad input, nothing built
     sim = sim_problems(cfg)

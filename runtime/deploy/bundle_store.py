@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, load_bundle
+from runtime.model.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, load_bundle
 
 CURRENT = "current"
 PREVIOUS = "previous"

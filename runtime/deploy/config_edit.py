@@ -16,7 +16,6 @@ from typing import Any
 
 import yaml
 
-from runtime.cliopts import caller
 from runtime.config import (
     TUNABLES,
     ConfigError,
@@ -30,6 +29,7 @@ from runtime.config import (
     validate_layers,
 )
 from runtime.deploy.install import DERIVED_KEY_PREFIXES, restart_command
+from runtime.ipc.access import caller
 
 
 def effective(config: Path, site: Path | None, overrides: list[str] | None = None

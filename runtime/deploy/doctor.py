@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from runtime.buses import bus_sections
 from runtime.config import CanBusConfig, ConfigError, DuetConfig, load_config
+from runtime.follower.buses import bus_sections
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -162,7 +162,7 @@ def check_clock() -> list[Check]:
 
 
 def check_bundle(cfg: DuetConfig) -> list[Check]:
-    from runtime.bundle import BundleError, load_bundle
+    from runtime.model.bundle import BundleError, load_bundle
 
     try:
         bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, list(cfg.robot.joints))
@@ -202,7 +202,7 @@ def check_providers(cfg: DuetConfig, jetson: bool) -> list[Check]:
     """The execution providers ONNX Runtime offers here, against those the config asks for."""
     import onnxruntime
 
-    from runtime.engines.onnxruntime_engine import PROVIDERS, ort_cache_dir
+    from runtime.model.engines.onnxruntime_engine import PROVIDERS, ort_cache_dir
 
     offered = onnxruntime.get_available_providers()
     dists = metadata.packages_distributions().get("onnxruntime", [])
@@ -286,7 +286,7 @@ def check_disk(cfg: DuetConfig) -> Check:
 
 def check_cameras(cfg: DuetConfig) -> list[Check]:
     """Every configured camera: a V4L2 device must exist and be readable."""
-    from runtime.preflight import camera_problems
+    from runtime.deploy.preflight import camera_problems
 
     found = camera_problems(cfg)
     if found:
@@ -299,7 +299,7 @@ def check_cameras(cfg: DuetConfig) -> list[Check]:
 
 def check_remote(cfg: DuetConfig) -> list[Check]:
     """The off-board planner: key files, and plaintext TCP flagged (preflight.remote_checks)."""
-    from runtime.preflight import remote_checks
+    from runtime.deploy.preflight import remote_checks
 
     return [Check("off-board planner", level, detail, fix)
             for level, detail, fix in remote_checks(cfg)]
@@ -350,8 +350,8 @@ def check_services(cfg: DuetConfig, units_dir: Path = Path("/etc/systemd/system"
 
 def check_run_dir(run_dir: str) -> list[Check]:
     """The live run dir: who holds it, a latched fault, a telemetry sample."""
-    from runtime import endpoints, rundir
-    from runtime.deploy.status import collect, diagnosis
+    from runtime.ipc import endpoints, rundir
+    from runtime.observe.status import collect, diagnosis
 
     path = Path(run_dir)
     if not path.exists():

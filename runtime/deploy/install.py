@@ -26,12 +26,12 @@ from typing import Any
 
 import yaml
 
-from runtime.buses import single_bus
 from runtime.config import CanBusConfig, DuetConfig, load_config
 from runtime.deploy.bundle_store import BundleStore
 from runtime.deploy.jetson import L4TRelease, l4t_release
 from runtime.deploy.journal import Journal
 from runtime.deploy.layout import UNIT_PREFIX, Layout, find_source, templates_dir
+from runtime.deploy.preflight import bundle_problems, sim_problems
 from runtime.deploy.steps import (
     Capture,
     InstallError,
@@ -41,7 +41,7 @@ from runtime.deploy.steps import (
     run_checked,
 )
 from runtime.deploy.venv import VenvPlan, check_onnxruntime, make_venv, probe_onnxruntime
-from runtime.preflight import bundle_problems, sim_problems
+from runtime.follower.buses import single_bus
 
 UNITS = ("duet.target", "duet-follower.service", "duet-planner.service", "duet-recorder.service")
 SERVICES = UNITS[1:]
@@ -307,7 +307,7 @@ def install(plan: InstallPlan) -> Installed:
 
 def _providers_wanted(cfg: DuetConfig) -> list[str]:
     """ONNX Runtime's names of the providers the installed config asks for."""
-    from runtime.engines.onnxruntime_engine import PROVIDERS
+    from runtime.model.engines.onnxruntime_engine import PROVIDERS
 
     if cfg.bundle.engine != "onnxruntime":
         return []

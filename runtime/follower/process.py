@@ -1,0 +1,636 @@
+"""The follower process (System 1): an I/O shell around the follower core (core.py).
+
+The core decides; this process reads and writes the bus, receives plans, publishes state and
+telemetry, serves the control socket, talks to systemd and keeps the latch file. Per tick:
+read -> publish state -> core.step -> write -> account the deadline. Absolute deadlines on the
+monotonic clock, a wait on the plan socket's fd then a spin, a frozen GC, preallocated buffers.
+What the core decided (mode changes) is applied after the bus write: logged once with its
+reason, announced to systemd, latched across restarts. Telemetry, control requests and GC run
+only in the tick's slack.
+
+Bus lifecycle (ros2_control style): this process owns the bus -- open, read the goal the
+motors already hold, enable, read/write, disable, close -- except while a `reset` reopens it
+on a worker thread; the loop then skips bus traffic (the motors hold or stay torque-off) and
+keeps its deadlines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import select
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from drivers.bus import BusError, CommandError, MotorBus, MotorFault, MotorState
+from drivers.camera import CameraError
+from runtime.config import TUNABLES, DuetConfig
+from runtime.follower.buses import open_bus
+from runtime.follower.core import CoreSettings, FollowerCore, PlanRejected
+from runtime.follower.realtime import apply_realtime, collect_if_slack, freeze_gc
+from runtime.follower.safety import LATCHED, Mode
+from runtime.ipc import endpoints, rundir
+from runtime.ipc.access import OPERATOR, Policy, ZapHandler, uid_of
+from runtime.ipc.messages import Encoder, FrameTemplate, MessageError, decode_plan, pack_array
+from runtime.ipc.notify import notifier
+from runtime.ipc.rpc import Command, Deferred, RequestError, bind_server
+from runtime.ipc.signals import stop_on_signals
+from runtime.ipc.stats import Ring, summarize
+from runtime.model.bundle import BundleError
+from runtime.model.engines import EngineError, engine_options
+from runtime.model.residual import residual_model
+from runtime.model.robot_bundle import robot_bundle
+
+log = logging.getLogger("duet.follower")
+
+RING_CAPACITY = 1 << 21  # ~35 min at 1 kHz of per-tick samples for the exit summary
+SLACK_FOR_TELEMETRY_NS = 400_000  # publish telemetry only with this much time to the deadline
+EXIT_FAULT, EXIT_ESTOP = 3, 4  # the follower ended latched: shown by systemd and `duet run`
+
+
+class ResetJob:
+    """A reset on a worker thread: reopen a dead bus, read the motors and the goal they hold;
+    then, if torque was off, hold the measured position and enable torque."""
+
+    def __init__(self, follower: Follower, deferred: Deferred) -> None:
+        self.f, self.deferred = follower, deferred
+        self.q = np.zeros(follower.n)
+        self.goal = np.zeros(follower.n)
+        self.torque_on = False
+        self.error: str | None = None
+        self.phase = 1
+        self.estops_at_start = follower.core.estops  # an estop meanwhile wins over the reset
+        self.done = threading.Event()
+        self._start(self._read)
+
+    def _start(self, target: Any) -> None:
+        self.done.clear()
+        threading.Thread(target=target, name="duet-reset", daemon=True).start()
+
+    def _read(self) -> None:
+        f = self.f
+        try:
+            if f.core.bus_dead:
+                f.bus.close()
+                f.bus.open()
+            f.bus.read(f.state)
+            self.q[:] = f.state.q
+            self.torque_on = f.bus.present_goal(self.goal)
+        except BusError as exc:
+            self.error = f"bus not back: {exc}"
+        self.done.set()
+
+    def enable(self, command: np.ndarray) -> None:
+        """Phase 2: the core accepted the reset; hold its command and enable torque."""
+        self.phase = 2
+        self._command = command.copy()
+        self._start(self._enable)
+
+    def _enable(self) -> None:
+        try:
+            self.f.bus.write(self._command)
+            self.f.bus.enable_torque(True)
+            self.torque_on = True
+        except (BusError, CommandError) as exc:
+            self.error = f"torque not enabled: {exc}"
+        self.done.set()
+
+
+class Follower:
+    def __init__(self, cfg: DuetConfig, bus: MotorBus | None = None) -> None:
+        self.cfg = cfg
+        fc = cfg.follower
+        self.n = len(cfg.robot.joints)
+        self.period_ns = round(1e9 / fc.hz)
+        self.run_dir = rundir.prepare(cfg.run_dir)
+        # One stack per run dir: taken before any socket is bound (binding an ipc path
+        # replaces a live one).
+        self.lock = rundir.RunLock(self.run_dir, endpoints.FOLLOWER_LOCK).acquire()
+        try:
+            bundle = robot_bundle(cfg)
+            model = residual_model(bundle, list(cfg.robot.joints), cfg.bundle.engine,
+                                   **engine_options(cfg.bundle, "follower"))
+        except BaseException:
+            self.lock.release()
+            raise
+        self.core = FollowerCore(CoreSettings.from_config(cfg), model)
+        self.bus = bus if bus is not None else open_bus(cfg)
+        self.state = MotorState(self.n)
+        self._goal = np.zeros(self.n)
+        self.torque_on = False
+        self.reset_job: ResetJob | None = None
+        self.stop_requested = False
+        self.estop_signal = False
+
+        # counters and samples
+        self.ticks = 0
+        self.deadline_misses = 0
+        self.periods = Ring(RING_CAPACITY)
+        self.compute = Ring(RING_CAPACITY)
+        self.missed = Ring(1 << 12)  # 1.0 per late tick, for the health window
+        self.delivery = Ring(1 << 16)
+        self.read_us = Ring(RING_CAPACITY)  # bus read (the wire + the motors' reply)
+        self.write_us = Ring(RING_CAPACITY)
+        self.logic_us = Ring(RING_CAPACITY)  # everything between read and write (no bus I/O)
+        self.dropped: dict[str, int] = {}
+        self.plans_received = 0
+
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        policy = Policy(planner_uid=uid_of(cfg.access.planner_user),
+                        operator_group=cfg.access.operator_group)
+        self.zap = ZapHandler(self.ctx, policy)
+        self._setup_sockets()
+        self.enc_tel = Encoder()
+        self.notifier = notifier()
+        wd_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        # ping four times per watchdog period (a late tick still leaves margin), else ten
+        # times a second; by the clock, not by ticks (a loop that skips periods under load
+        # is alive and must not look stalled)
+        self.watchdog_ns = wd_usec * 250 if wd_usec else 100_000_000
+        self.next_watchdog_ns = 0
+
+    # ---------------------------------------------------------------- sockets
+    def _setup_sockets(self) -> None:
+        run_dir = str(self.run_dir)
+        self.plan_sub = self.ctx.socket(zmq.SUB)
+        self.plan_sub.setsockopt(zmq.RCVHWM, 4)
+        self.plan_sub.setsockopt(zmq.MAXMSGSIZE, endpoints.MAX_PLAN_BYTES)
+        self.plan_sub.setsockopt(zmq.SUBSCRIBE, b"")
+        ZapHandler.protect(self.plan_sub, "plan")
+        # The follower owns the plan endpoint: a planner connects to it, nobody can take it.
+        self.plan_sub.bind(endpoints.plan(run_dir))
+        self._plan_fd = [int(self.plan_sub.getsockopt(zmq.FD))]
+        self.state_pub = self.ctx.socket(zmq.PUB)
+        self.state_pub.setsockopt(zmq.SNDHWM, 4)
+        self.state_pub.bind(endpoints.state(run_dir))
+        self.tel_pub = self.ctx.socket(zmq.PUB)
+        self.tel_pub.setsockopt(zmq.SNDHWM, 16)
+        self.tel_pub.bind(endpoints.telemetry(run_dir, "follower"))
+        self.control = bind_server(self.ctx, endpoints.control(run_dir), {
+            "status": Command(self._cmd_status, OPERATOR, "mode, rates, counters"),
+            "estop": Command(self._cmd_estop, OPERATOR, "torque off until reset"),
+            "reset": Command(self._cmd_reset, help="leave FAULT/ESTOP, hold"),
+            "set": Command(self._cmd_set, help="change a live tunable"),
+            "get": Command(self._cmd_get, help="the running config"),
+        }, zap_domain="control")
+        like = np.zeros(self.n)
+        self.state_frames = {mode: FrameTemplate(
+            "state", ("t_read_ns",), {"q": like, "dq": like, "effort": like, "q_cmd": like},
+            {"mode": mode.name}) for mode in Mode}
+
+    def close(self) -> None:
+        for sock in (self.plan_sub, self.state_pub, self.tel_pub, self.control.sock):
+            sock.close(linger=0)
+        self.zap.close()
+        self.bus.close()
+        self.lock.release()
+
+    # ---------------------------------------------------------------- start-up
+    def start(self) -> None:
+        """INIT: open the bus, read the motors and what they hold; the first command is
+        that goal (never a jump), then torque as the core wants it."""
+        latched = self._read_latch()
+        self.bus.open()
+        self.bus.read(self.state)
+        torque_on = self.bus.present_goal(self._goal)
+        self.torque_on = torque_on
+        t0 = time.monotonic_ns()
+        self.core.start(t0, self.state.q, self._goal if torque_on else None, latched)
+        if self.core.torque_wanted and not torque_on:
+            self.bus.write(self.core.command)
+        self._apply_transitions()
+        self._sync_torque()
+        self.notifier.notify("READY=1")
+        self._notify_status()
+
+    @property
+    def _latch_path(self) -> Path:
+        return self.run_dir / endpoints.LATCH
+
+    def _read_latch(self) -> str | None:
+        """A FAULT/ESTOP survives a restart of the process (watchdog, crash): only an explicit
+        reset clears it. The latch lives in the run dir, which systemd preserves across
+        restarts (RuntimeDirectoryPreserve) and a reboot clears."""
+        try:
+            return self._latch_path.read_text()[:500].strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def _write_latch(self) -> None:
+        try:
+            self._latch_path.write_text(f"{self.core.mode.name}: {self.core.reason}\n")
+        except OSError as exc:  # a read-only run dir must not turn a fault into a crash
+            log.error("cannot write the latch file %s: %s", self._latch_path, exc)
+
+    # ---------------------------------------------------------------- the loop
+    def run(self, duration_s: float | None = None) -> None:
+        fc = self.cfg.follower
+        spin_ns = int(fc.spin_us * 1000)
+        tel_every_ns = round(1e9 / fc.telemetry_hz)
+        t_start = time.monotonic_ns()
+        t_stop = t_start + int(duration_s * 1e9) if duration_s else None
+        deadline = t_start + self.period_ns
+        last_wake = t_start
+        next_tel = t_start
+        freeze_gc()
+        while not self.stop_requested:
+            wake = self._wait(deadline, spin_ns)
+            self.periods.add((wake - last_wake) / 1000.0)
+            last_wake = wake
+            self._tick(wake)
+            done = time.monotonic_ns()
+            self.compute.add((done - wake) / 1000.0)
+            self.ticks += 1
+            missed = done > deadline + self.period_ns
+            self.missed.add(1.0 if missed else 0.0)
+            if missed:
+                self.deadline_misses += 1
+            self.core.account_deadline(missed)
+            if self.core.transitions:
+                self._apply_transitions()
+            if self.reset_job is not None and self.reset_job.done.is_set():
+                self._finish_reset()
+            if self.estop_signal:
+                self.estop_signal = False
+                self._estop("SIGUSR1")
+            deadline += self.period_ns
+            now = time.monotonic_ns()
+            if now >= self.next_watchdog_ns:
+                self.notifier.notify("WATCHDOG=1")
+                self.next_watchdog_ns = now + self.watchdog_ns
+            if now > deadline:  # fell more than a period behind: resynchronise, don't burst
+                deadline += ((now - deadline) // self.period_ns + 1) * self.period_ns
+            if deadline - now > SLACK_FOR_TELEMETRY_NS:
+                self.core.slack()
+                if now >= next_tel:
+                    next_tel = now + tel_every_ns
+                    self._publish_telemetry()
+            self.control.serve_pending(limit=1)
+            collect_if_slack(deadline - time.monotonic_ns())
+            if t_stop is not None and now >= t_stop:
+                break
+        self._controlled_stop()
+
+    def _tick(self, now_ns: int) -> None:
+        core = self.core
+        if core.bus_dead or self.reset_job is not None:
+            core.mode_ticks[core.mode] += 1  # no bus traffic: the motors hold on their own
+            return
+        try:
+            self.bus.read(self.state)
+        except MotorFault as exc:
+            core.mode_ticks[core.mode] += 1
+            core.fault(f"motor fault: {exc}")
+            return
+        except BusError as exc:
+            core.mode_ticks[core.mode] += 1
+            core.bus_failed(str(exc))
+            return
+        core.bus_ok()
+        t_read = time.monotonic_ns()
+        self.read_us.add((t_read - now_ns) / 1000.0)
+        if self.ticks % self.cfg.follower.state_pub_every == 0:
+            self._publish_state()
+        if not core.step(now_ns, self.state.q, self.state.dq) or not self.torque_on:
+            return
+        t_write = time.monotonic_ns()
+        self.logic_us.add((t_write - t_read) / 1000.0)
+        try:
+            self.bus.write(core.command)
+            self.write_us.add((time.monotonic_ns() - t_write) / 1000.0)
+        except CommandError as exc:  # the driver refused it (e.g. outside a servo's limits)
+            core.fault(f"command refused by the driver: {exc}")
+        except BusError as exc:
+            core.bus_failed(str(exc))
+
+    def _wait(self, deadline: int, spin_ns: int) -> int:
+        """Sleep until `spin_ns` before the deadline, receiving plans meanwhile, then spin.
+
+        The sleep is a select() on the plan socket's (edge-triggered) notification fd, so a
+        plan is taken the moment it arrives and delivery latency is the transport's, not the
+        tick period's. ZMQ_EVENTS is checked before each sleep, which re-arms the fd.
+        """
+        while True:
+            remaining = deadline - time.monotonic_ns() - spin_ns
+            if remaining <= 0:
+                break
+            if int(self.plan_sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self._receive_plans()
+                continue
+            select.select(self._plan_fd, (), (), remaining / 1e9)
+        while True:
+            now = time.monotonic_ns()
+            if now >= deadline:
+                return now
+
+    def _receive_plans(self) -> None:
+        """Drain the plan socket into the core (it keeps the newest valid one); count and drop
+        the rest by reason. Nothing a plan contains can raise out of here."""
+        while True:
+            try:
+                frame = self.plan_sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            t_recv = time.monotonic_ns()
+            try:
+                msg, w = decode_plan(frame)
+                self.core.offer_plan(w, float(msg["dt_s"]), msg["t_obs_ns"], t_recv)
+            except (MessageError, PlanRejected) as exc:
+                self._drop(exc.kind)
+                continue
+            except Exception:  # a decoder bug: still one dropped message, never a crash
+                self._drop("internal")
+                continue
+            self.delivery.add((t_recv - msg["t_ns"]) / 1000.0)
+            self.plans_received += 1
+
+    def _drop(self, kind: str) -> None:
+        self.dropped[kind] = self.dropped.get(kind, 0) + 1
+
+    # ---------------------------------------------------------------- mode changes
+    def _apply_transitions(self) -> None:
+        """Apply what the core decided, outside the tick: one log line per change (error for
+        FAULT/ESTOP, with the way out), systemd STATUS, the latch file, torque."""
+        for old, new, reason in self.core.transitions:
+            if new in LATCHED:
+                log.error("%s (was %s): %s. After fixing the cause: duet reset",
+                          new.name, old.name, reason)
+                self._write_latch()
+            else:
+                log.info("%s (was %s): %s", new.name, old.name, reason)
+        self.core.transitions.clear()
+        self._sync_torque()
+        self._notify_status()
+
+    def _sync_torque(self) -> None:
+        want = self.core.torque_wanted
+        if want == self.torque_on or self.core.bus_dead or self.reset_job is not None:
+            if not want and self.core.bus_dead:
+                self.torque_on = False  # nothing to tell a dead bus; the motors' own
+            return                      # timeouts (or the e-stop chain) take over
+        try:
+            self.bus.enable_torque(want)
+            self.torque_on = want
+        except BusError as exc:
+            if want:
+                self.core.fault(f"torque cannot be enabled: {exc}")
+            else:
+                log.error("torque off failed on the bus: %s", exc)
+                self.torque_on = False
+
+    def _notify_status(self) -> None:
+        core = self.core
+        why = f": {core.reason}" if core.latched else ""
+        self.notifier.notify(f"STATUS={core.mode.name} at {self.cfg.follower.hz:g} Hz{why}")
+
+    def _estop(self, reason: str) -> None:
+        if self.core.estop(reason):
+            self._apply_transitions()
+
+    # ---------------------------------------------------------------- control requests
+    def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        tel = self.telemetry()
+        tel.pop("q")
+        tel.pop("tracking_error")
+        return tel
+
+    def _cmd_estop(self, args: dict[str, Any]) -> dict[str, Any]:
+        reason = args.get("reason", "control")
+        self._estop(f"estop from {reason if isinstance(reason, str) else 'control'}"[:200])
+        return {"mode": self.core.mode.name}
+
+    def _cmd_reset(self, args: dict[str, Any]) -> dict[str, Any] | Deferred:
+        if not self.core.latched:
+            return {"mode": self.core.mode.name, "detail": f"already {self.core.mode.name}"}
+        if self.reset_job is not None:
+            raise RequestError("a reset is already running")
+        deferred = Deferred()
+        self.reset_job = ResetJob(self, deferred)
+        return deferred
+
+    def _finish_reset(self) -> None:
+        job = self.reset_job
+        assert job is not None
+        core = self.core
+        if core.estops != job.estops_at_start:  # an estop arrived while the reset ran
+            job.error = job.error or "estop during the reset: still ESTOP"
+        if job.error is None and job.phase == 1:
+            ok, text = core.reset(job.q, job.goal if job.torque_on else None)
+            if ok and not job.torque_on:
+                job.enable(core.command)  # phase 2 on the worker; the loop keeps skipping I/O
+                self._apply_transitions()
+                return
+        else:
+            ok, text = job.error is None, job.error or "HOLD"
+        self.reset_job = None
+        if ok:
+            self.torque_on = job.torque_on
+            self._latch_path.unlink(missing_ok=True)
+        else:
+            self.torque_on = self.torque_on or job.torque_on  # what phase 2 may have done
+            if job.phase == 2:
+                core.fault(text)
+        self._apply_transitions()
+        self.control.complete(job.deferred, ok, None if ok else text,
+                              {"mode": core.mode.name, "detail": text})
+
+    def _cmd_set(self, args: dict[str, Any]) -> dict[str, Any]:
+        key, value = args.get("key"), args.get("value")
+        if type(key) is not str or key not in TUNABLES:
+            raise RequestError(f"{key!r} is not live-tunable: restart needed")
+        fc = self.cfg.follower
+        name = key.split(".", 1)[1]
+        try:
+            setattr(fc, name, value)  # validate_assignment checks type and range
+        except ValueError as exc:
+            raise RequestError(f"{key}: {exc}") from None
+        self.core.tune(fc.chunk_strategy, fc.blend_ms / 1e3, fc.residual, fc.residual_max,
+                       fc.residual_filter_ms / 1e3, fc.hold_decel, fc.plan_timeout_ms / 1e3)
+        log.info("live change: %s = %r", key, getattr(fc, name))
+        return {key: getattr(fc, name)}
+
+    def _cmd_get(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"config": self.cfg.model_dump(mode="json")}
+
+    # ---------------------------------------------------------------- stop
+    def _controlled_stop(self) -> None:
+        """SIGTERM / end of run: brake to rest, then torque per config."""
+        core = self.core
+        if self.reset_job is not None:
+            self.reset_job.done.wait(2.0)
+            self.reset_job = None
+        if not core.bus_dead and not core.latched and self.torque_on:
+            core.tracker.start_hold(core.filter.last, core.filter.last_vel)
+            for _ in range(int(0.3 * self.cfg.follower.hz)):
+                try:
+                    core.filter.apply(core.tracker.hold_command(), core.command)
+                    self.bus.write(core.command)
+                except (BusError, CommandError):
+                    break
+                time.sleep(self.period_ns / 1e9)
+        if self.cfg.follower.stop_action == "torque_off" and not core.bus_dead:
+            try:
+                self.bus.enable_torque(False)
+            except BusError as exc:
+                log.error("torque off at stop failed: %s", exc)
+        self.notifier.notify("STOPPING=1")
+
+    # ---------------------------------------------------------------- outputs
+    def _publish_state(self) -> None:
+        st = self.state
+        tpl = self.state_frames[self.core.mode]
+        a = tpl.arrays
+        a["q"][:] = st.q
+        a["dq"][:] = st.dq
+        a["effort"][:] = st.effort
+        a["q_cmd"][:] = self.core.command
+        tpl.set_int("t_read_ns", st.t_ns)
+        try:
+            self.state_pub.send(tpl.stamp(st.t_ns), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def health(self) -> dict[str, Any]:
+        """The last second against the configured thresholds; `problems` says why not ok."""
+        window = max(1, int(self.cfg.follower.hz))
+        periods = self.periods.values(window)
+        missed = self.missed.values(window)
+        hz = float(1e6 / periods.mean()) if periods.size else 0.0
+        miss_ratio = float(missed.mean()) if missed.size else 0.0
+        h = self.cfg.follower.health
+        problems = []
+        if self.core.latched:
+            problems.append(f"{self.core.mode.name}: {self.core.reason}")
+        if periods.size and hz < h.min_rate_ratio * self.cfg.follower.hz:
+            problems.append(f"loop at {hz:.0f} Hz, below {h.min_rate_ratio:.0%} of "
+                            f"{self.cfg.follower.hz:g} Hz")
+        if miss_ratio > h.max_miss_ratio:
+            problems.append(f"{miss_ratio:.1%} of ticks missed their deadline in the last "
+                            f"second (limit {h.max_miss_ratio:.1%})")
+        return {"ok": not problems, "problems": problems, "achieved_hz": round(hz, 2),
+                "miss_ratio": round(miss_ratio, 5)}
+
+    def dropped_messages(self) -> dict[str, int]:
+        out = dict(self.dropped)
+        for source in (self.core.plans_rejected, self.control.dropped):
+            for k, v in source.items():
+                out[k] = out.get(k, 0) + v
+        for domain, v in self.zap.refused.items():
+            out[f"access_{domain}"] = out.get(f"access_{domain}", 0) + v
+        return out
+
+    def telemetry(self) -> dict[str, Any]:
+        window = int(self.cfg.follower.hz)
+        periods = self.periods.values(window)
+        stats = self.bus.stats
+        core = self.core
+        health = self.health()
+        return {
+            "source": "follower",
+            "mode": core.mode.name,
+            "fault_reason": core.reason if core.latched else None,
+            "health": health,
+            "target_hz": self.cfg.follower.hz,
+            "achieved_hz": health["achieved_hz"],
+            "ticks": self.ticks,
+            "deadline_misses": self.deadline_misses,
+            "period_jitter_us": summarize(np.abs(periods - self.period_ns / 1000.0)),
+            "tick_compute_us": summarize(self.compute.values(window)),
+            "plan_age_ms": round((time.monotonic_ns() - core._newest_t_obs_ns) / 1e6, 1)
+            if core._newest_t_obs_ns else None,
+            "plan_delivery_us": summarize(self.delivery.values(100), ("p50", "p99")),
+            "plans": self.plans_received,
+            "dropped_messages": self.dropped_messages(),
+            "torque_on": self.torque_on,
+            "bus": {"reads": stats.reads, "writes": stats.writes, "errors": stats.errors,
+                    "retries": stats.retries, "crc_errors": stats.crc_errors,
+                    "timeouts": stats.timeouts},
+            "safety": {"faults": core.faults, "clamped_commands": core.filter.clamped,
+                       "estops": core.estops},
+            "joint_names": list(self.cfg.robot.joints),
+            "q": pack_array(self.state.q),
+            "tracking_error": pack_array(core.tracker.ref_now - self.state.q),
+        }
+
+    def _publish_telemetry(self) -> None:
+        try:
+            self.tel_pub.send(self.enc_tel.encode("telemetry", self.telemetry()), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def summary(self) -> dict[str, Any]:
+        periods = self.periods.values()
+        elapsed = periods.sum() / 1e6 if periods.size else 0.0
+        core = self.core
+        return {
+            "final_mode": core.mode.name,
+            "final_reason": core.reason if core.latched else None,
+            "target_hz": self.cfg.follower.hz,
+            "achieved_hz": round(periods.size / elapsed, 2) if elapsed else 0.0,
+            "ticks": self.ticks,
+            "deadline_misses": self.deadline_misses,
+            "period_jitter_us": summarize(np.abs(periods - self.period_ns / 1000.0),
+                                          ("p50", "p99", "p999", "max")),
+            "tick_compute_us": summarize(self.compute.values()),
+            "bus_read_us": summarize(self.read_us.values(), ("p50", "p99")),
+            "bus_write_us": summarize(self.write_us.values(), ("p50", "p99")),
+            "logic_us": summarize(self.logic_us.values(), ("p50", "p99")),
+            "mode_counts": {m.name: int(core.mode_ticks[m]) for m in Mode},
+            "first_track_ns": core.first_track_ns,
+            "plan_delivery_us": summarize(self.delivery.values(), ("p50", "p99")),
+            "plans_received": self.plans_received,
+            "dropped_messages": self.dropped_messages(),
+            "bus": {"errors": self.bus.stats.errors, "reads": self.bus.stats.reads,
+                    "writes": self.bus.stats.writes},
+            "safety": {"faults": core.faults, "clamped_commands": core.filter.clamped,
+                       "estops": core.estops, "last_reason": core.reason},
+            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+
+
+def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
+    """The follower process. Exit 0 after a clean stop, 3/4 when it ended in FAULT/ESTOP,
+    2 when it could not start (the reason logged in one line)."""
+    try:
+        follower = Follower(cfg)
+    except rundir.LockHeld as exc:
+        log.error("%s", exc)
+        return 2
+    except (BundleError, EngineError, BusError, CameraError, KeyError) as exc:
+        log.error("%s", exc)
+        return 2
+    for line in apply_realtime(cfg.follower.realtime.sched_fifo_priority,
+                               cfg.follower.realtime.cpu, cfg.follower.realtime.mlockall):
+        log.info("realtime: %s", line)
+
+    def _estop(signum: int, _frame: Any) -> None:
+        follower.estop_signal = True
+
+    stop_on_signals(follower)
+    signal.signal(signal.SIGUSR1, _estop)
+    try:
+        try:
+            follower.start()
+        except BusError as exc:
+            log.error("motors not readable at start: %s", exc)
+            return 2
+        log.info("follower ready: %s at %g Hz", follower.core.mode.name, cfg.follower.hz)
+        follower.run(duration_s)
+    finally:
+        summary = follower.summary()
+        Path(cfg.run_dir, "follower-summary.json").write_text(json.dumps(summary, indent=1))
+        follower.close()
+    final = follower.core.mode
+    if final in LATCHED:
+        log.error("follower stopped in %s: %s", final.name, follower.core.reason)
+        return EXIT_ESTOP if final == Mode.ESTOP else EXIT_FAULT
+    log.info("follower stopped: %s", json.dumps(summary["safety"]))
+    return 0

@@ -1,0 +1,130 @@
+"""The `duet run` summary: one JSON object (keys fixed by DESIGN.md) and a human table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from runtime.config import DuetConfig
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s: float,
+                  t_start_ns: int, planner_restarts: int,
+                  exit_codes: dict[str, int | None]) -> dict[str, Any]:
+    fol = _load(run_dir / "follower-summary.json")
+    pla = _load(run_dir / "planner-summary.json")
+    sim = _load(run_dir / "sim-summary.json")
+    zero3 = {"p50": 0.0, "p99": 0.0, "max": 0.0}
+    first_track_ns = fol.get("first_track_ns") or 0
+    final_mode = fol.get("final_mode", "unknown")
+    summary: dict[str, Any] = {
+        # first: how the run ended (a FAULT must never look like a success)
+        "outcome": {"ok": final_mode in ("HOLD", "TRACK"), "final_mode": final_mode,
+                    "reason": fol.get("final_reason")},
+        "config": config_label,
+        "duration_s": round(duration_s, 2),
+        "follower": {
+            "target_hz": fol.get("target_hz", cfg.follower.hz),
+            "achieved_hz": fol.get("achieved_hz", 0.0),
+            "ticks": fol.get("ticks", 0),
+            "deadline_misses": fol.get("deadline_misses", 0),
+            "period_jitter_us": fol.get("period_jitter_us", {**zero3, "p999": 0.0}),
+            "tick_compute_us": fol.get("tick_compute_us", zero3),
+            "mode_counts": fol.get("mode_counts", {}),
+            "bus_read_us": fol.get("bus_read_us", zero3),
+            "bus_write_us": fol.get("bus_write_us", zero3),
+            "logic_us": fol.get("logic_us", zero3),
+            "max_rss_mb": fol.get("max_rss_mb"),
+            "final_mode": final_mode,
+            "dropped_messages": fol.get("dropped_messages", {}),
+        },
+        "planner": {
+            "plans": pla.get("plans", 0),
+            "achieved_hz": pla.get("achieved_hz", 0.0),
+            "latency_ms": pla.get("latency_ms", {"p50": 0.0, "p99": 0.0}),
+            "inference_ms": pla.get("inference_ms", {"p50": 0.0, "p99": 0.0}),
+            "restarts": planner_restarts,
+            "stage_ms": pla.get("stage_ms", {}),
+            "dropped_messages": pla.get("dropped_messages", {}),
+        },
+        "plan_delivery_us": fol.get("plan_delivery_us", {"p50": 0.0, "p99": 0.0}),
+        "bus": fol.get("bus", {"errors": 0, "reads": 0, "writes": 0}),
+        "safety": {k: fol.get("safety", {}).get(k, 0)
+                   for k in ("faults", "clamped_commands", "estops")},
+        "startup": {"first_track_s": round((first_track_ns - t_start_ns) / 1e9, 3)
+                    if first_track_ns else None},
+        "dropped_messages": fol.get("dropped_messages", {}),
+        "exit_codes": exit_codes,
+    }
+    if cfg.planner.remote is not None:  # the relay's figures (runtime/remote/relay.py)
+        got = pla.get("remote")
+        remote: dict[str, Any] = got if isinstance(got, dict) else {}
+        figures: dict[str, Any] = {
+            "endpoint": cfg.planner.remote.endpoint, "secure": not cfg.planner.remote.insecure,
+            "round_trip_ms": remote.get("round_trip_ms", {"p50": 0.0, "p99": 0.0})}
+        for key in ("server_ms", "connects", "disconnects", "refused", "dropped"):
+            if key in remote:
+                figures[key] = remote[key]
+        summary["planner"]["remote"] = figures
+    if fol.get("safety", {}).get("last_reason"):
+        summary["safety"]["last_reason"] = fol["safety"]["last_reason"]
+    if cfg.sim is not None and cfg.sim.enabled:
+        summary["task"] = {"episodes": sim.get("episodes", 0),
+                           "successes": sim.get("successes", 0),
+                           "success_rate": sim.get("success_rate", 0.0)}
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    f, p = s["follower"], s["planner"]
+    console = Console()
+    outcome = s["outcome"]
+    if not outcome["ok"]:
+        console.print(f"[bold red]follower ended in {outcome['final_mode']}: "
+                      f"{outcome['reason']}[/] (after fixing the cause: duet reset)")
+    table = Table(title=f"duet run — {s['config']} — {s['duration_s']} s", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    j, c = f["period_jitter_us"], f["tick_compute_us"]
+    rows = [
+        ("follower rate (target / achieved)", f"{f['target_hz']:g} / {f['achieved_hz']:g} Hz"),
+        ("ticks / deadline misses", f"{f['ticks']} / {f['deadline_misses']}"),
+        ("period jitter p50/p99/p99.9/max",
+         f"{j['p50']}/{j['p99']}/{j.get('p999', 0)}/{j['max']} µs"),
+        ("tick compute p50/p99/max", f"{c['p50']}/{c['p99']}/{c['max']} µs"),
+        ("  bus read / write / the rest p50",
+         f"{f['bus_read_us']['p50']} / {f['bus_write_us']['p50']} / {f['logic_us']['p50']} µs"),
+        ("modes (ticks)", ", ".join(f"{k}={v}" for k, v in f["mode_counts"].items() if v)),
+        ("planner plans / rate", f"{p['plans']} / {p['achieved_hz']:g} Hz"),
+        ("planner latency p50/p99", f"{p['latency_ms']['p50']}/{p['latency_ms']['p99']} ms"),
+        *([("off-board planner round trip p50/p99",
+            f"{p['remote']['round_trip_ms']['p50']}/{p['remote']['round_trip_ms']['p99']} ms "
+            f"({p['remote']['endpoint']})")] if "remote" in p else []),
+        ("plan delivery p50/p99",
+         f"{s['plan_delivery_us']['p50']}/{s['plan_delivery_us']['p99']} µs"),
+        ("bus reads / writes / errors",
+         f"{s['bus']['reads']} / {s['bus']['writes']} / {s['bus']['errors']}"),
+        ("safety faults / clamped / estops",
+         f"{s['safety']['faults']} / {s['safety']['clamped_commands']} / {s['safety']['estops']}"),
+        ("start → first tracked command", f"{s['startup']['first_track_s']} s"),
+    ]
+    if f.get("max_rss_mb") is not None:
+        rows.append(("follower max RSS", f"{f['max_rss_mb']} MB"))
+    if "task" in s:
+        t = s["task"]
+        rows.append(("task episodes / successes",
+                     f"{t['episodes']} / {t['successes']} ({100 * t['success_rate']:.0f} %)"))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)

@@ -1,0 +1,276 @@
+"""`duet run`: start sim (when configured), follower and planner; supervise; summarise.
+
+On the robot systemd supervises the two processes; this is the same arrangement for
+development and tests. The supervisor is the children's NOTIFY_SOCKET, so the follower's
+readiness travels the same sd_notify path it takes under systemd.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+from runtime.config import CanBusConfig, ConfigError, DuetConfig, config_to_dict
+from runtime.ipc import endpoints, rundir
+from runtime.ipc.signals import stop_on_signals
+from runtime.stack.summary import build_summary, print_summary
+
+log = logging.getLogger("duet.run")
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 8.0
+PLANNER_RESTART_BACKOFF_S = 1.0
+
+
+class SupervisorError(Exception):
+    pass
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "runtime.cli", *args]
+
+
+class Supervisor:
+    def __init__(self, cfg: DuetConfig, config_label: str, record: bool = False,
+                 ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+        self.cfg = cfg
+        self.record = record
+        self.config_label = config_label
+        self.ready_timeout_s = ready_timeout_s
+        self.run_dir = Path(cfg.run_dir)
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.planner_restarts = 0
+        self.stop_requested = False
+        self.t_start_ns = time.monotonic_ns()
+        self.notify_sock: socket.socket | None = None
+        self.ready: set[str] = set()
+        self.others_cpus: set[int] = set()
+        self.lock: rundir.RunLock | None = None
+
+    # ------------------------------------------------------------ plumbing
+    def _prepare_run_dir(self) -> Path:
+        rundir.prepare(self.run_dir)
+        try:  # one stack per run dir: a second `duet run` (or a live follower) refuses
+            self.lock = rundir.RunLock(self.run_dir, endpoints.SUPERVISOR_LOCK).acquire()
+        except rundir.LockHeld as exc:
+            raise SupervisorError(str(exc)) from None
+        held, pid = rundir.holder(self.run_dir, endpoints.FOLLOWER_LOCK)
+        if held:
+            raise SupervisorError(f"a follower (pid {pid or '?'}) is running on {self.run_dir}: "
+                                  "stop it first, or use another run dir")
+        stale = ["notify", "follower-summary.json", "planner-summary.json", "sim-summary.json"]
+        if self.cfg.sim is not None and self.cfg.sim.enabled:
+            stale.append(endpoints.LATCH)  # a fresh simulated robot starts unlatched
+        for name in stale:
+            (self.run_dir / name).unlink(missing_ok=True)
+        self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.notify_sock.bind(str(self.run_dir / "notify"))
+        self.notify_sock.settimeout(0.1)
+        path = self.run_dir / "effective.yaml"
+        path.write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        return path
+
+    def _env(self, name: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["NOTIFY_SOCKET"] = str(self.run_dir / "notify")
+        env["DUET_PROCESS"] = name
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _spawn(self, name: str, args: list[str], stdout: int | None = None) -> None:
+        proc = subprocess.Popen(
+            _cli(*args), env=self._env(name), stdout=stdout, start_new_session=True)
+        self.children[name] = proc
+        if name != "follower" and self.others_cpus:
+            # set while the child is still starting its interpreter: its threads and its
+            # own children (the sim's servo process) inherit it
+            os.sched_setaffinity(proc.pid, self.others_cpus)
+
+    def _reserve_follower_cpu(self) -> None:
+        """With follower.realtime.cpu set, keep the sim and the planner off that core (as
+        CPUAffinity= of the other units does on the robot)."""
+        cpu = self.cfg.follower.realtime.cpu
+        allowed = os.sched_getaffinity(0)
+        self.others_cpus = allowed - {cpu} if cpu in allowed and len(allowed) > 1 else set()
+        if self.others_cpus:
+            log.info("cpu %d kept for the follower; sim and planner on %s", cpu,
+                     ",".join(map(str, sorted(self.others_cpus))))
+
+    def _poll_notify(self) -> None:
+        """Read sd_notify datagrams; SO_PASSCRED tells which child sent each (as systemd does)."""
+        assert self.notify_sock is not None
+        names = {p.pid: n for n, p in self.children.items()}
+        while True:
+            try:
+                data, ancdata, _, _ = self.notify_sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except (TimeoutError, BlockingIOError):
+                return
+            pid = 0
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("3i", payload[:12])[0]
+            name = names.get(pid)
+            if name is not None and b"READY=1" in data.split(b"\n"):
+                self.ready.add(name)
+            self.notify_sock.settimeout(0.0)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, with_planner: bool = True) -> None:
+        effective = self._prepare_run_dir()
+        self._reserve_follower_cpu()
+        # The planner needs no bus: it loads its engines while the sim and the follower come
+        # up, and plans once it has frames and a joint state (no ordering needed).
+        self.planner_args = ["planner", "--config", str(effective)]
+        if with_planner:
+            self._spawn("planner", self.planner_args)
+        overrides: list[str] = []
+        if self.cfg.sim is not None and self.cfg.sim.enabled:
+            self._spawn("sim", ["sim", "--config", str(effective)], stdout=subprocess.PIPE)
+            line = _read_first_line(self.children["sim"], self.ready_timeout_s)
+            if self.cfg.bus is not None:  # per-limb buses: the sim serves the configured ones
+                key = "bus.channel" if isinstance(self.cfg.bus, CanBusConfig) else "bus.device"
+                overrides.append(f"{key}={line}")
+            self.device = line
+            log.info("sim robot on %s", line)
+        sets = [a for o in overrides for a in ("--set", o)]
+        self.follower_args = ["follower", "--config", str(effective), *sets]
+        self._spawn("follower", self.follower_args)
+        if self.record:  # the flight recorder, as duet-recorder.service on the robot
+            self.recorder_args = ["record", "serve", "--config", str(effective)]
+            self._spawn("recorder", self.recorder_args)
+        self._wait_ready("follower")
+
+    def _wait_ready(self, name: str) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        assert self.notify_sock is not None
+        self.notify_sock.settimeout(0.1)
+        while name not in self.ready:
+            if self.children[name].poll() is not None:
+                raise SupervisorError(f"{name} exited with {self.children[name].returncode} "
+                                      "before it was ready")
+            if time.monotonic() > deadline:
+                raise SupervisorError(f"{name} not ready within {self.ready_timeout_s:g} s")
+            self._poll_notify()
+            self.notify_sock.settimeout(0.1)
+
+    def supervise(self, duration_s: float | None) -> int:
+        end = None if duration_s is None else time.monotonic() + duration_s
+        while not self.stop_requested and (end is None or time.monotonic() < end):
+            time.sleep(0.05)
+            self._poll_notify()  # keep draining: a full notify socket drops WATCHDOG/STATUS
+            if self.children["follower"].poll() is not None:
+                log.error("follower exited with %s", self.children["follower"].returncode)
+                return 1
+            if "sim" in self.children and self.children["sim"].poll() is not None:
+                log.error("sim exited with %s", self.children["sim"].returncode)
+                return 1
+            planner = self.children["planner"]
+            if planner.poll() is not None:
+                # systemd restarts the planner independently; the follower holds meanwhile
+                log.warning("planner exited with %s; restarting", planner.returncode)
+                self.planner_restarts += 1
+                time.sleep(PLANNER_RESTART_BACKOFF_S)
+                self._spawn("planner", self.planner_args)
+            recorder = self.children.get("recorder")
+            if recorder is not None and recorder.poll() is not None:
+                log.warning("recorder exited with %s; restarting", recorder.returncode)
+                time.sleep(PLANNER_RESTART_BACKOFF_S)
+                self._spawn("recorder", self.recorder_args)
+        return 0
+
+    def stop(self) -> dict[str, int | None]:
+        """SIGTERM in dependency order: planner, follower (controlled stop), the recorder
+        (after the follower's last state), sim."""
+        codes: dict[str, int | None] = {}
+        for name in ("planner", "follower", "recorder", "sim"):
+            proc = self.children.get(name)
+            if proc is None:
+                continue
+            asked = proc.poll() is None
+            if asked:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    log.error("%s did not stop within %.0f s; killing", name, STOP_TIMEOUT_S)
+                    proc.kill()
+                    proc.wait()
+            code = proc.returncode
+            # Killed by our own SIGTERM before it had installed its handler (still starting:
+            # nothing opened yet): a stop as asked, not a failure.
+            codes[name] = 0 if asked and code == -signal.SIGTERM else code
+        if self.notify_sock is not None:
+            self.notify_sock.close()
+        if self.lock is not None:
+            self.lock.release()
+        return codes
+
+
+def _read_first_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
+    """The sim prints its device path first; everything after is forwarded to stderr."""
+    assert proc.stdout is not None
+    result: list[str] = []
+
+    def reader(stream: IO[bytes]) -> None:
+        first = stream.readline().decode().strip()
+        result.append(first)
+        for line in stream:
+            sys.stderr.write("[sim] " + line.decode(errors="replace"))
+
+    thread = threading.Thread(target=reader, args=(proc.stdout,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not result:
+        if proc.poll() is not None:
+            raise SupervisorError(f"sim exited with {proc.returncode} before printing its device")
+        if time.monotonic() > deadline:
+            raise SupervisorError(f"sim printed no device within {timeout_s:g} s")
+        time.sleep(0.01)
+    if not result[0]:
+        raise SupervisorError("sim printed an empty first line instead of its device")
+    return result[0]
+
+
+def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
+        summary_json: str | None, record: bool | None = None,
+        ready_timeout_s: float | None = None) -> int:
+    """`record`: start the recorder (None: as recorder.enabled says)."""
+    sup = Supervisor(cfg, config_label, cfg.recorder.enabled if record is None else record,
+                     ready_timeout_s or READY_TIMEOUT_S)
+
+    stop_on_signals(sup)
+    t0 = time.monotonic()
+    rc = 0
+    try:
+        sup.start()
+        rc = sup.supervise(duration_s)
+    except (SupervisorError, ConfigError) as exc:
+        log.error("%s", exc)
+        rc = 2
+    finally:
+        codes = sup.stop()
+    if any(code not in (0, None) for name, code in codes.items()
+           if name not in ("planner", "recorder")):
+        rc = rc or 1
+    summary = build_summary(cfg, config_label, Path(cfg.run_dir), time.monotonic() - t0,
+                            sup.t_start_ns, sup.planner_restarts, codes)
+    if not summary["outcome"]["ok"]:
+        rc = rc or 1  # ended in FAULT/ESTOP: never a silent success
+    print_summary(summary)
+    if summary_json:
+        Path(summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(summary_json).write_text(json.dumps(summary, indent=2))
+    return rc
