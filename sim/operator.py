@@ -1,6 +1,6 @@
-"""The scripted expert as the robot's teleoperator: a planner process shell
-(runtime/planner/process.py `PlannerShell`) whose plans come from `sim.expert.expert_chunk` instead
-of a bundle's model, so demonstrations travel the robot's real path (plan socket, follower,
+"""The scripted expert as the robot's teleoperator: a plan source for the planner shell
+(runtime/planner/shell.py) whose plans come from `sim.expert.expert_chunk` instead of a
+bundle's model, so demonstrations travel the robot's real path (plan socket, follower,
 servos on the wire) and the flight recorder records them like any other episode.
 
 The operator knows what a person at the robot would: the instruction the sim announces and
@@ -12,19 +12,22 @@ radius of the next target.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
+import zmq
 
 from runtime.config import DuetConfig, SimConfig
 from runtime.model.bundle import Bundle
-from runtime.planner.process import PlannerShell
+from runtime.planner.shell import PlannerShell
 from sim.expert import expert_chunk
 from sim.task import TOUCH_RADIUS, Episode, episode_seed
 from sim.world import ArmKinematics
 
 
-class ExpertOperator(PlannerShell):
+class ExpertSource:
     def __init__(self, cfg: DuetConfig, bundle: Bundle) -> None:
-        super().__init__(cfg, bundle, cameras={})  # the expert needs no images
         actions = bundle.contract.planner.actions
         self.horizon, self.dt_s = actions.horizon, actions.dt_s
         self.sim = cfg.sim or SimConfig()
@@ -33,11 +36,13 @@ class ExpertOperator(PlannerShell):
         self.layout: Episode | None = None
         self.touched = 0
 
-    def _check_instruction(self, text: str) -> None:
+    def camera_names(self) -> Sequence[str]:
+        return ()  # the expert needs no images
+
+    def check_instruction(self, text: str) -> None:
         """The operator reads any instruction."""
 
-    def _targets_left(self, q: np.ndarray) -> np.ndarray:
-        index = self.episode
+    def _targets_left(self, q: np.ndarray, index: object) -> np.ndarray:
         if not isinstance(index, int):
             return np.zeros((0, 3))
         if self.layout is None or self.layout.seed != episode_seed(self.sim.seed, index):
@@ -51,13 +56,24 @@ class ExpertOperator(PlannerShell):
                 self.touched += 1
         return np.array([self.layout.targets[c] for c in order[self.touched:]]).reshape(-1, 3)
 
-    def step(self) -> bool:
-        got = self.observe()
+    def cycle(self, shell: PlannerShell) -> None:
+        got = shell.observe()
         if got is None:
-            return False
+            return
         _, t_obs = got
-        q = self.history.latest("q").astype(float)
-        chunk = expert_chunk(self.kin, self._targets_left(q), q, self.horizon, self.dt_s,
-                             self.velocity_max)
-        self.publish(chunk, self.dt_s, t_obs, self.episode)
-        return True
+        q = shell.history.latest("q").astype(float)
+        chunk = expert_chunk(self.kin, self._targets_left(q, shell.episode), q, self.horizon,
+                             self.dt_s, self.velocity_max)
+        shell.publish(chunk, self.dt_s, t_obs, shell.episode)
+
+    def sockets(self) -> Sequence[zmq.Socket[bytes]]:
+        return ()
+
+    def between(self, shell: PlannerShell) -> None:
+        pass
+
+    def figures(self, last: int | None) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass

@@ -24,9 +24,10 @@ from runtime.config import DuetConfig
 from runtime.ipc import endpoints
 from runtime.ipc.messages import MessageError, decode
 from runtime.ipc.rpc import request_at
-from runtime.planner.process import robot_bundle
+from runtime.model.robot_bundle import robot_bundle
+from runtime.planner.shell import PlannerShell
 from runtime.stack.supervisor import Supervisor
-from sim.operator import ExpertOperator
+from sim.operator import ExpertSource
 
 log = logging.getLogger("duet.teleop")
 
@@ -64,7 +65,7 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
     """Record `episodes` sim episodes under out/episodes/; the recorder's stop replies.
     `during(n)` runs right after the n-th recording starts (an operator's action: an estop)."""
     sup = Supervisor(cfg, "teleop", record=False)
-    operator: ExpertOperator | None = None
+    operator: PlannerShell | None = None
     recorder = thread = None
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
@@ -75,7 +76,8 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
     try:
         sup.start(with_planner=False)
         recorder = _recorder(cfg, Path(cfg.run_dir) / "effective.yaml", out, frame_hz)
-        operator = ExpertOperator(cfg, robot_bundle(cfg))
+        bundle = robot_bundle(cfg)
+        operator = PlannerShell(cfg, bundle.version, ExpertSource(cfg, bundle), cameras={})
         thread = threading.Thread(target=operator.run, name="operator", daemon=True)
         thread.start()
         sub.connect(endpoints.sim(cfg.run_dir))

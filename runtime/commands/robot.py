@@ -48,7 +48,12 @@ def _planner(args: argparse.Namespace) -> int:
         return run_server(cliopts.load(args, "duet planner"), args.duration)
     from runtime.planner.process import run_planner
 
-    return run_planner(cliopts.load(args, "duet planner"), args.duration)
+    cfg = cliopts.load(args, "duet planner")
+    if cfg.planner.remote is not None:  # the robot's planner is a relay to a planner server
+        from runtime.remote.relay import RelaySource
+
+        return run_planner(cfg, args.duration, RelaySource)
+    return run_planner(cfg, args.duration)
 
 
 def _keys_generate(args: argparse.Namespace) -> int:

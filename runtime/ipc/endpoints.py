@@ -86,3 +86,10 @@ FOLLOWER_LOCK = "follower.lock"  # flock held by the live follower; holds its pi
 SUPERVISOR_LOCK = "run.lock"  # flock held by `duet run`
 LATCH = "follower.latched"  # FAULT/ESTOP survives a follower restart until `duet reset`
 TASK_FILE = "task.json"  # the current instruction survives a planner restart
+# Each process's figures at its exit, read by `duet run`'s summary (runtime/stack/summary.py)
+FOLLOWER_SUMMARY = "follower-summary.json"
+PLANNER_SUMMARY = "planner-summary.json"
+PLANNER_SERVER_SUMMARY = "planner-server-summary.json"
+SIM_SUMMARY = "sim-summary.json"
+NOTIFY_SOCKET = "notify"  # `duet run`'s stand-in for systemd's sd_notify socket
+EFFECTIVE_CONFIG = "effective.yaml"  # the config as `duet run` resolved it, for the processes

@@ -1,373 +1,48 @@
-"""The planner process (System 2): an I/O shell around the bundle's planner pipeline
-(runtime/planner/pipeline.py), a few times a second.
+"""The planner process (what duet-planner.service runs): a shell (runtime/planner/shell.py)
+composed with a plan source, run until stopped, its summary left in the run dir.
 
-It never plans on stale inputs: without a fresh frame from every camera the contract reads
-or a recent joint state it publishes nothing, and the follower's plan timeout brings the arm
-to a hold. Without a task it is `idle` (healthy: the robot holds). Tasks arrive on the `task`
-socket (`duet task`, a fleet system) or, with `planner.task_source: sim`, from the sim's
-episode announcements; the current task is kept in the run dir, so a restarted planner
-carries on with it. Joint states are kept as they arrive (a model may read a history), and
-the plan last published is the action prefix of the next for models that take one.
-
-`PlannerShell` is everything but the planning (inputs, tasks, plan and telemetry output, the
-loop); `Planner` plans here with the bundle's pipeline, `Relay` (runtime/remote/relay.py) has an
-off-board planner server plan (`planner.remote`).
+Which source is the caller's choice (`duet planner` picks the pipeline here or the relay to
+an off-board server), so this room never imports the remote one.
 """
 
 from __future__ import annotations
 
-import abc
 import json
 import logging
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import zmq
 
 from drivers.bus import BusError
-from drivers.camera import Camera, CameraError
+from drivers.camera import CameraError
 from runtime.config import DuetConfig
 from runtime.ipc import endpoints
-from runtime.ipc.access import OPERATOR, Policy, ZapHandler, uid_of
 from runtime.ipc.keys import KeyFileError
-from runtime.ipc.messages import (
-    Encoder,
-    MessageError,
-    decode,
-    decode_state,
-    finite_array,
-    pack_array,
-)
 from runtime.ipc.notify import notifier as make_notifier
-from runtime.ipc.rpc import Command, RequestError, bind_server
 from runtime.ipc.signals import stop_on_signals
-from runtime.ipc.stats import Ring, summarize
 from runtime.model.bundle import Bundle, BundleError
 from runtime.model.engines import EngineError
-from runtime.model.plan import Plan
 from runtime.model.robot_bundle import robot_bundle
-from runtime.model.tokenizer import TokenizerError
-from runtime.planner.cameras import open_camera
-from runtime.planner.observation import ObservationError, StateHistory
-from runtime.planner.pipeline import Observation, PipelineError, PlannerPipeline
-from runtime.planner.tasks import TaskError, TaskStore
+from runtime.planner.local import PipelineSource
+from runtime.planner.pipeline import PipelineError
+from runtime.planner.shell import PlannerShell, PlanSource
 
 log = logging.getLogger("duet.planner")
-
-STATE_MAX_AGE_NS = 200_000_000  # a joint state older than this is not planned on
-
-
-class PlannerShell(abc.ABC):
-    """The planner process's I/O; a subclass's `step` turns an observation into plans."""
-
-    def __init__(self, cfg: DuetConfig, bundle: Bundle,
-                 cameras: dict[str, Camera] | None = None) -> None:
-        self.cfg = cfg
-        self.n = len(cfg.robot.joints)
-        self.bundle_version = bundle.version
-        names = sorted({c.camera for c in bundle.contract.cameras()})
-        self.cameras = cameras if cameras is not None else {
-            name: open_camera(name, cfg.planner.cameras[name], cfg.run_dir) for name in names}
-        self.history = StateHistory(self.n)
-        self.tasks = TaskStore(Path(cfg.run_dir) / endpoints.TASK_FILE, self._check_instruction)
-        if self.tasks.current is None and cfg.planner.instruction:
-            self.tasks.set(cfg.planner.instruction, None, "config")
-        self.last_plan: Plan | None = None
-
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self.zap = ZapHandler(ctx, Policy(planner_uid=uid_of(cfg.access.planner_user),
-                                          operator_group=cfg.access.operator_group))
-        # every state is kept (a model may read a history): not conflated
-        self.state_sub = ctx.socket(zmq.SUB)
-        self.state_sub.setsockopt(zmq.RCVHWM, 4096)
-        self.state_sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.state_sub.connect(endpoints.state(cfg.run_dir))
-        self.task_sub: zmq.Socket[bytes] | None = None
-        if cfg.planner.task_source == "sim":
-            # Task announcements share the sim's PUB socket with frames; this SUB is not
-            # conflated so no announcement is lost behind a frame.
-            self.task_sub = ctx.socket(zmq.SUB)
-            self.task_sub.setsockopt(zmq.SUBSCRIBE, b"")
-            self.task_sub.connect(endpoints.sim(cfg.run_dir))
-        # The follower owns (binds) the plan endpoint and admits only the planner's user.
-        self.plan_pub = ctx.socket(zmq.PUB)
-        self.plan_pub.setsockopt(zmq.SNDHWM, 4)
-        self.plan_pub.connect(endpoints.plan(cfg.run_dir))
-        self.tel_pub = ctx.socket(zmq.PUB)
-        self.tel_pub.bind(endpoints.telemetry(cfg.run_dir, "planner"))
-        self.task_server = bind_server(ctx, endpoints.task(cfg.run_dir), {
-            "task": Command(self._cmd_task, OPERATOR, "set or clear the instruction"),
-            "status": Command(lambda _: self.telemetry(), OPERATOR, "planner status"),
-        }, zap_domain="control")
-        self.enc_plan, self.enc_tel = Encoder(), Encoder()
-
-        self.plans = 0
-        self.status = "starting"
-        self.camera_age_ms: dict[str, float | None] = {}
-        self.latency = Ring(1 << 16)  # observation -> plan published, ms
-        self.cycle_starts = Ring(1 << 16)
-        self.dropped: dict[str, int] = {}
-        self.stop_requested = False
-
-    def close(self) -> None:
-        socks = [self.state_sub, self.plan_pub, self.tel_pub, self.task_server.sock]
-        for sock in socks + ([self.task_sub] if self.task_sub is not None else []):
-            sock.close(linger=0)
-        self.zap.close()
-        for camera in self.cameras.values():
-            camera.close()
-
-    def _drop(self, kind: str) -> None:
-        self.dropped[kind] = self.dropped.get(kind, 0) + 1
-
-    # ------------------------------------------------------------------ inputs
-    def _drain_inputs(self) -> None:
-        for _ in range(4096):
-            try:
-                frame = self.state_sub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                self._take_state(frame)
-            except MessageError as exc:
-                self._drop(exc.kind)
-        while self.task_sub is not None:
-            try:
-                frame = self.task_sub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                msg = decode(frame)
-                if msg["type"] == "task":
-                    self._sim_task(msg.get("instruction"), msg.get("episode"))
-            except (MessageError, RequestError) as exc:
-                self._drop(getattr(exc, "kind", "task"))
-        self.task_server.serve_pending()
-
-    def _take_state(self, frame: bytes) -> None:
-        msg, q, dq = decode_state(frame, self.n)
-        extra = {}
-        for name in ("effort", "q_cmd"):
-            if name in msg:
-                value = finite_array(msg[name], name)
-                if value.shape != (self.n,):
-                    raise MessageError("shape", f"{name} shape {list(value.shape)}")
-                extra[name] = value
-        self.history.add(msg["t_read_ns"], q=q, dq=dq, **extra)
-
-    @abc.abstractmethod
-    def _check_instruction(self, text: str) -> None:
-        """Refuse what the model's tokenizer cannot represent (TaskError names why)."""
-
-    def _sim_task(self, text: Any, episode: Any) -> None:
-        if not isinstance(text, str) or not (episode is None or type(episode) is int):
-            raise RequestError("malformed task announcement")
-        current = self.tasks.current
-        if current is None or current.instruction != text or current.episode != episode:
-            try:
-                self.tasks.set(text, episode, "sim")
-            except TaskError as exc:
-                raise RequestError(str(exc)) from None
-
-    def _cmd_task(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.cfg.planner.task_source != "operator":
-            raise RequestError(f"this robot's tasks come from the {self.cfg.planner.task_source}"
-                               " (planner.task_source)")
-        if args.get("clear") is True:
-            self.tasks.clear("operator")
-            log.info("task cleared")
-            return {"task": None}
-        text, episode = args.get("instruction"), args.get("episode")
-        if not isinstance(text, str):
-            raise RequestError("task: `instruction` (text) or `clear: true` is required")
-        if episode is not None and not (type(episode) is int or isinstance(episode, str)):
-            raise RequestError("task: `episode` must be an integer or a string")
-        try:
-            task = self.tasks.set(text, episode, "operator")
-        except TaskError as exc:
-            raise RequestError(f"task refused: {exc}") from None
-        log.info("task set: %r (episode %s)", task.instruction, task.episode)
-        return {"task": task.as_dict()}
-
-    @property
-    def instruction(self) -> str:
-        task = self.tasks.current
-        return task.instruction if task is not None else ""
-
-    @property
-    def episode(self) -> Any:
-        task = self.tasks.current
-        return task.episode if task is not None else None
-
-    # ------------------------------------------------------------------ one cycle
-    def _frames(self, now: int) -> dict[str, np.ndarray] | None:
-        frames: dict[str, np.ndarray] = {}
-        for name, camera in self.cameras.items():
-            frame = camera.read_latest()
-            if frame is None:
-                self.status, self.camera_age_ms[name] = f"no_frames ({name})", None
-                return None
-            age = self.camera_age_ms[name] = (now - frame.capture_t_ns) / 1e6
-            if age > self.cfg.planner.cameras[name].stale_ms:
-                self.status = f"camera_stale ({name})"
-                return None
-            frames[name] = frame.image
-        return frames
-
-    def observe(self) -> tuple[dict[str, np.ndarray], int] | None:
-        """Fresh frames and the newest state's read time (t_obs), or None with the status
-        saying why there is nothing to plan on (and the prefix forgotten when idle)."""
-        self._drain_inputs()
-        now = time.monotonic_ns()
-        frames = self._frames(now)
-        if frames is None:
-            return None
-        t_obs = self.history.latest_t_ns
-        if not t_obs or now - t_obs > STATE_MAX_AGE_NS:
-            self.status = "no_state"
-            return None
-        if not self.instruction:
-            self.status = "idle"  # no task: the robot holds; healthy
-            self.last_plan = None
-            return None
-        return frames, t_obs
-
-    def expected_latency_s(self) -> float:
-        """How long after t_obs a plan takes effect, by the recent ones (the prefix)."""
-        recent = self.latency.values(20)
-        return float(np.median(recent)) / 1e3 if recent.size else 0.0
-
-    def publish(self, waypoints: np.ndarray, dt_s: float, t_obs: int, episode: Any,
-                waypoints_packed: dict[str, Any] | None = None) -> None:
-        """Send a plan to the follower (and to observers); it becomes the next prefix."""
-        t_done = time.monotonic_ns()
-        latency_ms = (t_done - t_obs) / 1e6
-        plan = self.enc_plan.encode("plan", {
-            "waypoints": waypoints_packed or pack_array(waypoints), "dt_s": dt_s,
-            "t_obs_ns": t_obs, "latency_ms": latency_ms, "episode": episode})
-        self.plan_pub.send(plan)
-        self.tel_pub.send(plan)  # observers (the recorder) see plans here
-        self.last_plan = Plan(waypoints.copy(), dt_s, t_obs / 1e9, t_done / 1e9)
-        self.plans += 1
-        self.latency.add(latency_ms)
-        self.status = "planning"
-
-    @abc.abstractmethod
-    def step(self) -> bool:
-        """One planning cycle; True when a plan was published."""
-
-    def wait(self, timeout_ms: int) -> None:
-        """Between cycles: answer task requests (a subclass may watch more sockets)."""
-        if self.task_server.sock.poll(timeout_ms):
-            self.task_server.serve_pending()
-
-    def telemetry(self) -> dict[str, Any]:
-        starts = self.cycle_starts.values(20)
-        hz = (len(starts) - 1) / (starts[-1] - starts[0]) if len(starts) > 1 else 0.0
-        return {
-            "source": "planner", "status": self.status, "plans": self.plans,
-            "achieved_hz": round(hz, 2), "bundle": self.bundle_version,
-            "latency_ms": summarize(self.latency.values(50), ("p50", "p99"), digits=2),
-            "camera_age_ms": {k: None if v is None else round(v, 1)
-                              for k, v in self.camera_age_ms.items()},
-            "instruction": self.instruction, "episode": self.episode,
-            "dropped_messages": dict(self.dropped),
-        }
-
-    def run(self, duration_s: float | None = None) -> None:
-        period_ns = round(1e9 / self.cfg.planner.hz)
-        start = time.monotonic_ns()
-        deadline = start
-        notifier = make_notifier()
-        notifier.notify("READY=1")
-        last_status = ""
-        while not self.stop_requested:
-            now = time.monotonic_ns()
-            if duration_s is not None and now - start >= duration_s * 1e9:
-                break
-            if now < deadline:  # wait, answering task requests meanwhile
-                self.wait(min(deadline - now, 50_000_000) // 1_000_000)
-                continue
-            deadline += period_ns
-            if deadline < now:
-                deadline = now + period_ns
-            self.cycle_starts.add(now / 1e9)
-            self.step()
-            self.tel_pub.send(self.enc_tel.encode("telemetry", self.telemetry()))
-            if self.status != last_status:
-                notifier.notify(f"STATUS={self.status}")
-                log.info("planner status: %s", self.status)
-                last_status = self.status
-
-    def summary(self) -> dict[str, Any]:
-        starts = self.cycle_starts.values()
-        span = starts[-1] - starts[0] if len(starts) > 1 else 0.0
-        return {
-            "plans": self.plans,
-            "achieved_hz": round(self.plans / span, 2) if span else 0.0,
-            "latency_ms": summarize(self.latency.values(), ("p50", "p99"), digits=2),
-            "dropped_messages": dict(self.dropped),
-        }
-
-
-class Planner(PlannerShell):
-    """Plans on this host with the bundle's pipeline."""
-
-    def __init__(self, cfg: DuetConfig, cameras: dict[str, Camera] | None = None) -> None:
-        bundle = robot_bundle(cfg)
-        self.pipeline = PlannerPipeline.configured(bundle, cfg)
-        super().__init__(cfg, bundle, cameras)
-
-    def _check_instruction(self, text: str) -> None:
-        try:
-            self.pipeline.check_instruction(text)
-        except TokenizerError as exc:
-            raise TaskError(str(exc)) from None
-
-    def step(self) -> bool:
-        got = self.observe()
-        if got is None:
-            return False
-        frames, t_obs = got
-        self.pipeline.set_instruction(self.instruction)
-        try:
-            waypoints = self.pipeline.plan(Observation(frames, self.history, t_obs),
-                                           self.last_plan, self.expected_latency_s())
-        except (ObservationError, EngineError) as exc:
-            self.status = f"bad_observation: {exc}"
-            return False
-        if not np.isfinite(waypoints).all():
-            self.status = "nonfinite_output"
-            return False
-        self.publish(waypoints, self.pipeline.dt_s, t_obs, self.episode)
-        return True
-
-    def telemetry(self) -> dict[str, Any]:
-        return {**super().telemetry(), "stage_ms": self.pipeline.stage_ms(50)}
-
-    def summary(self) -> dict[str, Any]:
-        return {**super().summary(), "stage_ms": self.pipeline.stage_ms()}
-
 
 # ONNX Runtime's TensorRT provider builds its engines at the first start (minutes on a Jetson,
 # then cached): systemd is asked to wait this long rather than kill a build that restarts at 0.
 ENGINE_BUILD_TIMEOUT_S = 900
 
+SourceFactory = Callable[[DuetConfig, Bundle], PlanSource]
 
-def run_planner(cfg: DuetConfig, duration_s: float | None = None) -> int:
-    planner: PlannerShell
+
+def run_planner(cfg: DuetConfig, duration_s: float | None = None,
+                source: SourceFactory = PipelineSource) -> int:
     if cfg.bundle.engine == "onnxruntime" and \
             "tensorrt" in cfg.bundle.onnxruntime.planner_providers:
         make_notifier().notify(f"EXTEND_TIMEOUT_USEC={ENGINE_BUILD_TIMEOUT_S * 1_000_000}")
     try:
-        if cfg.planner.remote is not None:
-            from runtime.remote.relay import Relay
-
-            planner = Relay(cfg)
-        else:
-            planner = Planner(cfg)
+        bundle = robot_bundle(cfg)
+        planner = PlannerShell(cfg, bundle.version, source(cfg, bundle))
     except (BundleError, EngineError, BusError, CameraError, PipelineError, KeyError,
             KeyFileError) as exc:
         log.error("%s", exc)
@@ -377,6 +52,6 @@ def run_planner(cfg: DuetConfig, duration_s: float | None = None) -> int:
     try:
         planner.run(duration_s)
     finally:
-        Path(cfg.run_dir, "planner-summary.json").write_text(json.dumps(planner.summary()))
+        Path(cfg.run_dir, endpoints.PLANNER_SUMMARY).write_text(json.dumps(planner.summary()))
         planner.close()
     return 0

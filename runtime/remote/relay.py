@@ -1,4 +1,4 @@
-"""The robot's planner process when its planner is off-board (`planner.remote`): it runs no
+"""The robot's plan source when its planner is off-board (`planner.remote`): it runs no
 model, it relays.
 
 Each planner cycle it sends the planner server (runtime/remote/server.py) what the bundle's
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +30,15 @@ import numpy as np
 import zmq
 import zmq.utils.monitor
 
-from drivers.camera import Camera
 from runtime.config import DuetConfig, RemoteConfig
 from runtime.ipc import keys
 from runtime.ipc.messages import Encoder, MessageError, decode, decode_plan, is_int, is_real
 from runtime.ipc.stats import Ring, summarize
+from runtime.model.bundle import Bundle
 from runtime.model.contract import InstructionInput, PrefixInput
-from runtime.model.robot_bundle import robot_bundle
 from runtime.model.tokenizer import TokenizerError
 from runtime.planner.pipeline import instruction_encoder, state_times_ns
-from runtime.planner.process import PlannerShell
+from runtime.planner.shell import PlannerShell
 from runtime.planner.tasks import TaskError
 from runtime.remote import jpeg
 from runtime.remote.wire import Sent, bundle_id, encode_observation
@@ -217,11 +217,13 @@ class ServerLink:
         }
 
 
-class Relay(PlannerShell):
-    def __init__(self, cfg: DuetConfig, cameras: dict[str, Camera] | None = None) -> None:
+class RelaySource:
+    """Plans from the planner server: this cycle's observation goes out, and each plan that
+    comes back is published the moment it arrives (between cycles)."""
+
+    def __init__(self, cfg: DuetConfig, bundle: Bundle) -> None:
         assert cfg.planner.remote is not None
         self.remote = cfg.planner.remote
-        bundle = robot_bundle(cfg)
         self.contract = bundle.contract
         self.bundle_id = bundle_id(bundle)
         self.encoders = [instruction_encoder(i, bundle) for s in self.contract.planner.stages
@@ -229,70 +231,63 @@ class Relay(PlannerShell):
         self.wants_prefix = cfg.planner.prefix and any(
             isinstance(i, PrefixInput) for s in self.contract.planner.stages for i in s.inputs)
         self.link = ServerLink(self.remote, len(cfg.robot.joints))
-        super().__init__(cfg, bundle, cameras)
         self.last_waypoints: np.ndarray | None = None
         log.info("planner relay to %s (%s)", self.remote.endpoint,
                  "PLAINTEXT" if self.remote.insecure else "CURVE")
 
+    def camera_names(self) -> Sequence[str]:
+        return sorted({c.camera for c in self.contract.cameras()})
+
     def close(self) -> None:
         self.link.close()
-        super().close()
 
-    def _check_instruction(self, text: str) -> None:
+    def check_instruction(self, text: str) -> None:
         try:
             for enc in self.encoders:
                 enc.check(text)
         except TokenizerError as exc:
             raise TaskError(str(exc)) from None
 
-    def step(self) -> bool:
-        """Send this cycle's observation; plans are published as they arrive (`wait`), so
-        this returns False."""
-        self._forward()
-        got = self.observe()
+    def cycle(self, shell: PlannerShell) -> None:
+        """Send this cycle's observation; its plan is published when it arrives."""
+        self.between(shell)
+        got = shell.observe()
         if got is None:
-            return False
+            return
         frames, t_obs = got
         link = self.link
         jpegs = {}
         for name, image in frames.items():
             data = jpeg.encode(image, self.remote.jpeg_quality)
             if len(data) > self.remote.max_frame_bytes:
-                self.status = f"frame_too_large ({name}: {len(data)} bytes)"
-                self._drop("frame_too_large")
-                return False
+                shell.status = f"frame_too_large ({name}: {len(data)} bytes)"
+                shell.drop("frame_too_large")
+                return
             jpegs[name] = data
-        states = self.history.rows_at(state_times_ns(self.contract, t_obs))
+        states = shell.history.rows_at(state_times_ns(self.contract, t_obs))
         body = encode_observation(
             link.enc, bundle=self.bundle_id, t_obs_ns=t_obs, states=states, jpegs=jpegs,
-            instruction=self.instruction, episode=self.episode,
-            previous=self.last_plan if self.wants_prefix else None,
-            previous_waypoints=self.last_waypoints, expected_s=self.expected_latency_s())
-        if not link.send(body, t_obs, self.episode):
-            self.status = "remote: not connected"
-        elif self.status != "planning":
-            self.status = "remote: waiting"
-        return False
+            instruction=shell.instruction, episode=shell.episode,
+            previous=shell.last_plan if self.wants_prefix else None,
+            previous_waypoints=self.last_waypoints, expected_s=shell.expected_latency_s())
+        if not link.send(body, t_obs, shell.episode):
+            shell.status = "remote: not connected"
+        elif shell.status != "planning":
+            shell.status = "remote: waiting"
 
-    def wait(self, timeout_ms: int) -> None:
-        """Between cycles: plans the moment they arrive, task requests, link events."""
-        poller = zmq.Poller()
-        for sock in (self.link.sock, self.task_server.sock, self.link.monitor):
-            poller.register(sock, zmq.POLLIN)
-        ready = dict(poller.poll(timeout_ms))
-        if self.task_server.sock in ready:
-            self.task_server.serve_pending()
-        self._forward()
+    def sockets(self) -> Sequence[zmq.Socket[bytes]]:
+        return (self.link.sock, self.link.monitor)
 
-    def _forward(self) -> None:
+    def between(self, shell: PlannerShell) -> None:
+        """Publish the plans that arrived, as they came."""
         for a in self.link.receive():
-            self.publish(a.waypoints, a.dt_s, a.sent.t_obs_ns, a.sent.episode, a.packed)
+            shell.publish(a.waypoints, a.dt_s, a.sent.t_obs_ns, a.sent.episode, a.packed)
             self.last_waypoints = a.waypoints.copy()
         if self.link.news:
-            self.status, self.link.news = self.link.news, ""
+            shell.status, self.link.news = self.link.news, ""
 
-    def telemetry(self) -> dict[str, Any]:
-        return {**super().telemetry(), "remote": self.link.figures(50)}
-
-    def summary(self) -> dict[str, Any]:
-        return {**super().summary(), "remote": self.link.figures()}
+    def figures(self, last: int | None) -> dict[str, Any]:
+        # the server's own time per plan is this robot's inference time
+        return {"remote": self.link.figures(last),
+                "inference_ms": summarize(self.link.server_ms.values(last), ("p50", "p99"),
+                                          digits=2)}
