@@ -8,15 +8,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runtime.commands.options import subcommand
+
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "export", help="export PyTorch models + a contract to a bundle (or: keygen, check)",
+    p = subcommand(
+        subparsers, "export",
+        "export PyTorch models + a contract to a bundle (or: keygen, check)",
+        "duet export --module policy.reference:modules --checkpoint runs/ck "
+        "--contract policy/reference_contract.yaml --assets runs/ck --out runs/bundle",
         description="Any PyTorch model + a model contract YAML -> ONNX (fp32/fp16/int8 QDQ) "
                     "bundle with parity checks, a sha256 manifest and an optional ed25519 "
-                    "signature. Example: duet export --module policy.reference:modules "
-                    "--checkpoint runs/ck4 --contract policy/reference_contract.yaml "
-                    "--assets runs/ck4 --out bundles/reference")
+                    "signature.")
     p.add_argument("--module", help="package.module:factory returning the models: a "
                    "torch.nn.Module (a one-stage planner) or {stage name | 'follower': module}")
     p.add_argument("--checkpoint", type=Path, help="passed to the factory (file or folder)")
@@ -28,11 +31,13 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_export)
     sub = p.add_subparsers(dest="export_command", metavar="{keygen,check}")
 
-    k = sub.add_parser("keygen", help="make an ed25519 keypair (K and K.pub)")
+    k = subcommand(sub, "keygen", "make an ed25519 keypair (K and K.pub)",
+                   "duet export keygen --out keys/duet")
     k.add_argument("--out", type=Path, required=True, dest="key_out", help="private key file")
     k.set_defaults(func=_keygen)
 
-    c = sub.add_parser("check", help="verify a bundle and rerun its parity set (on the robot)")
+    c = subcommand(sub, "check", "verify a bundle and rerun its parity set (on the robot)",
+                   "duet export check /var/lib/duet/bundles/current")
     c.add_argument("bundle", type=Path)
     c.add_argument("--public-key", help="ed25519 public key: the signature is then required")
     c.add_argument("--config", type=Path, dest="check_config",
@@ -43,9 +48,11 @@ def register(subparsers: Any) -> None:
     c.add_argument("--repeat", type=int, default=20, help="timed runs per parity sample")
     c.set_defaults(func=_check)
 
-    e = subparsers.add_parser("engines", help="TensorRT engines for a bundle (on the target)")
+    e = subcommand(subparsers, "engines", "TensorRT engines for a bundle (on the target)",
+                   "duet engines build --bundle /var/lib/duet/bundles/current")
     esub = e.add_subparsers(dest="engines_command", required=True, metavar="{build}")
-    b = esub.add_parser("build", help="build and cache TensorRT engines (TensorRT 10+, GPU)")
+    b = subcommand(esub, "build", "build and cache TensorRT engines (TensorRT 10+, GPU)",
+                   "duet engines build --bundle /var/lib/duet/bundles/current")
     b.add_argument("--bundle", type=Path, required=True)
     b.add_argument("--precision", choices=["fp16", "int8"],
                    help="default: the bundle's precision")
@@ -55,24 +62,22 @@ def register(subparsers: Any) -> None:
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
     b.set_defaults(func=_engines_build)
 
-    from runtime.cli import subcommands
 
-    bundle_cmds = subcommands(subparsers.choices.get("bundle"))
-    if bundle_cmds is not None:  # `duet bundle create` (the install-side `bundle` is runtime's)
-        bc = bundle_cmds.add_parser(
-            "create", help="wrap ONNX files you already have into a verified bundle",
-            description="ONNX files + a model contract YAML (whose `file:` entries name them, "
-                        "relative to it) -> a bundle, with the same checks as `duet export`. "
-                        "Example: duet bundle create --contract my_policy.yaml --out "
-                        "bundles/mine --reference ref.npz")
-        bc.add_argument("--contract", type=Path, required=True)
-        bc.add_argument("--out", type=Path, required=True)
-        bc.add_argument("--assets", type=Path, help="where the ONNX files and tokenizers are "
-                        "(default: the contract's folder)")
-        bc.add_argument("--reference", type=Path, help=".npz of inputs and outputs the models "
-                        "must reproduce: <model>/in/<input>, <model>/out/<output>")
-        _common_export_args(bc)
-        bc.set_defaults(func=_bundle_create)
+def register_bundle_create(bundle_actions: Any) -> None:
+    """`duet bundle create`: an action of the runtime's `duet bundle` that needs onnx."""
+    bc = subcommand(
+        bundle_actions, "create", "wrap ONNX files you already have into a verified bundle",
+        "duet bundle create --contract my_policy.yaml --out bundles/mine --reference ref.npz",
+        description="ONNX files + a model contract YAML (whose `file:` entries name them, "
+                    "relative to it) -> a bundle, with the same checks as `duet export`.")
+    bc.add_argument("--contract", type=Path, required=True)
+    bc.add_argument("--out", type=Path, required=True)
+    bc.add_argument("--assets", type=Path, help="where the ONNX files and tokenizers are "
+                    "(default: the contract's folder)")
+    bc.add_argument("--reference", type=Path, help=".npz of inputs and outputs the models "
+                    "must reproduce: <model>/in/<input>, <model>/out/<output>")
+    _common_export_args(bc)
+    bc.set_defaults(func=_bundle_create)
 
 
 def _common_export_args(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import build_parser, main, subcommands
+from runtime.cli import build_parser, main
+from runtime.commands.options import subcommands
 from runtime.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,11 +23,11 @@ Parsers = list[tuple[str, argparse.ArgumentParser]]
 
 
 def _leaves(parser: argparse.ArgumentParser, path: str = "") -> Parsers:
-    action = subcommands(parser)
-    if action is None:
+    children = subcommands(parser)
+    if not children:
         return [(path, parser)]
     out = [(path, parser)] if path else []
-    for name, sub in action.choices.items():
+    for name, sub in children.items():
         out += _leaves(sub, f"{path} {name}".strip())
     return out
 
@@ -99,3 +100,18 @@ def test_run_dir_precedence_for_processes(monkeypatch: pytest.MonkeyPatch) -> No
     assert process_overrides(ns(set=["run_dir=/tmp/set"], run_dir=None)) == ["run_dir=/tmp/set"]
     assert process_overrides(ns(set=["run_dir=/tmp/set"], run_dir="/tmp/arg"))[-1] == \
         "run_dir=/tmp/arg"
+
+
+def test_features_register_their_commands_through_entry_points() -> None:
+    """Each feature's commands come from the `duet.commands` group (and `bundle create` from
+    `duet.bundle_commands`): the runtime lists no workstation package."""
+    from importlib.metadata import entry_points
+
+    groups = {ep.name for ep in entry_points(group="duet.commands")}
+    assert {"robot", "deploy", "sim", "policy", "export", "dataset"} <= groups
+    top = subcommands(build_parser())
+    assert {"run", "estop", "install", "sim", "train", "export", "dataset"} <= set(top)
+    assert list(top)[0] == "run"  # the robot's own commands first in `duet --help`
+    assert "create" in subcommands(top["bundle"])
+    cli_source = (REPO / "runtime" / "cli.py").read_text()
+    assert not any(f'"{pkg}.' in cli_source for pkg in ("sim", "policy", "export"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -477,6 +478,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "version")
     sc(bsub, "rollback", "make the previous bundle current", "duet bundle rollback",
        parents=[shared])
+    for ep in entry_points(group="duet.bundle_commands"):  # e.g. `create`, with export
+        try:
+            ep.load()(bsub)
+        except ModuleNotFoundError:
+            pass  # that feature is not installed here
     p.set_defaults(func=_bundle)
 
     shared = _shared(run_dir=True)

@@ -127,3 +127,12 @@ def emit(args: argparse.Namespace, human: str, data: Any) -> None:
 def fail(prog: str, message: object, code: int = EXIT_FAILED) -> int:
     print(f"{prog}: {message}", file=sys.stderr)
     return code
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands of `parser` by name (read-only: the help test and the CLI reference
+    walk the tree with it)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
