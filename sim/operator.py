@@ -13,13 +13,13 @@ radius of the next target.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import zmq
 
 from runtime.config import DuetConfig, SimConfig
 from runtime.model.bundle import Bundle
+from runtime.planner.records import SourceFigures
 from runtime.planner.shell import PlannerShell
 from sim.expert import expert_chunk
 from sim.task import TOUCH_RADIUS, Episode, episode_seed
@@ -72,7 +72,7 @@ class ExpertSource:
     def between(self, shell: PlannerShell) -> None:
         pass
 
-    def figures(self, last: int | None) -> dict[str, Any]:
+    def figures(self, last: int | None) -> SourceFigures:
         return {}
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ from runtime.config import CanBusConfig, ConfigError, DuetConfig, DynamixelBusCo
 from runtime.follower.buses import bus_sections
 from runtime.ipc import endpoints
 from runtime.ipc.messages import Encoder, pack_array
+from runtime.stack.summary import SimSummary
 from sim.actuators import MODE_MIT, Actuators
 from sim.camera import SceneCamera
 from sim.faults import CanLink, FaultInjector, LinkGroup, MotorLink, SerialLink
@@ -278,9 +279,10 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
         for camera in cameras.values():
             camera.close()
     wall = time.monotonic() - wall0
-    summary = {"episodes": loop.episodes, "successes": loop.successes,
-               "success_rate": loop.successes / loop.episodes if loop.episodes else 0.0}
-    (run_dir / "sim-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary: SimSummary = {
+        "episodes": loop.episodes, "successes": loop.successes,
+        "success_rate": loop.successes / loop.episodes if loop.episodes else 0.0}
+    (run_dir / endpoints.SIM_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     stats = {"wall_s": round(wall, 2), "cpu_percent": round(100 * (time.process_time() - cpu0)
                                                           / max(wall, 1e-9), 1),
              "steps": loop.steps, "achieved_hz": round(loop.steps / max(wall, 1e-9), 1),

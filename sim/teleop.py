@@ -75,7 +75,7 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
     timeout_s = timeout_s or episodes * 2.0 * (cfg.sim.episode_timeout_s if cfg.sim else 12.0)
     try:
         sup.start(with_planner=False)
-        recorder = _recorder(cfg, Path(cfg.run_dir) / "effective.yaml", out, frame_hz)
+        recorder = _recorder(cfg, Path(cfg.run_dir) / endpoints.EFFECTIVE_CONFIG, out, frame_hz)
         bundle = robot_bundle(cfg)
         operator = PlannerShell(cfg, bundle.version, ExpertSource(cfg, bundle), cameras={})
         thread = threading.Thread(target=operator.run, name="operator", daemon=True)

@@ -111,7 +111,7 @@ def test_features_register_their_commands_through_entry_points() -> None:
     assert {"robot", "deploy", "sim", "policy", "export", "dataset"} <= groups
     top = subcommands(build_parser())
     assert {"run", "estop", "install", "sim", "train", "export", "dataset"} <= set(top)
-    assert list(top)[0] == "run"  # the robot's own commands first in `duet --help`
+    assert next(iter(top)) == "run"  # the robot's own commands first in `duet --help`
     assert "create" in subcommands(top["bundle"])
     cli_source = (REPO / "runtime" / "cli.py").read_text()
     assert not any(f'"{pkg}.' in cli_source for pkg in ("sim", "policy", "export"))

@@ -57,6 +57,9 @@ def test_duet_run_prints_and_writes_the_summary(tmp_path: Path, bundle: Path) ->
     assert set(s["safety"]) >= {"faults", "clamped_commands", "estops"}
     assert set(s["task"]) == {"episodes", "successes", "success_rate"}
     assert f["mode_counts"]["TRACK"] > 0 and s["planner"]["plans"] > 5
+    # the model's own time per plan, written by the planner (it was read but never written)
+    inference = s["planner"]["inference_ms"]
+    assert 0 < inference["p50"] <= inference["p99"] <= s["planner"]["latency_ms"]["p99"]
     assert s["safety"]["faults"] == 0
     assert s["bus"]["errors"] <= 0.01 * s["bus"]["reads"]  # retried-out reads: rare, counted
     assert "duet run" in proc.stdout  # the human table

@@ -36,6 +36,7 @@ from runtime.config import TUNABLES, DuetConfig
 from runtime.follower.buses import open_bus
 from runtime.follower.core import CoreSettings, FollowerCore, PlanRejected
 from runtime.follower.realtime import apply_realtime, collect_if_slack, freeze_gc
+from runtime.follower.records import FollowerHealth, FollowerSummary, FollowerTelemetry
 from runtime.follower.safety import LATCHED, Mode
 from runtime.ipc import endpoints, rundir
 from runtime.ipc.access import OPERATOR, Policy, ZapHandler, uid_of
@@ -397,10 +398,7 @@ class Follower:
 
     # ---------------------------------------------------------------- control requests
     def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        tel = self.telemetry()
-        tel.pop("q")
-        tel.pop("tracking_error")
-        return tel
+        return {k: v for k, v in self.telemetry().items() if k not in ("q", "tracking_error")}
 
     def _cmd_estop(self, args: dict[str, Any]) -> dict[str, Any]:
         reason = args.get("reason", "control")
@@ -498,7 +496,7 @@ class Follower:
         except zmq.Again:
             pass
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> FollowerHealth:
         """The last second against the configured thresholds; `problems` says why not ok."""
         window = max(1, int(self.cfg.follower.hz))
         periods = self.periods.values(window)
@@ -527,7 +525,7 @@ class Follower:
             out[f"access_{domain}"] = out.get(f"access_{domain}", 0) + v
         return out
 
-    def telemetry(self) -> dict[str, Any]:
+    def telemetry(self) -> FollowerTelemetry:
         window = int(self.cfg.follower.hz)
         periods = self.periods.values(window)
         stats = self.bus.stats
@@ -566,7 +564,7 @@ class Follower:
         except zmq.Again:
             pass
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> FollowerSummary:
         periods = self.periods.values()
         elapsed = periods.sum() / 1e6 if periods.size else 0.0
         core = self.core
@@ -626,7 +624,7 @@ def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
         follower.run(duration_s)
     finally:
         summary = follower.summary()
-        Path(cfg.run_dir, "follower-summary.json").write_text(json.dumps(summary, indent=1))
+        Path(cfg.run_dir, endpoints.FOLLOWER_SUMMARY).write_text(json.dumps(summary, indent=1))
         follower.close()
     final = follower.core.mode
     if final in LATCHED:

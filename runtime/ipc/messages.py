@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import struct
 import time
+from collections.abc import Mapping
 from typing import Any, TypeGuard
 
 import msgpack
@@ -90,7 +91,7 @@ class Encoder:
         self.seq = 0
         self._packer = msgpack.Packer(use_bin_type=True)
 
-    def encode(self, type_: str, body: dict[str, Any], t_ns: int | None = None) -> bytes:
+    def encode(self, type_: str, body: Mapping[str, Any], t_ns: int | None = None) -> bytes:
         self.seq += 1
         msg = {"v": VERSION, "type": type_, "seq": self.seq,
                "t_ns": time.monotonic_ns() if t_ns is None else t_ns}

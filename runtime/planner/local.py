@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import zmq
@@ -15,6 +14,7 @@ from runtime.model.engines import EngineError
 from runtime.model.tokenizer import TokenizerError
 from runtime.planner.observation import ObservationError
 from runtime.planner.pipeline import Observation, PlannerPipeline
+from runtime.planner.records import SourceFigures
 from runtime.planner.shell import PlannerShell
 from runtime.planner.tasks import TaskError
 
@@ -56,7 +56,7 @@ class PipelineSource:
     def between(self, shell: PlannerShell) -> None:
         pass
 
-    def figures(self, last: int | None) -> dict[str, Any]:
+    def figures(self, last: int | None) -> SourceFigures:
         # inference: the model's whole call per plan (what `latency_ms` adds to it is waiting
         # for inputs and publishing)
         return {"stage_ms": self.pipeline.stage_ms(last),

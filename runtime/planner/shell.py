@@ -45,6 +45,7 @@ from runtime.ipc.stats import Ring, summarize
 from runtime.model.plan import Plan
 from runtime.planner.cameras import open_camera
 from runtime.planner.observation import StateHistory
+from runtime.planner.records import PlannerSummary, PlannerTelemetry, SourceFigures
 from runtime.planner.tasks import TaskError, TaskStore
 
 log = logging.getLogger("duet.planner")
@@ -68,7 +69,7 @@ class PlanSource(Protocol):
     def between(self, shell: PlannerShell) -> None:
         """After each wait between cycles (a relay publishes the plans that arrived)."""
 
-    def figures(self, last: int | None) -> dict[str, Any]:
+    def figures(self, last: int | None) -> SourceFigures:
         """The source's own telemetry (`last` samples) or summary (None) entries."""
 
     def close(self) -> None:
@@ -116,7 +117,7 @@ class PlannerShell:
         self.tel_pub.bind(endpoints.telemetry(cfg.run_dir, "planner"))
         self.task_server = bind_server(ctx, endpoints.task(cfg.run_dir), {
             "task": Command(self._cmd_task, OPERATOR, "set or clear the instruction"),
-            "status": Command(lambda _: self.telemetry(), OPERATOR, "planner status"),
+            "status": Command(lambda _: dict(self.telemetry()), OPERATOR, "planner status"),
         }, zap_domain="control")
         self.enc_plan, self.enc_tel = Encoder(), Encoder()
         self.poller = zmq.Poller()
@@ -277,7 +278,7 @@ class PlannerShell:
         self.task_server.serve_pending()
         self.source.between(self)
 
-    def telemetry(self) -> dict[str, Any]:
+    def telemetry(self) -> PlannerTelemetry:
         starts = self.cycle_starts.values(20)
         hz = (len(starts) - 1) / (starts[-1] - starts[0]) if len(starts) > 1 else 0.0
         return {
@@ -315,7 +316,7 @@ class PlannerShell:
                 log.info("planner status: %s", self.status)
                 last_status = self.status
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> PlannerSummary:
         starts = self.cycle_starts.values()
         span = starts[-1] - starts[0] if len(starts) > 1 else 0.0
         return {

@@ -38,6 +38,7 @@ from runtime.model.bundle import Bundle
 from runtime.model.contract import InstructionInput, PrefixInput
 from runtime.model.tokenizer import TokenizerError
 from runtime.planner.pipeline import instruction_encoder, state_times_ns
+from runtime.planner.records import SourceFigures
 from runtime.planner.shell import PlannerShell
 from runtime.planner.tasks import TaskError
 from runtime.remote import jpeg
@@ -286,7 +287,7 @@ class RelaySource:
         if self.link.news:
             shell.status, self.link.news = self.link.news, ""
 
-    def figures(self, last: int | None) -> dict[str, Any]:
+    def figures(self, last: int | None) -> SourceFigures:
         # the server's own time per plan is this robot's inference time
         return {"remote": self.link.figures(last),
                 "inference_ms": summarize(self.link.server_ms.values(last), ("p50", "p99"),

@@ -367,7 +367,7 @@ def run_server(cfg: DuetConfig, duration_s: float | None = None) -> int:
     try:
         server.run(duration_s)
     finally:
-        Path(cfg.run_dir, "planner-server-summary.json").write_text(
+        Path(cfg.run_dir, endpoints.PLANNER_SERVER_SUMMARY).write_text(
             json.dumps(server.telemetry()))
         server.close()
     return 0

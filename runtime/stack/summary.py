@@ -1,70 +1,106 @@
-"""The `duet run` summary: one JSON object (keys fixed by DESIGN.md) and a human table."""
+"""The `duet run` summary: one JSON object (its keys are fixed: benches and checks read them)
+and a human table, built from what each process left in the run dir: records typed beside
+their writers (runtime/follower/records.py, runtime/planner/records.py; the sim's below)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, TypeVar, cast
 
 from rich.console import Console
 from rich.table import Table
 
 from runtime.config import DuetConfig
+from runtime.follower.records import FollowerSummary
+from runtime.ipc import endpoints
+from runtime.planner.records import PlannerSummary
 
 
-def _load(path: Path) -> dict[str, Any]:
+class SimSummary(TypedDict):
+    """What the sim (sim/server.py, outside the runtime) leaves in the run dir at exit."""
+
+    episodes: int
+    successes: int
+    success_rate: float
+
+
+Record = TypeVar("Record", FollowerSummary, PlannerSummary, SimSummary)
+
+
+P2 = {"p50": 0.0, "p99": 0.0}
+P3 = {**P2, "max": 0.0}
+
+
+def _nothing_left(cfg: DuetConfig) -> tuple[FollowerSummary, PlannerSummary, SimSummary]:
+    """The records of processes that left none (they crashed): what the summary then says."""
+    follower: FollowerSummary = {
+        "final_mode": "unknown", "final_reason": None, "target_hz": cfg.follower.hz,
+        "achieved_hz": 0.0, "ticks": 0, "deadline_misses": 0,
+        "period_jitter_us": {**P3, "p999": 0.0}, "tick_compute_us": P3, "bus_read_us": P3,
+        "bus_write_us": P3, "logic_us": P3, "mode_counts": {}, "first_track_ns": None,
+        "plan_delivery_us": P2, "plans_received": 0, "dropped_messages": {},
+        "bus": {"errors": 0, "reads": 0, "writes": 0}, "safety": {}, "max_rss_mb": None}
+    planner: PlannerSummary = {"plans": 0, "achieved_hz": 0.0, "latency_ms": P2,
+                               "dropped_messages": {}, "inference_ms": P2, "stage_ms": {}}
+    return follower, planner, {"episodes": 0, "successes": 0, "success_rate": 0.0}
+
+
+def _load(path: Path, empty: Record) -> Record:
+    """The record a process left, over the empty one (keys it did not write keep theirs)."""
     try:
-        return dict(json.loads(path.read_text()))
+        loaded = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
+        loaded = {}
+    return cast(Record, {**empty, **(loaded if isinstance(loaded, dict) else {})})
 
 
 def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s: float,
                   t_start_ns: int, planner_restarts: int,
                   exit_codes: dict[str, int | None]) -> dict[str, Any]:
-    fol = _load(run_dir / "follower-summary.json")
-    pla = _load(run_dir / "planner-summary.json")
-    sim = _load(run_dir / "sim-summary.json")
-    zero3 = {"p50": 0.0, "p99": 0.0, "max": 0.0}
-    first_track_ns = fol.get("first_track_ns") or 0
-    final_mode = fol.get("final_mode", "unknown")
+    no_fol, no_pla, no_sim = _nothing_left(cfg)
+    fol = _load(run_dir / endpoints.FOLLOWER_SUMMARY, no_fol)
+    pla = _load(run_dir / endpoints.PLANNER_SUMMARY, no_pla)
+    sim = _load(run_dir / endpoints.SIM_SUMMARY, no_sim)
+    first_track_ns = fol["first_track_ns"] or 0
+    final_mode = fol["final_mode"]
     summary: dict[str, Any] = {
         # first: how the run ended (a FAULT must never look like a success)
         "outcome": {"ok": final_mode in ("HOLD", "TRACK"), "final_mode": final_mode,
-                    "reason": fol.get("final_reason")},
+                    "reason": fol["final_reason"]},
         "config": config_label,
         "duration_s": round(duration_s, 2),
         "follower": {
-            "target_hz": fol.get("target_hz", cfg.follower.hz),
-            "achieved_hz": fol.get("achieved_hz", 0.0),
-            "ticks": fol.get("ticks", 0),
-            "deadline_misses": fol.get("deadline_misses", 0),
-            "period_jitter_us": fol.get("period_jitter_us", {**zero3, "p999": 0.0}),
-            "tick_compute_us": fol.get("tick_compute_us", zero3),
-            "mode_counts": fol.get("mode_counts", {}),
-            "bus_read_us": fol.get("bus_read_us", zero3),
-            "bus_write_us": fol.get("bus_write_us", zero3),
-            "logic_us": fol.get("logic_us", zero3),
-            "max_rss_mb": fol.get("max_rss_mb"),
+            "target_hz": fol["target_hz"],
+            "achieved_hz": fol["achieved_hz"],
+            "ticks": fol["ticks"],
+            "deadline_misses": fol["deadline_misses"],
+            "period_jitter_us": fol["period_jitter_us"],
+            "tick_compute_us": fol["tick_compute_us"],
+            "mode_counts": fol["mode_counts"],
+            "bus_read_us": fol["bus_read_us"],
+            "bus_write_us": fol["bus_write_us"],
+            "logic_us": fol["logic_us"],
+            "max_rss_mb": fol["max_rss_mb"],
             "final_mode": final_mode,
-            "dropped_messages": fol.get("dropped_messages", {}),
+            "dropped_messages": fol["dropped_messages"],
         },
         "planner": {
-            "plans": pla.get("plans", 0),
-            "achieved_hz": pla.get("achieved_hz", 0.0),
-            "latency_ms": pla.get("latency_ms", {"p50": 0.0, "p99": 0.0}),
-            "inference_ms": pla.get("inference_ms", {"p50": 0.0, "p99": 0.0}),
+            "plans": pla["plans"],
+            "achieved_hz": pla["achieved_hz"],
+            "latency_ms": pla["latency_ms"],
+            "inference_ms": pla["inference_ms"],
             "restarts": planner_restarts,
-            "stage_ms": pla.get("stage_ms", {}),
-            "dropped_messages": pla.get("dropped_messages", {}),
+            "stage_ms": pla["stage_ms"],
+            "dropped_messages": pla["dropped_messages"],
         },
-        "plan_delivery_us": fol.get("plan_delivery_us", {"p50": 0.0, "p99": 0.0}),
-        "bus": fol.get("bus", {"errors": 0, "reads": 0, "writes": 0}),
-        "safety": {k: fol.get("safety", {}).get(k, 0)
+        "plan_delivery_us": fol["plan_delivery_us"],
+        "bus": fol["bus"],
+        "safety": {k: fol["safety"].get(k, 0)
                    for k in ("faults", "clamped_commands", "estops")},
         "startup": {"first_track_s": round((first_track_ns - t_start_ns) / 1e9, 3)
                     if first_track_ns else None},
-        "dropped_messages": fol.get("dropped_messages", {}),
+        "dropped_messages": fol["dropped_messages"],
         "exit_codes": exit_codes,
     }
     if cfg.planner.remote is not None:  # the relay's figures (runtime/remote/relay.py)
@@ -77,12 +113,12 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
             if key in remote:
                 figures[key] = remote[key]
         summary["planner"]["remote"] = figures
-    if fol.get("safety", {}).get("last_reason"):
+    if fol["safety"].get("last_reason"):
         summary["safety"]["last_reason"] = fol["safety"]["last_reason"]
     if cfg.sim is not None and cfg.sim.enabled:
-        summary["task"] = {"episodes": sim.get("episodes", 0),
-                           "successes": sim.get("successes", 0),
-                           "success_rate": sim.get("success_rate", 0.0)}
+        summary["task"] = {"episodes": sim["episodes"],
+                           "successes": sim["successes"],
+                           "success_rate": sim["success_rate"]}
     return summary
 
 

@@ -70,22 +70,23 @@ class Supervisor:
         if held:
             raise SupervisorError(f"a follower (pid {pid or '?'}) is running on {self.run_dir}: "
                                   "stop it first, or use another run dir")
-        stale = ["notify", "follower-summary.json", "planner-summary.json", "sim-summary.json"]
+        stale = [endpoints.NOTIFY_SOCKET, endpoints.FOLLOWER_SUMMARY, endpoints.PLANNER_SUMMARY,
+                 endpoints.SIM_SUMMARY]
         if self.cfg.sim is not None and self.cfg.sim.enabled:
             stale.append(endpoints.LATCH)  # a fresh simulated robot starts unlatched
         for name in stale:
             (self.run_dir / name).unlink(missing_ok=True)
         self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.notify_sock.bind(str(self.run_dir / "notify"))
+        self.notify_sock.bind(str(self.run_dir / endpoints.NOTIFY_SOCKET))
         self.notify_sock.settimeout(0.1)
-        path = self.run_dir / "effective.yaml"
+        path = self.run_dir / endpoints.EFFECTIVE_CONFIG
         path.write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         return path
 
     def _env(self, name: str) -> dict[str, str]:
         env = dict(os.environ)
-        env["NOTIFY_SOCKET"] = str(self.run_dir / "notify")
+        env["NOTIFY_SOCKET"] = str(self.run_dir / endpoints.NOTIFY_SOCKET)
         env["DUET_PROCESS"] = name
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
