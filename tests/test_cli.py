@@ -108,7 +108,8 @@ def test_features_register_their_commands_through_entry_points() -> None:
     from importlib.metadata import entry_points
 
     groups = {ep.name for ep in entry_points(group="duet.commands")}
-    assert {"robot", "deploy", "sim", "policy", "export", "dataset"} <= groups
+    assert {"robot", "install", "bundle", "config", "observe", "sim", "policy", "export",
+            "dataset"} <= groups
     top = subcommands(build_parser())
     assert {"run", "estop", "install", "sim", "train", "export", "dataset"} <= set(top)
     assert next(iter(top)) == "run"  # the robot's own commands first in `duet --help`

@@ -136,3 +136,20 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
     return {}
+
+
+def shared(config: bool = True, run_dir: bool = False, store: bool = False,
+            overrides: bool = False) -> argparse.ArgumentParser:
+    """Options every subcommand of a group takes, accepted after the subcommand."""
+    p = argparse.ArgumentParser(add_help=False)
+    if config:
+        add_config(p, overrides=overrides)
+    if run_dir:
+        add_run_dir(p)
+    if store:
+        from runtime.deploy.layout import Layout
+
+        p.add_argument("--store", type=Path, default=Layout().bundles,
+                       help="bundle store folder (default: %(default)s)")
+    add_json(p)
+    return p

@@ -1,0 +1,84 @@
+"""`duet bundle list | add | activate | rollback` (and actions other features plug in
+through the `duet.bundle_commands` entry-point group, e.g. `create` with export)."""
+
+from __future__ import annotations
+
+import argparse
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from runtime.commands import options as cliopts
+from runtime.commands.options import emit, fail
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from runtime.config import ConfigError, load_config
+    from runtime.deploy.bundle_store import BundleStore
+
+    key, joints = None, None
+    config, site = cliopts.files(args)
+    try:
+        cfg = load_config(config, site)
+        key, joints = cfg.bundle.public_key, list(cfg.robot.joints)
+    except ConfigError:
+        pass  # the store still works; verification then skips key and joint checks
+    return BundleStore(Path(args.store), key, joints)
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from runtime.deploy.install import restart_command
+    from runtime.model.bundle import BundleError
+
+    store = _store(args)
+    try:
+        if args.bundle_cmd == "list":
+            rows = store.list()
+            lines = [f"{'*' if b.current else ('<' if b.previous else ' ')} "
+                     f"{b.version:<40} {b.created}" for b in rows]
+            text = "\n".join([*lines, "(* current, < previous)"]) if rows \
+                else f"no bundles in {store.root}"
+            emit(args, text, [{"version": b.version, "current": b.current,
+                               "previous": b.previous, "created": b.created} for b in rows])
+            return 0
+        if args.bundle_cmd == "add":
+            version = store.manifest_version(Path(args.dir))
+            added = store.add(Path(args.dir))
+            emit(args, f"added {version}; make it current: duet bundle activate {version}"
+                 if added else f"{version} is already installed (identical): nothing to do",
+                 {"version": version, "added": added})
+            return 0
+        if args.bundle_cmd == "activate":
+            old = store.activate(args.version)
+            result = {"current": args.version, "was": old}
+            text = f"current: {args.version} (was {old})"
+        else:
+            result = {"current": store.rollback()}
+            text = f"rolled back: current is {result['current']}"
+    except (BundleError, OSError) as exc:
+        return fail("duet bundle", exc)
+    emit(args, f"{text}\nrestart to load it: {restart_command()}", result)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sc = cliopts.subcommand
+    shared = cliopts.shared(store=True)
+    p = sc(sub, "bundle", "installed bundles: list, add, activate, rollback",
+           "duet bundle list")
+    bsub = p.add_subparsers(dest="bundle_cmd", required=True, metavar="CMD")
+    sc(bsub, "list", "installed bundles, current/previous marked", "duet bundle list",
+       parents=[shared])
+    sc(bsub, "add", "verify a bundle (hashes, signature, joints) and copy it in",
+       "duet bundle add /media/usb/bundle-20250301", parents=[shared]).add_argument("dir")
+    sc(bsub, "activate", "make VERSION current (atomic symlink swap)",
+       "duet bundle activate 20250301-120000-ab12cd34", parents=[shared]).add_argument(
+        "version")
+    sc(bsub, "rollback", "make the previous bundle current", "duet bundle rollback",
+       parents=[shared])
+    for ep in entry_points(group="duet.bundle_commands"):  # e.g. `create`, with export
+        try:
+            ep.load()(bsub)
+        except ModuleNotFoundError:
+            pass  # that feature is not installed here
+    p.set_defaults(func=_bundle)
