@@ -53,6 +53,7 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/mkdocs build --strict -q -d $$(mktemp -d)  # the manual: a broken link or page fails
 	$(BIN)/vermin --target=3.10- --no-tips --violations runtime drivers export sim policy
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # a file per worker: module fixtures built once
 
