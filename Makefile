@@ -53,6 +53,7 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/mkdocs build --strict -q -d $$(mktemp -d)  # the manual: a broken link or page fails
 	$(BIN)/vermin --target=3.10- --no-tips --violations runtime drivers export sim policy
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # a file per worker: module fixtures built once
 
@@ -74,7 +75,7 @@ train-fact: $(CKPT)/planner.pt  # fixed seeds, 2 CPU threads
 	$(BIN)/duet train-fact --out $(FACT) --init-planner $(CKPT)/planner.pt
 
 # The shipped FACT bundle from scratch: data, reference planner, FACT tokenizer + planner,
-# export (fp32: a flipped argmax code fails fp16/int8 parity). See README-fact.md for times.
+# export (fp32: a flipped argmax code fails fp16/int8 parity). Times: docs/results/fact.md.
 bundle-fact: train-fact
 	$(BIN)/duet export --module policy.fact_bundle:modules --checkpoint $(FACT) \
 	  --contract $(FACT)/fact_contract.yaml --assets $(FACT) --out bundles/fact
@@ -83,7 +84,7 @@ fact-study: $(VENV)/.dev   # reconstruction error vs code length: FACT, uniform 
 	$(BIN)/duet fact-study --json $(FACT)/study.json
 
 # INT8: the planner's convolutions (QDQ); its transformer and MLP layers and the follower
-# stay fp32 (see README, "Evaluation of the reference policy").
+# stay fp32 (see docs/results/evaluation.md).
 INT8 := --follower-precision fp32 --int8-ops Conv
 # The reference pair is exported like any model: a factory + its contract.
 REFERENCE := --module policy.reference:modules --checkpoint $(CKPT) \
@@ -100,7 +101,7 @@ eval: bundles              # closed loop through the runtime, 100 episodes per p
 	$(NICE) $(BIN)/duet eval --bundle runs/bundles/fp32 --bundle runs/bundles/fp16 --bundle runs/bundles/int8 \
 	  --episodes 100 --ablation-episodes 50 --checkpoints $(CKPT) --out runs/eval --json runs/eval/eval.json
 
-# The data loop on the sim (README-dataloop.md): a task the reference was never told in these
+# The data loop on the sim (docs/data-loop.md): a task the reference was never told in these
 # words ("touch B after A": A first) is teleoperated by the scripted expert while the recorder
 # records, exported as a LeRobot v3 dataset, the planner fine-tuned on it mixed with sim data,
 # exported, added to and activated in a staging bundle store, and evaluated before/after on
