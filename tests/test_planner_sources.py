@@ -98,6 +98,7 @@ def test_the_shell_publishes_what_its_source_plans_on_fresh_state(
                 got = plan_sub.recv()
         assert got is not None, shell.status
         msg, waypoints = decode_plan(got)
+        assert msg["dt_s"] == 0.1
         assert waypoints.shape == (4, n) and np.allclose(waypoints, 0.25)
         assert shell.status == "planning" and shell.plans >= 1
         tel = shell.telemetry()
