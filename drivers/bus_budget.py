@@ -2,23 +2,21 @@
 
 A tick is one read of every motor plus one write of every motor. The figures are worst
 cases (every CAN stuff bit, every Dynamixel byte framed as 10 bits) so a config that passes
-here does not depend on lucky payloads. `check_budget` refuses a rate whose wire time does
-not fit in the usable fraction of the period and shows the arithmetic.
+here does not depend on lucky payloads. Each bus family (drivers/families.py) states its tick's
+wire time and arithmetic from these figures; `families.check_budget` refuses a rate whose wire
+time does not fit in the usable fraction of the period and shows the arithmetic.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from drivers.mit_dialects import dialect_class
 
 # Dynamixel Protocol 2.0 packet sizes in bytes (header FF FF FD 00, id, length[2],
 # instruction, ..., crc[2]).
 _DXL_SYNC_READ_FIXED = 14  # + 1 byte per id: addr[2] len[2] ids...
 _DXL_STATUS_FIXED = 11  # + data: instruction 0x55, error, data..., crc
 _DXL_SYNC_WRITE_FIXED = 14  # + (1 + data) per id
-_UART_BITS_PER_BYTE = 10  # start + 8 data + stop
+UART_BITS_PER_BYTE = 10  # start + 8 data + stop
 
 # CAN 2.0A (11-bit id): SOF 1, id 11, RTR 1, IDE 1, r0 1, DLC 4, data 8n, CRC 15,
 # CRC delimiter 1, ACK 2, EOF 7, interframe space 3 -> 47 + 8n bits. Bit stuffing covers
@@ -101,7 +99,7 @@ def dynamixel_tick_us(
     write_bytes: int = 4,
     return_delay_us: float = 0.0,
 ) -> float:
-    wire = dynamixel_tick_bytes(n_motors, read_bytes, write_bytes) * _UART_BITS_PER_BYTE * 1e6
+    wire = dynamixel_tick_bytes(n_motors, read_bytes, write_bytes) * UART_BITS_PER_BYTE * 1e6
     return wire / baudrate + n_motors * return_delay_us
 
 
@@ -127,65 +125,3 @@ class Budget:
     def max_hz(self) -> float:
         """Highest follower rate this bus carries within the usable fraction."""
         return self.usable_fraction * 1e6 / self.wire_us
-
-
-def tick_budget(
-    bus: Any, n_motors: int, follower_hz: float, usable_fraction: float = DEFAULT_USABLE_FRACTION
-) -> Budget:
-    """Budget for a bus config (duck-typed: `kind` "dynamixel" with `baudrate` and optional
-    `return_delay_us`, or "mit_can" with `bitrate` and optional `dialect` (its reply length),
-    `fd` and `data_bitrate`)."""
-    if follower_hz <= 0:
-        raise ValueError(f"follower rate must be > 0 Hz, got {follower_hz}")
-    if not 0 < usable_fraction <= 1:
-        raise ValueError(f"usable fraction must be in (0, 1], got {usable_fraction}")
-    kind = getattr(bus, "kind", None)
-    if kind == "dynamixel":
-        delay = float(getattr(bus, "return_delay_us", 0.0) or 0.0)
-        n_bytes = dynamixel_tick_bytes(n_motors)
-        wire = dynamixel_tick_us(bus.baudrate, n_motors, return_delay_us=delay)
-        arithmetic = (
-            f"dynamixel at {bus.baudrate} baud: {n_motors} motors, sync read + status + sync write"
-            f" = {n_bytes} bytes x {_UART_BITS_PER_BYTE} bits"
-            f" + {n_motors} x {delay:g} us return delay = {wire:.1f} us per tick"
-        )
-    elif kind == "mit_can" and getattr(bus, "fd", False):
-        rate, data_rate = bus.bitrate, bus.data_bitrate
-        reply_dlc = _reply_dlc(bus)
-        (cn, cd), (rn, rd) = can_fd_frame_bits(8), can_fd_frame_bits(reply_dlc)
-        wire = can_mit_tick_us(rate, n_motors, 8, reply_dlc, True, data_rate)
-        arithmetic = (
-            f"mit_can FD at {rate}/{data_rate} bit/s: {n_motors} motors x (command {cn} + reply"
-            f" {rn} bits at {rate} bit/s + command {cd} + reply {rd} bits at {data_rate} bit/s,"
-            f" 8 + {reply_dlc} data bytes, worst-case stuffing) = {wire:.1f} us per tick"
-        )
-    elif kind == "mit_can":
-        reply_dlc = _reply_dlc(bus)
-        cmd, rep = can_frame_bits(8), can_frame_bits(reply_dlc)
-        wire = can_mit_tick_us(bus.bitrate, n_motors, 8, reply_dlc)
-        arithmetic = (
-            f"mit_can at {bus.bitrate} bit/s: {n_motors} motors x ({cmd} command + {rep} reply"
-            f" bits, worst-case stuffing) = {n_motors * (cmd + rep)} bits = {wire:.1f} us per tick"
-        )
-    else:
-        raise ValueError(f"unknown bus kind {kind!r} (expected 'dynamixel' or 'mit_can')")
-    return Budget(wire, 1e6 / follower_hz, usable_fraction, arithmetic)
-
-
-def _reply_dlc(bus: Any) -> int:
-    return dialect_class(getattr(bus, "dialect", "generic")).reply_dlc
-
-
-def check_budget(
-    bus: Any, n_motors: int, follower_hz: float, usable_fraction: float = DEFAULT_USABLE_FRACTION
-) -> Budget:
-    """Return the tick budget; raise ValueError showing the arithmetic when it does not fit."""
-    b = tick_budget(bus, n_motors, follower_hz, usable_fraction)
-    if b.wire_us > b.usable_us:
-        raise ValueError(
-            f"bus cannot carry follower.hz={follower_hz:g}: {b.arithmetic}; the period is"
-            f" {b.period_us:.1f} us and {usable_fraction:g} of it is {b.usable_us:.1f} us;"
-            f" {b.wire_us:.1f} us > {b.usable_us:.1f} us. Lower follower.hz to at most"
-            f" {int(b.max_hz)} Hz, raise the bus rate, or split the motors across buses."
-        )
-    return b

@@ -12,16 +12,16 @@ offering its plan `latency_s` after the observation it was computed from.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from runtime.config import DuetConfig
+from runtime.config import DuetConfig, SimConfig
 from runtime.follower.core import CoreSettings, FollowerCore, PlanRejected
 from runtime.follower.tracking import ResidualModel, Tracker
 from runtime.planner.observation import StateHistory
 from sim.task import RUNNING, SUCCESS, Episode, TaskTracker
-from sim.world import JOINTS, SimWorld
+from sim.world import SimWorld
 
 # (world, state history, tracker) -> (waypoints [H,6], latency_s): the planner renders the
 # cameras it reads and samples the history (the follower's state stream) as it needs
@@ -32,52 +32,49 @@ TickHook = Callable[[float, np.ndarray, np.ndarray, Tracker], None]
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """Rates and limits of the lockstep loop (from a DuetConfig, overridable for studies)."""
+    """The lockstep loop: its rates, plus the robot's own core settings (`core`, from the one
+    config mapping `CoreSettings.from_config`: what the follower process runs with).
+    `from_config(cfg, **over)` takes overrides of either for studies."""
 
     physics_hz: float
     follower_hz: float
     planner_hz: float
     dt_s: float
-    strategy: str
-    blend_s: float
-    residual_max: float
-    residual_filter_s: float
-    hold_decel: float
     timeout_s: float
-    pos_min: np.ndarray
-    pos_max: np.ndarray
-    vel_max: np.ndarray
-    acc_max: np.ndarray
+    core: CoreSettings
+    # the follower model's look-ahead window (training, not the robot's config)
     lookahead: int = 8
     lookahead_dt: float = 0.02
-    plan_timeout_s: float = 0.5
-    residual: bool = True
 
     @classmethod
     def from_config(cls, cfg: DuetConfig, dt_s: float = 0.1, **over: object) -> LoopSettings:
-        lim = cfg.robot.limits
-        sim = cfg.sim
+        core_names = {f.name for f in fields(CoreSettings)}
+        core = replace(CoreSettings.from_config(cfg),
+                       **{k: v for k, v in over.items() if k in core_names})  # type: ignore[arg-type]
+        sim = cfg.sim or SimConfig()  # no sim section: the sim's defaults
         values: dict[str, object] = {
-            "physics_hz": sim.physics_hz if sim else 1000.0,
-            "follower_hz": cfg.follower.hz, "planner_hz": cfg.planner.hz, "dt_s": dt_s,
-            "strategy": cfg.follower.chunk_strategy, "blend_s": cfg.follower.blend_ms / 1e3,
-            "residual_max": cfg.follower.residual_max, "hold_decel": cfg.follower.hold_decel,
-            "residual_filter_s": cfg.follower.residual_filter_ms / 1e3,
-            "timeout_s": sim.episode_timeout_s if sim else 12.0,
-            "pos_min": np.array(lim.position_min), "pos_max": np.array(lim.position_max),
-            "vel_max": np.array(lim.velocity_max), "acc_max": np.array(lim.accel_max),
-            "plan_timeout_s": cfg.follower.plan_timeout_ms / 1e3,
-        }
-        values.update(over)
+            "physics_hz": sim.physics_hz, "follower_hz": cfg.follower.hz,
+            "planner_hz": cfg.planner.hz, "dt_s": dt_s, "timeout_s": sim.episode_timeout_s,
+            "core": core}
+        values.update({k: v for k, v in over.items() if k not in core_names})
         return cls(**values)  # type: ignore[arg-type]
 
-    def core(self, tick_s: float) -> CoreSettings:
-        return CoreSettings(
-            joints=tuple(JOINTS), tick_s=tick_s, pos_min=self.pos_min, pos_max=self.pos_max,
-            vel_max=self.vel_max, acc_max=self.acc_max, plan_timeout_s=self.plan_timeout_s,
-            strategy=self.strategy, blend_s=self.blend_s, residual=self.residual,
-            residual_max=self.residual_max, residual_filter_s=self.residual_filter_s,
-            hold_decel=self.hold_decel, storm_misses=1 << 30)
+    # the core's settings the loop and the training read
+    strategy = property(lambda self: self.core.strategy)
+    blend_s = property(lambda self: self.core.blend_s)
+    residual = property(lambda self: self.core.residual)
+    residual_max = property(lambda self: self.core.residual_max)
+    residual_filter_s = property(lambda self: self.core.residual_filter_s)
+    hold_decel = property(lambda self: self.core.hold_decel)
+    plan_timeout_s = property(lambda self: self.core.plan_timeout_s)
+    pos_min = property(lambda self: self.core.pos_min)
+    pos_max = property(lambda self: self.core.pos_max)
+    vel_max = property(lambda self: self.core.vel_max)
+    acc_max = property(lambda self: self.core.acc_max)
+
+    def core_at(self, tick_s: float) -> CoreSettings:
+        """The core's settings on the lockstep tick (whole physics steps per tick)."""
+        return replace(self.core, tick_s=tick_s)
 
 
 @dataclass
@@ -124,7 +121,7 @@ def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
         act.hw_error[:] = 0
     task = TaskTracker(episode, timeout_s=s.timeout_s)
     task.start(world, world.time)
-    core = FollowerCore(s.core(tick_dt), model)
+    core = FollowerCore(s.core_at(tick_dt), model)
     q0 = world.q()
     core.start(_ns(world.time), q0, held=q0)  # servos on, at rest, holding q0
     tracker = core.tracker

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from drivers.bus_budget import check_budget
+from drivers.families import FAMILIES, check_budget, family_of
 from drivers.mit_dialects import DIALECTS, dialect_class
 
 
@@ -377,8 +377,7 @@ class DuetConfig(_Strict):
             if len(owner) != len(joints):
                 missing = [j for j in joints if j not in owner]
                 raise ValueError(f"buses: no bus drives {', '.join(missing)}")
-            wires = [(b.interface, b.channel) if isinstance(b, CanBusConfig) else b.device
-                     for _, b, _ in sections]
+            wires = [(b.kind, family_of(b).wire(b)) for _, b, _ in sections]
             if len(set(wires)) != len(wires):
                 raise ValueError("buses: two entries name the same wire (channel or device):"
                                  " make them one bus")
@@ -458,7 +457,7 @@ def validate(merged: dict[str, Any], layers: list[tuple[str, dict[str, Any]]]) -
         lines = []
         for err in exc.errors():
             # drop the union tag pydantic inserts into the location of discriminated unions
-            loc = tuple(p for p in err["loc"] if p not in ("dynamixel", "mit_can"))
+            loc = tuple(p for p in err["loc"] if p not in FAMILIES)
             key = ".".join(str(p) for p in loc) or "<root>"
             hint = ""
             if err["type"] == "extra_forbidden":

@@ -27,9 +27,9 @@ from typing import Any, Protocol
 
 import zmq
 
-from runtime.config import CanBusConfig, DynamixelBusConfig
+from runtime.config import CanBusConfig, ConfigError, DuetConfig, DynamixelBusConfig, SimConfig
 from runtime.ipc.rpc import Command, RequestError, bind_server
-from sim.actuators import HW_OVERLOAD, Actuators
+from sim.actuators import HW_OVERLOAD, MODE_MIT, Actuators
 
 
 class MotorLink(Protocol):
@@ -183,6 +183,25 @@ class CanLink:
 
     def stop(self) -> None:
         self.emulator.stop(close_bus=True)
+
+
+# The emulators the bus families name (drivers/*_family.py `emulator`): the motor end of one
+# configured bus, serving the actuators at `joints` (indices into robot.joints).
+def serve_serial(actuators: Actuators, bus: DynamixelBusConfig, joints: list[int],
+                 cfg: DuetConfig) -> MotorLink:
+    if cfg.buses is not None:
+        raise ConfigError("sim: per-limb buses (`buses:`) need sim.transport 'can'")
+    # a stable name, as udev gives a real adapter: a replugged line keeps its path
+    return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0",
+                      (cfg.sim or SimConfig()).rt_priority)
+
+
+def serve_can(actuators: Actuators, bus: CanBusConfig, joints: list[int],
+              cfg: DuetConfig) -> MotorLink:
+    with actuators.lock:  # homed by an earlier session over this bus: its gains
+        actuators.mode[joints] = MODE_MIT
+        actuators.kp[joints], actuators.kd[joints] = bus.kp, bus.kd
+    return CanLink(actuators, bus, (cfg.sim or SimConfig()).rt_priority, joints=joints)
 
 
 class LinkGroup:

@@ -32,14 +32,16 @@ from typing import Any
 import numpy as np
 import zmq
 
-from runtime.config import CanBusConfig, ConfigError, DuetConfig, DynamixelBusConfig, SimConfig
+from drivers.bus_family import resolve
+from drivers.families import FAMILIES, family_of
+from runtime.config import ConfigError, DuetConfig, SimConfig
 from runtime.follower.buses import bus_sections
 from runtime.ipc import endpoints
 from runtime.ipc.messages import Encoder, pack_array
 from runtime.stack.summary import SimSummary
-from sim.actuators import MODE_MIT, Actuators
+from sim.actuators import Actuators
 from sim.camera import SceneCamera
-from sim.faults import CanLink, FaultInjector, LinkGroup, MotorLink, SerialLink
+from sim.faults import FaultInjector, LinkGroup, MotorLink
 from sim.task import RUNNING, SUCCESS, Episode, TaskTracker, episode_seed
 from sim.world import JOINTS, SimWorld
 
@@ -50,28 +52,20 @@ SEND_HWM = 16
 
 
 def _open_link(cfg: DuetConfig, actuators: Actuators) -> MotorLink:
-    """Start the emulated motors behind the configured transport (one link per bus)."""
-    sim_cfg = cfg.sim or SimConfig()
+    """Start the emulated motors behind the configured transport (one link per bus): each
+    bus family names its emulator (drivers/families.py)."""
+    transport = (cfg.sim or SimConfig()).transport
     joints = list(cfg.robot.joints)
     links: list[MotorLink] = []
     try:
         for bus, names in bus_sections(cfg):
-            if sim_cfg.transport == "serial":
-                if not isinstance(bus, DynamixelBusConfig):
-                    raise ConfigError("sim.transport is 'serial' but a bus is not 'dynamixel'")
-                if cfg.buses is not None:
-                    raise ConfigError("sim: per-limb buses (`buses:`) need sim.transport 'can'")
-                # a stable name, as udev gives a real adapter: a replugged line keeps its path
-                links.append(SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0",
-                                        sim_cfg.rt_priority))
-            elif not isinstance(bus, CanBusConfig):
-                raise ConfigError("sim.transport is 'can' but a bus is not 'mit_can'")
-            else:
-                idx = [joints.index(n) for n in names]
-                with actuators.lock:  # homed by an earlier session over this bus: its gains
-                    actuators.mode[idx] = MODE_MIT
-                    actuators.kp[idx], actuators.kd[idx] = bus.kp, bus.kd
-                links.append(CanLink(actuators, bus, sim_cfg.rt_priority, joints=idx))
+            fam = family_of(bus)
+            if fam.sim_transport != transport:
+                kinds = " or ".join(repr(k) for k, f in FAMILIES.items()
+                                    if f.sim_transport == transport)
+                raise ConfigError(f"sim.transport is {transport!r} but a bus is not {kinds}")
+            serve = resolve(fam.emulator)
+            links.append(serve(actuators, bus, [joints.index(n) for n in names], cfg))
     except BaseException:
         for link in links:
             link.stop()

@@ -38,10 +38,9 @@ NOW = 10**12
 
 
 def _core() -> FollowerCore:
-    lim = np.full(N, 2.5)
-    core = FollowerCore(CoreSettings(joints=tuple(f"j{i}" for i in range(N)), tick_s=0.002,
-                                     pos_min=-lim, pos_max=lim, vel_max=np.full(N, 3.0),
-                                     acc_max=np.full(N, 100.0)))
+    from runtime.config import load_config
+
+    core = FollowerCore(CoreSettings.from_config(load_config(ROOT / "configs/sim.yaml")))
     core.start(NOW - 10**9, np.zeros(N), None)
     return core
 

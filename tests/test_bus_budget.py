@@ -11,11 +11,10 @@ from drivers.bus_budget import (
     can_frame_bits,
     can_frame_us,
     can_mit_tick_us,
-    check_budget,
     dynamixel_tick_bytes,
     dynamixel_tick_us,
-    tick_budget,
 )
+from drivers.families import check_budget, tick_budget
 
 CAN_1M = SimpleNamespace(kind="mit_can", bitrate=1_000_000)
 DXL_4M = SimpleNamespace(kind="dynamixel", baudrate=4_000_000, return_delay_us=0.0)

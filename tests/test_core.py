@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ MS = 1_000_000
 
 def _settings(**over: object) -> CoreSettings:
     cfg = load_config(REPO / "configs/sim.yaml")
-    return CoreSettings.from_config(cfg, **over)
+    return replace(CoreSettings.from_config(cfg), **over)  # type: ignore[arg-type]
 
 
 def _core(**over: object) -> FollowerCore:
@@ -237,3 +238,52 @@ def test_steady_state_tick_allocates_nothing(tmp_path: Path) -> None:
     # A per-tick leak would leave >= 10,000 blocks; up to a couple of hundred either way are
     # interpreter bookkeeping (free lists, caches) that moves with whatever ran before.
     assert grown < 200, f"{grown} blocks left allocated by 10,000 ticks"
+
+
+def test_tune_takes_a_settings_object_and_refuses_structural_changes() -> None:
+    core = _core()
+    tuned = replace(core.s, strategy="switch", blend_s=0.02, residual_max=0.01,
+                    hold_decel=2.0, plan_timeout_s=0.2)
+    core.tune(tuned)
+    assert core.s is tuned and core.plan_timeout_ns == 200 * MS
+    assert core.tracker.reference.strategy == "switch"
+    assert core.tracker.reference.blend_s == 0.02 and core.tracker.brake.decel == 2.0
+    with pytest.raises(ValueError, match="restart needed: state_margin, fault_action"):
+        core.tune(replace(tuned, state_margin=0.5, fault_action="torque_off"))
+    assert core.s is tuned
+
+
+def test_every_live_key_of_the_config_maps_to_a_tunable_core_setting() -> None:
+    """`duet set KEY` retunes the core from the whole config: a key in config.TUNABLES that
+    moved a structural core setting would be refused mid-run."""
+    from runtime.config import TUNABLES
+    from runtime.follower.core import TUNABLE_SETTINGS
+
+    cfg = load_config(REPO / "configs/sim.yaml")
+    base = CoreSettings.from_config(cfg)
+    changed = {"follower.blend_ms": 20.0, "follower.residual": False,
+               "follower.residual_max": 0.01, "follower.residual_filter_ms": 10.0,
+               "follower.hold_decel": 2.0, "follower.plan_timeout_ms": 200.0,
+               "follower.chunk_strategy": "switch"}
+    assert set(changed) == TUNABLES
+    for key, value in changed.items():
+        setattr(cfg.follower, key.split(".", 1)[1], value)
+        moved = set(base.differences(CoreSettings.from_config(cfg)))
+        assert moved and moved <= TUNABLE_SETTINGS, key
+        base = CoreSettings.from_config(cfg)
+
+
+def test_controlled_stop_brakes_to_rest_unless_latched() -> None:
+    core = _core()
+    t = _run(core, TICK_NS, 100, plan_every=25)
+    assert core.mode == Mode.TRACK and core.newest_t_obs_ns > 0
+    assert core.start_brake()
+    last = core.command.copy()
+    for _ in range(400):
+        core.brake_step()
+        step, last = np.abs(core.command - last).max(), core.command.copy()
+    assert step < 1e-9  # at rest
+    core.estop("test")
+    assert not core.start_brake()
+    core.reset(np.zeros(N), None)
+    assert core.newest_t_obs_ns == 0 and t > 0

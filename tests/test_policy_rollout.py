@@ -130,3 +130,38 @@ def test_generate_dataset_shapes(settings: LoopSettings) -> None:
     assert len(fdata["episode"]) == m
     # labels are the expert's chunk at the recorded state: its first waypoint is near q
     assert np.abs(pdata["chunk"][:, 0] - pdata["q"]).max() < 0.5
+
+
+def test_eval_and_robot_build_the_same_core_settings(tmp_path: Path, monkeypatch) -> None:
+    """One config -> core mapping: the lockstep eval's core and the follower process's core
+    are built from the same config alike, margins and fault action included."""
+    import policy.rollout
+    import runtime.follower.process
+    from runtime.follower.core import CoreSettings
+
+    cfg = load_config(CONFIG, overrides=[
+        "robot.limits.state_margin=0.07", "robot.limits.plan_margin=0.45",
+        "follower.fault_action=torque_off", "follower.blend_ms=40", "follower.residual=false",
+        f"run_dir={tmp_path}"])
+    built: dict[str, CoreSettings] = {}
+
+    class Built(Exception):
+        pass
+
+    def capture(where: str):  # stands in for FollowerCore: records what it is given
+        def core(s: CoreSettings, model: object = None) -> None:
+            built[where] = s
+            raise Built
+        return core
+
+    monkeypatch.setattr(policy.rollout, "FollowerCore", capture("eval"))
+    monkeypatch.setattr(runtime.follower.process, "FollowerCore", capture("robot"))
+    with pytest.raises(Built):
+        run_episode(SimWorld(seed=0), Episode(0, 0.5), lambda *a: (None, 0.0), None,
+                    LoopSettings.from_config(cfg))
+    with pytest.raises(Built):
+        runtime.follower.process.Follower(cfg, bus=object())  # type: ignore[arg-type]
+    eval_s, robot_s = built["eval"], built["robot"]
+    assert eval_s.differences(robot_s) == []
+    assert (robot_s.state_margin, robot_s.plan_margin, robot_s.fault_action,
+            robot_s.blend_s, robot_s.residual) == (0.07, 0.45, "torque_off", 0.04, False)

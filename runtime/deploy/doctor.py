@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from runtime.config import CanBusConfig, ConfigError, DuetConfig, load_config
+from drivers.families import family_of
+from runtime.config import BusConfig, ConfigError, DuetConfig, load_config
 from runtime.follower.buses import bus_sections
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -43,44 +43,11 @@ def _cmd(argv: list[str], timeout_s: float = 3.0) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def check_serial(device: str, installed: bool = False) -> Check:
-    if device == "sim":
-        if installed:
-            return Check("bus device", FAIL, "bus.device is `sim` in the installed config: "
-                         "the follower has no motors and will crash-loop",
-                         "sudo duet config set bus.device=/dev/ttyDUET0")
-        return Check("bus device", OK, "sim pty (created by the sim at start)")
-    path = Path(device)
-    if not path.exists():
-        return Check("bus device", FAIL, f"{device} does not exist",
-                     "plug in the adapter; check `udevadm info -a -n /dev/ttyUSB0` against "
-                     "/etc/udev/rules.d/99-duet-serial.rules (re-run duet install --usb-serial)")
-    if not stat.S_ISCHR(path.stat().st_mode):
-        return Check("bus device", FAIL, f"{device} is not a character device")
-    if not os.access(path, os.R_OK | os.W_OK):
-        return Check("bus device", FAIL, f"{device} is not read/writable by uid {os.getuid()}",
-                     "the duet user must be in the device's group: usermod -aG dialout duet")
-    real = os.path.realpath(device)
-    latency = Path("/sys/bus/usb-serial/devices") / Path(real).name / "latency_timer"
-    if latency.exists() and latency.read_text().strip() not in ("0", "1"):
-        return Check("bus device", WARN,
-                     f"{device} ok but FTDI latency_timer is {latency.read_text().strip()} ms",
-                     f"echo 1 | sudo tee {latency} (the duet udev rule sets it on plug-in)")
-    return Check("bus device", OK, f"{device} -> {real}, read/write")
-
-
-def check_can(bus: CanBusConfig, sys_root: Path = Path("/sys")) -> Check:
-    if bus.interface != "socketcan":
-        return Check("bus device", OK, f"python-can interface {bus.interface!r} ({bus.channel})")
-    base = sys_root / "class" / "net" / bus.channel
-    if not base.exists():
-        return Check("bus device", FAIL, f"CAN interface {bus.channel} does not exist",
-                     "plug in the adapter; check /etc/systemd/network/80-duet-can.link")
-    flags = int((base / "flags").read_text(), 16)
-    if not flags & 0x1:  # IFF_UP
-        return Check("bus device", FAIL, f"CAN interface {bus.channel} is down",
-                     f"sudo ip link set {bus.channel} up type can bitrate {bus.bitrate}")
-    return Check("bus device", OK, f"CAN interface {bus.channel} is up")
+def check_bus(bus: BusConfig, installed: bool = False, sys_root: Path = Path("/sys")) -> Check:
+    """The bus's device, as its family checks it (a serial device's node and permissions, a
+    CAN interface being up, ...)."""
+    level, detail, fix = family_of(bus).check_device(bus, installed, str(sys_root))
+    return Check("bus device", level, detail, fix)
 
 
 def check_realtime(cfg: DuetConfig) -> list[Check]:
@@ -449,8 +416,7 @@ def diagnose(config: Path, site: Path | None, run_dir: str) -> list[Check]:
     jetson = check_jetson(system)
     checks = [Check("config", OK, f"{config}" + (f" + {site}" if site and site.exists() else ""))]
     steps: list[Callable[[], Check | list[Check]]] = [
-        lambda: [check_can(bus) if isinstance(bus, CanBusConfig) else
-                 check_serial(bus.device, installed) for bus, _ in bus_sections(cfg)],
+        lambda: [check_bus(bus, installed) for bus, _ in bus_sections(cfg)],
         lambda: check_cameras(cfg),
         lambda: check_services(cfg),
         lambda: check_run_dir(run_dir),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import configparser
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from runtime.config import CanBusConfig, DuetConfig, load_config
+from drivers.families import family_of
+from runtime.config import DuetConfig, load_config
 from runtime.deploy.bundle_store import BundleStore
 from runtime.deploy.jetson import L4TRelease, l4t_release
 from runtime.deploy.journal import Journal
@@ -48,8 +48,6 @@ SERVICES = UNITS[1:]
 DROPIN = "duet-follower.service.d/realtime.conf"
 DEVICE_DROPIN = "duet-follower.service.d/device.conf"
 CPU_DROPIN = "cpu.conf"  # in duet-planner.service.d and duet-recorder.service.d
-# USB ids of the ROBOTIS U2D2 (FTDI FT232H), the usual Dynamixel adapter.
-U2D2_MATCH = 'ATTRS{idVendor}=="0403", ATTRS{idProduct}=="6014"'
 # Config keys the rendered drop-ins and udev rules come from: `duet config set` re-renders them.
 DERIVED_KEY_PREFIXES = ("follower.realtime", "bus", "buses")
 
@@ -82,10 +80,7 @@ def render_cpu_dropin(cfg: DuetConfig, n_cpus: int) -> str:
 def device_unit(cfg: DuetConfig) -> str:
     """The systemd .device unit of the motor bus (as `systemd-escape --path` names it)."""
     bus = single_bus(cfg, "duet install")
-    if isinstance(bus, CanBusConfig):
-        path = f"/sys/subsystem/net/devices/{bus.channel}"
-    else:
-        path = bus.device
+    path = family_of(bus).device_path(bus)
     out = []
     for i, ch in enumerate(path.strip("/")):
         if ch == "/":
@@ -119,22 +114,11 @@ def render_unit(text: str, prefix: str) -> str:
 
 
 def render_udev(cfg: DuetConfig, usb_serial: str | None) -> dict[str, str]:
-    """File name (relative to root) -> content, for the configured bus kind."""
+    """File name (relative to root) -> content, for the configured bus's family."""
     tpl = templates_dir()
     bus = single_bus(cfg, "duet install")
-    if isinstance(bus, CanBusConfig):
-        match = (f"Property=ID_SERIAL_SHORT={usb_serial}" if usb_serial
-                 else "Driver=gs_usb")  # candleLight / CANable firmware
-        ip = shutil.which("ip") or "/usr/sbin/ip"
-        return {
-            "etc/systemd/network/80-duet-can.link": (tpl / "80-duet-can.link").read_text()
-            .format(match=match, channel=bus.channel),
-            "etc/udev/rules.d/99-duet-can.rules": (tpl / "99-duet-can.rules").read_text()
-            .format(channel=bus.channel, bitrate=bus.bitrate, ip=ip),
-        }
-    match = f'ATTRS{{serial}}=="{usb_serial}"' if usb_serial else U2D2_MATCH
-    return {"etc/udev/rules.d/99-duet-serial.rules":
-            (tpl / "99-duet-serial.rules").read_text().format(match=match)}
+    return {rel: (tpl / template).read_text().format(**values)
+            for rel, (template, values) in family_of(bus).udev_files(bus, usb_serial).items()}
 
 
 def wanted_by(unit_text: str) -> list[str]:
@@ -430,10 +414,9 @@ def rerender(lay: Layout, cfg: DuetConfig, journal: Journal) -> list[Path]:
     if not (lay.units / "duet-follower.service").is_file():
         return []
     files = {lay.units / rel: text for rel, text in render_dropins(cfg).items()}
-    link = lay.network / "80-duet-can.link"
-    if isinstance(single_bus(cfg, "duet config set"), CanBusConfig) and link.is_file():
-        match = link.read_text().split("[Match]\n", 1)[-1].split("\n", 1)[0]
-        serial = match.removeprefix("Property=ID_SERIAL_SHORT=") if "=ID_SERIAL" in match \
-            else None
+    fam = family_of(single_bus(cfg, "duet config set"))
+    rules = lay.root / fam.config_rules if fam.config_rules is not None else None
+    if rules is not None and rules.is_file():
+        serial = fam.usb_serial_in(rules.read_text())
         files.update({lay.root / rel: text for rel, text in render_udev(cfg, serial).items()})
     return [path for path, text in files.items() if journal.write(path, text)]

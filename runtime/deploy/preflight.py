@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runtime.config import CanBusConfig, DuetConfig
+from drivers.families import family_of
+from runtime.config import DuetConfig
 from runtime.follower.buses import bus_sections
 from runtime.model.bundle import BundleError, load_bundle
 from runtime.model.robot_bundle import contract_problems
-
-SIM_CAN_INTERFACES = ("virtual", "duet-udp")  # python-can interfaces with no motors behind
 
 
 def bundle_problems(cfg: DuetConfig) -> list[str]:
@@ -33,9 +32,11 @@ def device_problems(cfg: DuetConfig) -> list[str]:
     """Devices the config names exist (a sim robot's devices appear when the sim starts)."""
     out = []
     for key, section in _bus_keys(cfg):
-        device = getattr(section, "device", None)
-        if device is not None and device != "sim" and not Path(device).exists():
-            out.append(f"{key}.device: {device} does not exist (adapter unplugged? udev rule?)")
+        fam = family_of(section)
+        device = fam.device_node(section)
+        if device is not None and not Path(device).exists():
+            out.append(f"{key}.{fam.wire_key}: {device} does not exist (adapter unplugged? "
+                       "udev rule?)")
     return out + camera_problems(cfg)
 
 
@@ -56,10 +57,7 @@ def sim_problems(cfg: DuetConfig) -> list[str]:
     if cfg.sim is not None and cfg.sim.enabled:
         out.append("sim.enabled is true")
     for key, section in _bus_keys(cfg):
-        if getattr(section, "device", None) == "sim":
-            out.append(f"{key}.device is `sim`")
-        if isinstance(section, CanBusConfig) and section.interface in SIM_CAN_INTERFACES:
-            out.append(f"{key}.interface is {section.interface!r}")
+        out += [f"{key}.{why}" for why in family_of(section).simulated(section)]
     return out
 
 

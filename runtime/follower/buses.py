@@ -1,9 +1,11 @@
-"""Pick the motor-bus drivers the config names (drivers/ stays free of runtime imports)."""
+"""Pick the motor-bus drivers the config names, through the family table (drivers/families.py;
+drivers/ stays free of runtime imports)."""
 
 from __future__ import annotations
 
 from drivers.bus import MotorBus
-from runtime.config import BusConfig, CanBusConfig, ConfigError, DuetConfig
+from drivers.families import family_of
+from runtime.config import BusConfig, ConfigError, DuetConfig
 
 
 def bus_sections(cfg: DuetConfig) -> list[tuple[BusConfig, list[str]]]:
@@ -23,13 +25,7 @@ def single_bus(cfg: DuetConfig, what: str) -> BusConfig:
 
 
 def _one(bus_cfg: BusConfig, joints: list[str]) -> MotorBus:
-    if isinstance(bus_cfg, CanBusConfig):
-        from drivers.can_mit import MitCanBus
-
-        return MitCanBus.from_config(bus_cfg, joints)
-    from drivers.dynamixel import DynamixelBus
-
-    return DynamixelBus.from_config(bus_cfg, joints)
+    return family_of(bus_cfg).open(bus_cfg, joints)
 
 
 def open_bus(cfg: DuetConfig) -> MotorBus:

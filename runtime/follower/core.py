@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -47,45 +47,57 @@ class PlanRejected(Exception):
         self.kind = kind
 
 
+# The settings `duet set` may change on a running core (config.TUNABLES, in core units).
+TUNABLE_SETTINGS = frozenset({"strategy", "blend_s", "residual", "residual_max",
+                              "residual_filter_s", "hold_decel", "plan_timeout_s"})
+
+
 @dataclass(frozen=True)
 class CoreSettings:
+    """What the core decides with, in its units (seconds, radians). No defaults here: they
+    live in the config schema, and `from_config` is the one mapping from a config to these,
+    used by the follower process, the lockstep eval and the benches alike."""
+
     joints: tuple[str, ...]
     tick_s: float
     pos_min: np.ndarray
     pos_max: np.ndarray
     vel_max: np.ndarray
     acc_max: np.ndarray
-    state_margin: float = 0.15
-    plan_margin: float = 0.3
-    plan_timeout_s: float = 0.5
-    strategy: str = "blend"
-    blend_s: float = 0.08
-    residual: bool = True
-    residual_max: float = 0.05
-    residual_filter_s: float = 0.05
-    hold_decel: float = 4.0
-    bus_error_threshold: int = 5
-    storm_misses: int = 50
-    storm_window: int = 500
-    fault_action: str = "hold"
+    state_margin: float
+    plan_margin: float
+    plan_timeout_s: float
+    strategy: str
+    blend_s: float
+    residual: bool
+    residual_max: float
+    residual_filter_s: float
+    hold_decel: float
+    bus_error_threshold: int
+    storm_misses: int
+    storm_window: int
+    fault_action: str
 
     @classmethod
-    def from_config(cls, cfg: DuetConfig, **over: object) -> CoreSettings:
+    def from_config(cls, cfg: DuetConfig) -> CoreSettings:
+        """The robot's core settings; a study changes one with `dataclasses.replace`."""
         fc, lim = cfg.follower, cfg.robot.limits
-        values: dict[str, object] = {
-            "joints": tuple(cfg.robot.joints), "tick_s": 1.0 / fc.hz,
-            "pos_min": np.array(lim.position_min), "pos_max": np.array(lim.position_max),
-            "vel_max": np.array(lim.velocity_max), "acc_max": np.array(lim.accel_max),
-            "state_margin": lim.state_margin, "plan_margin": lim.plan_margin,
-            "plan_timeout_s": fc.plan_timeout_ms / 1e3, "strategy": fc.chunk_strategy,
-            "blend_s": fc.blend_ms / 1e3, "residual": fc.residual,
-            "residual_max": fc.residual_max, "residual_filter_s": fc.residual_filter_ms / 1e3,
-            "hold_decel": fc.hold_decel, "bus_error_threshold": fc.bus_error_threshold,
-            "storm_misses": fc.deadline_storm.misses,
-            "storm_window": fc.deadline_storm.window_ticks, "fault_action": fc.fault_action,
-        }
-        values.update(over)
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(
+            joints=tuple(cfg.robot.joints), tick_s=1.0 / fc.hz,
+            pos_min=np.array(lim.position_min), pos_max=np.array(lim.position_max),
+            vel_max=np.array(lim.velocity_max), acc_max=np.array(lim.accel_max),
+            state_margin=lim.state_margin, plan_margin=lim.plan_margin,
+            plan_timeout_s=fc.plan_timeout_ms / 1e3, strategy=fc.chunk_strategy,
+            blend_s=fc.blend_ms / 1e3, residual=fc.residual,
+            residual_max=fc.residual_max, residual_filter_s=fc.residual_filter_ms / 1e3,
+            hold_decel=fc.hold_decel, bus_error_threshold=fc.bus_error_threshold,
+            storm_misses=fc.deadline_storm.misses,
+            storm_window=fc.deadline_storm.window_ticks, fault_action=fc.fault_action)
+
+    def differences(self, other: CoreSettings) -> list[str]:
+        """The names of the settings that differ (arrays compared by value)."""
+        return [f.name for f in fields(self)
+                if not np.array_equal(getattr(self, f.name), getattr(other, f.name))]
 
 
 class FollowerCore:
@@ -116,7 +128,7 @@ class FollowerCore:
         self._bus_failures = 0
         self._pending = False  # a plan is prepared for the next tick to take
         self._last_t = float("-inf")  # the last tick's time (s since epoch)
-        self._newest_t_obs_ns = 0
+        self._newest_t_obs_ns = 0  # of the newest plan taken; 0: none since start or reset
         self._miss_ring = bytearray(s.storm_window)  # scalar access: faster than numpy
         self._miss_i = 0
         self._miss_count = 0
@@ -230,6 +242,29 @@ class FollowerCore:
             self.fault(f"deadline-miss storm: {self._miss_count} of the last "
                        f"{len(ring)} ticks late")
 
+    @property
+    def newest_t_obs_ns(self) -> int:
+        """Observation time of the newest plan taken (0: none since start or reset)."""
+        return self._newest_t_obs_ns
+
+    def idle_tick(self) -> None:
+        """A tick with no measurement to step on (no bus traffic, or the read failed): counted
+        in the mode it was spent in."""
+        self.mode_ticks[self.mode] += 1
+
+    # ------------------------------------------------------------------ controlled stop
+    def start_brake(self) -> bool:
+        """Controlled stop: brake from the last command to rest at `hold_decel`. False when
+        the core may not move the motors (latched, or the bus is dead); then write nothing."""
+        if self.bus_dead or self.latched:
+            return False
+        self.tracker.start_hold(self.filter.last, self.filter.last_vel)
+        return True
+
+    def brake_step(self) -> None:
+        """The next braking command into `command` (one per tick after `start_brake`)."""
+        self.filter.apply(self.tracker.hold_command(), self.command)
+
     # ------------------------------------------------------------------ plans
     def offer_plan(self, waypoints: np.ndarray, dt_s: float, t_obs_ns: int, now_ns: int) -> None:
         """Validate a decoded plan; keep it as the newest. Raises PlanRejected(kind)."""
@@ -329,15 +364,20 @@ class FollowerCore:
         return True
 
     # ------------------------------------------------------------------ live tuning
-    def tune(self, strategy: str, blend_s: float, residual: bool, residual_max: float,
-             residual_filter_s: float, hold_decel: float, plan_timeout_s: float) -> None:
+    def tune(self, s: CoreSettings) -> None:
+        """Take the tunable settings of `s` (TUNABLE_SETTINGS); any other difference from the
+        running settings is structural and refused, naming the settings."""
+        structural = [n for n in self.s.differences(s) if n not in TUNABLE_SETTINGS]
+        if structural:
+            raise ValueError(f"not live-tunable, restart needed: {', '.join(structural)}")
         ref = self.tracker.reference
-        ref.blend_s = blend_s
-        if ref.strategy != strategy:
-            ref.strategy = strategy
+        ref.blend_s = s.blend_s
+        if ref.strategy != s.strategy:
+            ref.strategy = s.strategy
             ref.clear()
         tr = self.tracker
-        tr.use_residual = residual and tr.model is not None
-        tr.residual_max, tr.residual_filter_s = residual_max, residual_filter_s
-        tr.brake.decel = hold_decel
-        self.plan_timeout_ns = round(plan_timeout_s * 1e9)
+        tr.use_residual = s.residual and tr.model is not None
+        tr.residual_max, tr.residual_filter_s = s.residual_max, s.residual_filter_s
+        tr.brake.decel = s.hold_decel
+        self.plan_timeout_ns = round(s.plan_timeout_s * 1e9)
+        self.s = s

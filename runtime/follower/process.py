@@ -283,16 +283,16 @@ class Follower:
     def _tick(self, now_ns: int) -> None:
         core = self.core
         if core.bus_dead or self.reset_job is not None:
-            core.mode_ticks[core.mode] += 1  # no bus traffic: the motors hold on their own
+            core.idle_tick()  # no bus traffic: the motors hold on their own
             return
         try:
             self.bus.read(self.state)
         except MotorFault as exc:
-            core.mode_ticks[core.mode] += 1
+            core.idle_tick()
             core.fault(f"motor fault: {exc}")
             return
         except BusError as exc:
-            core.mode_ticks[core.mode] += 1
+            core.idle_tick()
             core.bus_failed(str(exc))
             return
         core.bus_ok()
@@ -450,8 +450,7 @@ class Follower:
             setattr(fc, name, value)  # validate_assignment checks type and range
         except ValueError as exc:
             raise RequestError(f"{key}: {exc}") from None
-        self.core.tune(fc.chunk_strategy, fc.blend_ms / 1e3, fc.residual, fc.residual_max,
-                       fc.residual_filter_ms / 1e3, fc.hold_decel, fc.plan_timeout_ms / 1e3)
+        self.core.tune(CoreSettings.from_config(self.cfg))
         log.info("live change: %s = %r", key, getattr(fc, name))
         return {key: getattr(fc, name)}
 
@@ -465,11 +464,10 @@ class Follower:
         if self.reset_job is not None:
             self.reset_job.done.wait(2.0)
             self.reset_job = None
-        if not core.bus_dead and not core.latched and self.torque_on:
-            core.tracker.start_hold(core.filter.last, core.filter.last_vel)
+        if self.torque_on and core.start_brake():
             for _ in range(int(0.3 * self.cfg.follower.hz)):
                 try:
-                    core.filter.apply(core.tracker.hold_command(), core.command)
+                    core.brake_step()
                     self.bus.write(core.command)
                 except (BusError, CommandError):
                     break
@@ -542,8 +540,8 @@ class Follower:
             "deadline_misses": self.deadline_misses,
             "period_jitter_us": summarize(np.abs(periods - self.period_ns / 1000.0)),
             "tick_compute_us": summarize(self.compute.values(window)),
-            "plan_age_ms": round((time.monotonic_ns() - core._newest_t_obs_ns) / 1e6, 1)
-            if core._newest_t_obs_ns else None,
+            "plan_age_ms": round((time.monotonic_ns() - core.newest_t_obs_ns) / 1e6, 1)
+            if core.newest_t_obs_ns else None,
             "plan_delivery_us": summarize(self.delivery.values(100), ("p50", "p99")),
             "plans": self.plans_received,
             "dropped_messages": self.dropped_messages(),

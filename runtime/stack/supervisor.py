@@ -22,7 +22,8 @@ from typing import IO
 
 import yaml
 
-from runtime.config import CanBusConfig, ConfigError, DuetConfig, config_to_dict
+from drivers.families import family_of
+from runtime.config import ConfigError, DuetConfig, config_to_dict
 from runtime.ipc import endpoints, rundir
 from runtime.ipc.signals import stop_on_signals
 from runtime.stack.summary import build_summary, print_summary
@@ -142,8 +143,8 @@ class Supervisor:
             self._spawn("sim", ["sim", "--config", str(effective)], stdout=subprocess.PIPE)
             line = _read_first_line(self.children["sim"], self.ready_timeout_s)
             if self.cfg.bus is not None:  # per-limb buses: the sim serves the configured ones
-                key = "bus.channel" if isinstance(self.cfg.bus, CanBusConfig) else "bus.device"
-                overrides.append(f"{key}={line}")
+                wire_key = family_of(self.cfg.bus).wire_key  # the pty path or the channel
+                overrides.append(f"bus.{wire_key}={line}")
             self.device = line
             log.info("sim robot on %s", line)
         sets = [a for o in overrides for a in ("--set", o)]
