@@ -12,6 +12,11 @@ Bus lifecycle (ros2_control style): this process owns the bus -- open, read the 
 motors already hold, enable, read/write, disable, close -- except while a `reset` reopens it
 on a worker thread; the loop then skips bus traffic (the motors hold or stay torque-off) and
 keeps its deadlines.
+
+One class on purpose (over 400 lines): the loop, its bus I/O and the control handlers that run
+in its slack share the bus, the core and the tick's timing. What stands alone lives beside it:
+the figures and records it publishes (figures.py), the latch (latch.py), the reset's worker
+(reset.py), the bus from the config (buses.py).
 """
 
 from __future__ import annotations
@@ -19,10 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import select
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,16 +38,18 @@ from drivers.camera import CameraError
 from runtime.config import TUNABLES, DuetConfig
 from runtime.follower.buses import open_bus
 from runtime.follower.core import CoreSettings, FollowerCore, PlanRejected
+from runtime.follower.figures import LoopFigures
+from runtime.follower.latch import Latch
 from runtime.follower.realtime import apply_realtime, collect_if_slack, freeze_gc
-from runtime.follower.records import FollowerHealth, FollowerSummary, FollowerTelemetry
+from runtime.follower.records import FollowerSummary, FollowerTelemetry
+from runtime.follower.reset import ResetJob
 from runtime.follower.safety import LATCHED, Mode
 from runtime.ipc import endpoints, rundir
 from runtime.ipc.access import OPERATOR, Policy, ZapHandler, uid_of
-from runtime.ipc.messages import Encoder, FrameTemplate, MessageError, decode_plan, pack_array
+from runtime.ipc.messages import Encoder, FrameTemplate, MessageError, decode_plan
 from runtime.ipc.notify import notifier
 from runtime.ipc.rpc import Command, Deferred, RequestError, bind_server
 from runtime.ipc.signals import stop_on_signals
-from runtime.ipc.stats import Ring, summarize
 from runtime.model.bundle import BundleError
 from runtime.model.engines import EngineError, engine_options
 from runtime.model.residual import residual_model
@@ -52,57 +57,8 @@ from runtime.model.robot_bundle import robot_bundle
 
 log = logging.getLogger("duet.follower")
 
-RING_CAPACITY = 1 << 21  # ~35 min at 1 kHz of per-tick samples for the exit summary
 SLACK_FOR_TELEMETRY_NS = 400_000  # publish telemetry only with this much time to the deadline
 EXIT_FAULT, EXIT_ESTOP = 3, 4  # the follower ended latched: shown by systemd and `duet run`
-
-
-class ResetJob:
-    """A reset on a worker thread: reopen a dead bus, read the motors and the goal they hold;
-    then, if torque was off, hold the measured position and enable torque."""
-
-    def __init__(self, follower: Follower, deferred: Deferred) -> None:
-        self.f, self.deferred = follower, deferred
-        self.q = np.zeros(follower.n)
-        self.goal = np.zeros(follower.n)
-        self.torque_on = False
-        self.error: str | None = None
-        self.phase = 1
-        self.estops_at_start = follower.core.estops  # an estop meanwhile wins over the reset
-        self.done = threading.Event()
-        self._start(self._read)
-
-    def _start(self, target: Any) -> None:
-        self.done.clear()
-        threading.Thread(target=target, name="duet-reset", daemon=True).start()
-
-    def _read(self) -> None:
-        f = self.f
-        try:
-            if f.core.bus_dead:
-                f.bus.close()
-                f.bus.open()
-            f.bus.read(f.state)
-            self.q[:] = f.state.q
-            self.torque_on = f.bus.present_goal(self.goal)
-        except BusError as exc:
-            self.error = f"bus not back: {exc}"
-        self.done.set()
-
-    def enable(self, command: np.ndarray) -> None:
-        """Phase 2: the core accepted the reset; hold its command and enable torque."""
-        self.phase = 2
-        self._command = command.copy()
-        self._start(self._enable)
-
-    def _enable(self) -> None:
-        try:
-            self.f.bus.write(self._command)
-            self.f.bus.enable_torque(True)
-            self.torque_on = True
-        except (BusError, CommandError) as exc:
-            self.error = f"torque not enabled: {exc}"
-        self.done.set()
 
 
 class Follower:
@@ -128,21 +84,11 @@ class Follower:
         self._goal = np.zeros(self.n)
         self.torque_on = False
         self.reset_job: ResetJob | None = None
+        self.latch = Latch(self.run_dir / endpoints.LATCH)
         self.stop_requested = False
         self.estop_signal = False
 
-        # counters and samples
-        self.ticks = 0
-        self.deadline_misses = 0
-        self.periods = Ring(RING_CAPACITY)
-        self.compute = Ring(RING_CAPACITY)
-        self.missed = Ring(1 << 12)  # 1.0 per late tick, for the health window
-        self.delivery = Ring(1 << 16)
-        self.read_us = Ring(RING_CAPACITY)  # bus read (the wire + the motors' reply)
-        self.write_us = Ring(RING_CAPACITY)
-        self.logic_us = Ring(RING_CAPACITY)  # everything between read and write (no bus I/O)
-        self.dropped: dict[str, int] = {}
-        self.plans_received = 0
+        self.figures = LoopFigures(cfg)  # counters and per-tick samples
 
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         policy = Policy(planner_uid=uid_of(cfg.access.planner_user),
@@ -198,7 +144,7 @@ class Follower:
     def start(self) -> None:
         """INIT: open the bus, read the motors and what they hold; the first command is
         that goal (never a jump), then torque as the core wants it."""
-        latched = self._read_latch()
+        latched = self.latch.read()
         self.bus.open()
         self.bus.read(self.state)
         torque_on = self.bus.present_goal(self._goal)
@@ -211,25 +157,6 @@ class Follower:
         self._sync_torque()
         self.notifier.notify("READY=1")
         self._notify_status()
-
-    @property
-    def _latch_path(self) -> Path:
-        return self.run_dir / endpoints.LATCH
-
-    def _read_latch(self) -> str | None:
-        """A FAULT/ESTOP survives a restart of the process (watchdog, crash): only an explicit
-        reset clears it. The latch lives in the run dir, which systemd preserves across
-        restarts (RuntimeDirectoryPreserve) and a reboot clears."""
-        try:
-            return self._latch_path.read_text()[:500].strip() or None
-        except (OSError, UnicodeDecodeError):
-            return None
-
-    def _write_latch(self) -> None:
-        try:
-            self._latch_path.write_text(f"{self.core.mode.name}: {self.core.reason}\n")
-        except OSError as exc:  # a read-only run dir must not turn a fault into a crash
-            log.error("cannot write the latch file %s: %s", self._latch_path, exc)
 
     # ---------------------------------------------------------------- the loop
     def run(self, duration_s: float | None = None) -> None:
@@ -244,16 +171,11 @@ class Follower:
         freeze_gc()
         while not self.stop_requested:
             wake = self._wait(deadline, spin_ns)
-            self.periods.add((wake - last_wake) / 1000.0)
-            last_wake = wake
             self._tick(wake)
             done = time.monotonic_ns()
-            self.compute.add((done - wake) / 1000.0)
-            self.ticks += 1
             missed = done > deadline + self.period_ns
-            self.missed.add(1.0 if missed else 0.0)
-            if missed:
-                self.deadline_misses += 1
+            self.figures.tick((wake - last_wake) / 1000.0, (done - wake) / 1000.0, missed)
+            last_wake = wake
             self.core.account_deadline(missed)
             if self.core.transitions:
                 self._apply_transitions()
@@ -297,16 +219,16 @@ class Follower:
             return
         core.bus_ok()
         t_read = time.monotonic_ns()
-        self.read_us.add((t_read - now_ns) / 1000.0)
-        if self.ticks % self.cfg.follower.state_pub_every == 0:
+        self.figures.read_us.add((t_read - now_ns) / 1000.0)
+        if self.figures.ticks % self.cfg.follower.state_pub_every == 0:
             self._publish_state()
         if not core.step(now_ns, self.state.q, self.state.dq) or not self.torque_on:
             return
         t_write = time.monotonic_ns()
-        self.logic_us.add((t_write - t_read) / 1000.0)
+        self.figures.logic_us.add((t_write - t_read) / 1000.0)
         try:
             self.bus.write(core.command)
-            self.write_us.add((time.monotonic_ns() - t_write) / 1000.0)
+            self.figures.write_us.add((time.monotonic_ns() - t_write) / 1000.0)
         except CommandError as exc:  # the driver refused it (e.g. outside a servo's limits)
             core.fault(f"command refused by the driver: {exc}")
         except BusError as exc:
@@ -345,16 +267,12 @@ class Follower:
                 msg, w = decode_plan(frame)
                 self.core.offer_plan(w, float(msg["dt_s"]), msg["t_obs_ns"], t_recv)
             except (MessageError, PlanRejected) as exc:
-                self._drop(exc.kind)
+                self.figures.drop(exc.kind)
                 continue
             except Exception:  # a decoder bug: still one dropped message, never a crash
-                self._drop("internal")
+                self.figures.drop("internal")
                 continue
-            self.delivery.add((t_recv - msg["t_ns"]) / 1000.0)
-            self.plans_received += 1
-
-    def _drop(self, kind: str) -> None:
-        self.dropped[kind] = self.dropped.get(kind, 0) + 1
+            self.figures.plan_taken((t_recv - msg["t_ns"]) / 1000.0)
 
     # ---------------------------------------------------------------- mode changes
     def _apply_transitions(self) -> None:
@@ -364,7 +282,7 @@ class Follower:
             if new in LATCHED:
                 log.error("%s (was %s): %s. After fixing the cause: duet reset",
                           new.name, old.name, reason)
-                self._write_latch()
+                self.latch.write(self.core.mode.name, self.core.reason)
             else:
                 log.info("%s (was %s): %s", new.name, old.name, reason)
         self.core.transitions.clear()
@@ -411,7 +329,7 @@ class Follower:
         if self.reset_job is not None:
             raise RequestError("a reset is already running")
         deferred = Deferred()
-        self.reset_job = ResetJob(self, deferred)
+        self.reset_job = ResetJob(self.bus, self.state, self.core, deferred)
         return deferred
 
     def _finish_reset(self) -> None:
@@ -431,7 +349,7 @@ class Follower:
         self.reset_job = None
         if ok:
             self.torque_on = job.torque_on
-            self._latch_path.unlink(missing_ok=True)
+            self.latch.clear()
         else:
             self.torque_on = self.torque_on or job.torque_on  # what phase 2 may have done
             if job.phase == 2:
@@ -494,67 +412,14 @@ class Follower:
         except zmq.Again:
             pass
 
-    def health(self) -> FollowerHealth:
-        """The last second against the configured thresholds; `problems` says why not ok."""
-        window = max(1, int(self.cfg.follower.hz))
-        periods = self.periods.values(window)
-        missed = self.missed.values(window)
-        hz = float(1e6 / periods.mean()) if periods.size else 0.0
-        miss_ratio = float(missed.mean()) if missed.size else 0.0
-        h = self.cfg.follower.health
-        problems = []
-        if self.core.latched:
-            problems.append(f"{self.core.mode.name}: {self.core.reason}")
-        if periods.size and hz < h.min_rate_ratio * self.cfg.follower.hz:
-            problems.append(f"loop at {hz:.0f} Hz, below {h.min_rate_ratio:.0%} of "
-                            f"{self.cfg.follower.hz:g} Hz")
-        if miss_ratio > h.max_miss_ratio:
-            problems.append(f"{miss_ratio:.1%} of ticks missed their deadline in the last "
-                            f"second (limit {h.max_miss_ratio:.1%})")
-        return {"ok": not problems, "problems": problems, "achieved_hz": round(hz, 2),
-                "miss_ratio": round(miss_ratio, 5)}
-
     def dropped_messages(self) -> dict[str, int]:
-        out = dict(self.dropped)
-        for source in (self.core.plans_rejected, self.control.dropped):
-            for k, v in source.items():
-                out[k] = out.get(k, 0) + v
-        for domain, v in self.zap.refused.items():
-            out[f"access_{domain}"] = out.get(f"access_{domain}", 0) + v
-        return out
+        access = {f"access_{domain}": v for domain, v in self.zap.refused.items()}
+        return self.figures.dropped_messages(self.core.plans_rejected, self.control.dropped,
+                                             access)
 
     def telemetry(self) -> FollowerTelemetry:
-        window = int(self.cfg.follower.hz)
-        periods = self.periods.values(window)
-        stats = self.bus.stats
-        core = self.core
-        health = self.health()
-        return {
-            "source": "follower",
-            "mode": core.mode.name,
-            "fault_reason": core.reason if core.latched else None,
-            "health": health,
-            "target_hz": self.cfg.follower.hz,
-            "achieved_hz": health["achieved_hz"],
-            "ticks": self.ticks,
-            "deadline_misses": self.deadline_misses,
-            "period_jitter_us": summarize(np.abs(periods - self.period_ns / 1000.0)),
-            "tick_compute_us": summarize(self.compute.values(window)),
-            "plan_age_ms": round((time.monotonic_ns() - core.newest_t_obs_ns) / 1e6, 1)
-            if core.newest_t_obs_ns else None,
-            "plan_delivery_us": summarize(self.delivery.values(100), ("p50", "p99")),
-            "plans": self.plans_received,
-            "dropped_messages": self.dropped_messages(),
-            "torque_on": self.torque_on,
-            "bus": {"reads": stats.reads, "writes": stats.writes, "errors": stats.errors,
-                    "retries": stats.retries, "crc_errors": stats.crc_errors,
-                    "timeouts": stats.timeouts},
-            "safety": {"faults": core.faults, "clamped_commands": core.filter.clamped,
-                       "estops": core.estops},
-            "joint_names": list(self.cfg.robot.joints),
-            "q": pack_array(self.state.q),
-            "tracking_error": pack_array(core.tracker.ref_now - self.state.q),
-        }
+        return self.figures.telemetry(self.core, self.bus.stats, self.state.q, self.torque_on,
+                                      self.dropped_messages())
 
     def _publish_telemetry(self) -> None:
         try:
@@ -563,33 +428,7 @@ class Follower:
             pass
 
     def summary(self) -> FollowerSummary:
-        periods = self.periods.values()
-        elapsed = periods.sum() / 1e6 if periods.size else 0.0
-        core = self.core
-        return {
-            "final_mode": core.mode.name,
-            "final_reason": core.reason if core.latched else None,
-            "target_hz": self.cfg.follower.hz,
-            "achieved_hz": round(periods.size / elapsed, 2) if elapsed else 0.0,
-            "ticks": self.ticks,
-            "deadline_misses": self.deadline_misses,
-            "period_jitter_us": summarize(np.abs(periods - self.period_ns / 1000.0),
-                                          ("p50", "p99", "p999", "max")),
-            "tick_compute_us": summarize(self.compute.values()),
-            "bus_read_us": summarize(self.read_us.values(), ("p50", "p99")),
-            "bus_write_us": summarize(self.write_us.values(), ("p50", "p99")),
-            "logic_us": summarize(self.logic_us.values(), ("p50", "p99")),
-            "mode_counts": {m.name: int(core.mode_ticks[m]) for m in Mode},
-            "first_track_ns": core.first_track_ns,
-            "plan_delivery_us": summarize(self.delivery.values(), ("p50", "p99")),
-            "plans_received": self.plans_received,
-            "dropped_messages": self.dropped_messages(),
-            "bus": {"errors": self.bus.stats.errors, "reads": self.bus.stats.reads,
-                    "writes": self.bus.stats.writes},
-            "safety": {"faults": core.faults, "clamped_commands": core.filter.clamped,
-                       "estops": core.estops, "last_reason": core.reason},
-            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        }
+        return self.figures.summary(self.core, self.bus.stats, self.dropped_messages())
 
 
 def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
