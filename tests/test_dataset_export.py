@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sim_arm import JOINTS, N_JOINTS
 
 from runtime.config import load_config
 from runtime.ipc import endpoints
@@ -28,7 +29,6 @@ from runtime.ipc.rpc import request_at
 from runtime.observe.mcap_sink import read_recording
 
 ROOT = Path(__file__).resolve().parents[1]
-JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
 FPS = 10
 
 
@@ -103,7 +103,7 @@ def test_layout_is_lerobot_v3(dataset: Path) -> None:
     assert info["total_episodes"] == 3 and info["splits"] == {"train": "0:3"}
     feats = info["features"]
     for key in ("observation.state", "observation.velocity", "observation.effort", "action"):
-        assert feats[key] == {"dtype": "float32", "shape": [6], "names": JOINTS}
+        assert feats[key] == {"dtype": "float32", "shape": [N_JOINTS], "names": JOINTS}
     video = feats["observation.images.scene"]
     assert video["dtype"] == "video" and video["shape"] == [96, 96, 3]
     assert video["names"] == ["height", "width", "channels"]
@@ -119,7 +119,7 @@ def test_layout_is_lerobot_v3(dataset: Path) -> None:
                      "videos/observation.images.scene/chunk-000/file-000.mp4"]
     data = pq.read_table(dataset / info["data_path"].format(chunk_index=0, file_index=0))
     assert data.column_names == [k for k, f in feats.items() if f["dtype"] != "video"]
-    assert data.schema.field("observation.state").type == pa.list_(pa.float32(), 6)
+    assert data.schema.field("observation.state").type == pa.list_(pa.float32(), N_JOINTS)
     assert data.schema.field("index").type == pa.int64()
     assert data.schema.field("timestamp").type == pa.float32()
     assert len(data) == info["total_frames"]

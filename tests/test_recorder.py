@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sim_arm import JOINTS, N_JOINTS
 
 from runtime.ipc import endpoints
 from runtime.ipc.rpc import RequestError, request_at
@@ -235,7 +236,7 @@ def test_episode_is_labelled_for_people(run_dir: Path, tmp_path: Path) -> None:
     assert duet["instruction"] == "put the red cube in the bin"  # what the planner works on
     assert duet["bundle_version"] == json.loads(
         (REPO / "bundles/reference/manifest.json").read_text())["version"]
-    assert len(duet["config_hash"]) == 16 and duet["joints"].startswith("base_yaw,shoulder")
+    assert len(duet["config_hash"]) == 16 and duet["joints"] == ",".join(JOINTS)
     assert outcome["outcome"] == "success" and outcome["source"] == "sim"
     channels = _channels(contents)
     assert {"/follower/state", "/sim/episode", "/sim/task"} <= set(channels)
@@ -252,8 +253,8 @@ def test_episode_is_labelled_for_people(run_dir: Path, tmp_path: Path) -> None:
     assert summary is not None
     state_schema = next(s for s in summary.schemas.values() if s.name == "duet.State")
     q = json.loads(state_schema.data)["properties"]["q"]["description"]
-    assert "rad" in q and "[1] shoulder" in q and "[5] gripper" in q
-    assert all(ch.metadata["joints"].startswith("base_yaw") for ch in summary.channels.values())
+    assert "rad" in q and f"[1] {JOINTS[1]}" in q and f"[{N_JOINTS - 1}] {JOINTS[-1]}" in q
+    assert all(ch.metadata["joints"].startswith(JOINTS[0]) for ch in summary.channels.values())
 
 
 def test_record_cli_stop_with_outcome(run_dir: Path, tmp_path: Path) -> None:
