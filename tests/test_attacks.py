@@ -27,6 +27,8 @@ from runtime.ipc import endpoints
 from runtime.ipc.messages import Encoder, decode, pack_array
 from runtime.ipc.rpc import request_at
 
+pytestmark = pytest.mark.system
+
 NOBODY = pwd.getpwnam("nobody")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switches to another uid")
 
@@ -174,9 +176,10 @@ def test_operators_get_status_and_estop_but_not_reset_or_set(
     with Stack(open_dir / "2", bundle, ["access.operator_group=root"], planner=False) as stack:
         os.chmod(stack.run_dir, 0o755)
         os.chmod(Path(stack.run_dir) / "control", 0o777)
-        out = _as_nobody("import sys; from runtime.ipc import endpoints; from runtime.ipc.rpc import "
-                         "request_at, ControlError\ntry:\n request_at(endpoints.control("
-                         "sys.argv[1]), 'estop', {}, 1.5)\nexcept ControlError:\n "
+        out = _as_nobody("import sys; from runtime.ipc import endpoints; "
+                         "from runtime.ipc.rpc import request_at, ControlError\ntry:\n "
+                         "request_at(endpoints.control(sys.argv[1]), 'estop', {}, 1.5)\n"
+                         "except ControlError:\n "
                          "print('REFUSED')", stack.run_dir)
         assert "REFUSED" in out.stdout  # not in the operator group: not even an estop
         assert stack.telemetry()["mode"] == "HOLD"

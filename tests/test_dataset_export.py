@@ -28,6 +28,8 @@ from runtime.ipc import endpoints
 from runtime.ipc.rpc import request_at
 from runtime.observe.mcap_sink import read_recording
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
 FPS = 10
 
@@ -249,6 +251,7 @@ def test_incidents_only_when_asked_and_filters(recordings: Path, tmp_path: Path)
     assert refused.returncode == 2 and "not a LeRobot dataset" in refused.stderr
 
 
+@pytest.mark.slow
 def test_finetune_smoke(dataset: Path, smoke_training: Path, tmp_path: Path) -> None:
     """`duet train --smoke` for an initial checkpoint, then `duet train --dataset --init`."""
     env = ["--data-dir", str(smoke_training / "data"), "--threads", "1"]

@@ -29,6 +29,8 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from runtime.deploy.archive import Target, host_target
 from runtime.deploy.venv import robot_requirements
 
+pytestmark = pytest.mark.system
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
 

@@ -26,6 +26,8 @@ from runtime.cli import main as duet
 from runtime.model.bundle import load_bundle
 from runtime.model.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow
+
 D, H, L = 6, 10, 8
 
 

@@ -11,10 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import websockets
 from sim_arm import JOINTS
 
 from runtime.observe.channels import schemas
+
+pytestmark = pytest.mark.system  # a `duet view` process and a publisher process
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = Path(__file__).with_name("test_deploy_publisher.py")

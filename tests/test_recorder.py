@@ -45,6 +45,7 @@ def _wait_for(path: Path, timeout_s: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.system
 def test_sigkill_leaves_complete_chunks(run_dir: Path, tmp_path: Path) -> None:
     pub = _publisher(run_dir, "--duration", "30")
     rec = subprocess.Popen([sys.executable, "-m", "runtime.cli", "record", "serve",
@@ -82,6 +83,7 @@ def test_sigkill_leaves_complete_chunks(run_dir: Path, tmp_path: Path) -> None:
     assert {"duet.State", "foxglove.RawImage"} <= schemas
 
 
+@pytest.mark.system
 def test_fault_dumps_the_ring_and_a_clean_close_is_complete(run_dir: Path, tmp_path: Path
                                                             ) -> None:
     out = tmp_path / "rec"
@@ -146,6 +148,7 @@ def test_budget_deletes_oldest_segments_then_incidents_never_episodes(
     assert rec.stats.deleted_files == 2
 
 
+@pytest.mark.system
 def test_hostile_requests_and_messages_never_stop_the_recorder(run_dir: Path,
                                                                tmp_path: Path) -> None:
     """Non-dict args (which killed it), an unhashable type, and a zero-size array with huge
@@ -195,6 +198,7 @@ def _channels(contents: object) -> dict[str, list[dict[str, object]]]:
     return out
 
 
+@pytest.mark.system
 def test_episode_is_labelled_for_people(run_dir: Path, tmp_path: Path) -> None:
     """Wall-clock stamps with the monotonic kept, joint names and units in the schemas, the
     instruction, the sim's outcome, bundle version and config hash in the metadata; nothing
@@ -257,6 +261,7 @@ def test_episode_is_labelled_for_people(run_dir: Path, tmp_path: Path) -> None:
     assert all(ch.metadata["joints"].startswith(JOINTS[0]) for ch in summary.channels.values())
 
 
+@pytest.mark.system
 def test_record_cli_stop_with_outcome(run_dir: Path, tmp_path: Path) -> None:
     pub = _publisher(run_dir, "--duration", "30")
     rec = subprocess.Popen([sys.executable, "-m", "runtime.cli", "record", "serve",
@@ -300,6 +305,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.system
 def test_full_disk_drops_oldest_segments_and_keeps_the_incident(run_dir: Path,
                                                                 small_disk: Path) -> None:
     old = small_disk / "continuous"

@@ -34,6 +34,8 @@ from bench.remote_robots import Keys, PlannerServerProcess, make_keys
 from runtime.ipc import endpoints
 from runtime.ipc.messages import decode
 
+pytestmark = pytest.mark.system
+
 WHY_NOT = netns.unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
