@@ -6,7 +6,7 @@ TORCH_PIN := torch==2.13.0
 DURATION ?= 20
 FUZZ_S ?= 120
 
-.PHONY: demo demo-remote test lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop fuzz verify-systemd verify-aarch64 clean
+.PHONY: demo demo-remote test test-fast test-system lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop fuzz verify-systemd verify-aarch64 clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,20 @@ test: $(VENV)/.dev
 	$(BIN)/mkdocs build --strict -q -d $$(mktemp -d)  # the manual: a broken link or page fails
 	$(BIN)/vermin --target=3.10- --no-tips --violations runtime drivers export sim policy
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # a file per worker: module fixtures built once
+
+# The inner loop: the unit and wire tests (codecs, drivers against emulators in-process,
+# config, core), none that starts a stack or a `duet` process (`system`) or trains or exports
+# a model (`slow`); under 2 minutes on 2 cores. `make test` above stays the full run.
+# Tests are dealt out one at a time (--dist load): the fast lane has no heavy module fixtures.
+FAST := not system and not slow
+test-fast: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -n 2 -m "$(FAST)"
+
+# The rest of the full run: stacks, processes, training and export.
+test-system: $(VENV)/.dev
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not ($(FAST))"
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from sim_arm import JOINTS
 from torch import nn
 
 from export.pipeline import ExportOptions, export_bundle, load_contract
 from sim.world import HOME_Q
 
-JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
 DRIVEN = JOINTS[:5]
 H, DT = 10, 0.1
 HOME = HOME_Q[:5]  # the sim's home pose, driven joints

@@ -8,8 +8,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import sim_arm
+
+from runtime.config import DuetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def sim_config() -> DuetConfig:
+    """`configs/sim.yaml`, validated: the sim arm's joints, limits, bus and rates as the runtime
+    sees them. A fresh copy per test (loaded once per run), so a test may change it."""
+    return sim_arm.sim_config()
+
+
+@pytest.fixture
+def sim_joints() -> list[str]:
+    """The sim arm's joint names, in order, from `configs/sim.yaml`."""
+    return list(sim_arm.JOINTS)
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from sim_arm import JOINTS
 
 from runtime.model.tokenizer import Tokenizer
 
-JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
 H, DT, LOOK, LOOK_DT = 10, 0.1, 8, 0.02
 
 

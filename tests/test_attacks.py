@@ -20,11 +20,14 @@ import numpy as np
 import pytest
 import zmq
 from onnx_bundle import make_bundle
+from sim_arm import JOINTS, sim_config
 from stack import REPO, Stack
 
 from runtime.ipc import endpoints
 from runtime.ipc.messages import Encoder, decode, pack_array
 from runtime.ipc.rpc import request_at
+
+pytestmark = pytest.mark.system
 
 NOBODY = pwd.getpwnam("nobody")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switches to another uid")
@@ -87,7 +90,7 @@ def test_hostile_control_requests_get_error_replies_and_the_follower_lives(
 def _as_nobody(code: str, run_dir: str) -> subprocess.CompletedProcess[str]:
     """Run `code` in a child that dropped to uid nobody (another local user). What it needs
     is imported first: the interpreter's own files are not readable by nobody here."""
-    pre = ("import os, sys, time, json, numpy, zmq; from runtime import endpoints; "
+    pre = ("import os, sys, time, json, numpy, zmq; from runtime.ipc import endpoints; "
            "from runtime.ipc.messages import Encoder, pack_array; "
            "from runtime.ipc.rpc import request_at, ControlError; os.setgroups([]); "
            f"os.setgid({NOBODY.pw_gid}); os.setuid({NOBODY.pw_uid}); ")
@@ -155,7 +158,7 @@ def test_operators_get_status_and_estop_but_not_reset_or_set(
     with Stack(open_dir, bundle, ["access.operator_group=nogroup"], planner=False) as stack:
         os.chmod(stack.run_dir, 0o755)
         os.chmod(Path(stack.run_dir) / "control", 0o777)
-        code = ("import sys, json; from runtime import endpoints; "
+        code = ("import sys, json; from runtime.ipc import endpoints; "
                 "from runtime.ipc.rpc import request_at; ep = endpoints.control(sys.argv[1]); "
                 "print(json.dumps([request_at(ep, c, a, 3.0) for c, a in "
                 "[('status', {}), ('set', {'key': 'follower.blend_ms', 'value': 10}), "
@@ -173,9 +176,10 @@ def test_operators_get_status_and_estop_but_not_reset_or_set(
     with Stack(open_dir / "2", bundle, ["access.operator_group=root"], planner=False) as stack:
         os.chmod(stack.run_dir, 0o755)
         os.chmod(Path(stack.run_dir) / "control", 0o777)
-        out = _as_nobody("import sys; from runtime import endpoints; from runtime.ipc.rpc import "
-                         "request_at, ControlError\ntry:\n request_at(endpoints.control("
-                         "sys.argv[1]), 'estop', {}, 1.5)\nexcept ControlError:\n "
+        out = _as_nobody("import sys; from runtime.ipc import endpoints; "
+                         "from runtime.ipc.rpc import request_at, ControlError\ntry:\n "
+                         "request_at(endpoints.control(sys.argv[1]), 'estop', {}, 1.5)\n"
+                         "except ControlError:\n "
                          "print('REFUSED')", stack.run_dir)
         assert "REFUSED" in out.stdout  # not in the operator group: not even an estop
         assert stack.telemetry()["mode"] == "HOLD"
@@ -233,9 +237,11 @@ def test_a_run_that_ends_in_fault_exits_non_zero_with_the_fault_first(
         tmp_path: Path, bundle: Path) -> None:
     """The sim's home pose is outside these limits: the follower faults at start."""
     summary = tmp_path / "s.json"
+    position_max = sim_config().robot.limits.position_max
+    position_max[JOINTS.index("elbow")] = 0.5  # the sim's home elbow (1.82 rad) lies above it
     out = _duet("run", "--config", str(REPO / "configs/sim.yaml"),
                 "--set", f"run_dir={tmp_path / 'run'}", "--set", f"bundle.path={bundle}",
-                "--set", "robot.limits.position_max=[2.6, 1.6, 0.5, 1.8, 2.8, 0.8]",
+                "--set", f"robot.limits.position_max={position_max}",
                 "--set", "robot.limits.state_margin=0.0",
                 "--duration", "3", "--summary-json", str(summary))
     assert out.returncode == 1, out.stderr[-2000:]

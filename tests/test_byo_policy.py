@@ -149,6 +149,7 @@ def test_a_broken_tokenizer_is_refused_at_start(two_cam: Path, tmp_path: Path) -
         PlannerPipeline(load_bundle(bundle), JOINTS)
 
 
+@pytest.mark.system
 def test_an_engine_that_disagrees_with_the_contract_refuses_start(two_cam: Path,
                                                                   tmp_path: Path) -> None:
     """The contract says the wrist camera is 48x48; the graph was made for 48x48. Claim 40:
@@ -168,6 +169,7 @@ def test_an_engine_that_disagrees_with_the_contract_refuses_start(two_cam: Path,
            "float32[1, 3, 48, 48]" in out.stderr
 
 
+@pytest.mark.system
 def test_a_follower_rate_off_the_look_ahead_grid_is_refused(tmp_path: Path) -> None:
     """The reference follower reads its look-ahead every 20 ms; at 20 Hz (50 ms ticks) the
     window is not on the tick grid: `config validate` says so, and the follower exits 2
@@ -201,6 +203,7 @@ def _near(stack: Stack, goal: np.ndarray, joints: slice, timeout_s: float) -> np
         time.sleep(0.2)
 
 
+@pytest.mark.system
 def test_two_camera_planner_drives_the_live_stack_by_instruction(two_cam: Path,
                                                                  tmp_path: Path) -> None:
     with Stack(tmp_path, two_cam, [*TWO_CAMERAS, "planner.instruction=go left"]) as stack:
@@ -220,6 +223,7 @@ def test_two_camera_planner_drives_the_live_stack_by_instruction(two_cam: Path,
         assert stack.telemetry()["safety"]["faults"] == 0
 
 
+@pytest.mark.system
 def test_flow_planner_drives_the_live_stack(flow: Path, tmp_path: Path) -> None:
     with Stack(tmp_path, flow, ["planner.task_source=operator",
                                 "planner.instruction=touch the red block"]) as stack:
@@ -228,6 +232,7 @@ def test_flow_planner_drives_the_live_stack(flow: Path, tmp_path: Path) -> None:
         np.testing.assert_allclose(ref[:5], GOALS["left"], atol=0.01)
 
 
+@pytest.mark.system
 def test_the_closed_loop_eval_runs_any_bundle(flow: Path, two_cam: Path, tmp_path: Path) -> None:
     """`duet eval` on bundles it knows nothing about: the same pipeline, the robot's core."""
     config = tmp_path / "cfg.yaml"

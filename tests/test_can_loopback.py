@@ -103,6 +103,7 @@ _ECHO = textwrap.dedent(
 )
 
 
+@pytest.mark.system
 def test_two_processes_exchange_frames() -> None:
     pa, pb = free_ports(2)
     peer = subprocess.Popen([sys.executable, "-c", _ECHO, f"127.0.0.1:{pb}>127.0.0.1:{pa}"],
@@ -144,6 +145,7 @@ _EMULATOR = textwrap.dedent(
 )
 
 
+@pytest.mark.system
 def test_mit_bus_drives_emulator_in_another_process() -> None:
     pa, pb = free_ports(2)
     channel = f"127.0.0.1:{pa}>127.0.0.1:{pb}"

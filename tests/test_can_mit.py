@@ -10,6 +10,7 @@ import time
 import can
 import numpy as np
 import pytest
+from sim_arm import IDS, JOINTS, N_JOINTS
 
 from drivers.bus import BusError, CommandError, MotorFault, MotorState
 from drivers.can_mit import MitCanBus
@@ -26,8 +27,6 @@ from sim.actuators import HW_OVERLOAD, MODE_MIT, Actuators
 from sim.can_emulator import MitCanEmulator
 
 R = MitRanges(p_max=12.5, v_max=30.0, t_max=10.0, kp_max=500.0, kd_max=5.0)  # DM-J4310
-JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
-IDS = [1, 2, 3, 4, 5, 6]
 Q_QUANTUM, V_QUANTUM, T_QUANTUM = 25 / 65535, 60 / 4095, 20 / 4095
 _channels = itertools.count()
 
@@ -91,19 +90,21 @@ def test_bad_model_ids_and_dialect_choices_are_refused() -> None:
     with pytest.raises(ValueError, match="p_max"):
         MitRanges(float("inf"), 1.0, 10.0)
     with pytest.raises(ValueError, match="distinct"):
-        MitCanBus(JOINTS, [1, 1, 2, 3, 4, 5], R, [1] * 6, [0] * 6, interface="virtual")
+        MitCanBus(JOINTS, [1, 1, 2, 3, 4, 5], R, [1] * N_JOINTS, [0] * N_JOINTS,
+                  interface="virtual")
     with pytest.raises(ValueError, match="kp must be in"):
-        MitCanBus(JOINTS, IDS, R, [600] * 6, [0] * 6, interface="virtual")
+        MitCanBus(JOINTS, IDS, R, [600] * N_JOINTS, [0] * N_JOINTS, interface="virtual")
     with pytest.raises(ValueError, match="low 4 bits"):
-        MitCanBus(JOINTS, [1, 2, 3, 4, 5, 17], R, [1] * 6, [0] * 6, dialect="damiao")
+        MitCanBus(JOINTS, [1, 2, 3, 4, 5, 17], R, [1] * N_JOINTS, [0] * N_JOINTS, dialect="damiao")
     with pytest.raises(ValueError, match=r"1\.\.32"):
-        MitCanBus(JOINTS, [1, 2, 3, 4, 5, 40], R, [1] * 6, [0] * 6, dialect="myactuator")
+        MitCanBus(JOINTS, [1, 2, 3, 4, 5, 40], R, [1] * N_JOINTS, [0] * N_JOINTS,
+                  dialect="myactuator")
     with pytest.raises(ValueError, match="classic CAN only"):
-        MitCanBus(JOINTS, IDS, R, [1] * 6, [0] * 6, dialect="cubemars", fd=True)
+        MitCanBus(JOINTS, IDS, R, [1] * N_JOINTS, [0] * N_JOINTS, dialect="cubemars", fd=True)
     with pytest.raises(ValueError, match="unknown MIT dialect 'odrive'"):
-        MitCanBus(JOINTS, IDS, R, [1] * 6, [0] * 6, dialect="odrive")
+        MitCanBus(JOINTS, IDS, R, [1] * N_JOINTS, [0] * N_JOINTS, dialect="odrive")
     with pytest.raises(ValueError, match="timeout_ms"):
-        MitCanBus(JOINTS, IDS, R, [1] * 6, [0] * 6, timeout_ms=float("inf"))
+        MitCanBus(JOINTS, IDS, R, [1] * N_JOINTS, [0] * N_JOINTS, timeout_ms=float("inf"))
 
 
 # -- MitCanBus on a virtual bus with a scripted motor side (the generic dialect) -------------
@@ -128,8 +129,8 @@ class Motors:
 
 def open_bus(ch: str, timeout_ms: float = 2.0, master_ids: list[int] | None = None,
              direction: list[int] | None = None) -> MitCanBus:
-    bus = MitCanBus(JOINTS, IDS, R, [20.0] * 6, [1.0] * 6, interface="virtual", channel=ch,
-                    timeout_ms=timeout_ms, master_ids=master_ids, direction=direction)
+    bus = MitCanBus(JOINTS, IDS, R, [20.0] * N_JOINTS, [1.0] * N_JOINTS, interface="virtual",
+                    channel=ch, timeout_ms=timeout_ms, master_ids=master_ids, direction=direction)
     bus.open()
     return bus
 
@@ -138,7 +139,7 @@ def test_replies_are_matched_by_id_in_any_order() -> None:
     ch = channel()
     motors, bus = Motors(ch), open_bus(ch)
     try:
-        bus.write(np.zeros(6))
+        bus.write(np.zeros(N_JOINTS))
         frames = motors.take(6)
         assert [f.arbitration_id for f in frames] == IDS
         for motor_id in reversed(IDS):
@@ -158,13 +159,13 @@ def test_master_ids_match_replies_by_arbitration_id() -> None:
     masters = [0x11, 0x12, 0x13, 0x14, 0x15, 0x16]
     motors, bus = Motors(ch), open_bus(ch, master_ids=masters)
     try:
-        bus.write(np.zeros(6))
+        bus.write(np.zeros(N_JOINTS))
         motors.take(6)
         for j in (3, 0, 5, 1, 4, 2):  # the first data byte names motor 1: only the id counts
             motors.reply(1, 0.5 + j, arb_id=masters[j])
         out = MotorState(6)
         bus.read(out)
-        np.testing.assert_allclose(out.q, 0.5 + np.arange(6), atol=Q_QUANTUM)
+        np.testing.assert_allclose(out.q, 0.5 + np.arange(N_JOINTS), atol=Q_QUANTUM)
     finally:
         bus.close()
         motors.bus.shutdown()
@@ -174,7 +175,7 @@ def test_missing_reply_is_counted_and_names_the_motor() -> None:
     ch = channel()
     motors, bus = Motors(ch), open_bus(ch, timeout_ms=20.0)
     try:
-        bus.write(np.zeros(6))
+        bus.write(np.zeros(N_JOINTS))
         motors.take(6)
         for motor_id in IDS:
             if motor_id != 4:
@@ -187,7 +188,7 @@ def test_missing_reply_is_counted_and_names_the_motor() -> None:
         # the late reply must not pass for the next transaction's
         motors.reply(4, 3.0)
         time.sleep(0.01)
-        bus.write(np.zeros(6))
+        bus.write(np.zeros(N_JOINTS))
         motors.take(6)
         for motor_id in IDS:
             motors.reply(motor_id, 1.0)
@@ -210,8 +211,8 @@ def test_write_refuses_nonfinite_or_out_of_range_with_command_error(
     ch = channel()
     motors, bus = Motors(ch), open_bus(ch)
     try:
-        args = {"q": np.zeros(6), "kp": np.full(6, 20.0), "kd": np.ones(6),
-                "tau_ff": np.zeros(6)}
+        args = {"q": np.zeros(N_JOINTS), "kp": np.full(N_JOINTS, 20.0), "kd": np.ones(N_JOINTS),
+                "tau_ff": np.zeros(N_JOINTS)}
         args[field][4] = value
         with pytest.raises(CommandError, match=match) as err:
             bus.write(args["q"], kp=args["kp"], kd=args["kd"], tau_ff=args["tau_ff"])
@@ -253,7 +254,7 @@ def test_generic_start_up_query_is_followed_at_once_by_a_hold_at_the_reconstruct
             p, _, kp, _, _ = unpack_command(f.data, R)
             assert abs(p - (0.3 + step[j])) <= tol and abs(kp - 20.0) <= 500 / 4095
         assert bus.hold_jumps_clipped == 2
-        goal = np.zeros(6)
+        goal = np.zeros(N_JOINTS)
         assert bus.present_goal(goal) is False  # torque state unknown after a restart
         np.testing.assert_allclose(goal, 0.3 + step, atol=tol)
         bus.read(out)
@@ -276,7 +277,7 @@ class Rig:
         self.dialect = dialect
         self.fd = fd
         self.direction = direction
-        self.act = Actuators(6)
+        self.act = Actuators(N_JOINTS)
         self.act.q[:] = [0.1, -0.2, 0.3, -0.4, 0.5, 0.6]
         self.act.dq[:] = [1.0, -1.0, 0.5, 0.0, 0.0, 0.0]
         self.act.tau[:] = [2.0, -3.0, 0.0, 0.0, 15.0, 0.0]  # joint 5 beyond t_max
@@ -286,7 +287,7 @@ class Rig:
         self.buses: list[MitCanBus] = []
 
     def bus(self, kp: float = 20.0, kd: float = 1.0) -> MitCanBus:
-        bus = MitCanBus(JOINTS, IDS, R, [kp] * 6, [kd] * 6, interface="virtual",
+        bus = MitCanBus(JOINTS, IDS, R, [kp] * N_JOINTS, [kd] * N_JOINTS, interface="virtual",
                         channel=self.ch, timeout_ms=200.0, dialect=self.dialect, fd=self.fd,
                         direction=self.direction)
         self.buses.append(bus)
@@ -319,14 +320,15 @@ def test_bus_and_emulator_round_trip(rig: Rig) -> None:
     assert not act.torque_enabled.any()  # queries never enable anything
 
     if rig.dialect != "myactuator":  # there a command is what enables
-        bus.write(np.full(6, 0.25))  # before motor mode: answered, not applied
+        bus.write(np.full(N_JOINTS, 0.25))  # before motor mode: answered, not applied
         bus.read(out)
         assert not act.goal_q.any()
 
     bus.enable_torque(True)
     assert act.torque_enabled.all() and (act.mode == MODE_MIT).all()
     target = np.array([0.5, -0.5, 1.0, -1.0, 0.2, 0.4])
-    bus.write(target, kd=np.full(6, 0.5), tau_ff=np.full(6, 1.5), dq_target=np.full(6, 2.0))
+    bus.write(target, kd=np.full(N_JOINTS, 0.5), tau_ff=np.full(N_JOINTS, 1.5),
+              dq_target=np.full(N_JOINTS, 2.0))
     bus.read(out)
     with act.lock:  # the motors see joint 6 mirrored (direction -1)
         np.testing.assert_allclose(act.goal_q * sign, target, atol=Q_QUANTUM)
@@ -375,12 +377,12 @@ def test_an_injected_fault_is_a_motor_fault_naming_motor_and_error(dialect: str,
         bus.open()
         bus.enable_torque(True)
         out = MotorState(6)
-        bus.write(np.zeros(6))
+        bus.write(np.zeros(N_JOINTS))
         bus.read(out)
         with rig.act.lock:  # what the sim's fault socket does for {"cmd": "overload"}
             rig.act.hw_error[2] |= HW_OVERLOAD
             rig.act.torque_enabled[2] = False
-        bus.write(np.zeros(6))
+        bus.write(np.zeros(N_JOINTS))
         with pytest.raises(MotorFault, match=rf"elbow \(id 3\): {fault}") as err:
             bus.read(out)
         assert err.value.motor == "elbow"
@@ -388,7 +390,7 @@ def test_an_injected_fault_is_a_motor_fault_naming_motor_and_error(dialect: str,
         if dialect == "damiao":  # FB clears the latched fault; the motor stays off
             assert out.error_flags[2] == 0xE
             bus.clear_errors()
-            bus.write(np.zeros(6))
+            bus.write(np.zeros(N_JOINTS))
             bus.read(out)
             assert not out.error_flags.any() and not rig.act.torque_enabled[2]
         else:
@@ -407,7 +409,7 @@ def test_temperatures_are_reported_where_the_dialect_has_them() -> None:
             bus.open()
             out = MotorState(6)
             bus.read(out)
-            np.testing.assert_array_equal(out.temperature_c, np.full(6, want))
+            np.testing.assert_array_equal(out.temperature_c, np.full(N_JOINTS, want))
         finally:
             rig.close()
 
@@ -439,7 +441,7 @@ def test_damiao_over_can_fd() -> None:
         bus = rig.bus()
         bus.open()
         bus.enable_torque(True)
-        bus.write(np.full(6, 0.2))
+        bus.write(np.full(N_JOINTS, 0.2))
         out = MotorState(6)
         bus.read(out)
         np.testing.assert_allclose(rig.act.goal_q, 0.2, atol=Q_QUANTUM)
@@ -494,7 +496,7 @@ def test_restart_reports_the_goal_held_and_moves_nothing(dialect: str) -> None:
         first.write(goal)
         first.read(MotorState(6))
         settle(rig.act)
-        own = np.zeros(6)
+        own = np.zeros(N_JOINTS)
         assert first.present_goal(own) is True  # this process turned torque on
         np.testing.assert_array_equal(own, goal)
         first.close()  # the follower dies: the motors keep running their last command
@@ -505,7 +507,7 @@ def test_restart_reports_the_goal_held_and_moves_nothing(dialect: str) -> None:
 
         second = rig.bus(kp=40.0, kd=1.0)
         second.open()
-        held = np.zeros(6)
+        held = np.zeros(N_JOINTS)
         on = second.present_goal(held)
         with rig.act.lock:
             goal_after = rig.act.goal_q.copy()
@@ -543,11 +545,11 @@ def test_present_goal_of_a_motor_that_is_off_is_its_measured_position() -> None:
     try:
         bus = rig.bus()
         bus.open()
-        out = np.zeros(6)
+        out = np.zeros(N_JOINTS)
         assert bus.present_goal(out) is False
         np.testing.assert_allclose(out, rig.act.q, atol=Q_QUANTUM)
         bus.enable_torque(True)
-        bus.write(np.full(6, 0.3))
+        bus.write(np.full(N_JOINTS, 0.3))
         bus.read(MotorState(6))
         bus.enable_torque(False)
         assert bus.present_goal(out) is False
@@ -557,7 +559,9 @@ def test_present_goal_of_a_motor_that_is_off_is_its_measured_position() -> None:
 
 
 def test_wire_time_is_two_frames_per_motor() -> None:
-    bus = MitCanBus(JOINTS, IDS, R, [1] * 6, [0] * 6, interface="virtual", bitrate=1_000_000)
-    assert bus.wire_time_us() == pytest.approx(6 * (135 + 115))
-    damiao = MitCanBus(JOINTS, IDS, R, [1] * 6, [0] * 6, dialect="damiao", interface="virtual")
-    assert damiao.wire_time_us() == pytest.approx(6 * (135 + 135))  # 8-byte replies
+    bus = MitCanBus(JOINTS, IDS, R, [1] * N_JOINTS, [0] * N_JOINTS, interface="virtual",
+                    bitrate=1_000_000)
+    assert bus.wire_time_us() == pytest.approx(N_JOINTS * (135 + 115))
+    damiao = MitCanBus(JOINTS, IDS, R, [1] * N_JOINTS, [0] * N_JOINTS, dialect="damiao",
+                       interface="virtual")
+    assert damiao.wire_time_us() == pytest.approx(N_JOINTS * (135 + 135))  # 8-byte replies

@@ -50,6 +50,7 @@ def test_version_and_did_you_mean(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 2 and "did you mean validate?" in capsys.readouterr().err
 
 
+@pytest.mark.system
 def test_invalid_config_is_exit_2_everywhere(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "configs/sim.yaml").read_text().replace("hz: 500", "hz: -1"))

@@ -21,14 +21,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sim_arm import JOINTS, N_JOINTS
 
 from runtime.config import load_config
 from runtime.ipc import endpoints
 from runtime.ipc.rpc import request_at
 from runtime.observe.mcap_sink import read_recording
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
-JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
 FPS = 10
 
 
@@ -103,7 +105,7 @@ def test_layout_is_lerobot_v3(dataset: Path) -> None:
     assert info["total_episodes"] == 3 and info["splits"] == {"train": "0:3"}
     feats = info["features"]
     for key in ("observation.state", "observation.velocity", "observation.effort", "action"):
-        assert feats[key] == {"dtype": "float32", "shape": [6], "names": JOINTS}
+        assert feats[key] == {"dtype": "float32", "shape": [N_JOINTS], "names": JOINTS}
     video = feats["observation.images.scene"]
     assert video["dtype"] == "video" and video["shape"] == [96, 96, 3]
     assert video["names"] == ["height", "width", "channels"]
@@ -119,7 +121,7 @@ def test_layout_is_lerobot_v3(dataset: Path) -> None:
                      "videos/observation.images.scene/chunk-000/file-000.mp4"]
     data = pq.read_table(dataset / info["data_path"].format(chunk_index=0, file_index=0))
     assert data.column_names == [k for k, f in feats.items() if f["dtype"] != "video"]
-    assert data.schema.field("observation.state").type == pa.list_(pa.float32(), 6)
+    assert data.schema.field("observation.state").type == pa.list_(pa.float32(), N_JOINTS)
     assert data.schema.field("index").type == pa.int64()
     assert data.schema.field("timestamp").type == pa.float32()
     assert len(data) == info["total_frames"]
@@ -249,6 +251,7 @@ def test_incidents_only_when_asked_and_filters(recordings: Path, tmp_path: Path)
     assert refused.returncode == 2 and "not a LeRobot dataset" in refused.stderr
 
 
+@pytest.mark.slow
 def test_finetune_smoke(dataset: Path, smoke_training: Path, tmp_path: Path) -> None:
     """`duet train --smoke` for an initial checkpoint, then `duet train --dataset --init`."""
     env = ["--data-dir", str(smoke_training / "data"), "--threads", "1"]

@@ -108,6 +108,7 @@ def test_did_you_mean_and_errors_name_the_users_file(
         "(did you mean follower.blend_ms?)" in err
 
 
+@pytest.mark.system
 def test_concurrent_sets_lose_nothing(etc: Path) -> None:
     """Eight `duet config set` processes at once: every update lands, each logged once, the
     backup is a complete file and no temp file is left."""
@@ -181,6 +182,7 @@ def test_invalid_set_changes_nothing(etc: Path, capsys: pytest.CaptureFixture[st
     assert not list(etc.glob(".site.yaml.*")) and not list(etc.glob("tmp*"))
 
 
+@pytest.mark.system
 def test_set_applies_tunables_live_on_a_running_follower(
         etc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A real follower on the sim: a tunable goes through the control socket, and the

@@ -89,6 +89,7 @@ def test_latched_fault_dead_camera_and_json(tmp_path: Path,
     assert "/dev/video-missing does not exist" in by_name["camera"]["detail"]
 
 
+@pytest.mark.system
 def test_cpu_contention_names_the_busy_process(tmp_path: Path) -> None:
     from runtime.config import load_config
     from runtime.deploy.doctor import WARN, check_cpu

@@ -220,6 +220,7 @@ def test_duet_on_path_and_uninstall(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "etc/duet" not in _tree(root) and "var/lib/duet" not in _tree(root)
 
 
+@pytest.mark.system
 def test_non_editable_bootstrap_finds_the_checkout(tmp_path: Path) -> None:
     """duet installed as a plain package (no systemd/ beside it), run inside the checkout."""
     import shutil

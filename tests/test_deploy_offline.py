@@ -30,7 +30,8 @@ from runtime.deploy.archive import Target, host_target
 from runtime.deploy.venv import robot_requirements
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(900)
+# installs into network namespaces, from archives it builds: a system test, and a long one
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 
 def _robot_config(tmp: Path) -> Path:

@@ -19,15 +19,14 @@ from typing import Any
 
 import numpy as np
 import zmq
+from sim_arm import JOINTS, N_JOINTS
 
 from runtime.ipc.messages import Encoder, decode, decode_plan, decode_state, pack_array
 
-JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
-
 
 def follower_telemetry(ticks: int, mode: str, t: float) -> dict[str, Any]:
-    q = np.array([math.sin(t + i) * 0.3 for i in range(6)], dtype=np.float32)
-    err = np.array([0.001 * (i + 1) for i in range(6)], dtype=np.float32)
+    q = np.array([math.sin(t + i) * 0.3 for i in range(N_JOINTS)], dtype=np.float32)
+    err = np.array([0.001 * (i + 1) for i in range(N_JOINTS)], dtype=np.float32)
     return {
         "source": "follower", "mode": mode,
         "fault_reason": "bus errors past threshold" if mode == "FAULT" else None,
@@ -79,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         faulted = args.fault_after is not None and t >= args.fault_after
         mode = "FAULT" if faulted else "TRACK"
         ticks += 1
-        q = np.full(6, 0.1 * math.sin(t), dtype=np.float32)
+        q = np.full(N_JOINTS, 0.1 * math.sin(t), dtype=np.float32)
         socks["state"].send(enc["state"].encode("state", {
-            "q": pack_array(q), "dq": pack_array(np.zeros(6, np.float32)),
-            "effort": pack_array(np.zeros(6, np.float32)), "mode": mode,
+            "q": pack_array(q), "dq": pack_array(np.zeros(N_JOINTS, np.float32)),
+            "effort": pack_array(np.zeros(N_JOINTS, np.float32)), "mode": mode,
             "t_read_ns": time.monotonic_ns()}))
         if ticks % max(1, int(args.state_hz / 20)) == 0:
             socks["telemetry-follower"].send(enc["telemetry-follower"].encode(
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 "telemetry", planner_telemetry(plans)))
             # plans travel to observers on the planner's telemetry socket
             socks["telemetry-planner"].send(enc["telemetry-planner"].encode("plan", {
-                "waypoints": pack_array(np.zeros((10, 6), np.float32)), "dt_s": 0.1,
+                "waypoints": pack_array(np.zeros((10, N_JOINTS), np.float32)), "dt_s": 0.1,
                 "t_obs_ns": time.monotonic_ns(), "latency_ms": 41.5}))
         if ticks % max(1, int(args.state_hz)) == 0:  # once a second: the sim's episode news
             episode = ticks // max(1, int(args.state_hz))
@@ -116,14 +115,14 @@ def test_messages_decode_with_runtime_codecs() -> None:
     enc = Encoder()
     msg = decode(enc.encode("telemetry", follower_telemetry(10, "TRACK", 0.0)), "telemetry")
     assert msg["mode"] == "TRACK" and msg["joint_names"] == JOINTS
-    plan = enc.encode("plan", {"waypoints": pack_array(np.zeros((10, 6), np.float32)),
+    plan = enc.encode("plan", {"waypoints": pack_array(np.zeros((10, N_JOINTS), np.float32)),
                                "dt_s": 0.1, "t_obs_ns": 1, "latency_ms": 1.0})
-    assert decode_plan(plan)[1].shape == (10, 6)
-    state = enc.encode("state", {"q": pack_array(np.zeros(6, np.float32)),
-                                 "dq": pack_array(np.zeros(6, np.float32)),
-                                 "effort": pack_array(np.zeros(6, np.float32)),
+    assert decode_plan(plan)[1].shape == (10, N_JOINTS)
+    state = enc.encode("state", {"q": pack_array(np.zeros(N_JOINTS, np.float32)),
+                                 "dq": pack_array(np.zeros(N_JOINTS, np.float32)),
+                                 "effort": pack_array(np.zeros(N_JOINTS, np.float32)),
                                  "mode": "HOLD", "t_read_ns": 1})
-    assert decode_state(state, 6)[1].shape == (6,)
+    assert decode_state(state, N_JOINTS)[1].shape == (N_JOINTS,)
 
 
 if __name__ == "__main__":

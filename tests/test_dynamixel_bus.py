@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from sim_arm import IDS, JOINTS, N_JOINTS
 
 from drivers import dynamixel_protocol as dx
 from drivers.bus import BusError, CommandError, MotorFault, MotorState
@@ -19,8 +20,6 @@ from runtime.config import DynamixelBusConfig
 from sim.actuators import HW_OVERLOAD, Actuators
 from sim.dynamixel_emulator import DynamixelEmulator, EmulatorProcess, position_gains_si
 
-IDS = [1, 2, 3, 4, 5, 6]
-JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
 ZERO = [2048, 2000, 2100, 2048, 1900, 2048]
 DIRECTION = [1, -1, 1, -1, 1, 1]
 RAD_PER_TICK = 2 * math.pi / 4096
@@ -28,7 +27,7 @@ RAD_PER_TICK = 2 * math.pi / 4096
 
 @pytest.fixture
 def actuators() -> Actuators:
-    act = Actuators(6)
+    act = Actuators(N_JOINTS)
     act.q[:] = [0.5, -0.3, 1.2, -1.0, 0.0, 0.4]
     act.dq[:] = [1.0, -2.0, 0.5, 0.0, 3.0, -0.1]
     act.tau[:] = [0.2, -0.5, 1.0, 0.0, -1.5, 0.05]
@@ -97,7 +96,7 @@ def test_write_sets_goal_and_torque(bus: DynamixelBus, actuators: Actuators) -> 
 def test_goal_ticks_on_the_wire_follow_zero_and_direction(
     bus: DynamixelBus, emulator: DynamixelEmulator
 ) -> None:
-    bus.write(np.full(6, 0.25))
+    bus.write(np.full(N_JOINTS, 0.25))
     expected = [round(z + d * 0.25 / RAD_PER_TICK) for z, d in zip(ZERO, DIRECTION, strict=True)]
 
     def goals() -> list[int]:
@@ -107,7 +106,7 @@ def test_goal_ticks_on_the_wire_follow_zero_and_direction(
 
 
 def test_write_rejects_bad_targets(bus: DynamixelBus) -> None:
-    q = np.zeros(6)
+    q = np.zeros(N_JOINTS)
     q[2] = np.nan
     with pytest.raises(CommandError, match=r"elbow \(id 3\) = nan rad is not finite") as err:
         bus.write(q)
@@ -120,7 +119,7 @@ def test_write_rejects_bad_targets(bus: DynamixelBus) -> None:
     with pytest.raises(CommandError, match=r"gripper .*limits \[0, 4095\] ticks"):
         bus.write(q)
     with pytest.raises(CommandError, match="MIT"):
-        bus.write(np.zeros(6), kp=np.ones(6))
+        bus.write(np.zeros(N_JOINTS), kp=np.ones(N_JOINTS))
     assert bus.stats.writes == 0
 
 
@@ -271,7 +270,7 @@ def test_device_disappearing_raises_bus_error(
     with pytest.raises(BusError, match="device gone"):
         bus.read(state)
     with pytest.raises(BusError, match="device gone"):
-        bus.write(np.zeros(6))
+        bus.write(np.zeros(N_JOINTS))
 
 
 def test_hot_path_does_not_grow_memory() -> None:
@@ -340,7 +339,7 @@ def test_present_goal_after_a_restart_is_the_goal_written_and_holding_it_moves_n
     from sim.world import JOINTS as SIM_JOINTS
     from sim.world import SERVO_MODELS as JOINT_SERVOS
 
-    act = Actuators(6)
+    act = Actuators(N_JOINTS)
     physics = Physics(act)
     emu = DynamixelEmulator(act, IDS, models=[SERVO_MODELS[m] for m in JOINT_SERVOS])
     path = emu.open()
@@ -361,7 +360,7 @@ def test_present_goal_after_a_restart_is_the_goal_written_and_holding_it_moves_n
 
         second = DynamixelBus(path, 4_000_000, IDS, JOINTS, timeout_ms=100.0)
         second.open()
-        held = np.zeros(6)
+        held = np.zeros(N_JOINTS)
         assert second.present_goal(held) is True
         np.testing.assert_allclose(held, goal, atol=RAD_PER_TICK / 2 + 1e-9)  # 1 encoder tick
         second.read(state)
@@ -373,7 +372,7 @@ def test_present_goal_after_a_restart_is_the_goal_written_and_holding_it_moves_n
         second.enable_torque(False)
         time.sleep(0.05)
         second.read(state)
-        off = np.zeros(6)
+        off = np.zeros(N_JOINTS)
         assert second.present_goal(off) is False  # torque off: the measured position
         np.testing.assert_allclose(off, state.q, atol=0.05)  # it falls meanwhile
         second.close()
@@ -394,7 +393,7 @@ def test_a_restored_line_finds_the_servos_holding_their_goal(actuators: Actuator
     try:
         bus = make_bus(path)
         bus.open()
-        goal = np.zeros(6)
+        goal = np.zeros(N_JOINTS)
         assert bus.present_goal(goal) is True
         np.testing.assert_allclose(goal, actuators.q + 0.05, atol=RAD_PER_TICK / 2 + 1e-9)
         bus.close()

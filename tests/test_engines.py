@@ -152,6 +152,7 @@ def _repaired_tensorrt_stubs(dst: Path) -> None:
     pyi.write_text(text)
 
 
+@pytest.mark.system
 def test_tensorrt_modules_typecheck_against_tensorrt_stubs(tmp_path: Path) -> None:
     _repaired_tensorrt_stubs(tmp_path / "stubs")
     config = tmp_path / "mypy.ini"

@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from sim_arm import JOINTS
 from torch import nn
 
 from export.onnx_export import ExportError
@@ -25,7 +26,8 @@ from runtime.cli import main as duet
 from runtime.model.bundle import load_bundle
 from runtime.model.tokenizer import Tokenizer
 
-JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
+pytestmark = pytest.mark.slow
+
 D, H, L = 6, 10, 8
 
 

@@ -98,6 +98,7 @@ def test_baselines_spend_exactly_their_bits() -> None:
     assert reconstruction_error(binning.roundtrip, test)["rmse_rad"] > errs[2]
 
 
+@pytest.mark.slow
 def test_tokenizer_round_trip_reconstructs_chunks(small_tokenizer: FactTokenizer) -> None:
     """A small tokenizer trained for seconds on a 7-parameter family of chunks reconstructs
     held-out chunks far better than uniform binning at the same 40 bits."""
@@ -121,6 +122,7 @@ def test_study_compares_all_three_at_equal_bits() -> None:
     assert table[3].endswith(f"| {ratio:.3f} |")
 
 
+@pytest.mark.slow
 def test_decoder_stage_is_the_velocity_the_runtime_integrates(
         small_tokenizer: FactTokenizer) -> None:
     """The runtime's loop over the stage-2 graph (x from N(0,1), x += v/K, then
@@ -142,6 +144,7 @@ def test_decoder_stage_is_the_velocity_the_runtime_integrates(
     assert tk.mean.shape == (6,) and tk.std.shape == (6,)  # per-joint, declared
 
 
+@pytest.mark.slow
 def test_checkpoints_of_both_fact_models_load(tmp_path: Path, small_tokenizer: FactTokenizer,
                                               small_planner: FactPlanner) -> None:
     save_checkpoint(tmp_path / "t.pt", small_tokenizer, {"seed": 0})
@@ -157,6 +160,7 @@ def test_checkpoints_of_both_fact_models_load(tmp_path: Path, small_tokenizer: F
         assert torch.equal(planner(*inputs), small_planner(*inputs))
 
 
+@pytest.mark.slow
 def test_starting_from_a_reference_planner_freezes_its_perception() -> None:
     torch.manual_seed(1)
     planner_kwargs = {k: v for k, v in SMALL_PLANNER.items() if not k.startswith(("code",
@@ -258,6 +262,7 @@ def _observation(q: np.ndarray, t_obs_ns: int, frame: np.ndarray) -> Observation
                        "touch the red block, then the blue one")
 
 
+@pytest.mark.slow
 def test_fact_bundle_through_the_exporter_runs_in_the_runtime_pipeline_as_in_torch(
         tmp_path: Path, small_tokenizer: FactTokenizer) -> None:
     """The export folder `duet train-fact` writes -> `export_bundle` -> the robot's
@@ -339,6 +344,7 @@ def test_the_shipped_fact_bundle_plans_from_a_sim_observation() -> None:
     assert np.abs(other - plans[4, 0]).max() > 0.02
 
 
+@pytest.mark.system
 def test_the_shipped_fact_bundle_solves_sim_episodes_through_the_live_stack(
         tmp_path: Path) -> None:
     """`duet run` with bundles/fact: two planner stages (K decoder calls), live camera,
@@ -357,6 +363,8 @@ def test_the_shipped_fact_bundle_solves_sim_episodes_through_the_live_stack(
         summary["task"]
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_train_fact_smoke_writes_checkpoints_and_figures(tmp_path: Path) -> None:
     """`duet train-fact --smoke` as a real process: data, tokenizer, reconstruction
     figures against both baselines, planner, loadable checkpoints."""

@@ -11,9 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import websockets
+from sim_arm import JOINTS
 
 from runtime.observe.channels import schemas
+
+pytestmark = pytest.mark.system  # a `duet view` process and a publisher process
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = Path(__file__).with_name("test_deploy_publisher.py")
@@ -65,8 +69,7 @@ def test_view_serves_every_recorder_channel(tmp_path: Path) -> None:
         for proc in (view, pub):
             proc.terminate()
             proc.wait(timeout=10)
-    expected = schemas(["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll",
-                        "gripper"])
+    expected = schemas(JOINTS)  # the joints of the config the view was started with
     assert {c["topic"] for c in channels.values()} == set(expected)
     for c in channels.values():  # the recordings' schemas, byte for byte
         name, schema = expected[c["topic"]]

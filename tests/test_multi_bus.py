@@ -7,6 +7,7 @@ import itertools
 import can
 import numpy as np
 import pytest
+from sim_arm import JOINTS, N_JOINTS
 
 from drivers.bus import BusError, CommandError, MotorState
 from drivers.can_mit import MitCanBus
@@ -16,7 +17,6 @@ from sim.actuators import MODE_MIT, Actuators
 from sim.can_emulator import MitCanEmulator
 
 R = MitRanges(12.5, 30.0, 10.0)
-JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
 # interleaved on purpose: the limbs need not be contiguous in joint order
 LIMBS = [[0, 2, 4], [1, 3, 5]]
 Q = 25 / 65535
@@ -25,7 +25,7 @@ _channels = itertools.count()
 
 @pytest.fixture
 def rig():
-    act = Actuators(6)
+    act = Actuators(N_JOINTS)
     act.q[:] = [0.1, -0.2, 0.3, -0.4, 0.5, 0.6]
     emus, parts = [], []
     for limb in LIMBS:
@@ -54,12 +54,12 @@ def test_reads_and_writes_scatter_and_gather_in_joint_order(rig) -> None:
     bus.enable_torque(True)
     assert act.torque_enabled.all() and (act.mode == MODE_MIT).all()
     target = np.array([0.5, -0.5, 1.0, -1.0, 0.2, 0.4])
-    bus.write(target, kp=np.arange(6) + 10.0)
+    bus.write(target, kp=np.arange(N_JOINTS) + 10.0)
     bus.read(out)
     np.testing.assert_allclose(act.goal_q, target, atol=Q)
-    np.testing.assert_allclose(act.kp, np.arange(6) + 10.0, atol=500 / 4095)
+    np.testing.assert_allclose(act.kp, np.arange(N_JOINTS) + 10.0, atol=500 / 4095)
     assert bus.stats.reads == 2 and bus.stats.writes == 1 and bus.stats.errors == 0
-    goal = np.zeros(6)
+    goal = np.zeros(N_JOINTS)
     assert bus.present_goal(goal) is True
     np.testing.assert_array_equal(goal, target)
     assert bus.wire_time_us() == pytest.approx(3 * 2 * 56.8)  # the wires run side by side
@@ -71,7 +71,7 @@ def test_a_nonfinite_command_is_refused_before_any_part_sends(rig) -> None:
     act, bus = rig
     bus.enable_torque(True)
     before = act.goal_q.copy()
-    q = np.zeros(6)
+    q = np.zeros(N_JOINTS)
     q[5] = np.nan
     with pytest.raises(CommandError, match="gripper: q_target = nan") as err:
         bus.write(q)

@@ -117,6 +117,7 @@ def _export(model: torch.nn.Module, path: Path, inputs: list[str], output: str) 
     onnx.checker.check_model(onnx.load(str(path)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["planner", "follower"])
 def test_onnx_export_parity(tmp_path: Path, planner: Planner, kind: str) -> None:
     torch.manual_seed(1)

@@ -17,6 +17,8 @@ import yaml
 from policy.models import Follower, Planner, load_checkpoint
 from policy.train import split_by_episode, train_follower
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

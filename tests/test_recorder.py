@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sim_arm import JOINTS, N_JOINTS
 
 from runtime.ipc import endpoints
 from runtime.ipc.rpc import RequestError, request_at
@@ -44,6 +45,7 @@ def _wait_for(path: Path, timeout_s: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.system
 def test_sigkill_leaves_complete_chunks(run_dir: Path, tmp_path: Path) -> None:
     pub = _publisher(run_dir, "--duration", "30")
     rec = subprocess.Popen([sys.executable, "-m", "runtime.cli", "record", "serve",
@@ -81,6 +83,7 @@ def test_sigkill_leaves_complete_chunks(run_dir: Path, tmp_path: Path) -> None:
     assert {"duet.State", "foxglove.RawImage"} <= schemas
 
 
+@pytest.mark.system
 def test_fault_dumps_the_ring_and_a_clean_close_is_complete(run_dir: Path, tmp_path: Path
                                                             ) -> None:
     out = tmp_path / "rec"
@@ -145,6 +148,7 @@ def test_budget_deletes_oldest_segments_then_incidents_never_episodes(
     assert rec.stats.deleted_files == 2
 
 
+@pytest.mark.system
 def test_hostile_requests_and_messages_never_stop_the_recorder(run_dir: Path,
                                                                tmp_path: Path) -> None:
     """Non-dict args (which killed it), an unhashable type, and a zero-size array with huge
@@ -194,6 +198,7 @@ def _channels(contents: object) -> dict[str, list[dict[str, object]]]:
     return out
 
 
+@pytest.mark.system
 def test_episode_is_labelled_for_people(run_dir: Path, tmp_path: Path) -> None:
     """Wall-clock stamps with the monotonic kept, joint names and units in the schemas, the
     instruction, the sim's outcome, bundle version and config hash in the metadata; nothing
@@ -235,7 +240,7 @@ def test_episode_is_labelled_for_people(run_dir: Path, tmp_path: Path) -> None:
     assert duet["instruction"] == "put the red cube in the bin"  # what the planner works on
     assert duet["bundle_version"] == json.loads(
         (REPO / "bundles/reference/manifest.json").read_text())["version"]
-    assert len(duet["config_hash"]) == 16 and duet["joints"].startswith("base_yaw,shoulder")
+    assert len(duet["config_hash"]) == 16 and duet["joints"] == ",".join(JOINTS)
     assert outcome["outcome"] == "success" and outcome["source"] == "sim"
     channels = _channels(contents)
     assert {"/follower/state", "/sim/episode", "/sim/task"} <= set(channels)
@@ -252,10 +257,11 @@ def test_episode_is_labelled_for_people(run_dir: Path, tmp_path: Path) -> None:
     assert summary is not None
     state_schema = next(s for s in summary.schemas.values() if s.name == "duet.State")
     q = json.loads(state_schema.data)["properties"]["q"]["description"]
-    assert "rad" in q and "[1] shoulder" in q and "[5] gripper" in q
-    assert all(ch.metadata["joints"].startswith("base_yaw") for ch in summary.channels.values())
+    assert "rad" in q and f"[1] {JOINTS[1]}" in q and f"[{N_JOINTS - 1}] {JOINTS[-1]}" in q
+    assert all(ch.metadata["joints"].startswith(JOINTS[0]) for ch in summary.channels.values())
 
 
+@pytest.mark.system
 def test_record_cli_stop_with_outcome(run_dir: Path, tmp_path: Path) -> None:
     pub = _publisher(run_dir, "--duration", "30")
     rec = subprocess.Popen([sys.executable, "-m", "runtime.cli", "record", "serve",
@@ -299,6 +305,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.system
 def test_full_disk_drops_oldest_segments_and_keeps_the_incident(run_dir: Path,
                                                                 small_disk: Path) -> None:
     old = small_disk / "continuous"

@@ -87,7 +87,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, bundle: Path,
 def _robot(server: PlannerServerProcess, remote_keys: Keys, bundle: Path, name: str,
            q: np.ndarray | None = None, frame: np.ndarray = FRAME) -> SimulatedRobot:
     return SimulatedRobot(remote_config(server.endpoint, remote_keys, name),
-                          load_bundle(bundle), JOINTS, np.zeros(6) if q is None else q, frame)
+                          load_bundle(bundle), JOINTS, np.zeros(len(JOINTS)) if q is None else q,
+                          frame)
 
 
 def _plans(robot: SimulatedRobot, count: int, hz: float = 10.0, timeout_s: float = 10.0
@@ -114,6 +115,7 @@ def _until(server: PlannerServerProcess, check: Any, timeout_s: float = 10.0) ->
 
 
 # ------------------------------------------------------------------------ keys and config
+@pytest.mark.system
 def test_keys_generate_writes_a_private_secret_and_refuses_to_overwrite(tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "runtime.cli", "keys", "generate", "robot-7", "--out",
            str(tmp_path)]
@@ -258,6 +260,7 @@ def test_hostile_observations_are_refused_by_reason(bundle: Path) -> None:
 
 
 # ------------------------------------------------------------------------ the server's door
+@pytest.mark.system
 def test_only_admitted_keys_get_plans_and_refusals_are_counted(
         server: PlannerServerProcess, remote_keys: Keys, bundle: Path, tmp_path: Path) -> None:
     q = np.array([0.1, -0.2, 0.3, -0.4, 0.5, 0.2])
@@ -295,6 +298,7 @@ def test_only_admitted_keys_get_plans_and_refusals_are_counted(
             r.close()
 
 
+@pytest.mark.system
 def test_oversize_frames_and_messages_are_refused_and_the_server_goes_on(
         server: PlannerServerProcess, remote_keys: Keys, bundle: Path) -> None:
     noise = np.random.default_rng(2).integers(0, 256, (160, 160, 3), dtype=np.uint8)
@@ -314,6 +318,7 @@ def test_oversize_frames_and_messages_are_refused_and_the_server_goes_on(
         big.close()
 
 
+@pytest.mark.system
 def test_a_robot_on_another_bundle_is_refused(server: PlannerServerProcess,
                                                remote_keys: Keys, bundle: Path) -> None:
     robot = _robot(server, remote_keys, bundle, "robot-2")
@@ -401,6 +406,7 @@ class Recorder:
                 pairs[sock].sendall(data)
 
 
+@pytest.mark.system
 def test_a_recorded_session_replayed_to_the_server_is_refused(
         server: PlannerServerProcess, remote_keys: Keys, bundle: Path) -> None:
     """Someone on the path records a robot's encrypted session and plays it back: CURVE's
@@ -438,6 +444,7 @@ def _send_when_connected(robot: SimulatedRobot, timeout_s: float = 5.0,
 
 
 # ------------------------------------------------------------------------ many robots
+@pytest.mark.system
 def test_eight_robots_get_their_own_plans_and_a_vanished_one_stalls_no_one(
         server: PlannerServerProcess, remote_keys: Keys, bundle: Path) -> None:
     robots = [_robot(server, remote_keys, bundle, f"robot-{i}",
@@ -487,6 +494,7 @@ def _resend(robot: SimulatedRobot) -> bytes:
         episode=None, previous=None, previous_waypoints=None, expected_s=0.0)
 
 
+@pytest.mark.system
 def test_a_robot_flooding_the_server_is_held_to_its_rate(
         server: PlannerServerProcess, remote_keys: Keys, bundle: Path) -> None:
     robot = _robot(server, remote_keys, bundle, "robot-5")
@@ -558,6 +566,7 @@ def _export_rows(root: Path, module: Any, dynamic: bool) -> Path:
                              root / name, ExportOptions(calib=8, parity_samples=5), root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["static", "dynamic"])
 def test_a_batch_n_model_plans_n_observations_in_one_call_row_by_row(
         kind: str, batch_bundles: dict[str, Path]) -> None:
@@ -600,6 +609,8 @@ def _batched_robots(server: PlannerServerProcess, k: Keys, bundle: Path, n: int
     return robots
 
 
+@pytest.mark.system
+@pytest.mark.slow
 @pytest.mark.parametrize(("engine", "kind"), [("local", "static"), ("local", "dynamic"),
                                              ("ray", "dynamic")])
 def test_the_server_batches_robots_into_one_engine_call(
@@ -638,6 +649,7 @@ def test_the_server_batches_robots_into_one_engine_call(
 
 
 # ------------------------------------------------------------------------ the sim robot
+@pytest.mark.system
 def test_the_sim_robot_solves_episodes_with_its_planner_served_over_curve(
         tmp_path: Path, remote_keys: Keys) -> None:
     """What `make demo-remote` runs: the shipped bundle, planned by a second process over

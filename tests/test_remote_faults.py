@@ -35,7 +35,8 @@ from runtime.ipc import endpoints
 from runtime.ipc.messages import decode
 
 WHY_NOT = netns.unavailable()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+pytestmark = [pytest.mark.system,  # stacks and a planner server across network namespaces
+              pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")]
 
 SERVER_PORT = 5571  # inside the server's own namespace
 # a busy shared host starves the follower for whole ticks: these tests are about the network,

@@ -20,6 +20,8 @@ import pytest
 from onnx_bundle import make_bundle
 from stack import Stack
 
+pytestmark = pytest.mark.system
+
 TOL_RAD = 1e-3
 
 

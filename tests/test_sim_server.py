@@ -24,6 +24,8 @@ from runtime.ipc.messages import decode, unpack_array
 from sim.task import Episode, episode_seed
 from sim.world import HOME_Q, JOINTS, SimWorld
 
+pytestmark = pytest.mark.system
+
 REPO = Path(__file__).resolve().parents[1]
 
 

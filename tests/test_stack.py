@@ -22,6 +22,8 @@ from stack import REPO, Stack, stop_and_cont
 from runtime.ipc import endpoints
 from runtime.ipc.messages import VERSION, Encoder, pack_array
 
+pytestmark = pytest.mark.system
+
 PLANNER_PERIOD = 0.2  # configs/sim.yaml planner.hz = 5
 TOLERANT = "follower.deadline_storm.misses=400"  # as tests/stack.py: behaviour, not timing
 

@@ -14,8 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from onnx_bundle import make_bundle
 from stack import stop_processes
+
+pytestmark = pytest.mark.system  # a follower process under a fake systemd
 
 REPO = Path(__file__).resolve().parents[1]
 WATCHDOG_SEC = 2.0  # as in systemd/duet-follower.service

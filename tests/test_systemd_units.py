@@ -40,6 +40,7 @@ def _installed(tmp: Path) -> Path:
     return root / "etc/systemd/system"
 
 
+@pytest.mark.system
 @needs_analyze
 def test_units_and_dropin_verify_clean(tmp_path: Path) -> None:
     units = _installed(tmp_path)
@@ -51,6 +52,7 @@ def test_units_and_dropin_verify_clean(tmp_path: Path) -> None:
     assert out.returncode == 0 and not ours, out.stdout + out.stderr
 
 
+@pytest.mark.system
 @needs_analyze
 def test_verify_catches_a_broken_dropin(tmp_path: Path) -> None:
     """The check above can fail: a bad drop-in value is reported."""
@@ -76,6 +78,7 @@ def test_follower_unit_contract() -> None:
     assert "PartOf=duet.target" in planner and "Type=notify" in planner
 
 
+@pytest.mark.system
 @pytest.mark.skipif(shutil.which("systemctl") is None, reason="systemctl not installed")
 def test_offline_enable_matches_systemctl(tmp_path: Path) -> None:
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"
@@ -95,6 +98,7 @@ def test_offline_enable_matches_systemctl(tmp_path: Path) -> None:
     assert links(mine) == links(theirs) and links(mine)
 
 
+@pytest.mark.system
 def test_container_verification_script_parses() -> None:
     """systemd/verify-in-container.sh (run by hand: minutes, root) is at least valid bash."""
     script = REPO / "systemd/verify-in-container.sh"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.system
+
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = Path(__file__).with_name("test_deploy_publisher.py")
 
