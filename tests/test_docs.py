@@ -130,6 +130,7 @@ def test_there_are_workstation_blocks() -> None:
     assert any(name.startswith("README.md") for name, _ in _blocks())
 
 
+@pytest.mark.system  # runs `duet` commands in subprocesses
 @pytest.mark.parametrize(("name", "script"), _blocks(), ids=[n for n, _ in _blocks()])
 def test_workstation_block_runs_as_written(name: str, script: str, tmp_path: Path) -> None:
     """Run from a scratch folder that holds the checkout's folders as links (what a block
