@@ -73,7 +73,7 @@ def test_sigkill_leaves_complete_chunks(run_dir: Path, tmp_path: Path) -> None:
     state = json.loads(by_topic["/follower/state"][-1])
     assert len(state["q"]) == 6 and state["mode"] == "TRACK"
     telemetry = json.loads(by_topic["/follower/telemetry"][0])
-    assert telemetry["period_jitter_us"]["p99"] == 87.25
+    assert telemetry["period_jitter_us"]["max"] == 50.0  # the publisher's loop: 2050 - 2000 µs
     plan = json.loads(by_topic["/planner/plan"][0])
     assert len(plan["waypoints"]) == 10 and len(plan["waypoints"][0]) == 6
     frame = json.loads(by_topic["/sim/frame"][0])
