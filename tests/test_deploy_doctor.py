@@ -14,7 +14,8 @@ import yaml
 from onnx_bundle import make_bundle
 
 from runtime.cli import main
-from runtime.deploy.doctor import FAIL, OK, diagnose
+from runtime.deploy.doctor import diagnose
+from runtime.deploy.host_checks import FAIL, OK
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,7 @@ def test_latched_fault_dead_camera_and_json(tmp_path: Path,
 @pytest.mark.system
 def test_cpu_contention_names_the_busy_process(tmp_path: Path) -> None:
     from runtime.config import load_config
-    from runtime.deploy.doctor import WARN, check_cpu
+    from runtime.deploy.host_checks import WARN, check_cpu
 
     cfg = load_config(_config(tmp_path, "sim", tmp_path / "b"))
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])

@@ -12,13 +12,9 @@ from onnx_bundle import make_bundle
 
 from runtime.cli import main
 from runtime.config import load_config
-from runtime.deploy.install import (
-    InstallPlan,
-    install,
-    render_cpu_dropin,
-    render_realtime_dropin,
-)
+from runtime.deploy.install import InstallPlan, install
 from runtime.deploy.layout import Layout
+from runtime.deploy.units import render_cpu_dropin, render_realtime_dropin
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -276,7 +272,7 @@ def test_realtime_dropin_without_fifo_turns_it_off(tmp_path: Path) -> None:
 
 
 def test_follower_waits_for_its_bus_device(tmp_path: Path) -> None:
-    from runtime.deploy.install import device_unit, render_device_dropin
+    from runtime.deploy.units import device_unit, render_device_dropin
 
     cfg = load_config(_robot_config(tmp_path))
     assert device_unit(cfg) == "dev-ttyDUET0.device"

@@ -17,7 +17,8 @@ from onnx_bundle import make_bundle
 from runtime.cli import main
 from runtime.config import load_config
 from runtime.deploy import jetson
-from runtime.deploy.doctor import FAIL, OK, WARN, Check, diagnose
+from runtime.deploy.doctor import diagnose
+from runtime.deploy.host_checks import FAIL, OK, WARN, Check
 from runtime.model.engines import EngineError, engine_options, make_engine
 from runtime.model.engines.onnxruntime_engine import (
     OnnxRuntimeEngine,

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.deploy.install import UNITS, InstallPlan, enable_offline, install
+from runtime.deploy.install import InstallPlan, install
 from runtime.deploy.layout import Layout
+from runtime.deploy.units import UNITS, enable_offline
 
 REPO = Path(__file__).resolve().parents[1]
 needs_analyze = pytest.mark.skipif(

@@ -27,7 +27,7 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from runtime.deploy.install import restart_command
+    from runtime.deploy.units import restart_command
     from runtime.model.bundle import BundleError
 
     store = _store(args)

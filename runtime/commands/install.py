@@ -15,8 +15,9 @@ def _install(args: argparse.Namespace) -> int:
 
     from runtime.config import ConfigError
     from runtime.deploy.archive import ArchiveError, unpack
-    from runtime.deploy.install import InstallError, InstallPlan, install, restart_command
+    from runtime.deploy.install import InstallError, InstallPlan, install
     from runtime.deploy.steps import log_to_stderr, run_to_stderr
+    from runtime.deploy.units import restart_command
     from runtime.model.bundle import BundleError
 
     if args.sha256 is not None and args.offline is None:

@@ -28,7 +28,8 @@ from runtime.config import (
     set_path,
     validate_layers,
 )
-from runtime.deploy.install import DERIVED_KEY_PREFIXES, restart_command
+from runtime.deploy.install import DERIVED_KEY_PREFIXES
+from runtime.deploy.units import restart_command
 from runtime.ipc.access import caller
 
 
