@@ -159,7 +159,8 @@ class FollowerConfig(_Strict):
     residual_max: float = Field(0.05, ge=0, le=1.0)  # rad, tunable
     # Low-pass on the residual, tunable. 50 ms: the reference follower's tick-to-tick output
     # steps then rarely exceed the command acceleration limit (20 ms: clamps on ~half the
-    # ticks at 100 rad/s^2), for ~10 % more tracking error (`duet eval`, README).
+    # ticks at 100 rad/s^2), for ~10 % more tracking error (`duet eval`,
+    # docs/results/evaluation.md).
     residual_filter_ms: float = Field(50.0, ge=0, le=10_000)
     hold_decel: float = Field(4.0, gt=0, le=1000)  # rad/s^2 when braking to a hold
     bus_error_threshold: int = Field(5, gt=0, le=10_000)  # failed transactions in a row -> FAULT

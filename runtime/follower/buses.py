@@ -20,7 +20,8 @@ def single_bus(cfg: DuetConfig, what: str) -> BusConfig:
     """The one bus of a single-bus robot; ConfigError naming `what` for per-limb buses."""
     if cfg.bus is None:
         raise ConfigError(f"{what} handles one motor bus; this config has `buses:` (one per"
-                          " limb): set up each adapter by hand (README, \"Several buses\")")
+                          " limb): set up each adapter by hand (docs/configuration.md, \"One bus"
+                          " or several\")")
     return cfg.bus
 
 
