@@ -15,18 +15,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import zmq
 
 from runtime.config import DuetConfig, SimConfig
 from runtime.model.bundle import Bundle
-from runtime.planner.records import SourceFigures
-from runtime.planner.shell import PlannerShell
+from runtime.planner.shell import PlannerShell, PlanSource
 from sim.expert import expert_chunk
 from sim.task import TOUCH_RADIUS, Episode, episode_seed
 from sim.world import ArmKinematics
 
 
-class ExpertSource:
+class ExpertSource(PlanSource):
     def __init__(self, cfg: DuetConfig, bundle: Bundle) -> None:
         actions = bundle.contract.planner.actions
         self.horizon, self.dt_s = actions.horizon, actions.dt_s
@@ -66,14 +64,3 @@ class ExpertSource:
                              self.dt_s, self.velocity_max)
         shell.publish(chunk, self.dt_s, t_obs, shell.episode)
 
-    def sockets(self) -> Sequence[zmq.Socket[bytes]]:
-        return ()
-
-    def between(self, shell: PlannerShell) -> None:
-        pass
-
-    def figures(self, last: int | None) -> SourceFigures:
-        return {}
-
-    def close(self) -> None:
-        pass

@@ -31,8 +31,7 @@ from runtime.follower.core import CoreSettings, FollowerCore
 from runtime.follower.figures import LoopFigures
 from runtime.follower.records import FollowerTelemetry
 from runtime.ipc.messages import Encoder, decode, decode_plan, decode_state, pack_array
-from runtime.planner.records import SourceFigures
-from runtime.planner.shell import PlannerShell
+from runtime.planner.shell import PlannerShell, PlanSource
 
 PERIODS_US = (2000.0, 2010.0, 1990.0, 2050.0)  # wake to wake, in turn
 COMPUTE_US = 210.0
@@ -80,7 +79,7 @@ class FollowerWriter:
         return self.figures.telemetry(self.core, self.bus, self.q, True, {})
 
 
-class HoldSource:
+class HoldSource(PlanSource):
     """Plans to hold the newest measured position: a plan source with no model."""
 
     def camera_names(self) -> Sequence[str]:
@@ -95,17 +94,6 @@ class HoldSource:
             q = shell.history.latest("q").astype(float)
             shell.publish(np.tile(q, (10, 1)), 0.1, got[1], shell.episode)
 
-    def sockets(self) -> Sequence[zmq.Socket[bytes]]:
-        return ()
-
-    def between(self, shell: PlannerShell) -> None:
-        pass
-
-    def figures(self, last: int | None) -> SourceFigures:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ def _config(run_dir: Path, bundle: Path) -> DuetConfig:
         "planner.instruction=touch the red block"])
 
 
-class Scripted:
+class Scripted(PlanSource):
     """A source that plans a fixed chunk on the shell's observation: the shell's side of the
     PlanSource protocol, nothing else."""
 
@@ -54,12 +54,6 @@ class Scripted:
         got = shell.observe()
         if got is not None:
             shell.publish(np.full((4, self.n), 0.25), 0.1, got[1], shell.episode)
-
-    def sockets(self) -> Sequence[zmq.Socket[bytes]]:
-        return ()
-
-    def between(self, shell: PlannerShell) -> None:
-        pass
 
     def figures(self, last: int | None) -> SourceFigures:
         return {"inference_ms": {"p50": 1.0, "p99": 2.0}}

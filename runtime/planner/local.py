@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import zmq
 
 from runtime.config import DuetConfig
 from runtime.ipc.stats import summarize
@@ -15,11 +14,11 @@ from runtime.model.tokenizer import TokenizerError
 from runtime.planner.observation import ObservationError
 from runtime.planner.pipeline import Observation, PlannerPipeline
 from runtime.planner.records import SourceFigures
-from runtime.planner.shell import PlannerShell
+from runtime.planner.shell import PlannerShell, PlanSource
 from runtime.planner.tasks import TaskError
 
 
-class PipelineSource:
+class PipelineSource(PlanSource):
     def __init__(self, cfg: DuetConfig, bundle: Bundle) -> None:
         self.pipeline = PlannerPipeline.configured(bundle, cfg)
         self._cameras = sorted({c.camera for c in bundle.contract.cameras()})
@@ -50,12 +49,6 @@ class PipelineSource:
             return
         shell.publish(waypoints, self.pipeline.dt_s, t_obs, shell.episode)
 
-    def sockets(self) -> Sequence[zmq.Socket[bytes]]:
-        return ()
-
-    def between(self, shell: PlannerShell) -> None:
-        pass
-
     def figures(self, last: int | None) -> SourceFigures:
         # inference: the model's whole call per plan (what `latency_ms` adds to it is waiting
         # for inputs and publishing)
@@ -63,5 +56,3 @@ class PipelineSource:
                 "inference_ms": summarize(self.pipeline.plan_ms.values(last), ("p50", "p99"),
                                           digits=2)}
 
-    def close(self) -> None:
-        pass

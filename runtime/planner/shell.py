@@ -54,26 +54,36 @@ STATE_MAX_AGE_NS = 200_000_000  # a joint state older than this is not planned o
 
 
 class PlanSource(Protocol):
+    """What the shell needs of a source. A source may subclass this for the optional hooks'
+    defaults (no sockets, nothing between cycles, no figures, nothing to close)."""
+
     def camera_names(self) -> Sequence[str]:
         """The cameras whose fresh frames a cycle needs (none: the shell opens none)."""
+        ...
 
     def check_instruction(self, text: str) -> None:
         """Refuse what the model cannot read (raise TaskError naming why)."""
+        ...
 
     def cycle(self, shell: PlannerShell) -> None:
         """One planner cycle: `shell.observe()`, then `shell.publish(...)` or a status."""
+        ...
 
     def sockets(self) -> Sequence[zmq.Socket[bytes]]:
         """Sockets the shell also waits on between cycles."""
+        return ()
 
     def between(self, shell: PlannerShell) -> None:
         """After each wait between cycles (a relay publishes the plans that arrived)."""
+        return None
 
     def figures(self, last: int | None) -> SourceFigures:
         """The source's own telemetry (`last` samples) or summary (None) entries."""
+        return {}
 
     def close(self) -> None:
         """Release what the source holds."""
+        return None
 
 
 class PlannerShell:

@@ -39,7 +39,7 @@ from runtime.model.contract import InstructionInput, PrefixInput
 from runtime.model.tokenizer import TokenizerError
 from runtime.planner.pipeline import instruction_encoder, state_times_ns
 from runtime.planner.records import SourceFigures
-from runtime.planner.shell import PlannerShell
+from runtime.planner.shell import PlannerShell, PlanSource
 from runtime.planner.tasks import TaskError
 from runtime.remote import jpeg
 from runtime.remote.wire import Sent, bundle_id, encode_observation
@@ -218,7 +218,7 @@ class ServerLink:
         }
 
 
-class RelaySource:
+class RelaySource(PlanSource):
     """Plans from the planner server: this cycle's observation goes out, and each plan that
     comes back is published the moment it arrives (between cycles)."""
 
