@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from runtime.follower.records import FollowerTelemetry
 from runtime.ipc.messages import MessageError, unpack_array
+from runtime.planner.records import PlannerTelemetry
 
 MODE_STYLE = {"TRACK": "bold green", "HOLD": "bold yellow", "INIT": "bold cyan",
               "FAULT": "bold white on red", "ESTOP": "bold white on red"}
@@ -40,7 +43,7 @@ def _num(value: Any, fmt: str = "{:.1f}") -> str:
     return fmt.format(value)
 
 
-def _get(d: dict[str, Any] | None, *path: str) -> Any:
+def _get(d: Mapping[str, Any] | None, *path: str) -> Any:
     node: Any = d
     for key in path:
         if not isinstance(node, dict):
@@ -56,7 +59,7 @@ def _kv_table(title: str) -> Table:
     return table
 
 
-def follower_table(t: dict[str, Any] | None, age_s: float | None) -> Table:
+def follower_table(t: FollowerTelemetry | None, age_s: float | None) -> Table:
     table = _kv_table("follower")
     if t is None:
         table.add_row("state", Text("no telemetry (not running?)", style="bold red"))
@@ -89,7 +92,7 @@ def follower_table(t: dict[str, Any] | None, age_s: float | None) -> Table:
     return table
 
 
-def joints_table(t: dict[str, Any] | None) -> Table | None:
+def joints_table(t: FollowerTelemetry | None) -> Table | None:
     if t is None:
         return None
     names = t.get("joint_names") or []
@@ -106,7 +109,7 @@ def joints_table(t: dict[str, Any] | None) -> Table | None:
     return table
 
 
-def planner_table(t: dict[str, Any] | None, age_s: float | None) -> Table:
+def planner_table(t: PlannerTelemetry | None, age_s: float | None) -> Table:
     table = _kv_table("planner")
     if t is None:
         table.add_row("state", Text("no telemetry (not running?)", style="bold red"))
@@ -128,10 +131,14 @@ def render(
     latest: dict[str, dict[str, Any]], ages: dict[str, float] | None = None, title: str = "duet"
 ) -> RenderableType:
     ages = ages or {}
+    # what each process publishes, as decoded off the wire: the tables read every key with a
+    # default, since a frame may carry anything
+    follower = cast("FollowerTelemetry | None", latest.get("follower"))
+    planner = cast("PlannerTelemetry | None", latest.get("planner"))
     parts: list[RenderableType] = [Text(title, style="bold")]
-    parts.append(follower_table(latest.get("follower"), ages.get("follower")))
-    joints = joints_table(latest.get("follower"))
+    parts.append(follower_table(follower, ages.get("follower")))
+    joints = joints_table(follower)
     if joints is not None:
         parts.append(joints)
-    parts.append(planner_table(latest.get("planner"), ages.get("planner")))
+    parts.append(planner_table(planner, ages.get("planner")))
     return Group(*parts)
