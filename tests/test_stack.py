@@ -129,7 +129,9 @@ def test_planner_frozen_then_resumed(tmp_path: Path, bundle: Path) -> None:
         stack.signal("planner", signal.SIGSTOP)
         stack.wait_mode("HOLD", 2)
         stack.signal("planner", signal.SIGCONT)
-        stack.wait_mode("TRACK", 3)
+        # it plans again once its camera frame is fresh: on a loaded 2-core host the sim's
+        # renders lag (p99 ~0.5 s seen under the full test run), so allow more than a period
+        stack.wait_mode("TRACK", 10)
         stop_and_cont(stack, "planner", 0.05)  # a short freeze within the timeout: no HOLD
         assert stack.telemetry()["mode"] == "TRACK"
 
