@@ -5,10 +5,13 @@ every fenced block titled "workstation" runs as written."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,57 @@ def test_workstation_block_runs_as_written(name: str, script: str, tmp_path: Pat
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{name} failed:\n{script}\n{proc.stdout}\n{proc.stderr}"
+
+
+def _tour_block(title: str) -> str:
+    found = re.search(rf'^```bash title="tour: {title}"\n(.*?)^```', README.read_text(),
+                      re.M | re.S)
+    assert found, f"README.md has no block titled 'tour: {title}'"
+    return found.group(1)
+
+
+@pytest.mark.system  # a live sim stack and the `duet` client commands against it
+def test_the_readme_tour_runs_as_written(tmp_path: Path) -> None:
+    """The five-minute tour, typed as the README has it: the robot block in one shell, each
+    line of the second shell's block in another (only `duet top`, a full-screen terminal
+    program, is left to tests/test_top.py). Each line's exit code is what its comment says."""
+    for entry in ROOT.iterdir():
+        if entry.name not in OUTPUTS and not entry.name.startswith("."):
+            (tmp_path / entry.name).symlink_to(entry)
+    env = _env()
+    robot = subprocess.Popen(["bash", "-c", _tour_block("the robot")], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+
+    def duet(line: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        lines = [line.split("  #")[0].strip() for line in
+                 _tour_block("a second shell").splitlines()]
+        assert lines[0].startswith("export DUET_RUN_DIR=")
+        env["DUET_RUN_DIR"] = lines[0].split("=", 1)[1]
+        deadline = time.monotonic() + 90  # the stack is up once its follower reports
+        while '"mode"' not in duet("duet status --json").stdout:
+            assert robot.poll() is None and time.monotonic() < deadline, "the stack never came up"
+            time.sleep(0.5)
+        modes = []
+        for line in lines[1:]:
+            if line == "duet top":
+                continue
+            out = duet(line)
+            # status exits 1 when not healthy (a busy test host misses deadlines); the rest 0
+            allowed = (0, 1) if line.startswith("duet status") else (0,)
+            assert out.returncode in allowed, f"{line}: exit {out.returncode}\n{out.stderr}"
+            if line.startswith("duet status"):
+                sample = json.loads(duet("duet status --json").stdout)
+                modes.append(sample["follower"]["mode"])
+        assert modes[-1] == "ESTOP", modes  # `duet status` right after `duet estop`
+        after = json.loads(duet("duet status --json").stdout)["follower"]["mode"]
+        assert after in ("HOLD", "TRACK"), after  # `duet reset` left ESTOP
+    finally:
+        os.killpg(robot.pid, signal.SIGINT)  # Ctrl-C in the first shell
+        out, _ = robot.communicate(timeout=60)
+    assert robot.returncode == 0, out[-3000:]
+    assert "duet run" in out  # the summary table
