@@ -198,3 +198,26 @@ def test_the_readme_tour_runs_as_written(tmp_path: Path) -> None:
         out, _ = robot.communicate(timeout=60)
     assert robot.returncode == 0, out[-3000:]
     assert "duet run" in out  # the summary table
+
+
+def test_every_config_key_is_described() -> None:
+    """Every row of the generated configuration reference says what its key is (a comment
+    beside the field in runtime/config/schema.py, or its Field description); the live-tunable
+    note the generator adds does not count."""
+    sys.path.insert(0, str(DOCS))
+    try:
+        import gen_reference
+    finally:
+        sys.path.remove(str(DOCS))
+
+    config = gen_reference.config_reference()
+    rows = [line for line in config.splitlines() if line.startswith("| `")]
+    assert rows, "no key rows in the configuration reference"
+    bare = []
+    for row in rows:
+        cells = re.split(r"(?<!\\)\|", row)  # `\|` inside a cell is escaped
+        key, desc = cells[1].strip(), cells[-2].strip()
+        desc = desc.replace("**Live tunable** (`duet config set`).", "").strip()
+        if not desc:
+            bare.append(key)
+    assert not bare, f"{len(bare)} config keys have no description: {', '.join(bare)}"

@@ -29,8 +29,8 @@ class _Strict(BaseModel):
 
 
 class Limits(_Strict):
-    position_min: list[float]
-    position_max: list[float]
+    position_min: list[float]  # rad, per joint: the safety filter clips every command to ≥ this
+    position_max: list[float]  # rad, per joint (> position_min): every command is clipped to ≤ it
     # Strictly positive: a zero or negative limit would invert the safety filter's clip.
     velocity_max: list[PositiveFloat]  # rad/s
     accel_max: list[PositiveFloat]  # rad/s^2
@@ -42,9 +42,11 @@ class Limits(_Strict):
 
 
 class RobotConfig(_Strict):
-    name: str
+    name: str  # a label for this robot, written into each recording's metadata
+    # joint names; the per-joint lists (limits, and `bus` ids and gains) follow this order, and a
+    # bundle's contract may name only these
     joints: list[str] = Field(min_length=1)
-    limits: Limits
+    limits: Limits  # per-joint lists, one entry per joint in `joints` order
 
     @model_validator(mode="after")
     def _limits_match_joints(self) -> RobotConfig:
@@ -61,15 +63,21 @@ class RobotConfig(_Strict):
 
 
 class DynamixelBusConfig(_Strict):
-    kind: Literal["dynamixel"] = "dynamixel"
+    kind: Literal["dynamixel"] = "dynamixel"  # Protocol 2.0 servos, run in Position Control mode
     device: str  # serial device; "sim" = the pty the sim prints
-    baudrate: int = Field(4_000_000, gt=0)
-    ids: list[int]
+    baudrate: int = Field(4_000_000, gt=0)  # bit/s, as set in the servos; bounds a tick's wire time
+    ids: list[int]  # servo ids, one per joint (robot.joints order, or `joints` under `buses:`)
     # encoder tick of each joint's zero and its direction (+1/-1)
     zero_ticks: list[int] | None = None
-    direction: list[int] | None = None
+    direction: list[int] | None = None  # +1/-1 per joint (none: all +1); -1 flips q, dq, effort
+    # per transaction (sync read, register access); a reply later than this is a timeout (then
+    # `retries`)
     timeout_ms: float = Field(5.0, gt=0, le=1000)
+    # further tries of a failed transaction before it is a bus error (a FAULT after
+    # follower.bus_error_threshold in a row)
     retries: int = Field(1, ge=0, le=10)
+    # µs, each servo's Return Delay Time as the config's wire-budget check assumes it; at start
+    # the bus reads every servo's own setting instead
     return_delay_us: float = Field(0.0, ge=0, le=508)
     # the robot joints this bus drives, in `ids` order (required under `buses:`)
     joints: list[str] | None = None
@@ -81,27 +89,29 @@ class MitMotorModel(_Strict):
     p_max: float = Field(gt=0, le=1e4)  # rad, position range is [-p_max, p_max]
     v_max: float = Field(gt=0, le=1e4)  # rad/s
     t_max: float = Field(gt=0, le=1e4)  # N·m
-    kp_max: float = Field(500.0, gt=0, le=1e5)
-    kd_max: float = Field(5.0, gt=0, le=1e4)
+    kp_max: float = Field(500.0, gt=0, le=1e5)  # N·m/rad, kp range is [0, kp_max]
+    kd_max: float = Field(5.0, gt=0, le=1e4)  # N·m·s/rad, kd range is [0, kd_max]
 
 
 class CanBusConfig(_Strict):
-    kind: Literal["mit_can"] = "mit_can"
+    kind: Literal["mit_can"] = "mit_can"  # MIT-mode motors: one command, one reply per tick each
     # wire dialect of the motors (drivers/mit_dialects.py): generic (Katz firmware),
     # damiao, cubemars, myactuator
     dialect: str = "generic"
     interface: str = "socketcan"  # any python-can interface name
-    channel: str = "can0"
+    channel: str = "can0"  # the python-can channel (socketcan: the network interface)
     bitrate: int = Field(1_000_000, gt=0)  # nominal (arbitration) rate
     fd: bool = False  # CAN FD frames with bit-rate switching (Damiao)
     data_bitrate: int = Field(5_000_000, gt=0)  # FD data phase
-    ids: list[int]
+    ids: list[int]  # CAN ids, one per joint (robot.joints order, or `joints` under `buses:`)
     master_ids: list[int] | None = None  # reply ids, when they differ from `ids`
+    # the motors' MIT field ranges; they must match the firmware, or every value is mis-scaled
     model: MitMotorModel
-    kp: list[float]
-    kd: list[float]
+    kp: list[float]  # N·m/rad per motor, `ids` order, ≤ model.kp_max; sent with every command
+    kd: list[float]  # N·m·s/rad per motor, `ids` order, ≤ model.kd_max; sent with every command
+    # per exchange: a motor whose reply is not in within this is a timeout, a bus error
     timeout_ms: float = Field(2.0, gt=0, le=1000)
-    direction: list[int] | None = None
+    direction: list[int] | None = None  # +1/-1 per motor (none: all +1); -1 flips q, dq, torque
     # start-up: the most a goal reconstructed from a motor's reply may differ from its
     # measured position (drivers/can_mit.py)
     hold_jump_max_rad: float = Field(0.1, gt=0, le=1.0, allow_inf_nan=False)
@@ -134,12 +144,15 @@ BusConfig = DynamixelBusConfig | CanBusConfig
 class RealtimeConfig(_Strict):
     sched_fifo_priority: int = Field(0, ge=0, le=99)  # 0 = do not ask
     cpu: int | None = None  # pin the follower to this core
-    mlockall: bool = False
+    mlockall: bool = False  # lock the follower's memory: no tick waits on a page fault
 
 
 class DeadlineStorm(_Strict):
-    misses: int = Field(50, gt=0, le=100_000)
-    window_ticks: int = Field(500, gt=0, le=100_000)
+    """A FAULT when `misses` of the last `window_ticks` ticks were late: a late tick ends more
+    than one period after its deadline."""
+
+    misses: int = Field(50, gt=0, le=100_000)  # late ticks in the window that make a FAULT
+    window_ticks: int = Field(500, gt=0, le=100_000)  # the sliding window (500: 1 s at 500 Hz)
 
 
 class Health(_Strict):
@@ -150,8 +163,13 @@ class Health(_Strict):
 
 
 class FollowerConfig(_Strict):
+    # ticks per second; each tick reads and writes every motor, so each bus must carry that
+    # (the wire budget), and a bundle's look-ahead must be a whole number of ticks
     hz: float = Field(500.0, gt=0, le=2000)
     blend_ms: float = Field(80.0, ge=0, le=2000)  # tunable
+    # how consecutive plans combine (runtime/follower/reference.py): blend cross-fades over
+    # `blend_ms`; switch takes the newest at once; average: 0.3 old / 0.7 new where chunks
+    # overlap; broker finishes a chunk before taking the next
     chunk_strategy: Literal["blend", "broker", "average", "switch"] = "blend"
     # no plan from an observation newer than this -> HOLD; an older plan is never executed
     plan_timeout_ms: float = Field(500.0, gt=0, le=10_000)
@@ -164,24 +182,28 @@ class FollowerConfig(_Strict):
     residual_filter_ms: float = Field(50.0, ge=0, le=10_000)
     hold_decel: float = Field(4.0, gt=0, le=1000)  # rad/s^2 when braking to a hold
     bus_error_threshold: int = Field(5, gt=0, le=10_000)  # failed transactions in a row -> FAULT
+    # on FAULT: hold brakes to rest at `hold_decel` with torque on; torque_off: motors limp
     fault_action: Literal["hold", "torque_off"] = "hold"
     stop_action: Literal["hold", "torque_off"] = "hold"  # on SIGTERM
-    deadline_storm: DeadlineStorm = DeadlineStorm()
-    health: Health = Health()
-    realtime: RealtimeConfig = RealtimeConfig()
+    deadline_storm: DeadlineStorm = DeadlineStorm()  # too many late ticks -> FAULT
+    health: Health = Health()  # what `duet status` reports as unhealthy
+    realtime: RealtimeConfig = RealtimeConfig()  # best effort: each outcome logged at start
     spin_us: float = Field(200.0, ge=0, le=5000)  # busy-wait this long before each deadline
     state_pub_every: int = Field(1, gt=0, le=10_000)  # publish state every N ticks
+    # telemetry messages/s (status, top, recorder); sent only with ≥ 0.4 ms to the deadline
     telemetry_hz: float = Field(20.0, gt=0, le=100)
 
 
 class CameraConfig(_Strict):
     """One robot camera. A `sim` camera is the sim's MuJoCo camera of the same name."""
 
-    kind: Literal["sim", "v4l2"] = "sim"
-    device: str = "/dev/video0"
+    kind: Literal["sim", "v4l2"] = "sim"  # v4l2: a V4L2 device, grabbed with OpenCV
+    device: str = "/dev/video0"  # the V4L2 device (kind v4l2)
+    # px of the frames the planner gets: a sim camera renders at it, V4L2 frames are resized
     width: int = Field(96, gt=0, le=8192)
-    height: int = Field(96, gt=0, le=8192)
-    fps: float = Field(15.0, gt=0, le=1000)
+    height: int = Field(96, gt=0, le=8192)  # px, as `width`
+    fps: float = Field(15.0, gt=0, le=1000)  # asked of a V4L2 device; sim: sim.camera_hz
+    # the newest frame older than this: no plan this cycle (status camera_stale)
     stale_ms: float = Field(500.0, gt=0, le=60_000)
 
 
@@ -196,7 +218,7 @@ class RemoteConfig(_Strict):
     server_key: str | None = None  # the server's public certificate (NAME.key)
     robot_key: str | None = None  # this robot's secret certificate (NAME.key_secret, 0600)
     insecure: bool = False  # plaintext TCP, no authentication: `duet doctor` flags it
-    jpeg_quality: int = Field(90, ge=10, le=100)
+    jpeg_quality: int = Field(90, ge=10, le=100)  # of the frames sent; lower: smaller frames
     max_frame_bytes: int = Field(1 << 20, gt=0, le=16 << 20)  # one encoded frame
 
     @model_validator(mode="after")
@@ -211,25 +233,29 @@ class RayServeConfig(_Strict):
     """Batches handed to a Ray Serve deployment (runtime/remote/ray_backend.py)."""
 
     address: str | None = None  # a running Ray cluster (ray://... or auto); None: start one here
-    replicas: int = Field(1, ge=1, le=1024)
-    gpus_per_replica: float = Field(0.0, ge=0, le=8)
-    cpus_per_replica: float = Field(1.0, gt=0, le=256)
+    replicas: int = Field(1, ge=1, le=1024)  # copies of the pipeline; Serve restarts a dead one
+    gpus_per_replica: float = Field(0.0, ge=0, le=8)  # Ray's num_gpus; a fraction shares a GPU
+    cpus_per_replica: float = Field(1.0, gt=0, le=256)  # Ray's num_cpus
     batch_wait_ms: float = Field(2.0, ge=0, le=1000)  # @serve.batch's batch_wait_timeout_s
 
 
 class ServeConfig(_Strict):
     """`duet planner --listen tcp://HOST:PORT`: this host plans for robots over the network."""
 
-    listen: str | None = Field(None, pattern=TCP_ENDPOINT)
+    listen: str | None = Field(None, pattern=TCP_ENDPOINT)  # bound here; --listen sets it
     key: str | None = None  # the server's secret certificate (NAME.key_secret, 0600)
     allow: str | None = None  # a directory of the admitted robots' public keys (*.key)
     insecure: bool = False  # plaintext, anyone who reaches the port: `duet doctor` flags it
     rate_hz: float = Field(20.0, gt=0, le=1000)  # the most observations served per robot
+    # robots served at once; a new one is dropped while all are active (60 s silent: forgotten)
     max_robots: int = Field(64, ge=1, le=4096)
+    # one encoded frame from a robot; times the cameras, it caps a message (ZMQ_MAXMSGSIZE)
     max_frame_bytes: int = Field(1 << 20, gt=0, le=16 << 20)
+    # width x height of one frame, read from its JPEG header and refused before decoding
     max_frame_pixels: int = Field(4096 * 4096, gt=0, le=1 << 26)
+    # local: this process runs the pipeline (bundle.engine); ray: a Ray Serve deployment
     engine: Literal["local", "ray"] = "local"
-    ray: RayServeConfig = RayServeConfig()
+    ray: RayServeConfig = RayServeConfig()  # the deployment (engine: ray)
 
     @model_validator(mode="after")
     def _keys_unless_insecure(self) -> ServeConfig:
@@ -240,14 +266,14 @@ class ServeConfig(_Strict):
 
 
 class PlannerConfig(_Strict):
-    hz: float = Field(5.0, gt=0, le=50)
+    hz: float = Field(5.0, gt=0, le=50)  # cycles/s: fresh frames and state -> one plan
     # The robot's cameras by name; the bundle's contract says which it reads.
     cameras: dict[str, CameraConfig] = Field(default_factory=lambda: {"scene": CameraConfig()})
     # Where instructions come from: `operator` (`duet task`, the task socket) or `sim` (the
     # sim's episodes). `instruction` is the task at start-up (empty: idle until one is set).
     task_source: Literal["operator", "sim"] = "operator"
-    instruction: str = Field("", max_length=1000)
-    threads: int = Field(1, ge=1, le=64)
+    instruction: str = Field("", max_length=1000)  # used when the run dir keeps no task
+    threads: int = Field(1, ge=1, le=64)  # ONNX Runtime intra-op threads per planner network
     flow_steps: int | None = Field(None, ge=1, le=256)  # override a flow head's K
     prefix: bool = True  # feed the action prefix to models that take one
     # set: this robot's planner runs off-board (the planner process relays to it)
@@ -267,6 +293,8 @@ class OnnxRuntimeConfig(_Strict):
     node runs on the first provider that takes it. A provider this onnxruntime lacks, or one
     that fails to start, refuses the start (never a silent fall-back to the CPU)."""
 
+    # The planner's. `duet install` on a Jetson puts tensorrt, cuda, cpu in the site file
+    # unless the config names its own.
     planner_providers: list[OrtProvider] = Field(default_factory=_cpu_only, min_length=1)
     # The follower stays on the CPU unless told otherwise: a GPU launch + sync per 2 ms tick
     # costs more than its small network, and its unit grants no GPU device.
@@ -286,24 +314,32 @@ class OnnxRuntimeConfig(_Strict):
 
 
 class BundleConfig(_Strict):
+    # the bundle folder (manifest, contract, models); a relative path is from the file that
+    # sets it; `duet install` points it at /var/lib/duet/bundles/current
     path: str
     public_key: str | None = None  # ed25519 public key file; when set, a signature is required
+    # runs the planner's and follower's networks: onnxruntime (on its providers, below) or
+    # tensorrt (native plans from engine_cache)
     engine: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     # TensorRT plans, built on the robot by `duet engines build`; root-owned (engines are code).
     # ONNX Runtime's TensorRT engines go in its onnxruntime/ folder (built by the planner).
     engine_cache: str = "/var/lib/duet/engines"
-    onnxruntime: OnnxRuntimeConfig = Field(default_factory=OnnxRuntimeConfig)
+    onnxruntime: OnnxRuntimeConfig = Field(default_factory=OnnxRuntimeConfig)  # engine: onnxruntime
 
 
 class SimConfig(_Strict):
+    # `duet run` starts the sim and the follower drives its emulated motors; `duet install`
+    # refuses a config with it on
     enabled: bool = True
-    seed: int = 0
-    episode_timeout_s: float = Field(12.0, gt=0)
-    two_step_fraction: float = Field(0.5, ge=0, le=1)
+    seed: int = 0  # the episodes' block layouts and instructions; same seed, same episodes
+    episode_timeout_s: float = Field(12.0, gt=0)  # sim seconds; then a timeout, the next episode
+    two_step_fraction: float = Field(0.5, ge=0, le=1)  # chance an episode has two targets
     # two-target instructions: "touch A, then B" or "touch B after A" (sim/task.py PHRASINGS)
     phrasing: Literal["then", "after"] = "then"
-    camera_hz: float = Field(10.0, gt=0)
-    physics_hz: float = Field(1000.0, gt=0)
+    camera_hz: float = Field(10.0, gt=0)  # frames/s rendered and published per sim camera
+    physics_hz: float = Field(1000.0, gt=0)  # MuJoCo steps per second (timestep 1/physics_hz)
+    # the emulated motors: serial (Dynamixel, a pty) or can (MIT mode, needed for `buses:`);
+    # it must match the bus kind
     transport: Literal["serial", "can"] = "serial"
     # SCHED_FIFO priority of the emulated servos' serving thread (0 = don't ask): a real
     # servo answers in microseconds whatever the host is doing
@@ -311,9 +347,12 @@ class SimConfig(_Strict):
 
 
 class RecorderConfig(_Strict):
-    enabled: bool = False
-    dir: str = "/var/lib/duet/recordings"
+    enabled: bool = False  # `duet run` starts it; `duet install` enables duet-recorder.service
+    dir: str = "/var/lib/duet/recordings"  # episodes/, incidents/, continuous/ (MCAP)
+    # MiB for all recordings: the oldest continuous segments, then incidents, are deleted to
+    # stay under it (episodes never)
     budget_mb: float = Field(2048.0, gt=0)
+    # s kept in memory; written out (then recording goes on) when the follower faults or estops
     ring_s: float = Field(30.0, gt=0)
 
 
@@ -326,18 +365,20 @@ class AccessConfig(_Strict):
 
 
 class DuetConfig(_Strict):
-    robot: RobotConfig
+    robot: RobotConfig  # joints and their limits
     # one bus for every joint, or `buses`: one per limb, each naming its `joints`
     bus: BusConfig | None = Field(None, discriminator="kind")
     buses: list[Annotated[BusConfig, Field(discriminator="kind")]] | None = Field(
-        None, min_length=1)
-    follower: FollowerConfig = FollowerConfig()
-    planner: PlannerConfig = PlannerConfig()
-    bundle: BundleConfig
+        None, min_length=1)  # one per limb: each names its `joints`, no two share a wire
+    follower: FollowerConfig = FollowerConfig()  # the real-time loop that drives the motors
+    planner: PlannerConfig = PlannerConfig()  # the slow system: cameras, task, plans
+    bundle: BundleConfig  # the policy bundle and what runs its networks
+    # the processes' ipc sockets, latch, task and summaries; --run-dir or $DUET_RUN_DIR
+    # overrides it, and clients (status, estop) never read it from the config
     run_dir: str = "/run/duet"
-    sim: SimConfig | None = None
-    recorder: RecorderConfig = RecorderConfig()
-    access: AccessConfig = AccessConfig()
+    sim: SimConfig | None = None  # the simulated robot (none: a real one)
+    recorder: RecorderConfig = RecorderConfig()  # the flight recorder
+    access: AccessConfig = AccessConfig()  # who may use the ipc sockets
 
     @model_validator(mode="after")
     def _buses_drive_every_joint_once(self) -> DuetConfig:
