@@ -89,7 +89,9 @@ def test_duet_sim_serves_servos_frames_and_episodes(
     bus.open()
     state = MotorState(len(JOINTS))
     bus.read(state)
-    assert np.abs(state.q - HOME_Q).max() < 0.01  # the arm powers up at home
+    # the arm powers up at home; torque off, it sags under gravity until backlash and friction
+    # hold it (~25 mrad within 0.5 s), so how far depends on when a loaded host gets here
+    assert np.abs(state.q - HOME_Q).max() < 0.03
     goal = state.q.copy()
     goal[0] += 0.4
     bus.enable_torque(True)
