@@ -94,7 +94,7 @@ def generate(episodes: int, seed: int, settings: LoopSettings, two_step_fraction
     tok = Tokenizer()
     world = SimWorld(seed=seed, physics_hz=settings.physics_hz)
     tick_dt = 1.0 / settings.follower_hz
-    follower = _InverseDynamicsFollower(world, settings.residual_max, tick_dt)
+    follower = _InverseDynamicsFollower(world, settings.core.residual_max, tick_dt)
     planner: dict[str, list[np.ndarray]] = {}
     follower_episode: list[int] = []
     successes, t0 = 0, time.monotonic()
@@ -108,7 +108,7 @@ def generate(episodes: int, seed: int, settings: LoopSettings, two_step_fraction
         start = None  # where the previous episode ended
         if i == 0 or rng.random() >= 0.3:
             start = np.clip(HOME_Q + rng.uniform(-1, 1, 6) * START_NOISE,
-                            settings.pos_min, settings.pos_max)
+                            settings.core.pos_min, settings.core.pos_max)
 
         def plan(world: SimWorld, history: StateHistory, task: TaskTracker,
                  i: int = i, tokens: np.ndarray = tokens, sigma: np.ndarray = sigma,
@@ -148,8 +148,8 @@ def dataset_key(episodes: int, seed: int, settings: LoopSettings,
     spec = {"v": DATA_VERSION, "episodes": episodes, "seed": seed,
             "two_step_fraction": two_step_fraction, "physics_hz": settings.physics_hz,
             "follower_hz": settings.follower_hz, "planner_hz": settings.planner_hz,
-            "dt_s": settings.dt_s, "strategy": settings.strategy, "blend_s": settings.blend_s,
-            "residual_max": settings.residual_max}
+            "dt_s": settings.dt_s, "strategy": settings.core.strategy,
+            "blend_s": settings.core.blend_s, "residual_max": settings.core.residual_max}
     return _spec_key(spec)
 
 

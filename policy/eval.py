@@ -291,12 +291,12 @@ def run_eval(bundle_dirs: list[Path], episodes: int, ablation_episodes: int, con
 
     log(f"eval: {len(bundles)} bundle(s), {episodes} episodes (ablations {ablation_episodes})")
     for b in bundles:
-        add(f"full {precision[b.path]}", b, True, base.strategy, seeds)
+        add(f"full {precision[b.path]}", b, True, base.core.strategy, seeds)
     ref = bundles[0]
     if ab_seeds:
-        add("residual off", ref, False, base.strategy, ab_seeds)
+        add("residual off", ref, False, base.core.strategy, ab_seeds)
     for strategy in STRATEGIES if ab_seeds else ():
-        if strategy != base.strategy:
+        if strategy != base.core.strategy:
             add(f"strategy {strategy}", ref, True, strategy, ab_seeds)
     latency = [{"engine": "onnxruntime", "precision": precision[b.path],
                 **measure_latency(b, cfg)} for b in bundles]

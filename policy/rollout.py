@@ -59,19 +59,6 @@ class LoopSettings:
         values.update({k: v for k, v in over.items() if k not in core_names})
         return cls(**values)  # type: ignore[arg-type]
 
-    # the core's settings the loop and the training read
-    strategy = property(lambda self: self.core.strategy)
-    blend_s = property(lambda self: self.core.blend_s)
-    residual = property(lambda self: self.core.residual)
-    residual_max = property(lambda self: self.core.residual_max)
-    residual_filter_s = property(lambda self: self.core.residual_filter_s)
-    hold_decel = property(lambda self: self.core.hold_decel)
-    plan_timeout_s = property(lambda self: self.core.plan_timeout_s)
-    pos_min = property(lambda self: self.core.pos_min)
-    pos_max = property(lambda self: self.core.pos_max)
-    vel_max = property(lambda self: self.core.vel_max)
-    acc_max = property(lambda self: self.core.acc_max)
-
     def core_at(self, tick_s: float) -> CoreSettings:
         """The core's settings on the lockstep tick (whole physics steps per tick)."""
         return replace(self.core, tick_s=tick_s)
@@ -171,7 +158,7 @@ def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
                 if watch_until > 0:
                     boundary_steps.append(cur_step)
                     boundary_jerks.append(cur_jerk)
-                watch_until, cur_step, cur_jerk = t + max(s.blend_s, 4 * tick_dt), 0.0, 0.0
+                watch_until, cur_step, cur_jerk = t + max(s.core.blend_s, 4 * tick_dt), 0.0, 0.0
             boundaries_seen = tracker.reference.boundaries
         pos_hist[:3] = pos_hist[1:]
         pos_hist[3] = tracker.ref_now

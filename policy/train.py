@@ -321,7 +321,7 @@ def train_all(out_dir: Path, episodes: int, planner_steps: int, follower_steps: 
     tok = Tokenizer()
     device = pick_device()
     planner = train_planner(scenes_all, adata, tok, planner_steps, seed, device=device, log=log)
-    follower = train_follower(fdata, follower_steps, seed, residual_max=settings.residual_max,
+    follower = train_follower(fdata, follower_steps, seed, residual_max=settings.core.residual_max,
                               device=device, log=log)
     common = {"joint_names": list(cfg.robot.joints), "horizon": int(pdata["chunk"].shape[1]),
               "dt_s": settings.dt_s, "lookahead": settings.lookahead,
@@ -336,7 +336,7 @@ def train_all(out_dir: Path, episodes: int, planner_steps: int, follower_steps: 
                                     "dataset_sha256": dstats.get("planner_sha256"),
                                     "metrics": planner.metrics}),
         "follower": save_checkpoint(out_dir / "follower.pt", follower.model,
-                                    {**common, "residual_max": settings.residual_max,
+                                    {**common, "residual_max": settings.core.residual_max,
                                      "dataset_sha256": dstats.get("follower_sha256"),
                                      "metrics": follower.metrics}),
     }

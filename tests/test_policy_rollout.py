@@ -68,7 +68,7 @@ def test_lockstep_eval_holds_when_plans_are_older_than_the_timeout(
     def slow(w: SimWorld, history: StateHistory, task: TaskTracker
              ) -> tuple[np.ndarray, float]:
         q = history.latest("q").copy()
-        return expert_chunk(world, task.remaining(), q), settings.plan_timeout_s + 0.05
+        return expert_chunk(world, task.remaining(), q), settings.core.plan_timeout_s + 0.05
 
     short = replace(settings, timeout_s=2.0)
     result = run_episode(world, episode, slow, None, short, start_q=HOME_Q)
@@ -125,7 +125,7 @@ def test_generate_dataset_shapes(settings: LoopSettings) -> None:
     assert nearest.max() < 1e-6  # the next target is one of the blocks
     m = len(fdata["q"])
     assert fdata["ref"].shape == (m, 8, 6) and fdata["residual"].shape == (m, 6)
-    assert np.abs(fdata["residual"]).max() <= settings.residual_max + 1e-6
+    assert np.abs(fdata["residual"]).max() <= settings.core.residual_max + 1e-6
     assert np.abs(fdata["residual"]).max() > 1e-3  # a real, non-zero target
     assert len(fdata["episode"]) == m
     # labels are the expert's chunk at the recorded state: its first waypoint is near q
