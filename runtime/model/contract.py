@@ -315,6 +315,10 @@ class Contract(_Strict):
     def cameras(self) -> list[CameraInput]:
         return [i for s in self.planner.stages for i in s.inputs if isinstance(i, CameraInput)]
 
+    def camera_names(self) -> list[str]:
+        """The robot cameras the planner reads, each once, sorted."""
+        return sorted({c.camera for c in self.cameras()})
+
     def files(self) -> list[str]:
         out = [s.file for s in self.planner.stages]
         out += [i.tokenizer for s in self.planner.stages for i in s.inputs

@@ -21,10 +21,9 @@ from runtime.planner.tasks import TaskError
 class PipelineSource(PlanSource):
     def __init__(self, cfg: DuetConfig, bundle: Bundle) -> None:
         self.pipeline = PlannerPipeline.configured(bundle, cfg)
-        self._cameras = sorted({c.camera for c in bundle.contract.cameras()})
 
     def camera_names(self) -> Sequence[str]:
-        return self._cameras
+        return self.pipeline.camera_names()
 
     def check_instruction(self, text: str) -> None:
         try:

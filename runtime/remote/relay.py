@@ -237,7 +237,7 @@ class RelaySource(PlanSource):
                  "PLAINTEXT" if self.remote.insecure else "CURVE")
 
     def camera_names(self) -> Sequence[str]:
-        return sorted({c.camera for c in self.contract.cameras()})
+        return self.contract.camera_names()
 
     def close(self) -> None:
         self.link.close()

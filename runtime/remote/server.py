@@ -113,7 +113,7 @@ class PlannerServer:
         self.instructions = [instruction_encoder(i, bundle) for s in
                              bundle.contract.planner.stages for i in s.inputs
                              if isinstance(i, InstructionInput)]
-        cameras = frozenset(c.camera for c in bundle.contract.cameras())
+        cameras = frozenset(bundle.contract.camera_names())
         self.limits = Limits(len(cfg.robot.joints), cameras, serve.max_frame_bytes,
                              serve.max_frame_pixels)
         if backend is None:
