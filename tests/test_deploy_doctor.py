@@ -113,8 +113,8 @@ def test_services_start_limit_hit_names_the_command_that_recovers(
     from runtime.config import load_config
     from runtime.deploy.doctor import check_services
 
-    units = tmp_path / "units"
-    units.mkdir()
+    units = tmp_path / "etc/systemd/system"
+    units.mkdir(parents=True)
     (units / "duet-follower.service").write_text("[Service]\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -122,16 +122,20 @@ def test_services_start_limit_hit_names_the_command_that_recovers(
     running = "ActiveState=active\\nSubState=running\\nResult=success\\nNRestarts=0"
     (bin_dir / "systemctl").write_text(f"""#!/bin/sh
 case "$*" in
+  *is-enabled*duet-recorder*) echo disabled; exit 1;;
+  *is-enabled*) echo enabled;;
   *duet-follower*) printf 'LoadState=loaded\\n{failed}\\n';;
   *) printf 'LoadState=loaded\\n{running}\\n';;
 esac
 """)
     (bin_dir / "systemctl").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    checks = check_services(load_config(_config(tmp_path, "sim", tmp_path / "b")), units)
+    checks = check_services(load_config(_config(tmp_path, "sim", tmp_path / "b")), tmp_path)
     follower, planner = checks[0], checks[1]
     assert follower.level == FAIL and "start limit hit" in follower.detail
-    assert "sudo systemctl reset-failed duet-follower.service" in follower.fix
+    # the recorder is disabled: naming it would make reset-failed exit 1 and skip the restart
+    assert "sudo systemctl reset-failed duet-follower.service duet-planner.service && " \
+        in follower.fix
     assert "&& sudo systemctl restart duet.target" in follower.fix
     assert planner.level == OK and "active/running" in planner.detail
 

@@ -279,3 +279,61 @@ def test_follower_waits_for_its_bus_device(tmp_path: Path) -> None:
     assert "After=dev-ttyDUET0.device" in render_device_dropin(cfg)
     can = load_config(REPO / "configs" / "sim_can.yaml", None, ["bus.channel=can-arm"])
     assert device_unit(can) == "sys-subsystem-net-devices-can\\x2darm.device"
+
+
+@pytest.mark.parametrize("recorder", [False, True])
+def test_printed_restart_names_only_enabled_units(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], recorder: bool) -> None:
+    """The recorder is disabled by default: a `reset-failed` naming it exits 1 ("not loaded")
+    and its `&&` skips the restart. `config set` and `bundle activate` in an install name the
+    units systemd has enabled there (what `systemctl is-enabled` says); the live run of these
+    commands is in systemd/verify-in-container.sh."""
+    import subprocess
+
+    from runtime.deploy.units import enabled_services
+
+    config = _robot_config(tmp_path)
+    if recorder:
+        data = yaml.safe_load(config.read_text())
+        data["recorder"] = {"enabled": True}
+        config.write_text(yaml.safe_dump(data))
+    root, bundle = tmp_path / "root", make_bundle(tmp_path / "b")
+    assert main(["install", "--root", str(root), "--config", str(config), "--bundle",
+                 str(bundle), "--no-venv"]) == 0
+    services = ["duet-follower.service", "duet-planner.service"] + (
+        ["duet-recorder.service"] if recorder else [])
+    assert enabled_services(root) == services
+    for unit in ("duet-follower.service", "duet-planner.service", "duet-recorder.service"):
+        answer = subprocess.run(["systemctl", f"--root={root}", "is-enabled", unit],
+                                capture_output=True, text=True, check=False).stdout.strip()
+        assert (answer == "enabled") == (unit in services), (unit, answer)
+    capsys.readouterr()
+    etc = root / "etc/duet"
+    assert main(["config", "set", "planner.hz=4", "--config", str(etc / "duet.yaml"),
+                 "--site", str(etc / "site.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
+    reset = f"sudo systemctl reset-failed {' '.join(services)} && "
+    assert f"restart needed: {reset}sudo systemctl restart duet-planner.service" in \
+        capsys.readouterr().out
+    # a recorder key with the recorder disabled: the target, never a unit that is not there
+    assert main(["config", "set", "recorder.budget_mb=100", "--config", str(etc / "duet.yaml"),
+                 "--site", str(etc / "site.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
+    restarted = "duet-recorder.service" if recorder else "duet.target"
+    assert f"{reset}sudo systemctl restart {restarted}" in capsys.readouterr().out
+    version = json.loads((bundle / "manifest.json").read_text())["version"]
+    assert main(["bundle", "activate", version, "--store", str(root / "var/lib/duet/bundles"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["restart"] == \
+        f"{reset}sudo systemctl restart duet.target"
+
+
+def test_workstation_restart_is_duet_run(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Where duet is not installed, no systemctl line: `duet run` is what restarts."""
+    bundle = make_bundle(tmp_path / "store-src")
+    store = tmp_path / "store"
+    assert main(["bundle", "add", str(bundle), "--store", str(store)]) == 0
+    version = json.loads((bundle / "manifest.json").read_text())["version"]
+    capsys.readouterr()
+    assert main(["bundle", "activate", version, "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "systemctl" not in out and "duet stop" in out

@@ -27,7 +27,8 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from runtime.deploy.units import restart_command
+    from runtime.deploy.layout import store_root
+    from runtime.deploy.units import WORKSTATION_RESTART, restart_command
     from runtime.model.bundle import BundleError
 
     store = _store(args)
@@ -57,7 +58,9 @@ def _bundle(args: argparse.Namespace) -> int:
             text = f"rolled back: current is {result['current']}"
     except (BundleError, OSError) as exc:
         return fail("duet bundle", exc)
-    emit(args, f"{text}\nrestart to load it: {restart_command()}", result)
+    root = store_root(args.store)
+    restart = WORKSTATION_RESTART if root is None else restart_command(root=root)
+    emit(args, f"{text}\nrestart to load it: {restart}", {**result, "restart": restart})
     return 0
 
 

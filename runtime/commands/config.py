@@ -116,11 +116,12 @@ def _config_set(args: argparse.Namespace, ce: Any, config: Path, site: Path) -> 
                     lines.append("applied live")
                 else:
                     applied = "failed"
-                    lines += [f"follower refused it live: {reply['error']}", ce.restart_hint(key)]
+                    lines += [f"follower refused it live: {reply['error']}",
+                              ce.restart_hint(key, root)]
                     rc = EXIT_FAILED
         else:
             applied = "restart"
-            lines.append(ce.restart_hint(key))
+            lines.append(ce.restart_hint(key, root))
         ce.log_change(log, key, old, new, applied)
     emit(args, "\n".join(lines), {**out, "applied": applied, "site": str(site),
                                   "rendered": [str(p) for p in rendered], "log": str(log)})

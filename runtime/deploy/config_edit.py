@@ -29,7 +29,7 @@ from runtime.config import (
     validate_layers,
 )
 from runtime.deploy.install import DERIVED_KEY_PREFIXES
-from runtime.deploy.units import restart_command
+from runtime.deploy.units import WORKSTATION_RESTART, restart_command
 from runtime.ipc.access import caller
 
 
@@ -126,10 +126,13 @@ def renders_files(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in DERIVED_KEY_PREFIXES)
 
 
-def restart_hint(key: str) -> str:
+def restart_hint(key: str, root: Path | None) -> str:
+    """The restart that loads `key`, for the install at `root` (None: a workstation)."""
+    if root is None:
+        return f"restart needed: {WORKSTATION_RESTART}"
     top = key.split(".", 1)[0]
     unit = {"planner": "duet-planner.service", "recorder": "duet-recorder.service"}.get(top)
     if unit is None:
         # bus, robot, bundle, run_dir... are read by both processes
         unit = "duet-follower.service" if top == "follower" else "duet.target"
-    return f"restart needed: {restart_command([unit])}"
+    return f"restart needed: {restart_command([unit], root)}"

@@ -140,11 +140,12 @@ def _systemctl_show(unit: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def check_services(cfg: DuetConfig, units_dir: Path = Path("/etc/systemd/system")
-                   ) -> list[Check]:
+def check_services(cfg: DuetConfig, root: Path = Path("/")) -> list[Check]:
     """The services of an installed duet, as systemd sees them."""
+    from runtime.deploy.layout import Layout
     from runtime.deploy.units import restart_command
 
+    units_dir = Layout(root).units
     if not (units_dir / "duet-follower.service").is_file():
         return [Check("services", OK, "duet is not installed here (no units): checks of a "
                       "workstation run only")]
@@ -166,7 +167,7 @@ def check_services(cfg: DuetConfig, units_dir: Path = Path("/etc/systemd/system"
                 if result == "start-limit-hit" else f" (result {result})"
             out.append(Check("service", FAIL, detail + why,
                              f"journalctl -u {unit} -n 50 shows why; once fixed: "
-                             f"{restart_command()}"))
+                             f"{restart_command(root=root)}"))
         elif state in ("activating", "deactivating", "reloading"):
             out.append(Check("service", WARN, detail, f"journalctl -u {unit} -f"))
         else:

@@ -90,6 +90,15 @@ def installed_root(site: Path) -> Path | None:
     return None
 
 
+def store_root(store: Path) -> Path | None:
+    """The root of the install a bundle store belongs to (ROOT/var/lib/duet/bundles), or
+    None for a store elsewhere (a workstation's)."""
+    folder = Path(store).absolute()
+    if folder.parts[-4:] == ("var", "lib", "duet", "bundles"):
+        return folder.parents[3]
+    return None
+
+
 def change_log(site: Path) -> Path:
     """Where `duet config set` logs changes to `site`: /var/lib/duet/config-changes.log of
     its install, else config-changes.log beside the site file."""

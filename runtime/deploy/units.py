@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import configparser
 import os
+import shutil
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -113,8 +115,37 @@ def enable_offline(units_dir: Path, unit: str, journal: Journal | None = None) -
     return made
 
 
-def restart_command(units: Sequence[str] = ("duet.target",)) -> str:
+def enabled_services(root: Path = Path("/")) -> list[str]:
+    """The duet services that exist and are enabled under `root` (install enables the
+    recorder only with recorder.enabled): asked of `systemctl is-enabled`, else read from the
+    .wants links install makes. Empty: duet is not installed there (a workstation)."""
+    units_dir = Path(root) / "etc/systemd/system"
+    if not (units_dir / "duet-follower.service").is_file():
+        return []
+    if shutil.which("systemctl") is None:
+        return [u for u in SERVICES if (units_dir / "duet.target.wants" / u).exists()]
+    on = [] if Path(root) == Path("/") else [f"--root={root}"]
+    out = []
+    for unit in SERVICES:  # one call each: a missing unit prints only to stderr
+        answer = subprocess.run(["systemctl", *on, "is-enabled", unit], capture_output=True,
+                                text=True, check=False)
+        if answer.stdout.strip() in ("enabled", "enabled-runtime"):
+            out.append(unit)
+    return out
+
+
+# Where duet is not installed, `duet run` is the supervisor: a change loads at its next start.
+WORKSTATION_RESTART = "stop `duet run` (Ctrl-C, or duet stop) and start it again"
+
+
+def restart_command(units: Sequence[str] = ("duet.target",), root: Path = Path("/")) -> str:
     """The command that really restarts duet, also after a service hit its start limit
-    (`systemctl restart` alone leaves a unit in start-limit-hit failed)."""
-    return (f"sudo systemctl reset-failed {' '.join(SERVICES)} && "
-            f"sudo systemctl restart {' '.join(units)}")
+    (`systemctl restart` alone leaves a unit in start-limit-hit failed). It names only units
+    that exist and are enabled: `reset-failed` of a unit systemd has not loaded (the recorder,
+    disabled by default) exits 1 and the `&&` skips the restart."""
+    services = enabled_services(root)
+    if not services:
+        return WORKSTATION_RESTART
+    wanted = [u for u in units if u.endswith(".target") or u in services] or ["duet.target"]
+    return (f"sudo systemctl reset-failed {' '.join(services)} && "
+            f"sudo systemctl restart {' '.join(wanted)}")
