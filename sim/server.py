@@ -38,6 +38,7 @@ from runtime.config import ConfigError, DuetConfig, SimConfig
 from runtime.follower.buses import bus_sections
 from runtime.ipc import endpoints
 from runtime.ipc.messages import Encoder, pack_array
+from runtime.ipc.signals import stop_with_supervisor
 from runtime.stack.summary import SimSummary
 from sim.actuators import Actuators
 from sim.camera import SceneCamera
@@ -242,6 +243,8 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    stop_with_supervisor()
 
     # shared actuators: the servos are served from a child process (sim/faults.py)
     world = SimWorld(seed=sim_cfg.seed, physics_hz=sim_cfg.physics_hz,

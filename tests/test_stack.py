@@ -280,3 +280,94 @@ def test_estop_survives_a_follower_restart_until_reset(tmp_path: Path, bundle: P
         assert not tel["torque_on"]
         assert stack.control("reset")["ok"]
         stack.wait_mode("HOLD", 2)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, their children ...), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(text[text.rindex(")") + 2:].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":  # a zombie has ended; only its reaping is left
+            alive.add(pid)
+    return alive
+
+
+def _start_run(tmp_path: Path, bundle: Path, *extra: str) -> tuple[subprocess.Popen[bytes],
+                                                                    set[int]]:
+    """`duet run` in its own session (as from an SSH login), until its stack is up."""
+    from runtime.ipc import rundir
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "run", "--config", str(REPO / "configs/sim.yaml"),
+         "--set", TOLERANT, "--set", f"run_dir={run_dir}", "--set", f"bundle.path={bundle}",
+         *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not rundir.holder(run_dir, endpoints.FOLLOWER_LOCK)[0] or \
+            len(_descendants(proc.pid)) < 3:  # sim, follower, planner
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
+        assert time.monotonic() < deadline, "the stack did not come up in 60 s"
+        time.sleep(0.1)
+    return proc, _descendants(proc.pid)
+
+
+def _gone(pids: set[int], timeout_s: float) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _alive(pids)
+
+
+def test_sighup_stops_the_stack_in_order_and_writes_the_summary(tmp_path: Path,
+                                                                 bundle: Path) -> None:
+    """An SSH drop: SIGHUP to `duet run` used to end the supervisor on the spot and leave
+    follower, planner and sim running unsupervised (the arm in TRACK)."""
+    summary = tmp_path / "summary.json"
+    proc, children = _start_run(tmp_path, bundle, "--summary-json", str(summary))
+    os.kill(proc.pid, signal.SIGHUP)
+    _, err = proc.communicate(timeout=60)
+    assert not _gone(children, 10), "children left running after SIGHUP"
+    s = json.loads(summary.read_text())
+    # the follower stopped as asked (controlled stop, exit 0), not killed
+    assert s["exit_codes"]["follower"] == 0 and s["exit_codes"]["sim"] == 0, s["exit_codes"]
+    assert proc.returncode == 0, err.decode()[-3000:]
+
+
+def test_duet_stop_and_a_killed_supervisor_leave_nothing_running(tmp_path: Path,
+                                                                  bundle: Path) -> None:
+    run_dir = str(tmp_path / "run")
+    summary = tmp_path / "summary.json"
+    proc, children = _start_run(tmp_path, bundle, "--summary-json", str(summary))
+    stop = [sys.executable, "-m", "runtime.cli", "stop", "--run-dir", run_dir]
+    out = subprocess.run([*stop, "--json"], cwd=REPO, capture_output=True, text=True,
+                         timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["stopped"] == "duet run"
+    proc.communicate(timeout=30)
+    assert not _alive(children) and json.loads(summary.read_text())["exit_codes"]["follower"] == 0
+    out = subprocess.run(stop, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "nothing running" in out.stdout
+    # SIGKILL cannot be caught: the children stop on their own (PR_SET_PDEATHSIG)
+    proc, children = _start_run(tmp_path, bundle)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert not _gone(children, 30), "children left running after the supervisor was killed"

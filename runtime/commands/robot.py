@@ -1,4 +1,4 @@
-"""`duet run | follower | planner | estop | reset | task | keys`."""
+"""`duet run | stop | follower | planner | estop | reset | task | keys`."""
 
 from __future__ import annotations
 
@@ -139,6 +139,24 @@ def _reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop(args: argparse.Namespace) -> int:
+    from runtime.deploy.units import enabled_services
+    from runtime.ipc import endpoints
+    from runtime.stack import stop
+
+    run_dir = endpoints.resolve_run_dir(args.run_dir)
+    what, pid, _ = stop.running(run_dir)
+    if what == "follower" and enabled_services():  # systemd would only restart it
+        return cliopts.fail("duet stop", f"the follower on {run_dir} (pid {pid or '?'}) is "
+                            "systemd's: sudo systemctl stop duet.target")
+    done = stop.stop(run_dir, args.timeout)
+    if not done.done:
+        return cliopts.fail("duet stop", done.detail)
+    _print(args, done.detail, {"stopped": done.what or None, "pid": done.pid,
+                               "run_dir": run_dir})
+    return 0
+
+
 def _task(args: argparse.Namespace) -> int:
     from runtime.ipc import endpoints
     from runtime.ipc.rpc import ControlError, request_at
@@ -221,6 +239,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         cliopts.add_run_dir(p)
         cliopts.add_json(p)
         p.set_defaults(func=func)
+
+    p = cliopts.subcommand(
+        sub, "stop", "stop the `duet run` stack on a run dir (from another shell)",
+        "duet stop --run-dir runs/demo",
+        description="SIGTERM to the `duet run` holding the run dir: it stops planner, "
+        "follower (controlled stop), recorder and sim in order and writes its summary; with "
+        "no `duet run`, to an orphaned follower. Waits until the run dir is free. Exit 0 "
+        "when stopped or nothing ran, 1 when it could not stop it.")
+    cliopts.add_run_dir(p)
+    p.add_argument("--timeout", type=_positive_s, default=40.0, metavar="S",
+                   help="seconds to wait for the stack to stop (default 40)")
+    cliopts.add_json(p)
+    p.set_defaults(func=_stop)
 
     p = cliopts.subcommand(sub, "task", "set, show or clear the planner's instruction",
                            'duet task "touch the red block" --episode 17',

@@ -7,6 +7,7 @@ readiness travels the same sd_notify path it takes under systemd.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import yaml
 from drivers.families import family_of
 from runtime.config import ConfigError, DuetConfig, config_to_dict
 from runtime.ipc import endpoints, rundir
-from runtime.ipc.signals import stop_on_signals
+from runtime.ipc.signals import SUPERVISOR_ENV, stop_on_signals
 from runtime.stack.summary import build_summary, print_summary
 
 log = logging.getLogger("duet.run")
@@ -37,6 +38,10 @@ PLANNER_RESTART_BACKOFF_S = 1.0
 
 class SupervisorError(Exception):
     pass
+
+
+class Refused(SupervisorError):
+    """Another stack holds the run dir: nothing was started, so there is nothing to sum up."""
 
 
 def _cli(*args: str) -> list[str]:
@@ -66,10 +71,10 @@ class Supervisor:
         try:  # one stack per run dir: a second `duet run` (or a live follower) refuses
             self.lock = rundir.RunLock(self.run_dir, endpoints.SUPERVISOR_LOCK).acquire()
         except rundir.LockHeld as exc:
-            raise SupervisorError(str(exc)) from None
+            raise Refused(str(exc)) from None
         held, pid = rundir.holder(self.run_dir, endpoints.FOLLOWER_LOCK)
         if held:
-            raise SupervisorError(f"a follower (pid {pid or '?'}) is running on {self.run_dir}: "
+            raise Refused(f"a follower (pid {pid or '?'}) is running on {self.run_dir}: "
                                   "stop it first, or use another run dir")
         stale = [endpoints.NOTIFY_SOCKET, endpoints.FOLLOWER_SUMMARY, endpoints.PLANNER_SUMMARY,
                  endpoints.SIM_SUMMARY]
@@ -89,6 +94,7 @@ class Supervisor:
         env = dict(os.environ)
         env["NOTIFY_SOCKET"] = str(self.run_dir / endpoints.NOTIFY_SOCKET)
         env["DUET_PROCESS"] = name
+        env[SUPERVISOR_ENV] = str(os.getpid())  # they stop if this process dies unasked
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -229,8 +235,9 @@ def _read_first_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
     def reader(stream: IO[bytes]) -> None:
         first = stream.readline().decode().strip()
         result.append(first)
-        for line in stream:
-            sys.stderr.write("[sim] " + line.decode(errors="replace"))
+        for line in stream:  # keep draining after a hangup, or the sim blocks on a full pipe
+            with contextlib.suppress(OSError):
+                sys.stderr.write("[sim] " + line.decode(errors="replace"))
 
     thread = threading.Thread(target=reader, args=(proc.stdout,), daemon=True)
     thread.start()
@@ -253,12 +260,15 @@ def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
     sup = Supervisor(cfg, config_label, cfg.recorder.enabled if record is None else record,
                      ready_timeout_s or READY_TIMEOUT_S)
 
-    stop_on_signals(sup)
+    stop_on_signals(sup)  # Ctrl-C, SIGTERM (duet stop) and SIGHUP (the SSH session dropped)
     t0 = time.monotonic()
     rc = 0
     try:
         sup.start()
         rc = sup.supervise(duration_s)
+    except Refused as exc:  # `finally` releases what was opened; no summary of another stack
+        log.error("duet run refused: %s", exc)
+        return 2
     except (SupervisorError, ConfigError) as exc:
         log.error("%s", exc)
         rc = 2
@@ -271,8 +281,11 @@ def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
                             sup.t_start_ns, sup.planner_restarts, codes)
     if not summary["outcome"]["ok"]:
         rc = rc or 1  # ended in FAULT/ESTOP: never a silent success
-    print_summary(summary)
-    if summary_json:
+    if summary_json:  # first: after a hangup the terminal below may be gone
         Path(summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(summary_json).write_text(json.dumps(summary, indent=2))
+    try:
+        print_summary(summary)
+    except OSError:  # EIO/EPIPE: the terminal that started us hung up
+        pass
     return rc
