@@ -365,7 +365,8 @@ def test_duet_stop_and_a_killed_supervisor_leave_nothing_running(tmp_path: Path,
     assert json.loads(out.stdout)["stopped"] == "duet run"
     proc.communicate(timeout=30)
     assert not _alive(children)
-    assert json.loads(summary.read_text())["exit_codes"]["follower"] in (0, 3)
+    s = json.loads(summary.read_text())
+    assert s["exit_codes"]["follower"] in (0, 3), s
     out = subprocess.run(stop, cwd=REPO, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "nothing running" in out.stdout
     # SIGKILL cannot be caught: the children stop on their own (PR_SET_PDEATHSIG)
