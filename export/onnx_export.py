@@ -41,11 +41,13 @@ def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], in_nam
 
 def check_onnx(path: Path, label: str, dynamic_batch: bool = False) -> None:
     """onnx.checker (full) and strict shape inference; static I/O shapes (but the leading
-    one, with `dynamic_batch`). Rewrites `path` with the inferred shapes."""
+    one, with `dynamic_batch`). Rewrites `path` with the inferred shapes. Both run on the
+    path, so a graph with external data (any size) is checked without loading its weights."""
     try:
-        proto = onnx.load(str(path))
-        onnx.checker.check_model(proto, full_check=True)
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+        onnx.checker.check_model(str(path), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(path), str(path), strict_mode=True,
+                                               data_prop=True)
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # checker, inference and protobuf errors alike
         raise ExportError(f"{label}: {path.name} is not a valid ONNX model: {exc}") from None
     for value in list(proto.graph.input) + list(proto.graph.output):
@@ -53,4 +55,3 @@ def check_onnx(path: Path, label: str, dynamic_batch: bool = False) -> None:
         if any(not d.HasField("dim_value") for d in dims):
             raise ExportError(f"{label}: {value.name} has a dynamic shape; bundles are static "
                               "(export at batch 1 with fixed sizes)")
-    onnx.save(proto, str(path))

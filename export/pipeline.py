@@ -29,6 +29,7 @@ import numpy as np
 import onnxruntime
 
 from export import calibration as calib
+from export import onnx_files
 from export.onnx_export import OPSET, ExportError, check_onnx
 from export.parity import TOLERANCES, ParityResult, format_table, measure, save_parity
 from export.precision import QUANTIZABLE_OPS, to_fp16, to_int8
@@ -188,7 +189,9 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
         for name, (ins, outs) in _models(contract).items():
             kind = "follower" if name == "follower" else "planner"
             label = f"model {name}"
-            fp32 = work / f"{name}.fp32.onnx"
+            # a folder per model and precision: a graph's data files keep their own names
+            fp32 = work / name / "fp32" / f"{name}.onnx"
+            fp32.parent.mkdir(parents=True)
             examples = calib.synth_inputs(ins, _roles(contract, None, assets)[0],
                                           calib.batch_of(ins), 0)
             produce(name, examples, fp32)
@@ -215,17 +218,21 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
             precision = opts.precision_of(name)
             res = [measure(f"{name} fp32", engine, held_out, ref, TOLERANCES["fp32"][kind])]
             final = fp32
+            external = onnx_files.has_external_data(fp32) or \
+                onnx_files.weight_bytes(fp32) >= onnx_files.EXTERNAL_MIN_BYTES
             if precision != "fp32":
-                final = work / f"{name}.{precision}.onnx"
+                final = work / name / precision / f"{name}.onnx"
+                final.parent.mkdir()
                 if precision == "fp16":
-                    to_fp16(fp32, final)
+                    to_fp16(fp32, final, external)
                 else:
-                    to_int8(fp32, final, calibration, opts.int8_ops, calib.batch_of(ins))
+                    to_int8(fp32, final, calibration, opts.int8_ops, calib.batch_of(ins),
+                            external)
                 res.append(measure(f"{name} {precision}", OnnxRuntimeEngine(
                     final, batch=engine.batch), held_out, ref, TOLERANCES[precision][kind]))
             results += res
             file = f"{name}.onnx"
-            shutil.copyfile(final, staged / file)
+            onnx_files.relocate(final, staged / file, external)
             names[name], names[f"{name}:precision"] = file, precision
             parity[name] = (held_out, ref)
         print(format_table(results, f"parity vs the source ({opts.precision} export)"))
@@ -323,7 +330,11 @@ def bundle_from_onnx(contract: Contract, out: Path, opts: ExportOptions, assets:
         src = assets / files[name]
         if not src.is_file():
             raise ExportError(f"{src}: the ONNX file of model {name} is missing")
-        shutil.copyfile(src, path)
+        try:  # with the data files it names, wherever they are beside it
+            onnx_files.relocate(src, path)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"{src}: cannot read model {name} and its external data: "
+                              f"{exc}") from None
 
     reference = None
     if reference_data is not None:

@@ -25,6 +25,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from export.calibration import Samples, batches
+from export.onnx_files import save
 
 # Only the compute-heavy ops: Gather (token embedding), LayerNorm, Softmax stay float.
 # `duet export --int8-ops` narrows this per bundle: the reference planner's MLP layers are
@@ -47,7 +48,7 @@ class SampleReader(CalibrationDataReader):
         self._it = batches(self.samples, self.batch)
 
 
-def to_fp16(src: Path, dst: Path) -> None:
+def to_fp16(src: Path, dst: Path, external: bool = False) -> None:
     model = onnx.load(str(src))
     half = convert_float_to_float16(model, keep_io_types=True)
     # The converter appends the I/O casts at the end of the node list; ONNX requires
@@ -55,16 +56,19 @@ def to_fp16(src: Path, dst: Path) -> None:
     graph = ir.from_proto(half)
     graph.graph.sort()
     half = ir.to_proto(graph)
-    onnx.checker.check_model(half)
-    onnx.save(half, str(dst))
+    del graph, model
+    save(half, dst, external)
+    onnx.checker.check_model(str(dst))
 
 
 def to_int8(src: Path, dst: Path, calibration: Samples,
-            op_types: tuple[str, ...] = QUANTIZABLE_OPS, batch: int = 1) -> None:
+            op_types: tuple[str, ...] = QUANTIZABLE_OPS, batch: int = 1,
+            external: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # Symbolic shape inference + constant folding first, as ORT recommends for QDQ.
         prepped = Path(tmp) / "prepped.onnx"
-        quant_pre_process(str(src), str(prepped), skip_symbolic_shape=False)
+        quant_pre_process(str(src), str(prepped), skip_symbolic_shape=False,
+                          save_as_external_data=external)
         quantize_static(
             str(prepped),
             str(dst),
@@ -76,5 +80,6 @@ def to_int8(src: Path, dst: Path, calibration: Samples,
             op_types_to_quantize=list(op_types),
             # TensorRT takes symmetric (zero-point 0) scales only.
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            use_external_data_format=external,
         )
-    onnx.checker.check_model(onnx.load(str(dst)))
+    onnx.checker.check_model(str(dst))

@@ -36,7 +36,8 @@ def build_engine(
     # TensorRT 10 networks are always explicit-batch (the creation flag is deprecated).
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    # from the file, not its bytes: the parser then finds the graph's external data beside it
+    if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"{onnx_path}: TensorRT ONNX parser failed: {errors}")
     config = builder.create_builder_config()

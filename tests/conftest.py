@@ -41,3 +41,10 @@ def smoke_training(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _verified_stamps(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Bundle verified-stamps (runtime/model/verified.py) in this run's own folder, not the
+    host's /run, for this process and every stack it starts."""
+    os.environ["DUET_VERIFIED_DIR"] = str(tmp_path_factory.mktemp("verified"))

@@ -26,11 +26,34 @@ def _store(args: argparse.Namespace) -> Any:
     return BundleStore(Path(args.store), key, joints)
 
 
+def _verify(args: argparse.Namespace) -> int:
+    """The configured bundle, verified as the planner will load it; run as root (the planner
+    unit's ExecStartPre=+), it leaves the boot's verified stamp (runtime/model/verified.py)."""
+    import time
+
+    from runtime.config import ConfigError, load_config
+    from runtime.model.bundle import BundleError, load_bundle
+
+    config, site = cliopts.files(args)
+    t0 = time.monotonic()
+    try:
+        cfg = load_config(config, site)
+        bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, list(cfg.robot.joints))
+    except (ConfigError, BundleError) as exc:
+        return fail("duet bundle verify", exc)
+    emit(args, f"verified {bundle.version} ({len(bundle.files)} files) in "
+         f"{time.monotonic() - t0:.2f} s", {"version": bundle.version,
+                                            "files": len(bundle.files)})
+    return 0
+
+
 def _bundle(args: argparse.Namespace) -> int:
     from runtime.deploy.layout import store_root
     from runtime.deploy.units import WORKSTATION_RESTART, restart_command
     from runtime.model.bundle import BundleError
 
+    if args.bundle_cmd == "verify":
+        return _verify(args)
     store = _store(args)
     try:
         if args.bundle_cmd == "list":
@@ -79,6 +102,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "version")
     sc(bsub, "rollback", "make the previous bundle current", "duet bundle rollback",
        parents=[shared])
+    sc(bsub, "verify", "verify the configured bundle (as root: once per boot, stamped)",
+       "duet bundle verify --config /etc/duet/duet.yaml", parents=[cliopts.shared()])
     for ep in entry_points(group="duet.bundle_commands"):  # e.g. `create`, with export
         try:
             ep.load()(bsub)

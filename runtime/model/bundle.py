@@ -17,7 +17,7 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -44,6 +44,8 @@ from runtime.model.contract import (
     ResidualOutput,
     Stage,
 )
+from runtime.model.onnx_refs import OnnxRefError, external_locations
+from runtime.model.verified import Stamp, hash_file
 
 FORMAT_VERSION = 2  # what the exporter writes
 READABLE_FORMATS = (1, 2)
@@ -308,24 +310,53 @@ def validate_manifest(data: dict[str, Any], manifest_path: Path) -> ManifestV1 |
 
 
 def _check_files(bundle_dir: Path, manifest: ManifestV1 | ManifestV2, contract: Contract,
-                 manifest_path: Path) -> None:
+                 manifest_path: Path, manifest_sha256: str) -> None:
     needed = contract.files() + ([manifest.parity.file] if manifest.parity else [])
     for name in needed:
         if name not in manifest.files:
             raise BundleError(f"{manifest_path}: {name!r} is used but has no sha256 in files")
     root = bundle_dir.resolve()
-    for name, digest in manifest.files.items():
+    for name in manifest.files:
         file_path = bundle_dir / name
         if file_path.is_symlink() or not file_path.is_file():
             raise BundleError(f"{file_path}: missing or not a regular file (listed in "
                               f"{MANIFEST} files.{name})")
         if root not in file_path.resolve().parents:
             raise BundleError(f"{file_path}: outside the bundle")
-        actual = sha256_file(file_path)
-        if actual != digest:
-            raise BundleError(
-                f"{file_path}: sha256 {actual[:16]}… does not match {MANIFEST} "
-                f"files.{name} {digest[:16]}… (file modified or corrupt)")
+    stamp = Stamp(bundle_dir, manifest_sha256)
+    if not stamp.trusted(list(manifest.files)):  # hashed by root since boot, unchanged
+        identities = {}
+        for name, digest in manifest.files.items():
+            file_path = bundle_dir / name
+            actual, identities[name] = hash_file(file_path)
+            if actual != digest:
+                raise BundleError(
+                    f"{file_path}: sha256 {actual[:16]}… does not match {MANIFEST} "
+                    f"files.{name} {digest[:16]}… (file modified or corrupt)")
+        stamp.record(identities)
+    for name in contract.model_files():
+        _check_external_data(bundle_dir, name, manifest.files, manifest_path)
+
+
+def _check_external_data(bundle_dir: Path, name: str, listed: dict[str, str],
+                         manifest_path: Path) -> None:
+    """Every file the graph makes ONNX Runtime read (external data, relative to the graph's
+    folder) is listed, so hashed and signed: weights nobody checked are never loaded."""
+    graph = bundle_dir / name
+    try:
+        locations = external_locations(graph)
+    except (OSError, OnnxRefError) as exc:
+        raise BundleError(f"{graph}: not a readable ONNX graph: {exc}") from None
+    for location in sorted(locations):
+        key = str(PurePosixPath(name).parent / location)
+        try:
+            plain_file_name(key)  # absolute, `..`, backslashes: refused
+        except ValueError:
+            raise BundleError(f"{graph}: external data {location!r} is not a file inside the "
+                              "bundle") from None
+        if key not in listed:
+            raise BundleError(f"{graph}: its weights are in {key!r}, which {MANIFEST} does not "
+                              "list in files (unhashed, unsigned weights are never loaded)")
 
 
 def _check_v1_tensors(m: ManifestV1, contract: Contract, where: Path) -> None:
@@ -363,7 +394,8 @@ def load_bundle(path: str | Path, public_key: str | None = None,
             else manifest.contract
     except (ValidationError, KeyError, StopIteration) as exc:
         raise BundleError(f"{manifest_path}: not the reference I/O: {exc}") from None
-    _check_files(bundle_dir, manifest, contract, manifest_path)
+    _check_files(bundle_dir, manifest, contract, manifest_path,
+                 hashlib.sha256(canonical_manifest_bytes(data)).hexdigest())
     if isinstance(manifest, ManifestV1):
         _check_v1_tensors(manifest, contract, manifest_path)
         if expect_joints is not None and list(expect_joints) != manifest.robot.joints:

@@ -319,6 +319,11 @@ class Contract(_Strict):
         """The robot cameras the planner reads, each once, sorted."""
         return sorted({c.camera for c in self.cameras()})
 
+    def model_files(self) -> list[str]:
+        """The ONNX graphs: every stage's, and the follower's."""
+        return [s.file for s in self.planner.stages] + (
+            [self.follower.file] if self.follower is not None else [])
+
     def files(self) -> list[str]:
         out = [s.file for s in self.planner.stages]
         out += [i.tokenizer for s in self.planner.stages for i in s.inputs
