@@ -18,6 +18,11 @@ _DXL_STATUS_FIXED = 11  # + data: instruction 0x55, error, data..., crc
 _DXL_SYNC_WRITE_FIXED = 14  # + (1 + data) per id
 UART_BITS_PER_BYTE = 10  # start + 8 data + stop
 
+# Feetech FT-SCS packet sizes in bytes (header FF FF, id, length, instruction, ..., checksum).
+_FT_SYNC_READ_FIXED = 8  # + 1 byte per id: addr, len, ids...
+_FT_STATUS_FIXED = 6  # + data: error, data..., checksum
+_FT_SYNC_WRITE_FIXED = 8  # + (1 + data) per id
+
 # CAN 2.0A (11-bit id): SOF 1, id 11, RTR 1, IDE 1, r0 1, DLC 4, data 8n, CRC 15,
 # CRC delimiter 1, ACK 2, EOF 7, interframe space 3 -> 47 + 8n bits. Bit stuffing covers
 # SOF..CRC (34 + 8n bits) and adds at most one bit per four after the first.
@@ -100,6 +105,24 @@ def dynamixel_tick_us(
     return_delay_us: float = 0.0,
 ) -> float:
     wire = dynamixel_tick_bytes(n_motors, read_bytes, write_bytes) * UART_BITS_PER_BYTE * 1e6
+    return wire / baudrate + n_motors * return_delay_us
+
+
+def feetech_tick_bytes(n_motors: int, read_bytes: int = 8, write_bytes: int = 2) -> int:
+    """Sync Read instruction + n status packets + one Sync Write.
+
+    Defaults: STS present position, speed, load, voltage and temperature (addresses 56..63,
+    8 bytes) read back; goal position (2 bytes) written.
+    """
+    sync_read = _FT_SYNC_READ_FIXED + n_motors
+    status = n_motors * (_FT_STATUS_FIXED + read_bytes)
+    sync_write = _FT_SYNC_WRITE_FIXED + n_motors * (1 + write_bytes)
+    return sync_read + status + sync_write
+
+
+def feetech_tick_us(baudrate: int, n_motors: int, read_bytes: int = 8, write_bytes: int = 2,
+                    return_delay_us: float = 0.0) -> float:
+    wire = feetech_tick_bytes(n_motors, read_bytes, write_bytes) * UART_BITS_PER_BYTE * 1e6
     return wire / baudrate + n_motors * return_delay_us
 
 

@@ -12,9 +12,11 @@ from typing import Any
 from drivers.bus_budget import DEFAULT_USABLE_FRACTION, Budget
 from drivers.bus_family import BusFamily
 from drivers.dynamixel_family import DynamixelFamily
+from drivers.feetech_family import FeetechFamily
 from drivers.mit_can_family import MitCanFamily
 
-FAMILIES: dict[str, type[BusFamily]] = {f.name: f for f in (DynamixelFamily, MitCanFamily)}
+FAMILIES: dict[str, type[BusFamily]] = {
+    f.name: f for f in (DynamixelFamily, FeetechFamily, MitCanFamily)}
 
 
 def family(kind: str) -> type[BusFamily]:

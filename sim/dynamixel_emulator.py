@@ -24,19 +24,15 @@ The emulator answers immediately: Return Delay Time is initialised to 0 (a bus t
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
-import os
 import random
-import select
 import struct
-import threading
-import tty
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +46,7 @@ from drivers.dynamixel_protocol import (
 )
 from drivers.dynamixel_protocol import XM430_TORQUE_CONSTANT_NM_PER_A as TORQUE_CONSTANT_NM_PER_A
 from sim.actuators import Actuators
+from sim.pty_server import PtyServer, flip_byte
 
 PWM_LIMIT = 885
 
@@ -172,7 +169,6 @@ class DynamixelEmulator:
         self.corrupt_probability = corrupt_probability
         self.corrupt_byte: int | None = None
         self.corrupt_servos: frozenset[int] | None = None
-        self.rt_priority = 0  # SCHED_FIFO priority of the serving thread, 0 = don't ask
         self._rng = random.Random(seed)
         self.models = list(models) if models is not None else [XM430_W350] * n
         if len(self.models) != n:
@@ -181,14 +177,34 @@ class DynamixelEmulator:
         self._index_by_id = {dxl_id: k for k, dxl_id in enumerate(ids)}
         self.parser = dx.StreamParser()
         self.packets_served = 0
-        self.path = ""  # the pty slave, set by open()
-        self._master: int | None = None
-        self._slave: int | None = None
-        self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = -1, -1
-        self._stop = threading.Event()
+        self.server = PtyServer(self.answer, "dynamixel-emulator")
 
     # ---- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, actuators: Actuators, bus: Any) -> DynamixelEmulator:
+        """The sim arm's servos as a `DynamixelBusConfig` names them (duck-typed), each joint
+        of the model sim/world.py gives it, Torque Enable as the motors are (homed at power-on)."""
+        from sim.world import SERVO_MODELS as JOINT_SERVOS
+
+        emu = cls(actuators, bus.ids, zero_ticks=bus.zero_ticks, direction=bus.direction,
+                  models=[SERVO_MODELS[m] for m in JOINT_SERVOS])
+        for k, table in enumerate(emu.tables):
+            table[dx.ADDR_TORQUE_ENABLE] = int(actuators.torque_enabled[k])
+        return emu
+
+    @property
+    def path(self) -> str:
+        """The pty slave a serial driver opens (set by open())."""
+        return self.server.path
+
+    @property
+    def rt_priority(self) -> int:
+        return self.server.rt_priority
+
+    @rt_priority.setter
+    def rt_priority(self, value: int) -> None:
+        self.server.rt_priority = value
 
     def open(self, powered: bool = False) -> str:
         """Create the pty; return the slave device path a serial driver opens.
@@ -197,10 +213,7 @@ class DynamixelEmulator:
         Enable and Goal Position continue from the actuators. Else power-on: torque off,
         Goal Position = present position (no jump on torque enable).
         """
-        master, slave = os.openpty()
-        tty.setraw(slave)  # no echo, no line discipline: bytes pass untouched
-        self._master, self._slave = master, slave
-        self.path = os.ttyname(slave)
+        path = self.server.open()
         with self.actuators.lock:
             for k in range(len(self.tables)):
                 ticks = self._q_to_ticks(k, self.actuators.goal_q[k] if powered else None)
@@ -209,73 +222,26 @@ class DynamixelEmulator:
                     self.tables[k][dx.ADDR_TORQUE_ENABLE] = int(self.actuators.torque_enabled[k])
                 self._apply_goal(k)
                 self._apply_gains(k)
-        return self.path
+        return path
 
     def start(self) -> None:
-        if self._master is None:
-            raise RuntimeError("call open() before start()")
-        self._stop.clear()
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._serve, name="dynamixel-emulator", daemon=True)
-        self._thread.start()
+        self.server.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            os.write(self._wake_w, b"x")
-            self._thread.join(timeout=2.0)
-            self._thread = None
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-        for fd in (self._master, self._slave):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._master = self._slave = None
+        self.server.stop()
 
     def close_line(self) -> None:
         """Fault injection: the device disappears (the pty is closed from our side)."""
         self.stop()
 
-    # ---- serving loop ----------------------------------------------------------------------
-
-    def _serve(self) -> None:
-        if self.rt_priority:
-            # a servo answers within its return delay: let the reply preempt ordinary work
-            # (best effort; without the privilege it simply runs SCHED_OTHER)
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
-        master = self._master
-        assert master is not None
-        poller = select.poll()
-        poller.register(master, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._stop.is_set():
-            events = poller.poll()
-            if self._stop.is_set():
-                return
-            for fd, event in events:
-                if fd != master:
-                    continue
-                if event & (select.POLLERR | select.POLLNVAL):
-                    return
-                try:
-                    data = os.read(master, 4096)
-                except OSError:  # no slave open yet (EIO); wait for a client
-                    self._stop.wait(0.001)
-                    continue
-                self.parser.feed(data)
-                out = bytearray()
-                for packet in self.parser:
-                    self.packets_served += 1
-                    out += self.handle(packet)
-                if out:
-                    try:
-                        os.write(master, out)
-                    except OSError:
-                        return
+    def answer(self, data: bytes) -> bytes:
+        """Every status the bytes that arrived ask for (the serving thread's protocol half)."""
+        self.parser.feed(data)
+        out = bytearray()
+        for packet in self.parser:
+            self.packets_served += 1
+            out += self.handle(packet)
+        return bytes(out)
 
     # ---- instruction handling (public so tests can drive it without a pty) -----------------
 
@@ -336,11 +302,7 @@ class DynamixelEmulator:
         packet = dx.status_packet(self.tables[k][dx.ADDR_ID], error, params)
         if self.corrupt_probability and (self.corrupt_servos is None or k in self.corrupt_servos) \
                 and self._rng.random() < self.corrupt_probability:
-            flipped = bytearray(packet)
-            at = self.corrupt_byte if self.corrupt_byte is not None \
-                else self._rng.randrange(len(flipped))
-            flipped[at % len(flipped)] ^= self._rng.randrange(1, 256)
-            return bytes(flipped)
+            return flip_byte(packet, self._rng, self.corrupt_byte)
         return packet
 
     def _read(self, k: int, addr: int, length: int) -> tuple[int, bytes]:

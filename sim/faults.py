@@ -1,9 +1,9 @@
 """The sim robot's motor link, and a control socket that breaks it the way hardware breaks.
 
-`SerialLink` serves the emulated Dynamixel servos on a pty behind a stable symlink (as udev
-gives a real adapter /dev/ttyDUET0), so a "pulled cable" makes the device disappear and a
-"replugged" one brings it back under the same name. `CanLink` does the same for MIT-mode
-motors on a CAN channel. `FaultInjector` answers on ipc://RUN_DIR/sim-control:
+`SerialLink` serves the emulated serial servos (Dynamixel or Feetech) on a pty behind a stable
+symlink (as udev gives a real adapter /dev/ttyDUET0), so a "pulled cable" makes the device
+disappear and a "replugged" one brings it back under the same name. `CanLink` does the same
+for MIT-mode motors on a CAN channel. `FaultInjector` answers on ipc://RUN_DIR/sim-control:
 
     {"cmd": "cut_line"}                      the device disappears (pty closed / motors gone)
     {"cmd": "restore_line"}                  the device is back
@@ -21,13 +21,21 @@ import functools
 import multiprocessing as mp
 import os
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
 import zmq
 
-from runtime.config import CanBusConfig, ConfigError, DuetConfig, DynamixelBusConfig, SimConfig
+from runtime.config import (
+    CanBusConfig,
+    ConfigError,
+    DuetConfig,
+    DynamixelBusConfig,
+    FeetechBusConfig,
+    SimConfig,
+)
 from runtime.ipc.rpc import Command, RequestError, bind_server
 from sim.actuators import HW_OVERLOAD, MODE_MIT, Actuators
 
@@ -45,19 +53,44 @@ class MotorLink(Protocol):
     def stop(self) -> None: ...
 
 
+class SerialEmulator(Protocol):
+    """What a serial servo family's emulator offers the link (sim/dynamixel_emulator.py,
+    sim/feetech_emulator.py): a pty served by sim/pty_server.py, and line noise."""
+
+    rt_priority: int
+    corrupt_probability: float
+    corrupt_byte: int | None
+    corrupt_servos: frozenset[int] | None
+
+    @property
+    def path(self) -> str: ...
+
+    def open(self, powered: bool = False) -> str: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def close_line(self) -> None: ...
+
+
+# the emulator of a serial bus config: (shared actuators, the bus section) -> not yet opened
+MakeEmulator = Callable[[Actuators, Any], SerialEmulator]
+
+
 class SerialLink:
     """Emulated servos served from a forked child process: its own interpreter lock, so a
     reply never waits behind a physics step or a render (a real servo answers within its
     return delay). Needs `Actuators.shared` actuators."""
 
-    def __init__(self, actuators: Actuators, bus: DynamixelBusConfig, link: Path,
-                 rt_priority: int = 0) -> None:
+    def __init__(self, actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConfig,
+                 link: Path, rt_priority: int = 0, make: MakeEmulator | None = None) -> None:
         self.link = link
         self.device = str(link)
         ctx = mp.get_context("fork")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve_servos, name="duet-sim-servos", daemon=True,
-                                 args=(actuators, bus, rt_priority, child))
+                                 args=(actuators, bus, make or _dynamixel, rt_priority, child))
         self._proc.start()
         self._point_link(self._call("open"))
 
@@ -92,15 +125,23 @@ class SerialLink:
         self.link.unlink(missing_ok=True)
 
 
-def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig, rt_priority: int,
-                  conn: Connection) -> None:
+def _dynamixel(actuators: Actuators, bus: Any) -> SerialEmulator:
+    from sim.dynamixel_emulator import DynamixelEmulator
+
+    return DynamixelEmulator.from_config(actuators, bus)
+
+
+def _feetech(actuators: Actuators, bus: Any) -> SerialEmulator:
+    from sim.feetech_emulator import FeetechEmulator
+
+    return FeetechEmulator.from_config(actuators, bus)
+
+
+def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConfig,
+                  make: MakeEmulator, rt_priority: int, conn: Connection) -> None:
     """Child process: serve the servos on a pty; obey the parent's link commands."""
     import ctypes
     import signal
-
-    from drivers.dynamixel_protocol import ADDR_TORQUE_ENABLE
-    from sim.dynamixel_emulator import SERVO_MODELS, DynamixelEmulator
-    from sim.world import SERVO_MODELS as JOINT_SERVOS
 
     # die with the sim (even on SIGKILL); leave SIGTERM/SIGINT handling to the parent
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -108,20 +149,15 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig, rt_priority: in
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     corruption: tuple[float, int | None, int | None] = (0.0, None, None)
 
-    def start(powered: bool) -> DynamixelEmulator:
-        emu = DynamixelEmulator(actuators, bus.ids, zero_ticks=bus.zero_ticks,
-                                direction=bus.direction,
-                                models=[SERVO_MODELS[m] for m in JOINT_SERVOS])
-        # Torque Enable reflects the motors' real state (homed at power-on)
-        for k, table in enumerate(emu.tables):
-            table[ADDR_TORQUE_ENABLE] = int(actuators.torque_enabled[k])
+    def start(powered: bool) -> SerialEmulator:
+        emu = make(actuators, bus)
         emu.rt_priority = rt_priority
         aim(emu, *corruption)
         emu.open(powered=powered)
         emu.start()
         return emu
 
-    def aim(emu: DynamixelEmulator, p: float, byte: int | None, joint: int | None) -> None:
+    def aim(emu: SerialEmulator, p: float, byte: int | None, joint: int | None) -> None:
         emu.corrupt_probability, emu.corrupt_byte = p, byte
         emu.corrupt_servos = None if joint is None else frozenset((joint,))
 
@@ -194,6 +230,14 @@ def serve_serial(actuators: Actuators, bus: DynamixelBusConfig, joints: list[int
     # a stable name, as udev gives a real adapter: a replugged line keeps its path
     return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0",
                       (cfg.sim or SimConfig()).rt_priority)
+
+
+def serve_feetech(actuators: Actuators, bus: FeetechBusConfig, joints: list[int],
+                  cfg: DuetConfig) -> MotorLink:
+    if cfg.buses is not None:
+        raise ConfigError("sim: per-limb buses (`buses:`) need sim.transport 'can'")
+    return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0",
+                      (cfg.sim or SimConfig()).rt_priority, make=_feetech)
 
 
 def serve_can(actuators: Actuators, bus: CanBusConfig, joints: list[int],

@@ -13,6 +13,8 @@ from drivers.bus_budget import (
     can_mit_tick_us,
     dynamixel_tick_bytes,
     dynamixel_tick_us,
+    feetech_tick_bytes,
+    feetech_tick_us,
 )
 from drivers.families import check_budget, tick_budget
 
@@ -39,6 +41,20 @@ def test_dynamixel_tick_bytes_and_time() -> None:
     assert dynamixel_tick_bytes(6) == 20 + 126 + 44
     assert dynamixel_tick_us(4_000_000, 6) == pytest.approx(190 * 10 / 4.0)
     assert dynamixel_tick_us(1_000_000, 6, return_delay_us=20.0) == pytest.approx(1900 + 120)
+
+
+def test_feetech_tick_bytes_and_time() -> None:
+    # sync read 8 + 6 ids; 6 status packets of 6 + 8 (position, speed, load, voltage,
+    # temperature); sync write 8 + 6 x (1 + 2): the SO-101's six STS3215 at 1 Mbit/s
+    assert feetech_tick_bytes(6) == 14 + 84 + 26
+    assert feetech_tick_us(1_000_000, 6) == pytest.approx(1240.0)
+    ft_1m = SimpleNamespace(kind="feetech", baudrate=1_000_000, return_delay_us=0.0)
+    b = check_budget(ft_1m, 6, 500)
+    assert (b.wire_us, int(b.max_hz)) == (pytest.approx(1240.0), 564)
+    # the factory return delay (250 x 2 us per servo) does not fit 250 Hz
+    factory = SimpleNamespace(kind="feetech", baudrate=1_000_000, return_delay_us=500.0)
+    with pytest.raises(ValueError, match=r"124 bytes x 10 bits \+ 6 x 500 us.*4240.0 us"):
+        check_budget(factory, 6, 250)
 
 
 def test_budget_figures() -> None:

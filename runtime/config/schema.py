@@ -12,10 +12,14 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveFloat,
+    field_validator,
     model_validator,
 )
 
 from drivers.families import check_budget, family_of
+from drivers.feetech_protocol import BAUD_RATES as FEETECH_BAUD_RATES
+from drivers.feetech_protocol import MAX_ID as FEETECH_MAX_ID
+from drivers.feetech_protocol import MODELS as FEETECH_MODELS
 from drivers.mit_dialects import DIALECTS, dialect_class
 
 
@@ -83,6 +87,57 @@ class DynamixelBusConfig(_Strict):
     joints: list[str] | None = None
 
 
+class FeetechBusConfig(_Strict):
+    kind: Literal["feetech"] = "feetech"  # Feetech STS/SCS serial-bus servos, run in position mode
+    device: str  # serial device; "sim" = the pty the sim prints
+    # bit/s, as set in the servos (Baud Rate register: 1000000 down to 38400); bounds a tick's
+    # wire time
+    baudrate: int = Field(1_000_000, gt=0)
+    # the servo model on every joint of this bus (drivers/feetech_protocol.py MODELS): its
+    # series (byte order, EEPROM lock), resolution and stall torque; checked at start against
+    # each servo's Model Number
+    model: str = "STS3215"
+    # servo ids 0..252, one per joint (robot.joints order, or `joints` under `buses:`)
+    ids: list[int]
+    # encoder tick of each joint's zero (none: the model's centre, 2048 on an STS3215)
+    zero_ticks: list[int] | None = None
+    direction: list[int] | None = None  # +1/-1 per joint (none: all +1); -1 flips q, dq, effort
+    # per transaction (sync read, register access); a reply later than this is a timeout (then
+    # `retries`)
+    timeout_ms: float = Field(5.0, gt=0, le=1000)
+    # further tries of a failed transaction before it is a bus error (a FAULT after
+    # follower.bus_error_threshold in a row)
+    retries: int = Field(1, ge=0, le=10)
+    # µs, each servo's Return Delay Time (register 7, 2 µs units; 0 on a configured arm, up to
+    # 500 µs from the factory) as the config's wire-budget check assumes it; at start the bus
+    # reads every servo's own setting instead
+    return_delay_us: float = Field(0.0, ge=0, le=510)
+    # the robot joints this bus drives, in `ids` order (required under `buses:`)
+    joints: list[str] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if model not in FEETECH_MODELS:
+            raise ValueError(f"{model!r} is not one of {', '.join(FEETECH_MODELS)}")
+        return model
+
+    @field_validator("baudrate")
+    @classmethod
+    def _servo_baudrate(cls, baudrate: int) -> int:
+        if baudrate not in FEETECH_BAUD_RATES.values():
+            rates = ", ".join(str(r) for r in FEETECH_BAUD_RATES.values())
+            raise ValueError(f"{baudrate} is not a Feetech servo's rate ({rates})")
+        return baudrate
+
+    @field_validator("ids")
+    @classmethod
+    def _addressable(cls, ids: list[int]) -> list[int]:
+        if len(set(ids)) != len(ids) or not all(0 <= i <= FEETECH_MAX_ID for i in ids):
+            raise ValueError(f"ids must be unique and in 0..{FEETECH_MAX_ID}: {ids}")
+        return ids
+
+
 class MitMotorModel(_Strict):
     """Ranges of the 16/12-bit MIT-mode fields, per motor model (positive and finite)."""
 
@@ -138,7 +193,7 @@ class CanBusConfig(_Strict):
         return self
 
 
-BusConfig = DynamixelBusConfig | CanBusConfig
+BusConfig = DynamixelBusConfig | FeetechBusConfig | CanBusConfig
 
 
 class RealtimeConfig(_Strict):
@@ -338,8 +393,8 @@ class SimConfig(_Strict):
     phrasing: Literal["then", "after"] = "then"
     camera_hz: float = Field(10.0, gt=0)  # frames/s rendered and published per sim camera
     physics_hz: float = Field(1000.0, gt=0)  # MuJoCo steps per second (timestep 1/physics_hz)
-    # the emulated motors: serial (Dynamixel, a pty) or can (MIT mode, needed for `buses:`);
-    # it must match the bus kind
+    # the emulated motors: serial (Dynamixel or Feetech, a pty) or can (MIT mode, needed for
+    # `buses:`); it must match the bus kind
     transport: Literal["serial", "can"] = "serial"
     # SCHED_FIFO priority of the emulated servos' serving thread (0 = don't ask): a real
     # servo answers in microseconds whatever the host is doing

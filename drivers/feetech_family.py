@@ -1,0 +1,79 @@
+"""The Feetech STS/SCS family: serial-bus servos on a half-duplex TTL line (drivers/feetech.py).
+
+The adapters the SO-100/SO-101 arms ship with are WCH chips: the CH340 (1a86:7523, the
+ch341 driver, /dev/ttyUSB*), the CH343 (1a86:55d3) and the CH9102 (1a86:55d4), both
+USB CDC-ACM (/dev/ttyACM*, or /dev/ttyCH343USB* under WCH's own driver). udev gives whichever
+is plugged in the stable name /dev/ttyDUET0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from drivers.bus_budget import UART_BITS_PER_BYTE, feetech_tick_bytes, feetech_tick_us
+from drivers.bus_family import BusFamily, DeviceCheck, Rendered
+from drivers.dynamixel_family import DynamixelFamily
+
+# USB ids of the WCH adapters (vendor 1a86): CH340, CH343, CH9102.
+WCH_PRODUCTS = {"CH340": "7523", "CH343": "55d3", "CH9102": "55d4"}
+RULES_FILE = "etc/udev/rules.d/99-duet-serial.rules"  # one serial bus: one rules file
+# ModemManager probes every new ttyACM with AT commands: garbage on the servo line
+_LINK = ('SUBSYSTEM=="tty", {match}, SYMLINK+="ttyDUET0", GROUP="dialout", MODE="0660",'
+         ' ENV{{ID_MM_DEVICE_IGNORE}}="1"')
+# Ubuntu's braille daemon claims the CH340's ids (a braille display uses the same chip): the
+# adapter attaches, then its ttyUSB vanishes
+BRLTTY_RULES = "usr/lib/udev/rules.d/85-brltty.rules"
+
+
+class FeetechFamily(BusFamily):
+    name = "feetech"
+    driver = "drivers.feetech:FeetechBus"
+    emulator = "sim.faults:serve_feetech"
+    sim_transport = "serial"
+    wire_key = "device"
+
+    @classmethod
+    def tick_wire(cls, bus_cfg: Any, n_motors: int) -> tuple[float, str]:
+        delay = float(getattr(bus_cfg, "return_delay_us", 0.0) or 0.0)
+        n_bytes = feetech_tick_bytes(n_motors)
+        wire = feetech_tick_us(bus_cfg.baudrate, n_motors, return_delay_us=delay)
+        return wire, (
+            f"feetech at {bus_cfg.baudrate} baud: {n_motors} motors, sync read + status +"
+            f" sync write = {n_bytes} bytes x {UART_BITS_PER_BYTE} bits"
+            f" + {n_motors} x {delay:g} us return delay = {wire:.1f} us per tick")
+
+    @classmethod
+    def device_path(cls, bus_cfg: Any) -> str:
+        return str(bus_cfg.device)
+
+    @classmethod
+    def device_node(cls, bus_cfg: Any) -> str | None:
+        return None if bus_cfg.device == "sim" else str(bus_cfg.device)
+
+    @classmethod
+    def simulated(cls, bus_cfg: Any) -> list[str]:
+        return ["device is `sim`"] if bus_cfg.device == "sim" else []
+
+    @classmethod
+    def udev_files(cls, bus_cfg: Any, usb_serial: str | None) -> dict[str, Rendered]:
+        if usb_serial:
+            rules = [_LINK.format(match=f'ATTRS{{serial}}=="{usb_serial}"')]
+        else:
+            rules = [_LINK.format(match=f'ATTRS{{idVendor}}=="1a86", ATTRS{{idProduct}}=="{p}"')
+                     for p in WCH_PRODUCTS.values()]
+        return {RULES_FILE: ("99-duet-feetech.rules", {"rules": "\n".join(rules)})}
+
+    @classmethod
+    def check_device(cls, bus_cfg: Any, installed: bool, sys_root: str = "/sys") -> DeviceCheck:
+        # the serial-device checks are Dynamixel's (a WCH chip has no latency timer, so that
+        # one finds nothing); a missing CH340 is most often brltty's doing
+        check = DynamixelFamily.check_device(bus_cfg, installed, sys_root)
+        brltty = Path(sys_root).parent / BRLTTY_RULES
+        if check.level == "fail" and "does not exist" in check.detail and brltty.exists() \
+                and WCH_PRODUCTS["CH340"] in brltty.read_text(errors="replace"):
+            return DeviceCheck("fail", f"{check.detail}; brltty's udev rules claim CH340"
+                               " adapters (1a86:7523) and detach their tty",
+                               "sudo apt remove brltty (or mask brltty-udev.service), then"
+                               " replug the adapter")
+        return check

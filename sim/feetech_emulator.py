@@ -1,0 +1,365 @@
+"""Emulated Feetech STS/SCS servos (STS3215 by default) behind a pseudo-terminal.
+
+The serving thread (sim/pty_server.py) hands this emulator the bytes that arrive; it answers
+like the real servos (PING, READ, WRITE, REG_WRITE + ACTION, SYNC READ, SYNC WRITE; Status
+Return Level; the EEPROM Lock; the status error byte from the latched faults, and torque off
+for the ones in Unloading Condition) and maps the memory table onto the shared `Actuators`
+that the physics integrates.
+
+Gain map (documented, linear, not measured on a servo: Feetech does not publish the
+controller's scaling). The physics applies tau = kp*(goal_q - q) - kd*dq, saturated. The P
+coefficient (register 21) is taken as the share of stall torque per tick of error, in 0.1 %
+(torque fraction = P * e_ticks / 1000: P=32 saturates at 31 ticks, 2.7°), the D coefficient
+(22) the same per tick/ms of speed, plus the damping of back-EMF:
+
+    kp [N·m/rad]   = P/1000 * TICKS_PER_RAD * STALL_TORQUE             (STS3215, P=32: 39.8)
+    kd [N·m·s/rad] = BACK_EMF_DAMPING + D/1000 * TICKS_PER_RAD * STALL_TORQUE * 1e-3
+    BACK_EMF_DAMPING = stall torque / no-load speed                     (STS3215: 0.41)
+
+Present Load is the applied torque in 0.1 % of the stall torque (sign bit 10), Present
+Current the same share of the stall current. The emulator answers at once: Return Delay Time
+is 0 (a configured arm) and is not simulated.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from drivers import feetech_protocol as ft
+from sim.actuators import (
+    HW_ELECTRICAL_SHOCK,
+    HW_ENCODER,
+    HW_INPUT_VOLTAGE,
+    HW_OVERHEATING,
+    HW_OVERLOAD,
+    Actuators,
+)
+from sim.pty_server import PtyServer, flip_byte
+
+# the sim's latched fault bits (Dynamixel's layout, sim/actuators.py) -> the status error byte
+_ERROR_BITS = ((HW_INPUT_VOLTAGE, ft.ERR_VOLTAGE), (HW_ENCODER, ft.ERR_ANGLE),
+               (HW_OVERHEATING, ft.ERR_OVERHEAT), (HW_ELECTRICAL_SHOCK, ft.ERR_OVERCURRENT),
+               (HW_OVERLOAD, ft.ERR_OVERLOAD))
+STALL_CURRENT_A = {"STS3215": 2.7, "STS3250": 4.0, "SCS0009": 0.6}
+CURRENT_UNIT_A = 6.5e-3
+NOMINAL_VOLTAGE_DV = {"STS3215": 74, "STS3250": 120, "SCS0009": 50}  # 0.1 V
+MOVING_TICKS_S = 20  # |speed| above this reads Moving = 1
+FIRMWARE = (3, 10)
+
+
+def position_gains_si(p_coef: int, d_coef: int, model: ft.ServoModel) -> tuple[float, float]:
+    """(kp, kd) in SI units from the P/D coefficient registers (module docstring)."""
+    per_unit = model.ticks_per_rad * model.stall_torque_nm / 1000
+    back_emf = model.stall_torque_nm / (model.no_load_rpm * 2 * np.pi / 60)
+    return p_coef * per_unit, back_emf + d_coef * per_unit * 1e-3
+
+
+def default_table(servo_id: int, model: ft.ServoModel) -> bytearray:
+    """The memory table of a servo out of the box (ids and limits as on an SO-101)."""
+    t = bytearray(ft.MEMORY_SIZE)
+    w = model.series
+
+    def put2(addr: int, value: int) -> None:
+        t[addr : addr + 2] = ft.word(value, w)
+
+    t[ft.ADDR_FIRMWARE_MAJOR], t[ft.ADDR_FIRMWARE_MINOR] = FIRMWARE
+    put2(ft.ADDR_MODEL_NUMBER, model.model_number)
+    t[ft.ADDR_ID] = servo_id
+    t[ft.ADDR_BAUD_RATE] = 0  # 1 Mbit/s
+    t[ft.ADDR_RETURN_DELAY] = 0
+    t[ft.ADDR_STATUS_RETURN_LEVEL] = 1
+    put2(ft.ADDR_MIN_POSITION_LIMIT, 0)
+    put2(ft.ADDR_MAX_POSITION_LIMIT, model.max_ticks)
+    t[ft.ADDR_MAX_TEMPERATURE] = 70
+    t[ft.ADDR_MAX_VOLTAGE] = 140
+    t[ft.ADDR_MIN_VOLTAGE] = 40
+    put2(ft.ADDR_MAX_TORQUE, 1000)
+    t[ft.ADDR_UNLOADING_CONDITION] = ft.ERR_OVERHEAT | ft.ERR_OVERCURRENT | ft.ERR_OVERLOAD
+    t[ft.ADDR_LED_ALARM_CONDITION] = t[ft.ADDR_UNLOADING_CONDITION] | ft.ERR_VOLTAGE
+    t[ft.ADDR_P_COEFFICIENT], t[ft.ADDR_D_COEFFICIENT] = 32, 32
+    t[ft.ADDR_MODE] = ft.MODE_POSITION
+    put2(ft.ADDR_TORQUE_LIMIT, 1000)
+    t[model.series.lock_addr] = 1
+    t[ft.ADDR_PRESENT_VOLTAGE] = NOMINAL_VOLTAGE_DV.get(model.name, 74)
+    return t
+
+
+class FeetechEmulator:
+    """Feetech servos with ids `ids` of one model, joint i of `actuators` behind servo ids[i]."""
+
+    def __init__(
+        self,
+        actuators: Actuators,
+        ids: Sequence[int],
+        model: ft.ServoModel = ft.STS3215,
+        zero_ticks: Sequence[int] | None = None,
+        direction: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        n = len(ids)
+        if n != actuators.n:
+            raise ValueError(f"{n} servo ids for {actuators.n} actuators")
+        if len(set(ids)) != n or not all(0 <= i <= ft.MAX_ID for i in ids):
+            raise ValueError(f"servo ids must be unique and in 0..{ft.MAX_ID}: {list(ids)}")
+        self.actuators = actuators
+        self.model = model
+        self.series = model.series
+        self.zero_ticks = [float(z) for z in (zero_ticks if zero_ticks is not None
+                                              else [model.center_ticks] * n)]
+        self.direction = [float(d) for d in (direction if direction is not None else [1] * n)]
+        if len(self.zero_ticks) != n or len(self.direction) != n:
+            raise ValueError("zero_ticks and direction need one entry per servo")
+        if any(abs(d) != 1 for d in self.direction):
+            raise ValueError("direction entries must be +1 or -1")
+        # line noise on the replies, as DynamixelEmulator's: each reply hit with this
+        # probability, one byte flipped anywhere or at `corrupt_byte`, on `corrupt_servos` only
+        self.corrupt_probability = 0.0
+        self.corrupt_byte: int | None = None
+        self.corrupt_servos: frozenset[int] | None = None
+        self._rng = random.Random(seed)
+        self.tables = [default_table(i, model) for i in ids]
+        self._index_by_id = {servo_id: k for k, servo_id in enumerate(ids)}
+        self._registered: list[tuple[int, bytes] | None] = [None] * n  # REG_WRITE, until ACTION
+        self.parser = ft.StreamParser()
+        self.packets_served = 0
+        self.server = PtyServer(self.answer, "feetech-emulator")
+
+    # ---- lifecycle (the serving is PtyServer's) ---------------------------------------------
+
+    @classmethod
+    def from_config(cls, actuators: Actuators, bus: Any) -> FeetechEmulator:
+        """The servos a `FeetechBusConfig` names (duck-typed), on the sim's actuators."""
+        return cls(actuators, bus.ids, ft.MODELS[bus.model], zero_ticks=bus.zero_ticks,
+                   direction=bus.direction)
+
+    @property
+    def path(self) -> str:
+        return self.server.path
+
+    @property
+    def rt_priority(self) -> int:
+        return self.server.rt_priority
+
+    @rt_priority.setter
+    def rt_priority(self, value: int) -> None:
+        self.server.rt_priority = value
+
+    def open(self, powered: bool = False) -> str:
+        """Create the pty; return its slave path. `powered`: the servos kept power while the
+        line was down (torque and goals continue), else power-on (goal = present position)."""
+        path = self.server.open()
+        with self.actuators.lock:
+            for k, table in enumerate(self.tables):
+                q = self.actuators.goal_q[k] if powered else None
+                table[ft.ADDR_GOAL_POSITION : ft.ADDR_GOAL_POSITION + 2] = self._encode_position(
+                    self._q_to_ticks(k, q))
+                table[ft.ADDR_TORQUE_ENABLE] = int(self.actuators.torque_enabled[k])
+                self._apply_goal(k)
+                self._apply_gains(k)
+        return path
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def close_line(self) -> None:
+        """Fault injection: the device disappears (the pty is closed from our side)."""
+        self.stop()
+
+    def answer(self, data: bytes) -> bytes:
+        self.parser.feed(data)
+        out = bytearray()
+        for packet in self.parser:
+            self.packets_served += 1
+            out += self.handle(packet)
+        return bytes(out)
+
+    # ---- instruction handling (public so tests can drive it without a pty) -----------------
+
+    def handle(self, packet: ft.Packet) -> bytes:
+        """Apply one instruction packet; return the status bytes to send (maybe empty)."""
+        instr, params = packet.code, packet.params
+        if instr == ft.SYNC_READ:
+            return self._sync_read(params)
+        if instr == ft.SYNC_WRITE:
+            self._sync_write(params)
+            return b""
+        broadcast = packet.id == ft.BROADCAST_ID
+        if broadcast:
+            targets = list(range(len(self.tables)))
+        elif packet.id in self._index_by_id:
+            targets = [self._index_by_id[packet.id]]
+        else:
+            return b""
+        out = bytearray()
+        for k in targets:
+            if self.actuators.silent[k]:
+                continue
+            answers, reply = self._unicast(k, instr, params)
+            level = self.tables[k][ft.ADDR_STATUS_RETURN_LEVEL]
+            if answers and (instr in (ft.PING, ft.READ) or level >= 1) \
+                    and (not broadcast or instr == ft.PING):
+                out += self._status(k, reply)
+        return bytes(out)
+
+    def _unicast(self, k: int, instr: int, params: bytes) -> tuple[bool, bytes]:
+        """(whether the servo answers, the status params)."""
+        if instr == ft.PING:
+            return True, b""
+        if instr == ft.READ:
+            if len(params) != 2 or params[1] == 0 or params[0] + params[1] > ft.MEMORY_SIZE:
+                return False, b""  # outside the table: the servo stays silent
+            addr, length = params
+            self._refresh_present((k,))
+            return True, bytes(self.tables[k][addr : addr + length])
+        if instr in (ft.WRITE, ft.REG_WRITE):
+            if len(params) < 2:
+                return False, b""
+            if instr == ft.WRITE:
+                self._write(k, params[0], params[1:])
+            else:
+                self._registered[k] = (params[0], params[1:])
+            return True, b""
+        if instr == ft.ACTION:
+            staged, self._registered[k] = self._registered[k], None
+            if staged is not None:
+                self._write(k, *staged)
+            return True, b""
+        return False, b""
+
+    def _error_byte(self, k: int) -> int:
+        hw = int(self.actuators.hw_error[k])
+        return sum(bit for sim_bit, bit in _ERROR_BITS if hw & sim_bit)
+
+    def _status(self, k: int, params: bytes) -> bytes:
+        error = self._error_byte(k)
+        self.tables[k][ft.ADDR_STATUS] = error
+        packet = ft.status_packet(self.tables[k][ft.ADDR_ID], error, params)
+        if self.corrupt_probability and (self.corrupt_servos is None or k in self.corrupt_servos) \
+                and self._rng.random() < self.corrupt_probability:
+            return flip_byte(packet, self._rng, self.corrupt_byte)
+        return packet
+
+    def _sync_read(self, params: bytes) -> bytes:
+        if len(params) < 3:
+            return b""
+        addr, length = params[0], params[1]
+        if length == 0 or addr + length > ft.MEMORY_SIZE:
+            return b""
+        silent = self.actuators.silent
+        servos = [self._index_by_id.get(servo_id, -1) for servo_id in params[2:]]
+        servos = [k for k in servos if k >= 0 and not silent[k]]
+        self._refresh_present(servos)
+        out = bytearray()
+        for k in servos:  # replies in the order of the request's id list
+            out += self._status(k, bytes(self.tables[k][addr : addr + length]))
+        return bytes(out)
+
+    def _sync_write(self, params: bytes) -> None:
+        if len(params) < 2:
+            return
+        addr, length = params[0], params[1]
+        step = 1 + length
+        body = params[2:]
+        if length == 0 or len(body) % step:
+            return
+        for off in range(0, len(body), step):
+            k = self._index_by_id.get(body[off])
+            if k is not None and not self.actuators.silent[k]:
+                self._write(k, addr, body[off + 1 : off + step])
+
+    def _write(self, k: int, addr: int, data: bytes) -> None:
+        """WRITE as the servo does it: read-only bytes and a locked EEPROM refuse the write
+        (the status carries no access error: the protocol has none), Goal Position is held to
+        the angle limits, Torque Enable stays off while an unloading fault is latched."""
+        table = self.tables[k]
+        end = addr + len(data)
+        if end > ft.MEMORY_SIZE or addr < ft.ADDR_ID or end - 1 >= ft.ADDR_PRESENT_POSITION:
+            return
+        locked = table[self.series.lock_addr] != 0
+        if addr < ft.EEPROM_END and locked and not (addr <= self.series.lock_addr < end):
+            return
+        table[addr:end] = data
+        act = self.actuators
+        with act.lock:
+            if addr <= ft.ADDR_ID < end:
+                self._index_by_id = {t[ft.ADDR_ID]: i for i, t in enumerate(self.tables)}
+            if addr <= ft.ADDR_TORQUE_ENABLE < end:
+                on = table[ft.ADDR_TORQUE_ENABLE] != 0 and not self._unloaded(k)
+                table[ft.ADDR_TORQUE_ENABLE] = int(on)
+                act.torque_enabled[k] = on
+            if addr <= ft.ADDR_D_COEFFICIENT and end > ft.ADDR_P_COEFFICIENT:
+                self._apply_gains(k)
+            if addr <= ft.ADDR_GOAL_POSITION + 1 and end > ft.ADDR_GOAL_POSITION:
+                lo = ft.unword(table, ft.ADDR_MIN_POSITION_LIMIT, self.series)
+                hi = ft.unword(table, ft.ADDR_MAX_POSITION_LIMIT, self.series)
+                ticks = min(max(self._goal_ticks(k), lo), hi)
+                table[ft.ADDR_GOAL_POSITION : ft.ADDR_GOAL_POSITION + 2] = \
+                    self._encode_position(ticks)
+                self._apply_goal(k)
+
+    # ---- memory table <-> physics (callers hold actuators.lock where noted) ----------------
+
+    def _unloaded(self, k: int) -> bool:
+        return bool(self._error_byte(k) & self.tables[k][ft.ADDR_UNLOADING_CONDITION])
+
+    def _encode_position(self, ticks: int) -> bytes:
+        raw = ft.to_sign_magnitude(ticks, ft.SIGN_BIT_POSITION) if self.series.position_signed \
+            else max(0, ticks)
+        return ft.word(raw, self.series)
+
+    def _goal_ticks(self, k: int) -> int:
+        raw = ft.unword(self.tables[k], ft.ADDR_GOAL_POSITION, self.series)
+        return ft.from_sign_magnitude(raw, ft.SIGN_BIT_POSITION) if self.series.position_signed \
+            else raw
+
+    def _q_to_ticks(self, k: int, q: float | None = None) -> int:
+        q = float(self.actuators.q[k]) if q is None else float(q)
+        return round(self.zero_ticks[k] + self.direction[k] * q * self.model.ticks_per_rad)
+
+    def _apply_goal(self, k: int) -> None:  # lock held
+        self.actuators.goal_q[k] = (self.direction[k] * (self._goal_ticks(k) - self.zero_ticks[k])
+                                    / self.model.ticks_per_rad)
+
+    def _apply_gains(self, k: int) -> None:  # lock held
+        t = self.tables[k]
+        self.actuators.kp[k], self.actuators.kd[k] = position_gains_si(
+            t[ft.ADDR_P_COEFFICIENT], t[ft.ADDR_D_COEFFICIENT], self.model)
+
+    def _refresh_present(self, servos: Sequence[int]) -> None:
+        """Copy the physics' present values of `servos` into their tables (one lock hold)."""
+        act = self.actuators
+        with act.lock:
+            q, dq, tau = act.q.tolist(), act.dq.tolist(), act.tau.tolist()
+            temperature = act.temperature_c.tolist()
+            for k in servos:
+                if act.torque_enabled[k] and self._unloaded(k):
+                    act.torque_enabled[k] = False
+                    self.tables[k][ft.ADDR_TORQUE_ENABLE] = 0
+        model, series = self.model, self.series
+        stall_a = STALL_CURRENT_A.get(model.name, 2.7)
+        for k in servos:
+            table, sign = self.tables[k], self.direction[k]
+            ticks = round(self.zero_ticks[k] + sign * q[k] * model.ticks_per_rad)
+            speed = round(sign * dq[k] * model.ticks_per_rad)
+            share = max(-1.0, min(1.0, sign * tau[k] / model.stall_torque_nm))
+            speed = max(-32767, min(32767, speed))
+            table[ft.ADDR_PRESENT_POSITION : ft.ADDR_PRESENT_POSITION + 2] = \
+                self._encode_position(ticks)
+            table[ft.ADDR_PRESENT_SPEED : ft.ADDR_PRESENT_SPEED + 2] = ft.word(
+                ft.to_sign_magnitude(speed, ft.SIGN_BIT_SPEED), series)
+            table[ft.ADDR_PRESENT_LOAD : ft.ADDR_PRESENT_LOAD + 2] = ft.word(
+                ft.to_sign_magnitude(round(share * 1000), ft.SIGN_BIT_LOAD), series)
+            table[ft.ADDR_PRESENT_TEMPERATURE] = max(0, min(255, round(temperature[k])))
+            table[ft.ADDR_MOVING] = int(abs(speed) > MOVING_TICKS_S)
+            current = round(abs(share) * stall_a / CURRENT_UNIT_A)
+            table[ft.ADDR_PRESENT_CURRENT : ft.ADDR_PRESENT_CURRENT + 2] = ft.word(
+                ft.to_sign_magnitude(current if share >= 0 else -current, ft.SIGN_BIT_CURRENT),
+                series)
+            table[ft.ADDR_STATUS] = self._error_byte(k)

@@ -1,0 +1,100 @@
+"""The serving half of an emulated serial bus: a pseudo-terminal whose master end one thread
+serves, shared by every serial servo family (sim/dynamixel_emulator.py, sim/feetech_emulator.py).
+
+The protocol lives in the emulator: `PtyServer` hands it whatever bytes arrived and writes
+back what it answers, so a family is a codec and a memory table, not a second serving loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import select
+import threading
+import tty
+from collections.abc import Callable
+
+
+def flip_byte(packet: bytes, rng: random.Random, at: int | None = None) -> bytes:
+    """Line noise: one byte of `packet` (at `at`, else anywhere) XORed with a non-zero value."""
+    flipped = bytearray(packet)
+    where = at if at is not None else rng.randrange(len(flipped))
+    flipped[where % len(flipped)] ^= rng.randrange(1, 256)
+    return bytes(flipped)
+
+
+class PtyServer:
+    """A pty whose slave end a serial driver opens; `answer(bytes_in) -> bytes_out` on a thread."""
+
+    def __init__(self, answer: Callable[[bytes], bytes], name: str) -> None:
+        self.answer = answer
+        self.name = name
+        self.rt_priority = 0  # SCHED_FIFO priority of the serving thread, 0 = don't ask
+        self.path = ""  # the pty slave, set by open()
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._stop = threading.Event()
+
+    def open(self) -> str:
+        master, slave = os.openpty()
+        tty.setraw(slave)  # no echo, no line discipline: bytes pass untouched
+        self._master, self._slave = master, slave
+        self.path = os.ttyname(slave)
+        return self.path
+
+    def start(self) -> None:
+        if self._master is None:
+            raise RuntimeError("call open() before start()")
+        self._stop.clear()
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            os.write(self._wake_w, b"x")
+            self._thread.join(timeout=2.0)
+            self._thread = None
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        for fd in (self._master, self._slave):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._master = self._slave = None
+
+    def _serve(self) -> None:
+        if self.rt_priority:
+            # a servo answers within its return delay: let the reply preempt ordinary work
+            # (best effort; without the privilege it simply runs SCHED_OTHER)
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
+        master = self._master
+        assert master is not None
+        poller = select.poll()
+        poller.register(master, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stop.is_set():
+            events = poller.poll()
+            if self._stop.is_set():
+                return
+            for fd, event in events:
+                if fd != master:
+                    continue
+                if event & (select.POLLERR | select.POLLNVAL):
+                    return
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # no slave open yet (EIO); wait for a client
+                    self._stop.wait(0.001)
+                    continue
+                out = self.answer(data)
+                if out:
+                    try:
+                        os.write(master, out)
+                    except OSError:
+                        return
