@@ -42,13 +42,13 @@ def test_feetech_servos_read_the_physics_and_track_the_reference(tmp_path: Path)
     with Stack(tmp_path, REFERENCE, config=CONFIG) as stack:
         stack.wait_mode("TRACK", 30)
         errors = []
-        deadline = time.monotonic() + 30.0
-        while len(errors) < 20 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60.0
+        while len(errors) < 10 and time.monotonic() < deadline:
             tel = stack.telemetry(timeout_s=5.0)
             if tel["mode"] == "TRACK":
                 errors.append(np.array(unpack_array(tel["tracking_error"], "tracking_error")))
-            time.sleep(0.1)  # samples spread over two seconds and more (telemetry is 20 Hz)
-        assert len(errors) == 20
+            time.sleep(0.1)  # samples spread over a second and more (telemetry is 20 Hz)
+        assert len(errors) == 10
         rms = np.sqrt(np.mean(np.square(errors), axis=0))
         assert (rms < 0.15).all(), rms  # rad, per joint: the servos follow the reference
         # what the driver decodes off the wire is where the physics holds the arm (a
@@ -57,7 +57,7 @@ def test_feetech_servos_read_the_physics_and_track_the_reference(tmp_path: Path)
         try:
             stack.wait_mode("HOLD", 5)
             time.sleep(1.0)
-            truth = np.array(stack.sim_fault("state")["q"])
+            truth = np.array(stack.sim_fault("state")["result"]["q"])
             np.testing.assert_allclose(stack.q(), truth, atol=3e-3)
         finally:
             stack.signal("planner", 18)  # SIGCONT
