@@ -282,6 +282,31 @@ def test_estop_survives_a_follower_restart_until_reset(tmp_path: Path, bundle: P
         stack.wait_mode("HOLD", 2)
 
 
+
+def test_a_latched_fault_survives_a_reboot_through_the_state_dir(tmp_path: Path,
+                                                                  bundle: Path) -> None:
+    """A reboot clears the run dir (/run); the state dir (/var/lib/duet/state on a robot)
+    keeps the latch, so the follower comes back latched; reset clears both copies."""
+    state = tmp_path / "state"
+    with Stack(tmp_path, bundle, [f"state_dir={state}"], planner=False) as stack:
+        assert stack.control("estop")["ok"]
+        stack.wait_mode("ESTOP", 5)
+        run_latch = Path(stack.run_dir, endpoints.LATCH)
+        assert (state / endpoints.LATCH).read_text().startswith("ESTOP: estop from control")
+        stack.signal("follower", signal.SIGKILL)
+        stack.sup.children["follower"].wait()
+        run_latch.unlink()  # what a reboot does to /run
+        stack.sup.ready.discard("follower")
+        stack.sup._spawn("follower", stack.sup.follower_args)
+        stack.sup._wait_ready("follower")
+        tel = stack.telemetry(5)
+        assert tel["mode"] == "ESTOP" and not tel["torque_on"], tel
+        assert "latched before restart: estop from control" in tel["fault_reason"]
+        assert run_latch.exists()  # the live copy is back for estop and doctor
+        assert stack.control("reset")["ok"]
+        stack.wait_mode("HOLD", 10)
+        assert not run_latch.exists() and not (state / endpoints.LATCH).exists()
+
 def _descendants(pid: int) -> set[int]:
     """Every live process below `pid` (children, their children ...), from /proc."""
     parents: dict[int, int] = {}

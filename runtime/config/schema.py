@@ -431,6 +431,9 @@ class DuetConfig(_Strict):
     # the processes' ipc sockets, latch, task and summaries; --run-dir or $DUET_RUN_DIR
     # overrides it, and clients (status, estop) never read it from the config
     run_dir: str = "/run/duet"
+    # where a latched FAULT/ESTOP is kept across a reboot (the run dir is cleared by one);
+    # `duet install` sets /var/lib/duet/state; none: the run dir only (a workstation's runs)
+    state_dir: str | None = None
     sim: SimConfig | None = None  # the simulated robot (none: a real one)
     recorder: RecorderConfig = RecorderConfig()  # the flight recorder
     access: AccessConfig = AccessConfig()  # who may use the ipc sockets

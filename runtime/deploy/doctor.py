@@ -176,8 +176,9 @@ def check_services(cfg: DuetConfig, root: Path = Path("/")) -> list[Check]:
     return out
 
 
-def check_run_dir(run_dir: str) -> list[Check]:
-    """The live run dir: who holds it, a latched fault, a telemetry sample."""
+def check_run_dir(run_dir: str, state_dir: str | None = None) -> list[Check]:
+    """The live run dir: who holds it, a latched fault (also one kept in the state dir across
+    a reboot), a telemetry sample."""
     from runtime.ipc import endpoints, rundir
     from runtime.observe.status import collect, diagnosis
 
@@ -191,14 +192,17 @@ def check_run_dir(run_dir: str) -> list[Check]:
                          "add yourself to the operators' group: sudo usermod -aG duet $USER "
                          "(log in again)"))
         return out
-    latch = path / endpoints.LATCH
-    if latch.exists():
-        try:
-            text = latch.read_text().strip()
-        except OSError as exc:
-            text = f"(unreadable: {exc.strerror})"
-        out.append(Check("latched fault", FAIL, f"{latch}: {text}",
-                         "check the robot, then: duet reset (the latch survives restarts)"))
+    for latch in dict.fromkeys([path / endpoints.LATCH] + (
+            [] if state_dir is None else [Path(state_dir) / endpoints.LATCH])):
+        if latch.exists():
+            try:
+                text = latch.read_text().strip()
+            except OSError as exc:
+                text = f"(unreadable: {exc.strerror})"
+            out.append(Check("latched fault", FAIL, f"{latch}: {text}",
+                             "check the robot, then: duet reset (the latch survives restarts"
+                             + (" and reboots)" if latch.parent != path else ")")))
+            break
     held, pid = rundir.holder(path, endpoints.FOLLOWER_LOCK)
     if not held:
         out.append(Check("run dir", WARN, f"{path}: no follower holds it",
@@ -231,7 +235,7 @@ def diagnose(config: Path, site: Path | None, run_dir: str) -> list[Check]:
         lambda: [check_bus(bus, installed) for bus, _ in bus_sections(cfg)],
         lambda: check_cameras(cfg),
         lambda: check_services(cfg),
-        lambda: check_run_dir(run_dir),
+        lambda: check_run_dir(run_dir, cfg.state_dir),
         lambda: check_cpu(cfg),
         lambda: check_realtime(cfg),
         lambda: check_governor(cfg.follower.realtime.cpu),

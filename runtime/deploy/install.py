@@ -29,7 +29,7 @@ from runtime.config import DuetConfig, load_config
 from runtime.deploy.bundle_store import BundleStore
 from runtime.deploy.jetson import L4TRelease, l4t_release
 from runtime.deploy.journal import Journal
-from runtime.deploy.layout import Layout, find_source
+from runtime.deploy.layout import STATE_DIR, Layout, find_source
 from runtime.deploy.preflight import bundle_problems, sim_problems
 from runtime.deploy.steps import (
     Capture,
@@ -206,9 +206,10 @@ def _providers_wanted(cfg: DuetConfig) -> list[str]:
 
 
 def site_text(cfg: DuetConfig, bundle: bool, l4t: L4TRelease | None) -> str:
-    """The first site file: the run dir, the installed bundle and, on a Jetson, the planner's
+    """The first site file: the run dir, the state dir (the latch survives a reboot), the
+    installed bundle and, on a Jetson, the planner's
     GPU providers (unless the robot config chose its own)."""
-    site: dict[str, Any] = {"run_dir": "/run/duet"}
+    site: dict[str, Any] = {"run_dir": "/run/duet", "state_dir": STATE_DIR}
     if bundle:
         site["bundle"] = {"path": "/var/lib/duet/bundles/current"}
     if l4t is not None and cfg.bundle.engine == "onnxruntime" and \

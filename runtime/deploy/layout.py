@@ -8,6 +8,8 @@ from pathlib import Path
 DEFAULT_PREFIX = "/opt/duet"
 # The systemd units in systemd/ name this prefix literally; install rewrites it when it differs.
 UNIT_PREFIX = DEFAULT_PREFIX
+# The follower's own state (the latch) on a robot: its unit's StateDirectory=duet/state.
+STATE_DIR = "/var/lib/duet/state"
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ class Follower:
         self._goal = np.zeros(self.n)
         self.torque_on = False
         self.reset_job: ResetJob | None = None
-        self.latch = Latch(self.run_dir / endpoints.LATCH)
+        state = None if cfg.state_dir is None else Path(cfg.state_dir) / endpoints.LATCH
+        self.latch = Latch(self.run_dir / endpoints.LATCH, state)
         self.stop_requested = False
         self.estop_signal = False
 
