@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from runtime.model.bundle_files import TensorSpec
+from runtime.model.engines import Engine
 
 Samples = dict[str, np.ndarray]  # input name -> [N, *shape-without-batch]
 
@@ -69,6 +70,18 @@ def batches(samples: Samples, batch: int) -> Iterator[tuple[dict[str, np.ndarray
         real = min(batch, n - i)
         idx = slice(i, i + batch) if real == batch else np.arange(i, i + batch) % n
         yield {k: v[idx] for k, v in samples.items()}, real
+
+
+def run_all(engine: Engine, inputs: Samples, outs: list[TensorSpec] | None = None
+            ) -> dict[str, np.ndarray]:
+    """Every sample through `engine`, as many per call as its batch: each output [N, ...]."""
+    names = [t.name for t in (outs if outs is not None else engine.output_specs)]
+    results: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feeds, real in batches(inputs, batch_of(engine.input_specs)):
+        got = engine.run(feeds)
+        for n in names:
+            results[n].append(got[n][:real].copy())
+    return {k: np.concatenate(v) for k, v in results.items()}
 
 
 def batch_of(specs: list[TensorSpec]) -> int:

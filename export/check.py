@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.parity import ParityResult, format_table, load_parity, measure
+from export.parity import ParityResult, format_table, judges, load_parity, measure
 from runtime.model.bundle import BundleError, load_bundle
 from runtime.model.engines import EngineKind, make_engine
 
@@ -31,8 +31,10 @@ def check_bundle(path: Path, public_key: str | None, joints: list[str] | None,
             raise BundleError(f"{bundle.parity_path}: no reference data for {name}")
         eng = make_engine(spec, bundle, engine, cache_dir=cache_dir)
         inputs, reference = data[name]
-        results.append(measure(f"{name} {spec.precision}", eng, inputs, reference,
-                               m.parity.max_abs[name], repeat=repeat))
+        judge = judges(bundle.contract.output_roles(name), m.parity.max_abs[name],
+                       m.parity.max_rel.get(name))
+        results += measure(f"{name} {spec.precision}", eng, inputs, reference, judge,
+                           repeat=repeat)
     print(format_table(results, f"parity vs the source model ({engine})"))
     ok = all(r.ok for r in results)
     print("PASS" if ok else "FAIL: above tolerance")

@@ -54,8 +54,8 @@ def register(subparsers: Any) -> None:
     b = subcommand(esub, "build", "build and cache TensorRT engines (TensorRT 10+, GPU)",
                    "duet engines build --bundle /var/lib/duet/bundles/current")
     b.add_argument("--bundle", type=Path, required=True)
-    b.add_argument("--precision", choices=["fp16", "int8"],
-                   help="default: the bundle's precision")
+    b.add_argument("--precision", choices=["fp16", "bf16", "int8"],
+                   help="default: each model's precision in the bundle (bf16: Ampere/Orin)")
     b.add_argument("--cache", type=Path, help="engine cache (default /var/lib/duet/engines; "
                    "root-owned: engines are code)")
     b.add_argument("--public-key", help="ed25519 public key: the signature is then required")
@@ -81,9 +81,12 @@ def register_bundle_create(bundle_actions: Any) -> None:
 
 
 def _common_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
-                   help="the planner's stages (default: %(default)s)")
-    p.add_argument("--follower-precision", choices=["fp32", "fp16", "int8"],
+    p.add_argument("--precision", default="fp32",
+                   help="every model's (fp32, fp16, int8 = QDQ, int8w / int4w = weight-only "
+                        "MatMul blocks + int8 embeddings), or per model: "
+                        "prefix=int8w,expert=fp32,follower=fp32 (models not named: fp32; "
+                        "default: %(default)s)")
+    p.add_argument("--follower-precision", choices=["fp32", "fp16", "int8", "int8w", "int4w"],
                    help="the follower's own precision (default: --precision)")
     p.add_argument("--int8-ops", default="Conv,MatMul,Gemm",
                    help="op types quantized in int8 (default: %(default)s)")
@@ -103,13 +106,14 @@ def _fail(message: str) -> int:
 
 
 def _options(args: argparse.Namespace, assets: Path) -> Any:
-    from export.pipeline import ExportOptions
+    from export.pipeline import ExportOptions, parse_precision
 
+    precision, per_model = parse_precision(args.precision)
     calib = args.calib_data or (assets / "calib.npz" if (assets / "calib.npz").is_file()
                                 else None)
     print(f"observations: {calib if calib else 'synthesised from the contract'}")
     return ExportOptions(
-        precision=args.precision, follower_precision=args.follower_precision,
+        precision=precision, models=per_model, follower_precision=args.follower_precision,
         int8_ops=tuple(op.strip() for op in args.int8_ops.split(",") if op.strip()),
         calib=args.calib, parity_samples=args.parity_samples, calib_data=calib,
         sign_key=args.sign_key, seed=args.seed)
@@ -160,7 +164,6 @@ def _export(args: argparse.Namespace) -> int:
     try:
         contract = load_contract(args.contract)
         assets = args.assets or args.contract.parent
-        modules = load_factory(args.module, args.checkpoint, contract)
         opts = _options(args, assets)
         if args.checkpoint is not None and args.checkpoint.is_file():
             opts.checkpoints = {"checkpoint": hashlib.sha256(
@@ -168,7 +171,9 @@ def _export(args: argparse.Namespace) -> int:
         elif args.checkpoint is not None:
             opts.checkpoints = {p.stem: hashlib.sha256(p.read_bytes()).hexdigest()
                                 for p in sorted(args.checkpoint.glob("*.pt"))}
-        out = export_bundle(contract, modules, args.out, opts, assets)
+        # not kept here: the exporter drops each module once its outputs are recorded
+        out = export_bundle(contract, load_factory(args.module, args.checkpoint, contract),
+                            args.out, opts, assets)
     except (ExportError, SigningError, CalibrationError, ValueError) as exc:
         return _fail(str(exc))
     print(f"bundle written: {out}" + (" (signed)" if args.sign_key else ""))

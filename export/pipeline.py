@@ -30,9 +30,24 @@ import onnxruntime
 
 from export import calibration as calib
 from export import onnx_files
+from export.chunk_parity import ChunkParity, format_chunk
 from export.onnx_export import OPSET, ExportError, check_onnx
-from export.parity import TOLERANCES, ParityResult, format_table, measure, save_parity
-from export.precision import QUANTIZABLE_OPS, to_fp16, to_int8
+from export.parity import (
+    TOLERANCES,
+    Judges,
+    ParityResult,
+    format_table,
+    judges,
+    measure,
+    save_parity,
+)
+from export.precision import (
+    QUANTIZABLE_OPS,
+    WEIGHT_ONLY_BITS,
+    to_fp16,
+    to_int8,
+    to_weight_only,
+)
 from export.signing import sign_bundle
 from runtime.model.bundle import (
     FORMAT_VERSION,
@@ -57,9 +72,28 @@ Producer = Callable[[str, dict[str, np.ndarray], Path], None]
 Reference = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
+PRECISIONS = ("fp32", "fp16", "int8", "int8w", "int4w")
+
+
+def parse_precision(text: str) -> tuple[str, dict[str, str]]:
+    """`--precision`: one value for every model (`int8`), or per model
+    (`prefix=int8w,expert=fp32,follower=fp32`; models not named: fp32)."""
+    if "=" not in text:
+        return text.strip(), {}
+    per: dict[str, str] = {}
+    for item in text.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name or name in per:
+            raise ExportError(f"--precision {text!r}: expected VALUE or MODEL=VALUE,... "
+                              f"(each model once)")
+        per[name] = value
+    return "fp32", per
+
+
 @dataclass
 class ExportOptions:
-    precision: str = "fp32"  # the planner's stages
+    precision: str = "fp32"  # every model not named in `models`
+    models: dict[str, str] = field(default_factory=dict)  # model -> its own precision
     # the follower's own precision (None: `precision`). A follower MLP runs in ~15 µs in
     # fp32; int8 buys it nothing and costs accuracy on the motor path.
     follower_precision: str | None = None
@@ -74,9 +108,16 @@ class ExportOptions:
     torch_version: str | None = None
 
     def precision_of(self, model: str) -> str:
+        if model in self.models:
+            return self.models[model]
         if model == "follower" and self.follower_precision is not None:
             return self.follower_precision
         return self.precision
+
+    def label(self, models: list[str]) -> str:
+        """For the bundle's version: the precision, or `mixed`."""
+        used = {self.precision_of(m) for m in models}
+        return used.pop() if len(used) == 1 else "mixed"
 
 
 def load_contract(path: Path) -> Contract:
@@ -155,21 +196,24 @@ def _samples(name: str, ins: list[TensorSpec], n: int, contract: Contract, asset
     return samples
 
 
-def _run(engine: OnnxRuntimeEngine, inputs: calib.Samples, outs: list[TensorSpec]
-         ) -> dict[str, np.ndarray]:
-    results: dict[str, list[np.ndarray]] = {t.name: [] for t in outs}
-    for feeds, real in calib.batches(inputs, calib.batch_of(engine.input_specs)):
-        got = engine.run(feeds)
-        for t in outs:
-            results[t.name].append(got[t.name][:real].copy())
-    return {k: np.concatenate(v) for k, v in results.items()}
+def _judges(roles: dict[str, str], precision: str, kind: str) -> Judges:
+    tol = TOLERANCES[precision]
+    return judges(roles, tol[kind], tol["relative"])
 
 
 def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
            produce: Producer, reference: Reference | None) -> Path:
-    for given in (opts.precision, opts.follower_precision):
-        if given is not None and given not in TOLERANCES:
-            raise ExportError(f"precision {given!r}: expected fp32, fp16 or int8")
+    models = list(_models(contract))
+    unknown_models = sorted(set(opts.models) - set(models))
+    if unknown_models:
+        raise ExportError(f"--precision names {unknown_models}; the contract's models are "
+                          f"{models}")
+    for given in (opts.precision, opts.follower_precision, *opts.models.values()):
+        if given is not None and given not in PRECISIONS:
+            raise ExportError(f"precision {given!r}: expected one of {', '.join(PRECISIONS)} "
+                              "(bf16: ONNX Runtime's CPU provider has no bf16 MatMul/Add/Gemm "
+                              "kernels; build TensorRT engines with `duet engines build "
+                              "--precision bf16` on the target instead)")
     unknown = set(opts.int8_ops) - set(QUANTIZABLE_OPS)
     if unknown or not opts.int8_ops:
         raise ExportError(f"int8 op types {sorted(opts.int8_ops)}: expected a non-empty "
@@ -186,6 +230,9 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
         names: dict[str, str] = {}
         upstream: dict[str, np.ndarray] = {}
         n_parity = opts.parity_samples
+        stages = {s.name: s for s in contract.planner.stages}
+        chunk = ChunkParity(contract, opts.seed) if len(stages) > 1 or any(
+            s.flow is not None for s in stages.values()) else None
         for name, (ins, outs) in _models(contract).items():
             kind = "follower" if name == "follower" else "planner"
             label = f"model {name}"
@@ -197,12 +244,6 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
             produce(name, examples, fp32)
             dynamic = kind == "planner" and contract.planner.dynamic_batch
             check_onnx(fp32, label, dynamic)
-            engine = OnnxRuntimeEngine(fp32, batch=calib.batch_of(ins) if dynamic else None)
-            spec = ModelSpec(file=fp32.name, precision="fp32", inputs=ins, outputs=outs)
-            try:
-                check_specs(spec, engine, label)
-            except Exception as exc:
-                raise ExportError(str(exc)) from None
             data = _samples(name, ins, opts.calib + n_parity, contract, assets, opts, upstream)
             total = calib.count(data)
             if total <= n_parity:
@@ -210,33 +251,60 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
                                   "(held-out parity samples + calibration)")
             held_out = calib.take(data, slice(total - n_parity, total))
             calibration = calib.take(data, slice(0, min(opts.calib, total - n_parity)))
-            fp32_out = _run(engine, data, outs)
+            # the source's outputs first: a PyTorch source is then dropped before ONNX
+            # Runtime holds the same weights (export memory)
+            source = reference(name, held_out) if reference is not None else None
+            engine = OnnxRuntimeEngine(fp32, batch=calib.batch_of(ins) if dynamic else None)
+            spec = ModelSpec(file=fp32.name, precision="fp32", inputs=ins, outputs=outs)
+            try:
+                check_specs(spec, engine, label)
+            except Exception as exc:
+                raise ExportError(str(exc)) from None
+            fp32_out = calib.run_all(engine, data, outs)
             for t in outs:
                 upstream[f"{name}.{t.name}"] = fp32_out[t.name]
-            ref = reference(name, held_out) if reference is not None else \
+            ref = source if source is not None else \
                 {k: v[total - n_parity:] for k, v in fp32_out.items()}
             precision = opts.precision_of(name)
-            res = [measure(f"{name} fp32", engine, held_out, ref, TOLERANCES["fp32"][kind])]
+            roles = contract.output_roles(name)
+            res = measure(f"{name} fp32", engine, held_out, ref, _judges(roles, "fp32", kind))
+            if chunk is not None and name in stages:
+                chunk.fp32(stages[name], held_out, engine, precision != "fp32")
             final = fp32
             external = onnx_files.has_external_data(fp32) or \
                 onnx_files.weight_bytes(fp32) >= onnx_files.EXTERNAL_MIN_BYTES
             if precision != "fp32":
                 final = work / name / precision / f"{name}.onnx"
                 final.parent.mkdir()
+                batch = engine.batch
+                del engine  # its weights, before the variant's are made
                 if precision == "fp16":
                     to_fp16(fp32, final, external)
+                elif precision in WEIGHT_ONLY_BITS:
+                    to_weight_only(fp32, final, WEIGHT_ONLY_BITS[precision], external)
                 else:
                     to_int8(fp32, final, calibration, opts.int8_ops, calib.batch_of(ins),
                             external)
-                res.append(measure(f"{name} {precision}", OnnxRuntimeEngine(
-                    final, batch=engine.batch), held_out, ref, TOLERANCES[precision][kind]))
+                engine = OnnxRuntimeEngine(final, batch=batch)
+                res += measure(f"{name} {precision}", engine, held_out, ref,
+                               _judges(roles, precision, kind))
+                if chunk is not None and name in stages:
+                    chunk.reduced(stages[name], held_out, engine)
+            del engine
             results += res
             file = f"{name}.onnx"
             onnx_files.relocate(final, staged / file, external)
             names[name], names[f"{name}:precision"] = file, precision
             parity[name] = (held_out, ref)
-        print(format_table(results, f"parity vs the source ({opts.precision} export)"))
-        failed = [r.model for r in results if not r.ok]
+        print(format_table(results, "parity vs the source, per output"))
+        failed = sorted({r.model for r in results if not r.ok})
+        if chunk is not None:
+            # the loosest action tolerance among the planner's stage precisions
+            tol = max(TOLERANCES[opts.precision_of(n)]["planner"] for n in stages)
+            chunk_results = chunk.results(tol)
+            print(format_chunk(chunk_results, n_parity))
+            failed += [f"the planner's chunk ({r.variant})" for r in chunk_results
+                       if not r.ok]
         if failed:
             raise ExportError(f"parity above tolerance for {', '.join(failed)}; no bundle written")
         final_contract = _with_files(contract, names)
@@ -254,12 +322,13 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
         first = files[names[contract.planner.stages[0].name]][:8]
         manifest = ManifestV2(
             format_version=FORMAT_VERSION,
-            version=f"{created:%Y%m%d-%H%M%S}-{opts.precision}-{first}",
+            version=f"{created:%Y%m%d-%H%M%S}-{opts.label(models)}-{first}",
             contract=final_contract,
             parity=ParitySpec(file=PARITY_FILE, max_abs={
                 name: TOLERANCES[names[f"{name}:precision"]][
-                    "follower" if name == "follower" else "planner"]
-                for name in _models(contract)}),
+                    "follower" if name == "follower" else "planner"] for name in models},
+                max_rel={name: TOLERANCES[names[f"{name}:precision"]]["relative"]
+                         for name in models}),
             files=files,
             provenance=Provenance(
                 tool=opts.tool, tool_version=_version_string(), opset=OPSET,
@@ -287,6 +356,7 @@ def export_bundle(contract: Contract, modules: dict[str, Any], out: Path, opts: 
 
     from export.onnx_export import export_onnx
 
+    modules = dict(modules)  # consumed model by model (reference)
     wanted = set(_models(contract))
     if set(modules) != wanted:
         raise ExportError(f"modules {sorted(modules)} do not match the contract's models "
@@ -300,12 +370,15 @@ def export_bundle(contract: Contract, modules: dict[str, Any], out: Path, opts: 
                     f"model {name}", name != "follower" and contract.planner.dynamic_batch)
 
     def reference(name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The module's outputs, in batches of the size it was exported with."""
+        """The module's outputs, in batches of the size it was exported with; the module is
+        then dropped from `modules` (called once per model: its weights need not outlive
+        it while ONNX Runtime holds theirs)."""
         ins, outs = tensors[name]
         results: dict[str, list[np.ndarray]] = {t.name: [] for t in outs}
+        module = modules.pop(name)
         with torch.no_grad():
             for feeds, real in calib.batches(inputs, calib.batch_of(ins)):
-                got = modules[name](*(torch.from_numpy(feeds[t.name]) for t in ins))
+                got = module(*(torch.from_numpy(feeds[t.name]) for t in ins))
                 got = got if isinstance(got, (tuple, list)) else (got,)
                 for t, g in zip(outs, got, strict=True):
                     results[t.name].append(g.detach().numpy()[:real].astype(np.float64))

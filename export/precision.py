@@ -83,3 +83,72 @@ def to_int8(src: Path, dst: Path, calibration: Samples,
             use_external_data_format=external,
         )
     onnx.checker.check_model(str(dst))
+
+
+# Weight-only precisions: MatMul weights in int8/int4 blocks (ONNX Runtime's MatMulNBits,
+# computed with fp32 activations), embedding tables (Gather) in int8 per row; no calibration.
+WEIGHT_ONLY_BITS = {"int8w": 8, "int4w": 4}
+BLOCK = 32  # weights per scale along K: finer than per-channel, ONNX Runtime's fast path
+MIN_EMBEDDING_ROWS = 256  # smaller Gather tables (positions, codes) stay float
+
+
+def to_weight_only(src: Path, dst: Path, bits: int, external: bool = False) -> None:
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # it logs every node it visits at INFO
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(
+        logging.WARNING)
+    model = onnx.load(str(src))
+    quant = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True,
+                                 op_types_to_quantize=("MatMul",))
+    quant.process()
+    out = quant.model.model
+    del quant, model
+    quantize_embeddings(out)
+    save(out, dst, external)
+    onnx.checker.check_model(str(dst))
+
+
+def quantize_embeddings(model: onnx.ModelProto) -> int:
+    """Every Gather from a float [V, D] table (V >= MIN_EMBEDDING_ROWS) becomes a Gather from
+    an int8 table and from its per-row scales: rows = q[ids] * scale[ids]. Only the rows
+    looked up are dequantized (a DequantizeLinear of the whole table would rebuild it at
+    every call). Returns how many tables were quantized."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    done, nodes = 0, []
+    for node in graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or table.data_type != onnx.TensorProto.FLOAT or axis != 0 \
+                or len(table.dims) != 2 or table.dims[0] < MIN_EMBEDDING_ROWS \
+                or users[table.name] != 1:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(table)
+        scale = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-12) / 127.0
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        base = table.name
+        graph.initializer.remove(table)
+        graph.initializer.extend([numpy_helper.from_array(q, f"{base}_int8"),
+                                  numpy_helper.from_array(scale.astype(np.float32),
+                                                          f"{base}_scale")])
+        ids, out = node.input[1], node.output[0]
+        nodes += [
+            helper.make_node("Gather", [f"{base}_int8", ids], [f"{out}_q"], axis=0),
+            helper.make_node("Gather", [f"{base}_scale", ids], [f"{out}_s"], axis=0),
+            helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [out]),
+        ]
+        done += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return done

@@ -42,6 +42,8 @@ def build_engine(
         raise EngineError(f"{onnx_path}: TensorRT ONNX parser failed: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if precision == "bf16":  # Ampere and later (Orin): from the fp32 graph
+        config.set_flag(trt.BuilderFlag.BF16)
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # int8: layers without Q/DQ may run in fp16
     if precision == "int8":
@@ -63,7 +65,13 @@ def build_engine(
 
 
 def engine_precision(model: ModelSpec, requested: str | None) -> str:
-    """fp16 can be built from any bundle; int8 needs the QDQ graph of an int8 bundle."""
+    """fp16 and bf16 can be built from any bundle; int8 needs the QDQ graph of an int8
+    bundle; weight-only graphs (MatMulNBits, an ONNX Runtime contrib op) none."""
+    if model.precision in ("int8w", "int4w"):
+        raise EngineError(
+            f"{model.file}: {model.precision} (weight-only MatMulNBits) is an ONNX Runtime "
+            "operator TensorRT cannot parse; run it with engine: onnxruntime (CPU, CUDA), or "
+            "export this model fp32/fp16 and build fp16/bf16 engines")
     if requested is None:
         return model.precision
     if requested == "int8" and model.precision != "int8":

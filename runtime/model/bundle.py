@@ -79,7 +79,10 @@ class ParitySpec(_Strict):
     """Stored reference inputs + source outputs, and the tolerance per model."""
 
     file: BundleFile
-    max_abs: dict[str, float]  # model name -> allowed max |onnx - reference|
+    max_abs: dict[str, float]  # model name -> allowed max |onnx - reference| (rad)
+    # model name -> allowed max |onnx - reference| / max |reference| of its features and
+    # velocity outputs (absent: they are judged by max_abs too)
+    max_rel: dict[str, float] = Field(default_factory=dict)
 
 
 def _hashes(files: dict[str, str]) -> dict[str, str]:

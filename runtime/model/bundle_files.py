@@ -8,7 +8,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-Precision = Literal["fp32", "fp16", "int8"]
+# int8: static QDQ (weights and activations); int8w / int4w: weight-only (MatMulNBits blocks,
+# int8 embedding tables), activations fp32
+Precision = Literal["fp32", "fp16", "int8", "int8w", "int4w"]
 DType = Literal["uint8", "int64", "float32", "float16"]
 
 

@@ -319,6 +319,14 @@ class Contract(_Strict):
         """The robot cameras the planner reads, each once, sorted."""
         return sorted({c.camera for c in self.cameras()})
 
+    def output_roles(self, model: str) -> dict[str, str]:
+        """A model's output name -> role (actions, velocity, features; the follower's:
+        residual)."""
+        if model == "follower" and self.follower is not None:
+            return {self.follower.output.name: "residual"}
+        stage = next(s for s in self.planner.stages if s.name == model)
+        return {o.name: o.role for o in stage.outputs}
+
     def model_files(self) -> list[str]:
         """The ONNX graphs: every stage's, and the follower's."""
         return [s.file for s in self.planner.stages] + (
