@@ -3,9 +3,12 @@
 Each section returns table rows; main() prints them as one table. Sections:
   dynamixel — duet's DynamixelBus vs dynamixel-sdk GroupSyncRead/GroupSyncWrite, the same
               emulated servos (in a child process, behind a pty), same run, blocks interleaved.
+  feetech   — duet's FeetechBus vs Feetech's SDK (scservo_sdk GroupSyncRead/GroupSyncWrite) on
+              emulated STS3215 the same way, and the wire time of one tick at 1 Mbit/s:
+              computed (the config's budget) and measured (the bytes the tick put on the line).
 Add a section by writing `def <name>_section(args) -> list[Row]` and listing it in SECTIONS.
 
-    .venv/bin/python -m bench.drivers [--cycles 2000] [--servos 6] [--sections dynamixel]
+    .venv/bin/python -m bench.drivers [--cycles 2000] [--servos 6] [--sections feetech]
 """
 
 from __future__ import annotations
@@ -94,27 +97,10 @@ def _sdk_cycle(path: str, ids: list[int]) -> tuple[Callable[[], None], Callable[
 def dynamixel_section(args: argparse.Namespace) -> list[Row]:
     ids = list(range(1, args.servos + 1))
     q = list(np.linspace(-1.0, 1.0, args.servos))
-    blocks = 8
-    per_block = max(1, args.cycles // blocks)
-    duet_us = np.zeros(per_block * blocks)
-    sdk_us = np.zeros(per_block * blocks)
     with EmulatorProcess(ids, q) as path:
         duet, bus = _duet_cycle(path, ids)
         sdk, sdk_close = _sdk_cycle(path, ids)
-        for _ in range(100):  # warm up both (page faults, caches)
-            duet()
-            sdk()
-        gc.collect()
-        gc.disable()
-        try:
-            cpu_ns = [0, 0]  # this process only: the emulator runs in its child
-            for b in range(blocks):  # interleave so machine load hits both alike
-                for i, (cycle, samples) in enumerate(((duet, duet_us), (sdk, sdk_us))):
-                    t0 = time.process_time_ns()
-                    time_cycles(cycle, samples, b * per_block, per_block)
-                    cpu_ns[i] += time.process_time_ns() - t0
-        finally:
-            gc.enable()
+        (duet_us, sdk_us), (duet_cpu, sdk_cpu) = _interleaved([duet, sdk], args.cycles)
         wire = bus.wire_time_us()
         errors = bus.stats.errors
         bus.close()
@@ -123,7 +109,6 @@ def dynamixel_section(args: argparse.Namespace) -> list[Row]:
         Row("dynamixel", "duet DynamixelBus", len(duet_us), *_stats(duet_us)),
         Row("dynamixel", "dynamixel-sdk Group*", len(sdk_us), *_stats(sdk_us)),
     ]
-    duet_cpu, sdk_cpu = (ns / 1e3 / len(duet_us) for ns in cpu_ns)
     ratio = rows[1].median_us / rows[0].median_us
     rows[0].note = (
         f"{ratio:.2f}x SDK (median); client CPU {duet_cpu:.0f} us/tick "
@@ -133,12 +118,97 @@ def dynamixel_section(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def _interleaved(cycles: list[Callable[[], None]], total: int) -> tuple[list[np.ndarray],
+                                                                           list[float]]:
+    """Time each cycle `total` times in 8 interleaved blocks (machine load hits all alike);
+    the samples (µs) and this process's CPU per tick (µs) of each."""
+    blocks = 8
+    per_block = max(1, total // blocks)
+    samples = [np.zeros(per_block * blocks) for _ in cycles]
+    cpu_ns = [0] * len(cycles)
+    for _ in range(100):  # warm up (page faults, caches)
+        for cycle in cycles:
+            cycle()
+    gc.collect()
+    gc.disable()
+    try:
+        for b in range(blocks):
+            for i, cycle in enumerate(cycles):
+                t0 = time.process_time_ns()
+                time_cycles(cycle, samples[i], b * per_block, per_block)
+                cpu_ns[i] += time.process_time_ns() - t0
+    finally:
+        gc.enable()
+    return samples, [ns / 1e3 / (per_block * blocks) for ns in cpu_ns]
+
+
+def feetech_section(args: argparse.Namespace) -> list[Row]:
+    import scservo_sdk as scs
+
+    from drivers import feetech_protocol as ft
+    from drivers.bus_budget import feetech_tick_us
+    from drivers.feetech import FeetechBus
+
+    baud = 1_000_000
+    ids = list(range(1, args.servos + 1))
+    q = list(np.linspace(-1.0, 1.0, args.servos))
+    with EmulatorProcess(ids, q, "sim.feetech_emulator:FeetechEmulator") as path:
+        bus = FeetechBus(path, baud, ids, [f"j{i}" for i in ids], timeout_ms=100.0)
+        bus.open()
+        state = MotorState(len(ids))
+
+        def duet() -> None:
+            bus.read(state)
+            bus.write(state.q)
+
+        scs.port_handler.LATENCY_TIMER = 100  # as duet's timeout: a loaded host fails neither
+        port = scs.PortHandler(path)
+        if not (port.openPort() and port.setBaudRate(baud)):
+            raise RuntimeError(f"scservo_sdk cannot open {path}")
+        ph = scs.sms_sts(port)
+        reader = scs.GroupSyncRead(ph, ft.ADDR_PRESENT_POSITION, 8)
+        writer = scs.GroupSyncWrite(ph, ft.ADDR_GOAL_POSITION, 2)
+        for servo_id in ids:
+            reader.addParam(servo_id)
+            writer.addParam(servo_id, [0, 8])
+
+        sdk_errors = [0]
+
+        def sdk() -> None:
+            if reader.txRxPacket() != scs.COMM_SUCCESS:  # a stall past its timeout: counted
+                sdk_errors[0] += 1
+                return
+            for servo_id in ids:  # the same work as duet: take the position, command it back
+                ticks = reader.getData(servo_id, ft.ADDR_PRESENT_POSITION, 2)
+                writer.changeParam(servo_id, [ph.scs_lobyte(ticks), ph.scs_hibyte(ticks)])
+            writer.txPacket()
+
+        (duet_us, sdk_us), (duet_cpu, sdk_cpu) = _interleaved([duet, sdk], args.cycles)
+        line_bytes = bus.request_bytes + bus.last_reply_bytes
+        measured = line_bytes * 10 * 1e6 / baud + sum(bus.return_delay_us)
+        errors = bus.stats.errors
+        bus.close()
+        port.closePort()
+    computed = feetech_tick_us(baud, args.servos)
+    ratio = float(np.median(sdk_us) / np.median(duet_us))
+    return [
+        Row("feetech", "duet FeetechBus", len(duet_us), *_stats(duet_us),
+            f"{ratio:.2f}x SDK (median); client CPU {duet_cpu:.0f} us/tick; errors {errors}"),
+        Row("feetech", "scservo_sdk Group*", len(sdk_us), *_stats(sdk_us),
+            f"client CPU {sdk_cpu:.0f} us/tick; failed sync reads {sdk_errors[0]}"),
+        Row("feetech", "wire at 1 Mbit/s", 1, computed, computed,
+            f"computed (budget) {computed:.0f} us; measured {line_bytes} bytes on the line ="
+            f" {measured:.0f} us; max {0.7e6 / measured:.0f} Hz at 70 % (pty: not paced)"),
+    ]
+
+
 def _stats(samples: np.ndarray) -> tuple[float, float]:
     return float(np.median(samples)), float(np.percentile(samples, 99))
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "dynamixel": dynamixel_section,
+    "feetech": feetech_section,
 }
 
 

@@ -98,6 +98,7 @@ class FeetechBus:
         self._goal_lo = np.zeros(n)
         self._goal_hi = np.full(n, float(self.model.max_ticks))
         self.voltage_v = np.full(n, np.nan)  # Present Voltage of the last read
+        self.last_reply_bytes = 0  # bytes the last sync read took off the line (the bench's)
 
         self._sync_read = ft.sync_read_packet(_READ_ADDR, _READ_LEN, self.ids)
         self._rx = bytearray(2 * n * _REPLY_BYTES + 64)
@@ -278,6 +279,11 @@ class FeetechBus:
         wire_bytes = len(self._sync_read) + self.n * _REPLY_BYTES + len(self._sync_write)
         return wire_bytes * 10 / self.baudrate * 1e6 + sum(self.return_delay_us)
 
+    @property
+    def request_bytes(self) -> int:
+        """Bytes the driver sends per tick: the sync read and the sync write."""
+        return len(self._sync_read) + len(self._sync_write)
+
     def _position(self, raw: int) -> int:
         signed = self.model.series.position_signed
         return ft.from_sign_magnitude(raw, ft.SIGN_BIT_POSITION) if signed else raw
@@ -298,6 +304,7 @@ class FeetechBus:
             if remaining_ms <= 0 or not self._wait_readable(remaining_ms):
                 break
             got += self._read_available(got)
+        self.last_reply_bytes = got
         self.stats.crc_errors += parser.checksum_errors - sum_before
         silent = parser.unsettled()
         if silent:

@@ -452,10 +452,13 @@ class DynamixelEmulator:
             table[dx.ADDR_PRESENT_TEMPERATURE] = max(0, min(255, round(temperature[k])))
 
 
-def _serve_in_process(ids: list[int], q: list[float], conn: Connection) -> None:
+def _serve_in_process(ids: list[int], q: list[float], emulator_class: str,
+                      conn: Connection) -> None:
+    from drivers.bus_family import resolve
+
     actuators = Actuators(len(ids))
     actuators.q[:] = q
-    emulator = DynamixelEmulator(actuators, ids)
+    emulator = resolve(emulator_class)(actuators, ids)
     conn.send(emulator.open())
     emulator.start()
     try:
@@ -467,9 +470,12 @@ def _serve_in_process(ids: list[int], q: list[float], conn: Connection) -> None:
 
 class EmulatorProcess:
     """Servos with static joint positions in a child process, so a client measured in this
-    process does not share its interpreter (GIL, allocations) with the emulator."""
+    process does not share its interpreter (GIL, allocations) with the emulator.
+    `emulator_class` ("module:Class", constructed with (actuators, ids)) picks the family."""
 
-    def __init__(self, ids: Sequence[int], q: Sequence[float] | None = None) -> None:
+    def __init__(self, ids: Sequence[int], q: Sequence[float] | None = None,
+                 emulator_class: str = "sim.dynamixel_emulator:DynamixelEmulator") -> None:
+        self.emulator_class = emulator_class
         self.ids = list(ids)
         self.q = list(q) if q is not None else [0.0] * len(self.ids)
         self._process: BaseProcess | None = None
@@ -480,7 +486,8 @@ class EmulatorProcess:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(
-            target=_serve_in_process, args=(self.ids, self.q, child), daemon=True
+            target=_serve_in_process, args=(self.ids, self.q, self.emulator_class, child),
+            daemon=True
         )
         self._process.start()
         child.close()

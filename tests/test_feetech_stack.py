@@ -61,3 +61,22 @@ def test_feetech_servos_read_the_physics_and_track_the_reference(tmp_path: Path)
             np.testing.assert_allclose(stack.q(), truth, atol=3e-3)
         finally:
             stack.signal("planner", 18)  # SIGCONT
+
+
+def test_feetech_line_faults_through_the_stack(tmp_path: Path) -> None:
+    """Flipped bytes on the Feetech line are counted and retried past; a servo that trips
+    overload faults the follower naming the joint and the error bit."""
+    with Stack(tmp_path, REFERENCE, config=CONFIG) as stack:
+        stack.wait_mode("TRACK", 30)
+        stack.sim_fault("corrupt", probability=0.05)
+        deadline = time.monotonic() + 30.0
+        while stack.telemetry()["bus"]["crc_errors"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        tel = stack.telemetry()
+        assert tel["bus"]["crc_errors"] > 0
+        assert tel["safety"]["faults"] == 0 and tel["mode"] in ("TRACK", "HOLD")
+        stack.sim_fault("corrupt", probability=0.0)
+        stack.sim_fault("overload", joint=1)
+        stack.wait_mode("FAULT", 5.0)
+        reason = stack.telemetry()["fault_reason"]
+        assert "shoulder (id 2)" in reason and "overload" in reason, reason
