@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 DURATION ?= 20
 FUZZ_S ?= 120
+FUZZ_JOBS ?= 1
 
 .PHONY: demo demo-remote test test-fast test-system lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop fuzz verify-systemd verify-aarch64 clean
 
@@ -162,8 +163,8 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.drivers --cycles 2000
 	$(BIN)/python bench/engines.py
 
-fuzz: $(VENV)/.dev         # coverage-guided fuzzing of every decoder (atheris), FUZZ_S seconds each
-	$(BIN)/python tests/fuzz_decoders.py --seconds $(FUZZ_S)
+fuzz: $(VENV)/.dev         # coverage-guided fuzzing of every decoder (atheris), FUZZ_S seconds each, FUZZ_JOBS side by side
+	$(BIN)/python tests/fuzz_decoders.py --seconds $(FUZZ_S) --jobs $(FUZZ_JOBS)
 
 verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container; VENV=... for another venv)
 	systemd/verify-in-container.sh

@@ -66,6 +66,8 @@ class BusStats:
     timeouts: int = 0
     missing_replies: int = 0
     per_motor_errors: dict[str, int] = field(default_factory=dict)
+    # frames off the wire that no motor could have sent, dropped before decoding, by reason
+    dropped_frames: dict[str, int] = field(default_factory=dict)
 
 
 class MotorBus(Protocol):

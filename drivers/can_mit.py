@@ -51,7 +51,7 @@ import numpy as np
 from drivers.bus import BusError, BusStats, CommandError, MotorFault, MotorState
 from drivers.bus_budget import can_mit_tick_us
 from drivers.mit_codec import COMMAND_DLC, MitRanges, pack_command_into
-from drivers.mit_dialects import Frame, MitDialect, Reply, dialect_class
+from drivers.mit_dialects import Frame, MitDialect, Reply, dialect_class, malformed
 
 DEFAULT_HOLD_JUMP_MAX_RAD = 0.1
 
@@ -400,7 +400,7 @@ class MitCanBus:
         bus = self._require_bus()
         # replies left over from a timed-out transaction would pass for this one's
         while (late := bus.recv(0.0)) is not None:
-            if self.dialect.motor_of(late) >= 0:
+            if self._intact(late) and self.dialect.motor_of(late) >= 0:
                 self.late_replies += 1
 
     def _send(self, messages: list[can.Message]) -> None:
@@ -438,6 +438,8 @@ class MitCanBus:
             msg = bus.recv(max(deadline - time.monotonic(), 0.0))
             if msg is None:  # recv waited out the deadline
                 break
+            if not self._intact(msg):
+                continue
             j = d.motor_of(msg)
             if j < 0 or not expect[j]:
                 continue
@@ -452,6 +454,15 @@ class MitCanBus:
                 remaining -= 1
         if remaining:
             self._fail_missing()
+
+    def _intact(self, msg: can.Message) -> bool:
+        """False for a frame that cannot be decoded, counted by reason in stats.dropped_frames."""
+        reason = malformed(msg)
+        if reason is None:
+            return True
+        dropped = self.stats.dropped_frames
+        dropped[reason] = dropped.get(reason, 0) + 1
+        return False
 
     def _fail_missing(self) -> None:
         silent = np.flatnonzero(self._expect & ~self._got)
@@ -502,6 +513,8 @@ class MitCanBus:
             msg = bus.recv(max(deadline - time.monotonic(), 0.0))
             if msg is None:
                 break
+            if not self._intact(msg):
+                continue
             for j in range(len(values)):
                 if values[j] is None:
                     value = self.dialect.register_value(msg, j, rid)

@@ -42,6 +42,17 @@ _SPECIAL = {ENTER_MOTOR_MODE: "enable", EXIT_MOTOR_MODE: "disable", ZERO_POSITIO
             CLEAR_ERROR: "clear"}
 
 
+def malformed(msg: can.Message) -> str | None:
+    """Why a frame cannot be decoded at all (None: it can): the reason it is counted under.
+
+    A dlc says how many data bytes a frame carries; python-can takes both from the interface
+    and never checks them against each other, so a frame claiming more than it holds (a
+    hostile or broken interface, a forged datagram) would index past its data."""
+    if not msg.is_remote_frame and msg.dlc > len(msg.data):
+        return "dlc beyond its data"
+    return None
+
+
 class Reply:
     """One decoded state reply (reused: the tick allocates no reply objects)."""
 

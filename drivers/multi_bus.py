@@ -48,8 +48,11 @@ class MultiBus:
         total = self._stats
         for name in ("errors", "retries", "crc_errors", "timeouts", "missing_replies"):
             setattr(total, name, sum(getattr(bus.stats, name) for bus in self.parts))
+        total.dropped_frames.clear()
         for bus in self.parts:
             total.per_motor_errors.update(bus.stats.per_motor_errors)
+            for reason, count in bus.stats.dropped_frames.items():
+                total.dropped_frames[reason] = total.dropped_frames.get(reason, 0) + count
         # a tick reads (and writes) every part once: count ticks, not part transactions
         total.reads = min(bus.stats.reads for bus in self.parts)
         total.writes = min(bus.stats.writes for bus in self.parts)

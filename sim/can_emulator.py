@@ -33,7 +33,7 @@ import numpy as np
 
 from drivers.can_loopback import peer_channel
 from drivers.mit_codec import MitRanges, unpack_command
-from drivers.mit_dialects import MitDialect, dialect_class
+from drivers.mit_dialects import MitDialect, dialect_class, malformed
 from sim.actuators import (
     HW_ELECTRICAL_SHOCK,
     HW_ENCODER,
@@ -146,7 +146,7 @@ class MitCanEmulator:
 
     def handle(self, msg: can.Message) -> None:
         """Apply one frame to the actuators and send the reply (if the motor speaks)."""
-        kind, j = self.dialect.classify(msg)
+        kind, j = ("", -1) if malformed(msg) else self.dialect.classify(msg)
         if j < 0:
             self.ignored += 1
             return

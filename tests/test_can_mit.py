@@ -22,7 +22,13 @@ from drivers.mit_codec import (
     unpack_command,
     unpack_state,
 )
-from drivers.mit_dialects import DIALECTS, ENTER_MOTOR_MODE, EXIT_MOTOR_MODE, GenericDialect
+from drivers.mit_dialects import (
+    DIALECTS,
+    ENTER_MOTOR_MODE,
+    EXIT_MOTOR_MODE,
+    GenericDialect,
+    dialect_class,
+)
 from sim.actuators import HW_OVERLOAD, MODE_MIT, Actuators
 from sim.can_emulator import MitCanEmulator
 
@@ -200,6 +206,61 @@ def test_missing_reply_is_counted_and_names_the_motor() -> None:
         bus.close()
         motors.bus.shutdown()
 
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_a_frame_whose_dlc_exceeds_its_data_is_counted_and_dropped(dialect: str) -> None:
+    """python-can takes a frame's dlc and data from the interface unchecked: a reply claiming 8
+    bytes and holding fewer was an IndexError in the dialects' and the codec's decoding (a
+    crash of the follower's tick). Each is dropped and counted; the real replies still count."""
+    ch = channel()
+    motors = can.Bus(interface="virtual", channel=ch)
+    d = dialect_class(dialect)(IDS)
+    bus = MitCanBus(JOINTS, IDS, R, [20.0] * N_JOINTS, [1.0] * N_JOINTS, dialect=dialect,
+                    timeout_ms=500.0, bus=can.Bus(interface="virtual", channel=ch))
+    try:
+        bus.write(np.zeros(N_JOINTS))
+        assert all(motors.recv(1.0) is not None for _ in IDS)
+        short = 0
+        for j in range(N_JOINTS):
+            arb, data = d.state_reply(j, 0.1 * j, 0.0, 0.0, 0, 30.0, R)
+            for keep in range(len(data)):  # every truncation of every motor's reply
+                motors.send(can.Message(arbitration_id=arb, is_extended_id=False,
+                                        dlc=len(data), data=data[:keep]))
+                short += 1
+        for j in range(N_JOINTS):
+            arb, data = d.state_reply(j, 0.1 * j, 0.0, 0.0, 0, 30.0, R)
+            motors.send(can.Message(arbitration_id=arb, is_extended_id=False, data=data))
+        out = MotorState(N_JOINTS)
+        bus.read(out)
+        np.testing.assert_allclose(out.q, 0.1 * np.arange(N_JOINTS), atol=Q_QUANTUM)
+        assert bus.stats.dropped_frames == {"dlc beyond its data": short}
+        assert bus.stats.errors == 0
+    finally:
+        bus.close()
+        bus._bus.shutdown()  # type: ignore[union-attr]  # passed in: the test owns it
+        motors.shutdown()
+
+
+def test_the_emulator_drops_a_command_whose_dlc_exceeds_its_data(rig: Rig) -> None:
+    """The motor end too: a truncated command (or Damiao control frame) was a ValueError or
+    IndexError that ended the emulator's serving thread."""
+    bus = rig.bus()
+    bus.open()
+    d = dialect_class(rig.dialect)(IDS)
+    peer = can.Bus(interface="virtual", channel=rig.ch)
+    try:
+        arbs = [d.command_id(j) for j in range(N_JOINTS)]
+        arbs += [getattr(d, "CONTROL_ID", 0x7FF), getattr(d, "SERVO_BASE", 0x140) + IDS[0]]
+        for arb in arbs:
+            peer.send(can.Message(arbitration_id=arb, is_extended_id=False, dlc=8, data=b"\x01"))
+        deadline = time.monotonic() + 2.0
+        while rig.emu.ignored < len(arbs) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert rig.emu.ignored == len(arbs)
+        bus.read(MotorState(N_JOINTS))  # still serving
+    finally:
+        peer.shutdown()
 
 @pytest.mark.parametrize(
     ("field", "value", "match"),

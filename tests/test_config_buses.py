@@ -93,3 +93,21 @@ def test_a_single_bus_may_name_its_joints_in_robot_order(tmp_path: Path) -> None
     assert "bus.joints must be robot.joints" in refused(
         tmp_path, CAN, lambda d: d["bus"].update(joints=list(reversed(joints))))
     np.testing.assert_array_equal(open_bus(cfg).kp, cfg.bus.kp)  # type: ignore[attr-defined,union-attr]
+
+
+SIM = REPO / "configs" / "sim.yaml"
+
+
+@pytest.mark.parametrize(("base", "mutate", "message"), [
+    # two servos on one id: they answer as one (or collide); this passed `config validate`
+    # and failed only at start, when the Dynamixel driver refused it
+    (SIM, lambda d: d["bus"].update(ids=[1, 2, 3, 4, 5, 5]),
+     "bus.ids: Value error, each motor needs its own id; 5 appears more than once"),
+    (SIM, lambda d: d["bus"].update(ids=[1, 2, 3, 4, 5, 253]), "bus.ids.5: Input should be"),
+    (CAN, lambda d: d["bus"].update(ids=[3, 2, 3, 4, 2, 6]),
+     "bus.ids: Value error, each motor needs its own id; 2, 3 appear more than once"),
+    (FD, lambda d: d["buses"][1].update(ids=[4, 5, 4]), "buses.1.ids: Value error, each motor"),
+])
+def test_duplicate_or_unaddressable_motor_ids_are_refused_naming_the_key(
+        tmp_path: Path, base: Path, mutate: Any, message: str) -> None:
+    assert message in refused(tmp_path, base, mutate)

@@ -4,6 +4,10 @@ safety clip or overflows the motor path."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +93,40 @@ def test_the_shipped_configs_are_valid() -> None:
     for path in (REPO / "configs").glob("*.yaml"):
         assert load_config(path).robot.joints, path
         yaml.safe_load(path.read_text())
+
+
+# Every YAML tag beyond JSON's types, and every explicitly tagged value PyYAML's constructors
+# cannot take: `!!timestamp x` was an AttributeError out of the safe loader, `!!int _` an
+# IndexError, `!!bool x` a KeyError; a real date, binary or a set a type the schema never sees.
+TAGGED = [("!!timestamp 2026-13", "!!timestamp"), ("!!timestamp 2026-12-01", "!!timestamp"),
+          ("2026-12-01 10:00:00", "!!timestamp"), ("!!binary aGk=", "!!binary"),
+          ("!!binary '@@'", "!!binary"), ("!!set {a, b}", "!!set"), ("!!omap [a: 1]", "!!omap"),
+          ("!!pairs [a: 1]", "!!pairs"), ("!!int _", "not a valid !!int"),
+          ("!!float _", "not a valid !!float"), ("!!bool maybe", "not a valid !!bool"),
+          ("!!null x", "not a valid !!null"), ("!!str [1]", "!!str on a list"),
+          ("!!python/name:os.system x", "!!python/name:os.system"), ("=", "!!value")]
+
+
+@pytest.mark.parametrize(("value", "reason"), TAGGED)
+def test_yaml_tags_are_config_errors_naming_the_key(tmp_path: Path, value: str,
+                                                    reason: str) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(f"follower:\n  residual: [1, {{deep: {value}}}]\n")
+    with pytest.raises(ConfigError, match=f"{site}: follower.residual\\[1\\].deep: .*{reason}"):
+        load_config(SIM, site)
+    assert re.search(f"^--set follower.hz: .*{reason}", _refused(f"follower.hz={value}"))
+
+
+def test_tagged_values_that_fit_their_tag_still_load() -> None:
+    cfg = load_config(SIM, None, ["follower.hz=!!float 100", "follower.blend_ms=!!int 0x1F",
+                                  "robot.name=!!str 2026-12-01", "sim.enabled=!!bool yes"])
+    assert (cfg.follower.hz, cfg.follower.blend_ms, cfg.robot.name) == (100.0, 31, "2026-12-01")
+
+
+def test_config_validate_refuses_a_tag_with_the_key_and_no_traceback() -> None:
+    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "config", "validate",
+                           "--config", str(SIM), "--set", "follower.hz=!!timestamp x"],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--set follower.hz: !!timestamp" in proc.stderr and "Traceback" not in proc.stderr

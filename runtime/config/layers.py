@@ -48,18 +48,84 @@ def parse_yaml(raw: bytes, path: str | Path) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of > 4300 digits
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply") from None
+    data = load_plain_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     check_plain(data, str(path))
     return data
+
+
+# The YAML tags a config may hold: JSON's types. Every other tag a safe loader knows (a date
+# or timestamp, binary, set, omap, pairs) is refused with its key, before any constructor
+# runs: PyYAML's own constructors crash on some explicitly tagged values (`!!timestamp x`
+# raises AttributeError, `!!int _` IndexError, `!!bool x` KeyError).
+_YAML = "tag:yaml.org,2002:"
+_PLAIN_TAGS = frozenset(_YAML + t for t in ("str", "int", "float", "bool", "null"))
+# an explicit tag -> the tags the resolver may give its text untagged (`!!float 1` is 1.0)
+_FITS = {_YAML + "int": {"int"}, _YAML + "float": {"int", "float"}, _YAML + "bool": {"bool"},
+         _YAML + "null": {"null"}}
+
+
+def load_plain_yaml(text: str, where: str) -> Any:
+    """Parse YAML text that may only hold plain data; ConfigError naming `where` and the key
+    for anything else (a tag outside JSON's types, a value its explicit tag does not fit)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_tags(loader, node, where)
+        return loader.construct_document(node)
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of > 4300 digits
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _check_tags(loader: yaml.SafeLoader, root: yaml.Node, where: str) -> None:
+    """Every node's tag is a plain one, and an explicitly tagged int/float/bool/null is one the
+    resolver would give that text untagged (what the constructors can take). Each node once:
+    aliases share nodes, and a YAML bomb must not blow up this walk."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, key = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            plain, what = node.tag == _YAML + "map", " on a mapping"
+            for k, v in node.value:
+                path = _key_path(key, k.value if isinstance(k, yaml.ScalarNode) else "?")
+                if k.tag != _YAML + "merge":  # `<<: *anchor`: the safe loader's merge key
+                    stack.append((k, path))
+                stack.append((v, path))
+        elif isinstance(node, yaml.SequenceNode):
+            plain, what = node.tag == _YAML + "seq", " on a list"
+            stack.extend((v, f"{key}[{i}]") for i, v in enumerate(node.value))
+        else:
+            plain, what = node.tag in _PLAIN_TAGS, ""
+        at = f"{where}: {key}" if key else where
+        if not plain:
+            raise ConfigError(f"{at}: {_tag_name(node.tag)}{what} is not allowed: a config"
+                              " holds mappings, lists, strings, numbers, booleans and null"
+                              " (a date or timestamp? quote it)")
+        fits = _FITS.get(node.tag)
+        if fits is not None and loader.resolve(yaml.ScalarNode, node.value, (True, False)
+                                               ).removeprefix(_YAML) not in fits:
+            raise ConfigError(f"{at}: {node.value!r} is not a valid {_tag_name(node.tag)}")
+
+
+def _key_path(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+def _tag_name(tag: str) -> str:
+    return "!!" + tag.removeprefix(_YAML) if tag.startswith(_YAML) else tag
 
 
 def validate(merged: dict[str, Any], layers: list[tuple[str, dict[str, Any]]]) -> DuetConfig:
@@ -100,7 +166,8 @@ def check_plain(data: Any, where: str) -> None:
         elif isinstance(node, list):
             stack.extend((v, f"{key}[{i}]", depth + 1) for i, v in enumerate(node))
         elif node is not None and not isinstance(node, (str, int, float, bool)):
-            raise ConfigError(f"{where}: {key}: {type(node).__name__} values are not allowed "
+            at = f"{where}: {key}" if key else where
+            raise ConfigError(f"{at}: {type(node).__name__} values are not allowed "
                               f"(a date or timestamp? quote it)")
 
 
@@ -112,10 +179,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {item!r}: empty key segment")
-    try:
-        value = yaml.safe_load(raw)
-    except (yaml.YAMLError, RecursionError, ValueError) as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    value = load_plain_yaml(raw, f"--set {key}")
     check_plain(value, f"--set {key}")
     return parts, value
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -16,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from drivers.dynamixel_protocol import MAX_ID
 from drivers.families import check_budget, family_of
 from drivers.feetech_protocol import BAUD_RATES as FEETECH_BAUD_RATES
 from drivers.feetech_protocol import MAX_ID as FEETECH_MAX_ID
@@ -30,6 +32,14 @@ class ConfigError(Exception):
 class _Strict(BaseModel):
     # allow_inf_nan=False: every number here can reach the motor path; +-inf and NaN never do.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _distinct(ids: list[int]) -> list[int]:
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:  # two motors on one id answer as one (or collide): refused here, not at start
+        raise ValueError(f"each motor needs its own id; {', '.join(map(str, twice))}"
+                         f" appear{'s' if len(twice) == 1 else ''} more than once")
+    return ids
 
 
 class Limits(_Strict):
@@ -70,7 +80,8 @@ class DynamixelBusConfig(_Strict):
     kind: Literal["dynamixel"] = "dynamixel"  # Protocol 2.0 servos, run in Position Control mode
     device: str  # serial device; "sim" = the pty the sim prints
     baudrate: int = Field(4_000_000, gt=0)  # bit/s, as set in the servos; bounds a tick's wire time
-    ids: list[int]  # servo ids, one per joint (robot.joints order, or `joints` under `buses:`)
+    # servo ids (distinct, 0..252), one per joint (robot.joints order, or `joints` under `buses:`)
+    ids: Annotated[list[Annotated[int, Field(ge=0, le=MAX_ID)]], AfterValidator(_distinct)]
     # encoder tick of each joint's zero and its direction (+1/-1)
     zero_ticks: list[int] | None = None
     direction: list[int] | None = None  # +1/-1 per joint (none: all +1); -1 flips q, dq, effort
@@ -158,7 +169,8 @@ class CanBusConfig(_Strict):
     bitrate: int = Field(1_000_000, gt=0)  # nominal (arbitration) rate
     fd: bool = False  # CAN FD frames with bit-rate switching (Damiao)
     data_bitrate: int = Field(5_000_000, gt=0)  # FD data phase
-    ids: list[int]  # CAN ids, one per joint (robot.joints order, or `joints` under `buses:`)
+    # CAN ids (distinct), one per joint (robot.joints order, or `joints` under `buses:`)
+    ids: Annotated[list[int], AfterValidator(_distinct)]
     master_ids: list[int] | None = None  # reply ids, when they differ from `ids`
     # the motors' MIT field ranges; they must match the firmware, or every value is mis-scaled
     model: MitMotorModel

@@ -110,7 +110,7 @@ class LoopFigures:
             "torque_on": torque_on,
             "bus": {"reads": bus.reads, "writes": bus.writes, "errors": bus.errors,
                     "retries": bus.retries, "crc_errors": bus.crc_errors,
-                    "timeouts": bus.timeouts},
+                    "timeouts": bus.timeouts, "dropped_frames": dict(bus.dropped_frames)},
             "safety": {"faults": core.faults, "clamped_commands": core.filter.clamped,
                        "estops": core.estops},
             "joint_names": list(self.cfg.robot.joints),

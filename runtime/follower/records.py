@@ -24,6 +24,7 @@ class BusCounts(TypedDict, total=False):
     retries: int
     crc_errors: int
     timeouts: int
+    dropped_frames: dict[str, int]  # frames no motor could have sent, by reason
 
 
 class SafetyCounts(TypedDict, total=False):
