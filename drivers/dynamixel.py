@@ -2,6 +2,9 @@
 
 One tick is two transactions: `read()` = one SYNC READ of Present Current, Velocity and
 Position (addresses 126..135) for every motor, `write()` = one SYNC WRITE of Goal Position.
+A read that fails for some motors (a corrupt or lost reply) keeps the other motors' replies
+and retries a SYNC READ of the failed ones only (and the motor after them, whose reply settles
+a silent one without waiting out the timeout: servos answer in request order).
 Both packets are prebuilt at open(); the hot path fills preallocated byte and numpy buffers in
 place, talks to the port's file descriptor directly (poll + readv), and parses replies with
 struct.unpack_from, so it allocates no buffers per call.
@@ -94,6 +97,7 @@ class DynamixelBus:
         self._vel_raw = np.zeros(n)
         self._pos_raw = np.zeros(n)
         self._replies = dx.SyncReplyParser(self.ids, _READ_LEN)
+        self._everyone = list(range(n))
         self._alert = [False] * n
         self._goal_f = np.zeros(n)
         self._finite = np.zeros(n, dtype=bool)
@@ -169,16 +173,19 @@ class DynamixelBus:
     def read(self, out: MotorState) -> None:
         if out.q.shape != (self.n,):
             raise ValueError(f"MotorState for {out.q.shape[0]} motors, bus has {self.n}")
+        todo = self._everyone
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats.retries += 1
             try:
-                ok = self._sync_read_once()
+                todo = self._sync_read_once(todo)
             except BusError:
                 self.stats.errors += 1
                 raise
-            if ok:
+            if not todo:
                 break
+            if todo[-1] + 1 < self.n:  # the next motor's reply settles a silent one at once
+                todo.append(todo[-1] + 1)
         else:
             self.stats.errors += 1
             raise BusError(self._error, self._error_motor)
@@ -248,13 +255,21 @@ class DynamixelBus:
         wire_bytes = len(self._sync_read) + self.n * _REPLY_BYTES + len(self._sync_write)
         return wire_bytes * 10 / self.baudrate * 1e6 + sum(self.return_delay_us)
 
-    def _sync_read_once(self) -> bool:
-        """One SYNC READ attempt; fills the raw buffers, or sets self._error and returns False.
+    def _sync_read_once(self, motors: list[int]) -> list[int]:
+        """One SYNC READ of `motors` (indices); fills their raw buffers and returns the motors
+        that failed (then self._error says why).
 
         A corrupt reply fails only its motor, at once: the parser knows each reply's length
-        and order (dynamixel_protocol.SyncReplyParser)."""
-        self._send(self._sync_read, flush_input=True)
-        rx, parser = self._rx, self._replies
+        and order (dynamixel_protocol.SyncReplyParser). A retry asks only the failed motors
+        (its packet and parser built then: the hot path is the first attempt, for everyone)."""
+        if motors is self._everyone:
+            packet, parser = self._sync_read, self._replies
+        else:
+            ids = [self.ids[k] for k in motors]
+            packet = dx.sync_read_packet(_READ_ADDR, _READ_LEN, ids)
+            parser = dx.SyncReplyParser(ids, _READ_LEN)
+        self._send(packet, flush_input=True)
+        rx = self._rx
         parser.reset()
         crc_before = parser.crc_errors
         deadline = time.monotonic_ns() + int(self.timeout_ms * 1e6)
@@ -262,7 +277,7 @@ class DynamixelBus:
         while not parser.feed(rx, got):
             if got == len(rx):
                 self._error, self._error_motor = "sync read: reply overflow", None
-                return False
+                return motors
             remaining_ms = (deadline - time.monotonic_ns()) / 1e6
             if remaining_ms <= 0 or not self._wait_readable(remaining_ms):
                 break
@@ -272,27 +287,29 @@ class DynamixelBus:
         if silent:  # the timeout: never heard
             self.stats.timeouts += 1
             self.stats.missing_replies += len(silent)
-            for k in silent:
-                parser.bad[k] = f"no reply within {self.timeout_ms} ms"
-        failed = [k for k in range(self.n) if parser.bad[k] is not None]
-        if failed:
-            for k in failed:
+            for i in silent:
+                parser.bad[i] = f"no reply within {self.timeout_ms} ms"
+        failed = []
+        for i, k in enumerate(motors):  # i: in this request, k: on the bus
+            if parser.bad[i] is not None:
+                failed.append(k)
                 self.stats.per_motor_errors[self.joint_names[k]] += 1
-                if k not in silent and parser.bad[k] == dx.LOST_REPLY:
+                if i not in silent and parser.bad[i] == dx.LOST_REPLY:
                     self.stats.missing_replies += 1
-            self._error = "sync read: " + "; ".join(
-                f"{parser.bad[k]} from {self.joint_names[k]} (id {self.ids[k]})" for k in failed)
-            self._error_motor = self.joint_names[failed[0]]
-            return False
-        for k in range(self.n):
-            self._alert[k] = bool(parser.error[k] & dx.ERROR_ALERT)
-            at = parser.offset[k]
+                continue
+            self._alert[k] = bool(parser.error[i] & dx.ERROR_ALERT)
+            at = parser.offset[i]
             cur, vel, ticks = (_UNPACK_PRESENT(rx, at) if at >= 0
-                               else _UNPACK_PRESENT(parser.unstuffed[k]))
+                               else _UNPACK_PRESENT(parser.unstuffed[i]))
             self._cur_raw[k] = cur
             self._vel_raw[k] = vel
             self._pos_raw[k] = ticks
-        return True
+        if failed:
+            self._error = "sync read: " + "; ".join(
+                f"{parser.bad[motors.index(k)]} from {self.joint_names[k]} (id {self.ids[k]})"
+                for k in failed)
+            self._error_motor = self.joint_names[failed[0]]
+        return failed
 
     def _raise_hardware_fault(self, out: MotorState) -> None:
         faults = []

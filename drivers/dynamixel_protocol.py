@@ -396,9 +396,14 @@ class SyncReplyParser:
     - stuffing keeps FF FF FD 00 out of every packet, so a header found inside a candidate's
       claimed extent proves that candidate cut short (a stray header or a flipped length);
     - servos answer in the order of the request's id list, so a valid reply from a motor
-      settles every earlier motor still unheard: its reply was lost.
-    A corrupt candidate is blamed on the motor its id byte names when that motor is unsettled,
-    else on the first unsettled motor in order; a valid reply arriving later clears the blame.
+      settles every earlier motor still unheard: its reply was lost;
+    - a length beyond the reply's is stuffing, so a candidate claiming more with no stuffing in
+      the reply's extent lies (a flipped length bit of the last reply, nothing after it);
+    - a reply's worth of bytes with no header in them is the next unsettled motor's reply,
+      garbled (a hit header of the last reply).
+    A corrupt candidate is blamed on the first unsettled motor, whatever its id byte says (a
+    flipped id bit must not blame a motor whose reply is still to come: one fault, one motor);
+    a valid reply arriving later clears the blame.
     `offset[k]` is where motor k's data starts in the receive buffer (or -1 when its reply was
     stuffed: the unstuffed data is in `unstuffed[k]`).
     """
@@ -409,12 +414,14 @@ class SyncReplyParser:
         self.data_len = data_len
         self._index = {dxl_id: k for k, dxl_id in enumerate(self.ids)}
         self._min_len, self._max_len = data_len + 4, data_len + 4 + data_len // 3 + 1
+        self._reply_bytes = HEADER_BYTES + self._min_len  # an unstuffed reply, header to CRC
         self.seen = [False] * self.n
         self.bad: list[str | None] = [None] * self.n
         self.error = [0] * self.n  # status error byte of each seen reply
         self.offset = [0] * self.n
         self.unstuffed: list[bytes] = [b""] * self.n
         self.pos = 0
+        self._tail = 0  # where the bytes no packet accounts for start
         self.left = self.n  # motors neither seen nor blamed
         self._first = 0  # no motor before this one is unsettled
         self.crc_errors = self.length_errors = self.stray = 0
@@ -423,7 +430,7 @@ class SyncReplyParser:
         for k in range(self.n):
             self.seen[k] = False
             self.bad[k] = None
-        self.pos = self._first = 0
+        self.pos = self._first = self._tail = 0
         self.left = self.n
 
     @property
@@ -460,25 +467,33 @@ class SyncReplyParser:
             k = self._index.get(rx[h + 4], -1)
             if length != 4 and not self._min_len <= length <= self._max_len:
                 self.length_errors += 1
-                self._blame(k, f"length field {length} (a reply has {self._min_len})")
-                pos = h + 1
+                self._blame(f"length field {length} (a reply has {self._min_len})")
+                pos, self._tail = h + 1, h + self._reply_bytes
                 continue
             end = h + HEADER_BYTES + length
             inner = rx.find(HEADER, h + 4, min(end + 3, got))  # a header starting inside
             if inner >= 0:  # a real packet never contains a header: this one was cut short
                 self.length_errors += 1
-                self._blame(k, "reply cut short by the next packet")
-                pos = inner
+                self._blame("reply cut short by the next packet")
+                self._tail = pos = inner
+                continue
+            reply_end = h + self._reply_bytes
+            if length > self._min_len and got >= reply_end \
+                    and rx.find(_STUFF_PATTERN, h + HEADER_BYTES, reply_end) < 0:
+                self.length_errors += 1  # the first stuffing would lie within the reply's extent
+                self._blame(f"length field {length} (a reply has {self._min_len},"
+                               " more only with stuffing)")
+                pos, self._tail = h + 1, reply_end
                 continue
             if end > got:
                 pos = h
                 break
             if crc16(rx, h, end - 2) != rx[end - 2] | (rx[end - 1] << 8):
                 self.crc_errors += 1
-                self._blame(k, "CRC error in the reply")
-                pos = h + 1
+                self._blame("CRC error in the reply")
+                pos, self._tail = h + 1, end
                 continue
-            pos = end
+            pos = self._tail = end
             if k < 0 or self.seen[k] or rx[h + 7] != STATUS:
                 self.stray += 1  # not an answer to this request (a late or foreign packet)
                 continue
@@ -499,13 +514,15 @@ class SyncReplyParser:
                 if len(data) != self.data_len:
                     self.bad[k] = "reply of the wrong length"
                 self.offset[k], self.unstuffed[k] = -1, data
+        while self.left and got - self._tail >= self._reply_bytes \
+                and rx.find(HEADER, self._tail, got) < 0:
+            self._blame("garbled reply (no header)")
+            self._tail += self._reply_bytes
         self.pos = pos
         return self.left == 0
 
-    def _blame(self, k: int, reason: str) -> None:
-        if k < 0 or self.seen[k] or self.bad[k] is not None:
-            if self._first == self.n:
-                self.stray += 1
-                return
-            k = self._first
-        self._settle(k, reason)
+    def _blame(self, reason: str) -> None:
+        if self._first == self.n:
+            self.stray += 1
+            return
+        self._settle(self._first, reason)

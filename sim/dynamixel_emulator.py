@@ -165,10 +165,13 @@ class DynamixelEmulator:
         self._direction_list = self.direction.tolist()
         # line noise on the replies: each reply is hit with this probability, one byte flipped
         # anywhere (header and length included) or at `corrupt_byte`, on every servo or on
-        # `corrupt_servos` (indices) only
+        # `corrupt_servos` (indices) only; its bits at random or `corrupt_bits`; for ever or
+        # the next `corrupt_count` replies
         self.corrupt_probability = corrupt_probability
         self.corrupt_byte: int | None = None
         self.corrupt_servos: frozenset[int] | None = None
+        self.corrupt_bits: int | None = None
+        self.corrupt_count: int | None = None
         self._rng = random.Random(seed)
         self.models = list(models) if models is not None else [XM430_W350] * n
         if len(self.models) != n:
@@ -301,8 +304,10 @@ class DynamixelEmulator:
             error |= dx.ERROR_ALERT
         packet = dx.status_packet(self.tables[k][dx.ADDR_ID], error, params)
         if self.corrupt_probability and (self.corrupt_servos is None or k in self.corrupt_servos) \
-                and self._rng.random() < self.corrupt_probability:
-            return flip_byte(packet, self._rng, self.corrupt_byte)
+                and self.corrupt_count != 0 and self._rng.random() < self.corrupt_probability:
+            if self.corrupt_count is not None:
+                self.corrupt_count -= 1
+            return flip_byte(packet, self._rng, self.corrupt_byte, self.corrupt_bits)
         return packet
 
     def _read(self, k: int, addr: int, length: int) -> tuple[int, bytes]:

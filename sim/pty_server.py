@@ -16,11 +16,13 @@ import tty
 from collections.abc import Callable
 
 
-def flip_byte(packet: bytes, rng: random.Random, at: int | None = None) -> bytes:
-    """Line noise: one byte of `packet` (at `at`, else anywhere) XORed with a non-zero value."""
+def flip_byte(packet: bytes, rng: random.Random, at: int | None = None,
+              bits: int | None = None) -> bytes:
+    """Line noise: one byte of `packet` (at `at`, else anywhere) XORed with `bits`, else with a
+    random non-zero value."""
     flipped = bytearray(packet)
     where = at if at is not None else rng.randrange(len(flipped))
-    flipped[where % len(flipped)] ^= rng.randrange(1, 256)
+    flipped[where % len(flipped)] ^= bits or rng.randrange(1, 256)
     return bytes(flipped)
 
 

@@ -198,12 +198,13 @@ def test_silent_last_motor_times_out(bus: DynamixelBus, actuators: Actuators) ->
     assert sum(s.per_motor_errors.values()) == 2
 
 
-@pytest.mark.parametrize(("byte", "reason"), [(5, "length field"), (0, "no reply"),
-                                              (3, "no reply"), (10, "CRC error")])
+@pytest.mark.parametrize(("byte", "reason"), [(5, "length field"), (0, "(?:garbled|no) reply"),
+                                              (3, "(?:garbled|no) reply"), (10, "CRC error")])
 def test_one_corrupt_reply_fails_only_its_motor_at_once(
         bus: DynamixelBus, emulator: DynamixelEmulator, byte: int, reason: str) -> None:
     """The sim's `corrupt` fault aimed at the elbow's replies: at the length byte (0x0E -> a
-    length no reply has), the header (the reply vanishes) or the data (CRC). The other five
+    length no reply has), the header (a reply's bytes with no packet in them) or the data
+    (CRC). The other five
     replies are parsed as they arrive and only the elbow is blamed, without a timeout."""
     bus.timeout_ms = 500.0
     emulator.corrupt_probability, emulator.corrupt_byte = 1.0, byte
@@ -218,6 +219,37 @@ def test_one_corrupt_reply_fails_only_its_motor_at_once(
     emulator.corrupt_probability = 0.0
     bus.read(state)
     assert bus.stats.reads == 1
+
+
+@pytest.mark.parametrize(("servo", "byte", "bits"), [
+    (5, 5, 0x01),  # the last reply's length 0x0E -> 0x0F: waited out the timeout for a byte
+    (5, 2, 0x01),  # the last reply's header: its bytes came, no packet in them
+    (1, 4, 0x04),  # the shoulder's id 2 -> 6: blamed the gripper, whose reply was still to come
+    (2, 5, 0x80),  # the elbow's length 0x0E -> 0x8E
+    (0, 12, 0x10),  # a data byte of the first reply (CRC)
+])
+def test_one_flipped_bit_costs_a_retry_of_that_servo_alone(
+        bus: DynamixelBus, emulator: DynamixelEmulator, actuators: Actuators, servo: int,
+        byte: int, bits: int) -> None:
+    """One flipped bit in one reply of a SYNC READ: the other five replies are kept, the retry
+    asks only the servo that failed, and the read succeeds, without waiting out the timeout."""
+    bus.timeout_ms = 500.0
+    state = MotorState(6)
+    bus.read(state)
+    truth = state.q.copy()
+    emulator.corrupt_probability, emulator.corrupt_byte = 1.0, byte
+    emulator.corrupt_servos, emulator.corrupt_bits = frozenset({servo}), bits
+    emulator.corrupt_count = 1
+    served = emulator.packets_served
+    state.q[:] = np.nan
+    t0 = time.monotonic()
+    bus.read(state)
+    assert time.monotonic() - t0 < 0.25  # a timeout would be 500 ms
+    np.testing.assert_array_equal(state.q, truth)
+    assert emulator.corrupt_count == 0 and emulator.packets_served == served + 2
+    s = bus.stats
+    assert (s.retries, s.errors, s.timeouts, s.reads) == (1, 0, 0, 2)
+    assert s.per_motor_errors == {name: int(k == servo) for k, name in enumerate(JOINTS)}
 
 
 def test_corrupted_replies_counted_never_accepted(

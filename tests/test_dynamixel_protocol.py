@@ -213,9 +213,8 @@ def test_sync_parser_reads_every_reply_in_any_chunking(chunk: int) -> None:
 
 @pytest.mark.parametrize(("patch", "reason"), [
     ({5: 0x8E}, "length field 142"),   # a flipped length bit: no reply is that long
-    # plausible (a stuffed reply's length): the next header inside it, or the CRC, whichever
-    # arrives first
-    ({5: 0x0F}, ("reply cut short", "CRC error")),
+    # plausible (a stuffed reply's length), but there is no stuffing in it
+    ({5: 0x0F}, "length field 15 (a reply has 14, more only with stuffing)"),
     ({6: 0x01}, "length field 270"),
     ({12: 0x00}, "CRC error"),         # a data byte
 ])
@@ -227,6 +226,26 @@ def test_sync_parser_blames_only_the_corrupt_reply_and_settles_at_once(
     assert parser.bad[2] is not None and parser.bad[2].startswith(reason)
     assert [b for k, b in enumerate(parser.bad) if k != 2] == [None] * 5
     assert data_of(parser, stream, 3) == bytes([4] * 10)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 5])
+def test_sync_parser_any_flipped_bit_blames_its_reply_alone_without_waiting(chunk: int) -> None:
+    """Every single-bit flip (header, id, length, instruction, error, data, CRC) in any one of
+    the six replies, the last included: that motor alone is blamed, every other reply is kept,
+    and the parser settles on the bytes that came (no timeout). A flipped length bit of the
+    last reply (0x0E -> 0x0F) waited out the timeout for a byte that never comes; a flipped
+    id bit blamed the motor it named, whose reply had yet to come."""
+    for k in range(6):
+        for at in range(21):
+            for bit in range(8):
+                stream = replies()
+                stream[21 * k + at] ^= 1 << bit
+                parser = parse(stream, chunk)
+                where = (k, at, bit, parser.bad)
+                assert parser.settled, where
+                assert [b for j, b in enumerate(parser.bad) if j != k] == [None] * 5, where
+                assert all(data_of(parser, stream, j) == bytes([SYNC_IDS[j]] * 10)
+                           for j in range(6) if j != k), where
 
 
 def test_sync_parser_a_stray_header_blames_nobody() -> None:
