@@ -7,7 +7,7 @@ DURATION ?= 20
 FUZZ_S ?= 120
 FUZZ_JOBS ?= 1
 
-.PHONY: demo demo-remote test test-fast test-system lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop fuzz verify-systemd verify-aarch64 clean
+.PHONY: demo demo-remote test test-fast test-system lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop follower-table fuzz verify-systemd verify-aarch64 clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -157,6 +157,22 @@ data-loop: $(VENV)/.dev    # ~37 min on 2 busy shared CPU cores; CKPT= the check
 	$(NICE) $(BIN)/duet eval --bundle $(LOOP)/store/current --phrasing then --episodes $(LOOP_EVAL) \
 	  --ablation-episodes 0 --out $(LOOP)/eval-after-then
 	$(BIN)/python -m policy.loop_report $(LOOP)
+
+# A follower for the sim robot from its own motion (docs/follower-for-your-robot.md):
+# identify the servos, train none / model-free / learned followers, then the table of each
+# under held-out references, holds and three planners' chunks (reference, FACT, and the flow
+# planner of the bring-your-own tests).
+FOLLOW ?= runs/follower
+follower-table: $(VENV)/.dev
+	rm -rf $(FOLLOW) && mkdir -p $(FOLLOW)
+	$(BIN)/duet identify --config configs/sim.yaml --run-dir $(CURDIR)/$(FOLLOW)/run \
+	  --out $(FOLLOW)/identify --yes $(LOOP_HOST)
+	$(NICE) $(BIN)/duet train-follower --recordings $(FOLLOW)/identify/episodes \
+	  --bundle bundles/reference --out $(FOLLOW)/followers
+	$(BIN)/python -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); \
+	  from byo_policies import flow_bundle; flow_bundle(Path('$(FOLLOW)/flow'))"
+	$(NICE) $(BIN)/duet follower-table --followers $(FOLLOW)/followers --config configs/sim.yaml \
+	  --planner reference=bundles/reference --planner fact=bundles/fact --planner flow=$(FOLLOW)/flow
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/follower_loop.py --duration 20

@@ -1,8 +1,10 @@
-"""`duet train` and `duet eval` (torch and mujoco are imported inside the handlers)."""
+"""`duet train`, `duet eval`, `duet train-follower`, `duet follower-table` (torch and mujoco are
+imported inside the handlers)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from runtime.commands import options as cliopts
@@ -113,6 +115,101 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="bench/fact_decoder.py --json output")
     fact.add_argument("--workers", type=int, default=1, help="processes running cells")
     e.set_defaults(func=_eval)
+
+    t = cliopts.subcommand(
+        subparsers, "train-follower", "followers for your robot from its tracking recordings: "
+        "none, model-free (identified), learned; a bundle with each",
+        "duet train-follower --recordings runs/identify/episodes --config configs/sim.yaml "
+        "--bundle bundles/reference --out runs/followers",
+        description="Fit the servo model (as `duet identify` does) and a learned correction on "
+        "top of it (hindsight: the measured motion is the reference the given command tracks), "
+        "export both through the exporter, and write OUT/bundle-none, OUT/bundle-model-free "
+        "and OUT/bundle-learned: the --bundle's planner with each follower. Reports what each "
+        "leaves on held-out stretches and, on a sim config, tracking RMS on held-out "
+        "references (OUT/report.json).")
+    t.add_argument("--recordings", type=Path, nargs="+", required=True,
+                   help="MCAP files, or folders of them")
+    t.add_argument("--bundle", type=Path, required=True, help="the planner bundle to pair with")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    t.add_argument("--steps", type=int, default=1500, help="correction optimiser steps")
+    t.add_argument("--correction-max", type=float, default=0.02,
+                   help="rad: bound of the learned correction on the model-free command")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--smoke", action="store_true", help="a few steps, one short evaluation")
+    cliopts.add_json(t)
+    t.set_defaults(func=_train_follower)
+
+    ft = cliopts.subcommand(
+        subparsers, "follower-table", "tracking of each follower under several planners' "
+        "chunks, held-out references and holds (planner-agnostic checks)",
+        "duet follower-table --followers runs/followers --planner reference=bundles/reference "
+        "--planner fact=bundles/fact")
+    ft.add_argument("--followers", type=Path, required=True,
+                    help="what `duet train-follower` wrote (follower-*.onnx)")
+    ft.add_argument("--planner", action="append", default=[], metavar="NAME=BUNDLE",
+                    help="a planner bundle whose chunks the followers track (repeatable)")
+    ft.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    ft.add_argument("--episodes", type=int, default=6, help="sim episodes per planner")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--smoke", action="store_true", help="one of each, short")
+    cliopts.add_json(ft)
+    ft.set_defaults(func=_follower_table)
+
+
+def _train_follower(args: argparse.Namespace) -> int:
+    from policy.train_follower import train
+    from runtime.commands.identify import read_tracks
+    from runtime.config import load_config
+
+    cfg = load_config(args.config)
+    paths = [p for given in args.recordings
+             for p in (sorted(given.rglob("*.mcap")) if given.is_dir() else [given])]
+    tracks, used = read_tracks(paths, list(cfg.robot.joints), 1.0 / cfg.follower.hz)
+    if not tracks:
+        return cliopts.fail("duet train-follower", "no usable recordings in "
+                            f"{' '.join(map(str, args.recordings))}")
+    log = (lambda _: None) if args.json else print
+    report = train(cfg, tracks, used, args.bundle, args.out,
+                   steps=20 if args.smoke else args.steps,
+                   correction_max=args.correction_max, seed=args.seed,
+                   eval_refs=1 if args.smoke else 2, eval_s=4.0 if args.smoke else 12.0,
+                   log=log)
+    off = report["offline_rms_mrad"]
+    lock = report.get("lockstep_rms_mrad", {})
+    human = "\n".join(
+        [f"followers from {len(used)} recordings ({report['samples']} samples, "
+         f"{report['fit_and_train_s']} s) -> {args.out}",
+         f"  {'follower':<12}{'held-out mrad':>15}{'tracking mrad':>15}   bundle"]
+        + [f"  {k:<12}{off[k]:>15}{lock.get(k, '-'):>15}   {report['bundles'][k]}"
+           for k in off])
+    cliopts.emit(args, human, report)
+    return 0
+
+
+def _follower_table(args: argparse.Namespace) -> int:
+    from policy.follower_eval import format_table, onnx_follower, table
+    from runtime.config import load_config
+
+    cfg = load_config(args.config)
+    planners = {}
+    for item in args.planner:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            return cliopts.fail("duet follower-table", f"--planner {item!r}: expected NAME=BUNDLE",
+                                cliopts.EXIT_USAGE)
+        planners[name] = Path(path)
+    n = len(cfg.robot.joints)
+    followers = {kind: (onnx_follower(args.followers / f"follower-{kind}.onnx", n)
+                        if (args.followers / f"follower-{kind}.onnx").exists() else None)
+                 for kind in ("none", "model-free", "learned")}
+    log = (lambda _: None) if args.json else print
+    result = table(cfg, followers, planners, episodes=1 if args.smoke else args.episodes,
+                   refs=1, ref_s=4.0 if args.smoke else 12.0, holds=1 if args.smoke else 4,
+                   seed=args.seed, log=log)
+    (args.followers / "table.json").write_text(json.dumps(result, indent=2) + "\n")
+    cliopts.emit(args, format_table(result), result)
+    return 0 if result["ok"] else 1
 
 
 def _train(args: argparse.Namespace) -> int:

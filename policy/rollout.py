@@ -92,9 +92,10 @@ def _ns(t: float) -> int:
 def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
                 model: ResidualModel | None, s: LoopSettings,
                 start_q: np.ndarray | None = None, tick_hook: TickHook | None = None,
-                ) -> EpisodeResult:
+                task: TaskTracker | None = None) -> EpisodeResult:
     """Run one episode to success or timeout; the arm starts at rest at `start_q`
-    (default: where it is)."""
+    (default: where it is). `task`: another judge of the episode than its blocks (a time
+    limit alone, for tracking studies)."""
     n = world.actuators.n
     steps_per_tick = round(s.physics_hz / s.follower_hz)
     ticks_per_plan = round(s.follower_hz / s.planner_hz)
@@ -106,7 +107,7 @@ def run_episode(world: SimWorld, episode: Episode, plan_fn: PlanFn,
     with act.lock:
         act.torque_enabled[:] = True
         act.hw_error[:] = 0
-    task = TaskTracker(episode, timeout_s=s.timeout_s)
+    task = task if task is not None else TaskTracker(episode, timeout_s=s.timeout_s)
     task.start(world, world.time)
     core = FollowerCore(s.core_at(tick_dt), model)
     q0 = world.q()

@@ -17,8 +17,8 @@ from runtime.version import version
 
 GROUP = "duet.commands"
 # The order of `duet --help`: the robot's own commands first; others after, by name.
-ORDER = ("robot", "install", "bundle", "config", "observe", "sim", "policy", "export",
-         "dataset")
+ORDER = ("robot", "install", "bundle", "config", "observe", "identify", "sim", "policy",
+         "export", "dataset")
 
 
 def _order(ep: EntryPoint) -> tuple[int, str]:

@@ -47,7 +47,8 @@ def _teleop(args: argparse.Namespace) -> int:
     import signal
 
     from runtime.ipc.logs import setup_logging
-    from sim.teleop import TeleopError, collect
+    from runtime.stack.recording import RecordingError
+    from sim.teleop import collect
 
     if args.episodes <= 0:
         return cliopts.fail("duet teleop", "--episodes must be positive", cliopts.EXIT_USAGE)
@@ -61,7 +62,7 @@ def _teleop(args: argparse.Namespace) -> int:
     try:
         results = collect(cfg, args.out, args.episodes, args.prefix, args.frame_hz,
                           log_line=(lambda _: None) if args.json else print)
-    except TeleopError as exc:
+    except RecordingError as exc:  # the session's and the recorder's
         return cliopts.fail("duet teleop", exc)
     ok = sum(r["outcome"] == "success" for r in results)
     cliopts.emit(args, f"recorded {len(results)} episodes in {args.out}/episodes "

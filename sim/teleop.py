@@ -10,8 +10,6 @@ before the recorder could see it).
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,36 +24,16 @@ from runtime.ipc.messages import MessageError, decode
 from runtime.ipc.rpc import request_at
 from runtime.model.robot_bundle import robot_bundle
 from runtime.planner.shell import PlannerShell
+from runtime.stack.recording import RecorderProcess, RecordingError
 from runtime.stack.supervisor import Supervisor
 from sim.operator import ExpertSource
 
 log = logging.getLogger("duet.teleop")
 
 
-class TeleopError(RuntimeError):
-    pass
-
-
-def _recorder(cfg: DuetConfig, effective: Path, out: Path, frame_hz: float
-              ) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "record", "serve",
-                             "--config", str(effective), "--run-dir", cfg.run_dir,
-                             "--dir", str(out), "--frame-hz", str(frame_hz)],
-                            start_new_session=True)
-    deadline = time.monotonic() + 30
-    while not (Path(cfg.run_dir) / "recorder").exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise TeleopError(f"the recorder did not start (exit {proc.poll()})")
-        time.sleep(0.05)
-    return proc
-
-
-def _ask(cfg: DuetConfig, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
-    reply = request_at(endpoints.recorder(cfg.run_dir), cmd, args, timeout_s=10.0)
-    if not reply.get("ok"):
-        raise TeleopError(f"recorder {cmd}: {reply.get('error')}")
-    return dict(reply["result"])
+class TeleopError(RecordingError):
+    """A session that could not collect what was asked (the recorder's own errors are its
+    base class: the command reports both)."""
 
 
 def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
@@ -66,7 +44,8 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
     `during(n)` runs right after the n-th recording starts (an operator's action: an estop)."""
     sup = Supervisor(cfg, "teleop", record=False)
     operator: PlannerShell | None = None
-    recorder = thread = None
+    recorder: RecorderProcess | None = None
+    thread = None
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -75,7 +54,7 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
     timeout_s = timeout_s or episodes * 2.0 * (cfg.sim.episode_timeout_s if cfg.sim else 12.0)
     try:
         sup.start(with_planner=False)
-        recorder = _recorder(cfg, Path(cfg.run_dir) / endpoints.EFFECTIVE_CONFIG, out, frame_hz)
+        recorder = RecorderProcess(cfg, out, frame_hz)
         bundle = robot_bundle(cfg)
         operator = PlannerShell(cfg, bundle.version, ExpertSource(cfg, bundle), cameras={})
         thread = threading.Thread(target=operator.run, name="operator", daemon=True)
@@ -99,11 +78,11 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
                     first_seen = index  # already under way: not recorded
                 elif current is None and index > first_seen:
                     current = index
-                    _ask(cfg, "start", {"name": f"{prefix}-{len(results):03d}"})
+                    recorder.ask("start", {"name": f"{prefix}-{len(results):03d}"})
                     if during is not None:
                         during(len(results))
             elif msg.get("type") == "episode" and index == current:
-                result = _ask(cfg, "stop", {})
+                result = recorder.ask("stop", {})
                 results.append(result)
                 log_line(f"  teleop: {Path(result['path']).name} {result['outcome']} "
                          f"({msg.get('duration_s')} s) {msg.get('instruction')!r}")
@@ -123,11 +102,6 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
             operator.close()
         sub.close(linger=0)
         if recorder is not None:
-            recorder.terminate()
-            try:
-                recorder.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                recorder.kill()
-                recorder.wait()
+            recorder.close()
         sup.stop()
     return results

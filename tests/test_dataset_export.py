@@ -279,7 +279,7 @@ def test_files_roll_over_at_their_size_limits(recordings: Path, tmp_path: Path) 
     """Tiny limits: each episode starts a new data and video file; the episode rows point at
     them and the video ranges restart at 0 in each file."""
     from export.dataset import lerobot
-    from export.dataset.recordings import resample
+    from runtime.observe.recordings import resample
     from export.dataset.select import select
 
     frames = [resample(r, FPS) for r in select([recordings]).kept]

@@ -48,8 +48,8 @@ def _date(text: str) -> datetime:
 
 def _export(args: argparse.Namespace) -> int:
     from export.dataset import lerobot
-    from export.dataset.recordings import RecordingError, resample
     from export.dataset.select import select
+    from runtime.observe.recordings import RecordingError, resample
 
     if args.fps <= 0:
         return cliopts.fail("duet dataset export", f"--fps must be positive, got {args.fps}",

@@ -1,4 +1,4 @@
-"""Resampled episodes (export/dataset/recordings.py) -> a LeRobotDataset v3.0 folder.
+"""Resampled episodes (runtime/observe/recordings.py) -> a LeRobotDataset v3.0 folder.
 
 Layout, column names, dtypes and file naming follow LeRobot's own writer, checked against
 huggingface/lerobot `src/lerobot/datasets/utils.py` (path templates, DEFAULT_FEATURES,
@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export.dataset.recordings import Frames
+from runtime.observe.recordings import Frames
 
 CODEBASE_VERSION = "v3.0"
 CHUNKS_SIZE = 1000  # files per chunk folder

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from export.dataset.recordings import Recording, RecordingError, read
+from runtime.observe.recordings import Recording, RecordingError, read
 
 OUTCOMES = ("success", "fail", "any")
 

@@ -57,6 +57,9 @@ class PlanSource(Protocol):
     """What the shell needs of a source. A source may subclass this for the optional hooks'
     defaults (no sockets, nothing between cycles, no figures, nothing to close)."""
 
+    # False: the source plans without a task (identification); the shell does not idle it
+    needs_instruction: bool = True
+
     def camera_names(self) -> Sequence[str]:
         """The cameras whose fresh frames a cycle needs (none: the shell opens none)."""
         ...
@@ -256,7 +259,7 @@ class PlannerShell:
         if not t_obs or now - t_obs > STATE_MAX_AGE_NS:
             self.status = "no_state"
             return None
-        if not self.instruction:
+        if not self.instruction and self.source.needs_instruction:
             self.status = "idle"  # no task: the robot holds; healthy
             self.last_plan = None
             return None

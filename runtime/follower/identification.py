@@ -1,0 +1,180 @@
+"""What a model-free follower needs to know of a robot's servos, fitted from recordings of the
+robot tracking excitation trajectories (`duet identify`, runtime/planner/excitation.py).
+
+A position servo under load, joint by joint, seen from its command u and the measured q:
+
+    u_j(t - d_j) - q_j(t) = a_j q''_j + b_j q'_j + c_j tanh(q'_j / EPS) + G_j(q)
+
+- d_j: the delay from command to motion (bus, the servo's own control period);
+- a_j: inertia over position gain (s^2): sqrt(1/a_j) is the servo's effective bandwidth;
+- b_j: damping and viscous friction over gain (s): the velocity lag of plain tracking;
+- c_j: Coulomb friction over gain (rad);
+- G_j(q): gravity (and any pose-dependent load) over gain (rad): the sag at rest. It is linear
+  in sin and cos of the sums of contiguous joint runs (q_i + ... + q_k), the terms gravity
+  has on a serial chain, plus a constant; no kinematic model is needed.
+
+Every term is linear in the parameters, so each joint is a least-squares fit (d_j by search
+over a few ticks). The follower that inverts it (policy/tracking_followers.py) commands
+u(t) = r(t + d) + a r'' + b r' + c tanh(r'/EPS) + G(r), all at t + d: the reference where the
+arm will be when the command acts. The fit is numpy only, so it runs on the robot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+EPS = 0.05  # rad/s: the Coulomb term's smoothing (a sign function would chatter at rest)
+MAX_DELAY_TICKS = 12
+RIDGE = 1e-6
+
+
+def chain_angles(q: np.ndarray) -> np.ndarray:
+    """[N, J] -> [N, J(J+1)/2]: q_i + ... + q_k for every contiguous run i <= k."""
+    c = np.concatenate([np.zeros((q.shape[0], 1)), np.cumsum(q, axis=1)], axis=1)
+    j = q.shape[1]
+    return np.stack([c[:, k + 1] - c[:, i] for i in range(j) for k in range(i, j)], axis=1)
+
+
+def gravity_features(q: np.ndarray) -> np.ndarray:
+    """[N, J] -> [N, 1 + J(J+1)]: 1, sin and cos of each contiguous run's angle."""
+    s = chain_angles(q)
+    return np.concatenate([np.ones((q.shape[0], 1)), np.sin(s), np.cos(s)], axis=1)
+
+
+@dataclass
+class JointFit:
+    delay_s: float
+    a: float  # s^2
+    b: float  # s
+    c: float  # rad
+    gravity: list[float]  # weights of gravity_features
+    r2: float  # variance of (u - q) the model explains, on the held-out part
+    rms_rad: float  # what it leaves, held out
+
+    @property
+    def bandwidth_hz(self) -> float:
+        return float(np.sqrt(1.0 / self.a) / (2 * np.pi)) if self.a > 0 else float("nan")
+
+
+@dataclass
+class ServoModel:
+    """The identified robot: a fit per joint, and what it was fitted from."""
+
+    joints: list[str]
+    tick_s: float
+    fits: list[JointFit]
+    samples: int
+    recordings: list[str]
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ServoModel:
+        data = json.loads(path.read_text())
+        return cls(joints=list(data["joints"]), tick_s=float(data["tick_s"]),
+                   fits=[JointFit(**f) for f in data["fits"]], samples=int(data["samples"]),
+                   recordings=list(data["recordings"]))
+
+    def feedforward(self, r: np.ndarray, v: np.ndarray, acc: np.ndarray) -> np.ndarray:
+        """u - r for reference position, velocity, acceleration [N, J] at the time the
+        command acts (t + d): what the servo needs beyond the target itself."""
+        g = gravity_features(r)
+        out = np.empty_like(r)
+        for j, f in enumerate(self.fits):
+            out[:, j] = (f.a * acc[:, j] + f.b * v[:, j] + f.c * np.tanh(v[:, j] / EPS)
+                         + g @ np.asarray(f.gravity))
+        return out
+
+    def table(self) -> list[dict[str, object]]:
+        return [{"joint": name, "delay_ms": round(f.delay_s * 1e3, 1),
+                 "bandwidth_hz": round(f.bandwidth_hz, 2), "lag_ms": round(f.b * 1e3, 1),
+                 "coulomb_mrad": round(f.c * 1e3, 2),
+                 "sag_mrad": round(float(np.abs(f.gravity[1:]).sum()) * 1e3, 1),
+                 "r2": round(f.r2, 4), "rms_mrad": round(f.rms_rad * 1e3, 2)}
+                for name, f in zip(self.joints, self.fits, strict=True)]
+
+
+@dataclass
+class Track:
+    """One recording on a uniform tick grid: the command u[i] is the one sent right after
+    q[i] was read (the follower publishes the state before it computes the next command)."""
+
+    q: np.ndarray  # [N, J] rad
+    dq: np.ndarray  # rad/s
+    ddq: np.ndarray  # rad/s^2
+    u: np.ndarray  # rad
+
+
+def track(t_ns: np.ndarray, q: np.ndarray, dq: np.ndarray, q_cmd: np.ndarray,
+          tick_s: float) -> Track:
+    """Resample a recording's joint states onto its tick grid (a missed tick or a dropped
+    message leaves a gap the interpolation bridges; the fit sees a smooth signal)."""
+    t = (t_ns - t_ns[0]) / 1e9
+    grid = np.arange(0.0, t[-1], tick_s)
+
+    def on_grid(x: np.ndarray) -> np.ndarray:
+        return np.stack([np.interp(grid, t, x[:, j]) for j in range(x.shape[1])], axis=1)
+
+    qg, dqg = on_grid(q), on_grid(dq)
+    # q_cmd in the state read at t[i] is the command computed one tick earlier
+    ug = on_grid(q_cmd)
+    u = np.vstack([ug[1:], ug[-1:]])
+    # acceleration: central difference of the measured velocity over +-2 ticks
+    ddq = np.zeros_like(dqg)
+    ddq[2:-2] = (dqg[4:] - dqg[:-4]) / (4 * tick_s)
+    return Track(qg, dqg, ddq, u)
+
+
+def fit(tracks: Sequence[Track], joints: Sequence[str], tick_s: float,
+        recordings: Sequence[str], holdout: float = 0.2) -> ServoModel:
+    """Per joint: the delay (searched) and the linear terms (least squares), judged on the
+    last `holdout` of each recording."""
+    if not tracks:
+        raise ValueError("no recordings to fit")
+    fits = []
+    samples = 0
+    for j in range(len(joints)):
+        best: JointFit | None = None
+        for d in range(MAX_DELAY_TICKS + 1):
+            rows_tr: list[np.ndarray] = []
+            rows_te: list[np.ndarray] = []
+            y_tr: list[np.ndarray] = []
+            y_te: list[np.ndarray] = []
+            for tr in tracks:
+                n = tr.q.shape[0] - d - 4
+                if n <= 10:
+                    continue
+                sl = slice(d + 2, d + 2 + n)  # the state at t, the command at t - d
+                x = np.concatenate([
+                    np.stack([tr.ddq[sl, j], tr.dq[sl, j], np.tanh(tr.dq[sl, j] / EPS)], axis=1),
+                    gravity_features(tr.q[sl])], axis=1)
+                y = tr.u[2:2 + n, j] - tr.q[sl, j]
+                cut = int(n * (1 - holdout))
+                rows_tr.append(x[:cut])
+                y_tr.append(y[:cut])
+                rows_te.append(x[cut:])
+                y_te.append(y[cut:])
+            if not rows_tr:
+                continue
+            xa, ya = np.concatenate(rows_tr), np.concatenate(y_tr)
+            xt, yt = np.concatenate(rows_te), np.concatenate(y_te)
+            w = np.linalg.solve(xa.T @ xa + RIDGE * len(ya) * np.eye(xa.shape[1]), xa.T @ ya)
+            err = yt - xt @ w
+            var = float(np.var(yt))
+            r2 = 1.0 - float(np.var(err)) / var if var > 0 else 0.0
+            cand = JointFit(delay_s=d * tick_s, a=float(w[0]), b=float(w[1]), c=float(w[2]),
+                            gravity=[float(v) for v in w[3:]], r2=r2,
+                            rms_rad=float(np.sqrt(np.mean(err**2))))
+            if best is None or cand.rms_rad < best.rms_rad:
+                best = cand
+            samples = max(samples, len(ya) + len(yt))
+        if best is None:
+            raise ValueError("recordings too short to fit (need a few hundred ticks each)")
+        fits.append(best)
+    return ServoModel(list(joints), tick_s, fits, samples, list(recordings))

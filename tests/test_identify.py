@@ -1,0 +1,152 @@
+"""Identification and followers for your own robot: the excitation stays where it is allowed,
+the fit recovers a servo it was given, the model-free follower inverts the fitted model, and
+on the sim robot `duet identify` -> `duet train-follower --smoke` -> `duet follower-table
+--smoke` run as a technician types them and write bundles the robot loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sim_arm import JOINTS, N_JOINTS
+
+from runtime.follower.identification import EPS, JointFit, ServoModel, Track, fit, gravity_features
+from runtime.planner.excitation import GRID_HZ, Box, Excitation
+
+ROOT = Path(__file__).resolve().parents[1]
+TICK = 0.002
+
+
+def _box(center: np.ndarray, span: float = 0.4, speed: float = 0.5) -> Box:
+    return Box.around(center, span, [-2.0] * 3, [2.0] * 3, [2.0] * 3, speed)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_excitation_stays_in_its_box_under_its_speed_and_ends_at_rest_where_it_began(
+        seed: int) -> None:
+    start = np.array([0.3, -1.7, 1.0])  # joint 1 near its limit: the box is clipped there
+    box = _box(start)
+    exc = Excitation(start, box, sweep_s=10.0, poses=4, seed=seed)
+    t = np.arange(0.0, exc.duration, 1.0 / GRID_HZ)
+    q = exc.sample(t)
+    assert (q >= box.lo - 1e-9).all() and (q <= box.hi + 1e-9).all()
+    v = np.abs(np.diff(q, axis=0)) * GRID_HZ
+    assert (v.max(axis=0) <= box.velocity * 1.01).all()
+    np.testing.assert_allclose(q[0], exc.start, atol=1e-9)
+    np.testing.assert_allclose(exc.sample(np.array([exc.duration]))[0], exc.start, atol=1e-9)
+    assert np.abs(v[-20:]).max() < 1e-6  # at rest at the end (a hold)
+    assert (np.ptp(q, axis=0) > 0.2).all()  # every joint is excited
+
+
+def _synthetic(model: ServoModel, seconds: float, seed: int) -> Track:
+    """The servo the model describes, driven through an excitation: u is what it needed."""
+    n = len(model.fits)
+    exc = Excitation(np.zeros(n), _box(np.zeros(n), 0.8, 0.6), seconds, 6, seed=seed)
+    t = np.arange(0.0, exc.duration, TICK)
+    q = exc.sample(t)
+    dq = np.gradient(q, TICK, axis=0)
+    ddq = np.gradient(dq, TICK, axis=0)
+    g = gravity_features(q)
+    u = np.empty_like(q)
+    for j, f in enumerate(model.fits):
+        d = round(f.delay_s / TICK)
+        need = q[:, j] + f.a * ddq[:, j] + f.b * dq[:, j] + f.c * np.tanh(dq[:, j] / EPS) \
+            + g @ np.asarray(f.gravity)
+        u[:, j] = np.concatenate([need[d:], np.repeat(need[-1:], d)])  # u(t) acts at t + d
+    return Track(q, dq, ddq, u)
+
+
+def _model(n: int = 3) -> ServoModel:
+    rng = np.random.default_rng(5)
+    width = gravity_features(np.zeros((1, n))).shape[1]
+    fits = [JointFit(delay_s=TICK * (2 + 3 * j), a=2e-4 * (j + 1), b=0.05 + 0.01 * j,
+                     c=0.002, gravity=list(rng.normal(0, 0.01, width)), r2=1.0, rms_rad=0.0)
+            for j in range(n)]
+    return ServoModel([f"j{j}" for j in range(n)], TICK, fits, 0, [])
+
+
+def test_the_fit_recovers_a_known_servo_from_its_motion() -> None:
+    truth = _model()
+    tracks = [_synthetic(truth, 12.0, seed) for seed in range(2)]
+    got = fit(tracks, truth.joints, TICK, ["synthetic"])
+    for want, f in zip(truth.fits, got.fits, strict=True):
+        assert f.delay_s == pytest.approx(want.delay_s, abs=TICK)
+        assert f.b == pytest.approx(want.b, rel=0.1)
+        assert f.r2 > 0.99
+        assert f.rms_rad < 2e-4
+
+
+def test_the_model_free_follower_commands_what_the_fitted_servo_needs() -> None:
+    """On a quadratic reference the window determines r, r', r'' exactly: the graph's residual
+    must equal the model's feed-forward at t + d, minus the reference one tick on."""
+    import torch
+
+    from policy.tracking_followers import ModelFreeFollower
+
+    model = _model()
+    follower = ModelFreeFollower(model, lookahead=8, lookahead_dt=0.02)
+    c0, c1, c2 = np.array([0.1, -0.4, 0.7]), np.array([0.5, -0.2, 0.3]), np.array([1.5, 0.4, -2])
+    taus = (np.arange(8) + 1.0) * 0.02
+    window = c0 + c1 * taus[:, None] + c2 * taus[:, None] ** 2
+    got = follower(torch.tensor(window[None], dtype=torch.float32), torch.zeros(1, 3),
+                   torch.zeros(1, 3)).numpy()[0]
+    d = np.array([f.delay_s for f in model.fits])
+    r, v, a = c0 + c1 * d + c2 * d * d, c1 + 2 * c2 * d, 2 * c2
+
+    def ff(j: int) -> float:
+        one = model.feedforward(r[None], v[None], a[None])[0]
+        return float(one[j])
+    want = r + np.array([ff(j) for j in range(3)]) - (c0 + c1 * TICK + c2 * TICK**2)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def _duet(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, MUJOCO_GL="egl", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.system
+@pytest.mark.slow
+def test_identify_then_train_follower_then_the_table_on_the_sim(tmp_path: Path) -> None:
+    from runtime.model.bundle import load_bundle
+    from runtime.model.residual import residual_model
+
+    ident = tmp_path / "identify"
+    out = _duet("identify", "--config", "configs/sim.yaml", "--run-dir", str(tmp_path / "run"),
+                "--out", str(ident), "--slow-only", "--sweep-s", "10", "--poses", "3",
+                "--set", "follower.deadline_storm.misses=400", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert [Path(p).name for p in report["recordings"]] == ["identify-slow.mcap"]
+    assert {r["joint"] for r in report["table"]} == set(JOINTS)
+    assert all(r["r2"] > 0.5 for r in report["table"]), report["table"]
+    assert (ident / "servo_model.json").is_file()
+
+    followers = tmp_path / "followers"
+    out = _duet("train-follower", "--recordings", str(ident / "episodes"), "--bundle",
+                "bundles/reference", "--out", str(followers), "--smoke", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    trained = json.loads(out.stdout)
+    off = trained["offline_rms_mrad"]
+    assert off["model-free"] < off["none"]  # the identified model explains the servo
+    for kind in ("none", "model-free", "learned"):
+        bundle = load_bundle(followers / f"bundle-{kind}")
+        model = residual_model(bundle, list(JOINTS))
+        assert (model is None) == (kind == "none")
+        if model is not None:
+            res = model.residual(np.zeros((8, N_JOINTS)), np.zeros(N_JOINTS), np.zeros(N_JOINTS))
+            assert res.shape == (N_JOINTS,) and np.isfinite(res).all()
+
+    out = _duet("follower-table", "--followers", str(followers), "--planner",
+                "reference=bundles/reference", "--smoke", "--json")
+    assert out.returncode in (0, 1), out.stderr[-3000:]
+    table = json.loads(out.stdout)
+    assert set(table["rows"]) == {"excitation (held out)", "hold", "planner: reference"}
+    assert all(set(cells) == {"none", "model-free", "learned"} for cells in table["rows"].values())
+    assert table["checks"]
