@@ -72,11 +72,12 @@ def with_follower(base: Path, out: Path, label: str, follower: Path | None = Non
             shutil.copyfile(follower, staged / FOLLOWER_FILE)
             if source is None or samples is None:
                 raise ExportError("a new follower needs its source and samples for parity")
-            # one sample at a time, with the batch of 1 the follower runs with
+            # one sample at a time, with the batch of 1 the follower runs with (the engine
+            # reuses its output buffer: each result is copied)
             ins = {k: np.ascontiguousarray(samples[k][:, None], dtype=np.float32)
                    for k in ("ref", "q", "dq")}
             engine = OnnxRuntimeEngine(staged / FOLLOWER_FILE)
-            got = np.concatenate([engine.run({k: v[i] for k, v in ins.items()})["residual"]
+            got = np.concatenate([engine.run({k: v[i] for k, v in ins.items()})["residual"].copy()
                                   for i in range(len(ins["q"]))])
             want = source({k: v[:, 0] for k, v in ins.items()})
             err = float(np.abs(got - want).max())

@@ -150,3 +150,37 @@ def test_identify_then_train_follower_then_the_table_on_the_sim(tmp_path: Path) 
     assert set(table["rows"]) == {"excitation (held out)", "hold", "planner: reference"}
     assert all(set(cells) == {"none", "model-free", "learned"} for cells in table["rows"].values())
     assert table["checks"]
+
+
+@pytest.mark.system
+def test_an_estop_during_identification_ends_it_and_keeps_the_recording(tmp_path: Path
+                                                                         ) -> None:
+    import time
+
+    from runtime.ipc import endpoints
+    from runtime.ipc.rpc import request_at
+
+    run = tmp_path / "run"
+    env = dict(os.environ, MUJOCO_GL="egl", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "identify", "--config", "configs/sim.yaml",
+         "--run-dir", str(run), "--out", str(tmp_path / "identify"), "--yes",
+         "--set", "follower.deadline_storm.misses=400"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        recording = tmp_path / "identify" / "episodes" / "identify-slow.mcap"
+        deadline = time.monotonic() + 240
+        while not recording.exists():  # the slow phase has begun
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "identification never started recording"
+            time.sleep(0.2)
+        reply = request_at(endpoints.control(str(run)), "estop", {"reason": "test"}, 10.0)
+        assert reply["ok"], reply
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err[-3000:]
+    assert "ESTOP during the slow phase" in err
+    assert recording.stat().st_size > 0  # kept
