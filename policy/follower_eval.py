@@ -13,7 +13,7 @@ it holds where the model-free follower holds (within `STEADY_TOL_RAD`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,7 @@ def _with_timeout(settings: LoopSettings, seconds: float) -> LoopSettings:
     return replace(settings, timeout_s=seconds)
 
 
-def table(cfg: DuetConfig, followers: dict[str, ResidualModel | None],
+def table(cfg: DuetConfig, followers: Mapping[str, ResidualModel | None],
           planners: dict[str, Path], episodes: int = 4, refs: int = 2, ref_s: float = 12.0,
           holds: int = 4, seed: int = 0, log: Callable[[str], None] = print
           ) -> dict[str, Any]:

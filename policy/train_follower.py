@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from policy.models import Follower
 from policy.tracking_followers import LearnedFollower, ModelFreeFollower, hindsight, predict
 from policy.train import train_follower
 from runtime.config import DuetConfig
-from runtime.follower.identification import ServoModel, Track, fit
+from runtime.follower.identification import Track, fit
 
 KINDS = ("none", "model-free", "learned")
 PARITY_SAMPLES = 8
@@ -71,12 +72,12 @@ def train(cfg: DuetConfig, tracks: list[Track], used: list[str], base: Path, out
     samples = {k: held[k][:PARITY_SAMPLES] for k in ("ref", "q", "dq")}
     for kind in KINDS:
         module = modules.get(kind)
-        onnx = None
+        onnx = source = None
         if module is not None:
             onnx = out / f"follower-{kind}.onnx"
             _export(module, len(joints), lookahead, onnx)
-        with_follower(base, out / f"bundle-{kind}", kind, onnx,
-                      source=(lambda ins, m=module: predict(m, ins)) if module else None,
+            source = partial(predict, module)
+        with_follower(base, out / f"bundle-{kind}", kind, onnx, source=source,
                       samples=samples if module else None, lookahead=lookahead,
                       lookahead_dt=lookahead_dt, tool="duet train-follower")
         bundles[kind] = str(out / f"bundle-{kind}")
@@ -115,7 +116,3 @@ def _rms(x: np.ndarray) -> float:
 
 def _mrad(d: dict[str, float]) -> dict[str, float]:
     return {k: round(v * 1e3, 3) for k, v in d.items()}
-
-
-def load_servo_model(path: Path) -> ServoModel:
-    return ServoModel.load(path)

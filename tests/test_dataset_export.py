@@ -279,8 +279,8 @@ def test_files_roll_over_at_their_size_limits(recordings: Path, tmp_path: Path) 
     """Tiny limits: each episode starts a new data and video file; the episode rows point at
     them and the video ranges restart at 0 in each file."""
     from export.dataset import lerobot
-    from runtime.observe.recordings import resample
     from export.dataset.select import select
+    from runtime.observe.recordings import resample
 
     frames = [resample(r, FPS) for r in select([recordings]).kept]
     info = lerobot.write(frames, tmp_path, FPS, "t", data_file_mb=1e-6, video_file_mb=1e-6,
