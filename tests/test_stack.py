@@ -62,6 +62,8 @@ def test_duet_run_prints_and_writes_the_summary(tmp_path: Path, bundle: Path) ->
     # the model's own time per plan, written by the planner (it was read but never written)
     inference = s["planner"]["inference_ms"]
     assert 0 < inference["p50"] <= inference["p99"] <= s["planner"]["latency_ms"]["p99"]
+    # start-up: the bundle verified and the engines loaded, then the first plan after it
+    assert 0 < s["planner"]["load_s"] < s["planner"]["first_plan_s"] < s["duration_s"]
     assert s["safety"]["faults"] == 0
     assert s["bus"]["errors"] <= 0.01 * s["bus"]["reads"]  # retried-out reads: rare, counted
     assert "duet run" in proc.stdout  # the human table

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,12 +38,14 @@ SourceFactory = Callable[[DuetConfig, Bundle], PlanSource]
 
 def run_planner(cfg: DuetConfig, duration_s: float | None = None,
                 source: SourceFactory = PipelineSource) -> int:
+    started_ns = time.monotonic_ns()  # load_s and first_plan_s count from here
     if cfg.bundle.engine == "onnxruntime" and \
             "tensorrt" in cfg.bundle.onnxruntime.planner_providers:
         make_notifier().notify(f"EXTEND_TIMEOUT_USEC={ENGINE_BUILD_TIMEOUT_S * 1_000_000}")
     try:
         bundle = robot_bundle(cfg)
-        planner = PlannerShell(cfg, bundle.version, source(cfg, bundle))
+        planner = PlannerShell(cfg, bundle.version, source(cfg, bundle),
+                               started_ns=started_ns)
     except (BundleError, EngineError, BusError, CameraError, PipelineError, KeyError,
             KeyFileError) as exc:
         log.error("%s", exc)

@@ -34,4 +34,6 @@ class PlannerSummary(SourceFigures):
     plans: int
     achieved_hz: float
     latency_ms: dict[str, float]
+    load_s: float | None  # process start -> bundle verified, engines loaded, sockets bound
+    first_plan_s: float | None  # process start -> first plan published (None: no plan)
     dropped_messages: dict[str, int]

@@ -93,7 +93,11 @@ class PlannerShell:
     """The planner process's I/O and loop around a `PlanSource` that decides the plans."""
 
     def __init__(self, cfg: DuetConfig, bundle_version: str, source: PlanSource,
-                 cameras: dict[str, Camera] | None = None) -> None:
+                 cameras: dict[str, Camera] | None = None, started_ns: int | None = None
+                 ) -> None:
+        """`started_ns`: when the process started (monotonic), before the bundle was verified
+        and its engines loaded: `load_s` and `first_plan_s` count from it."""
+        self.started_ns = started_ns if started_ns is not None else time.monotonic_ns()
         self.cfg = cfg
         self.source = source
         self.n = len(cfg.robot.joints)
@@ -144,6 +148,8 @@ class PlannerShell:
         self.cycle_starts = Ring(1 << 16)
         self.dropped: dict[str, int] = {}
         self.stop_requested = False
+        self.first_plan_ns: int | None = None
+        self.load_s = (time.monotonic_ns() - self.started_ns) / 1e9  # verified, loaded, bound
 
     def close(self) -> None:
         self.source.close()
@@ -282,6 +288,8 @@ class PlannerShell:
         self.tel_pub.send(plan)  # observers (the recorder) see plans here
         self.last_plan = Plan(waypoints.copy(), dt_s, t_obs / 1e9, t_done / 1e9)
         self.plans += 1
+        if self.first_plan_ns is None:
+            self.first_plan_ns = t_done
         self.latency.add(latency_ms)
         self.status = "planning"
 
@@ -336,5 +344,8 @@ class PlannerShell:
             "plans": self.plans,
             "achieved_hz": round(self.plans / span, 2) if span else 0.0,
             "latency_ms": summarize(self.latency.values(), ("p50", "p99"), digits=2),
+            "load_s": round(self.load_s, 3),
+            "first_plan_s": None if self.first_plan_ns is None
+            else round((self.first_plan_ns - self.started_ns) / 1e9, 3),
             "dropped_messages": dict(self.dropped), **self.source.figures(None),
         }

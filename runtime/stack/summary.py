@@ -42,6 +42,7 @@ def _nothing_left(cfg: DuetConfig) -> tuple[FollowerSummary, PlannerSummary, Sim
         "plan_delivery_us": P2, "plans_received": 0, "dropped_messages": {},
         "bus": {"errors": 0, "reads": 0, "writes": 0}, "safety": {}, "max_rss_mb": None}
     planner: PlannerSummary = {"plans": 0, "achieved_hz": 0.0, "latency_ms": P2,
+                               "load_s": None, "first_plan_s": None,
                                "dropped_messages": {}, "inference_ms": P2, "stage_ms": {}}
     return follower, planner, {"episodes": 0, "successes": 0, "success_rate": 0.0}
 
@@ -89,6 +90,8 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
             "plans": pla["plans"],
             "achieved_hz": pla["achieved_hz"],
             "latency_ms": pla["latency_ms"],
+            "load_s": pla["load_s"],
+            "first_plan_s": pla["first_plan_s"],
             "inference_ms": pla["inference_ms"],
             "restarts": planner_restarts,
             "stage_ms": pla["stage_ms"],
@@ -144,6 +147,7 @@ def print_summary(s: dict[str, Any]) -> None:
         ("modes (ticks)", ", ".join(f"{k}={v}" for k, v in f["mode_counts"].items() if v)),
         ("planner plans / rate", f"{p['plans']} / {p['achieved_hz']:g} Hz"),
         ("planner latency p50/p99", f"{p['latency_ms']['p50']}/{p['latency_ms']['p99']} ms"),
+        ("planner start → loaded / first plan", f"{p['load_s']} / {p['first_plan_s']} s"),
         *([("off-board planner round trip p50/p99",
             f"{p['remote']['round_trip_ms']['p50']}/{p['remote']['round_trip_ms']['p99']} ms "
             f"({p['remote']['endpoint']})")] if "remote" in p else []),
