@@ -1,9 +1,12 @@
 """The follower loop's figures: per-tick samples and counters, and the records made of them
 (its health, telemetry and summary; types in runtime/follower/records.py).
 
-The process shell adds a sample per tick (`add_*`: a ring write, no allocation); records are
-built only in the tick's slack (telemetry) or at exit (summary). Given the same core and
-samples, what a test or a bench builds here is exactly what the robot publishes.
+The process shell adds a sample per tick (one store into a preallocated ring), folded into
+the run's histograms in batches in the tick's slack: memory is fixed at start, so RSS stays
+put for weeks. Records are built only in the tick's slack (telemetry,
+from the last second's raw samples) or at exit (summary, from the whole run's histograms).
+Given the same core and samples, what a test or a bench builds here is exactly what the robot
+publishes.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from runtime.follower.core import FollowerCore
 from runtime.follower.records import FollowerHealth, FollowerSummary, FollowerTelemetry
 from runtime.follower.safety import Mode
 from runtime.ipc.messages import pack_array
-from runtime.ipc.stats import Ring, summarize
+from runtime.ipc.stats import Histogram, Ring, Series, summarize
 
-RING_CAPACITY = 1 << 21  # ~35 min at 1 kHz of per-tick samples for the exit summary
+WINDOW = 1 << 12  # raw per-tick samples kept: the health window (a second up to 4 kHz)
+FOLD_EVERY = 512  # ticks between folds of the raw samples into the run's histograms (slack)
+FOLD_FORCED = WINDOW - 64  # with no slack for this long, fold in the tick: never lose one
+DELIVERY_WINDOW = 100  # the last plans' delivery times, for telemetry
 
 
 class LoopFigures:
@@ -34,24 +40,44 @@ class LoopFigures:
         self.deadline_misses = 0
         self.plans_received = 0
         self.dropped: dict[str, int] = {}  # the shell's own drops, by reason
-        self.periods = Ring(RING_CAPACITY)  # wake to wake, µs
-        self.compute = Ring(RING_CAPACITY)  # wake to the tick's end, µs
-        self.missed = Ring(1 << 12)  # 1.0 per late tick, for the health window
-        self.delivery = Ring(1 << 16)  # planner send -> follower take, µs
-        self.read_us = Ring(RING_CAPACITY)  # bus read (the wire + the motors' reply)
-        self.write_us = Ring(RING_CAPACITY)
-        self.logic_us = Ring(RING_CAPACITY)  # everything between read and write (no bus I/O)
+        self.elapsed_us = 0.0  # sum of the periods
+        self._folded_at = 0  # `ticks` at the last fold
+        # per tick: the last WINDOW raw (health, telemetry), the whole run bucketed (summary)
+        self.periods = Series(WINDOW, Histogram(lowest=0.01),  # wake to wake, µs; its
+                              lambda p: np.abs(p - self.period_us))  # histogram: the jitter
+        self.compute = Series(WINDOW)  # wake to the tick's end, µs
+        self.read_us = Series(WINDOW)  # bus read (the wire + the motors' reply)
+        self.write_us = Series(WINDOW)
+        self.logic_us = Series(WINDOW)  # everything between read and write (no bus I/O)
+        self.missed = Ring(WINDOW)  # 1.0 per late tick
+        self.delivery = Ring(DELIVERY_WINDOW)  # planner send -> follower take, µs
+        self.delivery_hist = Histogram()
 
     def tick(self, period_us: float, compute_us: float, missed: bool) -> None:
         self.periods.add(period_us)
         self.compute.add(compute_us)
         self.missed.add(1.0 if missed else 0.0)
+        self.elapsed_us += period_us
         self.ticks += 1
         if missed:
             self.deadline_misses += 1
+        if self.ticks - self._folded_at >= FOLD_FORCED:
+            self.fold()
+
+    @property
+    def fold_due(self) -> bool:
+        return self.ticks - self._folded_at >= FOLD_EVERY
+
+    def fold(self) -> None:
+        """Count the raw samples since the last fold in the run's histograms (vectorised:
+        tens of µs, in the tick's slack)."""
+        for series in (self.periods, self.compute, self.read_us, self.write_us, self.logic_us):
+            series.fold()
+        self._folded_at = self.ticks
 
     def plan_taken(self, delivery_us: float) -> None:
         self.delivery.add(delivery_us)
+        self.delivery_hist.add(delivery_us)
         self.plans_received += 1
 
     def drop(self, kind: str) -> None:
@@ -104,7 +130,7 @@ class LoopFigures:
             "tick_compute_us": summarize(self.compute.values(window)),
             "plan_age_ms": round((time.monotonic_ns() - core.newest_t_obs_ns) / 1e6, 1)
             if core.newest_t_obs_ns else None,
-            "plan_delivery_us": summarize(self.delivery.values(100), ("p50", "p99")),
+            "plan_delivery_us": summarize(self.delivery.values(), ("p50", "p99")),
             "plans": self.plans_received,
             "dropped_messages": dropped,
             "torque_on": torque_on,
@@ -120,24 +146,24 @@ class LoopFigures:
 
     def summary(self, core: FollowerCore, bus: BusStats,
                 dropped: dict[str, int]) -> FollowerSummary:
-        periods = self.periods.values()
-        elapsed = periods.sum() / 1e6 if periods.size else 0.0
+        self.fold()
+        ticks = self.periods.hist.count
+        elapsed = self.elapsed_us / 1e6
         return {
             "final_mode": core.mode.name,
             "final_reason": core.reason if core.latched else None,
             "target_hz": self.hz,
-            "achieved_hz": round(periods.size / elapsed, 2) if elapsed else 0.0,
+            "achieved_hz": round(ticks / elapsed, 2) if elapsed else 0.0,
             "ticks": self.ticks,
             "deadline_misses": self.deadline_misses,
-            "period_jitter_us": summarize(np.abs(periods - self.period_us),
-                                          ("p50", "p99", "p999", "max")),
-            "tick_compute_us": summarize(self.compute.values()),
-            "bus_read_us": summarize(self.read_us.values(), ("p50", "p99")),
-            "bus_write_us": summarize(self.write_us.values(), ("p50", "p99")),
-            "logic_us": summarize(self.logic_us.values(), ("p50", "p99")),
+            "period_jitter_us": self.periods.hist.summary(("p50", "p99", "p999", "max")),
+            "tick_compute_us": self.compute.hist.summary(),
+            "bus_read_us": self.read_us.hist.summary(("p50", "p99")),
+            "bus_write_us": self.write_us.hist.summary(("p50", "p99")),
+            "logic_us": self.logic_us.hist.summary(("p50", "p99")),
             "mode_counts": {m.name: int(core.mode_ticks[m]) for m in Mode},
             "first_track_ns": core.first_track_ns,
-            "plan_delivery_us": summarize(self.delivery.values(), ("p50", "p99")),
+            "plan_delivery_us": self.delivery_hist.summary(("p50", "p99")),
             "plans_received": self.plans_received,
             "dropped_messages": dropped,
             "bus": {"errors": bus.errors, "reads": bus.reads, "writes": bus.writes},

@@ -194,7 +194,9 @@ class Follower:
                 deadline += ((now - deadline) // self.period_ns + 1) * self.period_ns
             if deadline - now > SLACK_FOR_TELEMETRY_NS:
                 self.core.slack()
-                if now >= next_tel:
+                if self.figures.fold_due:
+                    self.figures.fold()
+                elif now >= next_tel:
                     next_tel = now + tel_every_ns
                     self._publish_telemetry()
             self.control.serve_pending(limit=1)
