@@ -209,7 +209,9 @@ BusConfig = DynamixelBusConfig | FeetechBusConfig | CanBusConfig
 
 
 class RealtimeConfig(_Strict):
-    sched_fifo_priority: int = Field(0, ge=0, le=99)  # 0 = do not ask
+    # 0 = do not ask; the follower's and the planner's ZeroMQ I/O threads (which carry the
+    # plan) get one below it, where permitted (runtime/ipc/iothreads.py)
+    sched_fifo_priority: int = Field(0, ge=0, le=99)
     cpu: int | None = None  # pin the follower to this core
     mlockall: bool = False  # lock the follower's memory: no tick waits on a page fault
 

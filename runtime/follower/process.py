@@ -46,6 +46,7 @@ from runtime.follower.reset import ResetJob
 from runtime.follower.safety import LATCHED, Mode
 from runtime.ipc import endpoints, rundir
 from runtime.ipc.access import OPERATOR, Policy, ZapHandler, uid_of
+from runtime.ipc.iothreads import realtime_io_threads
 from runtime.ipc.messages import Encoder, FrameTemplate, MessageError, decode_plan
 from runtime.ipc.notify import notifier
 from runtime.ipc.rpc import Command, Deferred, RequestError, bind_server
@@ -90,8 +91,11 @@ class Follower:
         self.estop_signal = False
 
         self.figures = LoopFigures(cfg)  # counters and per-tick samples
+        self._state_countdown = 0  # ticks to the next state message
 
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        # before the first socket: the I/O threads start with it
+        self.io_report = realtime_io_threads(self.ctx, fc.realtime.sched_fifo_priority - 1)
         policy = Policy(planner_uid=uid_of(cfg.access.planner_user),
                         operator_group=cfg.access.operator_group)
         self.zap = ZapHandler(self.ctx, policy)
@@ -199,13 +203,16 @@ class Follower:
                 elif now >= next_tel:
                     next_tel = now + tel_every_ns
                     self._publish_telemetry()
-            self.control.serve_pending(limit=1)
+            if int(self.control.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self.control.serve_pending(limit=1)
             collect_if_slack(deadline - time.monotonic_ns())
             if t_stop is not None and now >= t_stop:
                 break
         self._controlled_stop()
 
     def _tick(self, now_ns: int) -> None:
+        """Bus read, core.step, bus write -- and nothing else between them (`logic_us` is
+        exactly the core's step). Figures and the state message come after the write."""
         core = self.core
         if core.bus_dead or self.reset_job is not None:
             core.idle_tick()  # no bus traffic: the motors hold on their own
@@ -222,20 +229,21 @@ class Follower:
             return
         core.bus_ok()
         t_read = time.monotonic_ns()
+        if core.step(now_ns, self.state.q, self.state.dq) and self.torque_on:
+            t_write = time.monotonic_ns()
+            try:
+                self.bus.write(core.command)
+                self.figures.write_us.add((time.monotonic_ns() - t_write) / 1000.0)
+            except CommandError as exc:  # the driver refused it (e.g. outside a servo's limits)
+                core.fault(f"command refused by the driver: {exc}")
+            except BusError as exc:
+                core.bus_failed(str(exc))
+            self.figures.logic_us.add((t_write - t_read) / 1000.0)
         self.figures.read_us.add((t_read - now_ns) / 1000.0)
-        if self.figures.ticks % self.cfg.follower.state_pub_every == 0:
+        self._state_countdown -= 1
+        if self._state_countdown <= 0:
+            self._state_countdown = self.cfg.follower.state_pub_every
             self._publish_state()
-        if not core.step(now_ns, self.state.q, self.state.dq) or not self.torque_on:
-            return
-        t_write = time.monotonic_ns()
-        self.figures.logic_us.add((t_write - t_read) / 1000.0)
-        try:
-            self.bus.write(core.command)
-            self.figures.write_us.add((time.monotonic_ns() - t_write) / 1000.0)
-        except CommandError as exc:  # the driver refused it (e.g. outside a servo's limits)
-            core.fault(f"command refused by the driver: {exc}")
-        except BusError as exc:
-            core.bus_failed(str(exc))
 
     def _wait(self, deadline: int, spin_ns: int) -> int:
         """Sleep until `spin_ns` before the deadline, receiving plans meanwhile, then spin.
@@ -448,6 +456,8 @@ def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
     for line in apply_realtime(cfg.follower.realtime.sched_fifo_priority,
                                cfg.follower.realtime.cpu, cfg.follower.realtime.mlockall):
         log.info("realtime: %s", line)
+    if follower.io_report:
+        log.info("realtime: %s", follower.io_report)
 
     def _estop(signum: int, _frame: Any) -> None:
         follower.estop_signal = True

@@ -31,6 +31,7 @@ from drivers.camera import Camera
 from runtime.config import DuetConfig
 from runtime.ipc import endpoints
 from runtime.ipc.access import OPERATOR, Policy, ZapHandler, uid_of
+from runtime.ipc.iothreads import realtime_io_threads
 from runtime.ipc.messages import (
     Encoder,
     MessageError,
@@ -112,6 +113,10 @@ class PlannerShell:
         self.last_plan: Plan | None = None
 
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        # the plan leaves through this context's I/O thread: as prompt as the follower's
+        io = realtime_io_threads(ctx, cfg.follower.realtime.sched_fifo_priority - 1)
+        if io:
+            log.info("realtime: %s", io)
         self.zap = ZapHandler(ctx, Policy(planner_uid=uid_of(cfg.access.planner_user),
                                           operator_group=cfg.access.operator_group))
         # every state is kept (a model may read a history): not conflated
