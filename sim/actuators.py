@@ -3,6 +3,11 @@
 The physics loop reads the commanded fields and writes the present fields every physics
 step; an emulator (Dynamixel over a pty, MIT-mode motors over CAN) reads the present fields
 and writes the commanded ones when packets arrive. One lock guards both sides.
+
+A reply must not wait for the physics, as a real servo's does not: the present q, dq and tau
+are also published double-buffered (`publish_present`, one writer: the physics), and an
+emulator copies the newest complete step from there without the lock (`read_present`, a
+seqlock: the writer fills the slot nobody reads, then flips the sequence number).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ HW_OVERLOAD = 1 << 5
 
 
 _ARRAYS = ("torque_enabled", "mode", "goal_q", "goal_dq", "kp", "kd", "tau_ff", "q", "dq", "tau",
-           "hw_error", "temperature_c", "silent")
+           "hw_error", "temperature_c", "silent", "present", "present_seq")
 
 
 @dataclass
@@ -55,6 +60,25 @@ class Actuators:
         self.temperature_c = np.full(n, 30.0)
         # fault injection for tests: a silent motor answers nothing
         self.silent = np.zeros(n, dtype=bool)
+        # the present (q, dq, tau) double-buffered for lock-free replies: slot seq & 1 is whole
+        self.present = np.zeros((2, 3, n))
+        self.present_seq = np.zeros(1, dtype=np.uint64)
+
+    def publish_present(self, q: np.ndarray, dq: np.ndarray, tau: np.ndarray) -> None:
+        """The physics' newest step, for `read_present` (one writer only)."""
+        seq = int(self.present_seq[0]) + 1
+        slot = self.present[seq & 1]  # the slot no reader is copying
+        slot[0], slot[1], slot[2] = q, dq, tau
+        self.present_seq[0] = seq
+
+    def read_present(self, out: np.ndarray) -> None:
+        """Copy the newest whole step's (q, dq, tau) into `out` [3, n], without the lock:
+        a copy the writer overlapped (it moved on twice meanwhile) is taken again."""
+        while True:
+            seq = int(self.present_seq[0])
+            out[:] = self.present[seq & 1]
+            if int(self.present_seq[0]) == seq:
+                return
 
     @classmethod
     def shared(cls, n: int) -> Actuators:
@@ -65,7 +89,8 @@ class Actuators:
         for name in _ARRAYS:
             local = getattr(act, name)
             raw = ctx.RawArray(ctypes.c_uint8, local.nbytes)
-            view = np.frombuffer(memoryview(raw), dtype=local.dtype, count=n)
+            view = np.frombuffer(memoryview(raw), dtype=local.dtype,
+                                 count=local.size).reshape(local.shape)
             view[:] = local
             setattr(act, name, view)
         return act

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ import numpy as np
 from drivers.can_loopback import peer_channel
 from drivers.mit_codec import MitRanges, unpack_command
 from drivers.mit_dialects import MitDialect, dialect_class, malformed
+from runtime.ipc.stats import Histogram
 from sim.actuators import (
     HW_ELECTRICAL_SHOCK,
     HW_ENCODER,
@@ -81,6 +83,7 @@ class MitCanEmulator:
         self._zero = np.zeros(len(ids))  # joint position of each motor's encoder zero
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.reply_us = Histogram(lowest=1.0)  # service time per frame in, µs
         self.rt_priority = 0  # SCHED_FIFO priority of the serving thread, 0 = don't ask
         self.frames_in = 0
         self.replies_out = 0
@@ -133,7 +136,9 @@ class MitCanEmulator:
                     return
                 raise
             if msg is not None:
+                t_in = time.monotonic_ns()
                 self.handle(msg)
+                self.reply_us.add((time.monotonic_ns() - t_in) / 1000.0)
 
     def fault_code(self, j: int) -> int:
         """The dialect's code for motor j's latched sim fault, 0 when none (or unreported)."""

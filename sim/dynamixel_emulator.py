@@ -180,6 +180,7 @@ class DynamixelEmulator:
         self._index_by_id = {dxl_id: k for k, dxl_id in enumerate(ids)}
         self.parser = dx.StreamParser()
         self.packets_served = 0
+        self._present = np.zeros((3, n))  # (q, dq, tau) of the newest physics step
         self.server = PtyServer(self.answer, "dynamixel-emulator")
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -436,15 +437,22 @@ class DynamixelEmulator:
                                                                        self.models[k])
 
     def _refresh_present(self, servos: Sequence[int]) -> None:
-        """Copy the physics' present values of `servos` into their tables (one lock hold)."""
+        """Copy the physics' present values of `servos` into their tables: the newest whole
+        physics step, without waiting for the one running (Actuators.read_present)."""
         act = self.actuators
-        with act.lock:
-            q, dq, tau = act.q.tolist(), act.dq.tolist(), act.tau.tolist()
-            hw_error, temperature = act.hw_error.tolist(), act.temperature_c.tolist()
-            for k in servos:
-                if hw_error[k] and self._shutdown(k):
-                    act.torque_enabled[k] = False
-                    self.tables[k][dx.ADDR_TORQUE_ENABLE] = 0
+        if act.present_seq[0]:
+            act.read_present(self._present)
+            q, dq, tau = self._present.tolist()
+        else:  # no physics publishing (an emulator on its own): the arrays as they are set
+            with act.lock:
+                q, dq, tau = act.q.tolist(), act.dq.tolist(), act.tau.tolist()
+        hw_error, temperature = act.hw_error.tolist(), act.temperature_c.tolist()
+        if any(hw_error[k] for k in servos):
+            with act.lock:
+                for k in servos:
+                    if hw_error[k] and self._shutdown(k):
+                        act.torque_enabled[k] = False
+                        self.tables[k][dx.ADDR_TORQUE_ENABLE] = 0
         zero, direction = self._zero_list, self._direction_list
         for k in servos:
             table, sign = self.tables[k], direction[k]

@@ -37,6 +37,7 @@ from runtime.config import (
     SimConfig,
 )
 from runtime.ipc.rpc import Command, RequestError, bind_server
+from runtime.ipc.stats import Histogram
 from sim.actuators import HW_OVERLOAD, MODE_MIT, Actuators
 
 
@@ -51,6 +52,10 @@ class MotorLink(Protocol):
                 joint: int | None = None) -> None: ...
 
     def stop(self) -> None: ...
+
+    def reply_us(self) -> Histogram:
+        """The motors' service time per request (request in -> reply out), µs."""
+        ...
 
 
 class SerialEmulator(Protocol):
@@ -118,6 +123,10 @@ class SerialLink:
                 joint: int | None = None) -> None:
         self._call("corrupt", probability, byte, joint)
 
+    def reply_us(self) -> Histogram:
+        hist: Histogram = self._call("reply_us")
+        return hist
+
     def stop(self) -> None:
         if self._proc.is_alive():
             self._call("stop")
@@ -148,10 +157,12 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConf
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     corruption: tuple[float, int | None, int | None] = (0.0, None, None)
+    reply_us = Histogram(lowest=1.0)  # across restored lines
 
     def start(powered: bool) -> SerialEmulator:
         emu = make(actuators, bus)
         emu.rt_priority = rt_priority
+        emu.server.reply_us = reply_us
         aim(emu, *corruption)
         emu.open(powered=powered)
         emu.start()
@@ -178,6 +189,8 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConf
                 corruption = (float(args[0]), args[1], args[2])
                 aim(emulator, *corruption)
                 reply = None
+            elif cmd == "reply_us":
+                reply = reply_us
             elif cmd == "stop":
                 emulator.stop()
                 conn.send((True, None))
@@ -197,6 +210,7 @@ class CanLink:
         self.actuators, self.bus, self.rt_priority = actuators, bus, rt_priority
         self.joints = joints
         self.device = bus.channel
+        self._reply_us = Histogram(lowest=1.0)  # across restored lines
         self._start()
 
     def _start(self) -> None:
@@ -204,6 +218,7 @@ class CanLink:
 
         self.emulator = MitCanEmulator.from_config(self.actuators, self.bus, self.joints)
         self.emulator.rt_priority = self.rt_priority
+        self.emulator.reply_us = self._reply_us
         self.emulator.start()
 
     def cut(self) -> None:
@@ -216,6 +231,9 @@ class CanLink:
                 joint: int | None = None) -> None:
         raise ValueError("byte corruption is a serial-line fault; CAN frames carry a CRC "
                          "checked by the controller")
+
+    def reply_us(self) -> Histogram:
+        return self._reply_us
 
     def stop(self) -> None:
         self.emulator.stop(close_bus=True)
@@ -267,6 +285,12 @@ class LinkGroup:
                 joint: int | None = None) -> None:
         for link in self.links:
             link.corrupt(probability, byte, joint)
+
+    def reply_us(self) -> Histogram:
+        hist = Histogram(lowest=1.0)
+        for link in self.links:
+            hist.merge(link.reply_us())
+        return hist
 
     def stop(self) -> None:
         for link in self.links:

@@ -3,17 +3,32 @@ serves, shared by every serial servo family (sim/dynamixel_emulator.py, sim/feet
 
 The protocol lives in the emulator: `PtyServer` hands it whatever bytes arrived and writes
 back what it answers, so a family is a codec and a memory table, not a second serving loop.
+
+The timing is the server's, and like a servo's firmware it does not depend on the host:
+- the thread runs SCHED_FIFO at the sim's `rt_priority` (below the follower's) where
+  permitted; where not, it says so once (`priority_report`, logged) and runs SCHED_OTHER;
+- an answer is built from what the emulator finds at hand: the physics' newest published
+  step (Actuators.read_present), never waiting for the step running;
+- `reply_us` counts every request's service time (bytes read -> reply written), µs, for the
+  sim's summary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import select
 import threading
+import time
 import tty
 from collections.abc import Callable
+
+from runtime.ipc.iothreads import fifo_permitted
+from runtime.ipc.stats import Histogram
+
+log = logging.getLogger("duet.sim")
 
 
 def flip_byte(packet: bytes, rng: random.Random, at: int | None = None,
@@ -33,6 +48,8 @@ class PtyServer:
         self.answer = answer
         self.name = name
         self.rt_priority = 0  # SCHED_FIFO priority of the serving thread, 0 = don't ask
+        self.priority_report: str | None = None  # what became of rt_priority (said once)
+        self.reply_us = Histogram(lowest=1.0)  # service time per request, µs
         self.path = ""  # the pty slave, set by open()
         self._master: int | None = None
         self._slave: int | None = None
@@ -50,6 +67,13 @@ class PtyServer:
     def start(self) -> None:
         if self._master is None:
             raise RuntimeError("call open() before start()")
+        if self.rt_priority and self.priority_report is None:
+            self.priority_report = (
+                f"{self.name}: serving thread SCHED_FIFO {self.rt_priority}"
+                if fifo_permitted(self.rt_priority) else
+                f"{self.name}: SCHED_FIFO {self.rt_priority} not permitted: the emulated "
+                "motors answer SCHED_OTHER, late when the host is busy")
+            log.info("%s", self.priority_report)
         self._stop.clear()
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
@@ -80,6 +104,7 @@ class PtyServer:
         poller = select.poll()
         poller.register(master, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        reply_us = self.reply_us
         while not self._stop.is_set():
             events = poller.poll()
             if self._stop.is_set():
@@ -89,6 +114,7 @@ class PtyServer:
                     continue
                 if event & (select.POLLERR | select.POLLNVAL):
                     return
+                t_in = time.monotonic_ns()
                 try:
                     data = os.read(master, 4096)
                 except OSError:  # no slave open yet (EIO); wait for a client
@@ -100,3 +126,4 @@ class PtyServer:
                         os.write(master, out)
                     except OSError:
                         return
+                    reply_us.add((time.monotonic_ns() - t_in) / 1000.0)

@@ -271,6 +271,7 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     finally:
         loop.stop()
         faults.close()
+        reply_us = link.reply_us().summary(("p50", "p99", "max"))
         link.stop()
         publisher.close()
         for camera in cameras.values():
@@ -278,11 +279,13 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     wall = time.monotonic() - wall0
     summary: SimSummary = {
         "episodes": loop.episodes, "successes": loop.successes,
-        "success_rate": loop.successes / loop.episodes if loop.episodes else 0.0}
+        "success_rate": loop.successes / loop.episodes if loop.episodes else 0.0,
+        "motor_reply_us": reply_us}
     (run_dir / endpoints.SIM_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     stats = {"wall_s": round(wall, 2), "cpu_percent": round(100 * (time.process_time() - cpu0)
                                                           / max(wall, 1e-9), 1),
              "steps": loop.steps, "achieved_hz": round(loop.steps / max(wall, 1e-9), 1),
-             "overruns": loop.overruns, "dropped_steps": loop.dropped_steps, **render}
+             "overruns": loop.overruns, "dropped_steps": loop.dropped_steps,
+             "motor_reply_us": reply_us, **render}
     print(f"sim: {json.dumps(stats)}", file=sys.stderr, flush=True)
     return 0

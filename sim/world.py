@@ -195,11 +195,13 @@ class SimWorld:
         self.data.qvel[:] = 0.0
         mujoco.mj_forward(self.model, self.data)
         a = self.actuators
+        zeros = np.zeros_like(q)
         with a.lock:
             a.q[:] = q
             a.dq[:] = 0.0
             a.goal_q[:] = q
             a.tau[:] = 0.0
+            a.publish_present(q, zeros, zeros)
         self._saturated_s[:] = 0.0
 
     def fingertip(self) -> np.ndarray:
@@ -255,6 +257,7 @@ class SimWorld:
             # Outside the lock: the servos' replies never wait for a physics step (mj_step
             # releases the GIL, and taking it back can wait behind the camera thread).
             mujoco.mj_step(self.model, self.data)
+            a.publish_present(q, dq, tau)  # what the servos answer with, lock-free
             with a.lock:
                 a.q[:] = q
                 a.dq[:] = dq

@@ -38,6 +38,7 @@ from drivers.camera import CameraError
 from runtime.config import TUNABLES, DuetConfig
 from runtime.follower.buses import open_bus
 from runtime.follower.core import CoreSettings, FollowerCore, PlanRejected
+from runtime.follower.cores import claim_core
 from runtime.follower.figures import LoopFigures
 from runtime.follower.latch import Latch
 from runtime.follower.realtime import apply_realtime, collect_if_slack, freeze_gc
@@ -453,8 +454,11 @@ def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
     except (BundleError, EngineError, BusError, CameraError, KeyError) as exc:
         log.error("%s", exc)
         return 2
-    for line in apply_realtime(cfg.follower.realtime.sched_fifo_priority,
-                               cfg.follower.realtime.cpu, cfg.follower.realtime.mlockall):
+    core = claim_core(cfg.follower.realtime.cpu)  # one follower per core on this host
+    if core.report:
+        log.warning("realtime: %s", core.report)
+    for line in apply_realtime(cfg.follower.realtime.sched_fifo_priority, core.cpu,
+                               cfg.follower.realtime.mlockall):
         log.info("realtime: %s", line)
     if follower.io_report:
         log.info("realtime: %s", follower.io_report)
@@ -476,6 +480,7 @@ def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
         summary = follower.summary()
         Path(cfg.run_dir, endpoints.FOLLOWER_SUMMARY).write_text(json.dumps(summary, indent=1))
         follower.close()
+        core.release()
     final = follower.core.mode
     if final in LATCHED:
         log.error("follower stopped in %s: %s", final.name, follower.core.reason)

@@ -95,6 +95,17 @@ class Histogram:
         self.max = max(self.max, float(values.max()))
         self.min = min(self.min, float(values.min()))
 
+    def merge(self, other: Histogram) -> None:
+        """Add `other`'s counts (same buckets: made with the same lowest and highest)."""
+        if other.buckets != self.buckets or other.lowest != self.lowest:
+            raise ValueError("histograms with different buckets")
+        counts = np.frombuffer(self.counts, dtype=np.uint64)
+        counts += np.frombuffer(other.counts, dtype=np.uint64)
+        self.count += other.count
+        self.total += other.total
+        self.max = max(self.max, other.max)
+        self.min = min(self.min, other.min)
+
     def percentile(self, q: float) -> float:
         """The q-th percentile (0..100), as numpy's default rank, to within one bucket."""
         if self.count == 0:

@@ -23,6 +23,7 @@ class SimSummary(TypedDict):
     episodes: int
     successes: int
     success_rate: float
+    motor_reply_us: dict[str, float]  # the emulated motors' service time per request
 
 
 Record = TypeVar("Record", FollowerSummary, PlannerSummary, SimSummary)
@@ -44,7 +45,8 @@ def _nothing_left(cfg: DuetConfig) -> tuple[FollowerSummary, PlannerSummary, Sim
     planner: PlannerSummary = {"plans": 0, "achieved_hz": 0.0, "latency_ms": P2,
                                "load_s": None, "first_plan_s": None,
                                "dropped_messages": {}, "inference_ms": P2, "stage_ms": {}}
-    return follower, planner, {"episodes": 0, "successes": 0, "success_rate": 0.0}
+    return follower, planner, {"episodes": 0, "successes": 0, "success_rate": 0.0,
+                               "motor_reply_us": P3}
 
 
 def _load(path: Path, empty: Record) -> Record:
@@ -122,6 +124,7 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
         summary["task"] = {"episodes": sim["episodes"],
                            "successes": sim["successes"],
                            "success_rate": sim["success_rate"]}
+        summary["sim"] = {"motor_reply_us": sim["motor_reply_us"]}
     return summary
 
 
@@ -165,6 +168,9 @@ def print_summary(s: dict[str, Any]) -> None:
         t = s["task"]
         rows.append(("task episodes / successes",
                      f"{t['episodes']} / {t['successes']} ({100 * t['success_rate']:.0f} %)"))
+    if "sim" in s:
+        r = s["sim"]["motor_reply_us"]
+        rows.append(("sim motors: reply p50/p99/max", f"{r['p50']}/{r['p99']}/{r['max']} µs"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -25,6 +25,7 @@ import yaml
 
 from drivers.families import family_of
 from runtime.config import ConfigError, DuetConfig, config_to_dict
+from runtime.follower.cores import CoreClaim, claim_core
 from runtime.ipc import endpoints, rundir
 from runtime.ipc.signals import SUPERVISOR_ENV, stop_on_signals
 from runtime.stack.summary import build_summary, print_summary
@@ -63,6 +64,7 @@ class Supervisor:
         self.notify_sock: socket.socket | None = None
         self.ready: set[str] = set()
         self.others_cpus: set[int] = set()
+        self.core = CoreClaim(None, None, None)  # the follower's core, claimed across stacks
         self.lock: rundir.RunLock | None = None
 
     # ------------------------------------------------------------ plumbing
@@ -108,9 +110,13 @@ class Supervisor:
             os.sched_setaffinity(proc.pid, self.others_cpus)
 
     def _reserve_follower_cpu(self) -> None:
-        """With follower.realtime.cpu set, keep the sim and the planner off that core (as
-        CPUAffinity= of the other units does on the robot)."""
-        cpu = self.cfg.follower.realtime.cpu
+        """With follower.realtime.cpu set, claim a core for the follower (that one, or a free
+        one when another stack's follower has it: runtime/follower/cores.py) and keep the sim
+        and the planner off it (as CPUAffinity= of the other units does on the robot)."""
+        self.core = claim_core(self.cfg.follower.realtime.cpu)
+        if self.core.report:
+            log.warning("%s", self.core.report)
+        cpu = self.core.cpu
         allowed = os.sched_getaffinity(0)
         self.others_cpus = allowed - {cpu} if cpu in allowed and len(allowed) > 1 else set()
         if self.others_cpus:
@@ -153,6 +159,8 @@ class Supervisor:
                 overrides.append(f"bus.{wire_key}={line}")
             self.device = line
             log.info("sim robot on %s", line)
+        if self.core.cpu != self.cfg.follower.realtime.cpu:
+            overrides.append(f"follower.realtime.cpu={self.core.cpu}")
         sets = [a for o in overrides for a in ("--set", o)]
         self.follower_args = ["follower", "--config", str(effective), *sets]
         self._spawn("follower", self.follower_args)
@@ -222,6 +230,7 @@ class Supervisor:
             codes[name] = 0 if asked and code == -signal.SIGTERM else code
         if self.notify_sock is not None:
             self.notify_sock.close()
+        self.core.release()
         if self.lock is not None:
             self.lock.release()
         return codes
