@@ -175,7 +175,7 @@ follower-table: $(VENV)/.dev
 	  --planner reference=bundles/reference --planner fact=bundles/fact --planner flow=$(FOLLOW)/flow
 
 bench: $(VENV)/.dev
-	$(BIN)/python bench/follower_loop.py --duration 20
+	$(BIN)/python -m bench.follower_loop --duration 20
 	$(BIN)/python -m bench.drivers --cycles 2000
 	$(BIN)/python bench/engines.py
 

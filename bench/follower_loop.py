@@ -1,12 +1,14 @@
 """Follower loop benchmark: the whole stack (sim + planner + follower) at 500 Hz and 1 kHz,
 next to a naive `time.sleep(period)` loop measured during the same run, under the same load.
 
-    .venv/bin/python bench/follower_loop.py [--duration 20] [--rates 500 1000]
-        [--baseline-tree /path/to/another/checkout]
+    .venv/bin/python -m bench.follower_loop [--duration 20] [--rates 500 1000]
+        [--baseline-tree /path/to/another/checkout] [--load]
 
 Prints one table; figures come from `duet run --summary-json` (DESIGN.md keys). With
 `--baseline-tree`, each rate runs first on that checkout (e.g. `git worktree add` of the
-previous commit), then on this one: a before/after under the same host state.
+previous commit), then on this one: a before/after under the same host state. With `--load`,
+each stack runs beside the bench load (bench/load.py: 16 busy processes, a two-thread numpy
+job, memory and disk churn and a second sim stack).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+
+from bench.load import Load
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,38 +71,53 @@ def main() -> None:
     ap.add_argument("--rates", type=float, nargs="+", default=[500.0, 1000.0])
     ap.add_argument("--bundle", default=None)
     ap.add_argument("--json", default=None, help="write the raw figures here")
+    ap.add_argument("--load", action="store_true",
+                    help="run each stack beside the bench load (bench/load.py, with a second "
+                         "sim stack)")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="another checkout to run first at each rate (before/after)")
     args = ap.parse_args()
     trees = [(f"baseline ({args.baseline_tree.name})", args.baseline_tree.resolve())] \
         if args.baseline_tree else []
     trees.append(("duet follower", REPO))
-    table = Table(title=f"follower loop, sim + planner running, {args.duration:g} s per rate")
-    for col in ("rate", "loop", "achieved Hz", "jitter p50/p99/p99.9/max µs", "misses",
-                "tick compute p50/p99 µs", "logic p50/p99 µs", "bus read/write p50 µs",
-                "plan delivery p50/p99 µs", "first track s"):
-        table.add_column(col, justify="right")
+    loaded = ""
+    rows: list[tuple[str, ...]] = []
+    columns = ("rate", "loop", "achieved Hz", "jitter p50/p99/p99.9/max µs", "misses",
+               "tick compute p50/p99 µs", "logic p50/p99 µs", "bus read/write p50 µs",
+               "plan delivery p50/p99 µs", "first track s")
     raw = {}
     for hz in args.rates:
         for label, tree in trees:
-            s, naive = run_stack(hz, args.duration, args.bundle, tree)
+            if args.load:
+                load = Load(args.duration + 40.0, stack=True)  # + the stack's start and stop
+                loaded = f", under load: {load.describe()}"
+                with load:
+                    s, naive = run_stack(hz, args.duration, args.bundle, tree)
+            else:
+                s, naive = run_stack(hz, args.duration, args.bundle, tree)
             f = s["follower"]
             j, c, d = f["period_jitter_us"], f["tick_compute_us"], s["plan_delivery_us"]
             logic = f.get("logic_us", {})
             miss_pct = 100.0 * f["deadline_misses"] / max(1, f["ticks"])
-            table.add_row(f"{hz:g} Hz", label, f"{f['achieved_hz']:.2f}",
+            rows.append((f"{hz:g} Hz", label, f"{f['achieved_hz']:.2f}",
                           f"{j['p50']}/{j['p99']}/{j['p999']}/{j['max']}",
                           f"{f['deadline_misses']} ({miss_pct:.3f} %)",
                           f"{c['p50']}/{c['p99']}", f"{logic.get('p50')}/{logic.get('p99')}",
                           f"{f.get('bus_read_us', {}).get('p50')}/"
                           f"{f.get('bus_write_us', {}).get('p50')}",
-                          f"{d['p50']}/{d['p99']}", str(s["startup"]["first_track_s"]))
+                          f"{d['p50']}/{d['p99']}", str(s["startup"]["first_track_s"])))
             nj = np.abs(naive - 1e6 / hz)
-            table.add_row("", "naive sleep(period)", f"{1e6 / naive.mean():.2f}",
-                          "/".join(f"{np.percentile(nj, p):.1f}" for p in (50, 99, 99.9))
-                          + f"/{nj.max():.1f}", "-", "-", "-", "-", "-", "-")
+            rows.append(("", "naive sleep(period)", f"{1e6 / naive.mean():.2f}",
+                         "/".join(f"{np.percentile(nj, p):.1f}" for p in (50, 99, 99.9))
+                         + f"/{nj.max():.1f}", "-", "-", "-", "-", "-", "-"))
             raw[f"{label} {hz:g}"] = {"summary": s, "naive_achieved_hz": 1e6 / naive.mean(),
                                       "naive_jitter_us_p99": float(np.percentile(nj, 99))}
+    table = Table(title=f"follower loop, sim + planner running, {args.duration:g} s per rate"
+                        f"{loaded}")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
     Console(width=200).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
