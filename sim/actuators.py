@@ -73,7 +73,12 @@ class Actuators:
 
     def read_present(self, out: np.ndarray) -> None:
         """Copy the newest whole step's (q, dq, tau) into `out` [3, n], without the lock:
-        a copy the writer overlapped (it moved on twice meanwhile) is taken again."""
+        a copy the writer overlapped (it moved on twice meanwhile) is taken again. With no
+        physics publishing (an emulator on its own, its arrays set by a test), those arrays."""
+        if not self.present_seq[0]:
+            with self.lock:
+                out[0], out[1], out[2] = self.q, self.dq, self.tau
+            return
         while True:
             seq = int(self.present_seq[0])
             out[:] = self.present[seq & 1]

@@ -440,12 +440,8 @@ class DynamixelEmulator:
         """Copy the physics' present values of `servos` into their tables: the newest whole
         physics step, without waiting for the one running (Actuators.read_present)."""
         act = self.actuators
-        if act.present_seq[0]:
-            act.read_present(self._present)
-            q, dq, tau = self._present.tolist()
-        else:  # no physics publishing (an emulator on its own): the arrays as they are set
-            with act.lock:
-                q, dq, tau = act.q.tolist(), act.dq.tolist(), act.tau.tolist()
+        act.read_present(self._present)
+        q, dq, tau = self._present.tolist()
         hw_error, temperature = act.hw_error.tolist(), act.temperature_c.tolist()
         if any(hw_error[k] for k in servos):
             with act.lock:

@@ -39,6 +39,7 @@ from runtime.config import (
 from runtime.ipc.rpc import Command, RequestError, bind_server
 from runtime.ipc.stats import Histogram
 from sim.actuators import HW_OVERLOAD, MODE_MIT, Actuators
+from sim.pty_server import PtyServer
 
 
 class MotorLink(Protocol):
@@ -63,6 +64,7 @@ class SerialEmulator(Protocol):
     sim/feetech_emulator.py): a pty served by sim/pty_server.py, and line noise."""
 
     rt_priority: int
+    server: PtyServer
     corrupt_probability: float
     corrupt_byte: int | None
     corrupt_servos: frozenset[int] | None

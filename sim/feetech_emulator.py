@@ -126,6 +126,7 @@ class FeetechEmulator:
         self._registered: list[tuple[int, bytes] | None] = [None] * n  # REG_WRITE, until ACTION
         self.parser = ft.StreamParser()
         self.packets_served = 0
+        self._present = np.zeros((3, n))  # (q, dq, tau) of the newest physics step
         self.server = PtyServer(self.answer, "feetech-emulator")
 
     # ---- lifecycle (the serving is PtyServer's) ---------------------------------------------
@@ -333,15 +334,18 @@ class FeetechEmulator:
             t[ft.ADDR_P_COEFFICIENT], t[ft.ADDR_D_COEFFICIENT], self.model)
 
     def _refresh_present(self, servos: Sequence[int]) -> None:
-        """Copy the physics' present values of `servos` into their tables (one lock hold)."""
+        """Copy the physics' present values of `servos` into their tables: the newest whole
+        physics step, without waiting for the one running (Actuators.read_present)."""
         act = self.actuators
-        with act.lock:
-            q, dq, tau = act.q.tolist(), act.dq.tolist(), act.tau.tolist()
-            temperature = act.temperature_c.tolist()
-            for k in servos:
-                if act.torque_enabled[k] and self._unloaded(k):
-                    act.torque_enabled[k] = False
-                    self.tables[k][ft.ADDR_TORQUE_ENABLE] = 0
+        act.read_present(self._present)
+        q, dq, tau = self._present.tolist()
+        temperature = act.temperature_c.tolist()
+        if any(act.torque_enabled[k] and self._unloaded(k) for k in servos):
+            with act.lock:
+                for k in servos:
+                    if act.torque_enabled[k] and self._unloaded(k):
+                        act.torque_enabled[k] = False
+                        self.tables[k][ft.ADDR_TORQUE_ENABLE] = 0
         model, series = self.model, self.series
         stall_a = STALL_CURRENT_A.get(model.name, 2.7)
         for k in servos:
