@@ -357,6 +357,15 @@ class Physics:
             t += self.world.dt
             time.sleep(max(0.0, t - time.monotonic()))
 
+    def advance(self, seconds: float, timeout_s: float = 60.0) -> None:
+        """Wait until the world has run `seconds` of simulated time (a loaded host runs the
+        physics late and in bursts; what the servos do depends on simulated time)."""
+        until = self.world.time + seconds
+        deadline = time.monotonic() + timeout_s
+        while self.world.time < until:
+            assert time.monotonic() < deadline, "the physics thread stalled"
+            time.sleep(0.01)
+
     def stop(self) -> None:
         self._stop = True
         self._thread.join()
@@ -383,7 +392,7 @@ def test_present_goal_after_a_restart_is_the_goal_written_and_holding_it_moves_n
         goal = HOME_Q + np.array([0.0, 0.35, -0.3, 0.2, 0.0, 0.0])
         first.write(goal)
         first.enable_torque(True)
-        time.sleep(1.0)  # settle under gravity
+        physics.advance(1.0)  # settle under gravity
         state = MotorState(6)
         first.read(state)
         sag = np.abs(state.q - goal)
@@ -398,7 +407,7 @@ def test_present_goal_after_a_restart_is_the_goal_written_and_holding_it_moves_n
         second.read(state)
         before = state.q.copy()
         second.write(held)
-        time.sleep(0.5)
+        physics.advance(0.5)
         second.read(state)
         assert np.abs(state.q - before).max() < 1e-3  # < 1 mrad: within an encoder tick
         second.enable_torque(False)

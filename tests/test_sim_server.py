@@ -103,7 +103,11 @@ def test_duet_sim_serves_servos_frames_and_episodes(
     bus.close()
     assert abs(state.q[0] - goal[0]) < 0.03
 
-    msgs += _collect(sub, 1.0)
+    # at least 15 frames: 1.5 s at camera_hz on a quiet host, longer on a loaded one (the
+    # renderer then skips frames rather than falling behind)
+    deadline = time.monotonic() + 60.0
+    while sum(m["type"] == "frame" for m in msgs) < 15 and time.monotonic() < deadline:
+        msgs += _collect(sub, 0.5)
     sub.close()
     ctx.term()
     summary_log = _stop(proc)
@@ -113,7 +117,7 @@ def test_duet_sim_serves_servos_frames_and_episodes(
     results = [m for m in msgs if m["type"] == "episode"]
     assert len(frames) >= 15
     period_ms = np.median(np.diff([f["capture_t_ns"] for f in frames])) / 1e6
-    assert 90 < period_ms < 110  # sim.camera_hz = 10
+    assert period_ms > 90  # sim.camera_hz = 10: never faster (slower only on a busy host)
     image = unpack_array(frames[-1]["image"], "image")
     assert image.shape == (96, 96, 3) and image.dtype == np.uint8
     # the published frame is the scene camera's view of that state and episode: what the
@@ -132,7 +136,10 @@ def test_duet_sim_serves_servos_frames_and_episodes(
     assert {r["episode"] + 1 for r in results} <= episodes
 
     summary = json.loads((run_dir / "sim-summary.json").read_text())
-    assert set(summary) == {"episodes", "successes", "success_rate"}
+    assert set(summary) == {"episodes", "successes", "success_rate", "motor_reply_us"}
+    # every request the servos answered, timed by the serving thread (read -> reply written)
+    reply = summary["motor_reply_us"]
+    assert 0 < reply["p50"] <= reply["p99"] <= reply["max"]
     assert summary["episodes"] >= len(results) and summary["successes"] == 0
     assert '"achieved_hz"' in summary_log
 
