@@ -65,6 +65,7 @@ def test_mit_ranges_must_be_positive_and_finite(field: str, value: str) -> None:
     ("- just\n- a list\n", "top level must be a mapping"),
     ("{1: 2}\n", "is not a string"),
     ("a: [unclosed\n", "not valid YAML"),
+    ("robot: {name: a\x00b}\n", "not valid YAML: unacceptable character #x0000"),  # atheris
 ])
 def test_hostile_yaml_is_a_config_error_naming_the_file(tmp_path: Path, text: str,
                                                         reason: str) -> None:

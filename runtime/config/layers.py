@@ -71,19 +71,20 @@ _FITS = {_YAML + "int": {"int"}, _YAML + "float": {"int", "float"}, _YAML + "boo
 def load_plain_yaml(text: str, where: str) -> Any:
     """Parse YAML text that may only hold plain data; ConfigError naming `where` and the key
     for anything else (a tag outside JSON's types, a value its explicit tag does not fit)."""
-    loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_tags(loader, node, where)
-        return loader.construct_document(node)
+        loader = yaml.SafeLoader(text)  # its reader refuses unprintable characters already
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_tags(loader, node, where)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of > 4300 digits
         raise ConfigError(f"{where}: not valid YAML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{where}: nested too deeply") from None
-    finally:
-        loader.dispose()
 
 
 def _check_tags(loader: yaml.SafeLoader, root: yaml.Node, where: str) -> None:
