@@ -16,6 +16,7 @@ import importlib
 from typing import Any, ClassVar, NamedTuple
 
 from drivers.bus import MotorBus
+from drivers.device_access import Account
 
 
 class DeviceCheck(NamedTuple):
@@ -92,6 +93,8 @@ class BusFamily:
         return None
 
     @classmethod
-    def check_device(cls, bus_cfg: Any, installed: bool, sys_root: str = "/sys") -> DeviceCheck:
-        """Doctor: can the follower open this bus now (exists, permitted, up)?"""
+    def check_device(cls, bus_cfg: Any, installed: bool, sys_root: str = "/sys",
+                     who: Account | None = None) -> DeviceCheck:
+        """Doctor: can the follower open this bus now (exists, permitted for `who`, the
+        account the follower runs as; default: the caller, as on a workstation; up)?"""
         raise NotImplementedError

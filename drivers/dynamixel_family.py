@@ -9,6 +9,7 @@ from typing import Any
 
 from drivers.bus_budget import UART_BITS_PER_BYTE, dynamixel_tick_bytes, dynamixel_tick_us
 from drivers.bus_family import BusFamily, DeviceCheck, Rendered
+from drivers.device_access import Account, group_name, owner_text
 
 # USB ids of the ROBOTIS U2D2 (FTDI FT232H), the usual Dynamixel adapter.
 U2D2_MATCH = 'ATTRS{idVendor}=="0403", ATTRS{idProduct}=="6014"'
@@ -51,7 +52,8 @@ class DynamixelFamily(BusFamily):
                                                           {"match": match})}
 
     @classmethod
-    def check_device(cls, bus_cfg: Any, installed: bool, sys_root: str = "/sys") -> DeviceCheck:
+    def check_device(cls, bus_cfg: Any, installed: bool, sys_root: str = "/sys",
+                     who: Account | None = None) -> DeviceCheck:
         device = bus_cfg.device
         if device == "sim":
             if installed:
@@ -67,10 +69,15 @@ class DynamixelFamily(BusFamily):
                                "install --usb-serial)")
         if not stat.S_ISCHR(path.stat().st_mode):
             return DeviceCheck("fail", f"{device} is not a character device")
-        if not os.access(path, os.R_OK | os.W_OK):
-            return DeviceCheck("fail", f"{device} is not read/writable by uid {os.getuid()}",
-                               "the duet user must be in the device's group: "
-                               "usermod -aG dialout duet")
+        who = who or Account.caller()
+        if not who.can_read_write(path):
+            st = path.stat()
+            group = group_name(st.st_gid)
+            return DeviceCheck("fail", f"{device} ({owner_text(st)}) is not read/writable by "
+                               f"{who.name}",
+                               f"the follower's user must be in group {group}: "
+                               f"SupplementaryGroups={group} in its unit, or usermod -aG "
+                               f"{group} USER")
         real = os.path.realpath(device)
         latency = Path(sys_root) / "bus/usb-serial/devices" / Path(real).name / "latency_timer"
         if latency.exists() and latency.read_text().strip() not in ("0", "1"):
@@ -78,4 +85,4 @@ class DynamixelFamily(BusFamily):
                                f"{latency.read_text().strip()} ms",
                                f"echo 1 | sudo tee {latency} (the duet udev rule sets it on "
                                "plug-in)")
-        return DeviceCheck("ok", f"{device} -> {real}, read/write")
+        return DeviceCheck("ok", f"{device} -> {real}, read/write for {who.name}")

@@ -13,6 +13,7 @@ from typing import Any
 
 from drivers.bus_budget import UART_BITS_PER_BYTE, feetech_tick_bytes, feetech_tick_us
 from drivers.bus_family import BusFamily, DeviceCheck, Rendered
+from drivers.device_access import Account
 from drivers.dynamixel_family import DynamixelFamily
 
 # USB ids of the WCH adapters (vendor 1a86): CH340, CH343, CH9102.
@@ -65,10 +66,11 @@ class FeetechFamily(BusFamily):
         return {RULES_FILE: ("99-duet-feetech.rules", {"rules": "\n".join(rules)})}
 
     @classmethod
-    def check_device(cls, bus_cfg: Any, installed: bool, sys_root: str = "/sys") -> DeviceCheck:
+    def check_device(cls, bus_cfg: Any, installed: bool, sys_root: str = "/sys",
+                     who: Account | None = None) -> DeviceCheck:
         # the serial-device checks are Dynamixel's (a WCH chip has no latency timer, so that
         # one finds nothing); a missing CH340 is most often brltty's doing
-        check = DynamixelFamily.check_device(bus_cfg, installed, sys_root)
+        check = DynamixelFamily.check_device(bus_cfg, installed, sys_root, who)
         brltty = Path(sys_root).parent / BRLTTY_RULES
         if check.level == "fail" and "does not exist" in check.detail and brltty.exists() \
                 and WCH_PRODUCTS["CH340"] in brltty.read_text(errors="replace"):

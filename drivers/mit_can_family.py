@@ -9,6 +9,7 @@ from typing import Any
 
 from drivers.bus_budget import can_fd_frame_bits, can_frame_bits, can_mit_tick_us
 from drivers.bus_family import BusFamily, DeviceCheck, Rendered
+from drivers.device_access import Account
 from drivers.mit_dialects import dialect_class
 
 SIM_CAN_INTERFACES = ("virtual", "duet-udp")  # python-can interfaces with no motors behind
@@ -76,7 +77,8 @@ class MitCanFamily(BusFamily):
         return match.removeprefix(_SERIAL_MATCH) if "=ID_SERIAL" in match else None
 
     @classmethod
-    def check_device(cls, bus_cfg: Any, installed: bool, sys_root: str = "/sys") -> DeviceCheck:
+    def check_device(cls, bus_cfg: Any, installed: bool, sys_root: str = "/sys",
+                     who: Account | None = None) -> DeviceCheck:
         channel = bus_cfg.channel
         if bus_cfg.interface != "socketcan":
             return DeviceCheck("ok", f"python-can interface {bus_cfg.interface!r} ({channel})")

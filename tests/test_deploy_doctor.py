@@ -149,3 +149,90 @@ def test_installed_sim_config_fails(tmp_path: Path) -> None:
     installed.write_text(_config(tmp_path, "sim", make_bundle(tmp_path / "b")).read_text())
     levels = {c.name: c for c in diagnose(installed, None, str(tmp_path / "run"))}
     assert levels["bus device"].level == FAIL and "crash-loop" in levels["bus device"].detail
+
+
+def _diagnose_as(uid: int, gid: int, config: Path, site: Path, run_dir: Path
+                 ) -> dict[str, dict[str, str]]:
+    """`duet doctor` run by another user: a forked child drops to uid/gid with no other groups
+    (for good, as a login would be) and reports the checks through a pipe. The interpreter
+    lives under /root, which that user cannot read: the modules are imported first, as root."""
+    diagnose(config, site, str(run_dir))  # warm every lazy import
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            checks = diagnose(config, site, str(run_dir))
+            os.write(write_fd, json.dumps({c.name: c.__dict__ for c in checks}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data
+    return json.loads(data)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to another uid")
+def test_an_operator_not_in_dialout_sees_the_follower_users_access(tmp_path: Path) -> None:
+    """doctor checked the caller: an operator (not in dialout, and needs not be) got "FAIL
+    /dev/ttyDUET0 is not read/writable by uid 1000" on a healthy robot. It answers for the
+    follower's account, as its unit runs it (User=, SupplementaryGroups=), and says so."""
+    import grp
+    import pwd
+    import shutil
+    import tempfile
+
+    from drivers.device_access import Account
+
+    master, slave = os.openpty()
+    work = Path(tempfile.mkdtemp(prefix="duet-doctor-"))  # /tmp/pytest-of-root is 0700
+    try:
+        device = os.ttyname(slave)
+        dialout = grp.getgrnam("dialout").gr_gid
+        os.chown(device, 0, dialout)  # as udev sets a USB serial adapter
+        os.chmod(device, 0o660)
+        data = yaml.safe_load((REPO / "configs/sim.yaml").read_text())
+        data["bus"]["device"] = device
+        data.pop("sim", None)
+        config = work / "robot.yaml"
+        config.write_text(yaml.safe_dump(data))
+        root = work / "root"
+        assert main(["install", "--root", str(root), "--config", str(config), "--bundle",
+                     str(make_bundle(work / "b")), "--no-venv"]) == 0
+        # the unit's service user, with one that exists on this host
+        unit = root / "etc/systemd/system/duet-follower.service"
+        text = unit.read_text()
+        assert "User=duet\n" in text and "SupplementaryGroups=dialout" in text
+        service = pwd.getpwnam("daemon")
+        assert dialout not in os.getgrouplist("daemon", service.pw_gid)  # only via the unit
+        unit.write_text(text.replace("User=duet\n", "User=daemon\n").replace(
+            "Group=duet\n", "Group=daemon\n"))
+        for path in [work, *(p for p in work.rglob("*") if not p.is_symlink())]:
+            path.chmod(path.stat().st_mode | 0o005)  # an operator reads the installed files
+        operator = pwd.getpwnam("nobody")
+        assert not Account(operator.pw_name, operator.pw_uid, frozenset(
+            os.getgrouplist("nobody", operator.pw_gid))).can_read_write(device)
+        etc = root / "etc/duet"
+        checks = _diagnose_as(operator.pw_uid, operator.pw_gid, etc / "duet.yaml",
+                              etc / "site.yaml", work / "run")
+        bus = checks["bus device"]
+        assert bus["level"] == OK, bus
+        assert "daemon (the follower's user; groups daemon, dialout)" in bus["detail"]
+        # and the same device without the unit's dialout: a FAIL naming the account and fix
+        unit.write_text(unit.read_text().replace("SupplementaryGroups=dialout",
+                                                 "SupplementaryGroups="))
+        bus = _diagnose_as(operator.pw_uid, operator.pw_gid, etc / "duet.yaml",
+                           etc / "site.yaml", work / "run")["bus device"]
+        assert bus["level"] == FAIL and "not read/writable by daemon" in bus["detail"], bus
+        assert "SupplementaryGroups=dialout" in bus["fix"]
+    finally:
+        os.close(master)
+        os.close(slave)
+        shutil.rmtree(work, ignore_errors=True)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from drivers.device_access import Account
 from drivers.families import family_of
 from runtime.config import BusConfig, ConfigError, DuetConfig, load_config
 from runtime.deploy.host_checks import (
@@ -33,11 +34,36 @@ from runtime.deploy.host_checks import (
 from runtime.follower.buses import bus_sections
 
 
-def check_bus(bus: BusConfig, installed: bool = False, sys_root: Path = Path("/sys")) -> Check:
-    """The bus's device, as its family checks it (a serial device's node and permissions, a
-    CAN interface being up, ...)."""
-    level, detail, fix = family_of(bus).check_device(bus, installed, str(sys_root))
+def check_bus(bus: BusConfig, installed: bool = False, sys_root: Path = Path("/sys"),
+              who: Account | None = None) -> Check:
+    """The bus's device, as its family checks it (a serial device's node and permissions for
+    `who`, the follower's account; a CAN interface being up, ...)."""
+    level, detail, fix = family_of(bus).check_device(bus, installed, str(sys_root), who)
     return Check("bus device", level, detail, fix)
+
+
+def follower_account(root: Path) -> tuple[Account | None, list[Check]]:
+    """Whom the follower runs as in the install at `root` (its unit's User=, Group=,
+    SupplementaryGroups=), so the device check answers for it and not for the operator who
+    runs doctor. None, with a warning, when the unit names a user this host lacks."""
+    from runtime.deploy.layout import Layout
+    from runtime.deploy.units import service_settings
+
+    units = Layout(root).units
+    settings = service_settings(units, "duet-follower.service")
+    users, groups = settings.get("User"), settings.get("Group")
+    if not users:
+        return None, []
+    user = users[-1]
+    try:
+        return Account.service(user, groups[-1] if groups else None,
+                               settings.get("SupplementaryGroups", []),
+                               "the follower's user"), []
+    except KeyError as exc:
+        return None, [Check("service user", WARN, f"{units / 'duet-follower.service'} runs as "
+                            f"{user}, but {exc.args[0]} does not exist here: the device is "
+                            "checked for you instead", "sudo systemd-sysusers (duet install "
+                            "creates the users)")]
 
 
 def check_bundle(cfg: DuetConfig) -> list[Check]:
@@ -188,7 +214,8 @@ def check_run_dir(run_dir: str, state_dir: str | None = None) -> list[Check]:
                       "sudo systemctl start duet.target (or --run-dir / DUET_RUN_DIR)")]
     out = []
     if not os.access(path, os.R_OK | os.X_OK):
-        out.append(Check("run dir", FAIL, f"{path} not readable by uid {os.getuid()}",
+        out.append(Check("run dir", FAIL, f"{path} not readable by you (uid {os.getuid()}): "
+                         "status, estop and doctor cannot reach the sockets",
                          "add yourself to the operators' group: sudo usermod -aG duet $USER "
                          "(log in again)"))
         return out
@@ -231,8 +258,10 @@ def diagnose(config: Path, site: Path | None, run_dir: str) -> list[Check]:
     system = root if root is not None else Path("/")  # a staged install: its /etc
     jetson = check_jetson(system)
     checks = [Check("config", OK, f"{config}" + (f" + {site}" if site and site.exists() else ""))]
+    who, warned = follower_account(root) if root is not None else (None, [])
+    checks += warned
     steps: list[Callable[[], Check | list[Check]]] = [
-        lambda: [check_bus(bus, installed) for bus, _ in bus_sections(cfg)],
+        lambda: [check_bus(bus, installed, who=who) for bus, _ in bus_sections(cfg)],
         lambda: check_cameras(cfg),
         lambda: check_services(cfg),
         lambda: check_run_dir(run_dir, cfg.state_dir),

@@ -54,7 +54,8 @@ def check_realtime(cfg: DuetConfig) -> list[Check]:
         except OSError as exc:
             out.append(Check("real-time", WARN,
                              f"SCHED_FIFO {rt.sched_fifo_priority} refused in this shell "
-                             f"({exc.strerror}; RLIMIT_RTPRIO {_limit(soft)})",
+                             f"(uid {os.getuid()}: {exc.strerror}; RLIMIT_RTPRIO "
+                             f"{_limit(soft)}); the follower's own grant is its unit's",
                              "the unit grants it (LimitRTPRIO); for a shell run as root, or add "
                              "'@duet - rtprio 90' to /etc/security/limits.d/duet.conf"))
     runtime_us = Path("/proc/sys/kernel/sched_rt_runtime_us")
@@ -65,7 +66,8 @@ def check_realtime(cfg: DuetConfig) -> list[Check]:
     if rt.mlockall:
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         if soft != resource.RLIM_INFINITY and os.geteuid() != 0:
-            out.append(Check("memlock", WARN, f"RLIMIT_MEMLOCK {_limit(soft)} in this shell",
+            out.append(Check("memlock", WARN, f"RLIMIT_MEMLOCK {_limit(soft)} in this shell "
+                             f"(uid {os.getuid()})",
                              "the unit sets LimitMEMLOCK=infinity; run the follower via systemd"))
         else:
             out.append(Check("memlock", OK, f"RLIMIT_MEMLOCK {_limit(soft)}"))

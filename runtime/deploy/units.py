@@ -104,6 +104,25 @@ def wanted_by(unit_text: str) -> list[str]:
     return parser.get("Install", "WantedBy", fallback="").split()
 
 
+def service_settings(units_dir: Path, unit: str) -> dict[str, list[str]]:
+    """The [Service] settings of an installed unit and its drop-ins (later files win; list
+    settings such as SupplementaryGroups= accumulate, an empty one resets, as in systemd)."""
+    files = [units_dir / unit, *sorted((units_dir / f"{unit}.d").glob("*.conf"))]
+    out: dict[str, list[str]] = {}
+    for path in files:
+        if not path.is_file():
+            continue
+        section = ""
+        for raw in path.read_text().splitlines():
+            line = raw.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[Service]" and "=" in line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                out[key] = [*out.get(key, []), *value.split()] if value else []
+    return out
+
+
 def enable_offline(units_dir: Path, unit: str, journal: Journal | None = None) -> list[Path]:
     """What `systemctl --root enable` does: a .wants symlink per WantedBy target."""
     journal = journal or Journal()
