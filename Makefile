@@ -7,7 +7,7 @@ DURATION ?= 20
 FUZZ_S ?= 120
 FUZZ_JOBS ?= 1
 
-.PHONY: demo demo-remote test test-fast test-system lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop follower-table fuzz verify-systemd verify-aarch64 clean
+.PHONY: demo demo-remote test test-fast test-system lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop follower-table fuzz verify-systemd verify-aarch64 verify-vla clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -184,6 +184,14 @@ fuzz: $(VENV)/.dev         # coverage-guided fuzzing of every decoder (atheris),
 
 verify-systemd:            # boots a real systemd in a container (root, debootstrap, systemd-container; VENV=... for another venv)
 	systemd/verify-in-container.sh
+
+# A π0/SmolVLA-shaped planner of 0.61 B parameters (2.4 GB fp32, random weights, no downloads):
+# export with the prefix weight-only int8 and the expert fp32, bundle (external data), verify,
+# latency per stage, 30 s live on the sim (docs/large-planners.md). ~8 GB RAM; not in `make test`.
+VLA_PREFIX ?= int8w
+verify-vla: $(VENV)/.dev
+	rm -rf runs/verify-vla
+	$(BIN)/python -m bench.verify_vla --out runs/verify-vla/bundle --prefix $(VLA_PREFIX)
 
 verify-aarch64:            # arm64 Debian under qemu-user: wheels-only install, parity, 10 s stack (root; ~10 min, first run ~1 h)
 	systemd/verify-aarch64.sh

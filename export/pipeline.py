@@ -69,7 +69,7 @@ PARITY_FILE = "parity.npz"
 # name -> fp32 ONNX file written into `work`, given the example inputs to trace with
 Producer = Callable[[str, dict[str, np.ndarray], Path], None]
 # name -> reference outputs [N, ...] for sample inputs [N, ...]
-Reference = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
+Reference = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray] | None]  # None: none
 
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8w", "int4w")
@@ -100,6 +100,7 @@ class ExportOptions:
     int8_ops: tuple[str, ...] = QUANTIZABLE_OPS
     calib: int = 64  # calibration samples per model (int8)
     parity_samples: int = 8  # held-out samples per model, stored in the bundle
+    parity_repeat: int = 5  # timed runs per parity sample (the latency columns)
     calib_data: Path | None = None  # .npz of recorded observations, keys <model>/<input>
     sign_key: Path | None = None
     seed: int = 0
@@ -267,7 +268,8 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
                 {k: v[total - n_parity:] for k, v in fp32_out.items()}
             precision = opts.precision_of(name)
             roles = contract.output_roles(name)
-            res = measure(f"{name} fp32", engine, held_out, ref, _judges(roles, "fp32", kind))
+            res = measure(f"{name} fp32", engine, held_out, ref, _judges(roles, "fp32", kind),
+                          opts.parity_repeat)
             if chunk is not None and name in stages:
                 chunk.fp32(stages[name], held_out, engine, precision != "fp32")
             final = fp32
@@ -287,7 +289,7 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
                             external)
                 engine = OnnxRuntimeEngine(final, batch=batch)
                 res += measure(f"{name} {precision}", engine, held_out, ref,
-                               _judges(roles, precision, kind))
+                               _judges(roles, precision, kind), opts.parity_repeat)
                 if chunk is not None and name in stages:
                     chunk.reduced(stages[name], held_out, engine)
             del engine
@@ -357,22 +359,35 @@ def export_bundle(contract: Contract, modules: dict[str, Any], out: Path, opts: 
     from export.onnx_export import export_onnx
 
     modules = dict(modules)  # consumed model by model (reference)
-    wanted = set(_models(contract))
-    if set(modules) != wanted:
-        raise ExportError(f"modules {sorted(modules)} do not match the contract's models "
-                          f"{sorted(wanted)}")
     tensors = _models(contract)
+    files = _model_files(contract)
+    # a model without a module is the ONNX file the contract names (a torch planner beside
+    # an existing ONNX follower, say)
+    onnx_given = {n for n in tensors if n not in modules and (assets / files[n]).is_file()}
+    unknown, missing = set(modules) - set(tensors), set(tensors) - set(modules) - onnx_given
+    if unknown or missing:
+        where = ", ".join(str(assets / files[n]) for n in sorted(missing))
+        raise ExportError(
+            f"modules {sorted(modules)} do not match the contract's models {sorted(tensors)}"
+            + (f": no module and no ONNX file ({where}) for {sorted(missing)}"
+               if missing else "")
+            + (f"; {sorted(unknown)} are not in the contract" if unknown else ""))
 
     def produce(name: str, examples: dict[str, np.ndarray], path: Path) -> None:
+        if name in onnx_given:
+            _copy_onnx(assets / files[name], name, path)
+            return
         ins, outs = tensors[name]
         args = tuple(torch.from_numpy(examples[t.name]) for t in ins)
         export_onnx(modules[name], args, [t.name for t in ins], [t.name for t in outs], path,
                     f"model {name}", name != "follower" and contract.planner.dynamic_batch)
 
-    def reference(name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def reference(name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """The module's outputs, in batches of the size it was exported with; the module is
         then dropped from `modules` (called once per model: its weights need not outlive
         it while ONNX Runtime holds theirs)."""
+        if name in onnx_given:
+            return None  # its own fp32 graph is the reference
         ins, outs = tensors[name]
         results: dict[str, list[np.ndarray]] = {t.name: [] for t in outs}
         module = modules.pop(name)
@@ -395,19 +410,10 @@ def bundle_from_onnx(contract: Contract, out: Path, opts: ExportOptions, assets:
     `reference_data`: an .npz with `<model>/in/<input>` and `<model>/out/<output>` arrays
     the models must reproduce (from the training framework); without it parity compares a
     reduced precision against the fp32 graph itself."""
-    files = {s.name: s.file for s in contract.planner.stages}
-    if contract.follower is not None:
-        files["follower"] = contract.follower.file
+    files = _model_files(contract)
 
     def produce(name: str, examples: dict[str, np.ndarray], path: Path) -> None:
-        src = assets / files[name]
-        if not src.is_file():
-            raise ExportError(f"{src}: the ONNX file of model {name} is missing")
-        try:  # with the data files it names, wherever they are beside it
-            onnx_files.relocate(src, path)
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"{src}: cannot read model {name} and its external data: "
-                              f"{exc}") from None
+        _copy_onnx(assets / files[name], name, path)
 
     reference = None
     if reference_data is not None:
@@ -424,6 +430,24 @@ def bundle_from_onnx(contract: Contract, out: Path, opts: ExportOptions, assets:
             return {k: v[-n:].astype(np.float64) for k, v in outs.items()}
 
     return _build(contract, out, opts, assets, produce, reference)
+
+
+def _model_files(contract: Contract) -> dict[str, str]:
+    files = {s.name: s.file for s in contract.planner.stages}
+    if contract.follower is not None:
+        files["follower"] = contract.follower.file
+    return files
+
+
+def _copy_onnx(src: Path, name: str, path: Path) -> None:
+    """A user's ONNX file into the work folder, with the data files it names."""
+    if not src.is_file():
+        raise ExportError(f"{src}: the ONNX file of model {name} is missing")
+    try:
+        onnx_files.relocate(src, path)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{src}: cannot read model {name} and its external data: "
+                          f"{exc}") from None
 
 
 def _version_string() -> str:

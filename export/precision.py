@@ -85,8 +85,12 @@ def to_int8(src: Path, dst: Path, calibration: Samples,
     onnx.checker.check_model(str(dst))
 
 
-# Weight-only precisions: MatMul weights in int8/int4 blocks (ONNX Runtime's MatMulNBits,
-# computed with fp32 activations), embedding tables (Gather) in int8 per row; no calibration.
+# Weight-only precisions: MatMul weights in int8/int4 blocks (ONNX Runtime's MatMulNBits),
+# embedding tables (Gather) in int8 per row; no calibration. Accuracy level 4: the CPU kernel
+# quantizes each activation block to int8 on the fly and multiplies in int8 (measured on this
+# x86 host, 1024x3072 weights, 48 rows: 53 ms against 223 ms for fp32 activations, fp32
+# MatMul 50 ms, for 0.73 % instead of 0.57 % relative error).
+ACCURACY_LEVEL = 4
 WEIGHT_ONLY_BITS = {"int8w": 8, "int4w": 4}
 BLOCK = 32  # weights per scale along K: finer than per-channel, ONNX Runtime's fast path
 MIN_EMBEDDING_ROWS = 256  # smaller Gather tables (positions, codes) stay float
@@ -102,7 +106,7 @@ def to_weight_only(src: Path, dst: Path, bits: int, external: bool = False) -> N
         logging.WARNING)
     model = onnx.load(str(src))
     quant = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True,
-                                 op_types_to_quantize=("MatMul",))
+                                 accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=("MatMul",))
     quant.process()
     out = quant.model.model
     del quant, model

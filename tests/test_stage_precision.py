@@ -124,3 +124,52 @@ def test_a_chunk_over_tolerance_names_the_stage(tmp_path: Path,
                                                      "relative": 1.0})
     with pytest.raises(ExportError, match=r"the planner's chunk \(only prefix\)"):
         _export(tmp_path / "b", "prefix=int4w,expert=fp32")
+
+
+def test_a_torch_planner_with_an_onnx_follower_in_one_export(tmp_path: Path) -> None:
+    """The factory gives the planner; the follower is the ONNX file the contract names."""
+    from onnx_bundle import _follower
+    from test_export import contract_dir, tiny_modules
+
+    assets = contract_dir(tmp_path / "src")
+    onnx.save(_follower(D, 0.5), assets / "follower.onnx")
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = export_bundle(load_contract(assets / "contract.yaml"),
+                            {"planner": tiny_modules()["planner"]}, tmp_path / "b",
+                            ExportOptions(calib=4, parity_samples=2), assets)
+    assert set(load_bundle(out, expect_joints=JOINTS).model_specs()) == {"planner", "follower"}
+
+
+def test_neither_module_nor_onnx_file_names_what_is_missing(tmp_path: Path) -> None:
+    from test_export import contract_dir, tiny_modules
+
+    assets = contract_dir(tmp_path / "src")
+    with pytest.raises(ExportError, match=r"no module and no ONNX file \(.*follower\.onnx\) "
+                                          r"for \['follower'\]"):
+        export_bundle(load_contract(assets / "contract.yaml"),
+                      {"planner": tiny_modules()["planner"]}, tmp_path / "b",
+                      ExportOptions(calib=4, parity_samples=2), assets)
+
+
+class ExpertT2(Expert):
+    """The same field, its flow time as [batch, 1] (as many flow models take it)."""
+
+    def forward(self, feats: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(feats, x_t, t[:, 0])
+
+
+def test_a_flow_time_of_rank_2_comes_from_the_contract(tmp_path: Path) -> None:
+    import copy
+
+    contract = copy.deepcopy(CONTRACT)
+    contract["planner"]["stages"][1]["inputs"][2]["rank"] = 2
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "contract.yaml").write_text(yaml.safe_dump(contract))
+    Tokenizer().save(src / "tokenizer.json")
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = export_bundle(load_contract(src / "contract.yaml"),
+                            {"prefix": Prefix().eval(), "expert": ExpertT2().eval()},
+                            tmp_path / "b", ExportOptions(calib=4, parity_samples=2), src)
+    spec = load_bundle(out).model_specs()["expert"]
+    assert spec.input("t").shape == [1, 1]

@@ -113,7 +113,8 @@ class NoiseInput(_Strict):
 
 class FlowTimeInput(_Strict):
     role: Literal["flow_time"]
-    name: Name  # t, float32 [1]
+    name: Name  # t, float32 [batch] (rank 1) or [batch, 1] (rank 2), as the graph takes it
+    rank: Literal[1, 2] = 1
 
 
 class StageInput(_Strict):
@@ -366,7 +367,8 @@ class Contract(_Strict):
             elif isinstance(i, NoiseInput):
                 ins.append(TensorSpec(name=i.name, dtype="float32", shape=chunk))
             elif isinstance(i, FlowTimeInput):
-                ins.append(TensorSpec(name=i.name, dtype="float32", shape=[b]))
+                ins.append(TensorSpec(name=i.name, dtype="float32",
+                                      shape=[b] if i.rank == 1 else [b, 1]))
             else:
                 src = self.planner.source(i.source)
                 ins.append(TensorSpec(name=i.name, dtype=src.dtype,
