@@ -113,13 +113,14 @@ def _duet(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.system
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three commands, each starting torch or a stack
 def test_identify_then_train_follower_then_the_table_on_the_sim(tmp_path: Path) -> None:
     from runtime.model.bundle import load_bundle
     from runtime.model.residual import residual_model
 
     ident = tmp_path / "identify"
     out = _duet("identify", "--config", "configs/sim.yaml", "--run-dir", str(tmp_path / "run"),
-                "--out", str(ident), "--slow-only", "--sweep-s", "10", "--poses", "3",
+                "--out", str(ident), "--slow-only", "--sweep-s", "8", "--poses", "2",
                 "--set", "follower.deadline_storm.misses=400", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)

@@ -12,7 +12,7 @@ from typing import Any
 
 from runtime.config import DuetConfig
 from runtime.ipc import endpoints
-from runtime.ipc.rpc import request_at
+from runtime.ipc.rpc import ControlError, request_at
 
 
 class RecordingError(RuntimeError):
@@ -39,7 +39,10 @@ class RecorderProcess:
 
     def ask(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         """`start` {name} / `stop` {success} / `status`: the recorder's reply, or raise."""
-        reply = request_at(endpoints.recorder(self.cfg.run_dir), cmd, args, timeout_s=10.0)
+        try:
+            reply = request_at(endpoints.recorder(self.cfg.run_dir), cmd, args, timeout_s=10.0)
+        except ControlError as exc:
+            raise RecordingError(f"recorder {cmd}: {exc}") from None
         if not reply.get("ok"):
             raise RecordingError(f"recorder {cmd}: {reply.get('error')}")
         return dict(reply["result"])
