@@ -311,6 +311,7 @@ class FeetechEmulator:
         return bool(self._error_byte(k) & self.tables[k][ft.ADDR_UNLOADING_CONDITION])
 
     def _encode_position(self, ticks: int) -> bytes:
+        ticks = max(-32767, min(32767, ticks))  # limits written by a client may be anything
         raw = ft.to_sign_magnitude(ticks, ft.SIGN_BIT_POSITION) if self.series.position_signed \
             else max(0, ticks)
         return ft.word(raw, self.series)

@@ -31,6 +31,7 @@ with atheris.instrument_imports(include=["runtime", "drivers", "sim", "yaml", "c
     import can
     import numpy as np
 
+    from drivers import feetech_protocol as ft
     from drivers.bus import BusError
     from drivers.can_mit import MitCanBus
     from drivers.mit_codec import MitRanges
@@ -195,9 +196,24 @@ def observation(data: bytes) -> None:
         pass
 
 
+def feetech(data: bytes) -> None:
+    """Servo replies off a Feetech line: the stream parser and the sync-read resync parser
+    (the bytes split where the first byte says, as a serial read splits them)."""
+    parser = ft.StreamParser()
+    cut = data[0] % (len(data) + 1) if data else 0
+    parser.feed(data[:cut])
+    list(parser)
+    parser.feed(data[cut:])
+    list(parser)
+    replies = ft.SyncReplyParser([1, 2, 3, 4, 5, 6], 8)
+    rx = bytearray(data) + bytearray(16)
+    replies.feed(rx, cut)
+    replies.feed(rx, len(data))
+
+
 TARGETS = {"plan": plan, "message": message, "request": request, "config": config,
            "override": override, "manifest": manifest, "observation": observation,
-           "mit_can": mit_can}
+           "mit_can": mit_can, "feetech": feetech}
 
 
 def _seeds(target: str, corpus: Path) -> None:
@@ -230,6 +246,7 @@ def _seeds(target: str, corpus: Path) -> None:
         "mit_can": [bytes([0, 8, 0, 8]) + bytes(8), bytes([8, 64, 0x7F, 3]) + bytes(3)],
         "manifest": [(ROOT / "bundles/reference/manifest.json").read_bytes()],
         "observation": [obs],
+        "feetech": [bytes([6]) + b"".join(ft.status_packet(i, 0, bytes(8)) for i in range(1, 7))],
     }[target]
     for i, seed in enumerate(seeds):
         (corpus / f"seed-{i}").write_bytes(seed)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from sim_arm import IDS, JOINTS, N_JOINTS
 
@@ -192,6 +192,28 @@ def test_one_flipped_byte_fails_only_its_servo(victim: int, at: int, xor: int,
         pytest.fail(f"a corrupt reply of servo {victim} was accepted")
 
 
+INSTRUCTIONS = [ft.PING, ft.READ, ft.WRITE, ft.REG_WRITE, ft.ACTION, ft.SYNC_READ,
+                ft.SYNC_WRITE, 0x99]
+
+
+@settings(max_examples=500, deadline=None)
+@example([(1, ft.WRITE, ft.ADDR_MIN_POSITION_LIMIT, b"\xff" * 4),  # limits past 15 bits
+          (1, ft.WRITE, ft.ADDR_GOAL_POSITION, b"\x00\x08")])
+@given(st.lists(st.tuples(st.sampled_from([1, 2, ft.BROADCAST_ID, 0x42]),
+                          st.sampled_from(INSTRUCTIONS), st.integers(0, 80),
+                          st.binary(max_size=12)), max_size=12))
+def test_the_emulator_survives_any_instruction(
+        packets: list[tuple[int, int, int, bytes]]) -> None:
+    """Hostile or mistaken clients (unlocked EEPROM, wild limits, torn packets) never raise out
+    of the emulator's answer: its serving thread is the sim's servos."""
+    act = Actuators(N_JOINTS)
+    emu = FeetechEmulator(act, IDS)
+    emu.tables[0][ft.ADDR_LOCK] = 0
+    for servo_id, instruction, address, params in packets:
+        wire = ft._frame(servo_id, instruction, bytes((address,)) + params)
+        emu.answer(wire[: len(wire) - (address % 5 == 0)])  # some torn
+
+
 def test_stream_parser_resyncs_after_garbage_and_ff_runs() -> None:
     rng = random.Random(3)
     packets = _replies(rng, [1, 2, 3], 4)
@@ -219,3 +241,37 @@ def test_config_refuses_what_the_servos_cannot_do(override: str, key: str, reaso
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs" / "so101_sim.yaml", overrides=[override])
     assert key in str(err.value) and reason in str(err.value)
+
+
+def test_hot_path_does_not_grow_memory() -> None:
+    # the emulator runs in another process so only the driver's allocations are traced
+    import tracemalloc
+
+    from sim.dynamixel_emulator import EmulatorProcess
+
+    q = [0.1, 0.2, -0.3, 0.4, -0.5, 0.6]
+    with EmulatorProcess(IDS, q, "sim.feetech_emulator:FeetechEmulator") as path:
+        b = FeetechBus(path, 1_000_000, IDS, JOINTS, timeout_ms=200.0)
+        b.open()
+        state = MotorState(6)
+        for _ in range(50):
+            b.read(state)
+            b.write(state.q)
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        for _ in range(300):
+            b.read(state)
+            b.write(state.q)
+        _, peak = tracemalloc.get_traced_memory()
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        b.close()
+    np.testing.assert_allclose(state.q, q, atol=TICK)
+    driver = [tracemalloc.Filter(True, "*drivers/feetech*.py")]
+    growth = sum(
+        d.size_diff
+        for d in after.filter_traces(driver).compare_to(before.filter_traces(driver), "filename"))
+    assert growth < 512, f"driver retained {growth} B over 300 ticks"
+    assert peak - base < 2048, f"transient peak {peak - base} B in a tick"
