@@ -35,6 +35,7 @@ WRITE = 0x03
 REBOOT = 0x08
 SYNC_READ = 0x82
 SYNC_WRITE = 0x83
+BULK_READ = 0x92
 STATUS = 0x55
 
 # Status error byte: bit 7 = hardware-error alert, low 7 bits = result of the instruction.

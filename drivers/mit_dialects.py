@@ -290,7 +290,16 @@ class CubeMarsDialect(MitDialect):
     ERRORS: ClassVar[dict[int, str]] = {
         1: "over-temperature", 2: "over-current", 3: "over-voltage", 4: "under-voltage",
         5: "encoder fault", 6: "phase current unbalance (the hardware may be damaged)"}
-    TEMPERATURE_OFFSET = 40  # byte 6 is degrees C + 40 (range -40..215)
+    # Byte 6 is degrees C + 40 (-40..215 °C). The manual (V1.0.8 §5.3, "MIT power mode driver
+    # board sending data definition") names DATA[6] only "Motor temperature", no unit or
+    # offset; TMotor's support answered that the reading is "subtracted by 40 to obtain the
+    # temperature", with over-temperature protection at 140 °C (quoted in neurobionics/
+    # TMotorCANControl PR #4, 2023-03-17, whose author found the raw byte tripping that
+    # library's over-temperature check at room temperature), and motor-python 0.0.11 decodes
+    # MIT feedback as `temp_raw - 40` ("byte 6 : temperature, offset by 40 degrees Celsius").
+    # TMotorCANControl's mit_can.py reads it raw: 40 °C high. (The AK60-6 V3 servo-mode status
+    # frame is another frame: int8 °C.)
+    TEMPERATURE_OFFSET = 40
 
     def parse(self, msg: can.Message, r: MitRanges, out: Reply) -> bool:
         data = msg.data

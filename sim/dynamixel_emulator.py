@@ -1,7 +1,7 @@
 """Emulated Dynamixel X-series servos (XM430-W350) behind a pseudo-terminal.
 
 A serving thread reads instruction packets from the pty master, answers like the real servos
-(PING, READ, WRITE, REBOOT, SYNC READ, SYNC WRITE; status return level; EEPROM lock while
+(PING, READ, WRITE, REBOOT, SYNC READ, SYNC WRITE, BULK READ; status return level; EEPROM lock while
 torque is on; alert bit while Hardware Error Status != 0) and maps the control table onto
 the shared `Actuators` arrays that the physics loop integrates.
 
@@ -256,6 +256,8 @@ class DynamixelEmulator:
             return b""
         if instr == dx.SYNC_READ:
             return self._sync_read(params)
+        if instr == dx.BULK_READ:
+            return self._bulk_read(params)
         if instr == dx.SYNC_WRITE:
             self._sync_write(params)
             return b""
@@ -329,6 +331,25 @@ class DynamixelEmulator:
         self._refresh_present(servos)
         out = bytearray()
         for k in servos:  # replies in the order of the request's id list
+            out += self._status(k, 0, bytes(self.tables[k][addr : addr + length]))
+        return bytes(out)
+
+    def _bulk_read(self, params: bytes) -> bytes:
+        """BULK READ: per servo its own address and length (ID, ADDR_L, ADDR_H, LEN_L, LEN_H
+        each); every addressed servo answers with its own status packet, in the request's order
+        (an unknown id or a range past the table: that servo stays silent, as a real one does)."""
+        if not params or len(params) % 5:
+            return b""
+        asks = []
+        for off in range(0, len(params), 5):
+            dxl_id, addr, length = struct.unpack_from("<BHH", params, off)
+            k = self._index_by_id.get(dxl_id, -1)
+            if k >= 0 and not self.actuators.silent[k] and length \
+                    and addr + length <= dx.CONTROL_TABLE_SIZE:
+                asks.append((k, addr, length))
+        self._refresh_present([k for k, _, _ in asks])
+        out = bytearray()
+        for k, addr, length in asks:
             out += self._status(k, 0, bytes(self.tables[k][addr : addr + length]))
         return bytes(out)
 

@@ -93,6 +93,29 @@ def test_sdk_group_sync_read_write(sdk_on_emulator: SdkRig) -> None:
     np.testing.assert_allclose(act.goal_q, want)
 
 
+def test_sdk_group_bulk_read(sdk_on_emulator: SdkRig) -> None:
+    """Issue 21 #18: BULK READ (0x92), each servo its own address and length, as outside tools
+    (the Dynamixel Wizard, ROS drivers) read a `duet sim` arm: every servo answers with its own
+    status packet, in request order (the emulator ignored the instruction: the SDK timed out)."""
+    port, ph, act, _ = sdk_on_emulator
+    act.temperature_c[3] = 47.0
+    act.hw_error[5] = 0x20
+    asks = {1: (dx.ADDR_PRESENT_POSITION, 4), 2: (dx.ADDR_PRESENT_CURRENT, 10),
+            3: (dx.ADDR_MODEL_NUMBER, 2), 4: (dx.ADDR_PRESENT_TEMPERATURE, 1),
+            6: (dx.ADDR_HARDWARE_ERROR_STATUS, 1)}
+    reader = dynamixel_sdk.GroupBulkRead(port, ph)
+    for dxl_id, (addr, length) in asks.items():
+        assert reader.addParam(dxl_id, addr, length)
+    assert reader.txRxPacket() == COMM_SUCCESS
+    for dxl_id, (addr, length) in asks.items():
+        assert reader.isAvailable(dxl_id, addr, length), dxl_id
+    assert reader.getData(1, dx.ADDR_PRESENT_POSITION, 4) == 2048
+    assert reader.getData(2, dx.ADDR_PRESENT_POSITION, 4) == round(2048 + 0.5 * dx.TICKS_PER_RAD)
+    assert reader.getData(3, dx.ADDR_MODEL_NUMBER, 2) == dx.MODEL_XM430_W350
+    assert reader.getData(4, dx.ADDR_PRESENT_TEMPERATURE, 1) == 47
+    assert reader.getData(6, dx.ADDR_HARDWARE_ERROR_STATUS, 1) == 0x20
+
+
 @pytest.fixture
 def captured_sdk() -> Iterator[Capture]:
     """An SDK port on a pty slave whose master we read: what the SDK sends, byte for byte."""

@@ -223,6 +223,21 @@ def test_cubemars_frames_and_replies_match_motor_python() -> None:
     assert ours.zero(0)[1] == motor._CAN_HELPER_ZERO_POSITION
 
 
+def test_cubemars_temperature_byte_is_celsius_plus_40() -> None:
+    """Issue 21 #18: byte 6 of an MIT reply is °C + 40, per TMotor's support (quoted in
+    neurobionics/TMotorCANControl PR #4) and motor-python 0.0.11; TMotorCANControl's mit_can.py
+    reads it raw, 40 °C high (a room-temperature motor at 65 °C). The manual V1.0.8 §5.3 names
+    the byte "Motor temperature" and says no more (drivers/mit_dialects.py has the quotes)."""
+    r = MitRanges(12.5, 50.0, 18.0)
+    ours, out = CubeMarsDialect([5]), Reply()
+    arb, data = ours.state_reply(0, 0.0, 0.0, 0.0, 0, 25.0, r)
+    assert data[6] == 65  # what an AK motor at 25 °C sends
+    ours.parse(msg(arb, data[:6] + bytes([0, 0])), r, out)
+    assert out.temperature_c == -40.0  # the byte's floor
+    ours.parse(msg(arb, data[:6] + bytes([180, 0])), r, out)
+    assert out.temperature_c == 140.0  # the firmware's over-temperature protection
+
+
 # -- MyActuator: transcribed from the vendor's protocol document V4.2 --------------------------
 
 
