@@ -347,10 +347,10 @@ def test_an_episode_keeps_its_own_instruction_when_the_next_task_comes_first(
     episode: the outcome names the task the episode ran, and every one heard."""
     rec = Recorder(str(run_dir), tmp_path / "rec", 1.0, 100.0, {})
 
-    def task(seq: int, text: str) -> None:
-        rec.handle("/sim/task", {"v": 1, "type": "task", "seq": seq,
-                                 "t_ns": time.monotonic_ns(), "episode": seq,
-                                 "instruction": text})
+    def task(seq: int, text: str) -> None:  # what the planner reports working on
+        rec.handle("/planner/telemetry", {"v": 1, "type": "telemetry", "seq": seq,
+                                          "t_ns": time.monotonic_ns(), "source": "planner",
+                                          "episode": seq, "instruction": text})
 
     try:
         task(1, "touch the red block")
@@ -362,3 +362,35 @@ def test_an_episode_keeps_its_own_instruction_when_the_next_task_comes_first(
     outcome = read_recording(Path(stopped["path"])).metadata["duet.outcome"]
     assert outcome["instruction"] == "touch the red block"
     assert json.loads(outcome["instructions"]) == ["touch the red block", "touch the blue block"]
+
+
+def test_an_episode_is_labelled_with_the_task_that_ran_not_the_sims(
+        run_dir: Path, tmp_path: Path) -> None:
+    """An operator's task takes precedence over the sim's episode feed: the planner works on
+    it while the sim keeps announcing its own. The label is the planner's task; `duet record
+    start --task` names it outright."""
+    rec = Recorder(str(run_dir), tmp_path / "rec", 1.0, 100.0, {})
+    t = time.monotonic_ns
+
+    try:
+        rec.handle("/sim/task", {"v": 1, "type": "task", "seq": 1, "t_ns": t(), "episode": 1,
+                                 "instruction": "touch the blue block"})
+        rec.handle("/planner/telemetry", {"v": 1, "type": "telemetry", "seq": 1, "t_ns": t(),
+                                          "source": "planner", "episode": None,
+                                          "instruction": "touch the red block"})
+        rec.start_episode("ep")
+        rec.handle("/sim/task", {"v": 1, "type": "task", "seq": 2, "t_ns": t(), "episode": 2,
+                                 "instruction": "touch the green block"})
+        first = rec.stop_episode(True)
+        rec.start_episode("ep2", "wave")
+        second = rec.stop_episode(True)
+        with pytest.raises(RequestError, match="task"):
+            rec.start_episode("ep3", 17)
+    finally:
+        rec.close()
+    outcome = read_recording(Path(first["path"])).metadata["duet.outcome"]
+    assert outcome["instruction"] == "touch the red block"
+    assert json.loads(outcome["instructions"]) == ["touch the red block"]
+    contents = read_recording(Path(second["path"]))
+    assert contents.metadata["duet"]["instruction"] == "wave"
+    assert contents.metadata["duet.outcome"]["instruction"] == "wave"

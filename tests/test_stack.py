@@ -309,6 +309,38 @@ def test_a_latched_fault_survives_a_reboot_through_the_state_dir(tmp_path: Path,
         stack.wait_mode("HOLD", 10)
         assert not run_latch.exists() and not (state / endpoints.LATCH).exists()
 
+
+def test_an_operator_task_takes_precedence_over_the_sims_until_cleared(
+        tmp_path: Path, bundle: Path) -> None:
+    """configs/sim.yaml takes its tasks from the sim; `duet task` used to be refused there."""
+    from runtime.ipc.rpc import request_at
+
+    def task(cmd: str, **body: object) -> dict[str, object]:
+        reply = request_at(endpoints.task(str(tmp_path / "run")), cmd, body, timeout_s=5.0)
+        assert reply["ok"], reply
+        return reply["result"]
+
+    def wait_instruction(pred: object, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = str(task("status").get("instruction") or "")
+            if pred(text):  # type: ignore[operator]
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"instruction still {text!r}")
+
+    mine = "touch the red block, then the blue one"
+    with Stack(tmp_path, bundle):
+        wait_instruction(lambda t: bool(t) and t != mine, 30)  # the sim's episode
+        assert task("task", instruction=mine)["task"]["source"] == "operator"  # type: ignore[index]
+        # the sim re-announces its episode every 0.2 s: the operator's task stays
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert task("status")["instruction"] == mine
+            time.sleep(0.1)
+        assert task("task", clear=True) == {"task": None, "next": "sim"}
+        wait_instruction(lambda t: bool(t) and t != mine, 10)  # the sim's again
+
 def _descendants(pid: int) -> set[int]:
     """Every live process below `pid` (children, their children ...), from /proc."""
     parents: dict[int, int] = {}

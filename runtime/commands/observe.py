@@ -59,6 +59,14 @@ def _record(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {}
     if args.record_cmd == "start":
         body = {"name": args.name}
+        if args.task is not None:  # the robot works on it, and the episode is labelled so
+            try:
+                reply = request_at(endpoints.task(run_dir), "task", {"instruction": args.task})
+            except ControlError as exc:
+                return fail("duet record start", f"--task: {exc}")
+            if not reply["ok"]:
+                return fail("duet record start", f"--task: {reply['error']}")
+            body["task"] = args.task
     elif args.record_cmd == "stop" and args.outcome is not None:
         body = {"success": args.outcome == "success"}
     try:
@@ -165,8 +173,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--continuous", action="store_true", help="also record everything, rotated")
     s.add_argument("--frame-hz", type=float, default=2.0, help="camera frames kept per second")
     s.add_argument("--duration", type=float, default=None)
-    sc(rsub, "start", "start the named episode", "duet record start pick-red-017",
-       parents=[shared]).add_argument("name")
+    s = sc(rsub, "start", "start the named episode", 'duet record start pick-red-017 --task '
+           '"touch the red block"', parents=[shared])
+    s.add_argument("name")
+    s.add_argument("--task", default=None, metavar="TEXT", help="set the planner's task "
+                   "(as `duet task TEXT`) and label the episode with it")
     s = sc(rsub, "stop", "stop the episode, with the operator's outcome",
            "duet record stop --success", parents=[shared])
     g = s.add_mutually_exclusive_group()

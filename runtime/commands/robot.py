@@ -183,7 +183,9 @@ def _task(args: argparse.Namespace) -> int:
         text = result.get("instruction") or "(no task: idle)"
         _print(args, f"task: {text}  [planner {result.get('status')}]", result)
     elif args.clear:
-        _print(args, "task cleared: the planner stops, the follower holds", result)
+        _print(args, "task cleared: the sim's episodes drive the planner again"
+               if result.get("next") == "sim" else
+               "task cleared: the planner stops, the follower holds", result)
     else:
         _print(args, f"task set: {result['task']['instruction']}", result)
     return 0

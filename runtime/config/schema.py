@@ -339,7 +339,8 @@ class PlannerConfig(_Strict):
     # The robot's cameras by name; the bundle's contract says which it reads.
     cameras: dict[str, CameraConfig] = Field(default_factory=lambda: {"scene": CameraConfig()})
     # Where instructions come from: `operator` (`duet task`, the task socket) or `sim` (the
-    # sim's episodes). `instruction` is the task at start-up (empty: idle until one is set).
+    # sim's episodes; an operator's `duet task` still takes precedence until `duet task
+    # --clear`). `instruction` is the task at start-up (empty: idle until one is set).
     task_source: Literal["operator", "sim"] = "operator"
     instruction: str = Field("", max_length=1000)  # used when the run dir keeps no task
     threads: int = Field(1, ge=1, le=64)  # ONNX Runtime intra-op threads per planner network

@@ -103,8 +103,9 @@ class Recorder:
         self.subs.register(self.poller)
         Path(run_dir).mkdir(parents=True, exist_ok=True)  # may start before the follower
         self.server = bind_server(self.ctx, endpoints.recorder(run_dir), {
-            "start": Command(lambda a: {"path": str(self.start_episode(str(a.get("name", ""))))},
-                             OPERATOR, "start a named episode"),
+            "start": Command(lambda a: {"path": str(self.start_episode(
+                str(a.get("name", "")), a.get("task")))}, OPERATOR,
+                "start a named episode (task: the instruction it is labelled with)"),
             "stop": Command(lambda a: self.stop_episode(a.get("success")), OPERATOR,
                             "stop the episode (success: true/false, the operator's outcome)"),
             "status": Command(lambda a: self.status(), OPERATOR, "recorder status"),
@@ -121,7 +122,13 @@ class Recorder:
     def _stamp(self) -> str:
         return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
-    def start_episode(self, name: str) -> Path:
+    def start_episode(self, name: str, task: Any = None) -> Path:
+        """`task`: the instruction set for this episode (`duet record start --task`); by
+        default the planner's current one."""
+        if task is not None and (not isinstance(task, str) or len(task) > 1000):
+            raise RequestError("start: `task` must be text of at most 1000 characters")
+        if task:
+            self.instruction = task
         if self.episode is not None:
             raise RequestError(f"episode {self.episode.path.stem!r} is recording; "
                                "stop it first")
@@ -289,7 +296,9 @@ class Recorder:
             if mode in ALARM_MODES and mode != self.last_mode:
                 self._open_incident(str(mode), str(msg.get("fault_reason") or ""), now)
             self.last_mode = mode if isinstance(mode, str) else None
-        elif topic in ("/planner/telemetry", "/sim/task"):
+        elif topic == "/planner/telemetry":
+            # the task that ran is the planner's (an operator's task takes precedence over the
+            # sim's announcements on /sim/task, which are recorded, not taken as the label)
             text = msg.get("instruction")
             if isinstance(text, str):
                 self.instruction = text

@@ -207,6 +207,8 @@ class PlannerShell:
         if not isinstance(text, str) or not (episode is None or type(episode) is int):
             raise RequestError("malformed task announcement")
         current = self.tasks.current
+        if current is not None and current.source == "operator":
+            return  # an operator's task runs until `duet task --clear`; then the sim's again
         if current is None or current.instruction != text or current.episode != episode:
             try:
                 self.tasks.set(text, episode, "sim")
@@ -214,13 +216,12 @@ class PlannerShell:
                 raise RequestError(str(exc)) from None
 
     def _cmd_task(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.cfg.planner.task_source != "operator":
-            raise RequestError(f"this robot's tasks come from the {self.cfg.planner.task_source}"
-                               " (planner.task_source)")
+        # With planner.task_source sim, an operator's task takes precedence over the sim's
+        # episode feed until it is cleared; the sim's next announcement then takes over.
         if args.get("clear") is True:
             self.tasks.clear("operator")
             log.info("task cleared")
-            return {"task": None}
+            return {"task": None, "next": self.cfg.planner.task_source}
         text, episode = args.get("instruction"), args.get("episode")
         if not isinstance(text, str):
             raise RequestError("task: `instruction` (text) or `clear: true` is required")
