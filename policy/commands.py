@@ -253,7 +253,7 @@ def _finetune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     two_step = cfg.sim.two_step_fraction if cfg.sim else 0.5
     sim, _, _ = load_or_generate(args.data_dir, episodes, args.seed,
-                                 LoopSettings.from_config(cfg), two_step)
+                                 LoopSettings.from_config(cfg), two_step, cfg=cfg)
     try:
         finetune(args.init, args.dataset, args.out, sim, steps, args.seed,
                  args.threads or default_threads(), args.sim_fraction,

@@ -34,17 +34,21 @@ from runtime.model.plan import Plan
 from runtime.model.residual import residual_model
 from runtime.planner.observation import StateHistory
 from runtime.planner.pipeline import Observation, PlannerPipeline
+from sim.robot import RobotDescription, default_robot, describe
 from sim.task import Episode, TaskTracker
-from sim.world import HOME_Q, JOINTS, SimWorld
+from sim.world import SimWorld
 
 EVAL_SEED_BASE = 900_000_000  # training seeds are seed * 1_000_003 + i: far below this
-START_NOISE = np.array([0.3, 0.2, 0.2, 0.2, 0.2, 0.0])
+START_NOISE = (0.3, 0.2, 0.0)  # rad around home: base yaw, other arm joints, gripper
 Log = Callable[[str], None]
 
 
-def eval_start_q(seed: int) -> np.ndarray:
+def eval_start_q(seed: int, robot: RobotDescription | None = None) -> np.ndarray:
+    """A start pose near home, from the episode's seed (default robot: duet's arm)."""
+    robot = robot if robot is not None else default_robot()
     rng = np.random.default_rng(seed)
-    return HOME_Q + rng.uniform(-1.0, 1.0, 6) * START_NOISE
+    noise = robot.start_noise(START_NOISE[1], START_NOISE[0], START_NOISE[2])
+    return robot.home + rng.uniform(-1.0, 1.0, robot.n) * noise
 
 
 class BundlePlanner:
@@ -54,7 +58,7 @@ class BundlePlanner:
 
     def __init__(self, bundle: Bundle, cfg: DuetConfig, flow_steps: int | None = None,
                  prefix: bool = True, delay_s: float = 0.0, seed: int = 0) -> None:
-        self.pipeline = PlannerPipeline(bundle, list(JOINTS), flow_steps=flow_steps,
+        self.pipeline = PlannerPipeline(bundle, list(cfg.robot.joints), flow_steps=flow_steps,
                                         prefix=prefix, seed=seed)
         cams = cfg.planner.cameras
         self.cameras = {name: (cams[name].width, cams[name].height) if name in cams
@@ -70,12 +74,13 @@ class BundlePlanner:
     def warm_up(self, world: SimWorld, calls: int = 3) -> None:
         """A few plans, not counted: an engine's first calls (lazy initialisation, cold
         caches) are no planner latency an episode would see."""
-        history = StateHistory(len(JOINTS))
         q = world.q()
+        history = StateHistory(len(q))
         history.add(1, q=q, dq=np.zeros_like(q), q_cmd=q)
         self.reset("touch the red block, then the blue one")
         for _ in range(calls):
-            self(world, history, TaskTracker(Episode(0), timeout_s=1.0))
+            self(world, history, TaskTracker(Episode(0, workspace=world.robot.workspace),
+                                             timeout_s=1.0))
         self.latencies.clear()
         self.previous = None
 
@@ -98,17 +103,19 @@ def evaluate(bundle: Bundle, cfg: DuetConfig, settings: LoopSettings, seeds: lis
              residual: bool, log: Log = print, label: str = "", phrasing: str = "then",
              **planner: Any) -> dict[str, Any]:
     """Run the episodes of `seeds` with one bundle and loop settings; summarise them."""
-    world = SimWorld(seed=0, physics_hz=settings.physics_hz)
+    robot = describe(cfg)
+    world = SimWorld(seed=0, physics_hz=settings.physics_hz, robot=robot)
     plan_fn = BundlePlanner(bundle, cfg, **planner)
-    follower = residual_model(bundle, list(JOINTS)) if residual else None
+    follower = residual_model(bundle, list(robot.joints)) if residual else None
     plan_fn.warm_up(world)
     results: list[EpisodeResult] = []
     t0 = time.monotonic()
     for seed in seeds:
-        episode = Episode(seed, two_step_fraction=1.0, phrasing=phrasing)
+        episode = Episode(seed, two_step_fraction=1.0, phrasing=phrasing,
+                          workspace=robot.workspace)
         plan_fn.reset(episode.instruction)
         results.append(run_episode(world, episode, plan_fn, follower, settings,
-                                   start_q=eval_start_q(seed)))
+                                   start_q=eval_start_q(seed, robot)))
     summary = summarise(results)
     summary["planner_latency_ms_p50"] = float(np.median(plan_fn.latencies) * 1e3)
     summary["planner_latency_ms_p99"] = float(np.percentile(plan_fn.latencies, 99) * 1e3)
@@ -146,21 +153,23 @@ def measure_latency(bundle: Bundle, cfg: DuetConfig, n_planner: int = 100,
                     n_follower: int = 2000) -> dict[str, dict[str, float]]:
     """ONNX Runtime latency (1 thread, I/O binding) of the whole planner pipeline on sim
     observations, and of the follower model on contract-shaped inputs."""
-    world = SimWorld(seed=1)
+    robot = describe(cfg)
+    world = SimWorld(seed=1, robot=robot)
     plan_fn = BundlePlanner(bundle, cfg)
     plan_fn.reset("touch the red block, then the blue one")
-    history = StateHistory(6)
-    history.add(1, q=HOME_Q, dq=np.zeros(6))
-    task = TaskTracker(Episode(1), timeout_s=10.0)
+    history = StateHistory(robot.n)
+    home = robot.home
+    history.add(1, q=home, dq=np.zeros(robot.n))
+    task = TaskTracker(Episode(1, workspace=robot.workspace), timeout_s=10.0)
     for _ in range(10):
         plan_fn(world, history, task)
     plan_fn.latencies.clear()
     for _ in range(n_planner):
         plan_fn(world, history, task)
     out = {"planner": _percentiles(plan_fn.latencies)}
-    model = residual_model(bundle, list(JOINTS))
+    model = residual_model(bundle, list(robot.joints))
     if model is not None:
-        ref, q = np.tile(HOME_Q, (model.lookahead, 1)), HOME_Q.copy()
+        ref, q = np.tile(home, (model.lookahead, 1)), home.copy()
         times = []
         for i in range(n_follower + 10):
             t0 = time.perf_counter()

@@ -21,46 +21,50 @@ from __future__ import annotations
 import mujoco
 import numpy as np
 
+from sim.robot import RobotDescription, default_robot
+
 OMEGA = 20.0  # rad/s: bandwidth of the state-error correction
 ZETA = 1.0
-N_ARM = 6
 
 
 class ServoResidualTarget:
-    """Inverse-dynamics residual for the sim arm (`SimWorld.model`, position-mode gains)."""
+    """Inverse-dynamics residual for a sim robot (`SimWorld.model`, position-mode gains;
+    default: duet's arm)."""
 
     def __init__(self, model: mujoco.MjModel, kp: np.ndarray, kd: np.ndarray,
-                 residual_max: float) -> None:
+                 residual_max: float, robot: RobotDescription | None = None) -> None:
         self.model = model
         self.data = mujoco.MjData(model)
         self.kp = np.asarray(kp, dtype=float)
         self.kd = np.asarray(kd, dtype=float)
+        if not (self.kp > 0).all():
+            raise ValueError("the servo target needs every joint's position gain kp > 0")
         self.residual_max = residual_max
-        self._mirror = model.joint("gripper_mirror")
-        self._mirror_q = int(self._mirror.qposadr[0])
-        self._mirror_v = int(self._mirror.dofadr[0])
+        self.robot = robot if robot is not None else default_robot()
 
     def __call__(self, r: np.ndarray, v_r: np.ndarray, a_r: np.ndarray, q: np.ndarray,
                  dq: np.ndarray) -> np.ndarray:
-        """Residual [6] for reference (r, v_r, a_r) at the command time, state (q, dq)."""
+        """Residual [n] for reference (r, v_r, a_r) at the command time, state (q, dq)."""
         a_des = a_r + OMEGA * OMEGA * (r - q) + 2.0 * ZETA * OMEGA * (v_r - dq)
-        d = self.data
-        d.qpos[:N_ARM] = q
-        d.qvel[:N_ARM] = dq
-        d.qacc[:N_ARM] = a_des
-        # the mirrored finger follows the gripper through an equality constraint
-        d.qpos[self._mirror_q] = q[5]
-        d.qvel[self._mirror_v] = dq[5]
-        d.qacc[self._mirror_v] = a_des[5]
+        d, robot = self.data, self.robot
+        d.qpos[robot.qadr] = q
+        d.qvel[robot.dofadr] = dq
+        d.qacc[robot.dofadr] = a_des
+        # joints slaved by an equality constraint (a mirrored finger) follow their driver
+        for c in robot.couplings:
+            d.qpos[c.qadr] = c.c0 + c.c1 * q[c.source]
+            d.qvel[c.dofadr] = c.c1 * dq[c.source]
+            d.qacc[c.dofadr] = c.c1 * a_des[c.source]
         mujoco.mj_inverse(self.model, d)
-        tau = d.qfrc_inverse[:N_ARM].copy()
-        tau[5] += d.qfrc_inverse[self._mirror_v]  # the gripper servo drives both fingers
+        tau = d.qfrc_inverse[robot.dofadr].copy()
+        for c in robot.couplings:  # the driving motor drives the slaved joint too
+            tau[c.source] += c.c1 * d.qfrc_inverse[c.dofadr]
         goal = q + (tau + self.kd * dq) / self.kp
         return np.clip(goal - r, -self.residual_max, self.residual_max)
 
     def from_window(self, ref: np.ndarray, q: np.ndarray, dq: np.ndarray, t_cmd: float,
                     spacing: float = 0.02, fit_points: int = 4) -> np.ndarray:
-        """Residual [6] for the window ref [L,6] at t + (i+1)·spacing, command time t + t_cmd."""
+        """Residual [n] for the window ref [L,n] at t + (i+1)·spacing, command time t + t_cmd."""
         tau = (np.arange(fit_points) + 1.0) * spacing - t_cmd
         basis = np.stack([np.ones_like(tau), tau, tau * tau], axis=1)  # [P, 3]
         coef = np.linalg.lstsq(basis, ref[:fit_points], rcond=None)[0]  # [3, 6]: c0 + c1 τ + c2 τ²

@@ -25,15 +25,18 @@ from typing import Any
 
 import numpy as np
 
+from runtime.config import DuetConfig
 from runtime.model.tokenizer import Tokenizer
-from sim.expert import GRIPPER_POINT, TOUCH_HEIGHT, expert_chunk
+from sim.expert import TOUCH_HEIGHT, expert_chunk
+from sim.robot import BLOCK_COLOURS, RobotDescription, default_robot, describe
 from sim.task import Episode
-from sim.world import BLOCK_COLOURS, HOME_Q, ArmKinematics, SimWorld
+from sim.world import ArmKinematics, SimWorld
 
 HORIZON = 10
 DT_S = 0.1
-START_NOISE = np.array([0.6, 0.4, 0.4, 0.4, 0.4, 0.05])  # rad around HOME_Q, first target
-TOUCHED_NOISE = np.array([0.1, 0.1, 0.1, 0.1, 0.1, 0.03])  # rad around the touch pose
+# rad, (base yaw, other arm joints, gripper) as RobotDescription.start_noise takes them
+START_NOISE = (0.6, 0.4, 0.05)  # around home, first target
+TOUCHED_NOISE = (0.1, 0.1, 0.03)  # around the touch pose
 WALK_NOISE = 0.03  # rad per step: executed chunks are never exact
 MAX_WALK_STEPS = 30  # x 0.1-0.3 s: long enough to reach and settle on a target
 
@@ -46,8 +49,8 @@ def _walk(kin: ArmKinematics, q0: np.ndarray, remaining: np.ndarray, rng: np.ran
     states = [q.copy()]
     for _ in range(steps):
         chunk = expert_chunk(kin, remaining, q, horizon=HORIZON, dt=DT_S)
-        q = chunk[rng.integers(0, 3)].astype(float) + rng.normal(0.0, WALK_NOISE, 6) * \
-            rng.uniform(0.0, 1.0)
+        q = chunk[rng.integers(0, 3)].astype(float) + \
+            rng.normal(0.0, WALK_NOISE, len(q)) * rng.uniform(0.0, 1.0)
         q = np.clip(q, kin.q_min, kin.q_max)
         states.append(q.copy())
     return states
@@ -57,24 +60,36 @@ def _scene(kin: ArmKinematics, seed: int, two_step_fraction: float
            ) -> tuple[Episode, int, np.ndarray, list[np.ndarray]]:
     """A layout, a phase (targets already touched) and the walk's states."""
     rng = np.random.default_rng(seed)
-    episode = Episode(seed, two_step_fraction)
+    robot = kin.robot
+    episode = Episode(seed, two_step_fraction, workspace=robot.workspace)
     targets = [episode.targets[c] for c in episode.order]
     touched = int(len(targets) == 2 and rng.random() < 0.4)
     if touched:
         touch_pose = kin.ik_cached(targets[0] + np.array([0.0, 0.0, TOUCH_HEIGHT]))
-        touch_pose[5] = GRIPPER_POINT
-        q0 = touch_pose + rng.uniform(-1.0, 1.0, 6) * TOUCHED_NOISE
+        if robot.gripper is not None:
+            touch_pose[robot.gripper] = robot.home[robot.gripper]
+        q0 = touch_pose + rng.uniform(-1.0, 1.0, robot.n) * _noise(robot, TOUCHED_NOISE)
     else:
-        q0 = HOME_Q + rng.uniform(-1.0, 1.0, 6) * START_NOISE
+        q0 = robot.home + rng.uniform(-1.0, 1.0, robot.n) * _noise(robot, START_NOISE)
     q0 = np.clip(q0, kin.q_min, kin.q_max)
     remaining = np.stack(targets[touched:])
     states = _walk(kin, q0, remaining, rng, int(rng.integers(5, MAX_WALK_STEPS + 1)))
     return episode, touched, remaining, states
 
 
-def action_samples(seeds: list[int], two_step_fraction: float) -> dict[str, np.ndarray]:
-    """Every state of every walk: q [N,6], target_xy [N,2], chunk [N,H,6]."""
-    kin = ArmKinematics()
+def _noise(robot: RobotDescription, spec: tuple[float, float, float]) -> np.ndarray:
+    return robot.start_noise(spec[1], spec[0], spec[2])
+
+
+def _robot(cfg: DuetConfig | None) -> RobotDescription:
+    return describe(cfg) if cfg is not None else default_robot()
+
+
+def action_samples(seeds: list[int], two_step_fraction: float,
+                   cfg: DuetConfig | None = None) -> dict[str, np.ndarray]:
+    """Every state of every walk on the robot `cfg` describes (default duet's arm):
+    q [N,n], target_xy [N,2], chunk [N,H,n]."""
+    kin = ArmKinematics(_robot(cfg))
     out: dict[str, list[np.ndarray]] = {"q": [], "target_xy": [], "chunk": []}
     for seed in seeds:
         _, _, remaining, states = _scene(kin, seed, two_step_fraction)
@@ -99,12 +114,12 @@ def scene_labels(episode: Episode, touched: int) -> dict[str, np.ndarray]:
             "target_xy": episode.targets[nxt][:2].astype(np.float32)}
 
 
-def scene_samples(seeds: list[int], two_step_fraction: float, per_scene: int = 3
-                  ) -> dict[str, np.ndarray]:
+def scene_samples(seeds: list[int], two_step_fraction: float, cfg: DuetConfig | None = None,
+                  per_scene: int = 3) -> dict[str, np.ndarray]:
     """`per_scene` rendered states of each walk with every planner label (episode = the
-    scene's seed, for splits)."""
+    scene's seed, for splits), on the robot `cfg` describes (default duet's arm)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    world = SimWorld(seed=0)
+    world = SimWorld(seed=0, robot=_robot(cfg))
     kin = world.kin
     tok = Tokenizer()
     out: dict[str, list[np.ndarray]] = {}

@@ -298,8 +298,10 @@ def load_training_data(data_dir: Path, config_path: Path, episodes: int, scenes:
     cfg = load_config(config_path)
     settings = LoopSettings.from_config(cfg)
     two_step = cfg.sim.two_step_fraction if cfg.sim else 0.5
-    pdata, fdata, dstats = load_or_generate(data_dir, episodes, seed, settings, two_step, log)
-    sdata, adata = load_or_generate_synth(data_dir, scenes, walks, seed, two_step, workers, log)
+    pdata, fdata, dstats = load_or_generate(data_dir, episodes, seed, settings, two_step, log,
+                                            cfg)
+    sdata, adata = load_or_generate_synth(data_dir, scenes, walks, seed, two_step, workers, log,
+                                          cfg)
     dstats.update(scene_samples=len(sdata["q"]), action_samples=len(adata["q"]))
     scenes_all = {k: np.concatenate([pdata[k], sdata[k].astype(pdata[k].dtype)])
                   for k in pdata}

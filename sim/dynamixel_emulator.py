@@ -186,13 +186,12 @@ class DynamixelEmulator:
     # ---- lifecycle -------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, actuators: Actuators, bus: Any) -> DynamixelEmulator:
-        """The sim arm's servos as a `DynamixelBusConfig` names them (duck-typed), each joint
-        of the model sim/world.py gives it, Torque Enable as the motors are (homed at power-on)."""
-        from sim.world import SERVO_MODELS as JOINT_SERVOS
-
+    def from_config(cls, actuators: Actuators, bus: Any, models: list[str]) -> DynamixelEmulator:
+        """The robot's servos as a `DynamixelBusConfig` names them (duck-typed), each of the
+        model `models` names (its joint's, sim.robot.motors), Torque Enable as the motors are
+        (homed at power-on)."""
         emu = cls(actuators, bus.ids, zero_ticks=bus.zero_ticks, direction=bus.direction,
-                  models=[SERVO_MODELS[m] for m in JOINT_SERVOS])
+                  models=[SERVO_MODELS[m] for m in models])
         for k, table in enumerate(emu.tables):
             table[dx.ADDR_TORQUE_ENABLE] = int(actuators.torque_enabled[k])
         return emu

@@ -91,13 +91,13 @@ class SerialLink:
     return delay). Needs `Actuators.shared` actuators."""
 
     def __init__(self, actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConfig,
-                 link: Path, rt_priority: int = 0, make: MakeEmulator | None = None) -> None:
+                 link: Path, make: MakeEmulator, rt_priority: int = 0) -> None:
         self.link = link
         self.device = str(link)
         ctx = mp.get_context("fork")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve_servos, name="duet-sim-servos", daemon=True,
-                                 args=(actuators, bus, make or _dynamixel, rt_priority, child))
+                                 args=(actuators, bus, make, rt_priority, child))
         self._proc.start()
         self._point_link(self._call("open"))
 
@@ -136,10 +136,10 @@ class SerialLink:
         self.link.unlink(missing_ok=True)
 
 
-def _dynamixel(actuators: Actuators, bus: Any) -> SerialEmulator:
+def _dynamixel(actuators: Actuators, bus: Any, models: list[str]) -> SerialEmulator:
     from sim.dynamixel_emulator import DynamixelEmulator
 
-    return DynamixelEmulator.from_config(actuators, bus)
+    return DynamixelEmulator.from_config(actuators, bus, models)
 
 
 def _feetech(actuators: Actuators, bus: Any) -> SerialEmulator:
@@ -247,8 +247,13 @@ def serve_serial(actuators: Actuators, bus: DynamixelBusConfig, joints: list[int
                  cfg: DuetConfig) -> MotorLink:
     if cfg.buses is not None:
         raise ConfigError("sim: per-limb buses (`buses:`) need sim.transport 'can'")
+    from sim.robot import describe
+
+    # each servo reports and behaves as its joint's motor model (sim.robot.motors)
+    models = [describe(cfg).motors.models[k].name for k in joints]
     # a stable name, as udev gives a real adapter: a replugged line keeps its path
     return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0",
+                      functools.partial(_dynamixel, models=models),
                       (cfg.sim or SimConfig()).rt_priority)
 
 
@@ -256,8 +261,8 @@ def serve_feetech(actuators: Actuators, bus: FeetechBusConfig, joints: list[int]
                   cfg: DuetConfig) -> MotorLink:
     if cfg.buses is not None:
         raise ConfigError("sim: per-limb buses (`buses:`) need sim.transport 'can'")
-    return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0",
-                      (cfg.sim or SimConfig()).rt_priority, make=_feetech)
+    return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0", _feetech,
+                      (cfg.sim or SimConfig()).rt_priority)
 
 
 def serve_can(actuators: Actuators, bus: CanBusConfig, joints: list[int],

@@ -20,6 +20,7 @@ from runtime.config import DuetConfig, SimConfig
 from runtime.model.bundle import Bundle
 from runtime.planner.shell import PlannerShell, PlanSource
 from sim.expert import expert_chunk
+from sim.robot import describe
 from sim.task import TOUCH_RADIUS, Episode, episode_seed
 from sim.world import ArmKinematics
 
@@ -29,7 +30,7 @@ class ExpertSource(PlanSource):
         actions = bundle.contract.planner.actions
         self.horizon, self.dt_s = actions.horizon, actions.dt_s
         self.sim = cfg.sim or SimConfig()
-        self.kin = ArmKinematics()
+        self.kin = ArmKinematics(describe(cfg))
         self.velocity_max = np.asarray(cfg.robot.limits.velocity_max, dtype=float)
         self.layout: Episode | None = None
         self.touched = 0
@@ -45,7 +46,8 @@ class ExpertSource(PlanSource):
             return np.zeros((0, 3))
         if self.layout is None or self.layout.seed != episode_seed(self.sim.seed, index):
             self.layout = Episode(episode_seed(self.sim.seed, index),
-                                  self.sim.two_step_fraction, self.sim.phrasing)
+                                  self.sim.two_step_fraction, self.sim.phrasing,
+                                  self.sim.robot.workspace)
             self.touched = 0
         order = self.layout.order
         if self.touched < len(order):

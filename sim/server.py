@@ -43,8 +43,9 @@ from runtime.stack.summary import SimSummary
 from sim.actuators import Actuators
 from sim.camera import SceneCamera
 from sim.faults import FaultInjector, LinkGroup, MotorLink
+from sim.robot import describe
 from sim.task import RUNNING, SUCCESS, Episode, TaskTracker, episode_seed
-from sim.world import JOINTS, SimWorld
+from sim.world import SimWorld
 
 TASK_HZ = 100.0  # touch checks per simulated second
 TASK_RESEND_S = 0.2  # a late subscriber (a restarted planner) learns the task within 0.2 s
@@ -104,7 +105,8 @@ class PhysicsLoop:
     def _next_episode(self) -> None:
         self.episode_index += 1
         episode = Episode(episode_seed(self.cfg.seed, self.episode_index),
-                          self.cfg.two_step_fraction, self.cfg.phrasing)
+                          self.cfg.two_step_fraction, self.cfg.phrasing,
+                          self.cfg.robot.workspace)
         self.tracker = TaskTracker(episode, self.cfg.episode_timeout_s)
         self.tracker.start(self.world, self.world.time)  # the arm stays where it is
         self.events.put(("task", self.task_body()))
@@ -227,8 +229,7 @@ def _serve_camera(loop: PhysicsLoop, publisher: Publisher,
 def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     """Run the sim until SIGTERM/SIGINT; write RUN_DIR/sim-summary.json; return 0."""
     sim_cfg = cfg.sim or SimConfig()
-    if tuple(cfg.robot.joints) != JOINTS:
-        raise ConfigError(f"robot.joints {cfg.robot.joints} do not match the sim arm {JOINTS}")
+    robot = describe(cfg)  # the MJCF and the config, checked against each other
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Physics, the serial emulator and the renderer share one interpreter: hand the GIL over
@@ -248,8 +249,8 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
 
     # shared actuators: the servos are served from a child process (sim/faults.py)
     world = SimWorld(seed=sim_cfg.seed, physics_hz=sim_cfg.physics_hz,
-                     actuators=Actuators.shared(len(JOINTS)))
-    # The robot starts homed: servos enabled and holding HOME_Q, as after a homing routine,
+                     actuators=Actuators.shared(robot.n), robot=robot)
+    # The robot starts homed: servos enabled and holding its home pose, as after homing,
     # so the follower's INIT reads a meaningful pose rather than an arm slumped on the table.
     world.actuators.torque_enabled[:] = True
     # The GL contexts belong to this (the main) thread; their slow set-up and first frames

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sim.world import BLOCK_COLOURS, BLOCK_HALF, SimWorld
+from runtime.config import Workspace
+from sim.robot import BLOCK_COLOURS, BLOCK_HALF
+from sim.world import SimWorld
 
 TOUCH_RADIUS = 0.03  # m, fingertip to the top-face centre
-# Where blocks go: comfortably inside the reach, in front of the base.
-RADIUS_RANGE = (0.25, 0.44)  # m from the base axis
-BEARING_RANGE = (-0.7, 0.7)  # rad around +x
+# Where blocks go: comfortably inside the reach, in front of the base (the robot's
+# sim.robot.workspace; the default is duet's arm's).
+ARM_WORKSPACE = Workspace()
 MIN_SEPARATION = 0.09  # m between block centres
 
 # How a two-target instruction names its order: "touch the A block, then the B one" (what the
@@ -42,14 +44,14 @@ class Episode:
     """
 
     def __init__(self, seed: int, two_step_fraction: float = 0.5,
-                 phrasing: str = "then") -> None:
+                 phrasing: str = "then", workspace: Workspace = ARM_WORKSPACE) -> None:
         if not 0.0 <= two_step_fraction <= 1.0:
             raise ValueError(f"two_step_fraction must be in [0, 1], got {two_step_fraction}")
         if phrasing not in PHRASINGS:
             raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
         self.seed = seed
         rng = np.random.default_rng(seed)
-        self.blocks = _place_blocks(rng)
+        self.blocks = _place_blocks(rng, workspace)
         n_targets = 2 if rng.random() < two_step_fraction else 1
         picks = rng.permutation(len(BLOCK_COLOURS))[:n_targets]
         self.order: tuple[str, ...] = tuple(BLOCK_COLOURS[i] for i in picks)
@@ -65,11 +67,11 @@ class Episode:
         return f"Episode(seed={self.seed}, instruction={self.instruction!r})"
 
 
-def _place_blocks(rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _place_blocks(rng: np.random.Generator, workspace: Workspace) -> dict[str, np.ndarray]:
     centres: list[np.ndarray] = []
     while len(centres) < len(BLOCK_COLOURS):
-        r = rng.uniform(*RADIUS_RANGE)
-        bearing = rng.uniform(*BEARING_RANGE)
+        r = rng.uniform(*workspace.radius)
+        bearing = rng.uniform(*workspace.bearing)
         p = np.array([r * np.cos(bearing), r * np.sin(bearing), BLOCK_HALF])
         if all(np.linalg.norm(p[:2] - c[:2]) >= MIN_SEPARATION for c in centres):
             centres.append(p)

@@ -25,7 +25,9 @@ from sim_arm import JOINTS
 from torch import nn
 
 from export.pipeline import ExportOptions, export_bundle, load_contract
-from sim.world import HOME_Q
+from sim.robot import default_robot
+
+HOME_Q = default_robot().home
 
 DRIVEN = JOINTS[:5]
 H, DT = 10, 0.1

@@ -31,7 +31,9 @@ from runtime.model.bundle import load_bundle
 from runtime.model.tokenizer import TokenizerError
 from runtime.planner.observation import StateHistory
 from runtime.planner.pipeline import Observation, PipelineError, PlannerPipeline
-from sim.world import HOME_Q
+from sim.robot import default_robot
+
+HOME_Q = default_robot().home
 
 TWO_CAMERAS = ["planner.cameras.wrist={kind: sim, width: 48, height: 48}",
                "planner.task_source=operator"]

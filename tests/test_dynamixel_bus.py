@@ -376,9 +376,11 @@ def test_present_goal_after_a_restart_is_the_goal_written_and_holding_it_moves_n
     (gravity); the new process reads back Goal Position, so re-commanding it moves nothing,
     where re-commanding the measured position would sag by that error."""
     from sim.dynamixel_emulator import SERVO_MODELS
-    from sim.world import HOME_Q
-    from sim.world import JOINTS as SIM_JOINTS
-    from sim.world import SERVO_MODELS as JOINT_SERVOS
+    from sim.robot import default_robot
+
+    robot = default_robot()
+    HOME_Q, SIM_JOINTS = robot.home, robot.joints
+    JOINT_SERVOS = [m.name for m in robot.motors.models]
 
     act = Actuators(N_JOINTS)
     physics = Physics(act)

@@ -39,7 +39,10 @@ from runtime.model.tokenizer import Tokenizer
 from runtime.planner.observation import StateHistory
 from runtime.planner.pipeline import Observation, PlannerPipeline
 from sim.expert import expert_chunk
-from sim.world import JOINTS, ArmKinematics, SimWorld
+from sim.robot import default_robot
+from sim.world import ArmKinematics, SimWorld
+
+JOINTS = default_robot().joints
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_PLANNER = {"code_len": 4, "code_bits": 3, "prefix_max": 3, "code_dim": 32,

@@ -19,8 +19,11 @@ from policy.servo_target import ServoResidualTarget
 from runtime.config import load_config
 from runtime.planner.observation import StateHistory
 from sim.expert import expert_chunk
+from sim.robot import default_robot
 from sim.task import Episode, TaskTracker
-from sim.world import HOME_Q, SimWorld
+from sim.world import SimWorld
+
+HOME_Q = default_robot().home
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sim.yaml"
 

@@ -14,8 +14,11 @@ from policy.models import Planner
 from policy.synth import _walk, action_samples, parallel, scene_labels, scene_samples
 from runtime.model.tokenizer import Tokenizer
 from sim.expert import TOUCH_HEIGHT, expert_chunk
+from sim.robot import BLOCK_COLOURS, default_robot
 from sim.task import Episode
-from sim.world import BLOCK_COLOURS, HOME_Q, ArmKinematics
+from sim.world import ArmKinematics
+
+HOME_Q = default_robot().home
 
 
 def test_scene_labels_follow_the_touched_state() -> None:

@@ -21,8 +21,12 @@ from drivers.bus import MotorState
 from drivers.dynamixel import DynamixelBus
 from runtime.ipc import endpoints
 from runtime.ipc.messages import decode, unpack_array
+from sim.robot import default_robot
 from sim.task import Episode, episode_seed
-from sim.world import HOME_Q, JOINTS, SimWorld
+from sim.world import SimWorld
+
+HOME_Q = default_robot().home
+JOINTS = default_robot().joints
 
 pytestmark = pytest.mark.system
 

@@ -7,7 +7,8 @@ import pytest
 
 from runtime.follower.reference import ReferenceGenerator
 from runtime.model.plan import Plan
-from sim.expert import GRIPPER_POINT, expert_chunk
+from sim.expert import expert_chunk
+from sim.robot import BLOCK_COLOURS, default_robot
 from sim.task import (
     MIN_SEPARATION,
     RUNNING,
@@ -18,7 +19,9 @@ from sim.task import (
     TaskTracker,
     episode_seed,
 )
-from sim.world import BLOCK_COLOURS, HOME_Q, ArmKinematics, SimWorld
+from sim.world import ArmKinematics, SimWorld
+
+HOME_Q = default_robot().home
 
 
 def _two_step_seed() -> int:
@@ -103,7 +106,7 @@ def test_expert_chunk_is_a_pure_bounded_function_of_q() -> None:
     np.testing.assert_array_equal(chunk, expert_chunk(kin, remaining, HOME_Q.copy()))
     steps = np.diff(np.vstack([HOME_Q, chunk]), axis=0) / 0.1
     assert np.abs(steps).max() <= 0.4 * 3.0 + 1e-3  # cruise speed bound
-    assert np.all(chunk[:, 5] == pytest.approx(GRIPPER_POINT, abs=0.1))
+    assert np.all(chunk[:, 5] == pytest.approx(HOME_Q[5], abs=0.1))
     # re-planning from a point on the chunk continues the same path
     again = expert_chunk(kin, remaining, chunk[1].astype(float))
     np.testing.assert_allclose(again[:8], chunk[2:], atol=1e-4)

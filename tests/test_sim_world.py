@@ -9,7 +9,11 @@ import pytest
 
 from runtime.config import load_config
 from sim.actuators import HW_OVERLOAD
-from sim.world import HOME_Q, JOINTS, ArmKinematics, SimWorld
+from sim.robot import default_robot
+from sim.world import ArmKinematics, SimWorld
+
+HOME_Q = default_robot().home
+JOINTS = default_robot().joints
 
 REPO = Path(__file__).resolve().parents[1]
 

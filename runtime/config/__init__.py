@@ -48,6 +48,9 @@ from runtime.config.schema import (
     RobotConfig,
     ServeConfig,
     SimConfig,
+    SimMotorConfig,
+    SimRobotConfig,
+    Workspace,
 )
 
 __all__ = [
@@ -82,6 +85,9 @@ __all__ = [
     "RobotConfig",
     "ServeConfig",
     "SimConfig",
+    "SimMotorConfig",
+    "SimRobotConfig",
+    "Workspace",
     "check_plain",
     "close_keys",
     "config_to_dict",

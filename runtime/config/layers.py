@@ -217,7 +217,7 @@ def _origin(key_path: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]])
 # Config values that are file system paths: a relative one is relative to the file that set it
 # (the --set layer: to the working directory), so a config means the same from any folder.
 PATH_KEYS = (("bundle", "path"), ("bundle", "public_key"), ("bundle", "engine_cache"),
-             ("recorder", "dir"), ("run_dir",), ("state_dir",))
+             ("recorder", "dir"), ("run_dir",), ("state_dir",), ("sim", "robot", "mjcf"))
 
 Layer = tuple[str, dict[str, Any], Path]  # (name for errors, data, folder its paths are from)
 

@@ -272,6 +272,10 @@ class CameraConfig(_Strict):
     width: int = Field(96, gt=0, le=8192)
     height: int = Field(96, gt=0, le=8192)  # px, as `width`
     fps: float = Field(15.0, gt=0, le=1000)  # asked of a V4L2 device; sim: sim.camera_hz
+    # kind sim: the MJCF site the sim mounts this camera on (the site's -z axis is the view
+    # direction, +y is up in the image); none: the MJCF's own camera of this name
+    site: str | None = None
+    fovy: float = Field(60.0, gt=0, lt=180)  # degrees, vertical field of view of a camera on `site`
     # the newest frame older than this: no plan this cycle (status camera_stale)
     stale_ms: float = Field(500.0, gt=0, le=60_000)
 
@@ -397,6 +401,58 @@ class BundleConfig(_Strict):
     onnxruntime: OnnxRuntimeConfig = Field(default_factory=OnnxRuntimeConfig)  # engine: onnxruntime
 
 
+class SimMotorConfig(_Strict):
+    """One joint's emulated motor: a model of sim/motors.py, any of its figures overridden."""
+
+    # XM430-W350, XM540-W270 (Dynamixel), STS3215 (Feetech), DM-J4310-2EC, DM-J4340-2EC (MIT)
+    model: str
+    # N·m/rad, the position-mode gain of a serial servo (an MIT bus sends its own kp); none: the
+    # model's factory gain
+    kp: float | None = Field(None, ge=0, le=1e4)
+    kd: float | None = Field(None, ge=0, le=1e4)  # N·m·s/rad, as `kp`
+    torque_max: float | None = Field(None, gt=0, le=1e4)  # N·m, saturation; none: the model's
+    backlash: float | None = Field(None, ge=0, le=0.5)  # rad, total play of the gears; none: model
+    # K above ambient after long running at torque_max (copper losses); none: the model's
+    heat_rise_c: float | None = Field(None, ge=0, le=1000)
+    heat_tau_s: float | None = Field(None, gt=0, le=1e5)  # s, thermal time constant; none: model's
+    # °C: above it the motor latches an overheating error and lets go; none: the model's
+    temperature_limit_c: float | None = Field(None, gt=0, le=200)
+
+
+class Workspace(_Strict):
+    """Where the touch task puts its blocks, around the robot's base axis (the MJCF's origin)."""
+
+    radius: tuple[float, float] = (0.25, 0.44)  # m, nearest and farthest block centre
+    bearing: tuple[float, float] = (-0.7, 0.7)  # rad around +x
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Workspace:
+        if not 0 < self.radius[0] < self.radius[1]:
+            raise ValueError(f"radius must be 0 < near < far, got {list(self.radius)}")
+        if not -3.15 < self.bearing[0] < self.bearing[1] < 3.15:
+            raise ValueError(f"bearing must be -pi < from < to < pi, got {list(self.bearing)}")
+        return self
+
+
+class SimRobotConfig(_Strict):
+    """The simulated robot as a description (docs/your-robot.md): an MJCF file for its bodies
+    and joints, plus what the MJCF does not say (its motors, its tool, the task's reach)."""
+
+    # the robot's MJCF (a relative path is from this file); none: duet's arm, sim/assets/arm.xml.
+    # Every robot.joints entry must be a hinge or slide joint of it.
+    mjcf: str | None = None
+    end_effector: str = "fingertip"  # MJCF site that touches the blocks (the expert's IK target)
+    # the expert also points the end effector's z axis down (needs ≥ 5 arm joints); false:
+    # position only
+    tool_down: bool = True
+    # robot joint the expert holds at its home value (the MJCF keyframe "home"); none: all arm
+    gripper: str | None = "gripper"
+    # one per robot.joints entry; none: the family's usual servo for every joint, torque limits
+    # from the MJCF's <motor> ctrlrange
+    motors: list[SimMotorConfig] | None = None
+    workspace: Workspace = Workspace()  # where the task's blocks go
+
+
 class SimConfig(_Strict):
     # `duet run` starts the sim and the follower drives its emulated motors; `duet install`
     # refuses a config with it on
@@ -414,6 +470,7 @@ class SimConfig(_Strict):
     # SCHED_FIFO priority of the emulated servos' serving thread (0 = don't ask): a real
     # servo answers in microseconds whatever the host is doing
     rt_priority: int = Field(0, ge=0, le=99)
+    robot: SimRobotConfig = SimRobotConfig()  # the simulated robot's description
 
 
 class RecorderConfig(_Strict):
@@ -486,6 +543,10 @@ class DuetConfig(_Strict):
             if len(set(wires)) != len(wires):
                 raise ValueError("buses: two entries name the same wire (channel or device):"
                                  " make them one bus")
+        motors = self.sim.robot.motors if self.sim is not None else None
+        if motors is not None and len(motors) != len(joints):
+            raise ValueError(f"sim.robot.motors has {len(motors)} entries, robot.joints has"
+                             f" {len(joints)}")
         for key, bus, names in sections:
             if len(bus.ids) != len(names):
                 raise ValueError(f"{key}.ids has {len(bus.ids)} entries for {len(names)} joints")
