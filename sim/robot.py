@@ -268,7 +268,8 @@ def _check_joints(spec: mujoco.MjSpec, cfg: DuetConfig, mjcf: Path) -> None:
                 j.limited == mujoco.mjtLimited.mjLIMITED_AUTO and j.range[1] > j.range[0]):
             if lo < j.range[0] - 1e-9 or hi > j.range[1] + 1e-9:
                 raise RobotError(f"robot.limits: joint {joint!r} may go [{lo}, {hi}] but its"
-                                 f" <joint range> in {mjcf.name} is {list(j.range)}")
+                                 f" <joint range> in {mjcf.name} is"
+                                 f" [{j.range[0]:g}, {j.range[1]:g}]")
         else:  # the MJCF leaves it free: the config's limits are its range
             j.limited = mujoco.mjtLimited.mjLIMITED_TRUE
             j.range = [lo, hi]
