@@ -52,8 +52,9 @@ def prefix_targets(q: np.ndarray, chunk: np.ndarray, target_xy: np.ndarray, d_ma
     n, horizon, joints = chunk.shape
     lengths = rng.integers(0, d_max + 1, size=(n,))
     # a previous plan's error: a random offset per joint growing along the chunk
+    sigma = kin.robot.start_noise(MAX_CHUNK_NOISE[1], MAX_CHUNK_NOISE[0], MAX_CHUNK_NOISE[2])
     offset = rng.normal(0.0, 1.0, (n, 1, joints)) * rng.uniform(0.0, 1.0, (n, 1, 1)) \
-        * MAX_CHUNK_NOISE * np.linspace(0.2, 1.0, horizon)[None, :d_max, None]
+        * sigma * np.linspace(0.2, 1.0, horizon)[None, :d_max, None]
     valid = np.arange(d_max)[None, :] < lengths[:, None]
     prefix = np.where(valid[..., None], chunk[:, :d_max] + offset, 0.0).astype(np.float32)
     target = chunk.astype(np.float32).copy()

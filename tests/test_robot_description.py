@@ -240,3 +240,15 @@ def test_a_three_joint_robot_from_its_description_runs_through_the_live_stack(
         status = stack.control("status")
         assert status["ok"], status
     assert stack.codes["follower"] == 0 and stack.codes["sim"] == 0, stack.codes
+
+
+def test_every_shipped_sim_config_describes_its_robot() -> None:
+    from sim.robot import describe
+    from sim_arm import REPO
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        if cfg.sim is not None and cfg.sim.enabled:
+            robot = describe(cfg)
+            assert robot.joints == tuple(cfg.robot.joints), path
+            assert (robot.q_min < robot.home).all() and (robot.home < robot.q_max).all(), path
