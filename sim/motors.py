@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from drivers import feetech_protocol as ft
 from sim.dynamixel_emulator import XM430_W350, XM540_W270, ServoModel, position_gains_si
+from sim.feetech_emulator import position_gains_si as feetech_gains
 
 AMBIENT_C = 30.0  # °C, what every motor reads at power-on
 
@@ -48,13 +50,15 @@ def _dynamixel(servo: ServoModel) -> MotorModel:
                       temperature_limit_c=80.0)  # Temperature Limit, factory default
 
 
-# Feetech STS3215 at 7.4 V (the SO-100/SO-101 servo): 19.5 kg·cm stall, 0.222 s/60° no load.
-# Feetech does not publish its position loop's gain map: kp is an estimate that makes a 0.1 rad
-# error ask for ~40 % of stall (what the factory P coefficient 32 feels like on the arm), kd
-# the back-EMF damping stall / no-load speed. Backlash ~0.3° (hobby-grade steel gears).
-_STS3215 = MotorModel("STS3215", "feetech", 1.91, math.radians(60) / 0.222, kp=8.0,
-                      kd=1.91 / (math.radians(60) / 0.222), backlash=0.005, heat_rise_c=120.0,
-                      heat_tau_s=200.0, temperature_limit_c=70.0)
+# Feetech STS3215 at 7.4 V (the SO-100/SO-101 servo): 19.5 kg·cm stall, 45 rpm no load, its
+# factory P/D coefficients (32/32) through the emulator's gain map (sim/feetech_emulator.py: an
+# estimate, Feetech does not publish its controller's scaling), 70 °C Max Temperature. Backlash
+# ~0.3° (hobby-grade steel gears, an estimate).
+_STS_KP, _STS_KD = feetech_gains(32, 32, ft.STS3215)
+_STS3215 = MotorModel("STS3215", "feetech", ft.STS3215.stall_torque_nm,
+                      ft.STS3215.no_load_rpm * 2 * math.pi / 60, _STS_KP, _STS_KD,
+                      backlash=0.005, heat_rise_c=120.0, heat_tau_s=200.0,  # estimates
+                      temperature_limit_c=70.0)
 
 # Damiao MIT-mode joint motors (24 V): J4310-2EC 7 N·m peak, 200 rpm no load (10:1); J4340-2EC
 # 27 N·m peak, 52 rpm no load (40:1). The bus sends kp/kd; no factory position loop.

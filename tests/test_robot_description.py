@@ -243,8 +243,9 @@ def test_a_three_joint_robot_from_its_description_runs_through_the_live_stack(
 
 
 def test_every_shipped_sim_config_describes_its_robot() -> None:
-    from sim.robot import describe
     from sim_arm import REPO
+
+    from sim.robot import describe
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(path)
