@@ -177,10 +177,14 @@ def _motor_figures(cfg: DuetConfig, spec: mujoco.MjSpec, mjcf: Path) -> MotorFig
 def _add_task_scene(spec: mujoco.MjSpec) -> None:
     if spec.body(f"{SCENE_PREFIX}block_red") is not None:
         return  # the MJCF brings its own
+    scene = mujoco.MjSpec.from_file(str(TASK_SCENE))
+    # attaching brings bodies, geoms and lights; the scene's lighting is copied over
+    light, own = scene.visual.headlight, spec.visual.headlight
+    own.ambient, own.diffuse, own.specular = light.ambient, light.diffuse, light.specular
+    spec.visual.quality.shadowsize = scene.visual.quality.shadowsize
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        spec.attach(mujoco.MjSpec.from_file(str(TASK_SCENE)), prefix=SCENE_PREFIX,
-                    frame=spec.worldbody.add_frame())
+        spec.attach(scene, prefix=SCENE_PREFIX, frame=spec.worldbody.add_frame())
 
 
 def _drive_joints(spec: mujoco.MjSpec, joints: list[str], torque_max: np.ndarray) -> None:
