@@ -29,8 +29,9 @@ from runtime.model.engines.onnxruntime_engine import OnnxRuntimeEngine
 from runtime.model.residual import EngineResidual
 from runtime.planner.excitation import Box, Excitation
 from runtime.planner.observation import StateHistory
+from sim.robot import describe
 from sim.task import TIMEOUT, Episode, TaskTracker
-from sim.world import HOME_Q, SimWorld
+from sim.world import SimWorld
 
 STEADY_TOL_RAD = 0.005
 HOLD_S = 2.5
@@ -79,14 +80,15 @@ def _chunk(exc: Excitation, horizon: int, dt_s: float
 def excitation_refs(cfg: DuetConfig, count: int, seed: int, seconds: float
                     ) -> list[Excitation]:
     """Held-out excitation references: other seeds than identification's, around home."""
-    lim = cfg.robot.limits
-    box = Box.around(HOME_Q, 0.5, lim.position_min, lim.position_max, lim.velocity_max, 0.4)
-    return [Excitation(HOME_Q, box, seconds, 2, seed=10_000 + seed + i) for i in range(count)]
+    lim, home = cfg.robot.limits, describe(cfg).home
+    box = Box.around(home, 0.5, lim.position_min, lim.position_max, lim.velocity_max, 0.4)
+    return [Excitation(home, box, seconds, 2, seed=10_000 + seed + i) for i in range(count)]
 
 
 def hold_poses(cfg: DuetConfig, count: int, seed: int) -> list[np.ndarray]:
     lim = cfg.robot.limits
-    box = Box.around(HOME_Q, 0.6, lim.position_min, lim.position_max, lim.velocity_max, 1.0)
+    box = Box.around(describe(cfg).home, 0.6, lim.position_min, lim.position_max,
+                     lim.velocity_max, 1.0)
     rng = np.random.default_rng(20_000 + seed)
     return [rng.uniform(box.lo, box.hi) for _ in range(count)]
 
@@ -125,7 +127,7 @@ def hold(settings: LoopSettings, follower: ResidualModel | None, poses: list[np.
 
 def planner_chunks(settings: LoopSettings, cfg: DuetConfig, follower: ResidualModel | None,
                    bundle: Path, episodes: int) -> Result:
-    world = SimWorld(seed=0, physics_hz=settings.physics_hz)
+    world = SimWorld(seed=0, physics_hz=settings.physics_hz, robot=describe(cfg))
     plan_fn = BundlePlanner(load_bundle(bundle), cfg)
     plan_fn.warm_up(world)
     rms, ok = [], []
