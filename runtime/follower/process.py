@@ -2,8 +2,9 @@
 
 The core decides; this process reads and writes the bus, receives plans, publishes state and
 telemetry, serves the control socket, talks to systemd and keeps the latch file. Per tick:
-read -> publish state -> core.step -> write -> account the deadline. Absolute deadlines on the
-monotonic clock, a wait on the plan socket's fd then a spin, a frozen GC, preallocated buffers.
+read -> core.step -> write (nothing else between them) -> publish state -> account the
+deadline. Absolute deadlines on the monotonic clock, a wait on the plan socket's fd then a
+spin, a frozen GC, preallocated buffers.
 What the core decided (mode changes) is applied after the bus write: logged once with its
 reason, announced to systemd, latched across restarts. Telemetry, control requests and GC run
 only in the tick's slack.
