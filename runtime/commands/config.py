@@ -52,21 +52,28 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace, config: Path, site: Path | None) -> int:
-    """Every start-time check: schema and bus budget (exit 2), then bundle contract and
-    devices (exit 1). `nginx -t` for duet."""
+    """Every start-time check: schema and bus budget (exit 2), then bundle contract, the
+    planner's latency against the timing, and devices (exit 1). `nginx -t` for duet."""
     from runtime.config import load_config
-    from runtime.deploy.preflight import problems
+    from runtime.deploy.preflight import problems, timing_findings
 
     if args.file is not None:
         config, site = args.file, None
     files = [f for f in (config, site) if f is not None and (f is config or f.exists())]
     cfg = load_config(config, files[1] if len(files) > 1 else None, args.set)
     found = problems(cfg)
+    timing, lat = timing_findings(cfg, args.bench)
+    found += [why for level, why in timing if level == "fail" and why not in found]
+    warnings = [why for level, why in timing if level == "warn"]
     names = " + ".join(str(f) for f in files)
-    emit(args, "\n".join([f"FAIL {p}" for p in found] + [
-        f"{'invalid' if found else 'ok'}: {names}" + (f" ({len(found)} problems)"
-                                                      if found else "")]),
-         {"ok": not found, "files": [str(f) for f in files], "problems": found})
+    lines = [f"FAIL {p}" for p in found] + [f"WARN {w}" for w in warnings]
+    if lat is not None:
+        lines.append(f"planner latency {lat}")
+    emit(args, "\n".join(lines + [f"{'invalid' if found else 'ok'}: {names}" + (
+        f" ({len(found)} problems)" if found else "")]),
+         {"ok": not found, "files": [str(f) for f in files], "problems": found,
+          "warnings": warnings, "latency_ms": None if lat is None else
+          {"p50": round(lat.p50_ms, 2), "p99": round(lat.p99_ms, 2)}})
     return EXIT_FAILED if found else 0
 
 
@@ -136,10 +143,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     csub = p.add_subparsers(dest="config_cmd", required=True, metavar="CMD")
     s = sc(csub, "validate", "every start-time check: schema, bus budget, bundle contract, "
            "devices (exit 2 invalid, 1 a check failed)", "duet config validate\n"
-           "duet config validate configs/myrobot.yaml --set follower.hz=1000",
+           "duet config validate configs/myrobot.yaml --set follower.hz=1000\n"
+           "duet config validate --bench 20",
            parents=[cliopts.shared(overrides=True)])
     s.add_argument("file", nargs="?", type=Path, default=None,
                    help="check this file alone (default: --config + --site)")
+    s.add_argument("--bench", type=int, default=0, metavar="N",
+                   help="also run the planner N times here and check its latency against "
+                   "horizon x dt_s, follower.plan_timeout_ms and planner.hz")
     sc(csub, "show", "the config files, or --effective (merged, with defaults)",
        "duet config show --effective", parents=[shared]).add_argument(
         "--effective", action="store_true", help="merged and validated, with defaults")

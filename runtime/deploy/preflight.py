@@ -12,6 +12,7 @@ from runtime.config import DuetConfig
 from runtime.follower.buses import bus_sections
 from runtime.model.bundle import BundleError, load_bundle
 from runtime.model.robot_bundle import contract_problems
+from runtime.model.timing import Latency, Level, declared_checks, timing_checks
 
 
 def bundle_problems(cfg: DuetConfig) -> list[str]:
@@ -21,6 +22,34 @@ def bundle_problems(cfg: DuetConfig) -> list[str]:
     except BundleError as exc:
         return [f"bundle.path: {exc}"]
     return contract_problems(bundle.contract, cfg)
+
+
+def timing_findings(cfg: DuetConfig, bench_plans: int = 0
+                    ) -> tuple[list[tuple[Level, str]], Latency | None]:
+    """The planner's latency against the robot's timing (runtime/model/timing.py): the
+    bundle's declared latency, and with `bench_plans` the latency benched here (returned
+    too). A planner off-board is timed by its server, not here."""
+    if cfg.planner.remote is not None:
+        return [], None
+    try:
+        bundle = load_bundle(cfg.bundle.path, cfg.bundle.public_key, cfg.robot.joints)
+    except BundleError:
+        return [], None  # bundle_problems says why
+    out = [(level, f"planner.latency: {why}") for level, why in
+           declared_checks(bundle.contract, cfg)]
+    if not bench_plans:
+        return out, None
+    from runtime.model.engines import EngineError
+    from runtime.planner.latency import bench_latency
+    from runtime.planner.pipeline import PipelineError
+
+    try:
+        lat = bench_latency(bundle, cfg, bench_plans)
+    except (EngineError, PipelineError, ValueError) as exc:
+        return [*out, ("fail", f"bench: the planner cannot run here: {exc}")], None
+    a = bundle.contract.planner.actions
+    return out + [(level, f"bench: {why}") for level, why in
+                  timing_checks(lat, a.horizon, a.dt_s, cfg)], lat
 
 
 def _bus_keys(cfg: DuetConfig) -> list[tuple[str, Any]]:

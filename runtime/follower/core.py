@@ -139,6 +139,7 @@ class FollowerCore:
         self.plans_accepted = 0
         self.plans_rejected: Counter[str] = Counter()
         self.first_track_ns = 0
+        self.last_stale_age_ns = 0  # the age of the newest plan dropped as stale
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, now_ns: int, q: np.ndarray, held: np.ndarray | None,
@@ -279,6 +280,7 @@ class FollowerCore:
         if age_ns < -FUTURE_TOLERANCE_NS:
             raise PlanRejected("time", f"observation {-age_ns / 1e6:.1f} ms in the future")
         if age_ns > self.plan_timeout_ns:
+            self.last_stale_age_ns = age_ns  # for the shell's rate-limited log line
             raise PlanRejected("stale", f"observation {age_ns / 1e6:.0f} ms old, older than "
                                         f"the plan timeout")
         if t_obs_ns <= self._newest_t_obs_ns - FUTURE_TOLERANCE_NS:

@@ -61,6 +61,7 @@ from runtime.model.robot_bundle import robot_bundle
 log = logging.getLogger("duet.follower")
 
 SLACK_FOR_TELEMETRY_NS = 400_000  # publish telemetry only with this much time to the deadline
+STALE_LOG_EVERY_NS = 5_000_000_000  # plans dropped as stale: one log line per 5 s at most
 EXIT_FAULT, EXIT_ESTOP = 3, 4  # the follower ended latched: shown by systemd and `duet run`
 
 
@@ -94,6 +95,8 @@ class Follower:
 
         self.figures = LoopFigures(cfg)  # counters and per-tick samples
         self._state_countdown = 0  # ticks to the next state message
+        self._stale_logged = 0  # stale drops already told in the log
+        self._next_stale_log_ns = 0
 
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         # before the first socket: the I/O threads start with it
@@ -205,6 +208,8 @@ class Follower:
                 elif now >= next_tel:
                     next_tel = now + tel_every_ns
                     self._publish_telemetry()
+                    if now >= self._next_stale_log_ns:
+                        self._log_stale(now)
             if int(self.control.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 self.control.serve_pending(limit=1)
             collect_if_slack(deadline - time.monotonic_ns())
@@ -286,6 +291,19 @@ class Follower:
                 self.figures.drop("internal")
                 continue
             self.figures.plan_taken((t_recv - msg["t_ns"]) / 1000.0)
+
+    def _log_stale(self, now: int) -> None:
+        """Plans dropped as stale since the last line, in one line with the newest one's age
+        and the timeout (rate-limited: a slow planner would otherwise flood the log)."""
+        stale = self.figures.dropped.get("stale", 0)
+        if stale == self._stale_logged:
+            return
+        log.warning("%d plan(s) dropped as stale%s: the newest was %.0f ms old, "
+                    "follower.plan_timeout_ms is %g (is the planner's latency over it?)",
+                    stale - self._stale_logged, " since the last report" if self._stale_logged
+                    else "", self.core.last_stale_age_ns / 1e6, self.core.plan_timeout_ns / 1e6)
+        self._stale_logged = stale
+        self._next_stale_log_ns = now + STALE_LOG_EVERY_NS
 
     # ---------------------------------------------------------------- mode changes
     def _apply_transitions(self) -> None:

@@ -196,9 +196,25 @@ class Actions(_Strict):
         return self
 
 
+class DeclaredLatency(_Strict):
+    """What the bundle's maker measured (observation -> chunk), so a robot whose timing cannot
+    carry the planner is refused before it starts (runtime/model/timing.py)."""
+
+    p50_ms: float = Field(gt=0, le=600_000)
+    p99_ms: float = Field(gt=0, le=600_000)
+    measured_on: str = Field("", max_length=200)  # the device and engine, e.g. "Orin NX, TRT"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DeclaredLatency:
+        if self.p99_ms < self.p50_ms:
+            raise ValueError(f"latency p99 {self.p99_ms} < p50 {self.p50_ms}")
+        return self
+
+
 class Planner(_Strict):
     stages: list[Stage] = Field(min_length=1, max_length=8)
     actions: Actions
+    latency: DeclaredLatency | None = None
     # Observations per engine call: every planner tensor leads with it. A planner server
     # (runtime/remote/server.py) fills up to this many rows from different robots in one
     # call; a robot's own planner fills one. `dynamic_batch`: the graphs take any number of

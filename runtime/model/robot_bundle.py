@@ -6,6 +6,7 @@ from __future__ import annotations
 from runtime.config import DuetConfig
 from runtime.model.bundle import Bundle, BundleError, load_bundle
 from runtime.model.contract import Contract
+from runtime.model.timing import declared_checks
 
 
 def robot_bundle(cfg: DuetConfig) -> Bundle:
@@ -44,4 +45,6 @@ def contract_problems(contract: Contract, cfg: DuetConfig) -> list[str]:
                        f" ms is not a whole number of ticks at follower.hz={cfg.follower.hz:g}"
                        f" (a tick is {1e3 / cfg.follower.hz:g} ms); choose follower.hz as a "
                        f"multiple of {1 / ref.dt_s:g} Hz")
+    out += [f"planner.latency: {why}" for level, why in declared_checks(contract, cfg)
+            if level == "fail"]
     return out

@@ -9,7 +9,7 @@ import numpy as np
 from runtime.config import DuetConfig
 from runtime.ipc.stats import summarize
 from runtime.model.bundle import Bundle
-from runtime.model.engines import EngineError
+from runtime.model.engines import EngineError, EngineInterrupted
 from runtime.model.tokenizer import TokenizerError
 from runtime.planner.observation import ObservationError
 from runtime.planner.pipeline import Observation, PlannerPipeline
@@ -40,6 +40,9 @@ class PipelineSource(PlanSource):
         try:
             waypoints = self.pipeline.plan(Observation(frames, shell.history, t_obs),
                                            shell.last_plan, shell.expected_latency_s())
+        except EngineInterrupted:
+            shell.status = "stopping"  # the plan was interrupted: the loop ends
+            return
         except (ObservationError, EngineError) as exc:
             shell.status = f"bad_observation: {exc}"
             return
@@ -47,6 +50,9 @@ class PipelineSource(PlanSource):
             shell.status = "nonfinite_output"
             return
         shell.publish(waypoints, self.pipeline.dt_s, t_obs, shell.episode)
+
+    def interrupt(self) -> None:
+        self.pipeline.interrupt()
 
     def figures(self, last: int | None) -> SourceFigures:
         # inference: the model's whole call per plan (what `latency_ms` adds to it is waiting

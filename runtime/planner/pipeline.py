@@ -358,6 +358,12 @@ class PlannerPipeline:
         w[:] = q_hold  # joints the bundle does not drive hold what the follower commands
         w[:, self._act_idx] = a
 
+    def interrupt(self) -> None:
+        """Stop a plan in progress (any thread): its engine call raises EngineInterrupted,
+        and so does every later one (the process is stopping)."""
+        for run in self.stages:
+            run.engine.interrupt()
+
     # ------------------------------------------------------------------ figures
     def stage_ms(self, last: int | None = None) -> dict[str, dict[str, float]]:
         """Per stage (and the whole call, and the engines' share) p50/p99 in ms."""

@@ -23,6 +23,7 @@ from runtime.ipc.signals import stop_on_signals
 from runtime.model.bundle import Bundle, BundleError
 from runtime.model.engines import EngineError
 from runtime.model.robot_bundle import robot_bundle
+from runtime.model.timing import declared_checks
 from runtime.planner.local import PipelineSource
 from runtime.planner.pipeline import PipelineError
 from runtime.planner.shell import PlannerShell, PlanSource
@@ -51,7 +52,9 @@ def run_planner(cfg: DuetConfig, duration_s: float | None = None,
         log.error("%s", exc)
         return 2
 
-    stop_on_signals(planner)
+    for level, why in declared_checks(bundle.contract, cfg):  # failures refused the start
+        log.warning("planner.latency: %s", why)
+    stop_on_signals(planner, planner.interrupt)
     try:
         planner.run(duration_s)
     finally:

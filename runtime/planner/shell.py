@@ -44,6 +44,7 @@ from runtime.ipc.notify import notifier as make_notifier
 from runtime.ipc.rpc import Command, RequestError, bind_server
 from runtime.ipc.stats import Ring, summarize
 from runtime.model.plan import Plan
+from runtime.model.timing import Latency, timing_checks
 from runtime.planner.cameras import open_camera
 from runtime.planner.observation import StateHistory
 from runtime.planner.records import PlannerSummary, PlannerTelemetry, SourceFigures
@@ -52,6 +53,7 @@ from runtime.planner.tasks import TaskError, TaskStore
 log = logging.getLogger("duet.planner")
 
 STATE_MAX_AGE_NS = 200_000_000  # a joint state older than this is not planned on
+TIMING_CHECK_PLANS = 5  # the measured latency is checked against the timing after this many
 
 
 class PlanSource(Protocol):
@@ -84,6 +86,10 @@ class PlanSource(Protocol):
     def figures(self, last: int | None) -> SourceFigures:
         """The source's own telemetry (`last` samples) or summary (None) entries."""
         return {}
+
+    def interrupt(self) -> None:
+        """Stop a plan in progress: called from a signal's watcher thread at stop."""
+        return None
 
     def close(self) -> None:
         """Release what the source holds."""
@@ -155,6 +161,7 @@ class PlannerShell:
         self.stop_requested = False
         self.first_plan_ns: int | None = None
         self.load_s = (time.monotonic_ns() - self.started_ns) / 1e9  # verified, loaded, bound
+        self._said_slow = False  # "slower than planner.hz" is said once per run
 
     def close(self) -> None:
         self.source.close()
@@ -164,6 +171,13 @@ class PlannerShell:
         self.zap.close()
         for camera in self.cameras.values():
             camera.close()
+
+    def interrupt(self) -> None:
+        """Stop now (SIGTERM, SIGINT): the loop ends and a plan in progress is interrupted,
+        not waited for (a 3 B planner's plan takes seconds; systemd would kill it)."""
+        self.stop_requested = True
+        log.info("stop asked: interrupting the plan in progress, if any")
+        self.source.interrupt()
 
     def drop(self, kind: str) -> None:
         self.dropped[kind] = self.dropped.get(kind, 0) + 1
@@ -298,6 +312,20 @@ class PlannerShell:
             self.first_plan_ns = t_done
         self.latency.add(latency_ms)
         self.status = "planning"
+        if self.plans == TIMING_CHECK_PLANS:
+            self._check_timing(len(waypoints), dt_s)
+
+    def _check_timing(self, horizon: int, dt_s: float) -> None:
+        """Once: the measured latency against the robot's timing (runtime/model/timing.py),
+        so a planner too slow for the plan timeout says why the robot only holds."""
+        recent = self.latency.values(TIMING_CHECK_PLANS)
+        lat = Latency(float(np.percentile(recent, 50)), float(recent.max()),
+                      f"measured over the first {len(recent)} plans")
+        for level, why in timing_checks(lat, horizon, dt_s, self.cfg):
+            if level == "fail":
+                log.error("%s", why)
+            elif "planner.hz" not in why:  # the cycle time says that one (run)
+                log.warning("%s", why)
 
     def wait(self, timeout_ms: int) -> None:
         """Between cycles: task requests and whatever the source waits for."""
@@ -337,11 +365,19 @@ class PlannerShell:
                 deadline = now + period_ns
             self.cycle_starts.add(now / 1e9)
             self.source.cycle(self)
+            took_ns = time.monotonic_ns() - now
+            if took_ns > period_ns and self.plans > 1 and not self._said_slow:
+                self._said_slow = True
+                log.warning("planner slower than planner.hz %g: a cycle took %.0f ms, the "
+                            "period is %.0f ms: it plans back to back (said once)",
+                            self.cfg.planner.hz, took_ns / 1e6, period_ns / 1e6)
             self.tel_pub.send(self.enc_tel.encode("telemetry", self.telemetry()))
             if self.status != last_status:
                 notifier.notify(f"STATUS={self.status}")
                 log.info("planner status: %s", self.status)
                 last_status = self.status
+        if self.status == "stopping":
+            log.info("stopped: the plan in progress was interrupted, not waited for")
 
     def summary(self) -> PlannerSummary:
         starts = self.cycle_starts.values()

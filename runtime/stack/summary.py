@@ -58,6 +58,21 @@ def _load(path: Path, empty: Record) -> Record:
     return cast(Record, {**empty, **(loaded if isinstance(loaded, dict) else {})})
 
 
+def _never_tracked(cfg: DuetConfig, fol: FollowerSummary, pla: PlannerSummary) -> str:
+    """Why a run whose follower never tracked a plan only held, from the counts."""
+    stale = fol["dropped_messages"].get("stale", 0)
+    lat = pla["latency_ms"]
+    why = f"the follower never tracked a plan: the planner published {pla['plans']}"
+    if stale:
+        return (f"{why}, {stale} dropped as stale (older than follower.plan_timeout_ms "
+                f"{cfg.follower.plan_timeout_ms:g}; planner latency p50 {lat['p50']:g} ms, "
+                f"p99 {lat['p99']:g} ms)")
+    if not pla["plans"]:
+        return f"{why} (no task? see `duet status` and the planner's log)"
+    rejected = sum(fol["dropped_messages"].values())
+    return f"{why}, the follower took {fol['plans_received']}, dropped {rejected}"
+
+
 def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s: float,
                   t_start_ns: int, planner_restarts: int,
                   exit_codes: dict[str, int | None]) -> dict[str, Any]:
@@ -67,10 +82,13 @@ def build_summary(cfg: DuetConfig, config_label: str, run_dir: Path, duration_s:
     sim = _load(run_dir / endpoints.SIM_SUMMARY, no_sim)
     first_track_ns = fol["first_track_ns"] or 0
     final_mode = fol["final_mode"]
+    ok, reason = final_mode in ("HOLD", "TRACK"), fol["final_reason"]
+    if ok and not first_track_ns:
+        ok, reason = False, _never_tracked(cfg, fol, pla)
     summary: dict[str, Any] = {
-        # first: how the run ended (a FAULT must never look like a success)
-        "outcome": {"ok": final_mode in ("HOLD", "TRACK"), "final_mode": final_mode,
-                    "reason": fol["final_reason"]},
+        # first: how the run ended (a FAULT, or a robot that only held, never looks like a
+        # success)
+        "outcome": {"ok": ok, "final_mode": final_mode, "reason": reason},
         "config": config_label,
         "duration_s": round(duration_s, 2),
         "follower": {
@@ -132,9 +150,11 @@ def print_summary(s: dict[str, Any]) -> None:
     f, p = s["follower"], s["planner"]
     console = Console()
     outcome = s["outcome"]
-    if not outcome["ok"]:
+    if not outcome["ok"] and outcome["final_mode"] in ("FAULT", "ESTOP", "unknown"):
         console.print(f"[bold red]follower ended in {outcome['final_mode']}: "
                       f"{outcome['reason']}[/] (after fixing the cause: duet reset)")
+    elif not outcome["ok"]:
+        console.print(f"[bold red]not ok: {outcome['reason']}[/]")
     table = Table(title=f"duet run — {s['config']} — {s['duration_s']} s", show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")

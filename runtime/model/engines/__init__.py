@@ -25,6 +25,10 @@ class EngineError(Exception):
     """An engine that cannot be created or a call with bad feeds; the message says which."""
 
 
+class EngineInterrupted(EngineError):
+    """A run stopped by `interrupt` (the process is stopping), not a failure."""
+
+
 class Engine(Protocol):
     @property
     def input_specs(self) -> list[TensorSpec]: ...
@@ -41,6 +45,11 @@ class Engine(Protocol):
     def run(self, feeds: dict[str, np.ndarray], rows: int | None = None
             ) -> dict[str, np.ndarray]:
         """`rows`: the leading rows to compute, for a dynamic-batch model (else all)."""
+        ...
+
+    def interrupt(self) -> None:
+        """From another thread or a signal's watcher: a run in progress stops as soon as the
+        engine can (raising EngineInterrupted), and so does every later one."""
         ...
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.model.bundle import TensorSpec
-from runtime.model.engines import EngineError, ProviderArg, check_owner
+from runtime.model.engines import EngineError, EngineInterrupted, ProviderArg, check_owner
 
 if TYPE_CHECKING:
     from runtime.config import OnnxRuntimeConfig
@@ -165,6 +165,9 @@ class OnnxRuntimeEngine:
         self._in_buf = {t.name: np.zeros(t.shape, dtype=t.dtype) for t in self._inputs}
         self._out_buf = {t.name: np.zeros(t.shape, dtype=t.dtype) for t in self._outputs}
         self._binding = self.session.io_binding()
+        # terminate: set from another thread, ORT stops between two nodes (inside a Loop too)
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4  # the interruption is ours: not an error
         self._rows = 0
         self._bind(batch or 0)
 
@@ -200,15 +203,21 @@ class OnnxRuntimeEngine:
                 raise EngineError(f"{self.path}: {want} rows for a batch of {self.batch}")
             if want != self._rows:
                 self._bind(want)
-        if feeds is self._in_buf:
-            self.session.run_with_iobinding(self._binding)
-            return self._out_buf
+        if feeds is not self._in_buf:
+            try:
+                for name, buf in self._in_buf.items():
+                    np.copyto(buf, feeds[name], casting="same_kind")
+            except KeyError as exc:
+                raise EngineError(f"{self.path}: missing input {exc.args[0]!r}") from None
+            except (ValueError, TypeError) as exc:
+                raise EngineError(f"{self.path}: bad input: {exc}") from None
         try:
-            for name, buf in self._in_buf.items():
-                np.copyto(buf, feeds[name], casting="same_kind")
-        except KeyError as exc:
-            raise EngineError(f"{self.path}: missing input {exc.args[0]!r}") from None
-        except (ValueError, TypeError) as exc:
-            raise EngineError(f"{self.path}: bad input: {exc}") from None
-        self.session.run_with_iobinding(self._binding)
+            self.session.run_with_iobinding(self._binding, self._run_options)
+        except Exception:
+            if self._run_options.terminate:
+                raise EngineInterrupted(f"{self.path}: run interrupted") from None
+            raise
         return self._out_buf
+
+    def interrupt(self) -> None:
+        self._run_options.terminate = True

@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.model.bundle import sha256_file
 from runtime.model.bundle_files import TensorSpec
-from runtime.model.engines import EngineError, check_owner
+from runtime.model.engines import EngineError, EngineInterrupted, check_owner
 
 _NP_TO_DTYPE = {
     np.dtype(np.float32): "float32",
@@ -138,6 +138,7 @@ class TensorRTEngine:
             self._context.set_tensor_address(name, self._device[name])
         self._out_dict = {t.name: self._host[t.name] for t in self._outputs}
         self._in_dict = {t.name: self._host[t.name] for t in self._inputs}
+        self._interrupted = False
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -155,6 +156,8 @@ class TensorRTEngine:
     def run(self, feeds: dict[str, np.ndarray], rows: int | None = None
             ) -> dict[str, np.ndarray]:
         """`rows` is ignored: native engines are static and compute every row."""
+        if self._interrupted:
+            raise EngineInterrupted(f"{self.path}: interrupted")
         rt = self._rt
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -176,6 +179,11 @@ class TensorRTEngine:
                                          d2h, self._stream))
         cuda_call(rt.cudaStreamSynchronize(self._stream))
         return self._out_dict
+
+    def interrupt(self) -> None:
+        """An enqueued engine cannot be cancelled (one call is milliseconds on the GPU): the
+        next call refuses, so a multi-step plan stops at its next step."""
+        self._interrupted = True
 
     def close(self) -> None:
         for ptr in self._device.values():
