@@ -152,3 +152,116 @@ def two_camera_bundle(out: Path) -> Path:
 
 def flow_bundle(out: Path) -> Path:
     return build(out, FLOW_CONTRACT, {"encoder": FlowEncoder(), "decoder": FlowVelocity()})
+
+
+# ------------------------------------------------------------------ autoregressive tokens
+AR_H, AR_LAYERS, AR_E = 4, 2, 16
+AR_BINS = 32  # action token ids 0..31 (bins or FAST's BPE ids), then END and BOS
+AR_END, AR_BOS = AR_BINS, AR_BINS + 1
+AR_VOCAB = AR_BINS + 2
+AR_TOKENS = AR_H * len(JOINTS)  # one chunk: H steps x 6 joints
+AR_MAX_STEPS = AR_TOKENS + 4
+AR_T = 1 + AR_MAX_STEPS  # the KV buffer: the context at 0, then one slot per step
+AR_KV = [1, AR_LAYERS, 2, AR_T, AR_E]
+AR_DELTA = 0.05  # bins span +-0.05 rad deltas from the observed q
+
+
+class ARPrefill(nn.Module):
+    """q -> the KV buffer with the context (a projection of q) at position 0, zeros after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.ctx = nn.Linear(len(JOINTS), AR_LAYERS * 2 * AR_E)
+        self.register_buffer("at0", (torch.arange(AR_T) == 0).float().view(1, 1, 1, AR_T, 1))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.ctx(q).view(-1, AR_LAYERS, 2, 1, AR_E) * self.at0
+
+
+class ARDecodeStep(nn.Module):
+    """One decoding step over a fixed-size KV buffer: the token and the position in, this
+    step's keys and values written at the position (a one-hot blend: static shapes), causal
+    attention over the buffer, the greedy next token out. END is forced after one chunk's
+    tokens and never before, so a plan stops on the end token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = nn.Embedding(AR_VOCAB, AR_E)
+        self.pos = nn.Embedding(AR_T, AR_E)
+        self.qkv = nn.ModuleList(nn.Linear(AR_E, 3 * AR_E) for _ in range(AR_LAYERS))
+        self.mix = nn.ModuleList(nn.Linear(AR_E, AR_E) for _ in range(AR_LAYERS))
+        self.head = nn.Linear(AR_E, AR_VOCAB)
+        never, done = torch.zeros(AR_VOCAB), torch.zeros(AR_VOCAB)
+        never[AR_END] = never[AR_BOS] = done[AR_BOS] = -1e4
+        done[AR_END] = 1e4
+        self.register_buffer("never", never)
+        self.register_buffer("done", done)
+        self.register_buffer("slots", torch.arange(AR_T))
+
+    def forward(self, kv_in: torch.Tensor, tok_in: torch.Tensor, pos: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.embed(tok_in[:, 0]) + self.pos(pos)
+        here = (self.slots[None] == pos[:, None]).float()[..., None]  # [B, T, 1]
+        seen = self.slots[None] <= pos[:, None]
+        layers = []
+        for qkv, mix, kv in zip(self.qkv, self.mix, kv_in.unbind(1), strict=True):
+            q, k, v = qkv(x).chunk(3, -1)
+            keys = kv[:, 0] * (1 - here) + here * k[:, None]
+            values = kv[:, 1] * (1 - here) + here * v[:, None]
+            att = (keys @ q[..., None])[..., 0] / AR_E ** 0.5
+            att = att.masked_fill(~seen, -1e9).softmax(-1)
+            x = x + mix((att[..., None] * values).sum(1))
+            layers.append(torch.stack([keys, values], 1))
+        over = (pos[:, None] >= 1 + AR_TOKENS).float()
+        logits = self.head(torch.tanh(x)) + over * self.done + (1 - over) * self.never
+        return logits.argmax(-1, keepdim=True), torch.stack(layers, 1)
+
+
+def ar_greedy(q: np.ndarray) -> list[int]:
+    """The PyTorch source's own decoding loop (what the loop stage must reproduce)."""
+    prefill, step = ARPrefill().eval(), ARDecodeStep().eval()
+    tokens: list[int] = []
+    with torch.no_grad():
+        kv = prefill(torch.tensor(q[None], dtype=torch.float32))
+        tok = torch.tensor([[AR_BOS]])
+        for k in range(AR_MAX_STEPS):
+            tok, kv = step(kv, tok, torch.tensor([1 + k]))
+            if int(tok) == AR_END:
+                break
+            tokens.append(int(tok))
+    return tokens
+
+
+def ar_contract(detokenizer: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "rates": {"planner_hz": 5.0, "follower_hz": 500.0},
+        "planner": {
+            "stages": [
+                {"name": "prefill", "file": "prefill.onnx",
+                 "inputs": [{"role": "proprio", "name": "q", "field": "q"}],
+                 "outputs": [{"role": "features", "name": "kv0", "shape": AR_KV}]},
+                {"name": "decode", "file": "decode.onnx",
+                 "loop": {"max_steps": AR_MAX_STEPS, "end_token": AR_END,
+                          "detokenizer": detokenizer},
+                 "inputs": [
+                     {"role": "carry", "name": "kv_in", "output": "kv_out",
+                      "source": "prefill.kv0"},
+                     {"role": "carry", "name": "tok_in", "output": "token", "fill": AR_BOS},
+                     {"role": "position", "name": "pos", "start": 1}],
+                 "outputs": [{"role": "token", "name": "token"},
+                             {"role": "features", "name": "kv_out", "shape": AR_KV}]}],
+            "actions": {"horizon": AR_H, "dt_s": 0.1, "kind": "delta", "joints": JOINTS}},
+    }
+
+
+AR_BINS_DETOKENIZER = {"kind": "bins", "bins": AR_BINS, "low": [-AR_DELTA] * len(JOINTS),
+                       "high": [AR_DELTA] * len(JOINTS)}
+
+
+def ar_bundle(out: Path, detokenizer: dict[str, Any] | None = None) -> Path:
+    """The tiny autoregressive planner, exported; bins unless `detokenizer` says (a FAST one
+    names a tokenizer file, expected beside the contract in `out`.src)."""
+    return build(out, ar_contract(detokenizer or AR_BINS_DETOKENIZER),
+                 {"prefill": ARPrefill(), "decode": ARDecodeStep()})

@@ -69,8 +69,9 @@ def _validate(args: argparse.Namespace, config: Path, site: Path | None) -> int:
     lines = [f"FAIL {p}" for p in found] + [f"WARN {w}" for w in warnings]
     if lat is not None:
         lines.append(f"planner latency {lat}")
-    emit(args, "\n".join(lines + [f"{'invalid' if found else 'ok'}: {names}" + (
-        f" ({len(found)} problems)" if found else "")]),
+    lines.append(f"{'invalid' if found else 'ok'}: {names}" + (
+        f" ({len(found)} problems)" if found else ""))
+    emit(args, "\n".join(lines),
          {"ok": not found, "files": [str(f) for f in files], "problems": found,
           "warnings": warnings, "latency_ms": None if lat is None else
           {"p50": round(lat.p50_ms, 2), "p99": round(lat.p99_ms, 2)}})

@@ -13,6 +13,9 @@ Inputs are declared by *role*, and the runtime derives from the role what to fee
 - `noise` and `flow_time`: the state and time of a flow-matching head, integrated by the
   runtime (Euler, K steps);
 - `stage`: an output of an earlier stage (an encoder run once, a decoder run K times);
+- `carry` and `position`: a loop stage's (autoregressive tokens over a fixed-size KV buffer):
+  an input that takes an output of the step before (the first step: an earlier stage's
+  output, or a fill value), and the step's position;
 - follower: `reference` (the look-ahead window of the interpolated plan) and proprio.
 
 A planner is one or more stages; the last one yields the action chunk [H, D] -- absolute joint
@@ -27,6 +30,7 @@ create`) and what a format-2 manifest carries.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -123,15 +127,65 @@ class StageInput(_Strict):
     source: str = Field(pattern=r"^[^.]+\.[^.]+$")  # "<stage>.<output>"
 
 
+class CarryInput(_Strict):
+    role: Literal["carry"]
+    name: Name
+    output: Name  # this stage's output whose value this input takes at the next step
+    source: str | None = Field(None, pattern=r"^[^.]+\.[^.]+$")  # the first step's value
+    fill: float = 0.0  # the first step's value without a source (a start token, an empty KV)
+
+
+class PositionInput(_Strict):
+    role: Literal["position"]
+    name: Name  # int64 [batch]: start + the step (where this step writes in the KV buffer)
+    start: int = Field(0, ge=0, le=1 << 20)
+
+
 PlannerInput = Annotated[
     CameraInput | ProprioInput | InstructionInput | PrefixInput | NoiseInput | FlowTimeInput
-    | StageInput, Field(discriminator="role")]
+    | StageInput | CarryInput | PositionInput, Field(discriminator="role")]
+
+
+class BinsDetokenizer(_Strict):
+    """Uniform bins per dimension (RT-2, OpenVLA): the tokens are the chunk time-major (step
+    k, joint j at k * D + j); token t is bin t - token_offset of [low, high] (bin centres)."""
+
+    kind: Literal["bins"]
+    bins: int = Field(ge=2, le=1 << 16)
+    low: Stats  # per action joint, in the model's action space (before de-normalising)
+    high: Stats
+    token_offset: int = Field(0, ge=0)
+
+
+class FastDetokenizer(_Strict):
+    """FAST (Pertsch et al. 2025): per-dimension DCT of the chunk, coefficients scaled and
+    rounded, flattened lowest frequency first, then BPE over those integer symbols. Decoding
+    inverts it; coefficients the tokens do not reach are zero (the smooth part is first)."""
+
+    kind: Literal["fast"]
+    tokenizer: BundleFile  # the BPE (Hugging Face tokenizers JSON; symbol s is chr(BASE + s))
+    scale: float = Field(gt=0, le=1e6)  # coefficients were multiplied by this and rounded
+    min_symbol: int = Field(ge=-(1 << 20), le=1 << 20)  # the coefficient symbol 0 stands for
+    token_offset: int = Field(0, ge=0)  # the model's token id = the BPE's + token_offset
+
+
+Detokenizer = Annotated[BinsDetokenizer | FastDetokenizer, Field(discriminator="kind")]
+
+
+class Loop(_Strict):
+    """An autoregressive head: the stage runs once per token, up to `max_steps`, its `carry`
+    inputs taking its outputs of the step before (a KV buffer of fixed size, the last token),
+    until every row gave `end_token`; the detokenizer turns the tokens into the chunk."""
+
+    max_steps: int = Field(ge=1, le=4096)
+    end_token: int | None = Field(None, ge=0)
+    detokenizer: Detokenizer
 
 
 class Output(_Strict):
     name: Name
-    role: Literal["actions", "velocity", "features"]
-    # features: declared; actions/velocity: [1, H, D_action] from `actions`
+    role: Literal["actions", "velocity", "features", "token"]
+    # features: declared; actions/velocity: [1, H, D_action] from `actions`; token: int64 [1, 1]
     shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1, max_length=6)] \
         | None = None
     dtype: Literal["float32", "float16", "int64"] = "float32"
@@ -153,6 +207,10 @@ class Stage(_Strict):
     inputs: list[PlannerInput] = Field(min_length=1)
     outputs: list[Output] = Field(min_length=1)
     flow: Flow | None = None
+    loop: Loop | None = None
+
+    def output(self, name: str) -> Output | None:
+        return next((o for o in self.outputs if o.name == name), None)
 
     @model_validator(mode="after")
     def _roles_fit(self) -> Stage:
@@ -172,10 +230,30 @@ class Stage(_Strict):
             raise ValueError(f"stage {self.name}: noise/flow_time/velocity need `flow:`")
         if outs.count("actions") > 1:
             raise ValueError(f"stage {self.name}: at most one actions output")
+        self._loop_fits(roles, outs)
         for o in self.outputs:
             if o.role == "features" and o.shape is None:
                 raise ValueError(f"stage {self.name}: features output {o.name} needs a shape")
         return self
+
+
+    def _loop_fits(self, roles: Sequence[str], outs: Sequence[str]) -> None:
+        if self.loop is None:
+            if "carry" in roles or "position" in roles or "token" in outs:
+                raise ValueError(f"stage {self.name}: carry/position/token need `loop:`")
+            return
+        if self.flow is not None or outs.count("token") != 1 or "actions" in outs:
+            raise ValueError(f"stage {self.name}: a loop stage gives one token output (and no "
+                             "actions: its detokenizer makes the chunk), and has no `flow:`")
+        for i in self.inputs:
+            if isinstance(i, CarryInput):
+                out = self.output(i.output)
+                if out is None:
+                    raise ValueError(f"stage {self.name}: carry input {i.name} takes output "
+                                     f"{i.output}, which this stage does not give")
+                if out.role not in ("token", "features"):
+                    raise ValueError(f"stage {self.name}: carry input {i.name}: output "
+                                     f"{i.output} is {out.role}, not token or features")
 
 
 class Actions(_Strict):
@@ -233,6 +311,8 @@ class Planner(_Strict):
                 if isinstance(i, StageInput) and i.source not in seen:
                     raise ValueError(f"stage {stage.name}: input {i.name} reads {i.source}, "
                                      "which no earlier stage outputs")
+                if isinstance(i, CarryInput) and i.source is not None:
+                    self._check_carry_source(stage, i, seen)
                 if isinstance(i, ProprioInput):
                     _check_stats(i.name, i.mean, i.std, i.joints or self.actions.joints)
             for o in stage.outputs:
@@ -241,10 +321,40 @@ class Planner(_Strict):
                                      f"does not lead with the batch ({self.batch})")
                 seen[f"{stage.name}.{o.name}"] = o
         last = self.stages[-1]
-        if last.flow is None and not any(o.role == "actions" for o in last.outputs):
+        if last.flow is None and last.loop is None and \
+                not any(o.role == "actions" for o in last.outputs):
             raise ValueError(f"the last stage ({last.name}) gives no actions: it needs an "
-                             "`actions` output, or `flow:` (its integrated state is the chunk)")
+                             "`actions` output, `flow:` (its integrated state is the chunk) or "
+                             "`loop:` (its detokenized tokens are)")
+        for stage in self.stages:
+            if stage.loop is not None:
+                self._check_loop(stage, stage is last)
         return self
+
+    def _check_carry_source(self, stage: Stage, i: CarryInput, seen: dict[str, Output]
+                            ) -> None:
+        src, out = seen.get(i.source or ""), stage.output(i.output)
+        if src is None:
+            raise ValueError(f"stage {stage.name}: carry input {i.name} starts from "
+                             f"{i.source}, which no earlier stage outputs")
+        if out is not None and (src.shape, src.dtype) != (out.shape, out.dtype):
+            raise ValueError(f"stage {stage.name}: carry input {i.name} starts from "
+                             f"{i.source} ({src.dtype}{src.shape}) but takes {i.output} "
+                             f"({out.dtype}{out.shape}) after")
+
+    def _check_loop(self, stage: Stage, last: bool) -> None:
+        assert stage.loop is not None
+        if not last:
+            raise ValueError(f"stage {stage.name}: a loop stage is the last (its detokenizer "
+                             "gives the chunk)")
+        if self.dynamic_batch:
+            raise ValueError(f"stage {stage.name}: a loop stage runs with a static batch "
+                             "(dynamic_batch: false)")
+        d = stage.loop.detokenizer
+        if isinstance(d, BinsDetokenizer):
+            _check_stats(f"{stage.name}.detokenizer", d.low, d.high, self.actions.joints)
+            if any(h <= lo for lo, h in zip(d.low, d.high, strict=True)):
+                raise ValueError(f"stage {stage.name}: detokenizer high must exceed low")
 
     def source(self, ref: str) -> Output:
         stage, out = ref.split(".")
@@ -254,7 +364,8 @@ class Planner(_Strict):
 
 def _check_stats(name: str, mean: list[float] | None, std: list[float] | None,
                  joints: list[str]) -> None:
-    for key, v in (("mean", mean), ("std", std)):
+    keys = ("mean", "std") if "detokenizer" not in name else ("low", "high")
+    for key, v in zip(keys, (mean, std), strict=True):
         if v is not None and len(v) != len(joints):
             raise ValueError(f"{name}.{key} has {len(v)} entries for {len(joints)} joints")
 
@@ -353,6 +464,8 @@ class Contract(_Strict):
         out = [s.file for s in self.planner.stages]
         out += [i.tokenizer for s in self.planner.stages for i in s.inputs
                 if isinstance(i, InstructionInput)]
+        out += [s.loop.detokenizer.tokenizer for s in self.planner.stages
+                if s.loop is not None and isinstance(s.loop.detokenizer, FastDetokenizer)]
         if self.follower is not None:
             out.append(self.follower.file)
         return out
@@ -385,13 +498,22 @@ class Contract(_Strict):
             elif isinstance(i, FlowTimeInput):
                 ins.append(TensorSpec(name=i.name, dtype="float32",
                                       shape=[b] if i.rank == 1 else [b, 1]))
+            elif isinstance(i, PositionInput):
+                ins.append(TensorSpec(name=i.name, dtype="int64", shape=[b]))
+            elif isinstance(i, CarryInput):
+                out = stage.output(i.output)
+                assert out is not None  # Stage._loop_fits
+                ins.append(self._output_spec(out, chunk).model_copy(update={"name": i.name}))
             else:
                 src = self.planner.source(i.source)
                 ins.append(TensorSpec(name=i.name, dtype=src.dtype,
                                       shape=src.shape or chunk))
-        outs = [TensorSpec(name=o.name, dtype=o.dtype, shape=o.shape or chunk)
-                for o in stage.outputs]
-        return ins, outs
+        return ins, [self._output_spec(o, chunk) for o in stage.outputs]
+
+    def _output_spec(self, o: Output, chunk: list[int]) -> TensorSpec:
+        if o.role == "token":  # one token id per row and step
+            return TensorSpec(name=o.name, dtype="int64", shape=[self.planner.batch, 1])
+        return TensorSpec(name=o.name, dtype=o.dtype, shape=o.shape or chunk)
 
     def follower_tensors(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         assert self.follower is not None

@@ -30,14 +30,18 @@ from runtime.ipc.stats import Ring, summarize
 from runtime.model.bundle import Bundle
 from runtime.model.contract import (
     CameraInput,
+    CarryInput,
     Contract,
     FlowTimeInput,
     InstructionInput,
+    Loop,
     NoiseInput,
+    PositionInput,
     PrefixInput,
     ProprioInput,
     StageInput,
 )
+from runtime.model.detokenizer import ChunkCodec, DetokenizeError, make_codec
 from runtime.model.engines import Engine, EngineKind, ProviderArg, engine_options, make_engine
 from runtime.model.plan import Plan
 from runtime.model.tokenizer import InstructionEncoder, TokenizerError
@@ -46,6 +50,21 @@ from runtime.planner.observation import CameraFeed, ObservationError, StateHisto
 
 class PipelineError(ValueError):
     """The bundle's planner cannot run on this robot; the message names the input."""
+
+
+@dataclass
+class _LoopRun:
+    """A loop stage's state: its tokens per row, what feeds each step, the codec."""
+
+    spec: Loop
+    codec: ChunkCodec
+    tokens: np.ndarray  # [batch, max_steps] int64
+    lengths: np.ndarray  # [batch]: tokens before the end token (or max_steps)
+    token: str = ""  # the token output
+    carries: list[CarryInput] = field(default_factory=list)
+    position: PositionInput | None = None
+    step_ms: Ring = field(default_factory=lambda: Ring(1 << 16))
+    steps: Ring = field(default_factory=lambda: Ring(4096))  # steps per plan
 
 
 @dataclass
@@ -58,6 +77,7 @@ class _StageRun:
     flow_time: str | None = None
     velocity: str | None = None
     actions: str | None = None
+    loop: _LoopRun | None = None
     ms: Ring = field(default_factory=lambda: Ring(4096))
 
 
@@ -152,6 +172,14 @@ class PlannerPipeline:
                 dynamic_batch=self.batch if self.dynamic else None)
             feeds = eng.inputs  # filled in place: each call (K for a flow head) copies nothing
             run = _StageRun(stage.name, eng, feeds, [])
+            if stage.loop is not None:
+                try:
+                    codec = make_codec(stage.loop.detokenizer, bundle.path, a.horizon)
+                except Exception as exc:  # the tokenizers library's own error types
+                    raise PipelineError(f"stage {stage.name}: detokenizer: {exc}") from None
+                run.loop = _LoopRun(stage.loop, codec,
+                                    np.zeros((self.batch, stage.loop.max_steps), np.int64),
+                                    np.zeros(self.batch, np.intp))
             for i in stage.inputs:
                 self._bind_input(i, feeds, run, bundle, index)
             for o in stage.outputs:
@@ -159,6 +187,10 @@ class PlannerPipeline:
                     run.velocity = o.name
                 elif o.role == "actions":
                     run.actions = o.name
+                elif o.role == "token" and run.loop is not None:
+                    run.loop.token = o.name
+            if run.loop is not None:
+                eng.carry([(c.output, c.name) for c in run.loop.carries])
             if stage.flow is not None:
                 k = flow_steps if flow_steps is not None else stage.flow.steps
                 if k < 1:
@@ -167,6 +199,7 @@ class PlannerPipeline:
             self.stages.append(run)
         last = c.planner.stages[-1]
         self._flow_last = last.flow is not None
+        self._loop_chunks = np.zeros((self.batch, self.horizon, d_act))
         self.prefix_steps = max((p.steps for p, _, _ in self.prefixes), default=0)
         self.plan_ms = Ring(4096)
         self.engine_ms = Ring(4096)  # the engines' own share of plan_ms
@@ -203,6 +236,10 @@ class PlannerPipeline:
             run.flow_time = i.name
         elif isinstance(i, StageInput):
             run.from_stage.append((i.name, i.source))
+        elif isinstance(i, CarryInput) and run.loop is not None:
+            run.loop.carries.append(i)
+        elif isinstance(i, PositionInput) and run.loop is not None:
+            run.loop.position = i
 
     def camera_names(self) -> list[str]:
         return sorted({f.spec.camera for f in self.cameras})
@@ -263,7 +300,9 @@ class PlannerPipeline:
             for name, src in run.from_stage:
                 np.copyto(run.feeds[name], self._outputs[src], casting="same_kind")
             steps = self.flow_steps.get(run.name)
-            if steps is None:
+            if run.loop is not None:
+                engine_ns += self._decode(run, run.loop, len(rows))
+            elif steps is None:
                 te = time.perf_counter_ns()
                 out = run.engine.run(run.feeds, n)
                 engine_ns += time.perf_counter_ns() - te
@@ -273,8 +312,17 @@ class PlannerPipeline:
                 engine_ns += self._integrate(run, steps, n)
             run.ms.add((time.perf_counter_ns() - ts) / 1e6)
         last = self.stages[-1]
-        chunks = last.feeds[last.flow_noise] if self._flow_last and last.flow_noise \
-            else self._outputs[f"{last.name}.{last.actions}"]
+        if last.loop is not None:
+            chunks = self._loop_chunks
+            for row, k in enumerate(rows):
+                try:
+                    last.loop.codec.decode(last.loop.tokens[row, :last.loop.lengths[row]],
+                                           chunks[row])
+                except DetokenizeError as exc:
+                    results[k] = ObservationError(f"stage {last.name}: {exc}")
+        else:
+            chunks = last.feeds[last.flow_noise] if self._flow_last and last.flow_noise \
+                else self._outputs[f"{last.name}.{last.actions}"]
         for row, (q, q_hold) in enumerate(q_obs):
             self._chunk[:] = chunks[row]
             self._to_robot(q, q_hold, row)
@@ -323,6 +371,40 @@ class PlannerPipeline:
             x += step
         return engine_ns
 
+    def _decode(self, run: _StageRun, loop: _LoopRun, rows: int) -> int:
+        """Autoregressive decoding: one engine step per token, the carried inputs (a KV
+        buffer, the last token) fed from the step before inside the engine, until every
+        filled row gave the end token or max_steps; each step's time is kept."""
+        feeds, spec = run.feeds, loop.spec
+        for c in loop.carries:  # the first step's values
+            if c.source is not None:
+                np.copyto(feeds[c.name], self._outputs[c.source], casting="same_kind")
+            else:
+                feeds[c.name].fill(c.fill)
+        ended = np.zeros(self.batch, dtype=bool)
+        ended[rows:] = True  # spare rows of a static batch do not hold the loop up
+        loop.lengths[:] = spec.max_steps
+        carried = any(c.output == loop.token for c in loop.carries)
+        engine_ns, k = 0, 0
+        for k in range(spec.max_steps):
+            if loop.position is not None:
+                feeds[loop.position.name].fill(loop.position.start + k)
+            te = time.perf_counter_ns()
+            out = run.engine.step(k == 0)
+            token = run.engine.carried(loop.token) if carried else out[loop.token]
+            step_ns = time.perf_counter_ns() - te
+            engine_ns += step_ns
+            loop.step_ms.add(step_ns / 1e6)
+            loop.tokens[:, k] = token[:, 0]
+            if spec.end_token is not None:
+                done = ~ended & (token[:, 0] == spec.end_token)
+                loop.lengths[done] = k
+                ended |= done
+                if ended.all():
+                    break
+        loop.steps.add(k + 1)
+        return engine_ns
+
     def _fill_prefix(self, previous: Plan | None, t_obs_ns: int, valid_s: float,
                      q_obs: np.ndarray, row: int) -> None:
         d = 0
@@ -369,6 +451,10 @@ class PlannerPipeline:
         """Per stage (and the whole call, and the engines' share) p50/p99 in ms."""
         keys = ("p50", "p99")
         out = {run.name: summarize(run.ms.values(last), keys, digits=3) for run in self.stages}
+        for run in self.stages:  # a loop stage's per-step time and steps per plan
+            if run.loop is not None:
+                out[f"{run.name}.step"] = summarize(run.loop.step_ms.values(last), keys, digits=3)
+                out[f"{run.name}.steps"] = summarize(run.loop.steps.values(last), keys, digits=1)
         out["total"] = summarize(self.plan_ms.values(last), keys, digits=3)
         out["engines"] = summarize(self.engine_ms.values(last), keys, digits=3)
         return out

@@ -52,7 +52,7 @@ def run_planner(cfg: DuetConfig, duration_s: float | None = None,
         log.error("%s", exc)
         return 2
 
-    for level, why in declared_checks(bundle.contract, cfg):  # failures refused the start
+    for _, why in declared_checks(bundle.contract, cfg):  # failures refused the start
         log.warning("planner.latency: %s", why)
     stop_on_signals(planner, planner.interrupt)
     try:

@@ -28,6 +28,7 @@ class PlannerTelemetry(SourceFigures):
     instruction: str
     episode: Any
     dropped_messages: dict[str, int]
+    in_plan_s: float | None  # how long the plan in progress has run (None: between plans)
 
 
 class PlannerSummary(SourceFigures):

@@ -162,6 +162,7 @@ class PlannerShell:
         self.first_plan_ns: int | None = None
         self.load_s = (time.monotonic_ns() - self.started_ns) / 1e9  # verified, loaded, bound
         self._said_slow = False  # "slower than planner.hz" is said once per run
+        self.plan_started_ns = 0  # of the plan in progress (0: none)
 
     def close(self) -> None:
         self.source.close()
@@ -289,6 +290,9 @@ class PlannerShell:
             self.status = "idle"  # no task: the robot holds; healthy
             self.last_plan = None
             return None
+        # a plan begins: said now, so a plan of seconds shows as one in progress (`in_plan_s`)
+        self.plan_started_ns = now
+        self.tel_pub.send(self.enc_tel.encode("telemetry", self.telemetry()))
         return frames, t_obs
 
     def expected_latency_s(self) -> float:
@@ -344,6 +348,8 @@ class PlannerShell:
                               for k, v in self.camera_age_ms.items()},
             "instruction": self.instruction, "episode": self.episode,
             "dropped_messages": dict(self.dropped), **self.source.figures(50),
+            "in_plan_s": round((time.monotonic_ns() - self.plan_started_ns) / 1e9, 3)
+            if self.plan_started_ns else None,
         }
 
     def run(self, duration_s: float | None = None) -> None:
@@ -365,6 +371,7 @@ class PlannerShell:
                 deadline = now + period_ns
             self.cycle_starts.add(now / 1e9)
             self.source.cycle(self)
+            self.plan_started_ns = 0
             took_ns = time.monotonic_ns() - now
             if took_ns > period_ns and self.plans > 1 and not self._said_slow:
                 self._said_slow = True

@@ -52,6 +52,21 @@ class Engine(Protocol):
         engine can (raising EngineInterrupted), and so does every later one."""
         ...
 
+    def carry(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """A loop stage: after each `step`, output o's value is input i's at the next step
+        (pairs (o, i)), kept where the engine computes (two buffers per pair, swapped, no
+        copy through the host). `inputs[i]` is what the first step of a loop reads."""
+        ...
+
+    def step(self, first: bool) -> dict[str, np.ndarray]:
+        """One step of a loop (`first`: its carried inputs from `inputs`); the outputs that
+        are not carried, as `run` gives them."""
+        ...
+
+    def carried(self, output: str) -> np.ndarray:
+        """The newest value of a carried output, on the host (a copy)."""
+        ...
+
 
 EngineKind = Literal["onnxruntime", "tensorrt"]
 # ONNX Runtime's `providers=`: a name, or (name, options) as its Python API takes them.

@@ -157,6 +157,9 @@ class OnnxRuntimeEngine:
                               "(it printed why above: TensorRT or CUDA libraries missing?) "
                               f"and would run on {', '.join(running)} instead")
         self.providers = running
+        self._device_id = next((int(p[1].get("device_id", 0)) for p in providers
+                                if isinstance(p, tuple)), 0)
+        self._carry: list[tuple[str, str, list[ort.OrtValue]]] = []
         args = self.session.get_inputs() + self.session.get_outputs()
         self._dynamic = {a.name for a in args if a.shape and not isinstance(a.shape[0], int)}
         self.batch = batch if self._dynamic else None
@@ -221,3 +224,40 @@ class OnnxRuntimeEngine:
 
     def interrupt(self) -> None:
         self._run_options.terminate = True
+
+    # ------------------------------------------------------------------ loop stages
+    def carry(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Each carried pair gets two OrtValues on the device ONNX Runtime computes on (CUDA
+        memory under the CUDA or TensorRT provider, else host memory), bound by IOBinding as
+        the input and the output and swapped after each step: the KV buffer never travels
+        through Python or the host between steps."""
+        specs = {t.name: t for t in self._inputs + self._outputs}
+        device = "cuda" if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} \
+            & set(self.providers) else "cpu"
+        self._carry = []
+        for out, inp in pairs:
+            o, i = specs.get(out), specs.get(inp)
+            if o is None or i is None or (o.dtype, o.shape) != (i.dtype, i.shape):
+                raise EngineError(f"{self.path}: cannot carry {out} into {inp}: "
+                                  f"{o and o.dtype}{o and o.shape} vs "
+                                  f"{i and i.dtype}{i and i.shape}")
+            pair = [ort.OrtValue.ortvalue_from_shape_and_type(
+                o.shape, np.dtype(o.dtype).type, device, self._device_id) for _ in range(2)]
+            self._carry.append((out, inp, pair))
+            self._binding.bind_ortvalue_input(inp, pair[0])
+            self._binding.bind_ortvalue_output(out, pair[1])
+
+    def step(self, first: bool) -> dict[str, np.ndarray]:
+        if first:
+            for _, inp, pair in self._carry:
+                pair[0].update_inplace(self._in_buf[inp])
+        self.run(self._in_buf)
+        for out, inp, pair in self._carry:
+            pair.reverse()  # this step's output is the next step's input
+            self._binding.bind_ortvalue_input(inp, pair[0])
+            self._binding.bind_ortvalue_output(out, pair[1])
+        return self._out_buf
+
+    def carried(self, output: str) -> np.ndarray:
+        pair = next(p for out, _, p in self._carry if out == output)
+        return pair[0].numpy()

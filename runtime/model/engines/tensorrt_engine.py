@@ -13,6 +13,7 @@ type-checked with tensorrt-stubs, and exercised on the target by `duet export ch
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,9 @@ class TensorRTEngine:
         self._out_dict = {t.name: self._host[t.name] for t in self._outputs}
         self._in_dict = {t.name: self._host[t.name] for t in self._inputs}
         self._interrupted = False
+        self._carry: list[tuple[str, str, list[int]]] = []  # (output, input, device pair)
+        self._skip_h2d: set[str] = set()  # carried inputs past a loop's first step
+        self._skip_d2h: set[str] = set()  # carried outputs: read with `carried`
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -168,17 +172,50 @@ class TensorRTEngine:
             except KeyError as exc:
                 raise EngineError(f"{self.path}: missing input {exc.args[0]!r}") from None
         for t in self._inputs:
+            if t.name in self._skip_h2d:
+                continue
             host = self._host[t.name]
             cuda_call(rt.cudaMemcpyAsync(self._device[t.name], host.ctypes.data, host.nbytes,
                                          h2d, self._stream))
         if not self._context.execute_async_v3(int(self._stream)):
             raise EngineError(f"{self.path}: execute_async_v3 failed")
         for t in self._outputs:
+            if t.name in self._skip_d2h:
+                continue
             host = self._host[t.name]
             cuda_call(rt.cudaMemcpyAsync(host.ctypes.data, self._device[t.name], host.nbytes,
                                          d2h, self._stream))
         cuda_call(rt.cudaStreamSynchronize(self._stream))
         return self._out_dict
+
+    # ------------------------------------------------------------------ loop stages
+    def carry(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """A second device buffer per pair; after each step the pair's addresses swap
+        (set_tensor_address), so a KV buffer stays on the GPU between steps."""
+        specs = {t.name: t for t in self._inputs + self._outputs}
+        for out, inp in pairs:
+            o, i = specs.get(out), specs.get(inp)
+            if o is None or i is None or (o.dtype, o.shape) != (i.dtype, i.shape):
+                raise EngineError(f"{self.path}: cannot carry {out} into {inp}")
+            self._carry.append((out, inp, [self._device[inp], self._device[out]]))
+        self._skip_d2h = {out for out, _, _ in self._carry}
+
+    def step(self, first: bool) -> dict[str, np.ndarray]:
+        self._skip_h2d = set() if first else {inp for _, inp, _ in self._carry}
+        out = self.run(self._in_dict)
+        for name, inp, pair in self._carry:
+            pair.reverse()
+            self._device[inp], self._device[name] = pair
+            self._context.set_tensor_address(inp, pair[0])
+            self._context.set_tensor_address(name, pair[1])
+        return out
+
+    def carried(self, output: str) -> np.ndarray:
+        host = self._host[output]
+        inp = next(i for o, i, _ in self._carry if o == output)
+        cuda_call(self._rt.cudaMemcpy(host.ctypes.data, self._device[inp], host.nbytes,
+                                      self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+        return host.copy()
 
     def interrupt(self) -> None:
         """An enqueued engine cannot be cancelled (one call is milliseconds on the GPU): the
