@@ -55,7 +55,7 @@ def test_bins_round_trip_within_half_a_bin_and_a_short_sequence_holds() -> None:
     codec = BinsCodec(BinsDetokenizer.model_validate(AR_BINS_DETOKENIZER))
     chunk = _smooth_chunks(1)[0]
     tokens = np.array(codec.encode(chunk))
-    assert tokens.shape == (AR_TOKENS,) and 0 <= tokens.min() and tokens.max() < AR_BINS
+    assert tokens.shape == (AR_TOKENS,) and tokens.min() >= 0 and tokens.max() < AR_BINS
     out = np.zeros((AR_H, N_JOINTS))
     codec.decode(tokens, out)
     assert np.abs(out - chunk).max() <= AR_DELTA / AR_BINS + 1e-12  # half of a 2 x delta bin
@@ -84,11 +84,11 @@ def test_a_loop_stage_must_be_last_and_carry_what_its_source_gives() -> None:
     contract = ar_contract(AR_BINS_DETOKENIZER)
     bad = yaml.safe_load(yaml.safe_dump(contract))
     bad["planner"]["stages"][1]["inputs"][0]["source"] = "prefill.nothing"
-    with pytest.raises(ValueError, match="starts from prefill.nothing"):
+    with pytest.raises(ValueError, match=r"starts from prefill\.nothing"):
         Contract.model_validate(bad)
     bad = yaml.safe_load(yaml.safe_dump(contract))
     bad["planner"]["stages"][1]["outputs"][1]["shape"] = [1, 2, 2, 7, 16]
-    with pytest.raises(ValueError, match="starts from prefill.kv0"):
+    with pytest.raises(ValueError, match=r"starts from prefill\.kv0"):
         Contract.model_validate(bad)
     bad = yaml.safe_load(yaml.safe_dump(contract))
     bad["planner"]["stages"][1]["loop"]["detokenizer"]["low"] = [0.0]
