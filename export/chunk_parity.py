@@ -12,11 +12,21 @@ fp32 tolerance (1e-4) of its PyTorch module, checked per stage beside this.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from export.calibration import Samples, run_all
-from runtime.model.contract import Contract, FlowTimeInput, NoiseInput, Stage, StageInput
+from runtime.model.contract import (
+    CarryInput,
+    Contract,
+    FlowTimeInput,
+    NoiseInput,
+    PositionInput,
+    Stage,
+    StageInput,
+)
+from runtime.model.detokenizer import DetokenizeError, make_codec
 from runtime.model.engines import Engine
 
 FP32, BUNDLE = "all fp32", "bundle"
@@ -34,8 +44,9 @@ class ChunkResult:
 
 
 class ChunkParity:
-    def __init__(self, contract: Contract, seed: int) -> None:
-        self.contract, self.seed = contract, seed
+    def __init__(self, contract: Contract, seed: int, assets: Path) -> None:
+        """`assets`: where the contract's files are (a FAST detokenizer's tokenizer)."""
+        self.contract, self.seed, self.assets = contract, seed, assets
         self.chains: dict[str, dict[str, np.ndarray]] = {FP32: {}, BUNDLE: {}}
 
     def fp32(self, stage: Stage, held_out: Samples, engine: Engine, reduced: bool) -> None:
@@ -59,6 +70,8 @@ class ChunkParity:
         for i in stage.inputs:
             if isinstance(i, StageInput):
                 feeds[i.name] = chain[i.source].astype(held_out[i.name].dtype)
+        if stage.loop is not None:
+            return {"chunk": self._decode(stage, engine, feeds, chain)}
         if stage.flow is None:
             out = run_all(engine, feeds)
             got = {f"{stage.name}.{k}": v for k, v in out.items()}
@@ -77,6 +90,43 @@ class ChunkParity:
             feeds[t] = np.full_like(held_out[t], stage.flow.t_start + k * h)
             x = x + h * run_all(engine, feeds)[velocity].astype(np.float32)
         return {"chunk": x}
+
+    def _decode(self, stage: Stage, engine: Engine, feeds: Samples,
+                chain: dict[str, np.ndarray]) -> np.ndarray:
+        """A loop stage as the runtime decodes it (greedy, carried outputs fed back, stopped
+        on the end token), one held-out observation at a time, then detokenized; NaN where
+        the tokens make no chunk."""
+        assert stage.loop is not None
+        a = self.contract.planner.actions
+        codec = make_codec(stage.loop.detokenizer, self.assets, a.horizon)
+        token = next(o.name for o in stage.outputs if o.role == "token")
+        carries = [i for i in stage.inputs if isinstance(i, CarryInput)]
+        position = next((i for i in stage.inputs if isinstance(i, PositionInput)), None)
+        n = len(next(iter(feeds.values())))
+        chunks = np.full((n, a.horizon, len(a.joints)), np.nan)
+        step = engine.inputs
+        for row in range(n):
+            for name, value in feeds.items():
+                if name in step:
+                    step[name][:] = value[row]
+            for c in carries:
+                step[c.name][:] = chain[c.source][row] if c.source is not None else c.fill
+            tokens: list[int] = []
+            for k in range(stage.loop.max_steps):
+                if position is not None:
+                    step[position.name].fill(position.start + k)
+                out = engine.run(step)
+                tok = int(out[token][0, 0])
+                if tok == stage.loop.end_token:
+                    break
+                tokens.append(tok)
+                for c in carries:
+                    np.copyto(step[c.name], out[c.output])
+            try:
+                codec.decode(np.array(tokens, dtype=np.int64), chunks[row])
+            except DetokenizeError:
+                pass  # stays NaN: the comparison fails, naming the variant
+        return chunks
 
     def results(self, tolerance: float) -> list[ChunkResult]:
         a = self.contract.planner.actions

@@ -232,7 +232,7 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
         upstream: dict[str, np.ndarray] = {}
         n_parity = opts.parity_samples
         stages = {s.name: s for s in contract.planner.stages}
-        chunk = ChunkParity(contract, opts.seed) if len(stages) > 1 or any(
+        chunk = ChunkParity(contract, opts.seed, assets) if len(stages) > 1 or any(
             s.flow is not None for s in stages.values()) else None
         for name, (ins, outs) in _models(contract).items():
             kind = "follower" if name == "follower" else "planner"
