@@ -9,6 +9,8 @@ Conventions for every subcommand live in runtime/commands/options.py: the shared
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from importlib.metadata import EntryPoint, entry_points
 
@@ -45,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except BrokenPipeError:  # `duet record info FILE | head`: the reader had enough
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + signal.SIGPIPE
     return int(result or 0)
 
 

@@ -117,3 +117,17 @@ def test_features_register_their_commands_through_entry_points() -> None:
     assert "create" in subcommands(top["bundle"])
     cli_source = (REPO / "runtime" / "cli.py").read_text()
     assert not any(f'"{pkg}.' in cli_source for pkg in ("sim", "policy", "export"))
+
+
+def test_a_reader_that_closes_the_pipe_early_gets_no_traceback() -> None:
+    """`duet record info FILE | head` ended in a BrokenPipeError traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "config", "show", "--effective", "--config",
+         str(REPO / "configs/sim.yaml")], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes a byte: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a shell reports it

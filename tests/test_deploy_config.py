@@ -219,3 +219,23 @@ def test_set_applies_tunables_live_on_a_running_follower(
             (etc / "changes.log").read_text()
     finally:
         stop_processes(follower, sim)
+
+
+def test_set_keeps_the_site_files_comment_header(etc: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    site = etc / "site.yaml"
+    site.write_text("# Site overrides layered on duet.yaml; `duet config set` edits this file.\n"
+                    f"run_dir: {etc.parent / 'run'}\n")
+    assert main(["config", "set", "follower.hz=400", *_set_args(etc)]) == 0
+    text = site.read_text()
+    assert text.startswith("# Site overrides layered on duet.yaml;"), text
+    assert load_config(etc / "duet.yaml", site).follower.hz == 400
+
+
+def test_bare_show_with_no_config_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """It printed nothing and exited 0."""
+    monkeypatch.delenv("DUET_CONFIG", raising=False)
+    missing = tmp_path / "etc/duet/duet.yaml"
+    assert main(["config", "show", "--config", str(missing)]) == 2
+    assert f"no config at {missing}" in capsys.readouterr().err

@@ -121,3 +121,16 @@ def test_status_without_processes_fails_fast(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "no telemetry" in out.stdout
     assert time.monotonic() - t0 < 20
+
+
+def test_camera_age_shows_each_cameras_value() -> None:
+    """It printed "camera age - ms" while the JSON had {"scene": 41.2}."""
+    from rich.console import Console
+
+    from runtime.observe.telemetry_view import planner_table
+
+    console = Console(width=80, record=True)
+    console.print(planner_table({"source": "planner", "status": "planning",  # type: ignore[typeddict-item]
+                                 "camera_age_ms": {"scene": 41.2, "wrist": None}}, None))
+    text = console.export_text()
+    assert "scene 41.2 ms, wrist - ms" in text, text

@@ -28,9 +28,12 @@ def _config(args: argparse.Namespace) -> int:
                 data = config_to_dict(ce.effective(config, site))
                 emit(args, yaml.safe_dump(data, sort_keys=False).rstrip(), data)
             else:
-                for path in (config, site):
-                    if path is not None and path.exists():
-                        print(f"# --- {path}\n{path.read_text()}", end="")
+                shown = [p for p in (config, site) if p is not None and p.exists()]
+                if not shown:
+                    return fail("duet config show", f"no config at {config}: pass --config "
+                                "FILE (or set DUET_CONFIG)", EXIT_USAGE)
+                for path in shown:
+                    print(f"# --- {path}\n{path.read_text()}", end="")
             return 0
         if args.config_cmd == "diff":
             load_config(config)  # a broken shipped config is the error to show
@@ -45,6 +48,8 @@ def _config(args: argparse.Namespace) -> int:
         return _config_set(args, ce, config, site)
     except ConfigError as exc:
         return fail(f"duet config {args.config_cmd}", exc, EXIT_USAGE)
+    except BrokenPipeError:
+        raise  # the reader closed our stdout (`| head`): runtime/cli.py ends quietly
     except OSError as exc:  # e.g. a root-owned site file
         hint = " (run it with sudo)" if exc.errno in (errno.EACCES, errno.EPERM) else ""
         return fail(f"duet config {args.config_cmd}",

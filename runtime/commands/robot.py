@@ -135,7 +135,8 @@ def _reset(args: argparse.Namespace) -> int:
         print(f"duet reset: {reply['error']}", file=sys.stderr)
         return 1
     result = reply["result"]
-    _print(args, f"{result.get('mode')}: {result.get('detail')}", result)
+    mode, detail = result.get("mode"), result.get("detail")
+    _print(args, f"{mode}" if detail in (None, "", mode) else f"{mode}: {detail}", result)
     return 0
 
 

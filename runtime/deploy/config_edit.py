@@ -114,7 +114,21 @@ def stage_set(config: Path, site: Path, item: str) -> tuple[str, Any, Any, str, 
     data = _read_site(site)
     set_path(data, parts, value)
     new_cfg = validate_layers([file_layer(config), (str(site), data, site.absolute().parent)])
-    return key, old, lookup(new_cfg, key), yaml.safe_dump(data, sort_keys=False), new_cfg
+    text = _header(site) + yaml.safe_dump(data, sort_keys=False)
+    return key, old, lookup(new_cfg, key), text, new_cfg
+
+
+def _header(site: Path) -> str:
+    """The comment lines that open the site file (install's "Site overrides layered on ..."),
+    kept when the file is rewritten; the YAML dump would drop them."""
+    if not site.exists():
+        return ""
+    lines = []
+    for line in site.read_text().splitlines(keepends=True):
+        if not line.lstrip().startswith("#"):
+            break
+        lines.append(line if line.endswith("\n") else line + "\n")
+    return "".join(lines)
 
 
 def is_tunable(key: str) -> bool:

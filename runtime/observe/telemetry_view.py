@@ -120,7 +120,9 @@ def planner_table(t: PlannerTelemetry | None, age_s: float | None) -> Table:
                   f"{_num(t.get('achieved_hz'))} Hz")
     table.add_row("latency ms", "p50 {}  p99 {}".format(
         *(_num(_get(t, "latency_ms", p)) for p in ("p50", "p99"))))
-    table.add_row("camera age", f"{_num(t.get('camera_age_ms'))} ms")
+    ages = t.get("camera_age_ms")  # per camera: {name: ms or None}
+    table.add_row("camera age", ", ".join(f"{name} {_num(ms)} ms" for name, ms in ages.items())
+                  if isinstance(ages, dict) and ages else "-")
     table.add_row("instruction", str(t.get("instruction") or "-"))
     if age_s is not None:
         table.add_row("sample age", f"{age_s:.1f} s")
