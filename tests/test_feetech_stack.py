@@ -20,6 +20,9 @@ pytestmark = pytest.mark.system
 
 CONFIG = "so101_sim.yaml"
 REFERENCE = REPO / "bundles" / "reference"
+# behaviour, not timing: on a loaded shared host the planner's plans come late; these tests
+# are about the servos carrying them, so a late plan still counts as fresh
+SLOW_PLANNER = "follower.plan_timeout_ms=3000"
 
 
 def test_duet_run_on_feetech_tracks_plans(tmp_path: Path) -> None:
@@ -27,7 +30,8 @@ def test_duet_run_on_feetech_tracks_plans(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "runtime.cli", "run", "--config", str(REPO / "configs" / CONFIG),
          "--set", "follower.deadline_storm.misses=400",  # behaviour, not timing (tests/stack.py)
-         "--set", f"run_dir={tmp_path / 'run'}", "--duration", "20",
+         "--set", SLOW_PLANNER,
+         "--set", f"run_dir={tmp_path / 'run'}", "--duration", "30",
          "--summary-json", str(out), "--ready-timeout", "90"],
         cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,10 +43,10 @@ def test_duet_run_on_feetech_tracks_plans(tmp_path: Path) -> None:
 
 
 def test_feetech_servos_read_the_physics_and_track_the_reference(tmp_path: Path) -> None:
-    with Stack(tmp_path, REFERENCE, config=CONFIG) as stack:
-        stack.wait_mode("TRACK", 30)
+    with Stack(tmp_path, REFERENCE, [SLOW_PLANNER], config=CONFIG) as stack:
+        stack.wait_mode("TRACK", 60)
         errors = []
-        deadline = time.monotonic() + 60.0
+        deadline = time.monotonic() + 120.0
         while len(errors) < 10 and time.monotonic() < deadline:
             tel = stack.telemetry(timeout_s=5.0)
             if tel["mode"] == "TRACK":
@@ -55,7 +59,7 @@ def test_feetech_servos_read_the_physics_and_track_the_reference(tmp_path: Path)
         # stopped planner: the follower holds, the arm comes to rest)
         stack.signal("planner", 19)  # SIGSTOP
         try:
-            stack.wait_mode("HOLD", 5)
+            stack.wait_mode("HOLD", 10)  # the plan timeout (3 s) and the hold
             time.sleep(1.0)
             truth = np.array(stack.sim_fault("state")["result"]["q"])
             np.testing.assert_allclose(stack.q(), truth, atol=3e-3)
@@ -66,8 +70,8 @@ def test_feetech_servos_read_the_physics_and_track_the_reference(tmp_path: Path)
 def test_feetech_line_faults_through_the_stack(tmp_path: Path) -> None:
     """Flipped bytes on the Feetech line are counted and retried past; a servo that trips
     overload faults the follower naming the joint and the error bit."""
-    with Stack(tmp_path, REFERENCE, config=CONFIG) as stack:
-        stack.wait_mode("TRACK", 30)
+    with Stack(tmp_path, REFERENCE, [SLOW_PLANNER], config=CONFIG) as stack:
+        stack.wait_mode("TRACK", 60)
         stack.sim_fault("corrupt", probability=0.05)
         deadline = time.monotonic() + 30.0
         while stack.telemetry()["bus"]["crc_errors"] == 0 and time.monotonic() < deadline:
