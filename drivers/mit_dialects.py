@@ -47,7 +47,8 @@ def malformed(msg: can.Message) -> str | None:
 
     A dlc says how many data bytes a frame carries; python-can takes both from the interface
     and never checks them against each other, so a frame claiming more than it holds (a
-    hostile or broken interface, a forged datagram) would index past its data."""
+    hostile or broken interface, a forged datagram) would index past its data. The dialects
+    go by the data itself (len(msg.data)), never by the dlc."""
     if not msg.is_remote_frame and msg.dlc > len(msg.data):
         return "dlc beyond its data"
     return None
@@ -122,7 +123,7 @@ class MitDialect:
 
     def motor_of(self, msg: can.Message) -> int:
         """Index of the motor a frame comes from, -1 for anything else on the bus."""
-        if msg.is_error_frame or msg.is_remote_frame or msg.dlc < 6:
+        if msg.is_error_frame or msg.is_remote_frame or len(msg.data) < 6:
             return -1
         if self._by_master is not None:
             return self._by_master.get(msg.arbitration_id, -1)
@@ -150,7 +151,7 @@ class MitDialect:
         """(kind, motor index) of a host frame: command, enable, disable, zero, clear, query,
         register (register read); kind "" for a frame that is not for these motors."""
         j = self._by_id.get(msg.arbitration_id, -1)
-        if j < 0 or msg.is_extended_id or msg.is_remote_frame or msg.dlc != 8:
+        if j < 0 or msg.is_extended_id or msg.is_remote_frame or len(msg.data) != 8:
             return "", -1
         special = _SPECIAL.get(bytes(msg.data), "command")
         if special == "clear" and self.clear_error(j) is None:
@@ -228,7 +229,7 @@ class DamiaoDialect(MitDialect):
         return self.CONTROL_ID, bytes((i & 0xFF, i >> 8, self.READ, rid, 0, 0, 0, 0))
 
     def motor_of(self, msg: can.Message) -> int:
-        if msg.is_error_frame or msg.is_remote_frame or msg.dlc < 8:
+        if msg.is_error_frame or msg.is_remote_frame or len(msg.data) < 8:
             return -1
         if self._by_master is not None:
             return self._by_master.get(msg.arbitration_id, -1)
@@ -244,7 +245,7 @@ class DamiaoDialect(MitDialect):
     def register_value(self, msg: can.Message, j: int, rid: int) -> float | None:
         data = msg.data
         i = self.ids[j]
-        if (msg.dlc == 8 and data[2] == self.READ and data[3] == rid
+        if (len(msg.data) == 8 and data[2] == self.READ and data[3] == rid
                 and data[0] | (data[1] << 8) == i):
             return float(struct.unpack_from("<f", data, 4)[0])
         return None
@@ -258,7 +259,7 @@ class DamiaoDialect(MitDialect):
         return code == 0x1
 
     def classify(self, msg: can.Message) -> tuple[str, int]:
-        if msg.arbitration_id == self.CONTROL_ID and msg.dlc == 8 and not msg.is_extended_id:
+        if msg.arbitration_id == self.CONTROL_ID and len(msg.data) == 8 and not msg.is_extended_id:
             data = msg.data
             j = self._by_id.get(data[0] | (data[1] << 8), -1)
             kind = {self.REFRESH: "query", self.READ: "register"}.get(data[2], "")
@@ -304,7 +305,7 @@ class CubeMarsDialect(MitDialect):
     def parse(self, msg: can.Message, r: MitRanges, out: Reply) -> bool:
         data = msg.data
         out.p, out.v, out.t = unpack_state(data, 1, r)
-        if msg.dlc >= 8:  # older AK firmware answers 6 bytes without these two
+        if len(data) >= 8:  # older AK firmware answers 6 bytes without these two
             out.temperature_c = float(data[6] - self.TEMPERATURE_OFFSET)
             out.code = data[7]
         return True
@@ -362,7 +363,7 @@ class MyActuatorDialect(MitDialect):
         return self.SERVO_BASE + self.ids[j], bytes((self.READ_ANGLE, 0, 0, 0, 0, 0, 0, 0))
 
     def motor_of(self, msg: can.Message) -> int:
-        if msg.is_error_frame or msg.is_remote_frame or msg.is_extended_id or msg.dlc < 6:
+        if msg.is_error_frame or msg.is_remote_frame or msg.is_extended_id or len(msg.data) < 6:
             return -1
         j = self._by_id.get(msg.arbitration_id - self.REPLY_BASE, -1)  # ids are 1..32, so
         if j < 0:  # 0x501..0x520 and 0x241..0x260 never overlap
@@ -375,7 +376,7 @@ class MyActuatorDialect(MitDialect):
             out.p, out.v, out.t = unpack_state(data, 1, r)
             out.mit_fields = True
             return True
-        if data[0] == self.READ_ANGLE and msg.dlc == 8:
+        if data[0] == self.READ_ANGLE and len(msg.data) == 8:
             out.p = struct.unpack_from("<i", data, 4)[0] * self.RAD_PER_LSB
             out.v = out.t = 0.0
             out.mit_fields = False
@@ -383,7 +384,7 @@ class MyActuatorDialect(MitDialect):
         return False  # an acknowledgement (shutdown)
 
     def classify(self, msg: can.Message) -> tuple[str, int]:
-        if msg.is_extended_id or msg.is_remote_frame or msg.dlc != 8:
+        if msg.is_extended_id or msg.is_remote_frame or len(msg.data) != 8:
             return "", -1
         arb = msg.arbitration_id
         if arb - self.COMMAND_BASE in self._by_id:

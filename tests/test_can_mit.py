@@ -242,6 +242,21 @@ def test_a_frame_whose_dlc_exceeds_its_data_is_counted_and_dropped(dialect: str)
         motors.shutdown()
 
 
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_a_remote_frame_is_neither_a_reply_nor_a_command(dialect: str) -> None:
+    """A remote frame has a dlc and no data: the dialects went by the dlc, so one with dlc 8 on
+    Damiao's control id was an IndexError in register_value (host) and classify (motor side),
+    found by atheris (tests/fuzz_decoders.py, target mit_can). They go by the data now."""
+    d = dialect_class(dialect)(IDS)
+    for arb in range(0x800):
+        remote = can.Message(arbitration_id=arb, is_extended_id=False, is_remote_frame=True,
+                             dlc=8)
+        assert d.motor_of(remote) == -1
+        assert all(d.register_value(remote, j, rid) is None for j in range(N_JOINTS)
+                   for rid in (21, 22, 23))
+        assert d.classify(remote) == ("", -1)
+
+
 def test_the_emulator_drops_a_command_whose_dlc_exceeds_its_data(rig: Rig) -> None:
     """The motor end too: a truncated command (or Damiao control frame) was a ValueError or
     IndexError that ended the emulator's serving thread."""
