@@ -108,6 +108,12 @@ class MotorBus(Protocol):
         """
         ...
 
+    def recover(self, motors: list[str]) -> None:
+        """Clear the latched hardware error (overload, overheating, ...) of these motors (joint
+        names), so torque can come back; torque is off after. BusError where the wire cannot
+        clear it, saying what does (a power cycle). For `duet reboot`, never the tick."""
+        ...
+
     def close(self) -> None: ...
 
     def wire_time_us(self) -> float:

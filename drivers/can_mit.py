@@ -214,6 +214,20 @@ class MitCanBus:
         """Clear latched motor faults (Damiao: over-temperature, lost communication, ...)."""
         self._transact(self._every(self.dialect.clear_error, "clearing motor errors"))
 
+    def recover(self, motors: list[str]) -> None:
+        """The dialect's clear-error frame to each named motor (Damiao FB; the motor stays
+        off). The generic, CubeMars and MyActuator MIT protocols have none: their drivers
+        latch a fault until the motor is power-cycled, which BusError says."""
+        frames: list[Frame | None] = [None] * len(self.ids)
+        for name in motors:
+            j = self.joint_names.index(name)
+            frames[j] = self.dialect.clear_error(j)
+            if frames[j] is None:
+                raise BusError(f"{name} (id {self.ids[j]}): the {self.dialect.name} MIT protocol"
+                               " has no frame that clears a motor fault; power-cycle the motor,"
+                               " then duet reset", name)
+        self._transact(frames)
+
     # -- the tick ----------------------------------------------------------------------------
 
     def write(

@@ -411,6 +411,21 @@ class DynamixelBus:
             raise ValueError(f"id {dxl_id} is not on this bus: {self.ids}")
         self._transact(dx.reboot_packet(dxl_id), dxl_id)
 
+    def recover(self, motors: list[str], boot_s: float = 2.0) -> None:
+        """REBOOT each named servo (the only way to clear a latched Hardware Error Status),
+        then wait until it answers a PING again: a servo answers the REBOOT, then boots."""
+        for name in motors:
+            dxl_id = self.ids[self.joint_names.index(name)]
+            self.reboot(dxl_id)
+            deadline = time.monotonic() + boot_s
+            while True:
+                try:
+                    self._transact(dx.ping_packet(dxl_id), dxl_id)
+                    break
+                except BusError:
+                    if time.monotonic() > deadline:
+                        raise
+
     def enable_torque(self, on: bool) -> None:
         """Write Torque Enable to every motor; a motor that keeps torque off raises MotorFault.
 

@@ -256,6 +256,13 @@ class FeetechBus:
             raise
         self.stats.writes += 1
 
+    def recover(self, motors: list[str]) -> None:
+        """STS/SCS servos have no reboot instruction (0x06 is a factory reset: never): an
+        overload or overheat bit clears when its cause is gone, else by a power cycle."""
+        raise BusError(f"{', '.join(motors)}: Feetech servos have no reboot instruction; the"
+                       " error clears when the load or heat is gone, else power-cycle the"
+                       " servo, then duet reset", motors[0] if motors else None)
+
     def present_goal(self, out: np.ndarray) -> bool:
         """Goal Position of every servo whose torque is on, else its Present Position.
 

@@ -86,6 +86,12 @@ class MultiBus:
         if failure is not None:
             raise failure
 
+    def recover(self, motors: list[str]) -> None:
+        for bus in self.parts:
+            mine = [m for m in motors if m in bus.joint_names]
+            if mine:
+                bus.recover(mine)
+
     def read(self, out: MotorState) -> None:
         t_ns = 0
         for bus, idx, state in zip(self.parts, self._index, self._states, strict=True):

@@ -229,6 +229,35 @@ def test_motor_overload_faults_naming_the_motor(tmp_path: Path, bundle: Path) ->
         assert "shoulder" in reason and "overload" in reason.lower()
 
 
+def test_duet_reboot_recovers_an_overloaded_servo_and_status_says_why_now(
+        tmp_path: Path, bundle: Path) -> None:
+    """Issue 21 #16: an overload latches in the servo (Hardware Error Status, torque off) and a
+    reset alone cannot clear it; `duet reboot MOTOR` sends that servo the REBOOT instruction,
+    then resets. A failed reset leaves status with its own reason, not the older fault."""
+    def duet(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runtime.cli", *argv, "--run-dir",
+                               stack.run_dir], cwd=REPO, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    with Stack(tmp_path, bundle, planner=False) as stack:
+        stack.wait_mode("HOLD", 15)
+        stack.sim_fault("overload", joint=2)
+        stack.wait_mode("FAULT", 2.0)
+        assert "elbow: overload" in stack.telemetry()["fault_reason"]
+        reset = duet("reset")  # the servo keeps its error latched: no way out this way
+        assert reset.returncode == 1 and "elbow: overload" in reset.stderr, reset
+        wrong = duet("reboot", "shoulder")  # the shoulder reboots; the elbow still faults
+        assert wrong.returncode == 1 and "elbow: overload" in wrong.stderr, wrong
+        reason = stack.telemetry()["fault_reason"]
+        assert reason.startswith("bus not back: ") and "elbow: overload" in reason, reason
+        assert duet("reboot", "tail").returncode == 1  # not a joint: refused, nothing done
+        done = duet("reboot", "elbow")
+        assert done.returncode == 0, done
+        stack.wait_mode("HOLD", 3.0)
+        tel = stack.telemetry()
+        assert tel["fault_reason"] is None and tel["torque_on"], tel
+
+
 def test_estop_and_reset_over_the_control_socket(tmp_path: Path, bundle: Path) -> None:
     with Stack(tmp_path, bundle) as stack:
         stack.wait_mode("TRACK", 15)

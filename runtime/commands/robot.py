@@ -1,4 +1,4 @@
-"""`duet run | stop | follower | planner | estop | reset | task | keys`."""
+"""`duet run | stop | follower | planner | estop | reset | reboot | task | keys`."""
 
 from __future__ import annotations
 
@@ -126,13 +126,16 @@ def _reset(args: argparse.Namespace) -> int:
     from runtime.ipc.rpc import ControlError, request_at
 
     run_dir = endpoints.resolve_run_dir(args.run_dir)
-    try:  # a reset may reopen the bus and re-enable torque: allow it time
-        reply = request_at(endpoints.control(run_dir), "reset", {}, timeout_s=10.0)
+    motors = getattr(args, "motors", None)  # `duet reboot MOTOR...`: clear their errors first
+    body = {"reboot": motors} if motors else {}
+    name = "duet reboot" if motors else "duet reset"
+    try:  # a reset may reboot servos, reopen the bus and re-enable torque: allow it time
+        reply = request_at(endpoints.control(run_dir), "reset", body, timeout_s=10.0)
     except ControlError as exc:
-        print(f"duet reset: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 1
     if not reply["ok"]:
-        print(f"duet reset: {reply['error']}", file=sys.stderr)
+        print(f"{name}: {reply['error']}", file=sys.stderr)
         return 1
     result = reply["result"]
     mode, detail = result.get("mode"), result.get("detail")
@@ -242,6 +245,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         cliopts.add_run_dir(p)
         cliopts.add_json(p)
         p.set_defaults(func=func)
+
+    p = cliopts.subcommand(
+        sub, "reboot", "clear a motor's latched hardware error (overload, overheating), then "
+        "reset", "duet reboot elbow --run-dir runs/demo",
+        description="For a FAULT like 'hardware error: elbow: overload': the follower clears "
+        "the named motors' latched error (Dynamixel: the REBOOT instruction; Damiao: the "
+        "clear-error frame; CubeMars, MyActuator, generic MIT and Feetech have none over the "
+        "wire: it says to power-cycle the motor), then resets as `duet reset` does: re-reads "
+        "the motors and holds where they are. Exit 1 when the motor or the reset failed (the "
+        "reason is what status shows now).")
+    p.add_argument("motors", nargs="+", metavar="MOTOR", help="joint name(s), as status "
+                   "names them")
+    cliopts.add_run_dir(p)
+    cliopts.add_json(p)
+    p.set_defaults(func=_reset)
 
     p = cliopts.subcommand(
         sub, "stop", "stop the `duet run` stack on a run dir (from another shell)",

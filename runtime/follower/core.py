@@ -211,6 +211,12 @@ class FollowerCore:
         self._enter(Mode.FAULT, reason)
         return True
 
+    def still_latched(self, reason: str) -> None:
+        """A reset that failed: the mode stays latched, for this reason now (status shows the
+        current reason, not the fault the reset started from)."""
+        if self.mode in LATCHED:
+            self.reason = reason
+
     def estop(self, reason: str) -> bool:
         if self.mode == Mode.ESTOP:
             return False

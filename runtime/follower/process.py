@@ -355,12 +355,18 @@ class Follower:
         return {"mode": self.core.mode.name}
 
     def _cmd_reset(self, args: dict[str, Any]) -> dict[str, Any] | Deferred:
+        """`reboot`: joints whose latched hardware error is cleared first (`duet reboot`)."""
+        reboot = args.get("reboot") or []
+        joints = self.cfg.robot.joints
+        if not isinstance(reboot, list) or not all(isinstance(m, str) and m in joints
+                                                   for m in reboot):
+            raise RequestError(f"reboot: a list of joints of {', '.join(joints)}")
         if not self.core.latched:
             return {"mode": self.core.mode.name, "detail": f"already {self.core.mode.name}"}
         if self.reset_job is not None:
             raise RequestError("a reset is already running")
         deferred = Deferred()
-        self.reset_job = ResetJob(self.bus, self.state, self.core, deferred)
+        self.reset_job = ResetJob(self.bus, self.state, self.core, deferred, reboot)
         return deferred
 
     def _finish_reset(self) -> None:
@@ -385,6 +391,8 @@ class Follower:
             self.torque_on = self.torque_on or job.torque_on  # what phase 2 may have done
             if job.phase == 2:
                 core.fault(text)
+            elif job.error is not None and core.estops == job.estops_at_start:
+                core.still_latched(text)  # status: why it is latched now, not the old fault
         self._apply_transitions()
         self.control.complete(job.deferred, ok, None if ok else text,
                               {"mode": core.mode.name, "detail": text})

@@ -16,12 +16,14 @@ from runtime.ipc.rpc import Deferred
 
 
 class ResetJob:
-    """A reset on a worker thread: reopen a dead bus, read the motors and the goal they hold;
-    then, if torque was off, hold the measured position and enable torque."""
+    """A reset on a worker thread: reopen a dead bus, clear the hardware error of the motors
+    named (`duet reboot`), read the motors and the goal they hold; then, if torque was off,
+    hold the measured position and enable torque."""
 
     def __init__(self, bus: MotorBus, state: MotorState, core: FollowerCore,
-                 deferred: Deferred) -> None:
+                 deferred: Deferred, recover: list[str] | None = None) -> None:
         self.bus, self.state, self.core, self.deferred = bus, state, core, deferred
+        self.recover = recover or []  # motors to clear a latched hardware error of first
         self.q = np.zeros(state.n)
         self.goal = np.zeros(state.n)
         self.torque_on = False
@@ -40,6 +42,13 @@ class ResetJob:
             if self.core.bus_dead:
                 self.bus.close()
                 self.bus.open()
+            if self.recover:  # `duet reboot`: torque is off on those motors after it
+                try:
+                    self.bus.recover(self.recover)
+                except BusError as exc:
+                    self.error = f"{', '.join(self.recover)} not recovered: {exc}"
+                    self.done.set()
+                    return
             self.bus.read(self.state)
             self.q[:] = self.state.q
             self.torque_on = self.bus.present_goal(self.goal)
