@@ -30,7 +30,7 @@ import numpy as np
 
 EPS = 0.05  # rad/s: the Coulomb term's smoothing (a sign function would chatter at rest)
 MAX_DELAY_TICKS = 12
-RIDGE = 1e-6
+RIDGE = 1e-5  # relative to the sample count: keeps the gravity weights from cancelling
 
 
 def chain_angles(q: np.ndarray) -> np.ndarray:
@@ -55,6 +55,7 @@ class JointFit:
     gravity: list[float]  # weights of gravity_features
     r2: float  # variance of (u - q) the model explains, on the held-out part
     rms_rad: float  # what it leaves, held out
+    sag_rad: float = 0.0  # largest |G(q)| over the recorded poses: the sag plain tracking has
 
     @property
     def bandwidth_hz(self) -> float:
@@ -95,7 +96,7 @@ class ServoModel:
         return [{"joint": name, "delay_ms": round(f.delay_s * 1e3, 1),
                  "bandwidth_hz": round(f.bandwidth_hz, 2), "lag_ms": round(f.b * 1e3, 1),
                  "coulomb_mrad": round(f.c * 1e3, 2),
-                 "sag_mrad": round(float(np.abs(f.gravity[1:]).sum()) * 1e3, 1),
+                 "sag_mrad": round(f.sag_rad * 1e3, 1),
                  "r2": round(f.r2, 4), "rms_mrad": round(f.rms_rad * 1e3, 2)}
                 for name, f in zip(self.joints, self.fits, strict=True)]
 
@@ -132,9 +133,10 @@ def track(t_ns: np.ndarray, q: np.ndarray, dq: np.ndarray, q_cmd: np.ndarray,
 
 
 def fit(tracks: Sequence[Track], joints: Sequence[str], tick_s: float,
-        recordings: Sequence[str], holdout: float = 0.2) -> ServoModel:
-    """Per joint: the delay (searched) and the linear terms (least squares), judged on the
-    last `holdout` of each recording."""
+        recordings: Sequence[str], block_s: float = 2.0, every: int = 5) -> ServoModel:
+    """Per joint: the delay (searched) and the linear terms (least squares), judged on held-out
+    stretches: every `every`-th block of `block_s` seconds (interleaved, so the held-out part
+    samples the same workspace the fit saw rather than only where the recording ended)."""
     if not tracks:
         raise ValueError("no recordings to fit")
     fits = []
@@ -155,11 +157,11 @@ def fit(tracks: Sequence[Track], joints: Sequence[str], tick_s: float,
                     np.stack([tr.ddq[sl, j], tr.dq[sl, j], np.tanh(tr.dq[sl, j] / EPS)], axis=1),
                     gravity_features(tr.q[sl])], axis=1)
                 y = tr.u[2:2 + n, j] - tr.q[sl, j]
-                cut = int(n * (1 - holdout))
-                rows_tr.append(x[:cut])
-                y_tr.append(y[:cut])
-                rows_te.append(x[cut:])
-                y_te.append(y[cut:])
+                held = (np.arange(n) * tick_s // block_s).astype(int) % every == every - 1
+                rows_tr.append(x[~held])
+                y_tr.append(y[~held])
+                rows_te.append(x[held])
+                y_te.append(y[held])
             if not rows_tr:
                 continue
             xa, ya = np.concatenate(rows_tr), np.concatenate(y_tr)
@@ -170,7 +172,8 @@ def fit(tracks: Sequence[Track], joints: Sequence[str], tick_s: float,
             r2 = 1.0 - float(np.var(err)) / var if var > 0 else 0.0
             cand = JointFit(delay_s=d * tick_s, a=float(w[0]), b=float(w[1]), c=float(w[2]),
                             gravity=[float(v) for v in w[3:]], r2=r2,
-                            rms_rad=float(np.sqrt(np.mean(err**2))))
+                            rms_rad=float(np.sqrt(np.mean(err**2))),
+                            sag_rad=float(np.abs(xa[:, 3:] @ w[3:]).max()))
             if best is None or cand.rms_rad < best.rms_rad:
                 best = cand
             samples = max(samples, len(ya) + len(yt))
