@@ -28,8 +28,26 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps "tensorrt-stubs>=10.0"
 	touch $@
 
+# `make demo ROBOT=so101` / `ROBOT=arm7`: another shipped robot (docs/your-robot.md) for DURATION s
+# with its own planner, bundles/ROBOT (trained and exported here when missing: a small
+# planner, ROBOT_TRAIN; ~10 min on 2 idle cores, data cached under data/ROBOT). Without ROBOT,
+# duet's arm with the reference bundle, as above.
+ROBOT ?=
+ROBOT_CONFIG = $(if $(filter so101,$(ROBOT)),configs/so101_sim.yaml,$(if $(filter arm7,$(ROBOT)),configs/arm7_can_sim.yaml,$(error ROBOT=$(ROBOT): so101 or arm7)))
+ROBOT_TRAIN ?= --episodes 30 --scenes 400 --walks 4000 --steps 600 --follower-steps 400 --workers 2
+ifeq ($(ROBOT),)
 demo: $(VENV)/.demo
 	$(BIN)/duet run --config configs/sim.yaml --set run_dir=$(CURDIR)/runs/demo --duration $(DURATION) --summary-json runs/demo/summary.json
+else
+demo: $(VENV)/.demo bundles/$(ROBOT)/manifest.json
+	$(BIN)/duet run --config $(ROBOT_CONFIG) --set run_dir=$(CURDIR)/runs/demo-$(ROBOT) --duration $(DURATION) --summary-json runs/demo-$(ROBOT)/summary.json
+endif
+
+bundles/so101/manifest.json bundles/arm7/manifest.json: | $(VENV)/.dev
+	$(BIN)/duet train --config $(ROBOT_CONFIG) --out runs/$(ROBOT)/checkpoints --data-dir data/$(ROBOT) $(ROBOT_TRAIN)
+	$(BIN)/duet export --module policy.reference:modules --checkpoint runs/$(ROBOT)/checkpoints \
+	  --assets runs/$(ROBOT)/checkpoints --contract runs/$(ROBOT)/checkpoints/contract.yaml \
+	  --precision fp32 --out bundles/$(ROBOT)
 
 # The sim robot with its planner off-board: a planner server in a second process, reached
 # over CURVE TCP on the loopback (keys made here, the robot's in the server's allow-list).

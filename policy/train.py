@@ -273,6 +273,20 @@ def write_calibration(path: Path, pdata: dict[str, np.ndarray], fdata: dict[str,
     np.savez(path, **arrays)
 
 
+def write_contract(path: Path, joints: list[str], settings: LoopSettings) -> None:
+    """The reference pair's contract (policy/reference_contract.yaml) for this robot's joints
+    and rates: what `duet export --contract` takes for these checkpoints."""
+    import yaml
+
+    from policy.reference import CONTRACT
+
+    contract = yaml.safe_load(CONTRACT.read_text())
+    contract["rates"] = {"planner_hz": settings.planner_hz, "follower_hz": settings.follower_hz}
+    contract["planner"]["actions"]["joints"] = joints
+    path.write_text("# written by `duet train` from policy/reference_contract.yaml\n"
+                    + yaml.safe_dump(contract, sort_keys=False))
+
+
 @dataclass
 class TrainingData:
     """The cached datasets of `policy.data` as both planners train on them."""
@@ -343,6 +357,7 @@ def train_all(out_dir: Path, episodes: int, planner_steps: int, follower_steps: 
                                      "metrics": follower.metrics}),
     }
     tok.save(out_dir / "tokenizer.json")
+    write_contract(out_dir / "contract.yaml", list(cfg.robot.joints), settings)
     write_calibration(out_dir / "calib.npz", pdata, fdata, seed)
     report = {"dataset": dstats, "planner": planner.metrics, "follower": follower.metrics,
               "checkpoints_sha256": shas, "device": str(device), "threads": threads}

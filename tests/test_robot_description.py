@@ -253,3 +253,43 @@ def test_every_shipped_sim_config_describes_its_robot() -> None:
             robot = describe(cfg)
             assert robot.joints == tuple(cfg.robot.joints), path
             assert (robot.q_min < robot.home).all() and (robot.home < robot.q_max).all(), path
+
+
+@pytest.mark.slow
+def test_arm7_trains_exports_and_evaluates_from_its_config(tmp_path: Path) -> None:
+    """The 7-DoF arm on MIT CAN: `duet train --config` makes data with the scripted expert on
+    its description and writes a contract with its joints, `duet export` bundles the pair
+    through it, and `duet eval` runs the bundle on that robot (smoke sizes: the pipeline, not
+    the planner's skill)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sim_arm import REPO
+
+    from runtime.model.bundle import load_bundle
+
+    config = REPO / "configs" / "arm7_can_sim.yaml"
+    env = dict(os.environ, MUJOCO_GL="egl", PYTHONPATH=str(REPO))
+
+    def duet(*args: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ck = tmp_path / "ck"
+    duet("train", "--smoke", "--config", str(config), "--out", str(ck), "--data-dir",
+         str(tmp_path / "data"), "--threads", "1")
+    joints = list(load_config(config).robot.joints)
+    assert yaml.safe_load((ck / "contract.yaml").read_text())["planner"]["actions"][
+        "joints"] == joints
+    duet("export", "--module", "policy.reference:modules", "--checkpoint", str(ck), "--assets",
+         str(ck), "--contract", str(ck / "contract.yaml"), "--precision", "fp32",
+         "--calib", "4", "--parity-samples", "2", "--out", str(tmp_path / "bundle"))
+    assert load_bundle(tmp_path / "bundle", expect_joints=joints).contract.action_joints == joints
+    duet("eval", "--config", str(config), "--bundle", str(tmp_path / "bundle"), "--episodes", "1",
+         "--ablation-episodes", "0", "--out", str(tmp_path / "eval"))
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["runs"][0]["summary"]["episodes"] == 1
+    assert "success" in (tmp_path / "eval" / "eval.md").read_text()
