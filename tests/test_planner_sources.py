@@ -142,3 +142,27 @@ def test_shell_telemetry_decodes_as_published(tmp_path: Path, bundle_dir: Path) 
     finally:
         shell.close()
         sub.close(linger=0)
+
+
+def test_a_refused_task_is_logged_with_its_words_once(tmp_path: Path, bundle_dir: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A sim whose task the model cannot read: the robot holds, and the log says which task
+    and why (once, though the sim announces it again and again), not only a drop counter."""
+    from runtime.ipc.rpc import RequestError
+
+    cfg = _config(tmp_path, bundle_dir)
+    shell = PlannerShell(cfg, "test-bundle", Scripted(len(cfg.robot.joints)))
+    try:
+        with caplog.at_level("WARNING", logger="duet.planner"):
+            for episode in (1, 1, 2):
+                with pytest.raises(RequestError):
+                    shell._sim_task("touch the forbidden block", episode)
+            with pytest.raises(RequestError, match="task refused"):
+                shell._cmd_task({"instruction": "go forbidden"})
+        lines = [r.getMessage() for r in caplog.records if "task refused" in r.getMessage()]
+        assert lines == [
+            "sim task refused: 'touch the forbidden block': the scripted source refuses "
+            "'forbidden'",
+            "operator task refused: 'go forbidden': the scripted source refuses 'forbidden'"]
+    finally:
+        shell.close()

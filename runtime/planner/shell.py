@@ -162,6 +162,7 @@ class PlannerShell:
         self.first_plan_ns: int | None = None
         self.load_s = (time.monotonic_ns() - self.started_ns) / 1e9  # verified, loaded, bound
         self._said_slow = False  # "slower than planner.hz" is said once per run
+        self._refused_texts: set[str] = set()  # tasks refused and logged (once each)
         self.plan_started_ns = 0  # of the plan in progress (0: none)
 
     def close(self) -> None:
@@ -228,7 +229,16 @@ class PlannerShell:
             try:
                 self.tasks.set(text, episode, "sim")
             except TaskError as exc:
+                self._refused(text, "sim", exc)
                 raise RequestError(str(exc)) from None
+
+    def _refused(self, text: str, source: str, exc: TaskError) -> None:
+        """A task the model cannot read, logged with its words and why, once per text (the
+        sim announces its task again and again; the robot meanwhile does not move)."""
+        if text in self._refused_texts or len(self._refused_texts) >= 256:
+            return
+        self._refused_texts.add(text)
+        log.warning("%s task refused: %r: %s", source, text[:200], exc)
 
     def _cmd_task(self, args: dict[str, Any]) -> dict[str, Any]:
         # With planner.task_source sim, an operator's task takes precedence over the sim's
@@ -245,6 +255,7 @@ class PlannerShell:
         try:
             task = self.tasks.set(text, episode, "operator")
         except TaskError as exc:
+            self._refused(text, "operator", exc)
             raise RequestError(f"task refused: {exc}") from None
         log.info("task set: %r (episode %s)", task.instruction, task.episode)
         return {"task": task.as_dict()}
