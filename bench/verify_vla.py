@@ -89,7 +89,8 @@ def latency(out: Path, plans: int) -> dict[str, dict[str, float]]:
 
     t0 = time.monotonic()
     pipe = PlannerPipeline(load_bundle(out, expect_joints=JOINTS), JOINTS, seed=0)
-    print(f"\nengines loaded in {time.monotonic() - t0:.1f} s")
+    load_s = time.monotonic() - t0
+    print(f"\nbundle verified and engines loaded in {load_s:.1f} s")
     pipe.set_instruction("touch the red block")
     rng = np.random.default_rng(0)
     frames = {f.spec.camera: rng.integers(0, 256, (f.spec.height, f.spec.width, 3),
@@ -106,12 +107,16 @@ def latency(out: Path, plans: int) -> dict[str, dict[str, float]]:
     print(f"planner latency per stage ({plans} plans, 1 thread):")
     for name, s in stages.items():
         print(f"  {name:<10} p50 {s['p50']:>9.1f} ms   p99 {s['p99']:>9.1f} ms")
+    stages["load"] = {"s": load_s}
     return stages
 
 
-def live(out: Path, run: Path, total_ms: dict[str, float], duration: int) -> None:
-    """30 s on the sim, the plan timeout from the measured latency: a plan is used until
-    its observation is this old, so it must outlast a plan's latency plus a planner period."""
+def live(out: Path, run: Path, total_ms: dict[str, float], duration: int, load_s: float
+         ) -> None:
+    """`duration` s of planning on the sim, the plan timeout from the measured latency: a plan
+    is used until its observation is this old, so it must outlast a plan's latency plus a
+    planner period. `duet run --duration` counts from the follower's start, so the planner's
+    own start (verify, load: `load_s` here) is added."""
     p99_ms = total_ms["p99"]
     # at least 1 Hz: a cycle that finds no state yet waits a whole period, and a planner
     # slower than its rate plans back to back
@@ -120,6 +125,9 @@ def live(out: Path, run: Path, total_ms: dict[str, float], duration: int) -> Non
     print(f"\nlive: planner.hz {hz:.2f}, follower.plan_timeout_ms {timeout_ms:.0f} "
           f"(1.5 x p99 {p99_ms:.0f} ms + one period)", flush=True)
     summary = run / "summary.json"
+    total_s = round(duration + 1.5 * load_s + p99_ms / 1e3)
+    print(f"duet run --duration {total_s}: {duration} s of planning after the planner's start",
+          flush=True)
     cmd = [sys.executable, "-m", "runtime.cli", "run", "--config",
            str(ROOT / "configs/sim.yaml"), "--set", f"bundle.path={out}",
            "--set", f"run_dir={run}", "--set", f"planner.hz={hz:.3f}",
@@ -127,16 +135,18 @@ def live(out: Path, run: Path, total_ms: dict[str, float], duration: int) -> Non
            "--set", "follower.deadline_storm.misses=400",  # a shared host's late ticks
            "--set", "planner.task_source=operator",
            "--set", "planner.instruction=touch the red block",
-           "--duration", str(duration), "--summary-json", str(summary)]
+           "--duration", str(total_s), "--summary-json", str(summary)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          timeout=duration + 600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          timeout=total_s + 600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if proc.returncode != 0 or not summary.is_file():
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         raise SystemExit(f"duet run exited {proc.returncode}")
     s = json.loads(summary.read_text())
     p, f = s["planner"], s["follower"]
-    print(f"outcome ok={s['outcome']['ok']} ({s['outcome']['final_mode']}); plans "
-          f"{p['plans']}; ticks tracking a plan "
+    received = json.loads((run / "follower-summary.json").read_text())["plans_received"]
+    print(f"outcome ok={s['outcome']['ok']} ({s['outcome']['final_mode']}); planner exit "
+          f"{s['exit_codes']['planner']}; plans {p['plans']} (received by the follower: "
+          f"{received}); ticks tracking a plan "
           f"{f['mode_counts'].get('TRACK', 0)} of {f['ticks']}; planner load "
           f"{p['load_s']} s, first plan {p['first_plan_s']} s; latency p50/p99 "
           f"{p['latency_ms']['p50']}/{p['latency_ms']['p99']} ms")
@@ -150,16 +160,18 @@ def main() -> int:
     ap.add_argument("--prefix", default="int8w", help="the prefix's precision (fp16, int8w)")
     ap.add_argument("--small", action="store_true", help="2 decoder layers: check the script")
     ap.add_argument("--plans", type=int, default=5, help="timed plans for the latency")
-    ap.add_argument("--duration", type=int, default=30)
+    ap.add_argument("--duration", type=int, default=30, help="seconds of planning, live")
+    ap.add_argument("--reuse", action="store_true", help="keep a bundle already at --out")
     ap.add_argument("--dt", type=float, default=0.5, help="the chunk's step (s): 20 steps "
                     "must outlast a plan's latency")
     args = ap.parse_args()
     out = args.out.resolve()
-    export(out, args.prefix, args.small, args.dt)
+    if not (args.reuse and (out / "manifest.json").is_file()):
+        export(out, args.prefix, args.small, args.dt)
     sizes(out)
     verify(out)
     stages = latency(out, args.plans)
-    live(out, out.with_name("run"), stages["total"], args.duration)
+    live(out, out.with_name("run"), stages["total"], args.duration, stages["load"]["s"])
     return 0
 
 

@@ -25,12 +25,14 @@ from runtime.model.engines import Engine
 # transformer layers. int8 moves the planner's waypoints by up to a few hundredths of a
 # radian (well inside one chunk step of a slow arm) and the follower's residual (itself
 # bounded by 0.05 rad) by a few thousandths. Weight-only int8 (int8w) quantizes weights in
-# blocks of 32 and keeps fp32 activations: tighter than int8 QDQ; int4w, coarser.
+# blocks of 32, and at accuracy level 4 each activation block on the fly: between fp16 and
+# int8 QDQ (the 0.59 B-parameter prefix of `make verify-vla`, 42 decoder layers: 3.9 % on
+# its KV features, 3e-5 rad on the chunk); int4w, coarser.
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"planner": 1e-4, "follower": 1e-4, "relative": 1e-4},
     "fp16": {"planner": 1e-2, "follower": 1e-3, "relative": 2e-2},
     "int8": {"planner": 6e-2, "follower": 5e-3, "relative": 1e-1},
-    "int8w": {"planner": 2e-2, "follower": 2e-3, "relative": 3e-2},
+    "int8w": {"planner": 2e-2, "follower": 2e-3, "relative": 6e-2},
     "int4w": {"planner": 6e-2, "follower": 5e-3, "relative": 1.5e-1},
 }
 RELATIVE_ROLES = ("features", "velocity")
