@@ -22,6 +22,7 @@ from runtime.config import RemoteConfig
 from runtime.ipc import endpoints, keys
 from runtime.ipc.messages import decode
 from runtime.model.bundle import Bundle
+from runtime.model.plan import PlanBounds
 from runtime.planner.observation import StateHistory
 from runtime.planner.pipeline import state_times_ns
 from runtime.remote import jpeg
@@ -117,7 +118,7 @@ class SimulatedRobot:
     def __init__(self, remote: RemoteConfig, bundle: Bundle, joints: list[str],
                  q: np.ndarray, frame: np.ndarray, instruction: str = INSTRUCTION,
                  jpeg_quality: int = 90) -> None:
-        self.link = ServerLink(remote, len(joints))
+        self.link = ServerLink(remote, PlanBounds.joints_only(len(joints)))
         self.contract, self.bundle = bundle.contract, bundle_id(bundle)
         self.q = np.asarray(q, dtype=np.float64)
         self.history = StateHistory(len(joints))

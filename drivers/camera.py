@@ -85,6 +85,9 @@ def decode_frame_message(
     return np.frombuffer(img["data"], dtype=np.uint8).reshape(height, width, 3), t_ns, episode
 
 
+MAX_MESSAGE_BYTES = (1 << 24) + (1 << 16)  # a 16 MB frame and its keys
+
+
 class SimCamera:
     """The sim's rendered frames from its PUB socket (e.g. ipc://RUN_DIR/sim).
 
@@ -93,13 +96,17 @@ class SimCamera:
     """
 
     def __init__(self, endpoint: str, width: int = 96, height: int = 96,
-                 context: zmq.Context[Any] | None = None, camera: str = "scene") -> None:
+                 context: zmq.Context[Any] | None = None, camera: str = "scene",
+                 max_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.width, self.height, self.camera = width, height, camera
         self.dropped = 0
         self._latest: Frame | None = None
         self._seq = 0
         ctx = context if context is not None else zmq.Context.instance()
         self._sub = ctx.socket(zmq.SUB)
+        # the message cap every duet socket has (runtime/ipc/sockets.py: drivers import none
+        # of the runtime, so the runtime passes its cap for the sim's socket in)
+        self._sub.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.setsockopt(zmq.RCVHWM, 16)
         self._sub.connect(endpoint)

@@ -39,6 +39,7 @@ from runtime.follower.buses import bus_sections
 from runtime.ipc import endpoints
 from runtime.ipc.messages import Encoder, pack_array
 from runtime.ipc.signals import stop_with_supervisor
+from runtime.ipc.sockets import open_socket
 from runtime.stack.summary import SimSummary
 from sim.actuators import Actuators
 from sim.camera import SceneCamera
@@ -166,7 +167,7 @@ class Publisher:
 
     def __init__(self, run_dir: str) -> None:
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PUB)
+        self.sock = open_socket(self.ctx, zmq.PUB, endpoints.MAX_SUBSCRIPTION_BYTES)
         self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoints.sim(run_dir))

@@ -22,6 +22,7 @@ from runtime.config import DuetConfig
 from runtime.ipc import endpoints
 from runtime.ipc.messages import MessageError, decode
 from runtime.ipc.rpc import request_at
+from runtime.ipc.sockets import open_socket
 from runtime.model.robot_bundle import robot_bundle
 from runtime.planner.shell import PlannerShell
 from runtime.stack.recording import RecorderProcess, RecordingError
@@ -47,7 +48,7 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
     recorder: RecorderProcess | None = None
     thread = None
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
+    sub = open_socket(ctx, zmq.SUB, endpoints.MAX_SIM_BYTES)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.LINGER, 0)
     results: list[dict[str, Any]] = []

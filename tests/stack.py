@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 class Stack:
     def __init__(self, tmp: Path, bundle: Path, overrides: list[str] | None = None,
-                 planner: bool = True, config: str = "sim.yaml") -> None:
+                 planner: bool = True, config: str = "sim.yaml", record: bool = False) -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")
         # A shared 2-core test machine has bursts of late ticks that a robot's dedicated core
         # does not: these tests check behaviour, not timing, so the deadline-miss storm is
@@ -32,7 +32,7 @@ class Stack:
         sets = [f"run_dir={tmp / 'run'}", f"bundle.path={bundle}",
                 "follower.deadline_storm.misses=400", *(overrides or [])]
         self.cfg: DuetConfig = load_config(REPO / "configs" / config, None, sets)
-        self.sup = Supervisor(self.cfg, "test")
+        self.sup = Supervisor(self.cfg, "test", record=record)
         self.with_planner = planner
         self.ctx = zmq.Context.instance()
         self.tel = self.ctx.socket(zmq.SUB)

@@ -6,7 +6,8 @@ and the measured state; the core answers with the command to write (or that noth
 written) and records every mode change, with its reason, in `transitions` for the caller to
 apply outside the tick (log, sd_notify, latch file, torque). The core owns:
 
-- plan validation (`offer_plan`): joint count, horizon, dt range, observation age, limits;
+- plan validation (`offer_plan`): the robot's `PlanBounds` (runtime/model/plan.py, shared with
+  the relay), then observation age and replay;
 - the safety state machine (`_enter` is the only place `mode` changes);
 - tracking (reference generator, residual, braking to a hold) and the command filter.
 
@@ -27,7 +28,7 @@ from runtime.config import DuetConfig
 from runtime.follower.reference import ReferenceGenerator
 from runtime.follower.safety import LATCHED, Mode, NonFiniteCommand, SafetyFilter
 from runtime.follower.tracking import ResidualModel, Tracker
-from runtime.model.plan import MAX_DT_S, MAX_WAYPOINTS, MIN_DT_S, Plan
+from runtime.model.plan import Plan, PlanBounds, PlanRejected
 
 FUTURE_TOLERANCE_NS = 5_000_000  # one host, one clock: a plan cannot come from the future
 LATCH_PREFIX = "latched before restart: "
@@ -37,14 +38,6 @@ class Transition(NamedTuple):
     old: Mode
     new: Mode
     reason: str
-
-
-class PlanRejected(Exception):
-    """A plan the core refuses; `kind` is the drop-counter key."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 # The settings `duet set` may change on a running core (config.TUNABLES, in core units).
@@ -113,8 +106,7 @@ class FollowerCore:
         self._desired = np.zeros(n)
         self._state_lo = s.pos_min - s.state_margin
         self._state_hi = s.pos_max + s.state_margin
-        self._plan_lo = s.pos_min - s.plan_margin
-        self._plan_hi = s.pos_max + s.plan_margin
+        self.plan_bounds = PlanBounds(s.pos_min, s.pos_max, s.plan_margin)
         self._bad = np.zeros(n, dtype=bool)
         self._bad2 = np.zeros(n, dtype=bool)
 
@@ -275,13 +267,7 @@ class FollowerCore:
     # ------------------------------------------------------------------ plans
     def offer_plan(self, waypoints: np.ndarray, dt_s: float, t_obs_ns: int, now_ns: int) -> None:
         """Validate a decoded plan; keep it as the newest. Raises PlanRejected(kind)."""
-        h, d = waypoints.shape
-        if d != self.n:
-            raise PlanRejected("shape", f"waypoints for {d} joints, the robot has {self.n}")
-        if not 2 <= h <= MAX_WAYPOINTS:
-            raise PlanRejected("shape", f"{h} waypoints, expected 2..{MAX_WAYPOINTS}")
-        if not MIN_DT_S <= dt_s <= MAX_DT_S:
-            raise PlanRejected("dt", f"dt_s {dt_s!r} outside [{MIN_DT_S}, {MAX_DT_S}] s")
+        self.plan_bounds.check(waypoints, dt_s)
         age_ns = now_ns - t_obs_ns
         if age_ns < -FUTURE_TOLERANCE_NS:
             raise PlanRejected("time", f"observation {-age_ns / 1e6:.1f} ms in the future")
@@ -291,8 +277,6 @@ class FollowerCore:
                                         f"the plan timeout")
         if t_obs_ns <= self._newest_t_obs_ns - FUTURE_TOLERANCE_NS:
             raise PlanRejected("replay", "observation older than the plan already taken")
-        if ((waypoints < self._plan_lo) | (waypoints > self._plan_hi)).any():
-            raise PlanRejected("limits", "waypoints outside joint limits")
         t_now = (now_ns - self.epoch_ns) / 1e9
         plan = Plan(waypoints, float(dt_s), (t_obs_ns - self.epoch_ns) / 1e9, t_now)
         self._newest_t_obs_ns = max(self._newest_t_obs_ns, t_obs_ns)

@@ -53,6 +53,7 @@ from runtime.ipc.messages import Encoder, FrameTemplate, MessageError, decode_pl
 from runtime.ipc.notify import notifier
 from runtime.ipc.rpc import Command, Deferred, RequestError, bind_server
 from runtime.ipc.signals import stop_on_signals
+from runtime.ipc.sockets import open_socket
 from runtime.model.bundle import BundleError
 from runtime.model.engines import EngineError, engine_options
 from runtime.model.residual import residual_model
@@ -117,18 +118,17 @@ class Follower:
     # ---------------------------------------------------------------- sockets
     def _setup_sockets(self) -> None:
         run_dir = str(self.run_dir)
-        self.plan_sub = self.ctx.socket(zmq.SUB)
+        self.plan_sub = open_socket(self.ctx, zmq.SUB, endpoints.MAX_PLAN_BYTES)
         self.plan_sub.setsockopt(zmq.RCVHWM, 4)
-        self.plan_sub.setsockopt(zmq.MAXMSGSIZE, endpoints.MAX_PLAN_BYTES)
         self.plan_sub.setsockopt(zmq.SUBSCRIBE, b"")
         ZapHandler.protect(self.plan_sub, "plan")
         # The follower owns the plan endpoint: a planner connects to it, nobody can take it.
         self.plan_sub.bind(endpoints.plan(run_dir))
         self._plan_fd = [int(self.plan_sub.getsockopt(zmq.FD))]
-        self.state_pub = self.ctx.socket(zmq.PUB)
+        self.state_pub = open_socket(self.ctx, zmq.PUB, endpoints.MAX_SUBSCRIPTION_BYTES)
         self.state_pub.setsockopt(zmq.SNDHWM, 4)
         self.state_pub.bind(endpoints.state(run_dir))
-        self.tel_pub = self.ctx.socket(zmq.PUB)
+        self.tel_pub = open_socket(self.ctx, zmq.PUB, endpoints.MAX_SUBSCRIPTION_BYTES)
         self.tel_pub.setsockopt(zmq.SNDHWM, 16)
         self.tel_pub.bind(endpoints.telemetry(run_dir, "follower"))
         self.control = bind_server(self.ctx, endpoints.control(run_dir), {

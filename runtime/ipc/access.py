@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.utils.z85
 
+from runtime.ipc.endpoints import MAX_REQUEST_BYTES
+from runtime.ipc.sockets import open_socket
+
 log = logging.getLogger("duet.access")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -128,7 +131,7 @@ class ZapHandler:
         self.admitted: Counter[str] = Counter()
         self._clock = clock
         self._last_log = 0.0
-        self._sock = ctx.socket(zmq.REP)
+        self._sock = open_socket(ctx, zmq.REP, MAX_REQUEST_BYTES)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(ZAP_ENDPOINT)
         self._stop = threading.Event()

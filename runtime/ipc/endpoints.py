@@ -1,27 +1,35 @@
 """The one place that lists duet's sockets: ipc:// paths in the run dir, who binds each, the
 largest message a receiver accepts, and the access domain that guards it (runtime/ipc/access.py).
 
-Size caps (ZMQ_MAXMSGSIZE: a bigger message drops the connection before it is buffered) sit on
-the sockets that bind and face other processes' requests and plans. Never on a connecting
-SUB: libzmq ends such a session for good on an oversize message (a protocol error is not
-reconnected), so one bad frame would silence a camera forever; what those receive comes from
-duet's own bound publishers and is bounded again by the decoders.
+Every socket has a size cap (ZMQ_MAXMSGSIZE, set by runtime/ipc/sockets.py's `open_socket`,
+the only way duet makes a socket): a bigger message drops its connection before it is
+buffered. A PUB receives only subscriptions, so its cap is tiny. A connecting socket's session
+ends for good on an oversize message (libzmq does not redial after a protocol error), so caps
+on connecting sockets are far above what their bound duet peer ever sends: only a bug or an
+impostor trips them, and the input then goes stale, which every reader treats as a hold.
 
-| socket               | bound by  | pattern      | peers                          |
-|----------------------|-----------|--------------|--------------------------------|
-| plan                 | follower  | SUB <- PUB   | the planner (domain `plan`)    |
-| state                | follower  | PUB -> SUB   | planner, recorder              |
-| control              | follower  | ROUTER<-REQ  | CLI, fleet (domain `control`)  |
-| telemetry-follower   | follower  | PUB -> SUB   | status, top, recorder          |
-| task                 | planner   | ROUTER<-REQ  | CLI, fleet (domain `control`)  |
-| telemetry-planner    | planner   | PUB -> SUB   | status, top, recorder          |
-| recorder             | recorder  | ROUTER<-REQ  | CLI (domain `control`)         |
-| sim, sim-control     | sim       | PUB / ROUTER | planner cameras, tests         |
-| telemetry-planner-server | planner server | PUB -> SUB | status, tests            |
+| socket             | bound by | pattern     | who may connect          | cap: bound / connecting |
+|--------------------|----------|-------------|--------------------------|-------------------------|
+| plan               | follower | SUB <- PUB  | the planner's uid (`plan`)   | PLAN / SUBSCR |
+| state              | follower | PUB -> SUB  | run dir group            | SUBSCR / STATE    |
+| control            | follower | ROUTER<-REQ | admin, operator (`control`) | REQUEST / REPLY      |
+| telemetry-follower | follower | PUB -> SUB  | run dir group            | SUBSCR / TELEMETRY |
+| task               | planner  | ROUTER<-REQ | as control (`control`)   | REQUEST / REPLY         |
+| telemetry-planner  | planner  | PUB -> SUB  | run dir group            | SUBSCR / TELEMETRY |
+| recorder           | recorder | ROUTER<-REQ | run dir group            | REQUEST / REPLY         |
+| sim                | sim      | PUB -> SUB  | run dir group            | SUBSCR / SIM      |
+| sim-control        | sim      | ROUTER<-REQ | run dir group            | REQUEST / REPLY         |
+| telemetry-planner-server | planner server | PUB -> SUB | run dir group | SUBSCR / TELEMETRY |
+| ZAP (inproc)       | each process | REP     | libzmq in the process    | REQUEST (not framed)    |
+
+(PLAN is MAX_PLAN_BYTES, SUBSCR MAX_SUBSCRIPTION_BYTES, and so on.) "Run dir group": the run
+dir's permissions decide; `control`: root and the service user are admin, members of
+`access.operator_group` operators.
 
 Off the host, one TCP socket (runtime/remote/server.py): `duet planner --listen
 tcp://HOST:PORT` binds a ROUTER that robots' relays (DEALER) dial, CURVE with the allow-list
-(domain `remote`), capped at runtime/remote/wire.py's `max_observation_bytes`.
+(domain `remote`), capped at runtime/remote/wire.py's `max_observation_bytes`; the relay's
+DEALER is capped at MAX_PLAN_BYTES.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ DEFAULT_RUN_DIR = "/run/duet"
 MAX_PLAN_BYTES = 1 << 18  # 256 KiB: 256 waypoints x 64 joints x 8 bytes, with room
 MAX_REQUEST_BYTES = 1 << 16
 MAX_REPLY_BYTES = 1 << 22  # `get` returns the whole config
+MAX_SUBSCRIPTION_BYTES = 1 << 10  # what a PUB receives: duet subscribes to everything (b"")
+MAX_STATE_BYTES = 1 << 16  # four [n] float64 arrays: 64 joints take 2 KiB
+MAX_TELEMETRY_BYTES = 1 << 22  # figures, and the planner's plans (MAX_PLAN_BYTES each)
+MAX_SIM_BYTES = (1 << 24) + (1 << 16)  # a frame of messages.MAX_ELEMENTS bytes and its keys
 
 
 def resolve_run_dir(given: str | None = None) -> str:

@@ -23,6 +23,7 @@ import zmq
 from runtime.ipc import endpoints
 from runtime.ipc.access import ADMIN, OPERATOR
 from runtime.ipc.messages import Encoder, MessageError, decode
+from runtime.ipc.sockets import open_socket
 
 log = logging.getLogger("duet.rpc")
 
@@ -148,9 +149,8 @@ def _error(text: str) -> dict[str, Any]:
 def bind_server(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, commands: dict[str, Command],
                 zap_domain: str | None = None) -> ReplyServer:
     """A ROUTER bound at `endpoint` with the request size cap, wrapped in a ReplyServer."""
-    sock = ctx.socket(zmq.ROUTER)
+    sock = open_socket(ctx, zmq.ROUTER, endpoints.MAX_REQUEST_BYTES)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, endpoints.MAX_REQUEST_BYTES)
     sock.setsockopt(zmq.RCVHWM, 64)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished client raises, not hangs
     if zap_domain is not None:
@@ -169,9 +169,8 @@ def request_at(endpoint: str, cmd: str, args: dict[str, Any] | None = None,
                timeout_s: float = 2.0) -> dict[str, Any]:
     """One request; the reply body {ok, error, result}; ControlError when none comes."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
+    sock = open_socket(ctx, zmq.REQ, endpoints.MAX_REPLY_BYTES)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, endpoints.MAX_REPLY_BYTES)
     try:
         sock.connect(endpoint)
         sock.send(Encoder().encode("request", {"cmd": cmd, "args": args or {}}))

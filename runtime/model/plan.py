@@ -1,15 +1,64 @@
 """A plan as both processes see it: the chunk's bounds (what any receiver accepts) and the chunk
 as a cubic Hermite spline on the monotonic clock (DESIGN.md, "Plan semantics").
 
-The planner builds plans, the relay checks them against the same bounds, the follower samples
-them; this module is the one place all three take them from."""
+The planner builds plans, the relay checks them with the same `PlanBounds.check` as the
+follower core before it publishes them, the follower samples them; this module is the one
+place all three take them from."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 MAX_WAYPOINTS = 256
 MIN_DT_S, MAX_DT_S = 1e-3, 1.0
+
+
+class PlanRejected(ValueError):
+    """A plan a receiver refuses; `kind` is the drop-counter key."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def check_chunk(waypoints: np.ndarray, dt_s: float, n_joints: int) -> None:
+    """A chunk `Plan` can be built from: [2..MAX_WAYPOINTS, n_joints] waypoints, dt_s in
+    range (one waypoint or dt_s = 0 would break the spline). Raises PlanRejected."""
+    if waypoints.ndim != 2 or waypoints.shape[1] != n_joints:
+        raise PlanRejected("shape", f"waypoints shape {list(waypoints.shape)}, expected "
+                                    f"[H, {n_joints}]")
+    h = waypoints.shape[0]
+    if not 2 <= h <= MAX_WAYPOINTS:
+        raise PlanRejected("shape", f"{h} waypoints, expected 2..{MAX_WAYPOINTS}")
+    if not MIN_DT_S <= dt_s <= MAX_DT_S:
+        raise PlanRejected("dt", f"dt_s {dt_s!r} outside [{MIN_DT_S}, {MAX_DT_S}] s")
+
+
+class PlanBounds:
+    """What a robot accepts of a plan, whatever its clock says: `check_chunk` and every
+    waypoint inside the joint limits widened by the plan margin. The follower core and the
+    relay (which must not publish what the follower would refuse, nor crash on it) both call
+    `check`; the checks that need the follower's clock (age, replay) stay in the core."""
+
+    __slots__ = ("hi", "lo", "n")
+
+    def __init__(self, pos_min: Sequence[float] | np.ndarray,
+                 pos_max: Sequence[float] | np.ndarray, margin: float) -> None:
+        self.lo = np.asarray(pos_min, dtype=np.float64) - margin
+        self.hi = np.asarray(pos_max, dtype=np.float64) + margin
+        self.n = self.lo.shape[0]
+
+    @classmethod
+    def joints_only(cls, n_joints: int) -> PlanBounds:
+        """No limits (a bench's robot without a config): the chunk's structure only."""
+        return cls(np.full(n_joints, -np.inf), np.full(n_joints, np.inf), 0.0)
+
+    def check(self, waypoints: np.ndarray, dt_s: float) -> None:
+        check_chunk(waypoints, dt_s, self.n)
+        if ((waypoints < self.lo) | (waypoints > self.hi)).any():
+            raise PlanRejected("limits", "waypoints outside joint limits")
 
 
 class Scratch:

@@ -23,6 +23,7 @@ import zmq
 
 from runtime.ipc import endpoints
 from runtime.ipc.messages import MessageError, decode, unpack_array
+from runtime.ipc.sockets import open_socket
 from runtime.observe.telemetry_view import to_jsonable
 
 log = logging.getLogger("duet.channels")
@@ -92,12 +93,15 @@ def schemas(joints: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
 
 # endpoint -> {message type: topic}. The planner publishes its plans on its telemetry socket
 # too (the plan socket itself belongs to the follower and admits only the planner).
-SOURCES: list[tuple[Callable[[str], str], dict[str, str]]] = [
-    (endpoints.state, {"state": "/follower/state"}),
-    (lambda d: endpoints.telemetry(d, "follower"), {"telemetry": "/follower/telemetry"}),
+SOURCES: list[tuple[Callable[[str], str], dict[str, str], int]] = [
+    (endpoints.state, {"state": "/follower/state"}, endpoints.MAX_STATE_BYTES),
+    (lambda d: endpoints.telemetry(d, "follower"), {"telemetry": "/follower/telemetry"},
+     endpoints.MAX_TELEMETRY_BYTES),
     (lambda d: endpoints.telemetry(d, "planner"), {"telemetry": "/planner/telemetry",
-                                                   "plan": "/planner/plan"}),
-    (endpoints.sim, {"frame": "/sim/frame", "task": "/sim/task", "episode": "/sim/episode"}),
+                                                   "plan": "/planner/plan"},
+     endpoints.MAX_TELEMETRY_BYTES),
+    (endpoints.sim, {"frame": "/sim/frame", "task": "/sim/task", "episode": "/sim/episode"},
+     endpoints.MAX_SIM_BYTES),
 ]
 
 
@@ -161,8 +165,8 @@ class ChannelSubscriber:
         self.socks: dict[zmq.Socket[bytes], dict[str, str]] = {}
         self.received = 0
         self.rejected: Counter[str] = Counter()
-        for endpoint_of, topics in SOURCES:
-            sock = self.ctx.socket(zmq.SUB)
+        for endpoint_of, topics, max_bytes in SOURCES:
+            sock = open_socket(self.ctx, zmq.SUB, max_bytes)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, rcvhwm)  # state at up to 1 kHz: never conflate here
             sock.setsockopt(zmq.SUBSCRIBE, b"")

@@ -11,6 +11,7 @@ import zmq
 
 from runtime.ipc import endpoints
 from runtime.ipc.messages import MessageError, decode
+from runtime.ipc.sockets import open_socket
 
 SOURCES = ("follower", "planner")
 
@@ -23,7 +24,7 @@ class TelemetrySubscriber:
         self._poller = zmq.Poller()
         self._socks: dict[zmq.Socket[bytes], str] = {}
         for source in sources:
-            sock: zmq.Socket[bytes] = self._ctx.socket(zmq.SUB)
+            sock = open_socket(self._ctx, zmq.SUB, endpoints.MAX_TELEMETRY_BYTES)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.setsockopt(zmq.RCVHWM, 10)

@@ -11,5 +11,6 @@ def open_camera(name: str, cfg: CameraConfig, run_dir: str) -> Camera:
     from drivers.camera import SimCamera, V4L2Camera
 
     if cfg.kind == "sim":
-        return SimCamera(endpoints.sim(run_dir), cfg.width, cfg.height, camera=name)
+        return SimCamera(endpoints.sim(run_dir), cfg.width, cfg.height, camera=name,
+                         max_bytes=endpoints.MAX_SIM_BYTES)
     return V4L2Camera(cfg.device, width=cfg.width, height=cfg.height, fps=cfg.fps)

@@ -42,6 +42,7 @@ from runtime.ipc.messages import (
 )
 from runtime.ipc.notify import notifier as make_notifier
 from runtime.ipc.rpc import Command, RequestError, bind_server
+from runtime.ipc.sockets import open_socket
 from runtime.ipc.stats import Ring, summarize
 from runtime.model.plan import Plan
 from runtime.model.timing import Latency, timing_checks
@@ -126,7 +127,7 @@ class PlannerShell:
         self.zap = ZapHandler(ctx, Policy(planner_uid=uid_of(cfg.access.planner_user),
                                           operator_group=cfg.access.operator_group))
         # every state is kept (a model may read a history): not conflated
-        self.state_sub = ctx.socket(zmq.SUB)
+        self.state_sub = open_socket(ctx, zmq.SUB, endpoints.MAX_STATE_BYTES)
         self.state_sub.setsockopt(zmq.RCVHWM, 4096)
         self.state_sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.state_sub.connect(endpoints.state(cfg.run_dir))
@@ -134,14 +135,14 @@ class PlannerShell:
         if cfg.planner.task_source == "sim":
             # Task announcements share the sim's PUB socket with frames; this SUB is not
             # conflated so no announcement is lost behind a frame.
-            self.task_sub = ctx.socket(zmq.SUB)
+            self.task_sub = open_socket(ctx, zmq.SUB, endpoints.MAX_SIM_BYTES)
             self.task_sub.setsockopt(zmq.SUBSCRIBE, b"")
             self.task_sub.connect(endpoints.sim(cfg.run_dir))
         # The follower owns (binds) the plan endpoint and admits only the planner's user.
-        self.plan_pub = ctx.socket(zmq.PUB)
+        self.plan_pub = open_socket(ctx, zmq.PUB, endpoints.MAX_SUBSCRIPTION_BYTES)
         self.plan_pub.setsockopt(zmq.SNDHWM, 4)
         self.plan_pub.connect(endpoints.plan(cfg.run_dir))
-        self.tel_pub = ctx.socket(zmq.PUB)
+        self.tel_pub = open_socket(ctx, zmq.PUB, endpoints.MAX_SUBSCRIPTION_BYTES)
         self.tel_pub.bind(endpoints.telemetry(cfg.run_dir, "planner"))
         self.task_server = bind_server(ctx, endpoints.task(cfg.run_dir), {
             "task": Command(self._cmd_task, OPERATOR, "set or clear the instruction"),

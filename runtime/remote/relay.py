@@ -14,7 +14,10 @@ plan answers an observation this robot sent and is newer than the last one taken
 a forged or a crossed answer is dropped and counted). Its socket is a CURVE client (the
 server's public key pinned, this robot's key pair) with ZMTP heartbeats, so a stalled
 connection is dropped and redialled by libzmq: the robot reconnects by itself after a
-partition or a server restart.
+partition or a server restart. Its messages are capped (ZMQ_MAXMSGSIZE): a server's oversize
+frame cuts the connection before a byte of it is buffered, and since libzmq never redials
+after such a protocol error, the link notices the missing retry and redials itself (counted
+as `cut`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ import zmq
 import zmq.utils.monitor
 
 from runtime.config import DuetConfig, RemoteConfig
-from runtime.ipc import keys
+from runtime.ipc import endpoints, keys
 from runtime.ipc.messages import Encoder, MessageError, decode, decode_plan, is_int, is_real
+from runtime.ipc.sockets import open_socket
 from runtime.ipc.stats import Ring, summarize
 from runtime.model.bundle import Bundle
 from runtime.model.contract import InstructionInput, PrefixInput
+from runtime.model.plan import PlanBounds, PlanRejected
 from runtime.model.tokenizer import TokenizerError
 from runtime.planner.pipeline import instruction_encoder, state_times_ns
 from runtime.planner.records import SourceFigures
@@ -47,11 +52,14 @@ from runtime.remote.wire import Sent, bundle_id, encode_observation
 log = logging.getLogger("duet.planner.relay")
 
 SENT_KEPT = 32  # observations remembered to match plans against
+# libzmq announces its redial right after a lost connection; none within this long means the
+# session was ended for a protocol error (an oversize or malformed frame) and is not redialled
+CUT_AFTER_S = 0.5
 
 
 def relay_socket(ctx: zmq.Context[zmq.Socket[bytes]], remote: RemoteConfig) -> zmq.Socket[bytes]:
     """A DEALER to the planner server; KeyFileError names a bad key file."""
-    sock = ctx.socket(zmq.DEALER)
+    sock = open_socket(ctx, zmq.DEALER, endpoints.MAX_PLAN_BYTES)  # plans and refusals
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a server that is not connected
     sock.setsockopt(zmq.SNDHWM, 2)
@@ -87,12 +95,12 @@ class Answer:
 class ServerLink:
     """This robot's connection to the planner server: observations out, checked plans in."""
 
-    def __init__(self, remote: RemoteConfig, n_joints: int,
+    def __init__(self, remote: RemoteConfig, bounds: PlanBounds,
                  ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
-        self.remote, self.n = remote, n_joints
+        self.remote, self.bounds = remote, bounds
         self.sock = relay_socket(ctx or zmq.Context.instance(), remote)
         self.monitor = self.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self.sock.connect(remote.endpoint)
@@ -107,6 +115,7 @@ class ServerLink:
         self.connected = False
         self.connects = self.disconnects = 0
         self._last_log = 0.0
+        self._cut_check_at: float | None = None  # a disconnect whose redial is not yet seen
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -143,7 +152,7 @@ class ServerLink:
             t_recv = time.monotonic_ns()
             try:
                 answer = self._check(frame, t_recv)
-            except MessageError as exc:
+            except (MessageError, PlanRejected) as exc:
                 self.dropped[exc.kind] += 1
                 self._log("answer from the planner server dropped (%s): %s", exc.kind, exc)
                 continue
@@ -176,8 +185,7 @@ class ServerLink:
         if sent.t_obs_ns <= self.last_t_obs:
             raise MessageError("replay", f"plan for observation {seq}: not newer than the "
                                          "last one taken")
-        if w.shape[1] != self.n:
-            raise MessageError("shape", f"waypoints for {w.shape[1]} joints, not {self.n}")
+        self.bounds.check(w, float(msg["dt_s"]))
         self.last_t_obs = sent.t_obs_ns
         self.round_trip.add((t_recv - sent.t_send_ns) / 1e6)
         if is_real(msg.get("server_ms")):
@@ -189,9 +197,12 @@ class ServerLink:
             try:
                 event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             kind = event["event"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if kind == zmq.EVENT_CONNECT_RETRIED:
+                self._cut_check_at = None  # libzmq is redialling by itself
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._cut_check_at = None
                 self.connected = True
                 self.connects += 1
                 log.info("connected to the planner server %s", self.remote.endpoint)
@@ -200,12 +211,21 @@ class ServerLink:
                     log.warning("lost the planner server %s; redialling", self.remote.endpoint)
                 self.connected = False
                 self.disconnects += 1
+                self._cut_check_at = time.monotonic() + CUT_AFTER_S
             else:  # a failed handshake: wrong server key, or this robot is not admitted
                 self.connected = False
                 self.dropped["handshake"] += 1
                 self._log("handshake with the planner server %s failed: wrong "
                           "planner.remote.server_key, or this robot's key is not in the "
                           "server's allow-list", self.remote.endpoint)
+        if self._cut_check_at is not None and time.monotonic() >= self._cut_check_at:
+            self._cut_check_at = None
+            self.dropped["cut"] += 1
+            self._log("the planner server %s cut by a protocol error (a message over %d bytes, "
+                      "or a malformed frame); redialling", self.remote.endpoint,
+                      endpoints.MAX_PLAN_BYTES)
+            self.sock.disconnect(self.remote.endpoint)
+            self.sock.connect(self.remote.endpoint)
 
     def figures(self, last: int | None = None) -> dict[str, Any]:
         return {
@@ -231,7 +251,9 @@ class RelaySource(PlanSource):
                          for i in s.inputs if isinstance(i, InstructionInput)]
         self.wants_prefix = cfg.planner.prefix and any(
             isinstance(i, PrefixInput) for s in self.contract.planner.stages for i in s.inputs)
-        self.link = ServerLink(self.remote, len(cfg.robot.joints))
+        lim = cfg.robot.limits
+        self.link = ServerLink(self.remote,
+                               PlanBounds(lim.position_min, lim.position_max, lim.plan_margin))
         self.last_waypoints: np.ndarray | None = None
         log.info("planner relay to %s (%s)", self.remote.endpoint,
                  "PLAINTEXT" if self.remote.insecure else "CURVE")

@@ -33,6 +33,7 @@ from runtime.ipc import endpoints, keys
 from runtime.ipc.access import REMOTE, RemoteAccess, ZapHandler
 from runtime.ipc.messages import Encoder, MessageError
 from runtime.ipc.signals import stop_on_signals
+from runtime.ipc.sockets import open_socket
 from runtime.ipc.stats import Ring, summarize
 from runtime.model.bundle import Bundle, BundleError
 from runtime.model.contract import InstructionInput
@@ -84,10 +85,9 @@ class Session:
 
 def server_socket(ctx: zmq.Context[zmq.Socket[bytes]], serve: ServeConfig, n_cameras: int,
                   pair: keys.KeyPair | None) -> zmq.Socket[bytes]:
-    sock = ctx.socket(zmq.ROUTER)
+    sock = open_socket(ctx, zmq.ROUTER, max_observation_bytes(n_cameras, serve.max_frame_bytes))
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished robot raises: counted
-    sock.setsockopt(zmq.MAXMSGSIZE, max_observation_bytes(n_cameras, serve.max_frame_bytes))
     sock.setsockopt(zmq.RCVHWM, 16)
     sock.setsockopt(zmq.SNDHWM, 4)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 500)  # a dead robot's connection is closed in ~2 s
@@ -144,7 +144,7 @@ class PlannerServer:
             raise ServerError(f"planner.serve.listen {serve.listen}: {exc}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        self.tel_pub = self.ctx.socket(zmq.PUB)
+        self.tel_pub = open_socket(self.ctx, zmq.PUB, endpoints.MAX_SUBSCRIPTION_BYTES)
         self.tel_pub.setsockopt(zmq.LINGER, 0)
         self.tel_pub.bind(endpoints.telemetry(cfg.run_dir, "planner-server"))
         self.enc, self.enc_tel = Encoder(), Encoder()

@@ -30,7 +30,7 @@ from runtime.ipc.messages import (
     unpack_array,
 )
 from runtime.model.bundle import Bundle
-from runtime.model.plan import MAX_DT_S, MAX_WAYPOINTS, MIN_DT_S, Plan
+from runtime.model.plan import Plan, PlanRejected, check_chunk
 from runtime.planner.observation import FIELDS, StateHistory
 from runtime.planner.pipeline import Observation, PlanRequest
 from runtime.planner.tasks import MAX_INSTRUCTION_CHARS
@@ -167,11 +167,13 @@ def _prefix(obj: Any, n: int) -> Plan | None:
     if not isinstance(obj, dict):
         raise MessageError("schema", "prefix: a map or nil")
     w = finite_array(obj.get("waypoints"), "prefix.waypoints")
-    if w.ndim != 2 or w.shape[1] != n or not 2 <= w.shape[0] <= MAX_WAYPOINTS:
-        raise MessageError("shape", f"prefix.waypoints shape {list(w.shape)}")
     dt, t0 = obj.get("dt_s"), obj.get("t_obs_ns")
-    if not is_real(dt) or not MIN_DT_S <= dt <= MAX_DT_S or not is_int(t0):
-        raise MessageError("schema", "prefix: dt_s in range and an integer t_obs_ns")
+    if not is_real(dt) or not is_int(t0):
+        raise MessageError("schema", "prefix: a number dt_s and an integer t_obs_ns")
+    try:
+        check_chunk(w, float(dt), n)
+    except PlanRejected as exc:
+        raise MessageError(exc.kind, f"prefix: {exc}") from None
     return Plan(w, float(dt), t0 / 1e9, t0 / 1e9)
 
 
