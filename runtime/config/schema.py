@@ -487,7 +487,12 @@ class AccessConfig(_Strict):
     """Who may use the ipc sockets (runtime/ipc/access.py): checked by the kernel's peer
     credentials, no keys on one host."""
 
-    planner_user: str | None = None  # sends plans; None = the follower's own user
+    # the only user whose plans the follower takes; None = the follower's own user (one user
+    # runs everything, as `duet run` does). The robot's units set duet-planner.
+    planner_user: str | None = None
+    # the only user whose joint state the planner takes; None = the planner's own user. The
+    # robot's units set duet (the follower's user).
+    follower_user: str | None = None
     operator_group: str | None = "duet"  # status, estop, task; root and the service user: all
 
 

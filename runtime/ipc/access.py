@@ -6,6 +6,11 @@ files are needed on one host, and the checks are:
 
 - `plan`: only the planner's user (`access.planner_user`; by default the follower's own user)
   may connect a plan publisher. A process that merely can reach the run dir cannot steer the arm.
+  On a robot the planner runs as its own user (`duet-planner`), so not even another duet
+  service (the recorder, `duet-recorder`) can send plans.
+- `state`: the planner's state subscriber takes the joint state only from a publisher running
+  as the follower's user (`access.follower_user`), so nothing else bound in the run dir while
+  the follower is down can feed the planner a made-up arm.
 - `control`: the service user and root are `admin` (reset, set, everything); members of
   `access.operator_group` are `operator` (status, estop, task). Anyone else is refused.
 
@@ -84,10 +89,13 @@ class Policy:
     planner_uid: int
     operator_group: str | None = "duet"
     service_uid: int = field(default_factory=os.geteuid)
+    follower_uid: int | None = None  # None: no `state` peer is admitted
 
     def role(self, domain: str, peer: Peer) -> str | None:
         if domain == "plan":
             return "planner" if peer.uid == self.planner_uid else None
+        if domain == "state":
+            return "follower" if peer.uid == self.follower_uid else None
         if domain == "control":
             if peer.uid in (0, self.service_uid):
                 return ADMIN

@@ -125,11 +125,13 @@ class PlannerShell:
         if io:
             log.info("realtime: %s", io)
         self.zap = ZapHandler(ctx, Policy(planner_uid=uid_of(cfg.access.planner_user),
-                                          operator_group=cfg.access.operator_group))
+                                          operator_group=cfg.access.operator_group,
+                                          follower_uid=uid_of(cfg.access.follower_user)))
         # every state is kept (a model may read a history): not conflated
         self.state_sub = open_socket(ctx, zmq.SUB, endpoints.MAX_STATE_BYTES)
         self.state_sub.setsockopt(zmq.RCVHWM, 4096)
         self.state_sub.setsockopt(zmq.SUBSCRIBE, b"")
+        ZapHandler.protect(self.state_sub, "state")  # only the follower's user publishes it
         self.state_sub.connect(endpoints.state(cfg.run_dir))
         self.task_sub: zmq.Socket[bytes] | None = None
         if cfg.planner.task_source == "sim":
@@ -359,10 +361,14 @@ class PlannerShell:
             "camera_age_ms": {k: None if v is None else round(v, 1)
                               for k, v in self.camera_age_ms.items()},
             "instruction": self.instruction, "episode": self.episode,
-            "dropped_messages": dict(self.dropped), **self.source.figures(50),
+            "dropped_messages": self.dropped_messages(), **self.source.figures(50),
             "in_plan_s": round((time.monotonic_ns() - self.plan_started_ns) / 1e9, 3)
             if self.plan_started_ns else None,
         }
+
+    def dropped_messages(self) -> dict[str, int]:
+        return {**self.dropped, **{f"access_{domain}": v
+                                   for domain, v in self.zap.refused.items()}}
 
     def run(self, duration_s: float | None = None) -> None:
         period_ns = round(1e9 / self.cfg.planner.hz)
@@ -408,5 +414,5 @@ class PlannerShell:
             "load_s": round(self.load_s, 3),
             "first_plan_s": None if self.first_plan_ns is None
             else round((self.first_plan_ns - self.started_ns) / 1e9, 3),
-            "dropped_messages": dict(self.dropped), **self.source.figures(None),
+            "dropped_messages": self.dropped_messages(), **self.source.figures(None),
         }

@@ -1,0 +1,186 @@
+"""Each duet service runs as its own user, so the peer-credential checks tell them apart (issue
+21, item 1): only the planner's user may send plans, the planner takes joint state only from
+the follower's user. The units and sysusers file as shipped, then the checks with real peer
+credentials (children that drop to other uids; root only)."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from onnx_bundle import make_bundle
+from stack import REPO, Stack
+
+from runtime.ipc.access import Policy, ZapHandler
+
+SYSTEMD = REPO / "systemd"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates users, switches uids")
+
+
+def _service(unit: str) -> configparser.SectionProxy:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((SYSTEMD / unit).read_text())
+    return parser["Service"]
+
+
+def test_the_units_run_each_service_as_its_own_user_and_name_each_other() -> None:
+    follower, planner, recorder = (_service(f"duet-{n}.service")
+                                   for n in ("follower", "planner", "recorder"))
+    users = [s["User"] for s in (follower, planner, recorder)]
+    assert users == ["duet", "duet-planner", "duet-recorder"]
+    assert {s["Group"] for s in (follower, planner, recorder)} == {"duet"}
+    # the follower admits the planner unit's user, the planner the follower unit's user
+    assert follower["ExecStart"].endswith(f"--set access.planner_user={planner['User']}")
+    assert planner["ExecStart"].endswith(f"--set access.follower_user={follower['User']}")
+    # no RuntimeDirectory=: with three users it would chown the run dir to the last one started
+    for s in (follower, planner, recorder):
+        assert not any(k.startswith("RuntimeDirectory") for k in s), dict(s)
+        assert s["UMask"] == "0007" and "/run/duet" in s["ReadWritePaths"]
+    assert "d /run/duet 1770 root duet -" in (SYSTEMD / "duet.tmpfiles.conf").read_text()
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers")
+def test_sysusers_makes_the_three_users_in_the_group_duet(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    subprocess.run(["systemd-sysusers", f"--root={tmp_path}",
+                    str(SYSTEMD / "duet.sysusers.conf")], check=True, capture_output=True,
+                   timeout=60)
+    passwd = {ln.split(":")[0]: ln.split(":") for ln in
+              (tmp_path / "etc/passwd").read_text().splitlines()}
+    groups = {ln.split(":")[0]: ln.split(":") for ln in
+              (tmp_path / "etc/group").read_text().splitlines()}
+    duet_gid = groups["duet"][2]
+    for user in ("duet", "duet-planner", "duet-recorder"):
+        assert passwd[user][3] == duet_gid, passwd[user]
+    assert len({passwd[u][2] for u in ("duet", "duet-planner", "duet-recorder")}) == 3
+    assert groups["dialout"][3] == "duet" and groups["video"][3] == "duet-planner"
+
+
+# ------------------------------------------------------------------ real peer credentials
+TEST_USER = "duet-t-planner"  # stands in for duet-planner (the host's own users are left alone)
+
+
+@pytest.fixture(scope="module")
+def planner_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", TEST_USER], check=True, timeout=60)
+        return pwd.getpwnam(TEST_USER)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder every local user can traverse (pytest's tmp_path is under a 0700 one)."""
+    path = Path(tempfile.mkdtemp(prefix="duet-users-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def _as_user(uid: int, gid: int, code: str, arg: str) -> subprocess.CompletedProcess[str]:
+    """`code` in a child that dropped to uid/gid (imports first: the interpreter's files may
+    not be readable by that user)."""
+    pre = ("import os, sys, time, numpy as np, zmq; from runtime.ipc import endpoints; "
+           "from runtime.ipc.messages import Encoder, pack_array; os.setgroups([]); "
+           f"os.setgid({gid}); os.setuid({uid}); ")
+    return subprocess.run([sys.executable, "-c", pre + code, arg], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+_PLANS = """
+pub = zmq.Context.instance().socket(zmq.PUB)
+pub.connect(endpoints.plan(sys.argv[1]))
+enc = Encoder()
+w = np.zeros((10, 6), np.float32); w[:, 0] = 0.3
+for _ in range(60):
+    pub.send(enc.encode("plan", {"waypoints": pack_array(w), "dt_s": 0.1,
+                                 "t_obs_ns": time.monotonic_ns(), "latency_ms": 1.0}))
+    time.sleep(0.02)
+print("SENT", os.getuid())
+"""
+
+
+@pytest.mark.system
+@needs_root
+def test_only_the_planners_user_may_send_plans_not_the_followers_own(
+        open_dir: Path, bundle: Path, planner_user: pwd.struct_passwd) -> None:
+    """The follower runs as root here and admits only the planner's user: plans from the
+    follower's own user (what the recorder was, when every service was `duet`) are refused
+    and counted; the same plans from the planner's user are taken."""
+    with Stack(open_dir, bundle, [f"access.planner_user={TEST_USER}"], planner=False) as stack:
+        os.chmod(stack.run_dir, 0o755)
+        os.chmod(Path(stack.run_dir) / "plan", 0o777)
+        out = _as_user(0, 0, _PLANS, stack.run_dir)  # the follower's own uid
+        assert out.returncode == 0 and "SENT 0" in out.stdout, out.stderr
+        tel = stack.telemetry()
+        assert tel["plans"] == 0 and tel["mode"] == "HOLD"
+        assert tel["dropped_messages"].get("access_plan", 0) >= 1
+        out = _as_user(planner_user.pw_uid, planner_user.pw_gid, _PLANS, stack.run_dir)
+        assert out.returncode == 0, out.stderr
+        assert stack.telemetry()["plans"] > 0
+
+
+_STATE = """
+pub = zmq.Context.instance().socket(zmq.PUB)
+pub.bind("ipc://" + sys.argv[1])
+for _ in range(300):
+    pub.send(b"forged state")
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.system
+@needs_root
+def test_the_planner_takes_state_only_from_the_followers_user(
+        open_dir: Path, planner_user: pwd.struct_passwd) -> None:
+    """The planner's state subscriber (domain `state`, runtime/planner/shell.py) against a
+    publisher of another user bound where the follower's state would be: refused and counted,
+    nothing received; the follower's user's publisher is read."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    zap = ZapHandler(ctx, Policy(planner_uid=planner_user.pw_uid, follower_uid=0))
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.LINGER, 0)
+    ZapHandler.protect(sub, "state")
+    path = open_dir / "state"
+    try:
+        sub.connect(f"ipc://{path}")
+        child = threading.Thread(target=_as_user, args=(
+            planner_user.pw_uid, planner_user.pw_gid, _STATE, str(path)))
+        child.start()
+        got = sub.poll(2500)
+        child.join()
+        assert not got and zap.refused["state"] >= 1
+        path.unlink(missing_ok=True)
+        other = zmq.Context()
+        pub = other.socket(zmq.PUB)
+        pub.bind(f"ipc://{path}")  # root: the follower's user here
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not sub.poll(50):
+            pub.send(b"state")
+        assert sub.recv() == b"state"
+        pub.close(linger=0)
+        other.term()
+    finally:
+        sub.close(linger=0)
+        zap.close()
+        ctx.term()
