@@ -239,3 +239,39 @@ def test_bare_show_with_no_config_is_an_error(tmp_path: Path, capsys: pytest.Cap
     missing = tmp_path / "etc/duet/duet.yaml"
     assert main(["config", "show", "--config", str(missing)]) == 2
     assert f"no config at {missing}" in capsys.readouterr().err
+
+
+_KILL_AT_FSYNC = """
+import os, signal, sys
+real, calls, at = os.fsync, [0], int(sys.argv[1])
+def fsync(fd):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of the write
+    real(fd)
+os.fsync = fsync
+from runtime.cli import main
+sys.exit(main(["config", "set", *sys.argv[2:]]))
+"""
+
+
+def test_a_set_killed_mid_write_leaves_temp_files_the_next_set_removes(etc: Path) -> None:
+    """SIGKILL at each fsync of `config set`: whatever is left, the next `config set` removes
+    it under the lock, and the site file is whole."""
+    import subprocess
+    import sys
+
+    killed = 0
+    for at in range(1, 5):  # the backup's, the file's, the folder's, the change log's fsync
+        blend = 20 + at
+        proc = subprocess.run([sys.executable, "-c", _KILL_AT_FSYNC, str(at),
+                               f"follower.blend_ms={blend}", *_set_args(etc, 0.2)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        killed += proc.returncode == -9
+        assert main(["config", "set", f"follower.blend_ms={blend + 100}",
+                     *_set_args(etc, 0.2)]) == 0
+        left = sorted(p.name for p in etc.iterdir() if p.name.startswith("."))
+        assert left == [], f"kill at fsync {at} left {left}"
+        assert yaml.safe_load((etc / "site.yaml").read_text())["follower"]["blend_ms"] \
+            == blend + 100
+    assert killed == 4  # the kills really happened inside the writes

@@ -85,7 +85,7 @@ def _validate(args: argparse.Namespace, config: Path, site: Path | None) -> int:
 
 def _config_set(args: argparse.Namespace, ce: Any, config: Path, site: Path) -> int:
     from runtime.deploy.install import rerender
-    from runtime.deploy.journal import Journal, atomic_write
+    from runtime.deploy.journal import Journal, atomic_write, remove_stale_temps
     from runtime.deploy.layout import change_log, installed_root
     from runtime.deploy.steps import StepFailed, external, run_checked
     from runtime.ipc import endpoints
@@ -96,6 +96,8 @@ def _config_set(args: argparse.Namespace, ce: Any, config: Path, site: Path) -> 
     lines: list[str] = []
     rc = 0
     with ce.locked(site):  # read, validate, write, log: one critical section
+        for stale in remove_stale_temps(site.parent):  # a killed `config set` left it
+            lines.append(f"removed {stale} (left by an interrupted write)")
         key, old, new, text, cfg = ce.stage_set(config, site, args.item)
         out.update(key=key, old=old, new=new)
         if old == new:

@@ -144,7 +144,8 @@ def check_cameras(cfg: DuetConfig) -> list[Check]:
     found = camera_problems(cfg)
     if found:
         return [Check("camera", FAIL, p, "plug the camera in; `v4l2-ctl --list-devices` "
-                      "names it; the planner's user (duet-planner) is in group video") for p in found]
+                      "names it; duet-planner (the planner's user) is in group video")
+                for p in found]
     kinds = ", ".join(f"{n} ({c.kind}{' ' + c.device if c.kind == 'v4l2' else ''})"
                       for n, c in cfg.planner.cameras.items())
     return [Check("camera", OK, kinds or "no camera configured")]

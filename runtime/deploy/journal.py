@@ -4,7 +4,9 @@ so a failed step never leaves a half-installed robot.
 
 Writes are atomic (temp file in the same folder, fsync, rename); a replaced file keeps its
 previous content as PATH.bak, itself swapped in atomically, so a kill at any instant leaves
-either the old or the new file and a complete backup.
+either the old or the new file and a complete backup. What such a kill can leave is a temp
+file, named `.NAME.XXXXXXXX.duet-tmp` so that the next writer holding the folder's lock
+(`duet config set`) knows it for its own and removes it (`remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+TEMP_SUFFIX = ".duet-tmp"
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temp files a killed writer left in `folder`. Only under the folder's lock:
+    a live writer's temp file looks the same."""
+    stale = [p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file() and not p.is_symlink()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def _replace_with(path: Path, data: bytes, mode: int) -> None:
     """Write `data` beside `path` under a hidden temp name, fsync, rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
