@@ -70,8 +70,7 @@ def test_follower_unit_contract() -> None:
     for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=", "Restart=on-failure",
                  "CPUSchedulingPolicy=fifo", "LimitMEMLOCK=infinity", "LimitRTPRIO=",
                  "SupplementaryGroups=dialout", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                 "ProtectHome=yes", "PrivateTmp=yes", "RuntimeDirectory=duet",
-                 "RuntimeDirectoryPreserve=yes", "DeviceAllow=/dev/ttyDUET0 rw",
+                 "ProtectHome=yes", "PrivateTmp=yes", "UMask=0007", "DeviceAllow=/dev/ttyDUET0 rw",
                  "ReadWritePaths=/run/duet -/var/lib/duet/recordings", "PartOf=duet.target"):
         assert line in text, line
     assert "RestrictRealtime=yes" not in text  # would forbid SCHED_FIFO
