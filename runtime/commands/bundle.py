@@ -16,14 +16,15 @@ def _store(args: argparse.Namespace) -> Any:
     from runtime.config import ConfigError, load_config
     from runtime.deploy.bundle_store import BundleStore
 
-    key, joints = None, None
+    key, joints, floor = None, None, None
     config, site = cliopts.files(args)
     try:
         cfg = load_config(config, site)
         key, joints = cfg.bundle.public_key, list(cfg.robot.joints)
+        floor = cfg.bundle.min_version
     except ConfigError:
         pass  # the store still works; verification then skips key and joint checks
-    return BundleStore(Path(args.store), key, joints)
+    return BundleStore(Path(args.store), key, joints, floor)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -392,6 +392,10 @@ class BundleConfig(_Strict):
     # sets it; `duet install` points it at /var/lib/duet/bundles/current
     path: str
     public_key: str | None = None  # ed25519 public key file; when set, a signature is required
+    # the rollback floor: `duet bundle activate` and `rollback` refuse a bundle whose (signed)
+    # version stamp is older than this one's, e.g. 20250301-000000 (None: no floor). Versions
+    # compare by their leading YYYYMMDD-HHMMSS, as `duet bundle create` names them.
+    min_version: str | None = Field(None, pattern=r"^\d{8}-\d{6}")
     # runs the planner's and follower's networks: onnxruntime (on its providers, below) or
     # tensorrt (native plans from engine_cache)
     engine: Literal["onnxruntime", "tensorrt"] = "onnxruntime"

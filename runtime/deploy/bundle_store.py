@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,20 @@ from runtime.model.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, load_
 
 CURRENT = "current"
 PREVIOUS = "previous"
+_STAMP = re.compile(r"^(\d{8}-\d{6})")  # YYYYMMDD-HHMMSS, as `duet bundle create` names one
+
+
+def below_floor(version: str, min_version: str) -> str | None:
+    """Why `version` may not be activated under the floor `min_version` (None: it may)."""
+    have, floor = _STAMP.match(version), _STAMP.match(min_version)
+    if floor is None:
+        return f"bundle.min_version {min_version!r} does not start with YYYYMMDD-HHMMSS"
+    if have is None:
+        return (f"version {version!r} has no YYYYMMDD-HHMMSS stamp to compare with "
+                f"bundle.min_version {min_version}")
+    if have.group(1) < floor.group(1):
+        return f"version {version} is older than bundle.min_version {min_version}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -30,10 +45,12 @@ class StoredBundle:
 
 class BundleStore:
     def __init__(self, root: Path, public_key: str | None = None,
-                 expect_joints: list[str] | None = None) -> None:
+                 expect_joints: list[str] | None = None, min_version: str | None = None
+                 ) -> None:
         self.root = root
         self.public_key = public_key
         self.expect_joints = expect_joints
+        self.min_version = min_version  # the rollback floor (bundle.min_version)
 
     def verify(self, path: Path) -> Bundle:
         return load_bundle(path, self.public_key, self.expect_joints)
@@ -114,12 +131,18 @@ class BundleStore:
         os.replace(tmp, self.root / name)
 
     def activate(self, version: str) -> str | None:
-        """Point `current` at `version` (verified first); returns the version it replaced."""
+        """Point `current` at `version` (verified first, and not below the rollback floor);
+        returns the version it replaced."""
         path = self.root / version
         if version in (CURRENT, PREVIOUS) or not (path / MANIFEST).is_file():
             known = ", ".join(b.version for b in self.list()) or "none"
             raise BundleError(f"no bundle {version!r} in {self.root} (installed: {known})")
-        self.verify(path)
+        bundle = self.verify(path)
+        if self.min_version is not None:
+            # the signed version, not the folder's name (a folder can be renamed)
+            why = below_floor(bundle.manifest.version, self.min_version)
+            if why is not None:
+                raise BundleError(f"{path}: refused: {why} (the rollback floor)")
         old = self._link_target(CURRENT)
         if old == version:
             return old

@@ -243,7 +243,8 @@ def _write_files(plan: InstallPlan, cfg: DuetConfig, source: Path, journal: Jour
     for folder in (lay.bundles, lay.recordings, lay.state / "engines"):
         journal.mkdir(folder)
     if plan.bundle is not None:
-        store = BundleStore(lay.bundles, cfg.bundle.public_key, cfg.robot.joints)
+        store = BundleStore(lay.bundles, cfg.bundle.public_key, cfg.robot.joints,
+                            cfg.bundle.min_version)
         version = store.manifest_version(plan.bundle)
         for name in (version, "current", "previous"):
             journal.touch(lay.bundles / name)
