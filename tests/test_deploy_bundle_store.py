@@ -114,3 +114,24 @@ def test_add_copies_only_listed_files_and_refuses_symlinks(tmp_path: Path) -> No
     with pytest.raises(BundleError, match=r"manifest.json: a symbolic link"):
         store.add(other)
     assert not any(p.name.startswith(".incoming") for p in (tmp_path / "bundles").iterdir())
+
+
+def test_the_rollback_floor_refuses_an_older_signed_version(tmp_path: Path) -> None:
+    """bundle.min_version: activate (and so rollback) refuse a bundle whose manifest version
+    is stamped before the floor, whatever its folder is called; newer ones pass."""
+    old, new = "20250101-000000-int8-aaaa", "20250301-000000-int8-bbbb"
+    store = BundleStore(tmp_path / "bundles", expect_joints=JOINTS)
+    assert store.add(_bundle(tmp_path, old)) and store.add(_bundle(tmp_path, new))
+    floored = BundleStore(tmp_path / "bundles", expect_joints=JOINTS,
+                          min_version="20250201-000000")
+    with pytest.raises(BundleError, match="older than bundle.min_version 20250201-000000"):
+        floored.activate(old)
+    assert floored.activate(new) is None
+    store.activate(old)  # without a floor: allowed
+    store.activate(new)
+    with pytest.raises(BundleError, match="rollback floor"):
+        floored.rollback()  # previous is the old one
+    assert os.readlink(tmp_path / "bundles/current") == new
+    os.rename(tmp_path / "bundles" / old, tmp_path / "bundles/20990101-000000-renamed")
+    with pytest.raises(BundleError, match="older than"):  # the signed version counts
+        floored.activate("20990101-000000-renamed")
