@@ -124,7 +124,7 @@ def test_the_rollback_floor_refuses_an_older_signed_version(tmp_path: Path) -> N
     assert store.add(_bundle(tmp_path, old)) and store.add(_bundle(tmp_path, new))
     floored = BundleStore(tmp_path / "bundles", expect_joints=JOINTS,
                           min_version="20250201-000000")
-    with pytest.raises(BundleError, match="older than bundle.min_version 20250201-000000"):
+    with pytest.raises(BundleError, match=r"older than bundle\.min_version 20250201-000000"):
         floored.activate(old)
     assert floored.activate(new) is None
     store.activate(old)  # without a floor: allowed
