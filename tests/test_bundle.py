@@ -199,3 +199,19 @@ def test_canonical_bytes_ignore_layout_not_values() -> None:
     a = canonical_manifest_bytes({"b": 1, "a": [1, 2]})
     assert a == canonical_manifest_bytes({"a": [1, 2], "b": 1})
     assert a != canonical_manifest_bytes({"a": [1, 2], "b": 2})
+
+
+def test_a_key_given_twice_is_refused_though_the_signature_holds(
+        bundle: Path, built: tuple[Path, Path, Path]) -> None:
+    """Python's json keeps the last of two equal keys (the signed value); another reader may
+    keep the first. A manifest that means two things is refused, signature or not."""
+    path = bundle / "manifest.json"
+    text = path.read_text()
+    path.write_text('{"version": "not-what-was-signed", ' + text.lstrip()[1:])
+    with pytest.raises(BundleError, match="key 'version' appears twice in one object"):
+        load_bundle(bundle, f"{built[1]}.pub")
+    data = json.loads(text)
+    nested = json.dumps(data)[:-1] + ', "files": ' + json.dumps(data["files"]) + "}"
+    path.write_text(nested)
+    with pytest.raises(BundleError, match="key 'files' appears twice"):
+        load_bundle(bundle)

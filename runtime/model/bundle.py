@@ -279,14 +279,34 @@ def read_manifest(manifest_path: Path) -> dict[str, Any]:
     return parse_manifest(raw, manifest_path)
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook that refuses a key given twice: Python keeps the last, another
+    reader may keep the first, and a manifest must mean one thing to every tool."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def parse_manifest(raw: bytes, manifest_path: Path) -> dict[str, Any]:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise BundleError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
         json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates fail here
     except RecursionError:
         raise BundleError(f"{manifest_path}: nested too deeply") from None
+    except _DuplicateKey as exc:
+        raise BundleError(f"{manifest_path}: key {exc.key!r} appears twice in one object"
+                          ) from None
     except (ValueError, UnicodeError) as exc:  # JSONDecodeError is a ValueError
         raise BundleError(f"{manifest_path}: not valid UTF-8 JSON: {exc}") from None
     if not isinstance(data, dict):
