@@ -1,8 +1,8 @@
 """The latch: a FAULT/ESTOP survives a restart of the follower process (watchdog, crash) and,
 with a state dir, a reboot; only an explicit reset clears it.
 
-It is written twice: in the run dir, which systemd preserves across restarts
-(RuntimeDirectoryPreserve) and a reboot clears, where `duet estop` and `duet doctor` find it
+It is written twice: in the run dir, which survives a restart (made by tmpfiles, not by the
+unit) and a reboot clears, where `duet estop` and `duet doctor` find it
 without reading a config; and in the state dir (`state_dir`, /var/lib/duet/state on a robot),
 which a reboot keeps, so a robot that faulted comes back latched."""
 
