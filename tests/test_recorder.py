@@ -394,3 +394,32 @@ def test_an_episode_is_labelled_with_the_task_that_ran_not_the_sims(
     contents = read_recording(Path(second["path"]))
     assert contents.metadata["duet"]["instruction"] == "wave"
     assert contents.metadata["duet.outcome"]["instruction"] == "wave"
+
+
+@pytest.mark.system
+def test_a_full_disk_never_deletes_the_incident_and_status_says_so(run_dir: Path,
+                                                                   small_disk: Path) -> None:
+    """Nothing but the recorder's own files to delete and less free than the reserve: the
+    FAULT incident is written into the reserve and kept (the budget used to delete the file it
+    had just closed), continuous recording pauses, and status says the disk is full and what
+    was dropped."""
+    (small_disk / "other").write_bytes(os.urandom(shutil.disk_usage(small_disk).free
+                                                  - 1536 * 1024))  # 1.5 MiB left
+    rec = Recorder(str(run_dir), small_disk / "rec", ring_s=1.0, budget_mb=100.0,
+                   metadata={}, frame_hz=0.0, post_s=1.0, reserve_mb=2.0, continuous=True)
+    pub = _publisher(run_dir, "--fault-after", "1.5", "--duration", "12")
+    try:
+        end = time.monotonic() + 15
+        while time.monotonic() < end and not (rec.stats.incidents and rec.incident is None):
+            rec.poll_once(50)
+        status = rec.status()
+    finally:
+        pub.kill()
+        pub.wait()
+        rec.close()
+    incidents = list((small_disk / "rec/incidents").glob("*-FAULT.mcap"))
+    assert len(incidents) == 1 and incidents[0].stat().st_size > 0
+    assert status["disk_full"] is True
+    assert status["dropped"].get("continuous: disk full", 0) > 0
+    assert read_recording(incidents[0]).metadata["duet"]["reason"] == \
+        "bus errors past threshold"

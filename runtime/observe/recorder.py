@@ -9,10 +9,12 @@
   episodes/NAME.mcap, with the instruction, bundle version and config hash at the start and
   the outcome (the operator's, else the sim's episode result) at the end.
 - Optional continuous recording (`--continuous`), rotated into segments.
-- Disk: the oldest continuous segments, then the oldest closed incidents, are deleted to stay
-  under `recorder.budget_mb` and to keep `reserve_mb` free on the file system; episodes never
-  are. A write that fails anyway (disk full) is counted and that file is closed with what it
-  has; the recorder goes on.
+- Disk: the oldest continuous segments are deleted to stay under `recorder.budget_mb` and to
+  keep `reserve_mb` free on the file system; incidents and episodes never are (an incident is
+  why the recorder exists). The reserve is the incidents': below it, continuous recording
+  stops (its messages are dropped, counted) while an incident may still write into it. A write
+  that fails anyway (disk full) is counted and that file is closed with what it has (named in
+  status); the recorder goes on. Status says when the disk is full and what was dropped.
 
 Control: ipc://{run_dir}/recorder (runtime.ipc.rpc), {cmd: start|stop|status, args}.
 """
@@ -26,9 +28,9 @@ import logging
 import re
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,8 @@ class Stats:
     incidents: int = 0
     deleted_files: int = 0
     write_errors: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)  # messages not written, by reason
+    cut_short: list[str] = field(default_factory=list)  # files closed early by a full disk
 
 
 def _iso_now() -> str:
@@ -95,6 +99,7 @@ class Recorder:
         self.instruction: str | None = None
         self.last_frame_ns = 0
         self.last_space_check_ns = 0
+        self.disk_low = False  # free space below the reserve: continuous recording paused
         self.stats = Stats()
         self.stop_requested = False
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -237,8 +242,7 @@ class Recorder:
         `min_free` bytes) free."""
         min_free = max(min_free, self.reserve_bytes)
         open_paths = {s.path for s in (self.episode, self.incident, self.segment) if s}
-        candidates = [p for p in self._files("continuous") + self._files("incidents")
-                      if p not in open_paths]
+        candidates = [p for p in self._files("continuous") if p not in open_paths]
         total = sum(p.stat().st_size for sub in ("continuous", "incidents", "episodes")
                     for p in self._files(sub))
         free = self.free_bytes()
@@ -251,6 +255,13 @@ class Recorder:
             free += size
             self.stats.deleted_files += 1
             log.info("budget deleted=%s bytes=%d free_mb=%d", path, size, free >> 20)
+        disk_low = free < self.reserve_bytes
+        if disk_low != self.disk_low:
+            self.disk_low = disk_low
+            log.warning("disk %s: free_mb=%d reserve_mb=%d%s", "full" if disk_low else "has room",
+                        free >> 20, self.reserve_bytes >> 20,
+                        "; continuous recording paused, incidents still written"
+                        if disk_low else "")
 
 
     def _safe(self, sink: McapSink, op: Callable[[], Any]) -> bool:
@@ -266,6 +277,7 @@ class Recorder:
                     self.enforce_budget(ENOSPC_HEADROOM)
                     continue
                 log.error("file=%s write failed: %s; closing it", sink.path, exc)
+                self.stats.cut_short.append(str(sink.path))
                 self._abandon(sink)
                 return False
         return False
@@ -289,8 +301,13 @@ class Recorder:
         while self.ring and rec.log_time_ns - self.ring[0].log_time_ns > self.ring_ns:
             self.ring.popleft()
         for sink in (self.episode, self.incident, self.segment):
-            if sink is not None:
-                self._safe(sink, lambda s=sink: s.write(rec))  # type: ignore[misc]
+            if sink is None:
+                continue
+            if sink is self.segment and self.disk_low:
+                self.stats.dropped["continuous: disk full"] += 1  # the reserve is the incidents'
+                continue
+            if not self._safe(sink, lambda s=sink: s.write(rec)):  # type: ignore[misc]
+                self.stats.dropped["write failed"] += 1
         if topic == "/follower/telemetry":
             mode = msg.get("mode")
             if mode in ALARM_MODES and mode != self.last_mode:
@@ -314,6 +331,8 @@ class Recorder:
                 "rejected": dict(self.subs.rejected), "incidents": self.stats.incidents,
                 "deleted_files": self.stats.deleted_files,
                 "write_errors": self.stats.write_errors, "last_mode": self.last_mode,
+                "disk_full": self.disk_low, "dropped": dict(self.stats.dropped),
+                "cut_short": list(self.stats.cut_short[-20:]),
                 "free_mb": round(self.free_bytes() / 2**20, 1),
                 "budget_mb": round(self.budget_bytes / 2**20, 1)}
 
@@ -334,7 +353,7 @@ class Recorder:
                 self._safe(sink, lambda s=sink: s.maybe_flush(now))  # type: ignore[misc]
         if now - self.last_space_check_ns > 1e9:  # the disk is shared: watch its free space
             self.last_space_check_ns = now
-            if self.free_bytes() < self.reserve_bytes:
+            if self.free_bytes() < self.reserve_bytes or self.disk_low:
                 self.enforce_budget()
 
     def run(self, ready: Callable[[], object] = lambda: None,
