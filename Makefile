@@ -33,14 +33,17 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 # planner, ROBOT_TRAIN; ~10 min on 2 idle cores, data cached under data/ROBOT). Without ROBOT,
 # duet's arm with the reference bundle, as above.
 ROBOT ?=
-ROBOT_CONFIG = $(if $(filter so101,$(ROBOT)),configs/so101_sim.yaml,$(if $(filter arm7,$(ROBOT)),configs/arm7_can_sim.yaml,$(error ROBOT=$(ROBOT): so101 or arm7)))
+ifneq ($(filter-out so101 arm7,$(ROBOT)),)
+$(error ROBOT=$(ROBOT): the shipped robots are so101 and arm7 (docs/your-robot.md))
+endif
+ROBOT_CONFIG = $(if $(filter so101,$(ROBOT)),configs/so101_sim.yaml,configs/arm7_can_sim.yaml)
 ROBOT_TRAIN ?= --episodes 30 --scenes 400 --walks 4000 --steps 600 --follower-steps 400 --workers 2
 ifeq ($(ROBOT),)
 demo: $(VENV)/.demo
 	$(BIN)/duet run --config configs/sim.yaml --set run_dir=$(CURDIR)/runs/demo --duration $(DURATION) --summary-json runs/demo/summary.json
 else
 demo: $(VENV)/.demo bundles/$(ROBOT)/manifest.json
-	$(BIN)/duet run --config $(ROBOT_CONFIG) --set run_dir=$(CURDIR)/runs/demo-$(ROBOT) --duration $(DURATION) --summary-json runs/demo-$(ROBOT)/summary.json
+	$(BIN)/duet run --config $(ROBOT_CONFIG) --set run_dir=$(CURDIR)/runs/demo-$(ROBOT) --set bundle.path=$(CURDIR)/bundles/$(ROBOT) --duration $(DURATION) --summary-json runs/demo-$(ROBOT)/summary.json
 endif
 
 bundles/so101/manifest.json bundles/arm7/manifest.json: | $(VENV)/.dev
