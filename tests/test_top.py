@@ -81,7 +81,7 @@ def test_top_fits_80x24_and_says_why_and_what_next(tmp_path: Path) -> None:
         assert max(len(line) for line in screen.splitlines()) <= 80
         screen = screen_when("FAULT", "duet reset", timeout_s=45.0)
         assert "follower: FAULT: bus errors past threshold" in screen, screen
-        assert "next: check the robot, then: duet reset" in screen
+        assert "next: check the robot (the reason above), then: duet reset" in screen
         assert len(screen.rstrip("\n").splitlines()) <= 24 and "quit" in screen
         # q quits: the pane's process exits and the session goes away
         subprocess.run([*tmux, "send-keys", "-t", session, "q"], check=True, timeout=10)
@@ -134,3 +134,32 @@ def test_camera_age_shows_each_cameras_value() -> None:
                                  "camera_age_ms": {"scene": 41.2, "wrist": None}}, None))
     text = console.export_text()
     assert "scene 41.2 ms, wrist - ms" in text, text
+
+
+@pytest.mark.parametrize(("sample", "where", "in_doctor", "step", "never"), [
+    # a deadline storm is the CPU's doing: not "check the robot"
+    ({"follower": {"mode": "FAULT", "health": {"problems": [
+        "FAULT: deadline-miss storm: 40 of the last 100 ticks"]}}, "planner": {
+        "status": "idle"}}, "robot", False, "duet doctor (CPU contention", "check the robot"),
+    ({"follower": {"mode": "FAULT", "health": {"problems": ["FAULT: elbow: overload"]}},
+      "planner": {"status": "idle"}}, "robot", False, "check the robot", "duet doctor"),
+    # a planner without joint state: the follower is the one to look at, not the cameras
+    ({"follower": {"mode": "HOLD", "health": {"problems": []}}, "planner": {
+        "status": "no_state"}}, "workstation", False, "no joint state from the follower",
+     "cameras"),
+    # doctor never advises doctor
+    ({"follower": {"mode": "HOLD", "health": {"problems": [
+        "12.0% of ticks missed their deadline"]}}, "planner": {"status": "idle"}},
+     "robot", True, "see the checks above", "duet doctor"),
+    # a workstation has no units to ask systemctl about
+    ({"planner": {"status": "idle"}}, "workstation", False, "duet run", "systemctl"),
+    ({"planner": {"status": "idle"}}, "robot", False, "systemctl status duet-follower",
+     "duet run"),
+])
+def test_each_next_step_fits_the_cause_and_the_setting(
+        sample: dict[str, object], where: str, in_doctor: bool, step: str, never: str) -> None:
+    from runtime.observe.status import diagnosis
+
+    found = diagnosis(sample, where, in_doctor)
+    assert len(found) == 1, found
+    assert step in found[0][1] and never not in found[0][1], found

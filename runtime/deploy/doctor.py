@@ -207,7 +207,7 @@ def check_run_dir(run_dir: str, state_dir: str | None = None) -> list[Check]:
     """The live run dir: who holds it, a latched fault (also one kept in the state dir across
     a reboot), a telemetry sample."""
     from runtime.ipc import endpoints, rundir
-    from runtime.observe.status import collect, diagnosis
+    from runtime.observe.status import collect, diagnosis, setting
 
     path = Path(run_dir)
     if not path.exists():
@@ -237,7 +237,7 @@ def check_run_dir(run_dir: str, state_dir: str | None = None) -> list[Check]:
                          "sudo systemctl start duet.target"))
         return out
     sample = collect(run_dir, 1.5)
-    found = diagnosis(sample)
+    found = diagnosis(sample, setting(run_dir), in_doctor=True)
     follower = sample.get("follower") or {}
     detail = (f"{path}: follower pid {pid or '?'} in {follower.get('mode', '?')}, "
               f"planner {(sample.get('planner') or {}).get('status', 'silent')}")

@@ -17,15 +17,15 @@ from textual.app import App, ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Footer, Static
 
-from runtime.observe.status import diagnosis
+from runtime.observe.status import diagnosis, setting
 from runtime.observe.subscriber import TelemetrySubscriber
 from runtime.observe.telemetry_view import follower_table, joints_table, planner_table
 
 STALE_S = 2.0  # a source silent this long is shown as gone, not as its last good numbers
 
 
-def health_text(latest: dict[str, Any]) -> Text:
-    found = diagnosis(latest)
+def health_text(latest: dict[str, Any], where: str) -> Text:
+    found = diagnosis(latest, where)
     if not found:
         return Text("healthy", style="bold green")
     text = Text()
@@ -79,7 +79,7 @@ class TopApp(App[int]):
             right.append(joints)
         right.append(planner_table(latest.get("planner"), ages.get("planner")))
         self.query_one("#right", Static).update(Group(*right))
-        self.query_one("#health", Static).update(health_text(latest))
+        self.query_one("#health", Static).update(health_text(latest, setting(self.run_dir)))
 
     def on_unmount(self) -> None:
         self.sub.close()
@@ -104,7 +104,7 @@ def _print_loop(run_dir: str, refresh_hz: float, duration_s: float | None) -> in
             sub.poll(1.0 / refresh_hz)
             latest, ages = sample(sub)
             console.print(render(latest, ages, title=f"duet top  {run_dir}"),
-                          health_text(latest))
+                          health_text(latest, setting(run_dir)))
             time.sleep(max(0.0, 1.0 - 1.0 / refresh_hz))
     except KeyboardInterrupt:
         pass

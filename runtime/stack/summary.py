@@ -151,8 +151,11 @@ def print_summary(s: dict[str, Any]) -> None:
     console = Console()
     outcome = s["outcome"]
     if not outcome["ok"] and outcome["final_mode"] in ("FAULT", "ESTOP", "unknown"):
+        # the run is over: no `duet reset` to send; what the next run does instead
+        after = "a sim run starts unlatched" if "task" in s else \
+            "the next run starts latched: fix the cause, start it, then duet reset"
         console.print(f"[bold red]follower ended in {outcome['final_mode']}: "
-                      f"{outcome['reason']}[/] (after fixing the cause: duet reset)")
+                      f"{outcome['reason']}[/] ({after})")
     elif not outcome["ok"]:
         console.print(f"[bold red]not ok: {outcome['reason']}[/]")
     table = Table(title=f"duet run — {s['config']} — {s['duration_s']} s", show_header=True)
