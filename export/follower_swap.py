@@ -46,13 +46,15 @@ def with_follower(base: Path, out: Path, label: str, follower: Path | None = Non
     manifest = bundle.manifest  # format 1 or 2: the new one is written in format 2
     data = bundle.contract.model_dump(mode="json")
     old = bundle.contract.follower
+    # the inputs the graph has: an exporter drops what a model does not read (the model-free
+    # follower reads the reference alone), and the robot refuses a contract naming others
+    takes = _graph_inputs(follower) if follower is not None else set()
     data["follower"] = None if follower is None else {
         "file": FOLLOWER_FILE, "precision": "fp32",
         "joints": old.joints if old is not None else None,
         "inputs": [{"role": "reference", "name": "ref", "steps": lookahead,
-                    "dt_s": lookahead_dt},
-                   {"role": "proprio", "name": "q", "field": "q"},
-                   {"role": "proprio", "name": "dq", "field": "dq"}],
+                    "dt_s": lookahead_dt}]
+        + [{"role": "proprio", "name": k, "field": k} for k in ("q", "dq") if k in takes],
         "output": {"name": "residual"}}
     contract = Contract.model_validate(data)
     parity = load_parity(bundle.parity_path) if bundle.parity_path else {}
@@ -75,11 +77,11 @@ def with_follower(base: Path, out: Path, label: str, follower: Path | None = Non
             # one sample at a time, with the batch of 1 the follower runs with (the engine
             # reuses its output buffer: each result is copied)
             ins = {k: np.ascontiguousarray(samples[k][:, None], dtype=np.float32)
-                   for k in ("ref", "q", "dq")}
+                   for k in ("ref", "q", "dq") if k == "ref" or k in takes}
             engine = OnnxRuntimeEngine(staged / FOLLOWER_FILE)
             got = np.concatenate([engine.run({k: v[i] for k, v in ins.items()})["residual"].copy()
-                                  for i in range(len(ins["q"]))])
-            want = source({k: v[:, 0] for k, v in ins.items()})
+                                  for i in range(len(ins["ref"]))])
+            want = source({k: samples[k] for k in ("ref", "q", "dq")})
             err = float(np.abs(got - want).max())
             tol = TOLERANCES["fp32"]["follower"]
             if not err <= tol:
@@ -112,3 +114,9 @@ def with_follower(base: Path, out: Path, label: str, follower: Path | None = Non
             shutil.rmtree(out)
         staged.rename(out)
     return out
+
+
+def _graph_inputs(path: Path) -> set[str]:
+    import onnx
+
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
