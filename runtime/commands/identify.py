@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ def _identify(args: argparse.Namespace) -> int:
         + ["next, on a workstation with the recordings: duet train-follower --recordings "
            f"{out}/episodes --config {cliopts.files(args)[0]} --bundle BUNDLE --out OUT"])
     cliopts.emit(args, human, {"recordings": [str(p) for p in paths],
-                               "servo_model": json.loads((out / "servo_model.json").read_text()),
+                               "servo_model": asdict(model),
                                "table": rows})
     return 0
 

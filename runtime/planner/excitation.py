@@ -1,7 +1,8 @@
 """Excitation trajectories for identifying a robot's servos (`duet identify`), and the plan
 source that sends them through the robot's own path (plan socket, follower, bus).
 
-What a model-free follower needs to be fitted from (policy/servo_id.py) decides the shape:
+What a model-free follower needs to be fitted from (runtime/follower/identification.py)
+decides the shape:
 - *sweeps*: a sum of sines per joint with incommensurate frequencies around the start pose,
   so velocity and acceleration take many values and signs at many poses (gain, delay, viscous
   and Coulomb friction);
