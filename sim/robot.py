@@ -151,7 +151,9 @@ def _motor_figures(cfg: DuetConfig, spec: mujoco.MjSpec, mjcf: Path) -> MotorFig
             if joint not in ctrl:
                 raise RobotError(f"sim.robot.motors: joint {joint!r} has no motor model, and"
                                  f" {mjcf.name} has no <motor> with a ctrlrange on it")
-            over: dict[str, float | None] = {"torque_max": ctrl[joint]}
+            # a family's guess, not a named gearbox: no play (duet's own arm on every bus
+            # family is ideal, and its reference followers were trained so)
+            over: dict[str, float | None] = {"torque_max": ctrl[joint], "backlash": 0.0}
         else:
             entry = sim.robot.motors[k]
             try:

@@ -94,3 +94,18 @@ def test_in_a_folder_only_root_writes_the_swap_fails_and_the_verified_file_runs(
     assert said and said[0].startswith("REFUSED"), said
     opened = hashlib.sha256((bundle.path / "planner.onnx").read_bytes()).hexdigest()
     assert opened == _verified_hash(folder)  # what the engine opens is what was verified
+
+
+def test_a_bundle_reached_through_a_link_is_judged_by_the_folders_not_the_link(
+        open_dir: Path) -> None:
+    """A link's own mode is always rwxrwxrwx and means nothing (its folder guards it): a
+    checkout linked into a private folder loads; a link into a shared folder is refused."""
+    make_bundle(open_dir / "bundle")
+    private = open_dir / "private"
+    private.mkdir(mode=0o700)
+    (private / "bundles").symlink_to(open_dir)
+    cfg = load_config(REPO / "configs/sim.yaml", None, [f"bundle.path={private}/bundles/bundle"])
+    assert rb.robot_bundle(cfg).path.name == "bundle"
+    open_dir.chmod(0o777)  # where the link points: anyone may swap the bundle
+    with pytest.raises(BundleError, match=f"{open_dir}: writable by everyone"):
+        rb.robot_bundle(cfg)

@@ -38,6 +38,8 @@ def other_writers(path: Path) -> str | None:
     sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
     if st.st_uid not in (0, os.geteuid()):
         return f"owned by uid {st.st_uid}"
+    if stat.S_ISLNK(st.st_mode):  # a link's mode bits mean nothing: its folder guards it
+        return None
     if st.st_mode & 0o002 and not sticky:
         return "writable by everyone"
     if st.st_mode & 0o020 and not sticky and not _private_group(st):
