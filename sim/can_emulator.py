@@ -50,6 +50,8 @@ from sim.actuators import (
 _FAULT_NAMES = ((HW_OVERLOAD, "overload"), (HW_OVERHEATING, "overheating"),
                 (HW_ELECTRICAL_SHOCK, "electrical shock"), (HW_INPUT_VOLTAGE, "input voltage"),
                 (HW_ENCODER, "motor encoder"))
+# the frames that change a motor (under the actuator lock); the rest only read
+_CHANGES = frozenset(("enable", "disable", "clear", "command"))
 
 
 class MitCanEmulator:
@@ -81,6 +83,7 @@ class MitCanEmulator:
         stored.update(registers or {})
         self.registers = [dict(stored) for _ in ids]
         self._zero = np.zeros(len(ids))  # joint position of each motor's encoder zero
+        self._present = np.zeros((3, actuators.n))  # (q, dq, tau) read for a reply
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.reply_us = Histogram(lowest=1.0)  # service time per frame in, µs
@@ -150,7 +153,11 @@ class MitCanEmulator:
         return 0
 
     def handle(self, msg: can.Message) -> None:
-        """Apply one frame to the actuators and send the reply (if the motor speaks)."""
+        """Apply one frame to the actuators and send the reply (if the motor speaks).
+
+        Only a frame that changes the motor takes the actuator lock; the reply's position,
+        velocity and torque come from the physics' newest whole step (`read_present`), so an
+        answer never waits for the physics, as the serial emulators' do not."""
         kind, j = ("", -1) if malformed(msg) else self.dialect.classify(msg)
         if j < 0:
             self.ignored += 1
@@ -158,42 +165,46 @@ class MitCanEmulator:
         self.frames_in += 1
         a, d, k = self.actuators, self.dialect, self.joints[j]
         reply = None
-        with a.lock:
-            if kind == "enable":
-                if not a.torque_enabled[k] and not a.hw_error[k]:
-                    a.mode[k] = MODE_MIT
-                    a.torque_enabled[k] = True
-                    # entering motor mode must not pull toward a stale target: zero gains
-                    a.goal_q[k], a.goal_dq[k], a.kp[k], a.kd[k], a.tau_ff[k] = a.q[k], 0, 0, 0, 0
-            elif kind == "disable":
-                a.torque_enabled[k] = False
-                reply = d.ack_reply(j, bytes(msg.data))
-            elif kind == "zero":
-                self._zero[j] = a.q[k]
-            elif kind == "clear":
-                a.hw_error[k] = 0
-            elif kind == "register":
-                rid = msg.data[3]
-                if rid in self.registers[j]:
-                    reply = d.register_reply(j, rid, self.registers[j][rid])
-                else:
-                    return  # the firmware ignores unknown registers
-            elif kind == "command":
-                p, v, kp, kd, t = unpack_command(msg.data, self.ranges)
-                if d.enable(j) is None and not a.hw_error[k]:  # a command is the enable
-                    a.mode[k], a.torque_enabled[k] = MODE_MIT, True
-                if a.torque_enabled[k] and a.mode[k] == MODE_MIT:
-                    a.goal_q[k] = p + self._zero[j]
-                    a.goal_dq[k], a.kp[k], a.kd[k], a.tau_ff[k] = v, kp, kd, t
-            if a.silent[k]:
-                return
-            if reply is None:
-                code = self.fault_code(j) or (1 if a.torque_enabled[k] else 0)
-                if not d.reports_torque_state:
-                    code = self.fault_code(j)
-                state = (j, float(a.q[k] - self._zero[j]), float(a.dq[k]), float(a.tau[k]),
-                         code, float(a.temperature_c[k]), self.ranges)
-                reply = d.query_reply(*state) if kind == "query" else d.state_reply(*state)
+        if kind == "register":
+            rid = msg.data[3]
+            if rid not in self.registers[j]:
+                return  # the firmware ignores unknown registers
+            reply = d.register_reply(j, rid, self.registers[j][rid])
+        elif kind == "zero":
+            a.read_present(self._present)
+            self._zero[j] = self._present[0, k]
+        elif kind in _CHANGES:
+            with a.lock:
+                if kind == "enable":
+                    if not a.torque_enabled[k] and not a.hw_error[k]:
+                        a.mode[k] = MODE_MIT
+                        a.torque_enabled[k] = True
+                        # entering motor mode must not pull toward a stale target: zero gains
+                        a.goal_q[k], a.goal_dq[k], a.kp[k], a.kd[k], a.tau_ff[k] = \
+                            a.q[k], 0, 0, 0, 0
+                elif kind == "disable":
+                    a.torque_enabled[k] = False
+                    reply = d.ack_reply(j, bytes(msg.data))
+                elif kind == "clear":
+                    a.hw_error[k] = 0
+                else:  # a command
+                    p, v, kp, kd, t = unpack_command(msg.data, self.ranges)
+                    if d.enable(j) is None and not a.hw_error[k]:  # a command is the enable
+                        a.mode[k], a.torque_enabled[k] = MODE_MIT, True
+                    if a.torque_enabled[k] and a.mode[k] == MODE_MIT:
+                        a.goal_q[k] = p + self._zero[j]
+                        a.goal_dq[k], a.kp[k], a.kd[k], a.tau_ff[k] = v, kp, kd, t
+        if a.silent[k]:
+            return
+        if reply is None:
+            code = self.fault_code(j) or (1 if a.torque_enabled[k] else 0)
+            if not d.reports_torque_state:
+                code = self.fault_code(j)
+            a.read_present(self._present)
+            q, dq, tau = self._present[:, k].tolist()
+            state = (j, q - float(self._zero[j]), dq, tau, code, float(a.temperature_c[k]),
+                     self.ranges)
+            reply = d.query_reply(*state) if kind == "query" else d.state_reply(*state)
         arb, data = reply
         self.bus.send(can.Message(arbitration_id=arb, is_extended_id=False, data=data,
                                   is_fd=msg.is_fd, bitrate_switch=msg.bitrate_switch))

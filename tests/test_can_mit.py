@@ -420,6 +420,24 @@ def test_bus_and_emulator_round_trip(rig: Rig) -> None:
     assert not act.torque_enabled.any()
 
 
+def test_a_state_query_is_answered_from_the_physics_snapshot_without_the_lock() -> None:
+    """The sim's motors answer like hardware: a reply never waits for the actuator lock (the
+    physics may hold it, or be descheduled holding it, on a busy host)."""
+    rig = Rig("damiao")  # its read is a status query: nothing to apply
+    try:
+        bus = rig.bus()
+        bus.open()
+        q = np.array([0.2, -0.1, 0.05, 0.7, -0.3, 0.0])
+        rig.act.publish_present(q, np.zeros(N_JOINTS), np.zeros(N_JOINTS))  # a physics step
+        out = MotorState(6)
+        with rig.act.lock:  # held for the whole read: a reply taking it would time out
+            bus.read(out)
+        np.testing.assert_allclose(out.q, q, atol=Q_QUANTUM)
+        assert bus.stats.errors == 0
+    finally:
+        rig.close()
+
+
 def test_silent_emulated_motor_raises_naming_it(rig: Rig) -> None:
     bus = rig.bus()
     bus.open()
