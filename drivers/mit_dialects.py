@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from typing import ClassVar
-
-import can
+from typing import TYPE_CHECKING, ClassVar
 
 from drivers.mit_codec import MitRanges, pack_state_into, unpack_state
+
+if TYPE_CHECKING:  # the config imports this table: no CAN stack on a serial robot's start
+    import can
 
 Frame = tuple[int, bytes]  # (arbitration id, data)
 
