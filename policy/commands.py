@@ -159,8 +159,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _train_follower(args: argparse.Namespace) -> int:
     from policy.train_follower import train
-    from runtime.commands.identify import read_tracks
     from runtime.config import load_config
+    from runtime.observe.recordings import read_tracks
 
     cfg = load_config(args.config)
     paths = [p for given in args.recordings

@@ -23,29 +23,6 @@ def _confirm(phase: Any) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def read_tracks(paths: list[Path], joints: list[str], tick_s: float
-                ) -> tuple[list[Any], list[str]]:
-    """Recordings on the tick grid (runtime.follower.identification.Track), and the files
-    used; unreadable ones and other robots' are named on stderr and skipped."""
-    from runtime.follower.identification import track
-    from runtime.observe.recordings import RecordingError, read
-
-    tracks, used = [], []
-    for path in paths:
-        try:
-            rec = read(path)
-        except RecordingError as exc:
-            print(f"duet: skipped: {exc}", file=sys.stderr)
-            continue
-        if rec.joints != joints:
-            print(f"duet: skipped {path}: joints {rec.joints} are not this robot's",
-                  file=sys.stderr)
-            continue
-        tracks.append(track(rec.t_ns, rec.q, rec.dq, rec.q_cmd, tick_s))
-        used.append(str(path))
-    return tracks, used
-
-
 def _identify(args: argparse.Namespace) -> int:
     from runtime.stack.identify import identify, phases
     from runtime.stack.recording import RecordingError
@@ -63,6 +40,7 @@ def _identify(args: argparse.Namespace) -> int:
     except RecordingError as exc:
         return cliopts.fail("duet identify", exc)
     from runtime.follower.identification import fit
+    from runtime.observe.recordings import read_tracks
 
     paths = [Path(r["path"]) for r in results]
     tick_s = 1.0 / cfg.follower.hz

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.follower.identification import Track, track
 from runtime.observe.mcap_sink import read_recording
 
 ALARM_MODES = ("FAULT", "ESTOP")
@@ -192,6 +194,26 @@ def read(path: Path) -> Recording:
         started=_started(meta), joints=joints, metadata={**meta, **end},
         t_ns=np.asarray(t, dtype=np.int64)[order], q=arrays[0][order], dq=arrays[1][order],
         effort=arrays[2][order], q_cmd=arrays[3][order], modes=modes, cameras=cameras)
+
+
+def read_tracks(paths: list[Path], joints: list[str], tick_s: float
+                ) -> tuple[list[Track], list[str]]:
+    """Recordings on the tick grid (runtime.follower.identification.Track), and the files
+    used; unreadable ones and other robots' are named on stderr and skipped."""
+    tracks, used = [], []
+    for path in paths:
+        try:
+            rec = read(path)
+        except RecordingError as exc:
+            print(f"duet: skipped: {exc}", file=sys.stderr)
+            continue
+        if rec.joints != joints:
+            print(f"duet: skipped {path}: joints {rec.joints} are not this robot's",
+                  file=sys.stderr)
+            continue
+        tracks.append(track(rec.t_ns, rec.q, rec.dq, rec.q_cmd, tick_s))
+        used.append(str(path))
+    return tracks, used
 
 
 def resample(rec: Recording, fps: float) -> Frames:
