@@ -20,8 +20,8 @@ import zmq
 
 from runtime.config import DuetConfig
 from runtime.ipc import endpoints
+from runtime.ipc.follower_mode import LATCHED_MODES, follower_mode
 from runtime.ipc.messages import MessageError, decode
-from runtime.ipc.rpc import request_at
 from runtime.ipc.sockets import open_socket
 from runtime.model.robot_bundle import robot_bundle
 from runtime.planner.shell import PlannerShell
@@ -89,9 +89,8 @@ def collect(cfg: DuetConfig, out: Path, episodes: int, prefix: str = "teleop",
                          f"({msg.get('duration_s')} s) {msg.get('instruction')!r}")
                 current = None
                 first_seen = index
-                mode = request_at(endpoints.control(cfg.run_dir), "status", {}, 5.0) \
-                    .get("result", {}).get("mode")
-                if mode in ("FAULT", "ESTOP"):  # latched: what follows would be no demonstration
+                mode = follower_mode(cfg.run_dir)
+                if mode in LATCHED_MODES:  # latched: what follows would be no demonstration
                     raise TeleopError(f"the follower is in {mode} after {len(results)} "
                                       "episodes; recordings so far are kept")
     finally:

@@ -40,6 +40,7 @@ import zmq
 from runtime.config import DuetConfig, config_to_dict
 from runtime.ipc import endpoints
 from runtime.ipc.access import OPERATOR
+from runtime.ipc.follower_mode import LATCHED_MODES
 from runtime.ipc.rpc import Command, RequestError, bind_server
 from runtime.ipc.signals import stop_on_signals
 from runtime.observe.channels import ChannelSubscriber, Record, WallClock, schemas, to_record
@@ -47,7 +48,6 @@ from runtime.observe.mcap_sink import McapSink
 
 log = logging.getLogger("duet.recorder")
 
-ALARM_MODES = ("FAULT", "ESTOP")
 EPISODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ENOSPC_HEADROOM = 2 << 20  # freed on a full disk: two chunks and the summary
 UNITS = "q rad, dq rad/s, effort N·m, times: log_time wall clock UTC ns, t_mono_ns monotonic"
@@ -310,7 +310,7 @@ class Recorder:
                 self.stats.dropped["write failed"] += 1
         if topic == "/follower/telemetry":
             mode = msg.get("mode")
-            if mode in ALARM_MODES and mode != self.last_mode:
+            if mode in LATCHED_MODES and mode != self.last_mode:
                 self._open_incident(str(mode), str(msg.get("fault_reason") or ""), now)
             self.last_mode = mode if isinstance(mode, str) else None
         elif topic == "/planner/telemetry":

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from runtime.follower.identification import Track, track
+from runtime.ipc.follower_mode import LATCHED_MODES
 from runtime.observe.mcap_sink import read_recording
 
-ALARM_MODES = ("FAULT", "ESTOP")
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
@@ -73,7 +73,7 @@ class Recording:
     @property
     def alarm(self) -> str | None:
         """FAULT or ESTOP when the follower entered it during the recording."""
-        return next((m for m in ALARM_MODES if m in self.modes), None)
+        return next((m for m in LATCHED_MODES if m in self.modes), None)
 
 
 @dataclass

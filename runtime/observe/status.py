@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from runtime.ipc.follower_mode import LATCHED_MODES
 from runtime.observe.subscriber import TelemetrySubscriber
 from runtime.observe.telemetry_view import render, to_jsonable
 
@@ -28,7 +29,6 @@ def collect(run_dir: str, timeout_s: float) -> dict[str, Any]:
     return {source: to_jsonable(latest.get(source)) for source in ("follower", "planner")}
 
 
-LATCHED = ("FAULT", "ESTOP")
 ROBOT, WORKSTATION = "robot", "workstation"
 _FOLLOWER_UNIT = Path("/etc/systemd/system/duet-follower.service")
 
@@ -72,7 +72,7 @@ def setting(run_dir: str) -> str:
 
 
 def _follower_cause(problem: str) -> str:
-    if problem.startswith(LATCHED):
+    if problem.startswith(LATCHED_MODES):
         return "latched_timing" if "deadline-miss storm" in problem else "latched"
     return "timing"  # loop rate or missed deadlines
 

@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from runtime.config import DuetConfig
-from runtime.ipc import endpoints
-from runtime.ipc.rpc import request_at
+from runtime.ipc.follower_mode import LATCHED_MODES, follower_mode
 from runtime.model.robot_bundle import robot_bundle
 from runtime.planner.excitation import Box, Excitation, ExcitationSource
 from runtime.planner.shell import PlannerShell
@@ -33,9 +32,6 @@ from runtime.stack.recording import RecorderProcess, RecordingError
 from runtime.stack.supervisor import Supervisor
 
 log = logging.getLogger("duet.identify")
-
-ALARMS = ("FAULT", "ESTOP")
-
 
 class IdentifyError(RecordingError):
     pass
@@ -55,11 +51,6 @@ def phases(span: float, speed: float, sweep_s: float, poses: int) -> list[Phase]
     """The slow phase first (the operator watches it), then the full one."""
     return [Phase("slow", speed * 0.25, span * 0.5, sweep_s * 0.5, max(2, poses // 3), 0.4),
             Phase("full", speed, span, sweep_s, poses, 1.0)]
-
-
-def _mode(cfg: DuetConfig) -> str | None:
-    reply = request_at(endpoints.control(cfg.run_dir), "status", {}, 5.0)
-    return reply.get("result", {}).get("mode") if reply.get("ok") else None
 
 
 def identify(cfg: DuetConfig, out: Path, plan: list[Phase], seed: int = 0,
@@ -91,7 +82,7 @@ def identify(cfg: DuetConfig, out: Path, plan: list[Phase], seed: int = 0,
             seconds = source.excitation.duration if source.excitation else 0.0
             log_line(f"  identify: {phase.name}: {Path(result['path']).name} "
                      f"({seconds:.0f} s, {result['outcome']})")
-            if mode in ALARMS:
+            if mode in LATCHED_MODES:
                 raise IdentifyError(f"the follower is in {mode} during the {phase.name} phase; "
                                     f"recordings so far are kept in {out}/episodes")
     finally:
@@ -112,8 +103,8 @@ def _run_phase(cfg: DuetConfig, recorder: RecorderProcess, phase: Phase,
         t_begin = time.monotonic()
         while not source.done:
             time.sleep(0.2)
-            mode = _mode(cfg)
-            if mode in ALARMS:
+            mode = follower_mode(cfg.run_dir)
+            if mode in LATCHED_MODES:
                 break
             started, excitation = source.t_start_ns, source.excitation
             # the excitation's length is known once the first state has come in
@@ -127,5 +118,5 @@ def _run_phase(cfg: DuetConfig, recorder: RecorderProcess, phase: Phase,
         shell.stop_requested = True
         thread.join(timeout=5)
         shell.close()
-    result = recorder.ask("stop", {"success": mode not in ALARMS})
+    result = recorder.ask("stop", {"success": mode not in LATCHED_MODES})
     return result, mode

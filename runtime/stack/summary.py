@@ -14,6 +14,7 @@ from rich.table import Table
 from runtime.config import DuetConfig
 from runtime.follower.records import FollowerSummary
 from runtime.ipc import endpoints
+from runtime.ipc.follower_mode import LATCHED_MODES
 from runtime.planner.records import PlannerSummary
 
 
@@ -150,7 +151,7 @@ def print_summary(s: dict[str, Any]) -> None:
     f, p = s["follower"], s["planner"]
     console = Console()
     outcome = s["outcome"]
-    if not outcome["ok"] and outcome["final_mode"] in ("FAULT", "ESTOP", "unknown"):
+    if not outcome["ok"] and outcome["final_mode"] in (*LATCHED_MODES, "unknown"):
         # the run is over: no `duet reset` to send; what the next run does instead
         after = "a sim run starts unlatched" if "task" in s else \
             "the next run starts latched: fix the cause, start it, then duet reset"
