@@ -13,21 +13,18 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from export.onnx_export import OPSET, ExportError
 from export.parity import TOLERANCES, load_parity, save_parity
-from export.signing import sign_bundle
+from export.seal import seal
 from runtime.model.bundle import (
-    MANIFEST,
-    SIGNATURE,
     ManifestV2,
     Provenance,
     load_bundle,
-    sha256_file,
 )
 from runtime.model.contract import Contract
 from runtime.model.engines.onnxruntime_engine import OnnxRuntimeEngine
@@ -93,27 +90,20 @@ def with_follower(base: Path, out: Path, label: str, follower: Path | None = Non
         if parity_spec is not None:
             save_parity(staged / parity_spec.file, parity)
             parity_spec = parity_spec.model_copy(update={"max_abs": max_abs})
-        files = {str(p.relative_to(staged)): sha256_file(p) for p in sorted(staged.rglob("*"))
-                 if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
-        created = datetime.now(timezone.utc)
-        tag = files[FOLLOWER_FILE][:8] if follower is not None else "none"
-        new = ManifestV2(
-            format_version=2, version=f"{manifest.version}+{label}-{tag}"[:200],
-            contract=contract, parity=parity_spec, files=files,
-            provenance=Provenance(
-                tool=tool, tool_version=manifest.provenance.tool_version, opset=OPSET,
-                torch_version=manifest.provenance.torch_version,
-                onnxruntime_version=manifest.provenance.onnxruntime_version,
-                checkpoints=dict(manifest.provenance.checkpoints),
-                created=created.isoformat(timespec="seconds")))
-        (staged / MANIFEST).write_text(new.model_dump_json(indent=2) + "\n")
-        if sign_key is not None:
-            sign_bundle(staged, sign_key)
-        load_bundle(staged)  # the robot's own checks, before moving into place
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
-    return out
+
+        def manifest_for(files: dict[str, str], created: datetime) -> ManifestV2:
+            tag = files[FOLLOWER_FILE][:8] if follower is not None else "none"
+            return ManifestV2(
+                format_version=2, version=f"{manifest.version}+{label}-{tag}"[:200],
+                contract=contract, parity=parity_spec, files=files,
+                provenance=Provenance(
+                    tool=tool, tool_version=manifest.provenance.tool_version, opset=OPSET,
+                    torch_version=manifest.provenance.torch_version,
+                    onnxruntime_version=manifest.provenance.onnxruntime_version,
+                    checkpoints=dict(manifest.provenance.checkpoints),
+                    created=created.isoformat(timespec="seconds")))
+
+        return seal(staged, out, manifest_for, sign_key)
 
 
 def _graph_inputs(path: Path) -> set[str]:

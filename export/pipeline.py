@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,15 +48,13 @@ from export.precision import (
     to_int8,
     to_weight_only,
 )
-from export.signing import sign_bundle
+from export.seal import seal
 from runtime.model.bundle import (
     FORMAT_VERSION,
     MANIFEST,
     ManifestV2,
     ParitySpec,
     Provenance,
-    load_bundle,
-    sha256_file,
 )
 from runtime.model.bundle_files import ModelSpec, TensorSpec
 from runtime.model.contract import Contract, InstructionInput, PrefixInput, Stage
@@ -318,33 +316,27 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
             (staged / extra).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, staged / extra)
         save_parity(staged / PARITY_FILE, parity)
-        files = {str(p.relative_to(staged)): sha256_file(p)
-                 for p in sorted(staged.rglob("*")) if p.is_file()}
-        created = datetime.now(timezone.utc)
-        first = files[names[contract.planner.stages[0].name]][:8]
-        manifest = ManifestV2(
-            format_version=FORMAT_VERSION,
-            version=f"{created:%Y%m%d-%H%M%S}-{opts.label(models)}-{first}",
-            contract=final_contract,
-            parity=ParitySpec(file=PARITY_FILE, max_abs={
-                name: TOLERANCES[names[f"{name}:precision"]][
-                    "follower" if name == "follower" else "planner"] for name in models},
-                max_rel={name: TOLERANCES[names[f"{name}:precision"]]["relative"]
-                         for name in models}),
-            files=files,
-            provenance=Provenance(
-                tool=opts.tool, tool_version=_version_string(), opset=OPSET,
-                torch_version=opts.torch_version,
-                onnxruntime_version=onnxruntime.__version__,
-                checkpoints=dict(opts.checkpoints), created=created.isoformat(timespec="seconds")))
-        (staged / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-        if opts.sign_key is not None:
-            sign_bundle(staged, opts.sign_key)
-        load_bundle(staged)  # the robot's own checks, before moving into place
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
-    return out
+
+        def manifest_for(files: dict[str, str], created: datetime) -> ManifestV2:
+            first = files[names[contract.planner.stages[0].name]][:8]
+            return ManifestV2(
+                format_version=FORMAT_VERSION,
+                version=f"{created:%Y%m%d-%H%M%S}-{opts.label(models)}-{first}",
+                contract=final_contract,
+                parity=ParitySpec(file=PARITY_FILE, max_abs={
+                    name: TOLERANCES[names[f"{name}:precision"]][
+                        "follower" if name == "follower" else "planner"] for name in models},
+                    max_rel={name: TOLERANCES[names[f"{name}:precision"]]["relative"]
+                             for name in models}),
+                files=files,
+                provenance=Provenance(
+                    tool=opts.tool, tool_version=_version_string(), opset=OPSET,
+                    torch_version=opts.torch_version,
+                    onnxruntime_version=onnxruntime.__version__,
+                    checkpoints=dict(opts.checkpoints),
+                    created=created.isoformat(timespec="seconds")))
+
+        return seal(staged, out, manifest_for, opts.sign_key)
 
 
 def export_bundle(contract: Contract, modules: dict[str, Any], out: Path, opts: ExportOptions,
