@@ -25,6 +25,7 @@ def _top(args: argparse.Namespace) -> int:
 def _view(args: argparse.Namespace) -> int:
     from runtime.config import ConfigError, load_config
     from runtime.ipc.logs import setup_logging
+    from runtime.observe.foxglove_ws import FOXGLOVE_APP
     from runtime.observe.live_view import serve_view
 
     setup_logging()
@@ -34,7 +35,7 @@ def _view(args: argparse.Namespace) -> int:
     except ConfigError:
         joints = None
     return serve_view(cliopts.run_dir(args), args.host, args.port, args.frame_hz,
-                      args.duration, joints)
+                      args.duration, joints, (FOXGLOVE_APP, *args.allow_origin), args.json)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -144,10 +145,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_top)
 
     p = sc(sub, "view", "live view in Foxglove: a WebSocket server on 127.0.0.1 with the "
-           "recorder's channels", "duet view   # then on your laptop: ssh -L 8765:localhost:"
-           "8765 robot, and open ws://localhost:8765 in Foxglove")
+           "recorder's channels, for who has the token it prints", "duet view   # then on "
+           "your laptop: ssh -L 8765:localhost:8765 robot, and open the printed "
+           "ws://localhost:8765/?token=... in Foxglove")
     cliopts.add_config(p, overrides=False)
     cliopts.add_run_dir(p)
+    cliopts.add_json(p)
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin allowed besides the Foxglove app's "
+                   "(https://app.foxglove.dev), e.g. a self-hosted Foxglove; repeatable")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost "
                    "only; reach it over an SSH tunnel)")
     p.add_argument("--port", type=int, default=8765)
