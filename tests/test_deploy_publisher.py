@@ -4,7 +4,8 @@ format of runtime/ipc/messages.py. The records are made by the runtime's own wri
 follower's telemetry by its LoopFigures over a real FollowerCore (configs/sim.yaml) fed a
 steady loop, the planner's by a real PlannerShell running a scripted source. Run as a script:
 
-    python tests/test_deploy_publisher.py RUN_DIR [--fault-after S] [--duration S]
+    python tests/test_deploy_publisher.py RUN_DIR [--fault-after S [--bus-error TEXT]]
+        [--duration S]
 
 The follower's loop ticks every PERIODS_US in turn (so: 496.9 Hz, jitter p50 10, p99 50 and
 max 50 µs); the planner works on INSTRUCTION.
@@ -60,14 +61,16 @@ class FollowerWriter:
         self.core.start(time.monotonic_ns(), self.q, None)
         self.next_plan_ns = 0
 
-    def tick(self, t: float, fault: bool) -> None:
+    def tick(self, t: float, fault: bool, bus_error: str | None = None) -> None:
         now = time.monotonic_ns()
         self.q[:] = 0.2 + 0.1 * math.sin(t)
         if now >= self.next_plan_ns:
             self.core.offer_plan(np.tile(self.q, (10, 1)), 0.1, now, now)
             self.next_plan_ns = now + 200_000_000
         self.core.step(now, self.q, self.dq)
-        if fault:
+        if fault and bus_error is not None:  # the follower's path for a failed bus read
+            self.core.bus_failed(bus_error)
+        elif fault:
             self.core.fault(FAULT_REASON)
         self.core.transitions.clear()  # the shell's to apply; nothing to apply here
         self.bus.reads += 1
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--fault-after", type=float, default=None)
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--bus-error", default=None, help="the fault is this bus read's error "
+                        "(every tick from --fault-after), not FAULT_REASON")
     parser.add_argument("--state-hz", type=float, default=200.0)
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic() - start
         faulted = args.fault_after is not None and t >= args.fault_after
         ticks += 1
-        follower.tick(t, faulted)
+        follower.tick(t, faulted, args.bus_error)
         mode = follower.core.mode.name
         q = follower.q.astype(np.float32)
         socks["state"].send(enc["state"].encode("state", {

@@ -43,33 +43,64 @@ def _duet(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=REPO, timeout=60)
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed (apt: tmux)")
-def test_top_fits_80x24_and_says_why_and_what_next(tmp_path: Path) -> None:
-    """A real terminal of 80x24 (tmux): everything is on screen, the health line turns from
-    healthy to the fault with the next step, and q quits."""
-    run_dir = tmp_path / "run"
-    # the fault comes late enough for a slow start (textual, a loaded machine) to show TRACK
-    pub = _publish(run_dir, "--fault-after", "30", "--duration", "90")
-    session = f"duet-top-{tmp_path.name}"
-    sock = str(tmp_path / "tmux.sock")  # a private tmux server, nothing shared
-    tmux = ["tmux", "-S", sock]
-    cmd = f"{sys.executable} -m runtime.cli top --run-dir {run_dir} --refresh-hz 5"
-    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
-                    "-c", str(REPO), cmd], check=True, timeout=30)
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None,
+                                reason="tmux not installed (apt: tmux)")
 
-    def screen_when(*wanted: str, timeout_s: float = 25.0) -> str:
+
+class Terminal:
+    """`duet top` in a private tmux server at 80x24, read back with capture-pane."""
+
+    def __init__(self, tmp_path: Path, run_dir: Path) -> None:
+        self.session = f"duet-top-{tmp_path.name}"
+        self.tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]  # nothing shared
+        cmd = f"{sys.executable} -m runtime.cli top --run-dir {run_dir} --refresh-hz 5"
+        subprocess.run([*self.tmux, "new-session", "-d", "-s", self.session, "-x", "80",
+                        "-y", "24", "-c", str(REPO), cmd], check=True, timeout=30)
+
+    def screen_when(self, *wanted: str, timeout_s: float = 45.0) -> str:
         screen = ""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", session],
+            screen = subprocess.run([*self.tmux, "capture-pane", "-p", "-t", self.session],
                                     capture_output=True, text=True, timeout=10).stdout
             if all(w in screen for w in wanted):
                 break
             time.sleep(0.3)
         return screen
 
+    def quit(self) -> bool:
+        """q; True once the pane's process exited and the session went away."""
+        subprocess.run([*self.tmux, "send-keys", "-t", self.session, "q"], check=True,
+                       timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if subprocess.run([*self.tmux, "has-session", "-t", self.session],
+                              capture_output=True, timeout=10).returncode != 0:
+                return True
+            time.sleep(0.2)
+        return False
+
+    def close(self) -> None:
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True, timeout=10)
+
+
+def _fits(screen: str) -> None:
+    lines = screen.rstrip("\n").splitlines()
+    assert len(lines) <= 24 and "quit" in lines[-1], screen  # the footer: nothing cut
+    assert max(len(line) for line in lines) <= 80, screen
+
+
+@needs_tmux
+def test_top_fits_80x24_and_says_why_and_what_next(tmp_path: Path) -> None:
+    """A real terminal of 80x24 (tmux): everything is on screen, the health line turns from
+    healthy to the fault with the next step, and q quits."""
+    run_dir = tmp_path / "run"
+    # the fault comes late enough for a slow start (textual, a loaded machine) to show TRACK
+    pub = _publish(run_dir, "--fault-after", "30", "--duration", "90")
+    term = Terminal(tmp_path, run_dir)
     try:
-        screen = screen_when("TRACK", "put the red cube in the", "healthy")
+        screen = term.screen_when("TRACK", "put the red cube in the", "healthy", "wrist_pitch",
+                                  "quit")
         assert "TRACK" in screen and "healthy" in screen, screen
         # the publisher's loop ticks at PERIODS_US in turn: its figures, as the follower's own
         # LoopFigures computes them
@@ -77,30 +108,92 @@ def test_top_fits_80x24_and_says_why_and_what_next(tmp_path: Path) -> None:
         assert "p50 10 p99 50 max 50" in screen  # jitter, µs
         assert re.search(r"wrist_pitch\s+[+-]\d\.\d{3}\s+[+-]\d+\.\d", screen), screen  # q, mrad
         assert "put the red cube in the" in screen  # folded at 80 columns
-        assert "quit" in screen.splitlines()[-1]  # the footer: nothing cut at the bottom
-        assert max(len(line) for line in screen.splitlines()) <= 80
-        screen = screen_when("FAULT", "duet reset", timeout_s=45.0)
+        _fits(screen)
+        screen = term.screen_when("FAULT", "duet reset", "quit")
         assert "follower: FAULT: bus errors past threshold" in screen, screen
         assert "next: check the robot (the reason above), then: duet reset" in screen
-        assert len(screen.rstrip("\n").splitlines()) <= 24 and "quit" in screen
-        # q quits: the pane's process exits and the session goes away
-        subprocess.run([*tmux, "send-keys", "-t", session, "q"], check=True, timeout=10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            alive = subprocess.run([*tmux, "has-session", "-t", session],
-                                   capture_output=True, timeout=10).returncode == 0
-            if not alive:
-                break
-            time.sleep(0.2)
-        assert not alive, "duet top did not quit on q"
+        _fits(screen)
+        assert term.quit(), "duet top did not quit on q"
     finally:
-        subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)
+        term.close()
         pub.kill()
         pub.wait()
 
 
+def _six_motors_silent() -> str:
+    """The error a Dynamixel bus read gives when none of the arm's six servos answers: the
+    real driver against the emulated servos on a pty."""
+    from sim_arm import IDS, JOINTS
+
+    from drivers.bus import BusError, MotorState
+    from drivers.dynamixel import DynamixelBus
+    from sim.actuators import Actuators
+    from sim.dynamixel_emulator import DynamixelEmulator
+
+    actuators = Actuators(N_JOINTS)
+    emulator = DynamixelEmulator(actuators, IDS)
+    emulator.open()
+    emulator.start()
+    bus = DynamixelBus(emulator.path, 4_000_000, IDS, JOINTS, timeout_ms=50.0, retries=0)
+    try:
+        bus.open()
+        actuators.silent[:] = True
+        with pytest.raises(BusError) as failed:
+            bus.read(MotorState(N_JOINTS))
+    finally:
+        bus.close()
+        emulator.stop()
+    assert failed.value.args[0].count("no reply") == N_JOINTS == 6
+    return str(failed.value.args[0])
+
+
+@needs_tmux
+def test_top_at_80x24_keeps_the_headline_and_next_step_when_six_motors_time_out(
+        tmp_path: Path) -> None:
+    """Six silent servos: the reason names each one (~270 characters). It used to wrap
+    through a dozen rows of the follower panel and push what is wrong and what to do off
+    the screen; it is summarised, and the headline and next step come first."""
+    reason = _six_motors_silent()
+    run_dir = tmp_path / "run"
+    pub = _publish(run_dir, "--fault-after", "0", "--bus-error", reason, "--duration", "90")
+    term = Terminal(tmp_path, run_dir)
+    try:
+        screen = term.screen_when("FAULT", "duet reset", "wrist_pitch", "quit")
+        lines = screen.splitlines()
+        headline = next((i for i, line in enumerate(lines)
+                         if line.startswith("follower: FAULT: bus: sync read: 6 motors: no "
+                                            "reply within 50.0 ms (base_yaw,")), None)
+        assert headline is not None, screen
+        assert "next: check the robot (the reason above), then: duet reset" in screen, screen
+        assert headline < next(i for i, line in enumerate(lines) if "loop rate" in line)
+        mode = next(line for line in lines if line.startswith("mode"))
+        assert "FAULT  bus: sync read: 6" in mode  # one row in the panel, not a dozen
+        assert screen.count("no reply") == 1, screen  # the headline says it, once
+        _fits(screen)
+    finally:
+        term.close()
+        pub.kill()
+        pub.wait()
+
+
+@pytest.mark.parametrize(("reason", "summary"), [
+    ("bus: sync read: no reply within 5.0 ms from elbow (id 3); CRC error from gripper (id 6)",
+     "bus: sync read: elbow: no reply within 5.0 ms; gripper: CRC error"),
+    # not per-motor clauses: as it is
+    ("no MIT reply within 2 ms from a, b, c", "no MIT reply within 2 ms from a, b, c"),
+    ("deadline-miss storm: 40 of the last 100 ticks late; and more",
+     "deadline-miss storm: 40 of the last 100 ticks late; and more"),
+])
+def test_a_reason_is_summarised_only_where_it_repeats_per_motor(reason: str,
+                                                                 summary: str) -> None:
+    from runtime.observe.reasons import summarize
+
+    assert summarize(reason) == summary
+
+
 def test_status_json_and_exit_code(publisher: Path) -> None:
-    out = _duet("status", "--run-dir", str(publisher), "--json")
+    # a sample of each comes in well under a second; the timeout is for a loaded machine
+    out = _duet("status", "--run-dir", str(publisher), "--json", "--timeout", "15")
     assert out.returncode == 0, out.stderr
     sample = json.loads(out.stdout)
     assert sample["follower"]["mode"] == "TRACK"
@@ -111,7 +204,7 @@ def test_status_json_and_exit_code(publisher: Path) -> None:
     assert all(isinstance(e, float) and abs(e) < 0.2 for e in err)
     latency = sample["planner"]["latency_ms"]  # the planner shell's own figures
     assert 0 < latency["p50"] <= latency["p99"]
-    text = _duet("status", "--run-dir", str(publisher))
+    text = _duet("status", "--run-dir", str(publisher), "--timeout", "15")
     assert "TRACK" in text.stdout and "planning" in text.stdout
 
 

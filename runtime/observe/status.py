@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from runtime.ipc.follower_mode import LATCHED_MODES
+from runtime.observe.reasons import summarize
 from runtime.observe.subscriber import TelemetrySubscriber
 from runtime.observe.telemetry_view import render, to_jsonable
 
@@ -129,8 +131,9 @@ def run(args: argparse.Namespace, run_dir: str) -> int:
     else:
         console = Console()
         console.print(render(sample, title=f"duet status  ({run_dir})"))
-        for why, step in found:
-            console.print(f"[bold red]{why}[/]\n  next: {step}", highlight=False)
+        for why, step in found:  # the JSON above keeps each reason in full
+            console.print(f"[bold red]{escape(summarize(why))}[/]\n  next: {escape(step)}",
+                          highlight=False)
         if not found:
             console.print("[green]healthy[/]")
     return 0 if not found else 1

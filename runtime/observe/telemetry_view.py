@@ -12,6 +12,7 @@ from rich.text import Text
 
 from runtime.follower.records import FollowerTelemetry
 from runtime.ipc.messages import MessageError, unpack_array
+from runtime.observe.reasons import summarize
 from runtime.planner.records import PlannerTelemetry
 
 MODE_STYLE = {"TRACK": "bold green", "HOLD": "bold yellow", "INIT": "bold cyan",
@@ -65,9 +66,11 @@ def follower_table(t: FollowerTelemetry | None, age_s: float | None) -> Table:
         table.add_row("state", Text("no telemetry (not running?)", style="bold red"))
         return table
     mode = str(t.get("mode", "?"))
-    mode_text = Text(mode, style=MODE_STYLE.get(mode, "bold"))
+    # one row: the reason in full is below (top, status) or in --json, never a dozen rows here
+    mode_text = Text(mode, style=MODE_STYLE.get(mode, "bold"), no_wrap=True,
+                     overflow="ellipsis")
     if t.get("fault_reason"):
-        mode_text.append(f"  {t['fault_reason']}", style="red")
+        mode_text.append(f"  {summarize(str(t['fault_reason']))}", style="red")
     table.add_row("mode", mode_text)
     rate = f"{_num(t.get('achieved_hz'))} / {_num(t.get('target_hz'), '{:.0f}')} Hz"
     table.add_row("loop rate", rate)

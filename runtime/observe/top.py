@@ -1,13 +1,15 @@
 """`duet top`: live follower and planner telemetry for an SSH terminal, on textual.
 
-Fits 80x24: the follower on the left; joints and planner on the right; below them why the
-robot is not healthy and the next step (runtime/observe/status.py); `q` quits. Without a
-terminal (a pipe, a log) it prints the same screen once a second instead.
+Fits 80x24: first why the robot is not healthy and the next step (runtime/observe/status.py;
+a reason summarised to two rows at most, so the next step always shows); below, the follower
+on the left, joints and planner on the right (cut at the bottom on a short terminal); `q`
+quits. Without a terminal (a pipe, a log) it prints the same screen once a second instead.
 """
 
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 from typing import Any, ClassVar
 
@@ -17,21 +19,29 @@ from textual.app import App, ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Footer, Static
 
+from runtime.observe.reasons import summarize
 from runtime.observe.status import diagnosis, setting
 from runtime.observe.subscriber import TelemetrySubscriber
 from runtime.observe.telemetry_view import follower_table, joints_table, planner_table
 
 STALE_S = 2.0  # a source silent this long is shown as gone, not as its last good numbers
+SHOWN = 2  # problems on screen (each at most 4 rows); the rest: duet status
 
 
-def health_text(latest: dict[str, Any], where: str) -> Text:
+def health_text(latest: dict[str, Any], where: str, width: int) -> Text:
+    """Why the robot is not healthy and what to do, in at most 2 + 2 rows per problem."""
     found = diagnosis(latest, where)
     if not found:
         return Text("healthy", style="bold green")
     text = Text()
-    for why, step in found:
-        text.append(f"{why}\n", style="bold red")
-        text.append(f"  next: {step}\n")
+    for why, step in found[:SHOWN]:
+        for line in textwrap.wrap(summarize(why), width, max_lines=2, placeholder=" …"):
+            text.append(f"{line}\n", style="bold red")
+        for line in textwrap.wrap(step, width, initial_indent="  next: ",
+                                  subsequent_indent="        ", max_lines=2, placeholder=" …"):
+            text.append(f"{line}\n")
+    if len(found) > SHOWN:
+        text.append(f"and {len(found) - SHOWN} more: duet status\n", style="red")
     text.rstrip()
     return text
 
@@ -40,10 +50,10 @@ class TopApp(App[int]):
     CSS = """
     Screen { layout: vertical; }
     #title { height: 1; background: $boost; }
-    #panels { height: auto; }
-    #follower { width: 1fr; }
+    #health { height: auto; margin-bottom: 1; }
+    #panels { height: 1fr; }
+    #follower { width: 1fr; padding-right: 1; }
     #right { width: 1fr; }
-    #health { height: auto; margin-top: 1; }
     """
     BINDINGS: ClassVar = [("q", "quit", "quit"), ("ctrl+c", "quit", "quit")]
 
@@ -56,10 +66,10 @@ class TopApp(App[int]):
 
     def compose(self) -> ComposeResult:
         yield Static(f"duet top  {self.run_dir}", id="title")
+        yield Static(id="health")
         with Horizontal(id="panels"):
             yield Static(id="follower")
             yield Static(id="right")
-        yield Static(id="health")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -79,7 +89,8 @@ class TopApp(App[int]):
             right.append(joints)
         right.append(planner_table(latest.get("planner"), ages.get("planner")))
         self.query_one("#right", Static).update(Group(*right))
-        self.query_one("#health", Static).update(health_text(latest, setting(self.run_dir)))
+        self.query_one("#health", Static).update(health_text(latest, setting(self.run_dir),
+                                                             self.size.width))
 
     def on_unmount(self) -> None:
         self.sub.close()
@@ -104,7 +115,7 @@ def _print_loop(run_dir: str, refresh_hz: float, duration_s: float | None) -> in
             sub.poll(1.0 / refresh_hz)
             latest, ages = sample(sub)
             console.print(render(latest, ages, title=f"duet top  {run_dir}"),
-                          health_text(latest, setting(run_dir)))
+                          health_text(latest, setting(run_dir), console.width))
             time.sleep(max(0.0, 1.0 - 1.0 / refresh_hz))
     except KeyboardInterrupt:
         pass
