@@ -30,7 +30,7 @@ def _publish(run_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
 @pytest.fixture
 def publisher(tmp_path: Path) -> Iterator[Path]:
     run_dir = tmp_path / "run"
-    proc = _publish(run_dir, "--duration", "30")
+    proc = _publish(run_dir, "--duration", "120")  # killed at teardown; long for a loaded host
     try:
         yield run_dir
     finally:
