@@ -15,16 +15,26 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from drivers import servo_wire
+from drivers.servo_wire import (
+    PacketStream,
+    SyncReplies,
+    check_id,
+    sync_read_ids,
+    sync_write_params,
+)
+
 HEADER = b"\xff\xff\xfd\x00"
+BROADCAST_ID = servo_wire.BROADCAST_ID
+MAX_ID = servo_wire.MAX_ID
 _STUFF_PATTERN = b"\xff\xff\xfd"
 _STUFFED = b"\xff\xff\xfd\xfd"
-BROADCAST_ID = 0xFE
-MAX_ID = 0xFC
+FAMILY = "Dynamixel"  # in messages
 HEADER_BYTES = 7  # header(4) + id + length(2)
 STATUS_OVERHEAD = 11  # header, id, length, instruction, error, crc(2)
 
@@ -195,11 +205,6 @@ def unstuff(payload: bytes | bytearray) -> bytes:
     return bytes(payload).replace(_STUFFED, _STUFF_PATTERN)
 
 
-def _check_id(dxl_id: int, allow_broadcast: bool = True) -> None:
-    if not (0 <= dxl_id <= MAX_ID or (allow_broadcast and dxl_id == BROADCAST_ID)):
-        raise ValueError(f"Dynamixel id {dxl_id} out of range 0..{MAX_ID}")
-
-
 def _frame(dxl_id: int, body: bytes) -> bytes:
     """Header + id + length + stuffed(body) + CRC; `body` starts with the instruction byte."""
     if _STUFF_PATTERN in body:
@@ -213,12 +218,12 @@ def _frame(dxl_id: int, body: bytes) -> bytes:
 
 
 def instruction_packet(dxl_id: int, instruction: int, params: bytes = b"") -> bytes:
-    _check_id(dxl_id)
+    check_id(dxl_id, FAMILY)
     return _frame(dxl_id, bytes((instruction,)) + params)
 
 
 def status_packet(dxl_id: int, error: int, params: bytes = b"") -> bytes:
-    _check_id(dxl_id, allow_broadcast=False)
+    check_id(dxl_id, FAMILY, allow_broadcast=False)
     return _frame(dxl_id, bytes((STATUS, error & 0xFF)) + params)
 
 
@@ -239,23 +244,13 @@ def reboot_packet(dxl_id: int) -> bytes:
 
 
 def sync_read_packet(address: int, length: int, ids: Sequence[int]) -> bytes:
-    for i in ids:
-        _check_id(i, allow_broadcast=False)
-    params = struct.pack("<HH", address, length) + bytes(ids)
+    params = struct.pack("<HH", address, length) + sync_read_ids(ids, FAMILY)
     return instruction_packet(BROADCAST_ID, SYNC_READ, params)
 
 
 def sync_write_packet(address: int, length: int, data: Mapping[int, bytes]) -> bytes:
-    params = bytearray(struct.pack("<HH", address, length))
-    for dxl_id, value in data.items():
-        _check_id(dxl_id, allow_broadcast=False)
-        if len(value) != length:
-            raise ValueError(
-                f"sync write data for id {dxl_id} has {len(value)} bytes, expected {length}"
-            )
-        params.append(dxl_id)
-        params += value
-    return instruction_packet(BROADCAST_ID, SYNC_WRITE, bytes(params))
+    params = sync_write_params(struct.pack("<HH", address, length), length, data, FAMILY)
+    return instruction_packet(BROADCAST_ID, SYNC_WRITE, params)
 
 
 @dataclass(frozen=True)
@@ -301,7 +296,7 @@ def parse_packet(data: bytes | bytearray) -> Packet:
     return _decode_body(data[4], unstuff(data[HEADER_BYTES:end]))
 
 
-class StreamParser:
+class StreamParser(PacketStream):
     """Incremental parser: feed arbitrary chunks, iterate over the complete valid packets.
 
     Garbage before a header is skipped and counted; a bad length or CRC drops that header and
@@ -310,28 +305,7 @@ class StreamParser:
     """
 
     def __init__(self, max_length: int = 1024) -> None:
-        self.max_length = max_length
-        self._buf = bytearray()
-        self.crc_errors = 0
-        self.length_errors = 0
-        self.garbage_bytes = 0
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
-
-    def clear(self) -> None:
-        self._buf.clear()
-
-    @property
-    def pending(self) -> int:
-        return len(self._buf)
-
-    def __iter__(self) -> Iterator[Packet]:
-        while True:
-            packet = self.next_packet()
-            if packet is None:
-                return
-            yield packet
+        super().__init__(max_length)
 
     def next_packet(self) -> Packet | None:
         buf = self._buf
@@ -388,7 +362,7 @@ def decode_hardware_error(bits: int) -> list[str]:
 LOST_REPLY = "no reply (the next motor answered first)"
 
 
-class SyncReplyParser:
+class SyncReplyParser(SyncReplies):
     """The status packets answering one SYNC READ, resolved motor by motor as bytes arrive.
 
     What makes it resynchronise at once instead of waiting out the timeout:
@@ -409,49 +383,17 @@ class SyncReplyParser:
     stuffed: the unstuffed data is in `unstuffed[k]`).
     """
 
+    lost_reply = LOST_REPLY
+
     def __init__(self, ids: Sequence[int], data_len: int) -> None:
-        self.ids = list(ids)
-        self.n = len(self.ids)
-        self.data_len = data_len
-        self._index = {dxl_id: k for k, dxl_id in enumerate(self.ids)}
+        super().__init__(ids, data_len)
         self._min_len, self._max_len = data_len + 4, data_len + 4 + data_len // 3 + 1
         self._reply_bytes = HEADER_BYTES + self._min_len  # an unstuffed reply, header to CRC
-        self.seen = [False] * self.n
-        self.bad: list[str | None] = [None] * self.n
-        self.error = [0] * self.n  # status error byte of each seen reply
-        self.offset = [0] * self.n
-        self.unstuffed: list[bytes] = [b""] * self.n
-        self.pos = 0
         self._tail = 0  # where the bytes no packet accounts for start
-        self.left = self.n  # motors neither seen nor blamed
-        self._first = 0  # no motor before this one is unsettled
-        self.crc_errors = self.length_errors = self.stray = 0
 
     def reset(self) -> None:
-        for k in range(self.n):
-            self.seen[k] = False
-            self.bad[k] = None
-        self.pos = self._first = self._tail = 0
-        self.left = self.n
-
-    @property
-    def settled(self) -> bool:
-        return self.left == 0
-
-    def unsettled(self) -> list[int]:
-        return [k for k in range(self._first, self.n)
-                if not self.seen[k] and self.bad[k] is None]
-
-    def _settle(self, k: int, reason: str | None) -> None:
-        """Motor k (unsettled) is seen (reason None) or blamed."""
-        self.left -= 1
-        if reason is None:
-            self.seen[k] = True
-        else:
-            self.bad[k] = reason
-        while self._first < self.n and (self.seen[self._first]
-                                        or self.bad[self._first] is not None):
-            self._first += 1
+        super().reset()
+        self._tail = 0
 
     def feed(self, rx: bytearray, got: int) -> bool:
         """Parse rx[pos:got]; True once every motor is settled (seen, or blamed)."""
@@ -468,21 +410,21 @@ class SyncReplyParser:
             k = self._index.get(rx[h + 4], -1)
             if length != 4 and not self._min_len <= length <= self._max_len:
                 self.length_errors += 1
-                self._blame(f"length field {length} (a reply has {self._min_len})")
+                self._blame_first(f"length field {length} (a reply has {self._min_len})")
                 pos, self._tail = h + 1, h + self._reply_bytes
                 continue
             end = h + HEADER_BYTES + length
             inner = rx.find(HEADER, h + 4, min(end + 3, got))  # a header starting inside
             if inner >= 0:  # a real packet never contains a header: this one was cut short
                 self.length_errors += 1
-                self._blame("reply cut short by the next packet")
+                self._blame_first("reply cut short by the next packet")
                 self._tail = pos = inner
                 continue
             reply_end = h + self._reply_bytes
             if length > self._min_len and got >= reply_end \
                     and rx.find(_STUFF_PATTERN, h + HEADER_BYTES, reply_end) < 0:
                 self.length_errors += 1  # the first stuffing would lie within the reply's extent
-                self._blame(f"length field {length} (a reply has {self._min_len},"
+                self._blame_first(f"length field {length} (a reply has {self._min_len},"
                                " more only with stuffing)")
                 pos, self._tail = h + 1, reply_end
                 continue
@@ -491,21 +433,15 @@ class SyncReplyParser:
                 break
             if crc16(rx, h, end - 2) != rx[end - 2] | (rx[end - 1] << 8):
                 self.crc_errors += 1
-                self._blame("CRC error in the reply")
+                self._blame_first("CRC error in the reply")
                 pos, self._tail = h + 1, end
                 continue
             pos = self._tail = end
             if k < 0 or self.seen[k] or rx[h + 7] != STATUS:
                 self.stray += 1  # not an answer to this request (a late or foreign packet)
                 continue
-            for earlier in range(self._first, k):  # replies come in request order: lost
-                if not self.seen[earlier] and self.bad[earlier] is None:
-                    self._settle(earlier, LOST_REPLY)
-            if self.bad[k] is None:
-                self._settle(k, None)
-            else:  # blamed for a stray packet, yet its reply came: the blame was wrong
-                self.seen[k], self.bad[k] = True, None
-            error = self.error[k] = rx[h + 8]
+            error = rx[h + 8]
+            self._heard(k, error)
             if error & 0x7F:
                 self.bad[k] = "status " + RESULT_NAMES.get(error & 0x7F, f"error {error & 0x7F}")
             elif length == self._min_len:
@@ -517,13 +453,7 @@ class SyncReplyParser:
                 self.offset[k], self.unstuffed[k] = -1, data
         while self.left and got - self._tail >= self._reply_bytes \
                 and rx.find(HEADER, self._tail, got) < 0:
-            self._blame("garbled reply (no header)")
+            self._blame_first("garbled reply (no header)")
             self._tail += self._reply_bytes
         self.pos = pos
         return self.left == 0
-
-    def _blame(self, reason: str) -> None:
-        if self._first == self.n:
-            self.stray += 1
-            return
-        self._settle(self._first, reason)

@@ -19,12 +19,22 @@ protocol_packet_handler, sms_sts and scscl) by tests/test_feetech_conformance.py
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from drivers import servo_wire
+from drivers.servo_wire import (
+    PacketStream,
+    SyncReplies,
+    check_id,
+    sync_read_ids,
+    sync_write_params,
+)
+
 HEADER = b"\xff\xff"
-BROADCAST_ID = 0xFE
-MAX_ID = 0xFC  # scservo_def.MAX_ID
+BROADCAST_ID = servo_wire.BROADCAST_ID
+MAX_ID = servo_wire.MAX_ID  # scservo_def.MAX_ID
+FAMILY = "Feetech"  # in messages
 HEADER_BYTES = 4  # FF FF, id, length
 STATUS_OVERHEAD = 6  # header(2), id, length, error, checksum
 
@@ -180,11 +190,6 @@ def unword(data: bytes | bytearray | memoryview, at: int = 0, series: Series = S
     return lo | (hi << 8)
 
 
-def _check_id(servo_id: int, allow_broadcast: bool = True) -> None:
-    if not (0 <= servo_id <= MAX_ID or (allow_broadcast and servo_id == BROADCAST_ID)):
-        raise ValueError(f"Feetech id {servo_id} out of range 0..{MAX_ID}")
-
-
 def _frame(servo_id: int, code: int, params: bytes) -> bytes:
     if len(params) > 250 - STATUS_OVERHEAD:  # the SDK's TXPACKET_MAX_LEN
         raise ValueError(f"{len(params)} parameter bytes do not fit one packet")
@@ -196,12 +201,12 @@ def _frame(servo_id: int, code: int, params: bytes) -> bytes:
 
 
 def instruction_packet(servo_id: int, instruction: int, params: bytes = b"") -> bytes:
-    _check_id(servo_id)
+    check_id(servo_id, FAMILY)
     return _frame(servo_id, instruction, params)
 
 
 def status_packet(servo_id: int, error: int, params: bytes = b"") -> bytes:
-    _check_id(servo_id, allow_broadcast=False)
+    check_id(servo_id, FAMILY, allow_broadcast=False)
     return _frame(servo_id, error & 0x7F, params)
 
 
@@ -226,21 +231,13 @@ def action_packet(servo_id: int = BROADCAST_ID) -> bytes:
 
 
 def sync_read_packet(address: int, length: int, ids: Sequence[int]) -> bytes:
-    for i in ids:
-        _check_id(i, allow_broadcast=False)
-    return instruction_packet(BROADCAST_ID, SYNC_READ, bytes((address, length, *ids)))
+    params = bytes((address, length)) + sync_read_ids(ids, FAMILY)
+    return instruction_packet(BROADCAST_ID, SYNC_READ, params)
 
 
 def sync_write_packet(address: int, length: int, data: Mapping[int, bytes]) -> bytes:
-    params = bytearray((address, length))
-    for servo_id, value in data.items():
-        _check_id(servo_id, allow_broadcast=False)
-        if len(value) != length:
-            raise ValueError(f"sync write data for id {servo_id} has {len(value)} bytes, "
-                             f"expected {length}")
-        params.append(servo_id)
-        params += value
-    return instruction_packet(BROADCAST_ID, SYNC_WRITE, bytes(params))
+    params = sync_write_params(bytes((address, length)), length, data, FAMILY)
+    return instruction_packet(BROADCAST_ID, SYNC_WRITE, params)
 
 
 @dataclass(frozen=True)
@@ -268,29 +265,16 @@ def decode_errors(bits: int) -> list[str]:
     return [ERROR_NAMES.get(1 << b, f"bit {b}") for b in range(8) if bits & (1 << b)]
 
 
-class StreamParser:
+class StreamParser(PacketStream):
     """Incremental parser: feed chunks, iterate over the complete valid packets.
 
     Bytes before a header are skipped and counted; a header whose id, length or checksum is
     impossible is dropped one byte at a time, so the next real header is found (FF FF inside a
-    packet's params can fake a header: its checksum fails and the scan moves on)."""
+    packet's params can fake a header: its checksum fails (`crc_errors`) and the scan moves
+    on)."""
 
     def __init__(self, max_length: int = 250) -> None:
-        self.max_length = max_length
-        self._buf = bytearray()
-        self.checksum_errors = 0
-        self.length_errors = 0
-        self.garbage_bytes = 0
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
-
-    def clear(self) -> None:
-        self._buf.clear()
-
-    def __iter__(self) -> Iterator[Packet]:
-        while (packet := self.next_packet()) is not None:
-            yield packet
+        super().__init__(max_length)
 
     def next_packet(self) -> Packet | None:
         buf = self._buf
@@ -319,7 +303,7 @@ class StreamParser:
             if len(buf) < total:
                 return None
             if checksum(buf, 2, total - 1) != buf[total - 1]:
-                self.checksum_errors += 1
+                self.crc_errors += 1
                 del buf[:1]
                 continue
             packet = Packet(buf[2], buf[4], bytes(buf[5 : total - 1]))
@@ -331,7 +315,7 @@ LOST_REPLY = "no reply (the next servo answered first)"
 GARBLED_REPLY = "reply garbled (header or id)"
 
 
-class SyncReplyParser:
+class SyncReplyParser(SyncReplies):
     """The status packets answering one SYNC READ, resolved servo by servo as bytes arrive.
 
     Every reply has the same, known length (`data_len` + 6), and the servos answer in the
@@ -345,54 +329,19 @@ class SyncReplyParser:
     `offset[k]` is where servo k's data starts in the receive buffer.
     """
 
+    lost_reply = LOST_REPLY
+
     def __init__(self, ids: Sequence[int], data_len: int) -> None:
-        self.ids = list(ids)
-        self.n = len(self.ids)
-        self.data_len = data_len
+        super().__init__(ids, data_len)
         self.reply_len = data_len + STATUS_OVERHEAD
         self.expected = self.n * self.reply_len  # bytes of every reply together
-        self._index = {servo_id: k for k, servo_id in enumerate(self.ids)}
-        self.seen = [False] * self.n
-        self.bad: list[str | None] = [None] * self.n
-        self.error = [0] * self.n
-        self.offset = [0] * self.n
-        self.pos = 0
-        self.left = self.n
-        self._first = 0
-        self.checksum_errors = self.length_errors = self.stray = 0
-
-    def reset(self) -> None:
-        for k in range(self.n):
-            self.seen[k] = False
-            self.bad[k] = None
-            self.error[k] = 0
-        self.pos = self._first = 0
-        self.left = self.n
-
-    @property
-    def settled(self) -> bool:
-        return self.left == 0
-
-    def unsettled(self) -> list[int]:
-        return [k for k in range(self._first, self.n) if not self.seen[k] and self.bad[k] is None]
-
-    def _settle(self, k: int, reason: str | None) -> None:
-        self.left -= 1
-        if reason is None:
-            self.seen[k] = True
-        else:
-            self.bad[k] = reason
-        while self._first < self.n and (self.seen[self._first]
-                                        or self.bad[self._first] is not None):
-            self._first += 1
 
     def _blame(self, k: int, reason: str) -> None:
+        """The servo the id byte names when that one is unsettled, else the first unsettled."""
         if k < 0 or self.seen[k] or self.bad[k] is not None:
-            if self._first == self.n:
-                self.stray += 1
-                return
-            k = self._first
-        self._settle(k, reason)
+            self._blame_first(reason)
+        else:
+            self._settle(k, reason)
 
     def feed(self, rx: bytearray, got: int) -> bool:
         """Parse rx[pos:got]; True once every servo is settled (seen, or blamed)."""
@@ -420,7 +369,7 @@ class SyncReplyParser:
                 pos = h
                 break
             if checksum(rx, h + 2, end - 1) != rx[end - 1]:
-                self.checksum_errors += 1
+                self.crc_errors += 1
                 self._blame(k, "checksum error in the reply")
                 pos = h + 1
                 continue
@@ -428,14 +377,7 @@ class SyncReplyParser:
             if k < 0 or self.seen[k]:
                 self.stray += 1  # not an answer to this request
                 continue
-            for earlier in range(self._first, k):  # replies come in request order: lost
-                if not self.seen[earlier] and self.bad[earlier] is None:
-                    self._settle(earlier, LOST_REPLY)
-            if self.bad[k] is None:
-                self._settle(k, None)
-            else:  # blamed for a corrupt candidate, yet its reply came: the blame was wrong
-                self.seen[k], self.bad[k] = True, None
-            self.error[k] = rx[h + 4]
+            self._heard(k, rx[h + 4])
             self.offset[k] = h + 5
         self.pos = pos
         if self.left and got >= self.expected:  # every reply's bytes are in: the rest garbled

@@ -281,7 +281,7 @@ def test_hardware_error_raises_motor_fault(bus: DynamixelBus, actuators: Actuato
     bus.enable_torque(True)
     actuators.hw_error[1] = HW_OVERLOAD
     state = MotorState(6)
-    with pytest.raises(MotorFault, match="shoulder: overload") as info:
+    with pytest.raises(MotorFault, match=r"shoulder \(id 2\): overload") as info:
         bus.read(state)
     assert info.value.motor == "shoulder"
     assert state.error_flags[1] == HW_OVERLOAD and state.error_flags.sum() == HW_OVERLOAD

@@ -243,13 +243,13 @@ def test_duet_reboot_recovers_an_overloaded_servo_and_status_says_why_now(
         stack.wait_mode("HOLD", 15)
         stack.sim_fault("overload", joint=2)
         stack.wait_mode("FAULT", 2.0)
-        assert "elbow: overload" in stack.telemetry()["fault_reason"]
+        assert "elbow (id 3): overload" in stack.telemetry()["fault_reason"]
         reset = duet("reset")  # the servo keeps its error latched: no way out this way
-        assert reset.returncode == 1 and "elbow: overload" in reset.stderr, reset
+        assert reset.returncode == 1 and "elbow (id 3): overload" in reset.stderr, reset
         wrong = duet("reboot", "shoulder")  # the shoulder reboots; the elbow still faults
-        assert wrong.returncode == 1 and "elbow: overload" in wrong.stderr, wrong
+        assert wrong.returncode == 1 and "elbow (id 3): overload" in wrong.stderr, wrong
         reason = stack.telemetry()["fault_reason"]
-        assert reason.startswith("bus not back: ") and "elbow: overload" in reason, reason
+        assert reason.startswith("bus not back: ") and "elbow (id 3): overload" in reason, reason
         assert duet("reboot", "tail").returncode == 1  # not a joint: refused, nothing done
         done = duet("reboot", "elbow")
         assert done.returncode == 0, done

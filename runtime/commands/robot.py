@@ -249,8 +249,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = cliopts.subcommand(
         sub, "reboot", "clear a motor's latched hardware error (overload, overheating), then "
         "reset", "duet reboot elbow --run-dir runs/demo",
-        description="For a FAULT like 'hardware error: elbow: overload': the follower clears "
-        "the named motors' latched error (Dynamixel: the REBOOT instruction; Damiao: the "
+        description="For a FAULT like 'hardware error: elbow (id 3): overload': the follower "
+        "clears the named motors' latched error (Dynamixel: the REBOOT instruction; Damiao: the "
         "clear-error frame; CubeMars, MyActuator, generic MIT and Feetech have none over the "
         "wire: it says to power-cycle the motor), then resets as `duet reset` does: re-reads "
         "the motors and holds where they are. Exit 1 when the motor or the reset failed (the "
