@@ -146,7 +146,7 @@ def feetech_section(args: argparse.Namespace) -> list[Row]:
     import scservo_sdk as scs
 
     from drivers import feetech_protocol as ft
-    from drivers.bus_budget import feetech_tick_us
+    from drivers.bus_budget import FEETECH_PACKETS
     from drivers.feetech import FeetechBus
 
     baud = 1_000_000
@@ -189,7 +189,7 @@ def feetech_section(args: argparse.Namespace) -> list[Row]:
         errors = bus.stats.errors
         bus.close()
         port.closePort()
-    computed = feetech_tick_us(baud, args.servos)
+    computed = FEETECH_PACKETS.tick_us(baud, args.servos)
     ratio = float(np.median(sdk_us) / np.median(duet_us))
     return [
         Row("feetech", "duet FeetechBus", len(duet_us), *_stats(duet_us),

@@ -85,45 +85,37 @@ def can_mit_tick_us(bitrate: int, n_motors: int, command_dlc: int = 8, reply_dlc
                        + can_frame_us(reply_dlc, bitrate, fd, data_bitrate))
 
 
-def dynamixel_tick_bytes(n_motors: int, read_bytes: int = 10, write_bytes: int = 4) -> int:
-    """Sync Read instruction + n status packets + one Sync Write.
+@dataclass(frozen=True)
+class SerialPackets:
+    """A serial-servo protocol's tick on the wire: its packet sizes in bytes and the data a
+    tick reads back and writes per servo."""
 
-    Defaults: X-series present current, velocity and position (addresses 126..137, 10 bytes)
-    read back; goal position (4 bytes) written.
-    """
-    sync_read = _DXL_SYNC_READ_FIXED + n_motors
-    status = n_motors * (_DXL_STATUS_FIXED + read_bytes)
-    sync_write = _DXL_SYNC_WRITE_FIXED + n_motors * (1 + write_bytes)
-    return sync_read + status + sync_write
+    sync_read_fixed: int  # + 1 byte per id
+    status_fixed: int  # + the data read back
+    sync_write_fixed: int  # + (1 + the data written) per id
+    read_bytes: int
+    write_bytes: int
 
+    def tick_bytes(self, n_motors: int) -> int:
+        """Sync Read instruction + n status packets + one Sync Write."""
+        sync_read = self.sync_read_fixed + n_motors
+        status = n_motors * (self.status_fixed + self.read_bytes)
+        sync_write = self.sync_write_fixed + n_motors * (1 + self.write_bytes)
+        return sync_read + status + sync_write
 
-def dynamixel_tick_us(
-    baudrate: int,
-    n_motors: int,
-    read_bytes: int = 10,
-    write_bytes: int = 4,
-    return_delay_us: float = 0.0,
-) -> float:
-    wire = dynamixel_tick_bytes(n_motors, read_bytes, write_bytes) * UART_BITS_PER_BYTE * 1e6
-    return wire / baudrate + n_motors * return_delay_us
-
-
-def feetech_tick_bytes(n_motors: int, read_bytes: int = 8, write_bytes: int = 2) -> int:
-    """Sync Read instruction + n status packets + one Sync Write.
-
-    Defaults: STS present position, speed, load, voltage and temperature (addresses 56..63,
-    8 bytes) read back; goal position (2 bytes) written.
-    """
-    sync_read = _FT_SYNC_READ_FIXED + n_motors
-    status = n_motors * (_FT_STATUS_FIXED + read_bytes)
-    sync_write = _FT_SYNC_WRITE_FIXED + n_motors * (1 + write_bytes)
-    return sync_read + status + sync_write
+    def tick_us(self, baudrate: int, n_motors: int, return_delay_us: float = 0.0) -> float:
+        wire = self.tick_bytes(n_motors) * UART_BITS_PER_BYTE * 1e6
+        return wire / baudrate + n_motors * return_delay_us
 
 
-def feetech_tick_us(baudrate: int, n_motors: int, read_bytes: int = 8, write_bytes: int = 2,
-                    return_delay_us: float = 0.0) -> float:
-    wire = feetech_tick_bytes(n_motors, read_bytes, write_bytes) * UART_BITS_PER_BYTE * 1e6
-    return wire / baudrate + n_motors * return_delay_us
+# X-series present current, velocity and position (addresses 126..135, 10 bytes) read back;
+# goal position (4 bytes) written
+DYNAMIXEL_PACKETS = SerialPackets(_DXL_SYNC_READ_FIXED, _DXL_STATUS_FIXED, _DXL_SYNC_WRITE_FIXED,
+                                  read_bytes=10, write_bytes=4)
+# STS present position, speed, load, voltage and temperature (addresses 56..63, 8 bytes) read
+# back; goal position (2 bytes) written
+FEETECH_PACKETS = SerialPackets(_FT_SYNC_READ_FIXED, _FT_STATUS_FIXED, _FT_SYNC_WRITE_FIXED,
+                                read_bytes=8, write_bytes=2)
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from drivers.bus_budget import UART_BITS_PER_BYTE, feetech_tick_bytes, feetech_tick_us
-from drivers.bus_family import BusFamily, DeviceCheck, Rendered
+from drivers.bus_budget import FEETECH_PACKETS
+from drivers.bus_family import DeviceCheck, Rendered
 from drivers.device_access import Account
-from drivers.dynamixel_family import DynamixelFamily
+from drivers.serial_family import SerialFamily
 
 # USB ids of the WCH adapters (vendor 1a86): CH340, CH343, CH9102.
 WCH_PRODUCTS = {"CH340": "7523", "CH343": "55d3", "CH9102": "55d4"}
@@ -27,34 +27,11 @@ _LINK = ('SUBSYSTEM=="tty", {match}, SYMLINK+="ttyDUET0", GROUP="dialout", MODE=
 BRLTTY_RULES = "usr/lib/udev/rules.d/85-brltty.rules"
 
 
-class FeetechFamily(BusFamily):
+class FeetechFamily(SerialFamily):
     name = "feetech"
     driver = "drivers.feetech:FeetechBus"
     emulator = "sim.faults:serve_feetech"
-    sim_transport = "serial"
-    wire_key = "device"
-
-    @classmethod
-    def tick_wire(cls, bus_cfg: Any, n_motors: int) -> tuple[float, str]:
-        delay = float(getattr(bus_cfg, "return_delay_us", 0.0) or 0.0)
-        n_bytes = feetech_tick_bytes(n_motors)
-        wire = feetech_tick_us(bus_cfg.baudrate, n_motors, return_delay_us=delay)
-        return wire, (
-            f"feetech at {bus_cfg.baudrate} baud: {n_motors} motors, sync read + status +"
-            f" sync write = {n_bytes} bytes x {UART_BITS_PER_BYTE} bits"
-            f" + {n_motors} x {delay:g} us return delay = {wire:.1f} us per tick")
-
-    @classmethod
-    def device_path(cls, bus_cfg: Any) -> str:
-        return str(bus_cfg.device)
-
-    @classmethod
-    def device_node(cls, bus_cfg: Any) -> str | None:
-        return None if bus_cfg.device == "sim" else str(bus_cfg.device)
-
-    @classmethod
-    def simulated(cls, bus_cfg: Any) -> list[str]:
-        return ["device is `sim`"] if bus_cfg.device == "sim" else []
+    packets = FEETECH_PACKETS
 
     @classmethod
     def udev_files(cls, bus_cfg: Any, usb_serial: str | None) -> dict[str, Rendered]:
@@ -68,9 +45,8 @@ class FeetechFamily(BusFamily):
     @classmethod
     def check_device(cls, bus_cfg: Any, installed: bool, sys_root: str = "/sys",
                      who: Account | None = None) -> DeviceCheck:
-        # the serial-device checks are Dynamixel's (a WCH chip has no latency timer, so that
-        # one finds nothing); a missing CH340 is most often brltty's doing
-        check = DynamixelFamily.check_device(bus_cfg, installed, sys_root, who)
+        # a missing CH340 is most often brltty's doing
+        check = super().check_device(bus_cfg, installed, sys_root, who)
         brltty = Path(sys_root).parent / BRLTTY_RULES
         if check.level == "fail" and "does not exist" in check.detail and brltty.exists() \
                 and WCH_PRODUCTS["CH340"] in brltty.read_text(errors="replace"):

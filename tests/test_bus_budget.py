@@ -7,14 +7,12 @@ from types import SimpleNamespace
 import pytest
 
 from drivers.bus_budget import (
+    DYNAMIXEL_PACKETS,
+    FEETECH_PACKETS,
     can_fd_frame_bits,
     can_frame_bits,
     can_frame_us,
     can_mit_tick_us,
-    dynamixel_tick_bytes,
-    dynamixel_tick_us,
-    feetech_tick_bytes,
-    feetech_tick_us,
 )
 from drivers.families import check_budget, tick_budget
 
@@ -38,16 +36,16 @@ def test_can_mit_tick() -> None:
 
 def test_dynamixel_tick_bytes_and_time() -> None:
     # sync read 14 + 6 ids; 6 status packets of 11 + 10; sync write 14 + 6 x (1 + 4)
-    assert dynamixel_tick_bytes(6) == 20 + 126 + 44
-    assert dynamixel_tick_us(4_000_000, 6) == pytest.approx(190 * 10 / 4.0)
-    assert dynamixel_tick_us(1_000_000, 6, return_delay_us=20.0) == pytest.approx(1900 + 120)
+    assert DYNAMIXEL_PACKETS.tick_bytes(6) == 20 + 126 + 44
+    assert DYNAMIXEL_PACKETS.tick_us(4_000_000, 6) == pytest.approx(190 * 10 / 4.0)
+    assert DYNAMIXEL_PACKETS.tick_us(1_000_000, 6, 20.0) == pytest.approx(1900 + 120)
 
 
 def test_feetech_tick_bytes_and_time() -> None:
     # sync read 8 + 6 ids; 6 status packets of 6 + 8 (position, speed, load, voltage,
     # temperature); sync write 8 + 6 x (1 + 2): the SO-101's six STS3215 at 1 Mbit/s
-    assert feetech_tick_bytes(6) == 14 + 84 + 26
-    assert feetech_tick_us(1_000_000, 6) == pytest.approx(1240.0)
+    assert FEETECH_PACKETS.tick_bytes(6) == 14 + 84 + 26
+    assert FEETECH_PACKETS.tick_us(1_000_000, 6) == pytest.approx(1240.0)
     ft_1m = SimpleNamespace(kind="feetech", baudrate=1_000_000, return_delay_us=0.0)
     b = check_budget(ft_1m, 6, 500)
     assert (b.wire_us, int(b.max_hz)) == (pytest.approx(1240.0), 564)
