@@ -14,7 +14,7 @@ import pytest
 from onnx_bundle import make_bundle
 
 from runtime.config import load_config
-from runtime.follower.core import CoreSettings, FollowerCore, PlanRejected
+from runtime.follower.core import SETTLE_MAX_RAD, CoreSettings, FollowerCore, PlanRejected
 from runtime.follower.safety import Mode
 from runtime.model.bundle import load_bundle
 from runtime.model.residual import residual_model
@@ -111,6 +111,42 @@ def test_fault_latches_until_reset_and_reset_holds_the_held_goal() -> None:
     ok, text = core.reset(np.zeros(N), held)
     assert ok and text == "HOLD" and core.mode == Mode.HOLD and core.torque_wanted
     np.testing.assert_array_equal(core.command, held)
+
+
+def _sagging_servo(core: FollowerCore, q: np.ndarray, sag: np.ndarray, t: int,
+                   ticks: int) -> int:
+    """A position servo under a constant load, first order (20 ms): it settles at the goal
+    less its load over its gain (`sag`)."""
+    for _ in range(ticks):
+        if core.step(t, q, np.zeros(N)):
+            q += 0.1 * (core.command - sag - q)
+        t += TICK_NS
+    return t
+
+
+def test_torque_on_where_the_arm_rests_holds_it_there_not_sagging() -> None:
+    """Reset out of ESTOP (torque off): torque comes on at the measured position, and a loaded
+    servo would settle 3 mrad below it; the core moves the goal until the arm stays where it
+    rested. An arm pushed far away moves the goal by no more than SETTLE_MAX_RAD."""
+    core = _core()
+    assert core.estop("button")
+    rest = np.linspace(-0.3, 0.3, N)
+    sag = np.array([0.0, 0.003, -0.003, 0.002, 0.0, 0.001])
+    ok, _ = core.reset(rest, None)
+    assert ok and core.mode == Mode.HOLD
+    q = rest.copy()
+    t = _sagging_servo(core, q, sag, TICK_NS, 2000)  # 4 s
+    assert np.abs(q - rest).max() < 1e-4, f"sagged {np.round((q - rest) * 1e3, 2)} mrad"
+    pushed = rest - 0.5  # someone holds the arm away: the goal moves a bounded amount
+    for _ in range(2000):
+        core.step(t, pushed, np.zeros(N))
+        t += TICK_NS
+    assert np.abs(core.command - rest).max() <= SETTLE_MAX_RAD + 1e-12
+    held = np.full(N, 0.05)  # the motors hold their goal (torque stayed on): no settling
+    core.fault("x")
+    core.reset(np.zeros(N), held)
+    _sagging_servo(core, np.zeros(N), sag, t, 500)
+    np.testing.assert_allclose(core.command, held, atol=1e-12)
 
 
 def test_reset_refuses_a_state_still_outside_limits() -> None:

@@ -32,6 +32,12 @@ from runtime.model.plan import Plan, PlanBounds, PlanRejected
 
 FUTURE_TOLERANCE_NS = 5_000_000  # one host, one clock: a plan cannot come from the future
 LATCH_PREFIX = "latched before restart: "
+# Holding where the arm rested when torque comes on (`_settle`): the integral's time constant,
+# several times a position servo's own settling (~30-150 ms) so the two loops do not fight,
+# and the most it moves a goal: well above a servo's gravity sag at rest (a few ticks), so
+# beyond it the arm is being pushed, not sagging, and the integral does not wind up.
+SETTLE_TIME_S = 0.2
+SETTLE_MAX_RAD = 0.02
 
 
 class Transition(NamedTuple):
@@ -109,6 +115,10 @@ class FollowerCore:
         self.plan_bounds = PlanBounds(s.pos_min, s.pos_max, s.plan_margin)
         self._bad = np.zeros(n, dtype=bool)
         self._bad2 = np.zeros(n, dtype=bool)
+        self._rest = np.zeros(n)  # where the arm rested when torque came on (`_settle`)
+        self._rest_offset = np.zeros(n)
+        self._rest_err = np.zeros(n)
+        self._settling = False
 
         self.plan_timeout_ns = round(s.plan_timeout_s * 1e9)  # live-tunable
         self.mode = Mode.INIT
@@ -140,7 +150,7 @@ class FollowerCore:
         is on and the bus can tell), else the measured position -- never a jump. A latch from
         before a restart ("ESTOP: why" / "FAULT: why") comes back as it was."""
         self.epoch_ns = now_ns
-        self._hold_at(held if held is not None else q)
+        self._hold_at(q if held is None else held, settle=held is None)
         if latched is not None:
             mode_name, _, why = latched.partition(": ")
             mode = Mode.ESTOP if mode_name == "ESTOP" else Mode.FAULT
@@ -167,14 +177,19 @@ class FollowerCore:
         self._newest_t_obs_ns = 0
         if not self._state_ok(q):
             return False, f"still faulted: {self.reason}"
-        self._hold_at(held if held is not None else q)
+        self._hold_at(q if held is None else held, settle=held is None)
         self.torque_wanted = True
         return True, "HOLD"
 
-    def _hold_at(self, q: np.ndarray) -> None:
+    def _hold_at(self, q: np.ndarray, settle: bool) -> None:
+        """Hold `q`: what the motors hold (torque on), or where they rest (`settle`: torque
+        comes on now, and the arm is kept there: `_settle`)."""
         self.filter.reset(q)
         self.command[:] = self.filter.last
         self.tracker.start_hold(self.command, np.zeros(self.n))
+        self._rest[:] = q
+        self._rest_offset[:] = 0.0
+        self._settling = settle
 
     # ------------------------------------------------------------------ transitions
     def _enter(self, mode: Mode, reason: str) -> None:
@@ -183,6 +198,7 @@ class FollowerCore:
             return
         self.transitions.append(Transition(self.mode, mode, reason))
         self.mode = mode
+        self._settling = False  # a plan (TRACK) or a latch takes over from the rest position
         self.reason = reason if mode in LATCHED else None
         if mode == Mode.FAULT:
             self.faults += 1
@@ -336,6 +352,21 @@ class FollowerCore:
             self.tracker.track_command(t, q, dq, self._desired)
         else:
             self._desired[:] = self.tracker.hold_command()
+            if self._settling:
+                self._settle(q)
+
+    def _settle(self, q: np.ndarray) -> None:
+        """HOLD after torque came on where the arm rested (start, or reset out of a torque-off
+        FAULT/ESTOP): a position servo settles at its goal less its load over its gain, so
+        holding the measured position lets a loaded arm sag by a few ticks. The goal is moved
+        by the integral of (rest - measured) until the arm stays where it rested, within the
+        encoder's resolution; it ends when the mode changes."""
+        err = self._rest_err
+        np.subtract(self._rest, q, out=err)
+        err *= self.s.tick_s / SETTLE_TIME_S
+        self._rest_offset += err
+        np.clip(self._rest_offset, -SETTLE_MAX_RAD, SETTLE_MAX_RAD, out=self._rest_offset)
+        self._desired += self._rest_offset
 
     def _state_ok(self, q: np.ndarray, dq: np.ndarray | None = None) -> bool:
         """A non-finite or out-of-limits measurement is a FAULT naming the joint."""
