@@ -1,6 +1,6 @@
-"""The SO-101 config on Feetech STS3215 servos through the live stack: the follower drives the
-emulated servos over the real wire protocol on a pty, tracks the shipped planner's plans,
-and reads back what the physics does."""
+"""The SO-101 config (its own MJCF, sim/assets/so101.xml) on Feetech STS3215 servos through
+the live stack: the follower drives the emulated servos over the real wire protocol on a pty,
+tracks a planner's plans for the SO-101's joints, and reads back what the physics does."""
 
 from __future__ import annotations
 
@@ -12,25 +12,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx_bundle import H, make_bundle
 from stack import REPO, Stack
 
+from runtime.config import load_config
 from runtime.ipc.messages import unpack_array
 
-pytestmark = pytest.mark.system
+# the first test also builds the bundle (the exporter, torch): slow to start on a busy host
+pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]
 
 CONFIG = "so101_sim.yaml"
-REFERENCE = REPO / "bundles" / "reference"
 # behaviour, not timing: on a loaded shared host the planner's plans come late; these tests
 # are about the servos carrying them, so a late plan still counts as fresh
 SLOW_PLANNER = "follower.plan_timeout_ms=3000"
 
 
-def test_duet_run_on_feetech_tracks_plans(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def so101_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real bundle for the SO-101's joints (tests/onnx_bundle.py): each plan turns
+    shoulder_pan 0.1 rad on from where it is, the rest held (the servos carry plans; the
+    trained planner, bundles/so101, is `make demo ROBOT=so101`'s)."""
+    joints = list(load_config(REPO / "configs" / CONFIG).robot.joints)
+    offsets = np.zeros((H, len(joints)))
+    offsets[:, 0] = 0.01 * (np.arange(H) + 1)
+    return make_bundle(tmp_path_factory.mktemp("so101") / "bundle", offsets, joints=joints)
+
+
+def test_duet_run_on_feetech_tracks_plans(tmp_path: Path, so101_bundle: Path) -> None:
     out = tmp_path / "summary.json"
     proc = subprocess.run(
         [sys.executable, "-m", "runtime.cli", "run", "--config", str(REPO / "configs" / CONFIG),
          "--set", "follower.deadline_storm.misses=400",  # behaviour, not timing (tests/stack.py)
-         "--set", SLOW_PLANNER,
+         "--set", SLOW_PLANNER, "--set", f"bundle.path={so101_bundle}",
          "--set", f"run_dir={tmp_path / 'run'}", "--duration", "30",
          "--summary-json", str(out), "--ready-timeout", "90"],
         cwd=REPO, capture_output=True, text=True, timeout=240)
@@ -42,8 +55,9 @@ def test_duet_run_on_feetech_tracks_plans(tmp_path: Path) -> None:
     assert s["bus"]["reads"] > 500 and s["bus"]["errors"] <= 0.01 * s["bus"]["reads"]
 
 
-def test_feetech_servos_read_the_physics_and_track_the_reference(tmp_path: Path) -> None:
-    with Stack(tmp_path, REFERENCE, [SLOW_PLANNER], config=CONFIG) as stack:
+def test_feetech_servos_read_the_physics_and_track_the_reference(tmp_path: Path,
+                                                                so101_bundle: Path) -> None:
+    with Stack(tmp_path, so101_bundle, [SLOW_PLANNER], config=CONFIG) as stack:
         stack.wait_mode("TRACK", 60)
         errors = []
         deadline = time.monotonic() + 120.0
@@ -67,10 +81,10 @@ def test_feetech_servos_read_the_physics_and_track_the_reference(tmp_path: Path)
             stack.signal("planner", 18)  # SIGCONT
 
 
-def test_feetech_line_faults_through_the_stack(tmp_path: Path) -> None:
+def test_feetech_line_faults_through_the_stack(tmp_path: Path, so101_bundle: Path) -> None:
     """Flipped bytes on the Feetech line are counted and retried past; a servo that trips
     overload faults the follower naming the joint and the error bit."""
-    with Stack(tmp_path, REFERENCE, [SLOW_PLANNER], config=CONFIG) as stack:
+    with Stack(tmp_path, so101_bundle, [SLOW_PLANNER], config=CONFIG) as stack:
         stack.wait_mode("TRACK", 60)
         stack.sim_fault("corrupt", probability=0.05)
         deadline = time.monotonic() + 30.0
@@ -83,4 +97,4 @@ def test_feetech_line_faults_through_the_stack(tmp_path: Path) -> None:
         stack.sim_fault("overload", joint=1)
         stack.wait_mode("FAULT", 5.0)
         reason = stack.telemetry()["fault_reason"]
-        assert "shoulder (id 2)" in reason and "overload" in reason, reason
+        assert "shoulder_lift (id 2)" in reason and "overload" in reason, reason

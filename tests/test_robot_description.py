@@ -134,6 +134,39 @@ def test_the_expert_touches_blocks_with_a_three_joint_arm(tmp_path: Path) -> Non
     assert result.success and result.touched == 2, result
 
 
+def test_the_so101_holds_home_and_its_expert_touches_blocks() -> None:
+    """The shipped SO-101-class arm (sim/assets/so101.xml on six STS3215): the servos' factory
+    gains hold the power-on pose against gravity, the camera on its site sees the blocks, and
+    the scripted expert touches two blocks with the jaws pointing down, in lockstep."""
+    from sim_arm import REPO
+
+    from policy.rollout import LoopSettings, run_episode
+    from sim.expert import expert_chunk
+    from sim.robot import describe
+    from sim.task import Episode
+    from sim.world import SimWorld
+
+    config = load_config(REPO / "configs" / "so101_sim.yaml")
+    robot = describe(config)
+    assert robot.joints == ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex",
+                            "wrist_roll", "gripper") and robot.gripper == 5
+    np.testing.assert_allclose(robot.motors.torque_max, 1.91)  # STS3215 stall at 7.4 V
+    world = SimWorld(robot=robot)
+    world.actuators.torque_enabled[:] = True
+    world.step(1000)
+    assert np.abs(world.q() - robot.home).max() < 0.02  # sag under gravity, P gain alone
+    image = world.render("scene", 96, 96)
+    assert ((image[..., 0] > 150) & (image[..., 1] < 80) & (image[..., 2] < 80)).sum() > 5
+
+    def plan(world: SimWorld, history: Any, task: Any) -> tuple[np.ndarray, float]:
+        return expert_chunk(world, task.remaining(), history.latest("q"), 10, 0.1), 0.0
+
+    episode = Episode(0, 1.0, workspace=robot.workspace)
+    result = run_episode(world, episode, plan, None, LoopSettings.from_config(config),
+                         start_q=robot.home)
+    assert result.success and result.touched == 2, result
+
+
 @pytest.mark.parametrize(("change", "says"), [
     (lambda c, m: c["robot"].update(joints=["turn", "lift", "wrist"]),
      ["robot.joints.2", "'wrist'", "pointer3.xml", "turn, lift, bend"]),
