@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import random
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
-
-import numpy as np
+from types import ModuleType
+from typing import Any, ClassVar
 
 from drivers import dynamixel_protocol as dx
 from drivers.dynamixel_protocol import (
@@ -46,7 +44,7 @@ from drivers.dynamixel_protocol import (
 )
 from drivers.dynamixel_protocol import XM430_TORQUE_CONSTANT_NM_PER_A as TORQUE_CONSTANT_NM_PER_A
 from sim.actuators import Actuators
-from sim.pty_server import PtyServer, flip_byte
+from sim.serial_servo_emulator import Reply, SerialServoEmulator
 
 PWM_LIMIT = 885
 
@@ -135,8 +133,14 @@ def _default_table(dxl_id: int, model: ServoModel) -> bytearray:
     return t
 
 
-class DynamixelEmulator:
+class DynamixelEmulator(SerialServoEmulator):
     """X-series servos with ids `ids`, joint i of `actuators` behind servo ids[i]."""
+
+    proto: ClassVar[ModuleType] = dx
+    table_size = dx.CONTROL_TABLE_SIZE
+    addr_id = dx.ADDR_ID
+    addr_torque = dx.ADDR_TORQUE_ENABLE
+    thread_name = "dynamixel-emulator"
 
     def __init__(
         self,
@@ -148,137 +152,46 @@ class DynamixelEmulator:
         seed: int = 0,
         models: Sequence[ServoModel] | None = None,
     ) -> None:
-        n = len(ids)
-        if n != actuators.n:
-            raise ValueError(f"{n} servo ids for {actuators.n} actuators")
-        if len(set(ids)) != n or not all(0 <= i <= dx.MAX_ID for i in ids):
-            raise ValueError(f"servo ids must be unique and in 0..{dx.MAX_ID}: {list(ids)}")
-        self.actuators = actuators
-        zero = zero_ticks if zero_ticks is not None else [CENTER_TICKS] * n
-        self.zero_ticks = np.array(zero, float)
-        self._zero_list = [float(z) for z in zero]
-        self.direction = np.array(direction if direction is not None else [1] * n, float)
-        if self.zero_ticks.shape != (n,) or self.direction.shape != (n,):
-            raise ValueError("zero_ticks and direction need one entry per servo")
-        if not np.all(np.abs(self.direction) == 1):
-            raise ValueError("direction entries must be +1 or -1")
-        self._direction_list = self.direction.tolist()
-        # line noise on the replies: each reply is hit with this probability, one byte flipped
-        # anywhere (header and length included) or at `corrupt_byte`, on every servo or on
-        # `corrupt_servos` (indices) only; its bits at random or `corrupt_bits`; for ever or
-        # the next `corrupt_count` replies
-        self.corrupt_probability = corrupt_probability
-        self.corrupt_byte: int | None = None
-        self.corrupt_servos: frozenset[int] | None = None
-        self.corrupt_bits: int | None = None
-        self.corrupt_count: int | None = None
-        self._rng = random.Random(seed)
-        self.models = list(models) if models is not None else [XM430_W350] * n
-        if len(self.models) != n:
+        self.models = list(models) if models is not None else [XM430_W350] * len(ids)
+        if len(self.models) != len(ids):
             raise ValueError("models needs one entry per servo")
-        self.tables = [_default_table(i, m) for i, m in zip(ids, self.models, strict=True)]
-        self._index_by_id = {dxl_id: k for k, dxl_id in enumerate(ids)}
-        self.parser = dx.StreamParser()
-        self.packets_served = 0
-        self._present = np.zeros((3, n))  # (q, dq, tau) of the newest physics step
-        self.server = PtyServer(self.answer, "dynamixel-emulator")
-
-    # ---- lifecycle -------------------------------------------------------------------------
+        super().__init__(actuators, ids, zero_ticks, direction, seed, CENTER_TICKS,
+                         TICKS_PER_RAD)
+        self.corrupt_probability = corrupt_probability
 
     @classmethod
     def from_config(cls, actuators: Actuators, bus: Any, models: list[str]) -> DynamixelEmulator:
         """The robot's servos as a `DynamixelBusConfig` names them (duck-typed), each of the
-        model `models` names (its joint's, sim.robot.motors), Torque Enable as the motors are
-        (homed at power-on)."""
-        emu = cls(actuators, bus.ids, zero_ticks=bus.zero_ticks, direction=bus.direction,
-                  models=[SERVO_MODELS[m] for m in models])
-        for k, table in enumerate(emu.tables):
-            table[dx.ADDR_TORQUE_ENABLE] = int(actuators.torque_enabled[k])
-        return emu
+        model `models` names (its joint's, sim.robot.motors)."""
+        return cls(actuators, bus.ids, zero_ticks=bus.zero_ticks, direction=bus.direction,
+                   models=[SERVO_MODELS[m] for m in models])
 
-    @property
-    def path(self) -> str:
-        """The pty slave a serial driver opens (set by open())."""
-        return self.server.path
+    def _default_table(self, k: int, servo_id: int) -> bytearray:
+        return _default_table(servo_id, self.models[k])
 
-    @property
-    def rt_priority(self) -> int:
-        return self.server.rt_priority
-
-    @rt_priority.setter
-    def rt_priority(self, value: int) -> None:
-        self.server.rt_priority = value
-
-    def open(self, powered: bool = False) -> str:
-        """Create the pty; return the slave device path a serial driver opens.
-
-        `powered`: the servos kept power while the line was down (a pulled cable): Torque
-        Enable and Goal Position continue from the actuators. Else power-on: torque off,
-        Goal Position = present position (no jump on torque enable).
-        """
-        path = self.server.open()
-        with self.actuators.lock:
-            for k in range(len(self.tables)):
-                ticks = self._q_to_ticks(k, self.actuators.goal_q[k] if powered else None)
-                struct.pack_into("<i", self.tables[k], dx.ADDR_GOAL_POSITION, ticks)
-                if powered:
-                    self.tables[k][dx.ADDR_TORQUE_ENABLE] = int(self.actuators.torque_enabled[k])
-                self._apply_goal(k)
-                self._apply_gains(k)
-        return path
-
-    def start(self) -> None:
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def close_line(self) -> None:
-        """Fault injection: the device disappears (the pty is closed from our side)."""
-        self.stop()
-
-    def answer(self, data: bytes) -> bytes:
-        """Every status the bytes that arrived ask for (the serving thread's protocol half)."""
-        self.parser.feed(data)
-        out = bytearray()
-        for packet in self.parser:
-            self.packets_served += 1
-            out += self.handle(packet)
-        return bytes(out)
-
-    # ---- instruction handling (public so tests can drive it without a pty) -----------------
+    # ---- instruction handling ----------------------------------------------------------------
 
     def handle(self, packet: dx.Packet) -> bytes:
-        """Apply one instruction packet; return the status bytes to send (maybe empty)."""
-        instr, params = packet.instruction, packet.params
         if packet.is_status:
             return b""
-        if instr == dx.SYNC_READ:
-            return self._sync_read(params)
-        if instr == dx.BULK_READ:
-            return self._bulk_read(params)
-        if instr == dx.SYNC_WRITE:
-            self._sync_write(params)
-            return b""
-        if packet.id == dx.BROADCAST_ID:
-            targets = list(range(len(self.tables)))
-        elif packet.id in self._index_by_id:
-            targets = [self._index_by_id[packet.id]]
-        else:
-            return b""
-        out = bytearray()
-        for k in targets:
-            if self.actuators.silent[k]:
-                continue
-            error, reply = self._unicast(k, instr, params)
-            level = self.tables[k][dx.ADDR_STATUS_RETURN_LEVEL]
-            answers = instr == dx.PING or (instr == dx.READ and level >= 1) or level >= 2
-            # broadcast: only PING is answered (by every servo, in id order)
-            if answers and (packet.id != dx.BROADCAST_ID or instr == dx.PING):
-                out += self._status(k, error, reply)
-        return bytes(out)
+        if packet.instruction == dx.BULK_READ:
+            return self._bulk_read(packet.params)
+        return super().handle(packet)
 
-    def _unicast(self, k: int, instr: int, params: bytes) -> tuple[int, bytes]:
+    def _instruction(self, packet: dx.Packet) -> tuple[int, bytes]:
+        return packet.instruction, packet.params
+
+    def _head(self, params: bytes) -> tuple[int, int, bytes] | None:
+        if len(params) < 4:
+            return None
+        addr, length = struct.unpack_from("<HH", params)
+        return addr, length, params[4:]
+
+    def _answers(self, k: int, instr: int) -> bool:
+        level = self.tables[k][dx.ADDR_STATUS_RETURN_LEVEL]
+        return instr == dx.PING or (instr == dx.READ and level >= 1) or level >= 2
+
+    def _unicast(self, k: int, instr: int, params: bytes) -> Reply:
         table = self.tables[k]
         if instr == dx.PING:
             return 0, bytes(table[dx.ADDR_MODEL_NUMBER : dx.ADDR_MODEL_NUMBER + 2]) + bytes(
@@ -299,39 +212,16 @@ class DynamixelEmulator:
             return 0, b""
         return dx.ERR_INSTRUCTION, b""
 
-    def _status(self, k: int, error: int, params: bytes) -> bytes:
+    def _status_error(self, k: int, error: int) -> int:
         hw = int(self.actuators.hw_error[k])
         self.tables[k][dx.ADDR_HARDWARE_ERROR_STATUS] = hw
-        if hw:
-            error |= dx.ERROR_ALERT
-        packet = dx.status_packet(self.tables[k][dx.ADDR_ID], error, params)
-        if self.corrupt_probability and (self.corrupt_servos is None or k in self.corrupt_servos) \
-                and self.corrupt_count != 0 and self._rng.random() < self.corrupt_probability:
-            if self.corrupt_count is not None:
-                self.corrupt_count -= 1
-            return flip_byte(packet, self._rng, self.corrupt_byte, self.corrupt_bits)
-        return packet
+        return error | dx.ERROR_ALERT if hw else error
 
-    def _read(self, k: int, addr: int, length: int) -> tuple[int, bytes]:
-        if length == 0 or addr + length > dx.CONTROL_TABLE_SIZE:
+    def _read(self, k: int, addr: int, length: int) -> Reply:
+        if not self._in_table(addr, length):
             return dx.ERR_DATA_RANGE, b""
         self._refresh_present((k,))
         return 0, bytes(self.tables[k][addr : addr + length])
-
-    def _sync_read(self, params: bytes) -> bytes:
-        if len(params) < 5:
-            return b""
-        addr, length = struct.unpack_from("<HH", params)
-        if length == 0 or addr + length > dx.CONTROL_TABLE_SIZE:
-            return b""
-        silent = self.actuators.silent
-        servos = [self._index_by_id.get(dxl_id, -1) for dxl_id in params[4:]]
-        servos = [k for k in servos if k >= 0 and not silent[k]]
-        self._refresh_present(servos)
-        out = bytearray()
-        for k in servos:  # replies in the order of the request's id list
-            out += self._status(k, 0, bytes(self.tables[k][addr : addr + length]))
-        return bytes(out)
 
     def _bulk_read(self, params: bytes) -> bytes:
         """BULK READ: per servo its own address and length (ID, ADDR_L, ADDR_H, LEN_L, LEN_H
@@ -343,8 +233,7 @@ class DynamixelEmulator:
         for off in range(0, len(params), 5):
             dxl_id, addr, length = struct.unpack_from("<BHH", params, off)
             k = self._index_by_id.get(dxl_id, -1)
-            if k >= 0 and not self.actuators.silent[k] and length \
-                    and addr + length <= dx.CONTROL_TABLE_SIZE:
+            if k >= 0 and not self.actuators.silent[k] and self._in_table(addr, length):
                 asks.append((k, addr, length))
         self._refresh_present([k for k, _, _ in asks])
         out = bytearray()
@@ -352,21 +241,11 @@ class DynamixelEmulator:
             out += self._status(k, 0, bytes(self.tables[k][addr : addr + length]))
         return bytes(out)
 
-    def _sync_write(self, params: bytes) -> None:
-        if len(params) < 4:
-            return
-        addr, length = struct.unpack_from("<HH", params)
-        step = 1 + length
-        body = params[4:]
-        if length == 0 or len(body) % step:
-            return
+    def _sync_write_fast(self, addr: int, length: int, body: bytes) -> bool:
         if addr == dx.ADDR_GOAL_POSITION and length == 4:
             self._sync_write_goals(body)
-            return
-        for off in range(0, len(body), step):
-            k = self._index_by_id.get(body[off])
-            if k is not None and not self.actuators.silent[k]:
-                self._write(k, addr, body[off + 1 : off + step])
+            return True
+        return False
 
     def _sync_write_goals(self, body: bytes) -> None:
         """The per-tick command: Goal Position for many servos, applied under one lock."""
@@ -389,7 +268,7 @@ class DynamixelEmulator:
     def _write(self, k: int, addr: int, data: bytes) -> int:
         table = self.tables[k]
         end = addr + len(data)
-        if end > dx.CONTROL_TABLE_SIZE:
+        if end > self.table_size:
             return dx.ERR_DATA_RANGE
         torque_on = table[dx.ADDR_TORQUE_ENABLE] != 0
         for a in range(addr, end):
@@ -413,7 +292,7 @@ class DynamixelEmulator:
                 self._index_by_id = {t[dx.ADDR_ID]: i for i, t in enumerate(self.tables)}
             if addr <= dx.ADDR_TORQUE_ENABLE < end:
                 # a latched hardware error keeps torque off until reboot, like the real servo
-                on = bool(table[dx.ADDR_TORQUE_ENABLE]) and not self._shutdown(k)
+                on = bool(table[dx.ADDR_TORQUE_ENABLE]) and not self._cuts_torque(k)
                 table[dx.ADDR_TORQUE_ENABLE] = int(on)
                 act.torque_enabled[k] = on
             if addr < dx.ADDR_POSITION_P_GAIN + 2 and end > dx.ADDR_POSITION_D_GAIN:
@@ -431,23 +310,20 @@ class DynamixelEmulator:
         with act.lock:
             act.hw_error[k] = 0
             act.torque_enabled[k] = False
-            struct.pack_into("<i", table, dx.ADDR_GOAL_POSITION, self._q_to_ticks(k))
+            self._put_goal(k, self._q_to_ticks(k))
             self._apply_goal(k)
             self._apply_gains(k)
 
     # ---- control table <-> physics (callers hold actuators.lock where noted) ---------------
 
-    def _shutdown(self, k: int) -> bool:
+    def _cuts_torque(self, k: int) -> bool:
         return bool(self.actuators.hw_error[k] & self.tables[k][dx.ADDR_SHUTDOWN])
 
-    def _q_to_ticks(self, k: int, q: float | None = None) -> int:
-        """Ticks of joint position q (default: the present position)."""
-        q = float(self.actuators.q[k]) if q is None else float(q)
-        return round(float(self.zero_ticks[k]) + float(self.direction[k]) * q * TICKS_PER_RAD)
+    def _put_goal(self, k: int, ticks: int) -> None:
+        struct.pack_into("<i", self.tables[k], dx.ADDR_GOAL_POSITION, ticks)
 
-    def _apply_goal(self, k: int) -> None:  # lock held
-        (goal,) = struct.unpack_from("<i", self.tables[k], dx.ADDR_GOAL_POSITION)
-        self.actuators.goal_q[k] = self.direction[k] * (goal - self.zero_ticks[k]) / TICKS_PER_RAD
+    def _goal_ticks(self, k: int) -> int:
+        return int(struct.unpack_from("<i", self.tables[k], dx.ADDR_GOAL_POSITION)[0])
 
     def _apply_gains(self, k: int) -> None:  # lock held
         t = self.tables[k]
@@ -456,29 +332,15 @@ class DynamixelEmulator:
         self.actuators.kp[k], self.actuators.kd[k] = position_gains_si(p_gain, d_gain,
                                                                        self.models[k])
 
-    def _refresh_present(self, servos: Sequence[int]) -> None:
-        """Copy the physics' present values of `servos` into their tables: the newest whole
-        physics step, without waiting for the one running (Actuators.read_present)."""
-        act = self.actuators
-        act.read_present(self._present)
-        q, dq, tau = self._present.tolist()
-        hw_error, temperature = act.hw_error.tolist(), act.temperature_c.tolist()
-        if any(hw_error[k] for k in servos):
-            with act.lock:
-                for k in servos:
-                    if hw_error[k] and self._shutdown(k):
-                        act.torque_enabled[k] = False
-                        self.tables[k][dx.ADDR_TORQUE_ENABLE] = 0
-        zero, direction = self._zero_list, self._direction_list
-        for k in servos:
-            table, sign = self.tables[k], direction[k]
-            pos = round(zero[k] + sign * q[k] * TICKS_PER_RAD)
-            vel = round(sign * dq[k] / VELOCITY_UNIT_RAD_S)
-            cur = round(sign * tau[k] / TORQUE_CONSTANT_NM_PER_A / CURRENT_UNIT_A)
-            cur = max(-32768, min(32767, cur))
-            struct.pack_into("<hii", table, dx.ADDR_PRESENT_CURRENT, cur, vel, pos)
-            table[dx.ADDR_HARDWARE_ERROR_STATUS] = hw_error[k]
-            table[dx.ADDR_PRESENT_TEMPERATURE] = max(0, min(255, round(temperature[k])))
+    def _put_present(self, k: int, q: float, dq: float, tau: float, temperature: float) -> None:
+        table, sign = self.tables[k], self.direction[k]
+        pos = round(self.zero_ticks[k] + sign * q * TICKS_PER_RAD)
+        vel = round(sign * dq / VELOCITY_UNIT_RAD_S)
+        cur = round(sign * tau / TORQUE_CONSTANT_NM_PER_A / CURRENT_UNIT_A)
+        cur = max(-32768, min(32767, cur))
+        struct.pack_into("<hii", table, dx.ADDR_PRESENT_CURRENT, cur, vel, pos)
+        table[dx.ADDR_HARDWARE_ERROR_STATUS] = int(self.actuators.hw_error[k])
+        table[dx.ADDR_PRESENT_TEMPERATURE] = max(0, min(255, round(temperature)))
 
 
 def _serve_in_process(ids: list[int], q: list[float], emulator_class: str,

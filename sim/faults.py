@@ -39,7 +39,7 @@ from runtime.config import (
 from runtime.ipc.rpc import Command, RequestError, bind_server
 from runtime.ipc.stats import Histogram
 from sim.actuators import HW_OVERLOAD, MODE_MIT, Actuators
-from sim.pty_server import PtyServer
+from sim.serial_servo_emulator import SerialServoEmulator
 
 
 class MotorLink(Protocol):
@@ -59,30 +59,8 @@ class MotorLink(Protocol):
         ...
 
 
-class SerialEmulator(Protocol):
-    """What a serial servo family's emulator offers the link (sim/dynamixel_emulator.py,
-    sim/feetech_emulator.py): a pty served by sim/pty_server.py, and line noise."""
-
-    rt_priority: int
-    server: PtyServer
-    corrupt_probability: float
-    corrupt_byte: int | None
-    corrupt_servos: frozenset[int] | None
-
-    @property
-    def path(self) -> str: ...
-
-    def open(self, powered: bool = False) -> str: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def close_line(self) -> None: ...
-
-
 # the emulator of a serial bus config: (shared actuators, the bus section) -> not yet opened
-MakeEmulator = Callable[[Actuators, Any], SerialEmulator]
+MakeEmulator = Callable[[Actuators, Any], SerialServoEmulator]
 
 
 class SerialLink:
@@ -136,13 +114,13 @@ class SerialLink:
         self.link.unlink(missing_ok=True)
 
 
-def _dynamixel(actuators: Actuators, bus: Any, models: list[str]) -> SerialEmulator:
+def _dynamixel(actuators: Actuators, bus: Any, models: list[str]) -> SerialServoEmulator:
     from sim.dynamixel_emulator import DynamixelEmulator
 
     return DynamixelEmulator.from_config(actuators, bus, models)
 
 
-def _feetech(actuators: Actuators, bus: Any) -> SerialEmulator:
+def _feetech(actuators: Actuators, bus: Any) -> SerialServoEmulator:
     from sim.feetech_emulator import FeetechEmulator
 
     return FeetechEmulator.from_config(actuators, bus)
@@ -161,7 +139,7 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConf
     corruption: tuple[float, int | None, int | None] = (0.0, None, None)
     reply_us = Histogram(lowest=1.0)  # across restored lines
 
-    def start(powered: bool) -> SerialEmulator:
+    def start(powered: bool) -> SerialServoEmulator:
         emu = make(actuators, bus)
         emu.rt_priority = rt_priority
         emu.server.reply_us = reply_us
@@ -170,7 +148,7 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConf
         emu.start()
         return emu
 
-    def aim(emu: SerialEmulator, p: float, byte: int | None, joint: int | None) -> None:
+    def aim(emu: SerialServoEmulator, p: float, byte: int | None, joint: int | None) -> None:
         emu.corrupt_probability, emu.corrupt_byte = p, byte
         emu.corrupt_servos = None if joint is None else frozenset((joint,))
 

@@ -23,9 +23,9 @@ is 0 (a configured arm) and is not simulated.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
-from typing import Any
+from types import ModuleType
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from sim.actuators import (
     HW_OVERLOAD,
     Actuators,
 )
-from sim.pty_server import PtyServer, flip_byte
+from sim.serial_servo_emulator import Reply, SerialServoEmulator
 
 # the sim's latched fault bits (Dynamixel's layout, sim/actuators.py) -> the status error byte
 _ERROR_BITS = ((HW_INPUT_VOLTAGE, ft.ERR_VOLTAGE), (HW_ENCODER, ft.ERR_ANGLE),
@@ -88,8 +88,14 @@ def default_table(servo_id: int, model: ft.ServoModel) -> bytearray:
     return t
 
 
-class FeetechEmulator:
+class FeetechEmulator(SerialServoEmulator):
     """Feetech servos with ids `ids` of one model, joint i of `actuators` behind servo ids[i]."""
+
+    proto: ClassVar[ModuleType] = ft
+    table_size = ft.MEMORY_SIZE
+    addr_id = ft.ADDR_ID
+    addr_torque = ft.ADDR_TORQUE_ENABLE
+    thread_name = "feetech-emulator"
 
     def __init__(
         self,
@@ -100,36 +106,11 @@ class FeetechEmulator:
         direction: Sequence[int] | None = None,
         seed: int = 0,
     ) -> None:
-        n = len(ids)
-        if n != actuators.n:
-            raise ValueError(f"{n} servo ids for {actuators.n} actuators")
-        if len(set(ids)) != n or not all(0 <= i <= ft.MAX_ID for i in ids):
-            raise ValueError(f"servo ids must be unique and in 0..{ft.MAX_ID}: {list(ids)}")
-        self.actuators = actuators
         self.model = model
         self.series = model.series
-        self.zero_ticks = [float(z) for z in (zero_ticks if zero_ticks is not None
-                                              else [model.center_ticks] * n)]
-        self.direction = [float(d) for d in (direction if direction is not None else [1] * n)]
-        if len(self.zero_ticks) != n or len(self.direction) != n:
-            raise ValueError("zero_ticks and direction need one entry per servo")
-        if any(abs(d) != 1 for d in self.direction):
-            raise ValueError("direction entries must be +1 or -1")
-        # line noise on the replies, as DynamixelEmulator's: each reply hit with this
-        # probability, one byte flipped anywhere or at `corrupt_byte`, on `corrupt_servos` only
-        self.corrupt_probability = 0.0
-        self.corrupt_byte: int | None = None
-        self.corrupt_servos: frozenset[int] | None = None
-        self._rng = random.Random(seed)
-        self.tables = [default_table(i, model) for i in ids]
-        self._index_by_id = {servo_id: k for k, servo_id in enumerate(ids)}
-        self._registered: list[tuple[int, bytes] | None] = [None] * n  # REG_WRITE, until ACTION
-        self.parser = ft.StreamParser()
-        self.packets_served = 0
-        self._present = np.zeros((3, n))  # (q, dq, tau) of the newest physics step
-        self.server = PtyServer(self.answer, "feetech-emulator")
-
-    # ---- lifecycle (the serving is PtyServer's) ---------------------------------------------
+        super().__init__(actuators, ids, zero_ticks, direction, seed, model.center_ticks,
+                         model.ticks_per_rad)
+        self._registered: list[tuple[int, bytes] | None] = [None] * len(ids)  # until ACTION
 
     @classmethod
     def from_config(cls, actuators: Actuators, bus: Any) -> FeetechEmulator:
@@ -137,143 +118,52 @@ class FeetechEmulator:
         return cls(actuators, bus.ids, ft.MODELS[bus.model], zero_ticks=bus.zero_ticks,
                    direction=bus.direction)
 
-    @property
-    def path(self) -> str:
-        return self.server.path
+    def _default_table(self, k: int, servo_id: int) -> bytearray:
+        return default_table(servo_id, self.model)
 
-    @property
-    def rt_priority(self) -> int:
-        return self.server.rt_priority
+    # ---- instruction handling ----------------------------------------------------------------
 
-    @rt_priority.setter
-    def rt_priority(self, value: int) -> None:
-        self.server.rt_priority = value
+    def _instruction(self, packet: ft.Packet) -> tuple[int, bytes]:
+        return packet.code, packet.params
 
-    def open(self, powered: bool = False) -> str:
-        """Create the pty; return its slave path. `powered`: the servos kept power while the
-        line was down (torque and goals continue), else power-on (goal = present position)."""
-        path = self.server.open()
-        with self.actuators.lock:
-            for k, table in enumerate(self.tables):
-                q = self.actuators.goal_q[k] if powered else None
-                table[ft.ADDR_GOAL_POSITION : ft.ADDR_GOAL_POSITION + 2] = self._encode_position(
-                    self._q_to_ticks(k, q))
-                table[ft.ADDR_TORQUE_ENABLE] = int(self.actuators.torque_enabled[k])
-                self._apply_goal(k)
-                self._apply_gains(k)
-        return path
+    def _head(self, params: bytes) -> tuple[int, int, bytes] | None:
+        return (params[0], params[1], params[2:]) if len(params) >= 2 else None
 
-    def start(self) -> None:
-        self.server.start()
+    def _answers(self, k: int, instr: int) -> bool:
+        return instr in (ft.PING, ft.READ) or self.tables[k][ft.ADDR_STATUS_RETURN_LEVEL] >= 1
 
-    def stop(self) -> None:
-        self.server.stop()
-
-    def close_line(self) -> None:
-        """Fault injection: the device disappears (the pty is closed from our side)."""
-        self.stop()
-
-    def answer(self, data: bytes) -> bytes:
-        self.parser.feed(data)
-        out = bytearray()
-        for packet in self.parser:
-            self.packets_served += 1
-            out += self.handle(packet)
-        return bytes(out)
-
-    # ---- instruction handling (public so tests can drive it without a pty) -----------------
-
-    def handle(self, packet: ft.Packet) -> bytes:
-        """Apply one instruction packet; return the status bytes to send (maybe empty)."""
-        instr, params = packet.code, packet.params
-        if instr == ft.SYNC_READ:
-            return self._sync_read(params)
-        if instr == ft.SYNC_WRITE:
-            self._sync_write(params)
-            return b""
-        broadcast = packet.id == ft.BROADCAST_ID
-        if broadcast:
-            targets = list(range(len(self.tables)))
-        elif packet.id in self._index_by_id:
-            targets = [self._index_by_id[packet.id]]
-        else:
-            return b""
-        out = bytearray()
-        for k in targets:
-            if self.actuators.silent[k]:
-                continue
-            answers, reply = self._unicast(k, instr, params)
-            level = self.tables[k][ft.ADDR_STATUS_RETURN_LEVEL]
-            if answers and (instr in (ft.PING, ft.READ) or level >= 1) \
-                    and (not broadcast or instr == ft.PING):
-                out += self._status(k, reply)
-        return bytes(out)
-
-    def _unicast(self, k: int, instr: int, params: bytes) -> tuple[bool, bytes]:
-        """(whether the servo answers, the status params)."""
+    def _unicast(self, k: int, instr: int, params: bytes) -> Reply | None:
         if instr == ft.PING:
-            return True, b""
+            return 0, b""
         if instr == ft.READ:
-            if len(params) != 2 or params[1] == 0 or params[0] + params[1] > ft.MEMORY_SIZE:
-                return False, b""  # outside the table: the servo stays silent
+            if len(params) != 2 or not self._in_table(params[0], params[1]):
+                return None  # outside the table: the servo stays silent
             addr, length = params
             self._refresh_present((k,))
-            return True, bytes(self.tables[k][addr : addr + length])
+            return 0, bytes(self.tables[k][addr : addr + length])
         if instr in (ft.WRITE, ft.REG_WRITE):
             if len(params) < 2:
-                return False, b""
+                return None
             if instr == ft.WRITE:
                 self._write(k, params[0], params[1:])
             else:
                 self._registered[k] = (params[0], params[1:])
-            return True, b""
+            return 0, b""
         if instr == ft.ACTION:
             staged, self._registered[k] = self._registered[k], None
             if staged is not None:
                 self._write(k, *staged)
-            return True, b""
-        return False, b""
+            return 0, b""
+        return None
 
     def _error_byte(self, k: int) -> int:
         hw = int(self.actuators.hw_error[k])
         return sum(bit for sim_bit, bit in _ERROR_BITS if hw & sim_bit)
 
-    def _status(self, k: int, params: bytes) -> bytes:
-        error = self._error_byte(k)
-        self.tables[k][ft.ADDR_STATUS] = error
-        packet = ft.status_packet(self.tables[k][ft.ADDR_ID], error, params)
-        if self.corrupt_probability and (self.corrupt_servos is None or k in self.corrupt_servos) \
-                and self._rng.random() < self.corrupt_probability:
-            return flip_byte(packet, self._rng, self.corrupt_byte)
-        return packet
-
-    def _sync_read(self, params: bytes) -> bytes:
-        if len(params) < 3:
-            return b""
-        addr, length = params[0], params[1]
-        if length == 0 or addr + length > ft.MEMORY_SIZE:
-            return b""
-        silent = self.actuators.silent
-        servos = [self._index_by_id.get(servo_id, -1) for servo_id in params[2:]]
-        servos = [k for k in servos if k >= 0 and not silent[k]]
-        self._refresh_present(servos)
-        out = bytearray()
-        for k in servos:  # replies in the order of the request's id list
-            out += self._status(k, bytes(self.tables[k][addr : addr + length]))
-        return bytes(out)
-
-    def _sync_write(self, params: bytes) -> None:
-        if len(params) < 2:
-            return
-        addr, length = params[0], params[1]
-        step = 1 + length
-        body = params[2:]
-        if length == 0 or len(body) % step:
-            return
-        for off in range(0, len(body), step):
-            k = self._index_by_id.get(body[off])
-            if k is not None and not self.actuators.silent[k]:
-                self._write(k, addr, body[off + 1 : off + step])
+    def _status_error(self, k: int, error: int) -> int:
+        # the protocol has no result codes: the status carries the latched faults alone
+        error = self.tables[k][ft.ADDR_STATUS] = self._error_byte(k)
+        return error
 
     def _write(self, k: int, addr: int, data: bytes) -> None:
         """WRITE as the servo does it: read-only bytes and a locked EEPROM refuse the write
@@ -300,9 +190,7 @@ class FeetechEmulator:
             if addr <= ft.ADDR_GOAL_POSITION + 1 and end > ft.ADDR_GOAL_POSITION:
                 lo = ft.unword(table, ft.ADDR_MIN_POSITION_LIMIT, self.series)
                 hi = ft.unword(table, ft.ADDR_MAX_POSITION_LIMIT, self.series)
-                ticks = min(max(self._goal_ticks(k), lo), hi)
-                table[ft.ADDR_GOAL_POSITION : ft.ADDR_GOAL_POSITION + 2] = \
-                    self._encode_position(ticks)
+                self._put_goal(k, min(max(self._goal_ticks(k), lo), hi))
                 self._apply_goal(k)
 
     # ---- memory table <-> physics (callers hold actuators.lock where noted) ----------------
@@ -310,61 +198,46 @@ class FeetechEmulator:
     def _unloaded(self, k: int) -> bool:
         return bool(self._error_byte(k) & self.tables[k][ft.ADDR_UNLOADING_CONDITION])
 
+    def _cuts_torque(self, k: int) -> bool:
+        return bool(self.actuators.torque_enabled[k]) and self._unloaded(k)
+
     def _encode_position(self, ticks: int) -> bytes:
         ticks = max(-32767, min(32767, ticks))  # limits written by a client may be anything
         raw = ft.to_sign_magnitude(ticks, ft.SIGN_BIT_POSITION) if self.series.position_signed \
             else max(0, ticks)
         return ft.word(raw, self.series)
 
+    def _put_goal(self, k: int, ticks: int) -> None:
+        self.tables[k][ft.ADDR_GOAL_POSITION : ft.ADDR_GOAL_POSITION + 2] = \
+            self._encode_position(ticks)
+
     def _goal_ticks(self, k: int) -> int:
         raw = ft.unword(self.tables[k], ft.ADDR_GOAL_POSITION, self.series)
         return ft.from_sign_magnitude(raw, ft.SIGN_BIT_POSITION) if self.series.position_signed \
             else raw
-
-    def _q_to_ticks(self, k: int, q: float | None = None) -> int:
-        q = float(self.actuators.q[k]) if q is None else float(q)
-        return round(self.zero_ticks[k] + self.direction[k] * q * self.model.ticks_per_rad)
-
-    def _apply_goal(self, k: int) -> None:  # lock held
-        self.actuators.goal_q[k] = (self.direction[k] * (self._goal_ticks(k) - self.zero_ticks[k])
-                                    / self.model.ticks_per_rad)
 
     def _apply_gains(self, k: int) -> None:  # lock held
         t = self.tables[k]
         self.actuators.kp[k], self.actuators.kd[k] = position_gains_si(
             t[ft.ADDR_P_COEFFICIENT], t[ft.ADDR_D_COEFFICIENT], self.model)
 
-    def _refresh_present(self, servos: Sequence[int]) -> None:
-        """Copy the physics' present values of `servos` into their tables: the newest whole
-        physics step, without waiting for the one running (Actuators.read_present)."""
-        act = self.actuators
-        act.read_present(self._present)
-        q, dq, tau = self._present.tolist()
-        temperature = act.temperature_c.tolist()
-        if any(act.torque_enabled[k] and self._unloaded(k) for k in servos):
-            with act.lock:
-                for k in servos:
-                    if act.torque_enabled[k] and self._unloaded(k):
-                        act.torque_enabled[k] = False
-                        self.tables[k][ft.ADDR_TORQUE_ENABLE] = 0
+    def _put_present(self, k: int, q: float, dq: float, tau: float, temperature: float) -> None:
         model, series = self.model, self.series
-        stall_a = STALL_CURRENT_A.get(model.name, 2.7)
-        for k in servos:
-            table, sign = self.tables[k], self.direction[k]
-            ticks = round(self.zero_ticks[k] + sign * q[k] * model.ticks_per_rad)
-            speed = round(sign * dq[k] * model.ticks_per_rad)
-            share = max(-1.0, min(1.0, sign * tau[k] / model.stall_torque_nm))
-            speed = max(-32767, min(32767, speed))
-            table[ft.ADDR_PRESENT_POSITION : ft.ADDR_PRESENT_POSITION + 2] = \
-                self._encode_position(ticks)
-            table[ft.ADDR_PRESENT_SPEED : ft.ADDR_PRESENT_SPEED + 2] = ft.word(
-                ft.to_sign_magnitude(speed, ft.SIGN_BIT_SPEED), series)
-            table[ft.ADDR_PRESENT_LOAD : ft.ADDR_PRESENT_LOAD + 2] = ft.word(
-                ft.to_sign_magnitude(round(share * 1000), ft.SIGN_BIT_LOAD), series)
-            table[ft.ADDR_PRESENT_TEMPERATURE] = max(0, min(255, round(temperature[k])))
-            table[ft.ADDR_MOVING] = int(abs(speed) > MOVING_TICKS_S)
-            current = round(abs(share) * stall_a / CURRENT_UNIT_A)
-            table[ft.ADDR_PRESENT_CURRENT : ft.ADDR_PRESENT_CURRENT + 2] = ft.word(
-                ft.to_sign_magnitude(current if share >= 0 else -current, ft.SIGN_BIT_CURRENT),
-                series)
-            table[ft.ADDR_STATUS] = self._error_byte(k)
+        table, sign = self.tables[k], self.direction[k]
+        ticks = round(self.zero_ticks[k] + sign * q * model.ticks_per_rad)
+        speed = round(sign * dq * model.ticks_per_rad)
+        share = max(-1.0, min(1.0, sign * tau / model.stall_torque_nm))
+        speed = max(-32767, min(32767, speed))
+        table[ft.ADDR_PRESENT_POSITION : ft.ADDR_PRESENT_POSITION + 2] = \
+            self._encode_position(ticks)
+        table[ft.ADDR_PRESENT_SPEED : ft.ADDR_PRESENT_SPEED + 2] = ft.word(
+            ft.to_sign_magnitude(speed, ft.SIGN_BIT_SPEED), series)
+        table[ft.ADDR_PRESENT_LOAD : ft.ADDR_PRESENT_LOAD + 2] = ft.word(
+            ft.to_sign_magnitude(round(share * 1000), ft.SIGN_BIT_LOAD), series)
+        table[ft.ADDR_PRESENT_TEMPERATURE] = max(0, min(255, round(temperature)))
+        table[ft.ADDR_MOVING] = int(abs(speed) > MOVING_TICKS_S)
+        current = round(abs(share) * STALL_CURRENT_A.get(model.name, 2.7) / CURRENT_UNIT_A)
+        table[ft.ADDR_PRESENT_CURRENT : ft.ADDR_PRESENT_CURRENT + 2] = ft.word(
+            ft.to_sign_magnitude(current if share >= 0 else -current, ft.SIGN_BIT_CURRENT),
+            series)
+        table[ft.ADDR_STATUS] = self._error_byte(k)
