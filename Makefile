@@ -7,7 +7,7 @@ DURATION ?= 20
 FUZZ_S ?= 120
 FUZZ_JOBS ?= 1
 
-.PHONY: demo demo-remote test test-fast test-system lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop follower-table fuzz verify-systemd verify-aarch64 verify-vla clean
+.PHONY: demo demo-remote test test-fast test-system lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop follower-table fuzz verify-systemd verify-aarch64 verify-vla verify-vla-ar clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -210,9 +210,18 @@ verify-systemd:            # boots a real systemd in a container (root, debootst
 # export with the prefix weight-only int8 and the expert fp32, bundle (external data), verify,
 # latency per stage, 30 s live on the sim (docs/large-planners.md). ~8 GB RAM; not in `make test`.
 VLA_PREFIX ?= int8w
+# Then the autoregressive-token variant (verify-vla-ar).
 verify-vla: $(VENV)/.dev
-	rm -rf runs/verify-vla
+	rm -rf runs/verify-vla runs/verify-vla-ar
 	$(BIN)/python -m bench.verify_vla --out runs/verify-vla/bundle --prefix $(VLA_PREFIX)
+	$(BIN)/python -m bench.verify_vla --ar --out runs/verify-vla-ar/bundle
+
+# The autoregressive-token variant alone: 0.35 B parameters (a vision tower + a Qwen2-shaped
+# decoder that decodes bins action tokens through the loop stage over a KV buffer), fp32, the
+# same figures and live run. ~6 GB RAM; not in `make test`.
+verify-vla-ar: $(VENV)/.dev
+	rm -rf runs/verify-vla-ar
+	$(BIN)/python -m bench.verify_vla --ar --out runs/verify-vla-ar/bundle
 
 verify-aarch64:            # arm64 Debian under qemu-user: wheels-only install, parity, 10 s stack (root; ~10 min, first run ~1 h)
 	systemd/verify-aarch64.sh

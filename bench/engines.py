@@ -91,7 +91,7 @@ def _reference_bundles(root: Path) -> list[Path]:
     out = []
     for precision in ("fp32", "int8"):
         opts = ExportOptions(precision=precision, calib=32, calib_data=obs)
-        out.append(export_bundle(load_contract(CONTRACT), modules, root / precision, opts,
+        out.append(export_bundle(load_contract(CONTRACT), dict(modules), root / precision, opts,
                                  assets=root))
     return out
 

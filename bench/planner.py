@@ -6,12 +6,20 @@ For each bundle (default: the shipped reference, and a flow-matching planner exp
 a conv encoder + an MLP velocity network, K = 10): the whole `PlannerPipeline.plan` call
 (preprocessing, every stage, the Euler loop, postprocessing) against the same engines called
 bare on the same feeds, interleaved in one run. Then the flow planner's latency for K in
-1, 2, 4, 8, 16. Medians and p99 in ms; overhead = 1 - bare / pipeline.
+1, 2, 4, 8, 16. Medians and p99 in ms; overhead = 1 - bare / pipeline (medians), and paired:
+the median of each back-to-back pair's difference / the pipeline's median (robust to the
+drift of a shared host when a plan takes seconds).
+
+The 0.6 B planner of `make verify-vla` (a plan takes seconds on one CPU thread):
+
+    .venv/bin/python -m bench.planner --bundle runs/verify-vla/bundle --calls 15 \\
+        --warmup 1 --no-sweep
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -43,11 +51,12 @@ def _bare(pipe: PlannerPipeline) -> None:
             run.engine.run(run.feeds)
 
 
-def measure(bundle: Bundle, calls: int, flow_steps: int | None = None) -> dict[str, float]:
+def measure(bundle: Bundle, calls: int, flow_steps: int | None = None, warmup: int = 10
+            ) -> dict[str, float]:
     pipe = PlannerPipeline(bundle, JOINTS, flow_steps=flow_steps, seed=0)
     pipe.set_instruction("touch the red block, then the blue one")
     obs = _observation(pipe)
-    for _ in range(10):
+    for _ in range(warmup):
         pipe.plan(obs)
     full: list[float] = []
     bare: list[float] = []
@@ -61,7 +70,10 @@ def measure(bundle: Bundle, calls: int, flow_steps: int | None = None) -> dict[s
     f, b = np.asarray(full) * 1e3, np.asarray(bare) * 1e3
     out = {"pipeline_p50": float(np.median(f)), "pipeline_p99": float(np.percentile(f, 99)),
            "bare_p50": float(np.median(b)), "bare_p99": float(np.percentile(b, 99)),
-           "overhead": 1.0 - float(np.median(b)) / float(np.median(f))}
+           "overhead": 1.0 - float(np.median(b)) / float(np.median(f)),
+           # each pair ran back to back: their difference cancels the host's drift, which
+           # on a plan of seconds is far larger than the pipeline's own cost
+           "overhead_paired": float(np.median(f - b)) / float(np.median(f))}
     for name, s in pipe.stage_ms().items():
         if name not in ("total", "engines"):
             out[f"stage {name} p50"] = s["p50"]
@@ -133,20 +145,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, action="append", help="bundle folder (repeatable)")
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=10, help="plans before timing")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the latency against K")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        flow = flow_bundle(Path(tmp))
+        flow = flow_bundle(Path(tmp)) if not (args.bundle and args.no_sweep) else None
         paths = args.bundle or [ROOT / "bundles/reference", flow]
-        print("planner pipeline vs its bare engine calls (ms; ONNX Runtime CPU, 1 thread)")
-        print(f"{'bundle':<28} {'pipeline p50/p99':>18} {'bare p50/p99':>16} {'overhead':>9}"
-              "  stages p50")
+        print("planner pipeline vs its bare engine calls (ms; ONNX Runtime CPU, 1 thread; "
+              "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + ")")
+        print(f"{'bundle':<28} {'pipeline p50/p99':>20} {'bare p50/p99':>20} {'overhead':>9}"
+              f" {'paired':>7}  stages p50")
         for path in paths:
-            r = measure(load_bundle(path), args.calls)
+            r = measure(load_bundle(path), args.calls, warmup=args.warmup)
             stages = ", ".join(f"{k[6:-4]} {v:.3f}" for k, v in r.items()
                                if k.startswith("stage "))
-            print(f"{path.name:<28} {r['pipeline_p50']:>8.3f}/{r['pipeline_p99']:<9.3f}"
-                  f"{r['bare_p50']:>7.3f}/{r['bare_p99']:<8.3f} {100 * r['overhead']:>8.1f}%"
-                  f"  {stages}")
+            print(f"{path.name:<28} {r['pipeline_p50']:>10.3f}/{r['pipeline_p99']:<9.3f}"
+                  f"{r['bare_p50']:>10.3f}/{r['bare_p99']:<9.3f} {100 * r['overhead']:>8.2f}%"
+                  f" {100 * r['overhead_paired']:>6.2f}%  {stages}", flush=True)
+        if args.no_sweep:
+            return
+        assert flow is not None
         print("\nflow planner latency against K (ms)")
         print(f"{'K':>3} {'pipeline p50':>13} {'p99':>8} {'overhead':>9}")
         bundle = load_bundle(flow)

@@ -9,6 +9,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from export.onnx_files import EXTERNAL_MIN_BYTES, attach_weights
+
 OPSET = 17
 
 
@@ -24,6 +26,11 @@ def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], in_nam
     ONNX file."""
     axes = {name: {0: "batch"} for name in in_names + out_names} if dynamic_batch else None
     model.eval()
+    weights = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    # a large model's graph is traced without its weights, which then go to external data
+    # one by one (onnx_files.attach_weights): the exporter would otherwise hold a folded copy
+    # of every weight and, under 2 GB, the whole serialized graph twice beside the model
+    stream = sum(t.numel() * t.element_size() for t in weights.values()) >= EXTERNAL_MIN_BYTES
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # The TorchScript exporter is deprecated in favour of dynamo, but is the one that
@@ -31,11 +38,15 @@ def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], in_nam
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, inputs, str(path), input_names=in_names,
                               output_names=out_names, opset_version=OPSET, dynamo=False,
-                              do_constant_folding=True, dynamic_axes=axes)
+                              do_constant_folding=not stream, export_params=not stream,
+                              dynamic_axes=axes)
     except Exception as exc:  # torch raises many types (TypeError for a wrong signature...)
         raise ExportError(f"{label}: torch.onnx.export failed: {exc.__class__.__name__}: "
                           f"{exc} (forward must take {in_names} in this order and return "
                           f"{out_names})") from None
+    if stream:
+        attach_weights(path, {n: t.numpy() for n, t in weights.items()})
+    del weights
     check_onnx(path, label, dynamic_batch)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, external_data_helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from runtime.model.onnx_refs import external_locations
 
@@ -130,6 +130,48 @@ def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
                 writer.put_bytes(t, np.ascontiguousarray(numpy_helper.to_array(t)).tobytes())
     finally:
         writer.close()
+    onnx.save(model, str(path))
+
+
+def attach_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
+    """A graph exported without its parameters (`export_params=False`: each one a graph
+    input named as in the module) gets them as initializers in `<path>.data`, written
+    tensor by tensor from the module's own memory. A parameter feeding a Transpose is stored
+    transposed in its place (the fold the PyTorch exporter's constant folding would make in
+    memory, one tensor at a time here). So an export holds the model and one tensor, not a
+    folded copy of every weight and a serialized one."""
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    params = [i.name for i in g.input if i.name in weights]
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    folded: list[tuple[str, np.ndarray]] = []
+    keep = set()
+    for name in params:
+        for node in users.get(name, []):
+            if node.op_type == "Transpose" and node.input[0] == name:
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                folded.append((node.output[0], np.transpose(weights[name], perm)))
+                g.node.remove(node)
+            else:
+                keep.add(name)
+    writer = _DataWriter(path)
+    try:
+        for name, value in [(n, weights[n]) for n in params if n in keep] + folded:
+            array = np.ascontiguousarray(value)  # a view of the module's memory, or one tensor
+            t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                            dims=array.shape)
+            if array.nbytes < INLINE_MAX_BYTES:
+                t.raw_data = array.tobytes()
+            else:
+                writer.put_bytes(t, array.data.cast("B"))
+            g.initializer.append(t)
+    finally:
+        writer.close()
+    for i in [i for i in g.input if i.name in weights]:
+        g.input.remove(i)
     onnx.save(model, str(path))
 
 

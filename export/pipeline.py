@@ -16,6 +16,8 @@ only when every check passed.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -253,6 +255,7 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
             # the source's outputs first: a PyTorch source is then dropped before ONNX
             # Runtime holds the same weights (export memory)
             source = reference(name, held_out) if reference is not None else None
+            _give_back_freed_memory()
             engine = OnnxRuntimeEngine(fp32, batch=calib.batch_of(ins) if dynamic else None)
             spec = ModelSpec(file=fp32.name, precision="fp32", inputs=ins, outputs=outs)
             try:
@@ -278,6 +281,7 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
                 final.parent.mkdir()
                 batch = engine.batch
                 del engine  # its weights, before the variant's are made
+                _give_back_freed_memory()
                 if precision == "fp16":
                     to_fp16(fp32, final, external)
                 elif precision in WEIGHT_ONLY_BITS:
@@ -345,12 +349,14 @@ def export_bundle(contract: Contract, modules: dict[str, Any], out: Path, opts: 
 
     Each module's forward takes its model's inputs in the contract's order (an instruction
     mask right after its instruction, a prefix length right after its prefix) and returns
-    its outputs in order. `assets`: where the contract's other files (tokenizers) are."""
+    its outputs in order. `assets`: where the contract's other files (tokenizers) are.
+
+    `modules` is consumed: each module leaves the dict once its reference outputs are
+    recorded, so its weights are freed while ONNX Runtime holds theirs (a caller keeping
+    them, or a copy of the dict, doubles the export's peak memory)."""
     import torch
 
     from export.onnx_export import export_onnx
-
-    modules = dict(modules)  # consumed model by model (reference)
     tensors = _models(contract)
     files = _model_files(contract)
     # a model without a module is the ONNX file the contract names (a torch planner beside
@@ -440,6 +446,17 @@ def _copy_onnx(src: Path, name: str, path: Path) -> None:
     except (OSError, ValueError) as exc:
         raise ExportError(f"{src}: cannot read model {name} and its external data: "
                           f"{exc}") from None
+
+
+def _give_back_freed_memory() -> None:
+    """Hand the heap freed by a dropped PyTorch module or engine back to the OS: glibc keeps
+    freed blocks under its mmap threshold (up to 32 MB: most weight matrices) in the heap, so
+    the RSS would not fall while the next step loads the same weights again."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim this way
 
 
 def _version_string() -> str:

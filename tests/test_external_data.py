@@ -157,6 +157,40 @@ def test_duet_export_writes_external_data_above_the_threshold(
     assert load_bundle(out, expect_joints=JOINTS).precision() == "fp16"
 
 
+def test_a_large_model_is_traced_without_its_weights_and_streams_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the threshold (here: any) a PyTorch module is traced without its parameters,
+    which then go to external data one by one, a weight feeding a Transpose stored transposed
+    (export memory): the same outputs as the exporter's own folded graph and the module,
+    every weight outside the graph, no transpose of a weight left to run."""
+    import onnxruntime
+    import torch
+
+    from export import onnx_export
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.GELU(),
+                                torch.nn.Linear(300, 4)).eval()
+    x = torch.randn(1, 5, 8)  # 3-D: a Linear exports as a MatMul by its transposed weight
+    got = {}
+    for limit in (1 << 40, 0):
+        monkeypatch.setattr(onnx_export, "EXTERNAL_MIN_BYTES", limit)
+        path = tmp_path / str(limit) / "m.onnx"
+        path.parent.mkdir()
+        onnx_export.export_onnx(model, (x,), ["x"], ["y"], path, "m")
+        got[limit] = onnxruntime.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert [i.name for i in graph.input] == ["x"]
+    weights = {t.name for t in graph.initializer}
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    # both weights and the 300-wide bias; the 4-wide one stays inline (under 1 KiB)
+    assert len(external) == 3 and {t.external_data[0].value for t in external} == {"m.onnx.data"}
+    np.testing.assert_allclose(got[0], got[1 << 40], atol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(got[0], model(x).numpy(), atol=1e-5)
+
+
 def onnx_files_sha(path: Path) -> str:
     from runtime.model.bundle import sha256_file
 

@@ -29,8 +29,11 @@ def synthetic_observation(cfg: DuetConfig) -> Observation:
     return Observation(frames, history, now, cfg.planner.instruction)
 
 
-def bench_latency(bundle: Bundle, cfg: DuetConfig, plans: int) -> Latency:
-    pipeline = PlannerPipeline.configured(bundle, cfg)
+def bench_latency(bundle: Bundle, cfg: DuetConfig, plans: int,
+                  pipeline: PlannerPipeline | None = None) -> Latency:
+    """`pipeline`: one made from `bundle` and `cfg` already (its stage times then hold these
+    plans: bench/verify_vla.py prints them)."""
+    pipeline = pipeline or PlannerPipeline.configured(bundle, cfg)
     obs = synthetic_observation(cfg)
     pipeline.plan(obs)  # warm-up: first-call allocations and kernel selection
     ms = []
