@@ -7,8 +7,9 @@ a conv encoder + an MLP velocity network, K = 10): the whole `PlannerPipeline.pl
 (preprocessing, every stage, the Euler loop, postprocessing) against the same engines called
 bare on the same feeds, interleaved in one run. Then the flow planner's latency for K in
 1, 2, 4, 8, 16. Medians and p99 in ms; overhead = 1 - bare / pipeline (medians), and paired:
-the median of each back-to-back pair's difference / the pipeline's median (robust to the
-drift of a shared host when a plan takes seconds).
+the median of each back-to-back pair's difference / the pipeline's median, and inside: the
+median share of each plan spent outside its engine calls (free of the drift of a shared host,
+which on a plan of seconds is far larger than what the pipeline adds).
 
 The 0.6 B planner of `make verify-vla` (a plan takes seconds on one CPU thread):
 
@@ -74,6 +75,12 @@ def measure(bundle: Bundle, calls: int, flow_steps: int | None = None, warmup: i
            # each pair ran back to back: their difference cancels the host's drift, which
            # on a plan of seconds is far larger than the pipeline's own cost
            "overhead_paired": float(np.median(f - b)) / float(np.median(f))}
+    # inside each plan: its time outside the engine calls (what the pipeline adds), free of
+    # any drift between two calls
+    plan, engines = pipe.plan_ms.values(calls), pipe.engine_ms.values(calls)
+    own = plan - engines
+    out |= {"own_p50": float(np.median(own)), "own_p99": float(np.percentile(own, 99)),
+            "overhead_inside": float(np.median(own / plan))}
     for name, s in pipe.stage_ms().items():
         if name not in ("total", "engines"):
             out[f"stage {name} p50"] = s["p50"]
@@ -154,14 +161,15 @@ def main() -> None:
         print("planner pipeline vs its bare engine calls (ms; ONNX Runtime CPU, 1 thread; "
               "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + ")")
         print(f"{'bundle':<28} {'pipeline p50/p99':>20} {'bare p50/p99':>20} {'overhead':>9}"
-              f" {'paired':>7}  stages p50")
+              f" {'paired':>7} {'inside':>7} {'outside engines p50/p99':>24}  stages p50")
         for path in paths:
             r = measure(load_bundle(path), args.calls, warmup=args.warmup)
             stages = ", ".join(f"{k[6:-4]} {v:.3f}" for k, v in r.items()
                                if k.startswith("stage "))
             print(f"{path.name:<28} {r['pipeline_p50']:>10.3f}/{r['pipeline_p99']:<9.3f}"
                   f"{r['bare_p50']:>10.3f}/{r['bare_p99']:<9.3f} {100 * r['overhead']:>8.2f}%"
-                  f" {100 * r['overhead_paired']:>6.2f}%  {stages}", flush=True)
+                  f" {100 * r['overhead_paired']:>6.2f}% {100 * r['overhead_inside']:>6.3f}%"
+                  f" {r['own_p50']:>13.3f}/{r['own_p99']:<10.3f}  {stages}", flush=True)
         if args.no_sweep:
             return
         assert flow is not None

@@ -143,7 +143,9 @@ def verify(out: Path) -> None:
 def settings(out: Path, threads: int, extra: list[str] | None = None) -> list[str]:
     """The live run's `--set`s: this bundle on the sim, an operator's instruction."""
     return [f"bundle.path={out}", f"planner.threads={threads}",
-            "follower.deadline_storm.misses=400",  # a shared host's late ticks
+            # a shared host's late ticks and the emulated servos' late replies (the sim
+            # starved of CPU: "sync read: no reply within 5.0 ms" FAULTed a run here)
+            "follower.deadline_storm.misses=400", "bus.timeout_ms=20", "bus.retries=3",
             # a plan takes seconds: 2 frames a second are plenty, and rendering one takes
             # ~0.4 s on the shared host (a stale frame holds the planner back)
             "sim.camera_hz=2", "planner.cameras.scene.stale_ms=2000",
