@@ -3,6 +3,8 @@ alone here, with real sockets in a temporary run dir (no stack, no sim)."""
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -166,3 +168,52 @@ def test_a_refused_task_is_logged_with_its_words_once(tmp_path: Path, bundle_dir
             "operator task refused: 'go forbidden': the scripted source refuses 'forbidden'"]
     finally:
         shell.close()
+
+
+class Flipping(PlanSource):
+    """A planner under load: camera_stale and planning by turns each cycle, then idle for
+    good after `flip_s`."""
+
+    def __init__(self, flip_s: float) -> None:
+        self.until = time.monotonic() + flip_s
+        self.cycles = 0
+
+    def camera_names(self) -> Sequence[str]:
+        return ()
+
+    def check_instruction(self, text: str) -> None:
+        pass
+
+    def cycle(self, shell: PlannerShell) -> None:
+        self.cycles += 1
+        if time.monotonic() >= self.until:
+            shell.status = "idle"
+        else:
+            shell.status = "planning" if self.cycles % 2 else "camera_stale (scene)"
+
+
+def test_a_flipping_status_is_logged_once_it_settles_not_per_flip(
+        tmp_path: Path, bundle_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It logged every flip (36 lines a minute on a loaded robot): now a status is said once
+    it held 2 s, with the count of the briefer ones before it."""
+    cfg = _config(tmp_path, bundle_dir)
+    cfg.planner.hz = 50.0
+    source = Flipping(flip_s=3.0)
+    shell = PlannerShell(cfg, "test-bundle", source)
+    try:
+        with caplog.at_level("INFO", logger="duet.planner"):
+            running = threading.Thread(target=shell.run, args=(90.0,))
+            running.start()
+            deadline = time.monotonic() + 90  # the idle status must hold 2 s, on any load
+            while time.monotonic() < deadline and not any(
+                    "planner status: idle" in r.getMessage() for r in caplog.records):
+                time.sleep(0.1)
+            shell.stop_requested = True
+            running.join(timeout=30)
+    finally:
+        shell.close()
+    said = [r.getMessage() for r in caplog.records if "planner status" in r.getMessage()]
+    assert source.cycles > 20, source.cycles  # it did flip, many times
+    assert len(said) == 1, said
+    assert re.fullmatch(r"planner status: idle \(after \d+ briefer changes in \d+ s\)",
+                        said[0]), said

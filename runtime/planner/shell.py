@@ -40,6 +40,7 @@ from runtime.ipc.messages import (
     finite_array,
     pack_array,
 )
+from runtime.ipc.logs import ChangeLog
 from runtime.ipc.notify import notifier as make_notifier
 from runtime.ipc.rpc import Command, RequestError, bind_server
 from runtime.ipc.sockets import open_socket
@@ -377,6 +378,7 @@ class PlannerShell:
         notifier = make_notifier()
         notifier.notify("READY=1")
         last_status = ""
+        status_log = ChangeLog(log, "planner status")  # the log: settled changes only
         while not self.stop_requested:
             now = time.monotonic_ns()
             if duration_s is not None and now - start >= duration_s * 1e9:
@@ -397,10 +399,10 @@ class PlannerShell:
                             "period is %.0f ms: it plans back to back (said once)",
                             self.cfg.planner.hz, took_ns / 1e6, period_ns / 1e6)
             self.tel_pub.send(self.enc_tel.encode("telemetry", self.telemetry()))
-            if self.status != last_status:
+            if self.status != last_status:  # systemctl status shows the newest at once
                 notifier.notify(f"STATUS={self.status}")
-                log.info("planner status: %s", self.status)
                 last_status = self.status
+            status_log.update(self.status, time.monotonic())
         if self.status == "stopping":
             log.info("stopped: the plan in progress was interrupted, not waited for")
 
