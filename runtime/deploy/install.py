@@ -254,7 +254,14 @@ def _write_files(plan: InstallPlan, cfg: DuetConfig, source: Path, journal: Jour
     if not lay.site.exists():
         journal.write(lay.site, site_text(cfg, plan.bundle is not None, l4t))
     installed = load_config(lay.config, lay.site)  # what the services load must validate
-    for problem in bundle_problems(installed):
+    # the bundle the services will load, as staged: under --root, not the live store's (a
+    # path relative to the staged config is under it already)
+    path = Path(installed.bundle.path)
+    if not path.is_relative_to(lay.root):
+        path = lay.root / path.relative_to("/")
+    staged = installed.model_copy(update={"bundle": installed.bundle.model_copy(update={
+        "path": str(path)})})
+    for problem in bundle_problems(staged):
         plan.log(f"warning: {problem} (install one: duet install --bundle DIR, or duet bundle "
                  "add DIR && duet bundle activate VERSION)")
     enabled = ["duet.target", "duet-follower.service", "duet-planner.service"]
