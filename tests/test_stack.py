@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,12 @@ def test_duet_run_prints_and_writes_the_summary(tmp_path: Path, bundle: Path) ->
     assert s["safety"]["faults"] == 0
     assert s["bus"]["errors"] <= 0.01 * s["bus"]["reads"]  # retried-out reads: rare, counted
     assert "duet run" in proc.stdout  # the human table
+    # what people read says key=value, never a Python dict, tuple or list ("follower
+    # stopped: {'faults': 0, ...}" was)
+    assert "follower stopped: faults=0 " in proc.stderr, proc.stderr[-3000:]
+    raw = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines()
+           if re.search(r"[{(\[]'\w+'\s*[:,)\]]", line)]
+    assert not raw, raw
 
 
 def test_the_reference_bundle_solves_sim_episodes_through_the_live_stack(
@@ -79,9 +86,11 @@ def test_the_reference_bundle_solves_sim_episodes_through_the_live_stack(
         [sys.executable, "-m", "runtime.cli", "run", "--config", str(REPO / "configs/sim.yaml"),
          "--set", TOLERANT,
          "--set", f"run_dir={tmp_path / 'run'}", "--duration", "10",
-         "--summary-json", str(out)],
+         "--summary-json", str(out), "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # --json: stdout is the summary and nothing else (the children's stdout went to stderr)
+    assert json.loads(proc.stdout) == json.loads(out.read_text())
     task = json.loads(out.read_text())["task"]
     assert task["successes"] >= 2 and task["success_rate"] >= 0.75, task
 

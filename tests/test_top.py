@@ -204,6 +204,9 @@ def test_status_json_and_exit_code(publisher: Path) -> None:
     assert all(isinstance(e, float) and abs(e) < 0.2 for e in err)
     latency = sample["planner"]["latency_ms"]  # the planner shell's own figures
     assert 0 < latency["p50"] <= latency["p99"]
+    # a live screen has no JSON: `duet top --json` is one sample, as status gives it
+    top = _duet("top", "--run-dir", str(publisher), "--json", "--timeout", "15")
+    assert top.returncode == 0 and json.loads(top.stdout)["follower"]["mode"] == "TRACK"
     text = _duet("status", "--run-dir", str(publisher), "--timeout", "15")
     assert "TRACK" in text.stdout and "planning" in text.stdout
 

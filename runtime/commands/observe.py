@@ -19,6 +19,9 @@ def _status(args: argparse.Namespace) -> int:
 def _top(args: argparse.Namespace) -> int:
     from runtime.observe.top import run_top
 
+    if args.json:  # a live screen has no JSON: one sample, as `duet status --json` prints it
+        return _status(args)
+
     return run_top(cliopts.run_dir(args), args.refresh_hz, args.duration)
 
 
@@ -142,6 +145,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cliopts.add_run_dir(p)
     p.add_argument("--refresh-hz", type=float, default=4.0)
     p.add_argument("--duration", type=float, default=None, help="quit after this many seconds")
+    p.add_argument("--json", action="store_true", help="no screen: print one sample as "
+                   "`duet status --json` does (same exit code) and quit")
+    p.add_argument("--timeout", type=float, default=1.5, help="with --json: seconds to wait "
+                   "for the sample")
     p.set_defaults(func=_top)
 
     p = sc(sub, "view", "live view in Foxglove: a WebSocket server on 127.0.0.1 with the "

@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = cliopts.load(args, "duet run")
     config, _ = cliopts.files(args)
     return run(cfg, str(config), args.duration, args.summary_json, record=args.record,
-               ready_timeout_s=args.ready_timeout)
+               ready_timeout_s=args.ready_timeout, as_json=args.json)
 
 
 def _follower(args: argparse.Namespace) -> int:
@@ -208,6 +208,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cliopts.add_run_dir(p)
     p.add_argument("--duration", type=float, default=None, help="seconds, default: until Ctrl-C")
     p.add_argument("--summary-json", default=None, help="write the summary JSON here")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object "
+                   "instead of the table (stdout has nothing else: the processes' output "
+                   "goes to stderr)")
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=None,
                    help="start the recorder (default: recorder.enabled)")
     p.add_argument("--ready-timeout", type=_positive_s, default=None, metavar="S",

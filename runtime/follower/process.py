@@ -49,6 +49,7 @@ from runtime.follower.safety import LATCHED, Mode
 from runtime.ipc import endpoints, rundir
 from runtime.ipc.access import OPERATOR, Policy, ZapHandler, uid_of
 from runtime.ipc.iothreads import realtime_io_threads
+from runtime.ipc.logs import key_values
 from runtime.ipc.messages import Encoder, FrameTemplate, MessageError, decode_plan
 from runtime.ipc.notify import notifier
 from runtime.ipc.rpc import Command, Deferred, RequestError, bind_server
@@ -512,5 +513,5 @@ def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
     if final in LATCHED:
         log.error("follower stopped in %s: %s", final.name, follower.core.reason)
         return EXIT_ESTOP if final == Mode.ESTOP else EXIT_FAULT
-    log.info("follower stopped: %s", json.dumps(summary["safety"]))
+    log.info("follower stopped: %s", key_values(summary["safety"]))
     return 0

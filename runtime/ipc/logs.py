@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 
 class _KeyValueFormatter(logging.Formatter):
@@ -15,6 +16,11 @@ class _KeyValueFormatter(logging.Formatter):
         if record.exc_info:
             line += " exc=" + repr(self.formatException(record.exc_info))
         return line
+
+
+def key_values(counts: Mapping[str, object]) -> str:
+    """`a=1 b=2` for people and log readers (never a Python dict's repr); `none` if empty."""
+    return " ".join(f"{k}={v}" for k, v in counts.items()) or "none"
 
 
 def setup_logging(level: str = "INFO") -> None:

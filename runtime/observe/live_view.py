@@ -14,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from runtime.ipc.logs import key_values
 from runtime.ipc.signals import stop_on_signals
 from runtime.observe.channels import ChannelSubscriber, WallClock, schemas, to_record
 from runtime.observe.foxglove_ws import FOXGLOVE_APP, Channel, FoxgloveServer, Gate
@@ -65,10 +66,6 @@ class LiveView:
         self.server.close()
 
 
-def _counts(counter: dict[str, int]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(counter.items())) or "none"
-
-
 def serve_view(run_dir: str, host: str, port: int, frame_hz: float,
                duration_s: float | None, joints: list[str] | None = None,
                origins: tuple[str, ...] = (FOXGLOVE_APP,), as_json: bool = False) -> int:
@@ -94,7 +91,8 @@ def serve_view(run_dir: str, host: str, port: int, frame_hz: float,
     finally:
         view.close()
         log.info("sent=%d refused: %s; ignored from clients: %s; dropped for slow clients=%d; "
-                 "rejected from the robot: %s", view.sent, _counts(view.server.refused),
-                 _counts(view.server.ignored), view.server.dropped,
-                 _counts(view.subs.rejected))
+                 "rejected from the robot: %s", view.sent,
+                 key_values(dict(sorted(view.server.refused.items()))),
+                 key_values(view.server.ignored), view.server.dropped,
+                 key_values(view.subs.rejected))
     return 0

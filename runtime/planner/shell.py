@@ -32,6 +32,7 @@ from runtime.config import DuetConfig
 from runtime.ipc import endpoints
 from runtime.ipc.access import OPERATOR, Policy, ZapHandler, uid_of
 from runtime.ipc.iothreads import realtime_io_threads
+from runtime.ipc.logs import ChangeLog
 from runtime.ipc.messages import (
     Encoder,
     MessageError,
@@ -40,7 +41,6 @@ from runtime.ipc.messages import (
     finite_array,
     pack_array,
 )
-from runtime.ipc.logs import ChangeLog
 from runtime.ipc.notify import notifier as make_notifier
 from runtime.ipc.rpc import Command, RequestError, bind_server
 from runtime.ipc.sockets import open_socket

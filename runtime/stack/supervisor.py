@@ -57,6 +57,7 @@ class Supervisor:
         self.config_label = config_label
         self.ready_timeout_s = ready_timeout_s
         self.run_dir = Path(cfg.run_dir)
+        self.children_stdout: int | None = None  # theirs (None: ours)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.planner_restarts = 0
         self.stop_requested = False
@@ -102,7 +103,8 @@ class Supervisor:
 
     def _spawn(self, name: str, args: list[str], stdout: int | None = None) -> None:
         proc = subprocess.Popen(
-            _cli(*args), env=self._env(name), stdout=stdout, start_new_session=True)
+            _cli(*args), env=self._env(name), start_new_session=True,
+            stdout=self.children_stdout if stdout is None else stdout)
         self.children[name] = proc
         if name != "follower" and self.others_cpus:
             # set while the child is still starting its interpreter: its threads and its
@@ -264,10 +266,13 @@ def _read_first_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
 
 def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
         summary_json: str | None, record: bool | None = None,
-        ready_timeout_s: float | None = None) -> int:
-    """`record`: start the recorder (None: as recorder.enabled says)."""
+        ready_timeout_s: float | None = None, as_json: bool = False) -> int:
+    """`record`: start the recorder (None: as recorder.enabled says). `as_json`: the summary
+    as one JSON object on stdout, which then carries nothing else."""
     sup = Supervisor(cfg, config_label, cfg.recorder.enabled if record is None else record,
                      ready_timeout_s or READY_TIMEOUT_S)
+    if as_json:
+        sup.children_stdout = sys.stderr.fileno()
 
     stop_on_signals(sup)  # Ctrl-C, SIGTERM (duet stop) and SIGHUP (the SSH session dropped)
     t0 = time.monotonic()
@@ -294,7 +299,10 @@ def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
         Path(summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(summary_json).write_text(json.dumps(summary, indent=2))
     try:
-        print_summary(summary)
+        if as_json:
+            print(json.dumps(summary, indent=2), flush=True)
+        else:
+            print_summary(summary)
     except OSError:  # EIO/EPIPE: the terminal that started us hung up
         pass
     return rc
