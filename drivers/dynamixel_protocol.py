@@ -310,22 +310,8 @@ class StreamParser(PacketStream):
     def next_packet(self) -> Packet | None:
         buf = self._buf
         while True:
-            start = buf.find(HEADER)
-            if start < 0:
-                # keep a possible partial header at the end
-                keep = (
-                    3
-                    if buf.endswith(b"\xff\xff\xfd")
-                    else 2
-                    if buf.endswith(b"\xff\xff")
-                    else (1 if buf.endswith(b"\xff") else 0)
-                )
-                self.garbage_bytes += len(buf) - keep
-                del buf[: len(buf) - keep]
+            if not self._skip_to(HEADER):
                 return None
-            if start:
-                self.garbage_bytes += start
-                del buf[:start]
             if len(buf) < HEADER_BYTES:
                 return None
             length = buf[5] | (buf[6] << 8)

@@ -279,15 +279,8 @@ class StreamParser(PacketStream):
     def next_packet(self) -> Packet | None:
         buf = self._buf
         while True:
-            start = buf.find(HEADER)
-            if start < 0:
-                keep = 1 if buf.endswith(b"\xff") else 0
-                self.garbage_bytes += len(buf) - keep
-                del buf[: len(buf) - keep]
+            if not self._skip_to(HEADER):
                 return None
-            if start:
-                self.garbage_bytes += start
-                del buf[:start]
             if len(buf) < HEADER_BYTES:
                 return None
             if buf[2] == 0xFF:  # FF FF FF: the header starts one byte later

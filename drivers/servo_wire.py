@@ -68,6 +68,22 @@ class PacketStream:
     def next_packet(self) -> Any:
         raise NotImplementedError
 
+    def _skip_to(self, header: bytes) -> bool:
+        """Drop the bytes before the next `header`, counted as garbage; False when the buffer
+        holds none (a partial header at its end is kept for the next chunk)."""
+        buf = self._buf
+        start = buf.find(header)
+        if start < 0:
+            keep = next((n for n in range(len(header) - 1, 0, -1)
+                         if buf.endswith(header[:n])), 0)
+            self.garbage_bytes += len(buf) - keep
+            del buf[: len(buf) - keep]
+            return False
+        if start:
+            self.garbage_bytes += start
+            del buf[:start]
+        return True
+
 
 class SyncReplies:
     """The status packets answering one SYNC READ, resolved servo by servo as bytes arrive
