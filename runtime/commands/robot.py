@@ -53,7 +53,12 @@ def _planner(args: argparse.Namespace) -> int:
         from runtime.remote.relay import RelaySource
 
         return run_planner(cfg, args.duration, RelaySource)
-    return run_planner(cfg, args.duration)
+    from runtime.planner.local import PipelineSource
+    from runtime.remote.shadow import ShadowFeed
+
+    # the bundle's pipeline, its observations and plans offered to a shadow planner
+    return run_planner(cfg, args.duration,
+                       lambda c, b: ShadowFeed(PipelineSource(c, b), c, b))
 
 
 def _keys_generate(args: argparse.Namespace) -> int:

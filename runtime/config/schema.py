@@ -387,6 +387,39 @@ class OnnxRuntimeConfig(_Strict):
         return self
 
 
+class ShadowGate(_Strict):
+    """What `duet bundle activate --if-shadow-ok` asks of the shadow report (run dir
+    shadow.json, written by `duet bundle shadow VERSION`) before it activates VERSION."""
+
+    min_plans: int = Field(20, ge=1)  # plans compared, at least; fewer: refused as too few
+    # rad: the largest per-joint p95 of |candidate - active| over every horizon step
+    max_p95_rad: float = Field(0.05, gt=0)
+    max_mean_rad: float = Field(0.02, gt=0)  # rad: the mean |candidate - active|, all joints
+    # the candidate's plan p99 over the active's latency p99, at most (None: not compared);
+    # the candidate's latency is also checked against the robot's timing (plan timeout)
+    max_latency_ratio: float | None = Field(1.5, gt=0)
+    # added to the shadow process's nice value: it plans on what CPU the active leaves
+    nice: int = Field(10, ge=0, le=19)
+
+
+class ActivationWatch(_Strict):
+    """After `duet bundle activate`, the new bundle's health is watched against a baseline
+    taken from the live robot before the switch; a regression rolls back by itself
+    (runtime/deploy/watch.py)."""
+
+    window_s: float = Field(60.0, ge=0)  # s of the new bundle's planning watched; 0: no watch
+    # s the new bundle may take from activation to its first plan (restart, load); longer is a
+    # regression (it does not start)
+    start_timeout_s: float = Field(300.0, gt=0)
+    baseline_s: float = Field(5.0, gt=0)  # s of the live robot's telemetry taken as baseline
+    # a figure regresses when it exceeds baseline x ratio + margin: planner latency p99
+    latency_ratio: float = Field(2.0, ge=1)
+    latency_margin_ms: float = Field(20.0, ge=0)  # ms (a loaded host jitters by this much)
+    tracking_ratio: float = Field(2.0, ge=1)  # the p95 of the worst joint's tracking error
+    tracking_margin_rad: float = Field(0.02, ge=0)  # rad
+    miss_ratio_margin: float = Field(0.02, ge=0)  # the follower's deadline-miss ratio, mean
+
+
 class BundleConfig(_Strict):
     # the bundle folder (manifest, contract, models); a relative path is from the file that
     # sets it; `duet install` points it at /var/lib/duet/bundles/current
@@ -403,6 +436,8 @@ class BundleConfig(_Strict):
     # ONNX Runtime's TensorRT engines go in its onnxruntime/ folder (built by the planner).
     engine_cache: str = "/var/lib/duet/engines"
     onnxruntime: OnnxRuntimeConfig = Field(default_factory=OnnxRuntimeConfig)  # engine: onnxruntime
+    shadow: ShadowGate = Field(default_factory=ShadowGate)  # the shadow gate's thresholds
+    watch: ActivationWatch = Field(default_factory=ActivationWatch)  # after an activation
 
 
 class SimMotorConfig(_Strict):

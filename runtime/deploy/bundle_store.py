@@ -159,5 +159,8 @@ class BundleStore:
         self.activate(previous)
         return previous
 
+    def current_version(self) -> str | None:
+        return self._link_target(CURRENT)
+
     def current_path(self) -> Path:
         return self.root / CURRENT

@@ -20,10 +20,14 @@ impostor trips them, and the input then goes stale, which every reader treats as
 | sim                | sim      | PUB -> SUB  | run dir group            | SUBSCR / SIM      |
 | sim-control        | sim      | ROUTER<-REQ | run dir group            | REQUEST / REPLY         |
 | telemetry-planner-server | planner server | PUB -> SUB | run dir group | SUBSCR / TELEMETRY |
+| shadow             | planner  | XPUB -> SUB | run dir group            | SUBSCR / SHADOW    |
+| telemetry-shadow   | shadow   | PUB -> SUB  | run dir group            | SUBSCR / TELEMETRY |
 | ZAP (inproc)       | each process | REP     | libzmq in the process    | REQUEST (not framed)    |
 
-(PLAN is MAX_PLAN_BYTES, SUBSCR MAX_SUBSCRIPTION_BYTES, and so on.) "Run dir group": the run
-dir's permissions decide; `control`: root and the service user are admin, members of
+`shadow`: the observations the planner planned on, with its plans, sent only while a shadow
+planner (`duet bundle shadow`) subscribes. (PLAN is MAX_PLAN_BYTES, SUBSCR
+MAX_SUBSCRIPTION_BYTES, and so on.) "Run dir group": the run dir's permissions decide;
+`control`: root and the service user are admin, members of
 `access.operator_group` operators.
 
 Off the host, one TCP socket (runtime/remote/server.py): `duet planner --listen
@@ -46,6 +50,7 @@ MAX_SUBSCRIPTION_BYTES = 1 << 10  # what a PUB receives: duet subscribes to ever
 MAX_STATE_BYTES = 1 << 16  # four [n] float64 arrays: 64 joints take 2 KiB
 MAX_TELEMETRY_BYTES = 1 << 22  # figures, and the planner's plans (MAX_PLAN_BYTES each)
 MAX_SIM_BYTES = (1 << 24) + (1 << 16)  # a frame of messages.MAX_ELEMENTS bytes and its keys
+MAX_SHADOW_BYTES = 4 * MAX_SIM_BYTES  # raw frames of up to four cameras, states and plans
 
 
 def resolve_run_dir(given: str | None = None) -> str:
@@ -83,6 +88,11 @@ def recorder(run_dir: str) -> str:
     return _ipc(run_dir, "recorder")
 
 
+def shadow(run_dir: str) -> str:
+    """The observations the planner planned on, with its plans, for a shadow planner."""
+    return _ipc(run_dir, "shadow")
+
+
 def sim(run_dir: str) -> str:
     """Sim camera frames (and task announcements)."""
     return _ipc(run_dir, "sim")
@@ -103,5 +113,7 @@ FOLLOWER_SUMMARY = "follower-summary.json"
 PLANNER_SUMMARY = "planner-summary.json"
 PLANNER_SERVER_SUMMARY = "planner-server-summary.json"
 SIM_SUMMARY = "sim-summary.json"
+SHADOW_REPORT = "shadow.json"  # the shadow planner's divergence report (duet bundle shadow)
+WATCH_REPORT = "watch.json"  # the activation watch's state and outcome (duet bundle watch)
 NOTIFY_SOCKET = "notify"  # `duet run`'s stand-in for systemd's sd_notify socket
 EFFECTIVE_CONFIG = "effective.yaml"  # the config as `duet run` resolved it, for the processes

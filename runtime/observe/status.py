@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from runtime.ipc.follower_mode import LATCHED_MODES
 from runtime.observe.reasons import summarize
+from runtime.observe.rollout import shadow_report, watch_record
 from runtime.observe.subscriber import TelemetrySubscriber
 from runtime.observe.telemetry_view import render, to_jsonable
 
@@ -28,7 +29,8 @@ def collect(run_dir: str, timeout_s: float) -> dict[str, Any]:
         latest = sub.sample(timeout_s)
     finally:
         sub.close()
-    return {source: to_jsonable(latest.get(source)) for source in ("follower", "planner")}
+    return {**{source: to_jsonable(latest.get(source)) for source in ("follower", "planner")},
+            "shadow": shadow_report(run_dir), "watch": watch_record(run_dir)}
 
 
 ROBOT, WORKSTATION = "robot", "workstation"

@@ -13,6 +13,7 @@ from rich.text import Text
 from runtime.follower.records import FollowerTelemetry
 from runtime.ipc.messages import MessageError, unpack_array
 from runtime.observe.reasons import summarize
+from runtime.observe.rollout import rollout_table
 from runtime.planner.records import PlannerTelemetry
 
 MODE_STYLE = {"TRACK": "bold green", "HOLD": "bold yellow", "INIT": "bold cyan",
@@ -146,4 +147,7 @@ def render(
     if joints is not None:
         parts.append(joints)
     parts.append(planner_table(planner, ages.get("planner")))
+    rollout = rollout_table(latest.get("shadow"), latest.get("watch"))
+    if rollout is not None:
+        parts.append(rollout)
     return Group(*parts)

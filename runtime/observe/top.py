@@ -20,6 +20,7 @@ from textual.containers import Horizontal
 from textual.widgets import Footer, Static
 
 from runtime.observe.reasons import summarize
+from runtime.observe.rollout import rollout_table, shadow_report, watch_record
 from runtime.observe.status import diagnosis, setting
 from runtime.observe.subscriber import TelemetrySubscriber
 from runtime.observe.telemetry_view import follower_table, joints_table, planner_table
@@ -88,6 +89,9 @@ class TopApp(App[int]):
         if joints is not None:
             right.append(joints)
         right.append(planner_table(latest.get("planner"), ages.get("planner")))
+        rollout = rollout_table(shadow_report(self.run_dir), watch_record(self.run_dir))
+        if rollout is not None:
+            right.append(rollout)
         self.query_one("#right", Static).update(Group(*right))
         self.query_one("#health", Static).update(health_text(latest, setting(self.run_dir),
                                                              self.size.width))
@@ -114,6 +118,7 @@ def _print_loop(run_dir: str, refresh_hz: float, duration_s: float | None) -> in
         while end is None or time.monotonic() < end:
             sub.poll(1.0 / refresh_hz)
             latest, ages = sample(sub)
+            latest |= {"shadow": shadow_report(run_dir), "watch": watch_record(run_dir)}
             console.print(render(latest, ages, title=f"duet top  {run_dir}"),
                           health_text(latest, setting(run_dir), console.width))
             time.sleep(max(0.0, 1.0 - 1.0 / refresh_hz))

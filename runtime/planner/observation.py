@@ -107,6 +107,14 @@ class StateHistory:
         picked = order[np.unique(np.maximum(k, 0))]
         return self.t_ns[picked].copy(), np.stack([self.values[f][picked] for f in FIELDS])
 
+    def recent(self, t_ns: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """The newest `m` states read at or before t_ns, oldest first, as `rows_at` gives
+        them (what a reader of any history up to that length needs)."""
+        order = self._order()
+        k = int(np.searchsorted(self.t_ns[order], t_ns, side="right"))
+        picked = order[max(0, k - m):max(k, 1)]
+        return self.t_ns[picked].copy(), np.stack([self.values[f][picked] for f in FIELDS])
+
     @property
     def latest_t_ns(self) -> int:
         return int(self.t_ns[(self.count - 1) % self._cap]) if self.count else 0

@@ -119,6 +119,9 @@ class PlannerShell:
         if self.tasks.current is None and cfg.planner.instruction:
             self.tasks.set(cfg.planner.instruction, None, "config")
         self.last_plan: Plan | None = None
+        self.last_waypoints: np.ndarray | None = None  # of last_plan, as published
+        # what the plan in progress was computed from (frames, t_obs): the shadow feed's
+        self.observed: tuple[dict[str, np.ndarray], int] | None = None
 
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         # the plan leaves through this context's I/O thread: as prompt as the follower's
@@ -308,6 +311,7 @@ class PlannerShell:
         # a plan begins: said now, so a plan of seconds shows as one in progress (`in_plan_s`)
         self.plan_started_ns = now
         self.tel_pub.send(self.enc_tel.encode("telemetry", self.telemetry()))
+        self.observed = frames, t_obs
         return frames, t_obs
 
     def expected_latency_s(self) -> float:
@@ -325,7 +329,8 @@ class PlannerShell:
             "t_obs_ns": t_obs, "latency_ms": latency_ms, "episode": episode})
         self.plan_pub.send(plan)
         self.tel_pub.send(plan)  # observers (the recorder) see plans here
-        self.last_plan = Plan(waypoints.copy(), dt_s, t_obs / 1e9, t_done / 1e9)
+        self.last_waypoints = waypoints.copy()
+        self.last_plan = Plan(self.last_waypoints, dt_s, t_obs / 1e9, t_done / 1e9)
         self.plans += 1
         if self.first_plan_ns is None:
             self.first_plan_ns = t_done

@@ -14,7 +14,8 @@ only MessageError leaves (its kind is the drop counter's key).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,10 +66,15 @@ class Sent:
 
 
 def encode_observation(enc: Encoder, *, bundle: str, t_obs_ns: int,
-                       states: tuple[np.ndarray, np.ndarray], jpegs: dict[str, bytes],
+                       states: tuple[np.ndarray, np.ndarray],
+                       jpegs: Mapping[str, bytes | dict[str, Any]],
                        instruction: str, episode: Any, previous: Plan | None,
-                       previous_waypoints: np.ndarray | None, expected_s: float) -> bytes:
-    """`states`: (read times [m], values [len(FIELDS), m, n]) from StateHistory.rows_at."""
+                       previous_waypoints: np.ndarray | None, expected_s: float,
+                       **extra: Any) -> bytes:
+    """`states`: (read times [m], values [len(FIELDS), m, n]) from StateHistory.rows_at.
+    `jpegs`: one JPEG per camera, or (on one host: the shadow feed) the frame itself, packed
+    (`pack_array`, uint8 [h, w, 3]). `extra`: keys a reader of this message adds (the shadow
+    feed's active plan)."""
     prefix = None
     if previous is not None and previous_waypoints is not None:
         prefix = {"waypoints": pack_array(previous_waypoints.astype(np.float32)),
@@ -78,7 +84,7 @@ def encode_observation(enc: Encoder, *, bundle: str, t_obs_ns: int,
         "bundle": bundle, "t_obs_ns": t_obs_ns,
         "state_t_ns": pack_array(t.astype("<i8")), "state": pack_array(values.astype("<f8")),
         "frames": jpegs, "instruction": instruction, "episode": episode,
-        "prefix": prefix, "expected_s": expected_s})
+        "prefix": prefix, "expected_s": expected_s, **extra})
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,9 @@ class Limits:
     cameras: frozenset[str]
     max_frame_bytes: int
     max_frame_pixels: int
+    # the shadow: the active planner's cameras, a superset of the candidate's, as raw frames
+    more_cameras: bool = False
+    raw_frames: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,7 @@ class Received:
     bundle: str
     episode: Any
     request: PlanRequest
+    message: dict[str, Any] = field(default_factory=dict, repr=False)  # the decoded map
 
 
 def _text(msg: dict[str, Any], key: str, limit: int) -> str:
@@ -122,16 +132,15 @@ def decode_observation(frame: bytes, lim: Limits) -> Received:
         raise MessageError("schema", "t_obs_ns must be a non-negative integer")
     history = _states(msg, t_obs, lim.n_joints)
     frames = msg.get("frames")
-    if not isinstance(frames, dict) or len(frames) > MAX_CAMERAS \
-            or set(frames) != lim.cameras:
+    if not isinstance(frames, dict) or len(frames) > MAX_CAMERAS or not (
+            set(frames) >= lim.cameras if lim.more_cameras else set(frames) == lim.cameras):
         got = sorted(map(str, frames)) if isinstance(frames, dict) else frames
         raise MessageError("frames", f"frames {got!r}, the model reads {sorted(lim.cameras)}")
     images = {}
-    for name, data in frames.items():
-        if type(data) is not bytes:
-            raise MessageError("frames", f"frames.{name}: not bytes")
-        images[name] = jpeg.decode(data, lim.max_frame_bytes, lim.max_frame_pixels,
-                                   f"frames.{name}")
+    for name in lim.cameras:
+        images[name] = _raw(frames[name], lim, name) if lim.raw_frames else \
+            jpeg.decode(_bytes(frames[name], name), lim.max_frame_bytes, lim.max_frame_pixels,
+                        f"frames.{name}")
     instruction = _text(msg, "instruction", MAX_INSTRUCTION_CHARS).strip()
     if not instruction:
         raise MessageError("schema", "instruction: empty (an idle robot sends nothing)")
@@ -141,7 +150,23 @@ def decode_observation(frame: bytes, lim: Limits) -> Received:
     previous = _prefix(msg.get("prefix"), lim.n_joints)
     obs = Observation(images, history, t_obs, instruction)
     return Received(msg["seq"], bundle, _episode(msg.get("episode")),
-                    PlanRequest(obs, previous, float(expected)))
+                    PlanRequest(obs, previous, float(expected)), msg)
+
+
+def _bytes(data: Any, name: str) -> bytes:
+    if type(data) is not bytes:
+        raise MessageError("frames", f"frames.{name}: not bytes")
+    return data
+
+
+def _raw(obj: Any, lim: Limits, name: str) -> np.ndarray:
+    image = unpack_array(obj, f"frames.{name}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise MessageError("frames", f"frames.{name}: {image.dtype}{list(image.shape)}, "
+                                     "expected uint8 [h, w, 3]")
+    if image.shape[0] * image.shape[1] > lim.max_frame_pixels:
+        raise MessageError("frames", f"frames.{name}: over {lim.max_frame_pixels} pixels")
+    return image
 
 
 def _states(msg: dict[str, Any], t_obs: int, n: int) -> StateHistory:

@@ -35,6 +35,9 @@ log = logging.getLogger("duet.run")
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 8.0
 PLANNER_RESTART_BACKOFF_S = 1.0
+# A child's exit code asking for the follower's and the planner's restart: the activation
+# watch (`duet bundle watch --restart-by-exit`) rolled the bundle back
+RESTART_STACK_EXIT = 3
 
 
 class SupervisorError(Exception):
@@ -169,6 +172,12 @@ class Supervisor:
         if self.record:  # the flight recorder, as duet-recorder.service on the robot
             self.recorder_args = ["record", "serve", "--config", str(effective)]
             self._spawn("recorder", self.recorder_args)
+        bundle = Path(self.cfg.bundle.path)
+        if with_planner and bundle.name == "current":
+            # a store's current bundle: the activation watch, as duet-watch.service does on
+            # the robot (it exits at once when no activation is pending)
+            self._spawn("watch", ["bundle", "watch", "--config", str(effective), "--store",
+                                  str(bundle.parent), "--restart-by-exit"])
         self._wait_ready("follower")
 
     def _wait_ready(self, name: str) -> None:
@@ -202,6 +211,11 @@ class Supervisor:
                 self.planner_restarts += 1
                 time.sleep(PLANNER_RESTART_BACKOFF_S)
                 self._spawn("planner", self.planner_args)
+            watch = self.children.get("watch")
+            if watch is not None and watch.poll() is not None:
+                del self.children["watch"]
+                if watch.returncode == RESTART_STACK_EXIT:
+                    self._restart_robot("the activation watch rolled the bundle back")
             recorder = self.children.get("recorder")
             if recorder is not None and recorder.poll() is not None:
                 log.warning("recorder exited with %s; restarting", recorder.returncode)
@@ -209,27 +223,40 @@ class Supervisor:
                 self._spawn("recorder", self.recorder_args)
         return 0
 
+    def _restart_robot(self, why: str) -> None:
+        """Stop the planner and the follower (controlled stop) and start them again: they
+        load the bundle now current."""
+        log.warning("restarting the follower and the planner: %s", why)
+        for name in ("planner", "follower"):
+            self._stop_child(name)
+        self.ready.discard("follower")
+        self._spawn("follower", self.follower_args)
+        self._wait_ready("follower")
+        self._spawn("planner", self.planner_args)
+
+    def _stop_child(self, name: str) -> int | None:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; its exit code (0 when our SIGTERM
+        ended it before it had installed its handler: still starting, a stop as asked)."""
+        proc = self.children[name]
+        asked = proc.poll() is None
+        if asked:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.error("%s did not stop within %.0f s; killing", name, STOP_TIMEOUT_S)
+                proc.kill()
+                proc.wait()
+        code = proc.returncode
+        return 0 if asked and code == -signal.SIGTERM else code
+
     def stop(self) -> dict[str, int | None]:
-        """SIGTERM in dependency order: planner, follower (controlled stop), the recorder
-        (after the follower's last state), sim."""
+        """SIGTERM in dependency order: the watch, planner, follower (controlled stop), the
+        recorder (after the follower's last state), sim."""
         codes: dict[str, int | None] = {}
-        for name in ("planner", "follower", "recorder", "sim"):
-            proc = self.children.get(name)
-            if proc is None:
-                continue
-            asked = proc.poll() is None
-            if asked:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    log.error("%s did not stop within %.0f s; killing", name, STOP_TIMEOUT_S)
-                    proc.kill()
-                    proc.wait()
-            code = proc.returncode
-            # Killed by our own SIGTERM before it had installed its handler (still starting:
-            # nothing opened yet): a stop as asked, not a failure.
-            codes[name] = 0 if asked and code == -signal.SIGTERM else code
+        for name in ("watch", "planner", "follower", "recorder", "sim"):
+            if name in self.children:
+                codes[name] = self._stop_child(name)
         if self.notify_sock is not None:
             self.notify_sock.close()
         self.core.release()
@@ -289,7 +316,7 @@ def run(cfg: DuetConfig, config_label: str, duration_s: float | None,
     finally:
         codes = sup.stop()
     if any(code not in (0, None) for name, code in codes.items()
-           if name not in ("planner", "recorder")):
+           if name not in ("planner", "recorder", "watch")):
         rc = rc or 1
     summary = build_summary(cfg, config_label, Path(cfg.run_dir), time.monotonic() - t0,
                             sup.t_start_ns, sup.planner_restarts, codes)
