@@ -35,7 +35,8 @@ MAX_BYTES = 8 << 30  # unpacked: far above a wheelhouse (~70 MB) + a VLA bundle
 MAX_MANIFEST_BYTES = 4 << 20
 # What install takes from a source tree: the units, sysusers/tmpfiles and the README.
 SOURCE_FILES = ("duet.target", "duet-follower.service", "duet-planner.service",
-                "duet-recorder.service", "duet.sysusers.conf", "duet.tmpfiles.conf")
+                "duet-recorder.service", "duet-watch.service", "duet.sysusers.conf",
+                "duet.tmpfiles.conf")
 MACHINES = ("aarch64", "x86_64")
 JETPACK6_GLIBC = "2.35"  # Ubuntu 22.04, what JetPack 6 runs
 

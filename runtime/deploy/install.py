@@ -264,7 +264,8 @@ def _write_files(plan: InstallPlan, cfg: DuetConfig, source: Path, journal: Jour
     for problem in bundle_problems(staged):
         plan.log(f"warning: {problem} (install one: duet install --bundle DIR, or duet bundle "
                  "add DIR && duet bundle activate VERSION)")
-    enabled = ["duet.target", "duet-follower.service", "duet-planner.service"]
+    enabled = ["duet.target", "duet-follower.service", "duet-planner.service",
+               "duet-watch.service"]
     if installed.recorder.enabled:
         enabled.append("duet-recorder.service")
     return enabled

@@ -18,8 +18,10 @@ from runtime.deploy.journal import Journal
 from runtime.deploy.layout import UNIT_PREFIX, templates_dir
 from runtime.follower.buses import single_bus
 
-UNITS = ("duet.target", "duet-follower.service", "duet-planner.service", "duet-recorder.service")
-SERVICES = UNITS[1:]
+UNITS = ("duet.target", "duet-follower.service", "duet-planner.service", "duet-recorder.service",
+         "duet-watch.service")
+# the long-running services (the watch is a run-once unit: no start limit, no drop-ins)
+SERVICES = UNITS[1:4]
 DROPIN = "duet-follower.service.d/realtime.conf"
 DEVICE_DROPIN = "duet-follower.service.d/device.conf"
 CPU_DROPIN = "cpu.conf"  # in duet-planner.service.d and duet-recorder.service.d

@@ -77,6 +77,11 @@ def schemas(joints: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
         "/planner/telemetry": ("duet.PlannerTelemetry", _schema("duet.PlannerTelemetry", {
             "status": _STR, "plans": _INT, "latency_ms": {**_OBJ, "description": "ms"},
             "instruction": {"type": ["string", "null"]}})),
+        "/shadow/telemetry": ("duet.ShadowReport", _schema("duet.ShadowReport", {
+            "candidate": _STR, "active": _STR, "plans": _INT, "skipped": _INT,
+            "latency_ms": {**_OBJ, "description": "the candidate's plan, ms"},
+            "divergence_rad": {**_OBJ, "description": "|candidate - active| over the same "
+                               "observations, rad: mean, p95, max, per_joint"}})),
         "/sim/task": ("duet.Task", _schema("duet.Task", {"episode": _INT,
                                                          "instruction": _STR})),
         "/sim/episode": ("duet.EpisodeResult", _schema("duet.EpisodeResult", {
@@ -99,6 +104,8 @@ SOURCES: list[tuple[Callable[[str], str], dict[str, str], int]] = [
      endpoints.MAX_TELEMETRY_BYTES),
     (lambda d: endpoints.telemetry(d, "planner"), {"telemetry": "/planner/telemetry",
                                                    "plan": "/planner/plan"},
+     endpoints.MAX_TELEMETRY_BYTES),
+    (lambda d: endpoints.telemetry(d, "shadow"), {"telemetry": "/shadow/telemetry"},
      endpoints.MAX_TELEMETRY_BYTES),
     (endpoints.sim, {"frame": "/sim/frame", "task": "/sim/task", "episode": "/sim/episode"},
      endpoints.MAX_SIM_BYTES),
