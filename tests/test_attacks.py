@@ -152,25 +152,42 @@ def test_another_local_user_cannot_steer_or_take_the_plan_endpoint(
         assert "BIND REFUSED" in out.stdout  # it cannot take the endpoint over either
 
 
+_AS_OPERATOR = ("import sys, json; from runtime.ipc import endpoints; "
+                "from runtime.ipc.rpc import request_at; ep = endpoints.control(sys.argv[1]); "
+                "print(json.dumps([request_at(ep, c, a, 10.0) for c, a in {}]))")
+
+
 @needs_root
-def test_operators_get_status_and_estop_but_not_reset_or_set(
+def test_operators_may_estop_and_reset_out_of_estop_but_not_out_of_fault_nor_set(
         open_dir: Path, bundle: Path) -> None:
+    """Who may leave which latch (issue 21 item 9): an operator stops the arm and resets out
+    of that ESTOP (what `duet estop` tells them); a FAULT has a cause to fix, so its reset and
+    `duet reboot` stay admin, as do `set` and `get`."""
     with Stack(open_dir, bundle, ["access.operator_group=nogroup"], planner=False) as stack:
         os.chmod(stack.run_dir, 0o755)
         os.chmod(Path(stack.run_dir) / "control", 0o777)
-        code = ("import sys, json; from runtime.ipc import endpoints; "
-                "from runtime.ipc.rpc import request_at; ep = endpoints.control(sys.argv[1]); "
-                "print(json.dumps([request_at(ep, c, a, 3.0) for c, a in "
-                "[('status', {}), ('set', {'key': 'follower.blend_ms', 'value': 10}), "
-                "('reset', {}), ('estop', {})]]))")
+        code = _AS_OPERATOR.format("[('status', {}), ('set', {'key': 'follower.blend_ms', "
+                                   "'value': 10}), ('estop', {}), ('reset', {})]")
         out = _as_nobody(code, stack.run_dir)  # nobody's group is nogroup: an operator
         assert out.returncode == 0, out.stderr
-        status, set_, reset, estop = json.loads(out.stdout)
+        status, set_, estop, reset = json.loads(out.stdout)
         assert status["ok"]
         assert not set_["ok"] and "permission denied" in set_["error"]
-        assert not reset["ok"] and "permission denied" in reset["error"]
         assert estop["ok"]
-        stack.wait_mode("ESTOP", 1)
+        assert reset["ok"] and reset["result"]["mode"] == "HOLD", reset
+        stack.wait_mode("HOLD", 10)
+        stack.sim_fault("silence", joint=2, on=True)
+        stack.wait_mode("FAULT", 10)
+        stack.sim_fault("silence", joint=2, on=False)
+        out = _as_nobody(_AS_OPERATOR.format("[('reset', {}), ('reset', {'reboot': ['elbow']})]"),
+                         stack.run_dir)
+        reset, reboot = json.loads(out.stdout)
+        assert not reset["ok"] and "a reset out of FAULT needs admin" in reset["error"]
+        assert "try with sudo" in reset["error"]
+        assert not reboot["ok"] and "rebooting a motor needs admin" in reboot["error"]
+        assert stack.telemetry()["mode"] == "FAULT"
+        assert stack.control("reset")["ok"]  # the follower's own user: admin
+        stack.wait_mode("HOLD", 10)
     (open_dir / "2").mkdir()
     (open_dir / "2").chmod(0o755)
     with Stack(open_dir / "2", bundle, ["access.operator_group=root"], planner=False) as stack:

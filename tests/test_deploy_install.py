@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -216,6 +218,15 @@ def test_duet_on_path_and_uninstall(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "usr/local/bin/duet" not in left and "opt/duet" not in left
     assert "var/lib/duet/bundles" not in left
     assert "etc/duet/site.yaml" in left and "var/lib/duet/recordings/episodes/e.mcap" in left
+    # the duet command is gone with the venv: the purge it prints needs no duet
+    printed = capsys.readouterr().out
+    rm = printed[printed.index("to remove them too: ") + 20:].splitlines()[0]
+    assert rm == f"sudo rm -rf {root}/etc/duet {root}/var/lib/duet"
+    subprocess.run(shlex.split(rm.removeprefix("sudo ")), check=True)
+    assert "etc/duet" not in _tree(root) and "var/lib/duet" not in _tree(root)
+    # or in one step
+    assert main(["install", "--root", str(root), "--config", str(config), "--bundle",
+                 str(make_bundle(tmp_path / "b2")), "--no-venv"]) == 0
     assert main(["uninstall", "--root", str(root), "--purge"]) == 0
     assert "etc/duet" not in _tree(root) and "var/lib/duet" not in _tree(root)
 

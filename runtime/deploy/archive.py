@@ -143,7 +143,20 @@ def pack(config: Path, bundle: Path | None, target: Target, out: Path, source: P
     digest = sha256_file(out)
     log(f"packed {out} for {target.label} (glibc <= {target.glibc}): {n_wheels} wheels, "
         f"bundle {'yes' if bundle else 'no'}; sha256 {digest}")
-    return {**manifest, "archive": str(out), "sha256": digest}
+    steps = bootstrap(out.name, name, digest)
+    log("on the robot, in the folder you copied it to (no network needed):\n  "
+        + "\n  ".join(steps))
+    return {**manifest, "archive": str(out), "sha256": digest, "bootstrap": steps}
+
+
+def bootstrap(archive: str, top: str, digest: str) -> list[str]:
+    """The robot's commands for an archive: a duet to install with, from the archive's own
+    wheels (no index, no pip configuration), then the install from the archive."""
+    wheels = f"/tmp/{top}/wheels"
+    return [f"tar -xzf {archive} -C /tmp",
+            "python3 -m venv /tmp/duet-bootstrap && /tmp/duet-bootstrap/bin/pip install "
+            f"--isolated --no-index --find-links {wheels} duet-runtime",
+            f"sudo /tmp/duet-bootstrap/bin/duet install --offline {archive} --sha256 {digest}"]
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -207,7 +207,8 @@ def check_run_dir(run_dir: str, state_dir: str | None = None) -> list[Check]:
     """The live run dir: who holds it, a latched fault (also one kept in the state dir across
     a reboot), a telemetry sample."""
     from runtime.ipc import endpoints, rundir
-    from runtime.observe.status import collect, diagnosis, setting
+    from runtime.ipc.follower_mode import reset_command
+    from runtime.observe.status import ROBOT, collect, diagnosis, setting
 
     path = Path(run_dir)
     if not path.exists():
@@ -227,8 +228,9 @@ def check_run_dir(run_dir: str, state_dir: str | None = None) -> list[Check]:
                 text = latch.read_text().strip()
             except OSError as exc:
                 text = f"(unreadable: {exc.strerror})"
+            reset = reset_command(text.split(":", 1)[0], setting(run_dir) == ROBOT)
             out.append(Check("latched fault", FAIL, f"{latch}: {text}",
-                             "check the robot, then: duet reset (the latch survives restarts"
+                             f"check the robot, then: {reset} (the latch survives restarts"
                              + (" and reboots)" if latch.parent != path else ")")))
             break
     held, pid = rundir.holder(path, endpoints.FOLLOWER_LOCK)

@@ -16,6 +16,7 @@ TensorRT (runtime/deploy/venv.py) and the planner gets the GPU providers; with a
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -311,8 +312,10 @@ def uninstall(lay: Layout, prefix: str, purge: bool, run: Runner = run_checked,
         _best_effort(run, ["systemctl", "daemon-reload"], log)
     kept = [] if purge else [str(p) for p in (lay.etc, lay.recordings, lay.change_log)
                              if p.exists()]
-    log(f"removed {len(removed)} paths" + (f"; kept {', '.join(kept)} (--purge removes them)"
-                                           if kept else ""))
+    # the duet command is gone now: the way to purge later is one that needs no duet
+    rm = " ".join(shlex.quote(str(p)) for p in (lay.etc, lay.state) if p.exists())
+    log(f"removed {len(removed)} paths" + (
+        f"; kept {', '.join(kept)}; to remove them too: sudo rm -rf {rm}" if kept else ""))
     return removed
 
 

@@ -48,12 +48,13 @@ from runtime.follower.reset import ResetJob
 from runtime.follower.safety import LATCHED, Mode
 from runtime.ipc import endpoints, rundir
 from runtime.ipc.access import OPERATOR, Policy, ZapHandler, uid_of
+from runtime.ipc.follower_mode import reset_command
 from runtime.ipc.iothreads import realtime_io_threads
 from runtime.ipc.logs import key_values
 from runtime.ipc.messages import Encoder, FrameTemplate, MessageError, decode_plan
 from runtime.ipc.notify import notifier
 from runtime.ipc.rpc import Command, Deferred, RequestError, bind_server
-from runtime.ipc.signals import stop_on_signals
+from runtime.ipc.signals import SUPERVISOR_ENV, stop_on_signals
 from runtime.ipc.sockets import open_socket
 from runtime.model.bundle import BundleError
 from runtime.model.engines import EngineError, engine_options
@@ -109,6 +110,9 @@ class Follower:
         self._setup_sockets()
         self.enc_tel = Encoder()
         self.notifier = notifier()
+        # a systemd service (not `duet run`'s child, which may inherit a service's variables):
+        # who reads its journal is an operator, not the follower's own user
+        self.under_systemd = "INVOCATION_ID" in os.environ and SUPERVISOR_ENV not in os.environ
         wd_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         # ping four times per watchdog period (a late tick still leaves margin), else ten
         # times a second; by the clock, not by ticks (a loop that skips periods under load
@@ -135,7 +139,9 @@ class Follower:
         self.control = bind_server(self.ctx, endpoints.control(run_dir), {
             "status": Command(self._cmd_status, OPERATOR, "mode, rates, counters"),
             "estop": Command(self._cmd_estop, OPERATOR, "torque off until reset"),
-            "reset": Command(self._cmd_reset, help="leave FAULT/ESTOP, hold"),
+            "reset": Command(self._cmd_reset, OPERATOR,
+                             "leave ESTOP (operators) or FAULT (admin), hold",
+                             admin_if=self._reset_needs_admin),
             "set": Command(self._cmd_set, help="change a live tunable"),
             "get": Command(self._cmd_get, help="the running config"),
         }, zap_domain="control")
@@ -312,8 +318,8 @@ class Follower:
         FAULT/ESTOP, with the way out), systemd STATUS, the latch file, torque."""
         for old, new, reason in self.core.transitions:
             if new in LATCHED:
-                log.error("%s (was %s): %s. After fixing the cause: duet reset",
-                          new.name, old.name, reason)
+                log.error("%s (was %s): %s. After fixing the cause: %s", new.name, old.name,
+                          reason, reset_command(new.name, self.under_systemd))
                 self.latch.write(self.core.mode.name, self.core.reason)
             else:
                 log.info("%s (was %s): %s", new.name, old.name, reason)
@@ -354,6 +360,13 @@ class Follower:
         reason = args.get("reason", "control")
         self._estop(f"estop from {reason if isinstance(reason, str) else 'control'}"[:200])
         return {"mode": self.core.mode.name}
+
+    def _reset_needs_admin(self, args: dict[str, Any]) -> str | None:
+        """An operator may reset out of ESTOP (a person stopped the arm); a FAULT has a cause
+        to fix first, and rebooting a motor is a repair: those stay admin."""
+        if args.get("reboot"):
+            return "rebooting a motor"
+        return "a reset out of FAULT" if self.core.mode == Mode.FAULT else None
 
     def _cmd_reset(self, args: dict[str, Any]) -> dict[str, Any] | Deferred:
         """`reboot`: joints whose latched hardware error is cleared first (`duet reboot`)."""

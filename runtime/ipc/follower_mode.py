@@ -12,6 +12,13 @@ from runtime.ipc.rpc import request_at
 LATCHED_MODES = ("FAULT", "ESTOP")
 
 
+def reset_command(mode: str, robot: bool) -> str:
+    """What the reader types to leave a latched `mode`: an operator may reset out of ESTOP;
+    out of FAULT (a cause to fix first) it takes an admin, root or the follower's own user,
+    which is `sudo` on a robot and the user who ran `duet run` on a workstation."""
+    return "sudo duet reset" if robot and mode == "FAULT" else "duet reset"
+
+
 def follower_mode(run_dir: str, timeout_s: float = 5.0) -> str | None:
     """The follower's mode from its control socket's `status` (None where it refuses);
     ControlError when it does not answer."""

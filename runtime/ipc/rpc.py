@@ -48,6 +48,9 @@ class Command:
     handler: Callable[[dict[str, Any]], Result | Deferred]
     role: str = ADMIN  # the least role allowed: OPERATOR < ADMIN
     help: str = ""
+    # what, in these args or the process's state now, needs an admin though `role` does not
+    # (e.g. a reset out of FAULT); None: `role` suffices
+    admin_if: Callable[[dict[str, Any]], str | None] | None = None
 
 
 _RANK = {OPERATOR: 1, ADMIN: 2}
@@ -115,6 +118,11 @@ class ReplyServer:
         if _RANK.get(role or "", 0) < _RANK[command.role]:
             self.dropped["permission"] += 1
             return _error(f"{cmd}: permission denied (needs {command.role}; "
+                          f"you are {role or 'nobody'}): try with sudo")
+        why = command.admin_if(args) if command.admin_if is not None else None
+        if why is not None and _RANK.get(role or "", 0) < _RANK[ADMIN]:
+            self.dropped["permission"] += 1
+            return _error(f"{cmd}: permission denied ({why} needs {ADMIN}; "
                           f"you are {role or 'nobody'}): try with sudo")
         try:
             result = command.handler(args)

@@ -40,11 +40,15 @@ _FOLLOWER_UNIT = Path("/etc/systemd/system/duet-follower.service")
 # installed, the system run dir); on a workstation `duet run` does, and there is no unit to
 # ask about. A step that says "duet doctor" is left out when doctor itself is reporting.
 NEXT_STEP: dict[str, dict[str, str]] = {
-    "latched": {ROBOT: "check the robot (the reason above), then: duet reset",
+    # an operator may reset out of ESTOP; out of FAULT it takes an admin (sudo on a robot:
+    # runtime/ipc/follower_mode.py reset_command)
+    "estop": {ROBOT: "check the robot (the reason above), then: duet reset",
+              WORKSTATION: "check the robot (the reason above), then: duet reset"},
+    "latched": {ROBOT: "check the robot (the reason above), then: sudo duet reset",
                 WORKSTATION: "check the robot (the reason above), then: duet reset"},
     "latched_timing": {  # a deadline storm: the CPU's doing, not the robot's
         ROBOT: "find what took the CPU: duet doctor (CPU contention, governor, real-time); "
-               "then: duet reset",
+               "then: sudo duet reset",
         WORKSTATION: "the host was too busy for the loop (raise follower.deadline_storm.misses "
                      "on a shared machine); then: duet reset"},
     "timing": {ROBOT: "duet doctor (CPU contention, governor, real-time)",
@@ -76,6 +80,8 @@ def setting(run_dir: str) -> str:
 
 
 def _follower_cause(problem: str) -> str:
+    if problem.startswith("ESTOP"):
+        return "estop"
     if problem.startswith(LATCHED_MODES):
         return "latched_timing" if "deadline-miss storm" in problem else "latched"
     return "timing"  # loop rate or missed deadlines
