@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from policy.rollout import EpisodeResult, LoopSettings, run_episode
-from runtime.config import DuetConfig, load_config
+from runtime.config import DuetConfig, SimConfig, load_config
 from runtime.follower.reference import STRATEGIES
 from runtime.model.bundle import Bundle, load_bundle
 from runtime.model.plan import Plan
@@ -35,6 +35,7 @@ from runtime.model.residual import residual_model
 from runtime.planner.observation import StateHistory
 from runtime.planner.pipeline import Observation, PlannerPipeline
 from sim.robot import RobotDescription, default_robot, describe
+from sim.success import TargetJudge, describe_measure
 from sim.task import Episode, TaskTracker
 from sim.world import SimWorld
 
@@ -71,13 +72,14 @@ class BundlePlanner:
         self.pipeline.set_instruction(instruction)
         self.previous = None
 
-    def warm_up(self, world: SimWorld, calls: int = 3) -> None:
+    def warm_up(self, world: SimWorld, calls: int = 3,
+                instruction: str = "touch the red block, then the blue one") -> None:
         """A few plans, not counted: an engine's first calls (lazy initialisation, cold
         caches) are no planner latency an episode would see."""
         q = world.q()
         history = StateHistory(len(q))
         history.add(1, q=q, dq=np.zeros_like(q), q_cmd=q)
-        self.reset("touch the red block, then the blue one")
+        self.reset(instruction)
         for _ in range(calls):
             self(world, history, TaskTracker(Episode(0, workspace=world.robot.workspace),
                                              timeout_s=1.0))
@@ -107,15 +109,23 @@ def evaluate(bundle: Bundle, cfg: DuetConfig, settings: LoopSettings, seeds: lis
     world = SimWorld(seed=0, physics_hz=settings.physics_hz, robot=robot)
     plan_fn = BundlePlanner(bundle, cfg, **planner)
     follower = residual_model(bundle, list(robot.joints)) if residual else None
-    plan_fn.warm_up(world)
+    measure = (cfg.sim or SimConfig()).success
+    if measure.instruction:
+        plan_fn.warm_up(world, instruction=measure.instruction)
+    else:
+        plan_fn.warm_up(world)
     results: list[EpisodeResult] = []
     t0 = time.monotonic()
     for seed in seeds:
         episode = Episode(seed, two_step_fraction=1.0, phrasing=phrasing,
                           workspace=robot.workspace)
-        plan_fn.reset(episode.instruction)
+        # the touch task judges by its blocks (run_episode's default); a company's task by
+        # its target (sim.success)
+        judge = None if measure.kind == "blocks" else TargetJudge(
+            episode, measure, world, list(robot.joints), settings.timeout_s)
+        plan_fn.reset(measure.instruction or episode.instruction)
         results.append(run_episode(world, episode, plan_fn, follower, settings,
-                                   start_q=eval_start_q(seed, robot)))
+                                   start_q=eval_start_q(seed, robot), task=judge))
     summary = summarise(results)
     summary["planner_latency_ms_p50"] = float(np.median(plan_fn.latencies) * 1e3)
     summary["planner_latency_ms_p99"] = float(np.percentile(plan_fn.latencies, 99) * 1e3)
@@ -218,6 +228,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"{report['first_seed']}; sim physics {report['physics_hz']:.0f} Hz, follower "
              f"{report['follower_hz']:.0f} Hz, planner {report['planner_hz']:.0f} Hz "
              "(measured latency simulated as delay).", "",
+             "Success: " + report.get("success_measure", {}).get(
+                 "text", "the sim's touch task") + ".", "",
              "| run | precision | residual | strategy | success | mean time to success (s) "
              "| tracking RMS (rad) | boundary Δv max (rad/s) | boundary jerk max (rad/s³) "
              "| clamps |",
@@ -314,6 +326,8 @@ def run_eval(bundle_dirs: list[Path], episodes: int, ablation_episodes: int, con
                         **measure_torch_latency(checkpoints)})
     report = {"episodes": episodes, "ablation_episodes": ablation_episodes, "first_seed": first,
               "phrasing": phrasing,
+              "success_measure": {**(cfg.sim or SimConfig()).success.model_dump(),
+                                  "text": describe_measure((cfg.sim or SimConfig()).success)},
               "physics_hz": base.physics_hz, "follower_hz": base.follower_hz,
               "planner_hz": base.planner_hz, "runs": runs, "latency": latency}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ from runtime.config.schema import (
     SimConfig,
     SimMotorConfig,
     SimRobotConfig,
+    SuccessMeasure,
     Workspace,
 )
 
@@ -89,6 +90,7 @@ __all__ = [
     "SimConfig",
     "SimMotorConfig",
     "SimRobotConfig",
+    "SuccessMeasure",
     "Workspace",
     "check_plain",
     "close_keys",

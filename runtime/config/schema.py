@@ -492,6 +492,32 @@ class SimRobotConfig(_Strict):
     workspace: Workspace = Workspace()  # where the task's blocks go
 
 
+class SuccessMeasure(_Strict):
+    """What `duet eval` counts as a success: the sim's touch task, or a target of a company's own
+    task on its own robot (sim/success.py)."""
+
+    # blocks: the sim's touch task (its blocks touched in order); pose: every joint named in
+    # `pose` within tolerance_rad of its target; site: the MJCF site `site` within tolerance_m
+    # of `position`
+    kind: Literal["blocks", "pose", "site"] = "blocks"
+    pose: dict[str, float] = Field(default_factory=dict)  # rad per joint (kind: pose); others free
+    tolerance_rad: float = Field(0.05, gt=0)  # rad, per joint (kind: pose)
+    site: str | None = None  # an MJCF site, e.g. the end effector's (kind: site)
+    position: tuple[float, float, float] | None = None  # m, world frame (kind: site)
+    tolerance_m: float = Field(0.02, gt=0)  # m, distance (kind: site)
+    hold_s: float = Field(0.2, ge=0)  # s inside the tolerance in a row before it counts
+    # the task the planner is given in these episodes (None: the sim's own instruction)
+    instruction: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SuccessMeasure:
+        if self.kind == "pose" and not self.pose:
+            raise ValueError("kind pose needs `pose`: a target in rad for at least one joint")
+        if self.kind == "site" and (self.site is None or self.position is None):
+            raise ValueError("kind site needs `site` (an MJCF site) and `position` [x, y, z]")
+        return self
+
+
 class SimConfig(_Strict):
     # `duet run` starts the sim and the follower drives its emulated motors; `duet install`
     # refuses a config with it on
@@ -510,6 +536,7 @@ class SimConfig(_Strict):
     # servo answers in microseconds whatever the host is doing
     rt_priority: int = Field(0, ge=0, le=99)
     robot: SimRobotConfig = SimRobotConfig()  # the simulated robot's description
+    success: SuccessMeasure = SuccessMeasure()  # what `duet eval` counts as a success
 
 
 class RecorderConfig(_Strict):
