@@ -36,6 +36,7 @@ from runtime.config import (
     FeetechBusConfig,
     SimConfig,
 )
+from runtime.ipc import endpoints
 from runtime.ipc.rpc import Command, RequestError, bind_server
 from runtime.ipc.stats import Histogram
 from sim.actuators import HW_OVERLOAD, MODE_MIT, Actuators
@@ -230,7 +231,7 @@ def serve_serial(actuators: Actuators, bus: DynamixelBusConfig, joints: list[int
     # each servo reports and behaves as its joint's motor model (sim.robot.motors)
     models = [describe(cfg).motors.models[k].name for k in joints]
     # a stable name, as udev gives a real adapter: a replugged line keeps its path
-    return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0",
+    return SerialLink(actuators, bus, Path(cfg.run_dir) / endpoints.SIM_TTY,
                       functools.partial(_dynamixel, models=models),
                       (cfg.sim or SimConfig()).rt_priority)
 
@@ -239,7 +240,7 @@ def serve_feetech(actuators: Actuators, bus: FeetechBusConfig, joints: list[int]
                   cfg: DuetConfig) -> MotorLink:
     if cfg.buses is not None:
         raise ConfigError("sim: per-limb buses (`buses:`) need sim.transport 'can'")
-    return SerialLink(actuators, bus, Path(cfg.run_dir) / "ttyDUET0", _feetech,
+    return SerialLink(actuators, bus, Path(cfg.run_dir) / endpoints.SIM_TTY, _feetech,
                       (cfg.sim or SimConfig()).rt_priority)
 
 

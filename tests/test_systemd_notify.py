@@ -18,6 +18,8 @@ import pytest
 from onnx_bundle import make_bundle
 from stack import stop_processes
 
+from runtime.ipc import endpoints
+
 pytestmark = pytest.mark.system  # a follower process under a fake systemd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +80,40 @@ def test_follower_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     finally:
         stop_processes(follower, sim)
         notify.close()
+
+
+def test_duet_runs_follower_opens_its_bus_only_when_told_the_motors_are_served(
+        tmp_path: Path) -> None:
+    """`duet run` starts the follower beside the sim with --bus-after-stdin: it sets up
+    everything but the bus and waits; the line opens the bus (here a missing device: exit 2,
+    said), EOF or SIGTERM before it is a clean stop that never touched the bus."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    bundle = make_bundle(tmp_path / "b")
+    procs = {}
+    for name in ("line", "eof"):
+        run_dir = tmp_path / name
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "follower", "--config",
+             str(REPO / "configs/sim.yaml"), "--set", f"run_dir={run_dir}",
+             "--set", f"bundle.path={bundle}", "--set", f"bus.device={run_dir / 'ttyDUET0'}",
+             "--bus-after-stdin"], cwd=REPO, env=env, stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+    try:
+        for name, proc in procs.items():  # set up: its control socket is bound
+            control = Path(endpoints.control(str(tmp_path / name)).removeprefix("ipc://"))
+            deadline = time.monotonic() + 60
+            while not control.exists():
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "follower not set up within 60 s"
+                time.sleep(0.05)
+        for proc in procs.values():
+            assert proc.poll() is None  # waiting, not failing on the missing device
+        _, err = procs["line"].communicate("served\n", timeout=60)
+        assert procs["line"].returncode == 2
+        assert "motors not readable at start" in err
+        _, err = procs["eof"].communicate("", timeout=60)
+        assert procs["eof"].returncode == 0
+        assert "stopped before its motors were served" in err
+        assert "motors not readable" not in err
+    finally:
+        stop_processes(*procs.values())

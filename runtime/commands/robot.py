@@ -36,7 +36,8 @@ def _follower(args: argparse.Namespace) -> int:
     from runtime.follower.process import run_follower
 
     setup_logging()
-    return run_follower(cliopts.load(args, "duet follower"), args.duration)
+    return run_follower(cliopts.load(args, "duet follower"), args.duration,
+                        sys.stdin if args.bus_after_stdin else None)
 
 
 def _planner(args: argparse.Namespace) -> int:
@@ -231,6 +232,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         cliopts.add_config(p)
         cliopts.add_run_dir(p)
         p.add_argument("--duration", type=float, default=None)
+        if name == "follower":
+            p.add_argument("--bus-after-stdin", action="store_true",
+                           help="set up, then open the bus after a line on stdin (`duet run` "
+                                "starts the follower while its sim comes up)")
         if name == "planner":
             p.add_argument("--listen", default=None, metavar="tcp://HOST:PORT",
                            help="serve robots over the network (CURVE; planner.serve)")

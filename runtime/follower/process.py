@@ -29,7 +29,7 @@ import select
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import zmq
@@ -484,9 +484,20 @@ class Follower:
         return self.figures.summary(self.core, self.bus.stats, self.dropped_messages())
 
 
-def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
+def _served(follower: Follower, gate: IO[str]) -> bool:
+    """True once `gate` gives a line (`duet run`: the sim serves the motors); False on EOF
+    (the supervisor gave up) or when a stop is asked meanwhile."""
+    while not follower.stop_requested:
+        if select.select([gate], [], [], 0.1)[0]:
+            return bool(gate.readline())
+    return False
+
+
+def run_follower(cfg: DuetConfig, duration_s: float | None = None,
+                 gate: IO[str] | None = None) -> int:
     """The follower process. Exit 0 after a clean stop, 3/4 when it ended in FAULT/ESTOP,
-    2 when it could not start (the reason logged in one line)."""
+    2 when it could not start (the reason logged in one line). With `gate`, everything but
+    the bus is set up first, and the bus opened after a line on `gate` (see `_served`)."""
     try:
         follower = Follower(cfg)
     except rundir.LockHeld as exc:
@@ -510,6 +521,9 @@ def run_follower(cfg: DuetConfig, duration_s: float | None = None) -> int:
     stop_on_signals(follower)
     signal.signal(signal.SIGUSR1, _estop)
     try:
+        if gate is not None and not _served(follower, gate):
+            log.info("follower stopped before its motors were served")
+            return 0
         try:
             follower.start()
         except BusError as exc:

@@ -116,4 +116,6 @@ SIM_SUMMARY = "sim-summary.json"
 SHADOW_REPORT = "shadow.json"  # the shadow planner's divergence report (duet bundle shadow)
 WATCH_REPORT = "watch.json"  # the activation watch's state and outcome (duet bundle watch)
 NOTIFY_SOCKET = "notify"  # `duet run`'s stand-in for systemd's sd_notify socket
+# the sim's serial servos: a link to its pty, as udev names a real adapter /dev/ttyDUET0
+SIM_TTY = "ttyDUET0"
 EFFECTIVE_CONFIG = "effective.yaml"  # the config as `duet run` resolved it, for the processes

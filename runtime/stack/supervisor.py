@@ -104,9 +104,10 @@ class Supervisor:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def _spawn(self, name: str, args: list[str], stdout: int | None = None) -> None:
+    def _spawn(self, name: str, args: list[str], stdout: int | None = None,
+               stdin: int | None = None) -> None:
         proc = subprocess.Popen(
-            _cli(*args), env=self._env(name), start_new_session=True,
+            _cli(*args), env=self._env(name), start_new_session=True, stdin=stdin,
             stdout=self.children_stdout if stdout is None else stdout)
         self.children[name] = proc
         if name != "follower" and self.others_cpus:
@@ -156,19 +157,35 @@ class Supervisor:
         if with_planner:
             self._spawn("planner", self.planner_args)
         overrides: list[str] = []
-        if self.cfg.sim is not None and self.cfg.sim.enabled:
+        sim = self.cfg.sim is not None and self.cfg.sim.enabled
+        wire = None
+        if sim:
             self._spawn("sim", ["sim", "--config", str(effective)], stdout=subprocess.PIPE)
-            line = _read_first_line(self.children["sim"], self.ready_timeout_s)
-            if self.cfg.bus is not None:  # per-limb buses: the sim serves the configured ones
-                wire_key = family_of(self.cfg.bus).wire_key  # the pty path or the channel
-                overrides.append(f"bus.{wire_key}={line}")
-            self.device = line
-            log.info("sim robot on %s", line)
+            wire = self._sim_wire()
+            if wire is not None:
+                overrides.append(f"bus.{wire[0]}={wire[1]}")
         if self.core.cpu != self.cfg.follower.realtime.cpu:
             overrides.append(f"follower.realtime.cpu={self.core.cpu}")
         sets = [a for o in overrides for a in ("--set", o)]
         self.follower_args = ["follower", "--config", str(effective), *sets]
-        self._spawn("follower", self.follower_args)
+        if sim:
+            # The follower loads its bundle, engine and sockets while the sim comes up, and
+            # opens the bus on the line that says the motors are served (systemd orders a
+            # robot's follower after its device instead): the two starts overlap.
+            self._spawn("follower", [*self.follower_args, "--bus-after-stdin"],
+                        stdin=subprocess.PIPE)
+            line = _read_first_line(self.children["sim"], self.ready_timeout_s)
+            if wire is not None and line != wire[1]:
+                raise SupervisorError(f"the sim serves its motors on {line}, not {wire[1]}")
+            self.device = line
+            log.info("sim robot on %s", line)
+            gate = self.children["follower"].stdin
+            assert gate is not None
+            with contextlib.suppress(BrokenPipeError):  # it died: _wait_ready says how
+                gate.write(b"served\n")
+                gate.close()
+        else:
+            self._spawn("follower", self.follower_args)
         if self.record:  # the flight recorder, as duet-recorder.service on the robot
             self.recorder_args = ["record", "serve", "--config", str(effective)]
             self._spawn("recorder", self.recorder_args)
@@ -179,6 +196,17 @@ class Supervisor:
             self._spawn("watch", ["bundle", "watch", "--config", str(effective), "--store",
                                   str(bundle.parent), "--restart-by-exit"])
         self._wait_ready("follower")
+
+    def _sim_wire(self) -> tuple[str, str] | None:
+        """(bus key, value) of the wire the sim serves the one `bus:` on: a serial family's
+        pty link in the run dir, a CAN family's configured channel. None for per-limb buses
+        (the sim serves the configured ones)."""
+        if self.cfg.bus is None:
+            return None
+        family = family_of(self.cfg.bus)
+        if family.sim_transport == "serial":
+            return family.wire_key, str(self.run_dir / endpoints.SIM_TTY)
+        return family.wire_key, str(getattr(self.cfg.bus, family.wire_key))
 
     def _wait_ready(self, name: str) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
