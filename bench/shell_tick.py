@@ -6,7 +6,9 @@ the same process in alternate rounds: a before/after under the same host state.
 
     .venv/bin/python -m bench.shell_tick [--seconds 5] [--rounds 3] [--baseline-tree DIR]
 
-A planner stand-in (a child process) publishes a plan every 200 ms, as a 5 Hz planner does.
+A planner stand-in (a child process) publishes a plan every 200 ms, as a 5 Hz planner does
+(`--plan-hz` for more samples of plan delivery, planner send -> follower take). `--read-us`
+makes each bus read wait that long (a serial round trip: a plan arriving then waits for it).
 Run pinned and real-time for stable figures: `chrt -f 50 taskset -c 1 ...`.
 """
 
@@ -36,8 +38,9 @@ HOME = np.array([0.0, 0.02, 1.82, 1.33, 0.0, 0.1])
 class InstantBus:
     """Motors that reach each command at once: a read returns the last command."""
 
-    def __init__(self, joints: list[str]) -> None:
+    def __init__(self, joints: list[str], read_s: float = 0.0) -> None:
         self.joint_names = joints
+        self.read_s = read_s
         self._stats = BusStats()
         self.q = HOME.copy()
 
@@ -52,6 +55,8 @@ class InstantBus:
         pass
 
     def read(self, out: MotorState) -> None:
+        if self.read_s:
+            time.sleep(self.read_s)  # the driver waits for the reply off the CPU
         out.q[:] = self.q
         out.dq.fill(0.0)
         out.t_ns = time.monotonic_ns()
@@ -73,8 +78,8 @@ class InstantBus:
         return 0.0
 
 
-def planner(run_dir: str, stop: Any) -> None:
-    """A 5 Hz planner: a plan around the home pose every 200 ms."""
+def planner(run_dir: str, stop: Any, period_s: float) -> None:
+    """A planner: a plan around the home pose every `period_s`."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.connect(endpoints.plan(run_dir))
@@ -87,7 +92,7 @@ def planner(run_dir: str, stop: Any) -> None:
                                      "t_obs_ns": now - 3_000_000, "latency_ms": 3.0,
                                      "episode": 0, "plan_seq": seq}))
         seq += 1
-        stop.wait(0.2)
+        stop.wait(period_s)
     pub.close(linger=0)
     ctx.term()
 
@@ -103,13 +108,14 @@ def load_process_module(tree: Path) -> ModuleType:
     return module
 
 
-def run_once(module: ModuleType, cfg: DuetConfig, seconds: float) -> dict[str, Any]:
+def run_once(module: ModuleType, cfg: DuetConfig, seconds: float, plan_hz: float,
+             read_us: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="duet-shell-") as run_dir:
         cfg = cfg.model_copy(deep=True)
         cfg.run_dir = run_dir
-        follower = module.Follower(cfg, bus=InstantBus(list(cfg.robot.joints)))
+        follower = module.Follower(cfg, bus=InstantBus(list(cfg.robot.joints), read_us / 1e6))
         stop = mp.get_context("fork").Event()
-        child = mp.get_context("fork").Process(target=planner, args=(run_dir, stop))
+        child = mp.get_context("fork").Process(target=planner, args=(run_dir, stop, 1.0 / plan_hz))
         child.start()
         try:
             follower.start()
@@ -129,6 +135,8 @@ def main() -> None:
     ap.add_argument("--hz", type=float, default=500.0)
     ap.add_argument("--baseline-tree", type=Path, default=None)
     ap.add_argument("--spin-us", type=float, default=None, help="follower.spin_us")
+    ap.add_argument("--plan-hz", type=float, default=5.0)
+    ap.add_argument("--read-us", type=float, default=0.0, help="each bus read waits this long")
     args = ap.parse_args()
     cfg = load_config(ROOT / "configs/sim.yaml")
     cfg.follower.hz = args.hz
@@ -145,19 +153,22 @@ def main() -> None:
     rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in trees}
     for _ in range(args.rounds):
         for label, module in trees:
-            rows[label].append(run_once(module, cfg, args.seconds))
+            rows[label].append(run_once(module, cfg, args.seconds, args.plan_hz, args.read_us))
     print(f"follower shell on an instant bus, {args.hz:g} Hz, {args.rounds} x {args.seconds:g} s "
           "per tree, alternated; per round p50/p99 µs")
-    print(f"{'tree':<22} {'logic_us':>22} {'tick compute':>22} {'misses':>8} {'plans':>6} "
-          f"{'modes'}")
+    print(f"{'tree':<22} {'logic_us':>22} {'tick compute':>22} {'plan delivery':>26} "
+          f"{'misses':>8} {'plans':>6} {'modes'}")
     for label, summaries in rows.items():
         logic = ", ".join(f"{s['logic_us']['p50']}/{s['logic_us']['p99']}" for s in summaries)
         comp = ", ".join(f"{s['tick_compute_us']['p50']}/{s['tick_compute_us']['p99']}"
                          for s in summaries)
+        delivery = ", ".join(f"{s['plan_delivery_us']['p50']}/{s['plan_delivery_us']['p99']}"
+                             for s in summaries)
         misses = sum(s["deadline_misses"] for s in summaries)
         plans = sum(s["plans_received"] for s in summaries)
         modes = summaries[-1]["mode_counts"]
-        print(f"{label:<22} {logic:>22} {comp:>22} {misses:>8} {plans:>6} {modes}")
+        print(f"{label:<22} {logic:>22} {comp:>22} {delivery:>26} {misses:>8} {plans:>6} "
+              f"{modes}")
 
 
 if __name__ == "__main__":

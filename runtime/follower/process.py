@@ -190,6 +190,7 @@ class Follower:
             wake = self._wait(deadline, spin_ns)
             self._tick(wake)
             done = time.monotonic_ns()
+            self._take_plans()  # one that came during the spin or the tick, before the rest
             missed = done > deadline + self.period_ns
             self.figures.tick((wake - last_wake) / 1000.0, (done - wake) / 1000.0, missed)
             last_wake = wake
@@ -217,6 +218,7 @@ class Follower:
                     self._publish_telemetry()
                     if now >= self._next_stale_log_ns:
                         self._log_stale(now)
+                self._take_plans()  # the slack's work takes up to a few hundred µs
             if int(self.control.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 self.control.serve_pending(limit=1)
             collect_if_slack(deadline - time.monotonic_ns())
@@ -270,14 +272,22 @@ class Follower:
             remaining = deadline - time.monotonic_ns() - spin_ns
             if remaining <= 0:
                 break
-            if int(self.plan_sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                self._receive_plans()
+            if self._take_plans():
                 continue
             select.select(self._plan_fd, (), (), remaining / 1e9)
         while True:
             now = time.monotonic_ns()
             if now >= deadline:
                 return now
+
+    def _take_plans(self) -> bool:
+        """Receive the plans waiting, if any (one getsockopt when none is): called between
+        the loop's steps, so a plan waits for at most one of them (the tick's read, step and
+        write stay together; a plan arriving in the last `spin_us` waits for the tick)."""
+        if int(self.plan_sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._receive_plans()
+            return True
+        return False
 
     def _receive_plans(self) -> None:
         """Drain the plan socket into the core (it keeps the newest valid one); count and drop
