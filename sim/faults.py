@@ -17,6 +17,7 @@ for MIT-mode motors on a CAN channel. `FaultInjector` answers on ipc://RUN_DIR/s
 
 from __future__ import annotations
 
+import atexit
 import functools
 import multiprocessing as mp
 import os
@@ -78,6 +79,7 @@ class SerialLink:
         self._proc = ctx.Process(target=_serve_servos, name="duet-sim-servos", daemon=True,
                                  args=(actuators, bus, make, rt_priority, child))
         self._proc.start()
+        atexit.register(self.stop)  # runs before multiprocessing's own (atexit is LIFO)
         self._point_link(self._call("open"))
 
     def _call(self, cmd: str, *args: Any) -> Any:
@@ -109,9 +111,18 @@ class SerialLink:
         return hist
 
     def stop(self) -> None:
+        """Stop the servos; idempotent. The child ignores SIGTERM (the parent stops it in
+        order), so one that has not gone in time is killed: multiprocessing's exit handler
+        would SIGTERM it and wait for ever, leaving the sim running unsupervised."""
         if self._proc.is_alive():
-            self._call("stop")
-        self._proc.join(timeout=2.0)
+            try:
+                self._call("stop")
+            except (OSError, EOFError):
+                pass  # it died on its own
+        self._proc.join(timeout=5.0)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
         self.link.unlink(missing_ok=True)
 
 
