@@ -37,7 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.vla_model import RMSNorm, VisionBlock, _attend, _heads
+from bench.vla_model import (
+    JOINTS,
+    RMSNorm,
+    VisionBlock,
+    _attend,
+    _heads,
+    observation_inputs,
+    small_init,
+)
 
 END, ACT = 1, 2  # the end token; the token that opens the action sequence (the first input)
 FAST_FILE = "fast.json"  # the FAST tokenizer, in the bundle
@@ -255,24 +263,19 @@ def modules(shape: ArShape | None = None, seed: int = 0, fast_vocab: int | None 
     with torch.no_grad():
         decoder = Decoder(s)
         prefill = Prefill(s, decoder).eval()
-        for p in prefill.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02)
+        small_init(prefill)
     return {"prefill": prefill,
             "decode": DecodeStep(s, decoder, fast_vocab or s.fast_vocab).eval()}
 
 
 def contract(s: ArShape, dt_s: float, min_symbol: int, fast_vocab: int) -> dict[str, object]:
-    joints = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
+    joints = list(JOINTS)
     return {
         "rates": {"planner_hz": 1.0, "follower_hz": 500.0},
         "planner": {
             "stages": [
-                {"name": "prefill", "file": "prefill.onnx", "inputs": [
-                    {"role": "camera", "name": "image", "camera": "scene", "height": s.image,
-                     "width": s.image},
-                    {"role": "instruction", "name": "tokens", "tokenizer": "tokenizer.json",
-                     "max_len": s.max_len}],
+                {"name": "prefill", "file": "prefill.onnx",
+                 "inputs": observation_inputs(s.image, s.max_len),
                  "outputs": [{"role": "features", "name": "kv0", "shape": s.kv}]},
                 {"name": "decode", "file": "decode.onnx",
                  "loop": {"max_steps": s.tokens + 1, "end_token": END, "detokenizer": {

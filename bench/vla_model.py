@@ -227,25 +227,38 @@ def modules(shape: VlaShape | None = None, seed: int = 0) -> dict[str, nn.Module
     torch.manual_seed(seed)
     with torch.no_grad():
         prefix, expert = Prefix(s).eval(), Expert(s).eval()
-        for m in (prefix, expert):  # small random init, as a trained model's scale
-            for p in m.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, 0.02)
+        small_init(prefix, expert)
         expert.action_out.weight.mul_(0.1)  # a calm random field
     return {"prefix": prefix, "expert": expert}
 
 
+JOINTS = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
+
+
+def small_init(*modules: nn.Module) -> None:
+    """A small random init of every matrix, as a trained model's scale (inside no_grad)."""
+    for m in modules:
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+
+
+def observation_inputs(image: int, max_len: int) -> list[dict[str, object]]:
+    """The first stage's inputs: the scene camera and the instruction's tokens."""
+    return [{"role": "camera", "name": "image", "camera": "scene", "height": image,
+             "width": image},
+            {"role": "instruction", "name": "tokens", "tokenizer": "tokenizer.json",
+             "max_len": max_len}]
+
+
 def contract(s: VlaShape, dt_s: float, flow_steps: int = 10) -> dict[str, object]:
-    joints = ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "gripper"]
+    joints = list(JOINTS)
     return {
         "rates": {"planner_hz": 1.0, "follower_hz": 500.0},
         "planner": {
             "stages": [
-                {"name": "prefix", "file": "prefix.onnx", "inputs": [
-                    {"role": "camera", "name": "image", "camera": "scene", "height": s.image,
-                     "width": s.image},
-                    {"role": "instruction", "name": "tokens", "tokenizer": "tokenizer.json",
-                     "max_len": s.max_len}],
+                {"name": "prefix", "file": "prefix.onnx",
+                 "inputs": observation_inputs(s.image, s.max_len),
                  "outputs": [{"role": "features", "name": "kv", "shape": [
                      1, 2 * s.expert_layers, s.tokens, s.expert_width]}]},
                 {"name": "expert", "file": "expert.onnx", "flow": {"steps": flow_steps},
