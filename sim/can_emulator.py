@@ -50,7 +50,7 @@ from sim.actuators import (
 _FAULT_NAMES = ((HW_OVERLOAD, "overload"), (HW_OVERHEATING, "overheating"),
                 (HW_ELECTRICAL_SHOCK, "electrical shock"), (HW_INPUT_VOLTAGE, "input voltage"),
                 (HW_ENCODER, "motor encoder"))
-# the frames that change a motor (under the actuator lock); the rest only read
+# the frames that change a motor (under the actuator lock, but for an enabled motor's command)
 _CHANGES = frozenset(("enable", "disable", "clear", "command"))
 
 
@@ -155,7 +155,7 @@ class MitCanEmulator:
     def handle(self, msg: can.Message) -> None:
         """Apply one frame to the actuators and send the reply (if the motor speaks).
 
-        Only a frame that changes the motor takes the actuator lock; the reply's position,
+        Only a frame that changes the motor's state takes the actuator lock; the reply's position,
         velocity and torque come from the physics' newest whole step (`read_present`), so an
         answer never waits for the physics, as the serial emulators' do not."""
         kind, j = ("", -1) if malformed(msg) else self.dialect.classify(msg)
@@ -173,6 +173,13 @@ class MitCanEmulator:
         elif kind == "zero":
             a.read_present(self._present)
             self._zero[j] = self._present[0, k]
+        elif kind == "command" and a.torque_enabled[k] and a.mode[k] == MODE_MIT:
+            # the per-tick frame of an enabled motor: lock-free float64 stores (a physics step
+            # between two of them mixes two commands for 1 ms), so the reply never waits for
+            # a sim thread holding the actuator lock while it lost the CPU
+            p, v, kp, kd, t = unpack_command(msg.data, self.ranges)
+            a.goal_q[k] = p + self._zero[j]
+            a.goal_dq[k], a.kp[k], a.kd[k], a.tau_ff[k] = v, kp, kd, t
         elif kind in _CHANGES:
             with a.lock:
                 if kind == "enable":

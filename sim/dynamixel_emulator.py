@@ -248,7 +248,9 @@ class DynamixelEmulator(SerialServoEmulator):
         return False
 
     def _sync_write_goals(self, body: bytes) -> None:
-        """The per-tick command: Goal Position for many servos, applied under one lock."""
+        """The per-tick command: Goal Position for many servos. No actuator lock: each goal is
+        one aligned float64 store (`_apply_goal`), and the lock can be held by a sim thread
+        that lost the CPU to ordinary work (a reply must never wait for that)."""
         applied = []
         silent = self.actuators.silent
         for off in range(0, len(body), 5):
@@ -261,9 +263,8 @@ class DynamixelEmulator(SerialServoEmulator):
             if lo <= goal <= hi:  # out of limits: the real servo drops it (no status to say so)
                 table[dx.ADDR_GOAL_POSITION : dx.ADDR_GOAL_POSITION + 4] = body[off + 1 : off + 5]
                 applied.append(k)
-        with self.actuators.lock:
-            for k in applied:
-                self._apply_goal(k)
+        for k in applied:
+            self._apply_goal(k)
 
     def _write(self, k: int, addr: int, data: bytes) -> int:
         table = self.tables[k]
@@ -286,6 +287,24 @@ class DynamixelEmulator(SerialServoEmulator):
         if addr <= dx.ADDR_TORQUE_ENABLE < end and data[dx.ADDR_TORQUE_ENABLE - addr] > 1:
             return dx.ERR_DATA_RANGE
         table[addr:end] = data
+        if addr <= dx.ADDR_GOAL_POSITION < end:
+            self._apply_goal(k)  # lock-free, as in a SYNC WRITE
+        if addr <= dx.ADDR_ID < end:
+            self._index_by_id = {t[dx.ADDR_ID]: i for i, t in enumerate(self.tables)}
+        torque = addr <= dx.ADDR_TORQUE_ENABLE < end
+        gains = addr < dx.ADDR_POSITION_P_GAIN + 2 and end > dx.ADDR_POSITION_D_GAIN
+        if not (torque or gains):
+            return 0
+        act = self.actuators
+        with act.lock:
+            if torque:
+                # a latched hardware error keeps torque off until reboot, like the real servo
+                on = bool(table[dx.ADDR_TORQUE_ENABLE]) and not self._cuts_torque(k)
+                table[dx.ADDR_TORQUE_ENABLE] = int(on)
+                act.torque_enabled[k] = on
+            if gains:
+                self._apply_gains(k)
+        return 0
         act = self.actuators
         with act.lock:
             if addr <= dx.ADDR_ID < end:
@@ -297,8 +316,6 @@ class DynamixelEmulator(SerialServoEmulator):
                 act.torque_enabled[k] = on
             if addr < dx.ADDR_POSITION_P_GAIN + 2 and end > dx.ADDR_POSITION_D_GAIN:
                 self._apply_gains(k)
-            if addr <= dx.ADDR_GOAL_POSITION < end:
-                self._apply_goal(k)
         return 0
 
     def _reboot(self, k: int) -> None:

@@ -252,7 +252,8 @@ class SerialServoEmulator:
         q = float(self.actuators.q[k]) if q is None else float(q)
         return round(self.zero_ticks[k] + self.direction[k] * q * self.ticks_per_rad)
 
-    def _apply_goal(self, k: int) -> None:  # lock held
+    def _apply_goal(self, k: int) -> None:
+        # One aligned float64 store, atomic for the physics reading it: no lock needed.
         self.actuators.goal_q[k] = (self.direction[k] * (self._goal_ticks(k) - self.zero_ticks[k])
                                     / self.ticks_per_rad)
 

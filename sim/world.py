@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -143,7 +144,8 @@ class SimWorld:
     """MuJoCo robot + task blocks, stepped from the commands in `actuators`.
 
     Joint order is the robot's (`robot.joints`, the config's). Thread use: `step` takes the
-    actuator lock only around the motor law; `snapshot` copies the state for a renderer thread.
+    actuator lock only around the motor law; `snapshot` copies the state for a renderer thread
+    under a scene lock of its own (a renderer preempted there must not hold up the servos).
     """
 
     def __init__(self, seed: int = 0, physics_hz: float = 1000.0,
@@ -155,6 +157,7 @@ class SimWorld:
         self.rng = np.random.default_rng(seed)
         self.dt = float(self.model.opt.timestep)
         self.kin = ArmKinematics(self.robot, self.model)
+        self._scene_lock = threading.Lock()  # teleports and block moves vs `snapshot`
         n = self.robot.n
         self.actuators = actuators if actuators is not None else Actuators(n)
         if self.actuators.n != n:
@@ -213,9 +216,10 @@ class SimWorld:
         if q.shape != (n,) or not np.isfinite(q).all():
             raise ValueError(f"joint state must be {n} finite values, got {q!r}")
         q = np.clip(q, self.q_min, self.q_max)
-        self.data.qpos[self._qsel] = q
-        for c in self.robot.couplings:
-            self.data.qpos[c.qadr] = c.c0 + c.c1 * q[c.source]
+        with self._scene_lock:
+            self.data.qpos[self._qsel] = q
+            for c in self.robot.couplings:
+                self.data.qpos[c.qadr] = c.c0 + c.c1 * q[c.source]
         self.data.qvel[:] = 0.0
         mujoco.mj_forward(self.model, self.data)
         a = self.actuators
@@ -241,10 +245,11 @@ class SimWorld:
     def place_blocks(self, centres: dict[str, np.ndarray]) -> None:
         """Move blocks to their centre positions and restore their colours. Blocks not
         named are parked (`PARKED`)."""
-        for colour in BLOCK_COLOURS:
-            mocap = self._block_body[colour]
-            self.data.mocap_pos[mocap] = centres.get(colour, PARKED)
-            self.model.geom_rgba[self._block_geom[colour]] = self._block_rgba[colour]
+        with self._scene_lock:
+            for colour in BLOCK_COLOURS:
+                mocap = self._block_body[colour]
+                self.data.mocap_pos[mocap] = centres.get(colour, PARKED)
+                self.model.geom_rgba[self._block_geom[colour]] = self._block_rgba[colour]
 
     def set_block_grey(self, colour: str) -> None:
         self.model.geom_rgba[self._block_geom[colour]] = GREY_RGBA
@@ -313,9 +318,10 @@ class SimWorld:
     # -- rendering -----------------------------------------------------------------------
     def snapshot(self, dst: mujoco.MjData) -> None:
         """Copy what a renderer needs (poses, blocks, time) into another MjData."""
-        # The lock orders this against block moves and the servo state; a step running
-        # meanwhile can make poses up to one physics step (1 ms) apart, invisible in a frame.
-        with self.actuators.lock:
+        # The scene lock orders this against block moves and teleports, and only those: a
+        # step running meanwhile can make poses up to one physics step (1 ms) apart, invisible
+        # in a frame. Never the actuator lock: this thread runs at ordinary priority.
+        with self._scene_lock:
             dst.qpos[:] = self.data.qpos
             dst.mocap_pos[:] = self.data.mocap_pos
             dst.time = self.data.time

@@ -21,7 +21,7 @@ import pytest
 import zmq
 from onnx_bundle import make_bundle
 from sim_arm import JOINTS, sim_config
-from stack import REPO, Stack
+from stack import REPO, Stack, stop_and_cont
 
 from runtime.ipc import endpoints
 from runtime.ipc.messages import Encoder, decode, pack_array
@@ -274,7 +274,9 @@ def test_status_is_unhealthy_past_the_configured_thresholds(tmp_path: Path,
                                                             bundle: Path) -> None:
     with Stack(tmp_path, bundle, ["follower.health.min_rate_ratio=1.0",
                                   "follower.health.max_miss_ratio=0.0"], planner=False) as stack:
-        time.sleep(1.5)
+        # a quiet host keeps 500 Hz exactly: a 0.1 s stall inside the window is what must show
+        stop_and_cont(stack, "follower", 0.1)
+        time.sleep(0.3)
         health = stack.control("status")["result"]["health"]
         assert not health["ok"] and health["problems"]
         assert any("Hz" in p or "missed" in p for p in health["problems"])
