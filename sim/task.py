@@ -67,14 +67,24 @@ class Episode:
         return f"Episode(seed={self.seed}, instruction={self.instruction!r})"
 
 
+# Draws for one block before the layout starts over: in a small workspace (the SO-101's) the
+# first blocks can leave no room for the last, and drawing on would never end.
+PLACE_TRIES = 200
+
+
 def _place_blocks(rng: np.random.Generator, workspace: Workspace) -> dict[str, np.ndarray]:
     centres: list[np.ndarray] = []
+    tries = 0
     while len(centres) < len(BLOCK_COLOURS):
+        if tries == PLACE_TRIES:
+            centres, tries = [], 0
+        tries += 1
         r = rng.uniform(*workspace.radius)
         bearing = rng.uniform(*workspace.bearing)
         p = np.array([r * np.cos(bearing), r * np.sin(bearing), BLOCK_HALF])
         if all(np.linalg.norm(p[:2] - c[:2]) >= MIN_SEPARATION for c in centres):
             centres.append(p)
+            tries = 0
     return dict(zip(BLOCK_COLOURS, centres, strict=True))
 
 
