@@ -7,7 +7,7 @@ DURATION ?= 20
 FUZZ_S ?= 120
 FUZZ_JOBS ?= 1
 
-.PHONY: demo demo-remote test test-fast test-system lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop follower-table fuzz verify-systemd verify-aarch64 verify-vla verify-vla-ar clean
+.PHONY: demo demo-remote test test-fast test-system lint bench train train-fact fact-study bundle bundle-fact bundles eval data-loop data-loop-robot follower-table fuzz verify-systemd verify-aarch64 verify-vla verify-vla-ar clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -178,6 +178,34 @@ data-loop: $(VENV)/.dev    # ~37 min on 2 busy shared CPU cores; CKPT= the check
 	$(NICE) $(BIN)/duet eval --bundle $(LOOP)/store/current --phrasing then --episodes $(LOOP_EVAL) \
 	  --ablation-episodes 0 --out $(LOOP)/eval-after-then
 	$(BIN)/python -m policy.loop_report $(LOOP)
+
+# The data loop on another shipped robot, at smoke sizes (`make data-loop-robot ROBOT=so101` or
+# ROBOT=arm7; docs/data-loop.md): the expert teleoperates the robot while the recorder records,
+# the recordings become a LeRobot dataset, the robot's planner (runs/ROBOT/checkpoints, made
+# with bundles/ROBOT) is fine-tuned on it and exported, its follower is fitted and trained
+# from the same recordings (each tick's command and measured state: `duet train-follower`),
+# and the bundle before and after is evaluated on the robot.
+RLOOP = runs/data-loop-$(ROBOT)
+RLOOP_EPISODES ?= 4
+RLOOP_STEPS ?= 50
+RLOOP_EVAL ?= 4
+data-loop-robot: bundles/$(ROBOT)/manifest.json
+	$(if $(ROBOT),,$(error data-loop-robot: name the robot, ROBOT=so101 or ROBOT=arm7))
+	rm -rf $(RLOOP) && mkdir -p $(RLOOP)
+	$(BIN)/duet teleop --config $(ROBOT_CONFIG) $(LOOP_HOST) --episodes $(RLOOP_EPISODES) \
+	  --out $(RLOOP)/recordings --run-dir $(CURDIR)/$(RLOOP)/run
+	$(NICE) $(BIN)/duet dataset export $(RLOOP)/recordings/episodes --out $(RLOOP)/dataset \
+	  --format lerobot --fps 10 --outcome success
+	$(NICE) $(BIN)/duet train --config $(ROBOT_CONFIG) --dataset $(RLOOP)/dataset \
+	  --init runs/$(ROBOT)/checkpoints --out $(RLOOP)/checkpoints --steps $(RLOOP_STEPS) \
+	  --data-dir data/$(ROBOT) --episodes 30
+	$(NICE) $(BIN)/duet export --module policy.reference:modules --checkpoint $(RLOOP)/checkpoints \
+	  --assets $(RLOOP)/checkpoints --contract runs/$(ROBOT)/checkpoints/contract.yaml \
+	  --precision fp32 --out $(RLOOP)/bundle-after
+	$(NICE) $(BIN)/duet train-follower --config $(ROBOT_CONFIG) --recordings $(RLOOP)/recordings/episodes \
+	  --bundle $(RLOOP)/bundle-after --out $(RLOOP)/followers --steps $(RLOOP_STEPS)
+	$(NICE) $(BIN)/duet eval --config $(ROBOT_CONFIG) --bundle bundles/$(ROBOT) --bundle $(RLOOP)/bundle-after \
+	  --episodes $(RLOOP_EVAL) --ablation-episodes 0 --out $(RLOOP)/eval
 
 # A follower for the sim robot from its own motion (docs/follower-for-your-robot.md):
 # identify the servos, train none / model-free / learned followers, then the table of each

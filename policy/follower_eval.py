@@ -96,9 +96,9 @@ def hold_poses(cfg: DuetConfig, count: int, seed: int) -> list[np.ndarray]:
     return [rng.uniform(box.lo, box.hi) for _ in range(count)]
 
 
-def track_references(settings: LoopSettings, follower: ResidualModel | None,
+def track_references(cfg: DuetConfig, settings: LoopSettings, follower: ResidualModel | None,
                      refs: list[Excitation], horizon: int, dt_s: float) -> Result:
-    world = SimWorld(seed=0, physics_hz=settings.physics_hz)
+    world = SimWorld(seed=0, physics_hz=settings.physics_hz, robot=describe(cfg))
     rms = []
     for exc in refs:
         s = _with_timeout(settings, exc.duration)
@@ -108,9 +108,9 @@ def track_references(settings: LoopSettings, follower: ResidualModel | None,
     return Result(float(np.mean(rms)))
 
 
-def hold(settings: LoopSettings, follower: ResidualModel | None, poses: list[np.ndarray],
-         horizon: int, dt_s: float) -> Result:
-    world = SimWorld(seed=0, physics_hz=settings.physics_hz)
+def hold(cfg: DuetConfig, settings: LoopSettings, follower: ResidualModel | None,
+         poses: list[np.ndarray], horizon: int, dt_s: float) -> Result:
+    world = SimWorld(seed=0, physics_hz=settings.physics_hz, robot=describe(cfg))
     steady, rms = [], []
     for pose in poses:
         exc = Excitation(pose, Box(pose, pose, np.ones_like(pose)), 0.0, 0)
@@ -162,9 +162,9 @@ def table(cfg: DuetConfig, followers: Mapping[str, ResidualModel | None],
     rows.update({f"planner: {name}": {} for name in planners})
     for fname, follower in followers.items():
         t0 = time.monotonic()
-        rows["excitation (held out)"][fname] = track_references(settings, follower, exc,
+        rows["excitation (held out)"][fname] = track_references(cfg, settings, follower, exc,
                                                                 horizon, dt_s)
-        rows["hold"][fname] = hold(settings, follower, poses, horizon, dt_s)
+        rows["hold"][fname] = hold(cfg, settings, follower, poses, horizon, dt_s)
         for pname, path in planners.items():
             rows[f"planner: {pname}"][fname] = planner_chunks(settings, cfg, follower, path,
                                                               episodes)

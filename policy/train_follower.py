@@ -105,8 +105,8 @@ def lockstep(cfg: DuetConfig, out: Path, n: int, lookahead: int, lookahead_dt: f
     for kind in KINDS:
         path = out / f"follower-{kind}.onnx"
         follower = onnx_follower(path, n, lookahead, lookahead_dt) if path.exists() else None
-        out_rms[kind] = round(track_references(settings, follower, exc, 10, 0.1).rms_rad * 1e3,
-                              3)
+        out_rms[kind] = round(
+            track_references(cfg, settings, follower, exc, 10, 0.1).rms_rad * 1e3, 3)
     return out_rms
 
 

@@ -113,6 +113,26 @@ def _duet(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.system
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["arm7_can_sim.yaml", "so101_sim.yaml"])
+def test_the_follower_table_tracks_and_holds_on_the_configured_robot(config: str) -> None:
+    """The table's references and holds run on the config's robot (7 joints on arm7, the
+    SO-101's own body), not duet's arm: a held-out reference is tracked, a pose is held."""
+    from sim_arm import REPO
+
+    from policy.follower_eval import excitation_refs, hold, hold_poses, track_references
+    from policy.rollout import LoopSettings
+    from runtime.config import load_config
+
+    cfg = load_config(REPO / "configs" / config)
+    settings = LoopSettings.from_config(cfg)
+    refs = excitation_refs(cfg, 1, 0, 1.5)
+    assert len(refs[0].start) == len(cfg.robot.joints)
+    tracked = track_references(cfg, settings, None, refs, 10, 0.1)
+    held = hold(cfg, settings, None, hold_poses(cfg, 1, 0), 10, 0.1)
+    assert 0.0 < tracked.rms_rad < 0.1 and held.steady_rad is not None
+    assert held.steady_rad < 0.05, held
+
+
 @pytest.mark.timeout(900)  # three commands, each starting torch or a stack
 def test_identify_then_train_follower_then_the_table_on_the_sim(tmp_path: Path) -> None:
     from runtime.model.bundle import load_bundle
