@@ -97,6 +97,9 @@ cfg = yaml.safe_load(open(sys.argv[1]))
 cfg["bus"]["device"] = "/dev/ttyDUET0"   # the udev name; bound to the sim's pty below
 del cfg["sim"]                           # a real robot's config: duet install refuses a sim one
 cfg["bundle"]["path"] = "/var/lib/duet/bundles/current"
+# the motors are the host's sim, a process on a shared host: a 5 ms reply deadline latches a
+# FAULT whenever the host is loaded (a real servo answers in well under a millisecond)
+cfg["bus"]["timeout_ms"] = 50.0
 yaml.safe_dump(cfg, open(sys.argv[2], "w"), sort_keys=False)
 EOF
 # the host's package index folders are bound in below; its pip config is copied in

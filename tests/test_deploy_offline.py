@@ -113,7 +113,7 @@ def test_offline_install_without_network(host_pack: tuple[Path, dict], netns: st
     then the install."""
     archive, manifest = host_pack
     root = tmp_path / "root"
-    untar, venv, install = (line.replace("/tmp/", f"{tmp_path}/")
+    untar, venv, install = (re.sub(r"/tmp\b", str(tmp_path), line)
                             for line in manifest["bootstrap"])
     assert untar.startswith("tar -xzf ") and install.startswith("sudo ")
     env = _clean_env(tmp_path)
