@@ -443,7 +443,8 @@ echo "$status" | head -n 8
 [[ $rc != 0 ]] && echo "$status" | grep -q ESTOP && echo "$status" | grep -q 'latched before restart' \
     || die "the follower did not come back latched after the reboot"
 as_op "duet reset" || die "the operator's duet reset out of ESTOP failed"
-as_op "duet status --json" >/dev/null || die "not healthy after the reset"
+for _ in $(seq 1 60); do as_op "duet status --json" >/dev/null 2>&1 && break; sleep 1; done
+as_op "duet status" || die "not healthy within 60 s of the reset"
 echo "after the reboot: ESTOP latched before restart; the operator's duet reset: HOLD"
 
 # ------------------------------------------------------------------ 7. uninstall
