@@ -14,8 +14,20 @@
 #   5. after the follower hits its start limit, `systemctl restart duet.target` leaves it
 #      failed, and the command duet prints (reset-failed + restart) brings it back;
 #   6. `duet config set follower.realtime.cpu=0` re-renders the drop-in and reloads systemd;
-#   7. `duet uninstall` stops and removes everything but /etc/duet and the recordings;
-#      `--purge` removes those too.
+#   7. `duet uninstall` stops and removes everything but /etc/duet and the recordings, and
+#      the `rm` it prints (duet is gone by then) removes those too;
+# and, with the recorder disabled (the default), as the technician and an operator meet them:
+#   8. the service users: planner and recorder as duet-planner / duet-recorder (group duet),
+#      /run/duet 1770 root:duet from tmpfiles.d;
+#   9. `duet doctor` as an operator (a user in the group duet, not root) passes;
+#  10. README.md's "On the robot" block, line by line as written (an operator's lines as that
+#      operator, `sudo` lines as root), after a second bundle is activated;
+#  11. every printed restart command (install, config set, bundle activate / rollback,
+#      doctor) run as printed: exit 0, the services active after it;
+#  12. a reboot (the container powered off, /run emptied, booted again) with an ESTOP latched:
+#      the follower comes back latched, and the operator's `duet reset` clears it;
+#  13. the offline install: the bootstrap `duet pack` prints, run as printed in the container
+#      without network, then `duet uninstall --purge` in one step.
 # Needs root, a Python venv with duet's dependencies and the sim's (VENV, default .venv in the
 # checkout), debootstrap and systemd-nspawn (apt-get install debootstrap systemd-container).
 # The first run fetches Debian (~3 min); later runs reuse it. The pip installs inside the
@@ -68,6 +80,7 @@ rm -rf "$UNITS"/duet* "$UNITS"/multi-user.target.wants/duet.target "$ROOTFS"/etc
     "$ROOTFS"/var/lib/duet "$ROOTFS"/opt/duet "$ROOTFS"/usr/local/bin/duet \
     "$ROOTFS"/etc/udev/rules.d/99-duet-* "$ROOTFS"/etc/sysusers.d/duet.conf \
     "$ROOTFS"/etc/tmpfiles.d/duet.conf "$ROOTFS"/root/duet "$ROOTFS"/tmp/duet-bootstrap \
+    "$ROOTFS"/root/bundle2 "$ROOTFS"/root/offline "$ROOTFS"/home/op \
     "$RUN" "$WORK/bundle"
 mkdir -p "$RUN"
 
@@ -84,7 +97,13 @@ cfg = yaml.safe_load(open(sys.argv[1]))
 cfg["bus"]["device"] = "/dev/ttyDUET0"   # the udev name; bound to the sim's pty below
 del cfg["sim"]                           # a real robot's config: duet install refuses a sim one
 cfg["bundle"]["path"] = "/var/lib/duet/bundles/current"
-cfg["recorder"] = {"enabled": True}
+# the motors are the host's sim, a process on a shared host: a 5 ms reply deadline latches a
+# FAULT whenever the host is loaded (a real servo answers in well under a millisecond)
+cfg["bus"]["timeout_ms"] = 50.0
+# and the follower shares 2 loaded cores with the sim and the builds: late ticks are the host's,
+# so neither a deadline storm nor the health thresholds may call this robot unhealthy
+cfg["follower"].setdefault("deadline_storm", {})["misses"] = 400
+cfg["follower"]["health"] = {"min_rate_ratio": 0.5, "max_miss_ratio": 0.5}
 yaml.safe_dump(cfg, open(sys.argv[2], "w"), sort_keys=False)
 EOF
 # the host's package index folders are bound in below; its pip config is copied in
@@ -113,16 +132,24 @@ echo "motor bus: $PTY -> /dev/ttyDUET0 in the container"
 
 # ------------------------------------------------------------------ boot
 say "boot the container"
-systemd-nspawn -D "$ROOTFS" --boot --register=no --keep-unit --console=passive \
-    "${BINDS[@]}" --bind="$RUN":/run/duet --bind="$PTY":/dev/ttyDUET0 \
-    >"$WORK/nspawn.log" 2>&1 &
-NSPAWN_PID=$!
-for _ in $(seq 1 100); do INIT=$(pgrep -P "$NSPAWN_PID" -x systemd || true); [[ -n $INIT ]] && break
-    sleep 0.2; done
-[[ -n $INIT ]] || die "container did not boot: $(cat "$WORK/nspawn.log")"
-# a root shell on the robot: the container's binaries, a clean environment
-C=(nsenter -t "$INIT" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-   HOME=/root LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180)
+boot() {
+    systemd-nspawn -D "$ROOTFS" --boot --register=no --keep-unit --console=passive \
+        "${BINDS[@]}" --bind="$RUN":/run/duet --bind="$PTY":/dev/ttyDUET0 \
+        >>"$WORK/nspawn.log" 2>&1 &
+    NSPAWN_PID=$!
+    INIT=""
+    for _ in $(seq 1 100); do INIT=$(pgrep -P "$NSPAWN_PID" -x systemd || true)
+        [[ -n $INIT ]] && break; sleep 0.2; done
+    [[ -n $INIT ]] || die "container did not boot: $(cat "$WORK/nspawn.log")"
+    # a root shell on the robot: the container's binaries, a clean environment
+    C=(nsenter -t "$INIT" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+       HOME=/root LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180)
+    # until PID 1 answers on its bus and boot is done (degraded is fine here)
+    for _ in $(seq 1 150); do
+        [[ $(sctl is-system-running --wait 2>/dev/null) =~ ^(running|degraded)$ ]] && break
+        sleep 0.2
+    done
+}
 on_robot() { "${C[@]}" sh -c "cd /root/duet && $1"; }
 sctl() { "${C[@]}" systemctl "$@"; }
 prop() { sctl show -p "$2" --value "$1"; }
@@ -133,10 +160,17 @@ wait_active() {  # unit, seconds
     sctl status "$1" --no-pager -l | tail -20; die "$1 not active within $2 s"
 }
 journal_since() { "${C[@]}" journalctl -o short-monotonic --no-pager --since "@$1" "${@:2}"; }
-# until PID 1 answers on its bus and boot is done (degraded is fine here)
-for _ in $(seq 1 150); do
-    [[ $(sctl is-system-running --wait 2>/dev/null) =~ ^(running|degraded)$ ]] && break; sleep 0.2
-done
+OP=(runuser -u op --)   # an operator: in the group duet, not root
+as_op() { "${C[@]}" "${OP[@]}" sh -c "cd /home/op && $1"; }
+# a command duet printed for the reader, run as printed: sudo lines as root, others as `op`
+run_printed() {
+    local line=$1
+    echo "\$ $line"
+    if [[ $line == sudo\ * ]]; then "${C[@]}" sh -c "${line//sudo /}"; else as_op "$line"; fi
+}
+both_active() { wait_active duet-follower 60; wait_active duet-planner 90; }
+: >"$WORK/nspawn.log"
+boot
 
 # ------------------------------------------------------------------ 0. install on /
 say "0a. README: a non-editable bootstrap venv in the checkout"
@@ -170,24 +204,51 @@ on_robot "/tmp/duet-bootstrap/bin/duet install --config /root/robot.yaml --bundl
 "${C[@]}" duet --version
 "${C[@]}" ls -l /usr/local/bin/duet
 [[ $(prop duet.target UnitFileState) == enabled ]] || die "duet.target not enabled"
-for u in duet-follower duet-planner duet-recorder; do
+for u in duet-follower duet-planner; do
     [[ $(prop "$u" UnitFileState) == enabled ]] || die "$u not enabled"
 done
-echo "enabled: duet.target duet-follower duet-planner duet-recorder"
+[[ $(prop duet-recorder UnitFileState) != enabled ]] || die "the recorder is enabled (default: off)"
+echo "enabled: duet.target duet-follower duet-planner; duet-recorder not (recorder.enabled: false)"
+INSTALL_HINT=$(on_robot "/tmp/duet-bootstrap/bin/duet install --config /root/robot.yaml \
+    --bundle /root/bundle --no-udev-reload" 2>&1 | grep -o 'sudo systemctl reset-failed.*' | head -n1 || true)
+echo "install (re-run) prints: $INSTALL_HINT"
+[[ $INSTALL_HINT == *reset-failed* && $INSTALL_HINT != *recorder* ]] \
+    || die "install's restart line names the disabled recorder or is missing: $INSTALL_HINT"
+
+say "8. the service users and the run dir"
+# (the rootfs is reused: the user may be there from an earlier run)
+"${C[@]}" id op >/dev/null 2>&1 || "${C[@]}" useradd -m op
+"${C[@]}" usermod -aG duet op
+"${C[@]}" sh -c 'mkdir -p /home/op && chown op: /home/op'
+for u in duet duet-planner duet-recorder; do
+    "${C[@]}" id "$u"
+    [[ $("${C[@]}" id -gn "$u") == duet ]] || die "$u's primary group is not duet"
+done
 
 # ------------------------------------------------------------------ 4. duet.target
 say "4a. systemctl start duet.target starts all services"
 sctl start duet.target
-wait_active duet-follower 60; wait_active duet-planner 90; wait_active duet-recorder 60
+both_active
 sctl list-units 'duet*' --no-pager --plain --no-legend
 "${C[@]}" stat -c '%A %U:%G %n' /run/duet
+[[ $("${C[@]}" stat -c '%a %U:%G' /run/duet) == "1770 root:duet" ]] || die "/run/duet is not 1770 root:duet"
+for u in duet-follower:duet duet-planner:duet-planner; do
+    pid=$(prop "${u%%:*}" MainPID)
+    [[ $("${C[@]}" stat -c %U "/proc/$pid") == "${u##*:}" ]] || die "${u%%:*} does not run as ${u##*:}"
+    echo "${u%%:*} runs as ${u##*:} (pid $pid)"
+done
+
+say "9. duet doctor as an operator (op: in the group duet, not root)"
+set +e; doctor=$(as_op "duet doctor" 2>&1); rc=$?; set -e
+echo "$doctor"
+[[ $rc == 0 ]] || die "duet doctor as an operator exited $rc on a healthy robot"
 "${C[@]}" duet status --json >/dev/null && echo "duet status: healthy" \
     || "${C[@]}" duet status || true
 "${C[@]}" duet doctor | grep -E '^(ok|WARN|FAIL) +(service|run dir|config|bus device)' || true
 
 # ------------------------------------------------------------------ 1. READY gates active
 say "1. Type=notify: activating until READY=1, STATUS= in systemctl status"
-sctl stop duet-recorder duet-planner duet-follower
+sctl stop duet-planner duet-follower
 T0=$(date +%s)
 sctl start --no-block duet-follower
 seen=() last=""
@@ -307,23 +368,90 @@ hint=$(echo "$doctor" | grep -A1 'duet-follower.service: failed' \
     | grep -o 'sudo systemctl reset-failed.*' | head -n1 || true)
 echo "duet doctor says: $hint"
 [[ $hint == *reset-failed*restart* ]] || die "no reset-failed hint from duet doctor"
-"${C[@]}" sh -c "${hint//sudo /}"
+[[ $hint != *recorder* ]] || die "the hint names the disabled recorder"
+run_printed "$hint" || die "the printed restart failed"
 wait_active duet-follower 30; wait_active duet-planner 90
 echo "after the hint: follower $(state duet-follower), planner $(state duet-planner)"
 
 # ------------------------------------------------------------------ 6. drop-ins follow the config
 say "6. duet config set re-renders the drop-in and reloads systemd"
-"${C[@]}" duet config set follower.realtime.cpu=0
+out=$("${C[@]}" duet config set follower.realtime.cpu=0)
+echo "$out"
+hint=$(echo "$out" | grep -o 'sudo systemctl reset-failed.*' | head -n1)
+[[ -n $hint && $hint != *recorder* ]] || die "config set printed no restart, or names the recorder"
+run_printed "$hint" || die "config set's printed restart failed"
+both_active
 "${C[@]}" cat /etc/systemd/system/duet-follower.service.d/realtime.conf | grep CPUAffinity
 [[ $(prop duet-follower NeedDaemonReload) == no ]] || die "systemd was not reloaded"
 [[ $(sctl cat duet-follower | grep -c '^CPUAffinity=0$') -ge 1 ]] || die "drop-in not in effect"
 "${C[@]}" tail -n1 /var/lib/duet/config-changes.log
 
+# ------------------------------------------------------------------ 10, 11. README, bundles
+say "10/11. a second bundle; README.md's robot block line by line; the printed restarts"
+PYTHONPATH=$REPO "$PY" -c "import sys; sys.path.insert(0, '$REPO/tests'); from pathlib import Path
+from onnx_bundle import make_bundle; make_bundle(Path('$ROOTFS/root/bundle2'), gain=0.2)"
+out=$("${C[@]}" duet bundle add /root/bundle2); echo "$out"
+version=$(echo "$out" | grep -o 'duet bundle activate [^ ]*' | awk '{print $4}')
+[[ -n $version ]] || die "bundle add printed no version to activate"
+out=$("${C[@]}" duet bundle activate "$version"); echo "$out"
+hint=$(echo "$out" | grep -o 'sudo systemctl reset-failed.*' | head -n1)
+[[ -n $hint && $hint != *recorder* ]] || die "bundle activate printed no restart, or names the recorder"
+run_printed "$hint" || die "bundle activate's printed restart failed"
+both_active
+# the block under "## On the robot" in README.md, as written
+mapfile -t lines < <(awk '/^## On the robot/{f=1} f&&/^```bash/{c=1; next} c&&/^```/{exit} c' \
+    "$REPO/README.md")
+[[ ${#lines[@]} -ge 5 ]] || die "no command block under '## On the robot' in README.md"
+for raw in "${lines[@]}"; do
+    line=${raw%%#*}; line=${line%"${line##*[![:space:]]}"}
+    [[ -n $line ]] || continue
+    set +e
+    if [[ $line == *" -f" ]]; then   # follows for ever: 3 s of it
+        run_printed "${line/journalctl/timeout 3 journalctl}" >"$WORK/line.out" 2>&1; rc=$?
+        [[ $rc == 124 ]] && rc=0
+    else
+        run_printed "$line" >"$WORK/line.out" 2>&1; rc=$?
+    fi
+    set -e
+    tail -n 6 "$WORK/line.out"
+    [[ $rc == 0 ]] || die "README line failed (exit $rc): $line"
+    if [[ $line == *"bundle rollback"* ]]; then
+        hint=$(grep -o 'sudo systemctl reset-failed.*' "$WORK/line.out" | head -n1)
+        [[ -n $hint && $hint != *recorder* ]] || die "rollback printed no restart"
+        run_printed "$hint" || die "bundle rollback's printed restart failed"
+        both_active
+    fi
+    if [[ $line == *"duet estop"* ]]; then
+        grep -q 'Resume with: duet reset' "$WORK/line.out" || die "estop's resume line changed"
+    fi
+done
+echo "README.md's robot block: ${#lines[@]} lines ran as written"
+
+# ------------------------------------------------------------------ 12. reboot, latched
+say "12. a reboot with an ESTOP latched: the follower comes back latched"
+as_op "duet estop" | tail -n1
+[[ -f $ROOTFS/var/lib/duet/state/follower.latched ]] || die "no latch under /var/lib/duet/state"
+cat "$ROOTFS/var/lib/duet/state/follower.latched"; echo
+nsenter -t "$INIT" -a systemctl poweroff >/dev/null 2>&1 || true
+for _ in $(seq 1 150); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.2; done
+kill -0 "$NSPAWN_PID" 2>/dev/null && die "the container did not power off"
+find "$RUN" -mindepth 1 -delete   # /run is a tmpfs on a robot: a reboot empties it
+boot
+both_active
+set +e; status=$(as_op "duet status" 2>&1); rc=$?; set -e
+echo "$status" | head -n 8
+[[ $rc != 0 ]] && echo "$status" | grep -q ESTOP && echo "$status" | grep -q 'latched before restart' \
+    || die "the follower did not come back latched after the reboot"
+as_op "duet reset" || die "the operator's duet reset out of ESTOP failed"
+for _ in $(seq 1 60); do as_op "duet status --json" >/dev/null 2>&1 && break; sleep 1; done
+as_op "duet status" || die "not healthy within 60 s of the reset"
+echo "after the reboot: ESTOP latched before restart; the operator's duet reset: HOLD"
+
 # ------------------------------------------------------------------ 7. uninstall
 say "7. duet uninstall keeps the config and recordings; --purge removes them"
 "${C[@]}" mkdir -p /var/lib/duet/recordings/episodes
 "${C[@]}" touch /var/lib/duet/recordings/episodes/kept.mcap
-"${C[@]}" duet uninstall
+out=$("${C[@]}" duet uninstall); echo "$out"
 for p in /etc/systemd/system/duet-follower.service /usr/local/bin/duet /opt/duet \
          /var/lib/duet/bundles; do
     [[ ! -e $ROOTFS$p && ! -L $ROOTFS$p ]] || die "uninstall left $p"
@@ -332,8 +460,33 @@ done
     || die "uninstall removed the config or the recordings"
 [[ $(prop duet-follower.service LoadState) == not-found ]] || die "systemd still has the unit"
 [[ $(prop duet-follower.service ActiveState) == inactive ]] || die "follower still running"
-on_robot "/tmp/duet-bootstrap/bin/duet uninstall --purge"
-[[ ! -e $ROOTFS/etc/duet && ! -e $ROOTFS/var/lib/duet ]] || die "--purge left data"
+"${C[@]}" sh -c 'command -v duet' && die "duet still on PATH after uninstall"
+purge=$(echo "$out" | grep -o 'sudo rm -rf .*')
+[[ -n $purge ]] || die "uninstall printed no way to remove what it kept"
+run_printed "$purge"
+[[ ! -e $ROOTFS/etc/duet && ! -e $ROOTFS/var/lib/duet ]] || die "the printed purge left data"
+
+# ------------------------------------------------------------------ 13. offline
+say "13. the offline install: duet pack on the host, its printed bootstrap run without network"
+(cd "$REPO" && PYTHONPATH=$REPO "$PY" -m runtime.cli pack --platform x86_64 --python 3.11     --config "$ROOTFS/root/robot.yaml" --bundle "$ROOTFS/root/bundle"     --out "$ROOTFS/root/offline/duet-x86_64.tar.gz" >"$WORK/pack.out" 2>"$WORK/pack.err")     || die "duet pack failed: $(tail -5 "$WORK/pack.err")"
+cat "$WORK/pack.out"
+mapfile -t steps < <(sed -n '/^on the robot/,$p' "$WORK/pack.out" | tail -n +2 | sed 's/^  //')
+[[ ${#steps[@]} == 3 ]] || die "duet pack printed no bootstrap"
+rm -rf "$ROOTFS"/tmp/duet-bootstrap "$ROOTFS"/tmp/duet-*-x86_64*
+for line in "${steps[@]}"; do
+    line=${line%% \[--usb-serial*}
+    [[ $line == *"duet install --offline"* ]] && line+=" --no-udev-reload"   # no udevd here
+    echo "\$ $line   (no network)"
+    out=$("${C[@]}" unshare --net sh -c "cd /root/offline && ${line//sudo /}" 2>&1) \
+        || die "offline step failed: $line: $(echo "$out" | tail -n 8)"
+    echo "$out" | tail -n 4
+done
+"${C[@]}" duet --version
+sctl start duet.target
+both_active
+echo "offline install: active; now uninstall --purge in one step"
+"${C[@]}" duet uninstall --purge
+[[ ! -e $ROOTFS/etc/duet && ! -e $ROOTFS/var/lib/duet && ! -e $ROOTFS/usr/local/bin/duet ]]     || die "--purge left data"
 
 say "relaxed for the container: nothing in the units; udev reload skipped (no udevd)"
 echo

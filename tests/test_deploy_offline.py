@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -107,10 +108,25 @@ def _installed(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_offline_install_without_network(host_pack: tuple[Path, dict], netns: str,
                                          tmp_path: Path) -> None:
+    """The commands `duet pack` prints for the robot, as printed (in this test's folder
+    rather than /tmp, staged with --root): a bootstrap duet from the archive's wheels alone,
+    then the install."""
     archive, manifest = host_pack
     root = tmp_path / "root"
-    done = _duet("install", "--offline", str(archive), "--sha256", manifest["sha256"],
-                 "--root", str(root), "--json", env=_clean_env(tmp_path), netns=netns)
+    untar, venv, install = (re.sub(r"/tmp\b", str(tmp_path), line)
+                            for line in manifest["bootstrap"])
+    assert untar.startswith("tar -xzf ") and install.startswith("sudo ")
+    env = _clean_env(tmp_path)
+    del env["PYTHONPATH"]  # the bootstrap duet is its own
+    for line in (untar, venv):
+        cmd = ["ip", "netns", "exec", netns, "sh", "-c", line]
+        done = subprocess.run(cmd, cwd=archive.parent, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, (line, done.stderr[-3000:])
+    cmd = ["ip", "netns", "exec", netns, *shlex.split(install.removeprefix("sudo ")),
+           "--root", str(root), "--json"]
+    done = subprocess.run(cmd, cwd=archive.parent, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "files verified (sha256)" in done.stderr  # --json: progress on stderr
     result = json.loads(done.stdout)
