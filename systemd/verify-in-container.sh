@@ -435,7 +435,10 @@ cat "$ROOTFS/var/lib/duet/state/follower.latched"; echo
 nsenter -t "$INIT" -a systemctl poweroff >/dev/null 2>&1 || true
 for _ in $(seq 1 150); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.2; done
 kill -0 "$NSPAWN_PID" 2>/dev/null && die "the container did not power off"
-find "$RUN" -mindepth 1 -delete   # /run is a tmpfs on a robot: a reboot empties it
+# /run is a tmpfs on a robot: a reboot empties it of duet's files. The host sim's own (its
+# camera socket, its control socket, the servos' pty link) stand for hardware and stay.
+find "$RUN" -mindepth 1 -maxdepth 1 ! -name sim ! -name sim-control ! -name ttyDUET0 \
+    -exec rm -rf {} +
 boot
 both_active
 set +e; status=$(as_op "duet status" 2>&1); rc=$?; set -e
