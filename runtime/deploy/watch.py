@@ -8,7 +8,9 @@ store (PENDING: it outlives the restart that loads the new bundle, and a reboot)
 `duet bundle watch` (`watch`, below; started by `duet run` beside the planner, by
 duet-watch.service under systemd) waits for the planner to plan with the new version, watches
 it for `bundle.watch.window_s`, and compares: a fault, a planner that never plans with it, or a
-figure over baseline x ratio + margin is a regression. The rollback is the store's own
+figure over baseline x ratio + margin is a regression. An ESTOP is the operator's (or the
+e-stop input's), not the bundle's: the watch pauses while it is latched and goes on after
+`duet reset`, its clocks stopped meanwhile. The rollback is the store's own
 (`BundleStore.rollback`: one place), logged once with the reason, and the outcome is kept in
 the store and in the run dir (WATCH_REPORT: `duet status` shows it). The services are then
 restarted to load the previous bundle: under systemd by `systemctl restart` of the follower
@@ -39,7 +41,6 @@ log = logging.getLogger("duet.watch")
 
 PENDING = "watch.json"  # in the store: the activation to watch, its baseline, then the outcome
 SAMPLE_S = 0.1
-FAULTED = ("FAULT", "ESTOP")
 SYSTEMD_RESTART = ["systemctl", "restart", "duet-follower.service", "duet-planner.service"]
 
 
@@ -63,14 +64,18 @@ class Sampler:
         self.faulted: str | None = None
         self.latency_p99: float | None = None
         self.plans = 0
+        self.estopped = False  # the newest follower sample was in ESTOP
 
     def follower(self, t: dict[str, Any]) -> None:
+        mode = t.get("mode")
+        self.estopped = mode == "ESTOP"
+        if self.estopped:
+            return  # the operator's stop: nothing in it says how the bundle does
         health = t.get("health")
         if isinstance(health, dict) and isinstance(health.get("miss_ratio"), (int, float)):
             self.misses.append(float(health["miss_ratio"]))
-        mode = t.get("mode")
-        if mode in FAULTED and self.faulted is None:
-            self.faulted = f"the follower entered {mode}: {t.get('fault_reason')}"
+        if mode == "FAULT" and self.faulted is None:
+            self.faulted = f"the follower entered FAULT: {t.get('fault_reason')}"
         if mode == "TRACK":
             try:
                 err = unpack_array(t.get("tracking_error"), "tracking_error")
@@ -114,6 +119,28 @@ def sample(sub: TelemetrySubscriber, sampler: Sampler, seconds: float,
             elif planner_ok(msg):
                 sampler.planner(msg)
         time.sleep(SAMPLE_S)
+
+
+class RunningClock:
+    """Seconds watched, not counting those the follower spent in ESTOP (logged once each)."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.seconds = 0.0
+        self._last = time.monotonic()
+        self._paused = False
+
+    def tick(self, sampler: Sampler) -> float:
+        now = time.monotonic()
+        if sampler.estopped != self._paused:
+            self._paused = sampler.estopped
+            log.info("watch of %s %s", self.version,
+                     "paused: the follower is in ESTOP (it goes on after duet reset)"
+                     if self._paused else "resumed: the follower is out of ESTOP")
+        elif not self._paused:
+            self.seconds += now - self._last
+        self._last = now
+        return self.seconds
 
 
 def baseline(run_dir: str, seconds: float) -> Health | None:
@@ -208,17 +235,17 @@ def watch(store: BundleStore, cfg: DuetConfig, stop: Callable[[], bool] = lambda
     why: str | None = None
     try:
         first = Sampler()  # the restart and the load, up to its first plan
-        started = time.monotonic()
+        clock = RunningClock(version)
         while not (stop() or first.plans or first.faulted) \
-                and time.monotonic() - started < w.start_timeout_s:
+                and clock.tick(first) < w.start_timeout_s:
             sample(sub, first, 0.5, runs, stop)
         if first.faulted or not (first.plans or stop()):
             why = first.faulted or f"{version} made no plan within " \
                 f"bundle.watch.start_timeout_s {w.start_timeout_s:g} s"
         elif not stop():
             window = Sampler()
-            t0 = time.monotonic()
-            while not (stop() or window.faulted) and time.monotonic() - t0 < w.window_s:
+            clock = RunningClock(version)
+            while not (stop() or window.faulted) and clock.tick(window) < w.window_s:
                 sample(sub, window, 0.5, runs, stop)
             rec["health"] = window.health()
             why = regression(rec.get("baseline"), rec["health"], w)
