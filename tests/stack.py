@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +23,21 @@ from runtime.stack.supervisor import Supervisor
 REPO = Path(__file__).resolve().parents[1]
 
 
+def own_can_ports(cfg: DuetConfig) -> None:
+    """Fresh loopback ports for each `duet-udp` CAN bus: the shipped configs' fixed ports would
+    join two stacks that tests run side by side into one bus."""
+    for bus in cfg.buses or ([cfg.bus] if cfg.bus is not None else []):
+        if getattr(bus, "interface", None) != "duet-udp":
+            continue
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        ours, sims = (sock.getsockname()[1] for sock in socks)
+        for sock in socks:
+            sock.close()
+        bus.channel = f"127.0.0.1:{ours}>127.0.0.1:{sims}"  # type: ignore[union-attr]
+
+
 class Stack:
     def __init__(self, tmp: Path, bundle: Path, overrides: list[str] | None = None,
                  planner: bool = True, config: str = "sim.yaml", record: bool = False) -> None:
@@ -32,6 +48,7 @@ class Stack:
         sets = [f"run_dir={tmp / 'run'}", f"bundle.path={bundle}",
                 "follower.deadline_storm.misses=400", *(overrides or [])]
         self.cfg: DuetConfig = load_config(REPO / "configs" / config, None, sets)
+        own_can_ports(self.cfg)
         self.sup = Supervisor(self.cfg, "test", record=record)
         self.with_planner = planner
         self.ctx = zmq.Context.instance()
