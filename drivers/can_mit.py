@@ -54,6 +54,10 @@ from drivers.mit_codec import COMMAND_DLC, MitRanges, pack_command_into
 from drivers.mit_dialects import Frame, MitDialect, Reply, dialect_class, malformed
 
 DEFAULT_HOLD_JUMP_MAX_RAD = 0.1
+# a set-up exchange (enable, disable, zero, clear) whose answer is lost or late is sent again to
+# the motors that did not answer: those frames are idempotent, and a lost frame must not stop a
+# reset (the per-tick command is never resent: the next tick's is newer)
+SETUP_ATTEMPTS = 3
 
 
 class MitCanBus:
@@ -186,7 +190,7 @@ class MitCanBus:
         d = self.dialect
         n = len(self.ids)
         if not on:
-            self._transact([d.disable(j) for j in range(n)])
+            self._transact([d.disable(j) for j in range(n)], SETUP_ATTEMPTS)
             self._torque_on = False
             self._resend_ok = False
             if d.enable(0) is None:  # a command would start the motor again: query instead
@@ -195,7 +199,7 @@ class MitCanBus:
         frames = [None if d.reports_torque_state and d.torque_on(int(self._code[j]))
                   else d.enable(j) for j in range(n)]
         if any(f is not None for f in frames):
-            self._transact(frames)
+            self._transact(frames, SETUP_ATTEMPTS)
         if not all(f is not None for f in frames) and not self._have_command:
             self._startup_query()  # learn where the motors are before commanding them
         if self._have_command and self._resend_ok:
@@ -208,11 +212,13 @@ class MitCanBus:
 
     def zero_position(self) -> None:
         """Make every motor's present position its zero (stored in the motor)."""
-        self._transact(self._every(self.dialect.zero, "setting the zero position"))
+        self._transact(self._every(self.dialect.zero, "setting the zero position"),
+                       SETUP_ATTEMPTS)
 
     def clear_errors(self) -> None:
         """Clear latched motor faults (Damiao: over-temperature, lost communication, ...)."""
-        self._transact(self._every(self.dialect.clear_error, "clearing motor errors"))
+        self._transact(self._every(self.dialect.clear_error, "clearing motor errors"),
+                       SETUP_ATTEMPTS)
 
     def recover(self, motors: list[str]) -> None:
         """The dialect's clear-error frame to each named motor (Damiao FB; the motor stays
@@ -226,7 +232,7 @@ class MitCanBus:
                 raise BusError(f"{name} (id {self.ids[j]}): the {self.dialect.name} MIT protocol"
                                " has no frame that clears a motor fault; power-cycle the motor,"
                                " then duet reset", name)
-        self._transact(frames)
+        self._transact(frames, SETUP_ATTEMPTS)
 
     # -- the tick ----------------------------------------------------------------------------
 
@@ -433,15 +439,26 @@ class MitCanBus:
         self._expect[:] = True
         self._send(self._frames)
 
-    def _transact(self, frames: list[Frame | None]) -> None:
-        """Send the given frame to each motor (None: skip that motor), collect their answers."""
-        for j, f in enumerate(frames):
-            self._expect[j] = f is not None
-        self._send([self._message(*f) for f in frames if f is not None])
-        self._pending = False
-        self._collect()
+    def _transact(self, frames: list[Frame | None], attempts: int = 1) -> None:
+        """Send the given frame to each motor (None: skip that motor), collect their answers;
+        the motors that did not answer are asked again (`attempts` in all)."""
+        for attempt in range(1, attempts + 1):
+            for j, f in enumerate(frames):
+                self._expect[j] = f is not None
+            self._send([self._message(*f) for f in frames if f is not None])
+            self._pending = False
+            try:
+                self._collect(final=attempt == attempts)
+                return
+            except BusError:
+                if attempt == attempts:
+                    raise
+                self.stats.retries += 1
+                frames = [None if self._got[j] else f for j, f in enumerate(frames)]
 
-    def _collect(self) -> None:
+    def _collect(self, final: bool = True) -> None:
+        """The expected motors' answers within the timeout; BusError names the silent ones
+        (`final`: the exchange is not asked again, so it counts as a failed one)."""
         bus = self._require_bus()
         d, r, reply = self.dialect, self.ranges, self._reply
         expect, got = self._expect, self._got
@@ -467,7 +484,7 @@ class MitCanBus:
                 got[j] = True
                 remaining -= 1
         if remaining:
-            self._fail_missing()
+            self._fail_missing(final)
 
     def _intact(self, msg: can.Message) -> bool:
         """False for a frame that cannot be decoded, counted by reason in stats.dropped_frames."""
@@ -478,12 +495,12 @@ class MitCanBus:
         dropped[reason] = dropped.get(reason, 0) + 1
         return False
 
-    def _fail_missing(self) -> None:
+    def _fail_missing(self, final: bool) -> None:
         silent = np.flatnonzero(self._expect & ~self._got)
         missing = [self.joint_names[j] for j in silent]
         self.stats.missing_replies += len(missing)
         self.stats.timeouts += 1
-        self.stats.errors += 1
+        self.stats.errors += final
         for name in missing:
             self.stats.per_motor_errors[name] += 1
         names = ", ".join(f"{self.joint_names[j]} (id {self.ids[j]})" for j in silent)

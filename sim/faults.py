@@ -3,7 +3,9 @@
 `SerialLink` serves the emulated serial servos (Dynamixel or Feetech) on a pty behind a stable
 symlink (as udev gives a real adapter /dev/ttyDUET0), so a "pulled cable" makes the device
 disappear and a "replugged" one brings it back under the same name. `CanLink` does the same
-for MIT-mode motors on a CAN channel. `FaultInjector` answers on ipc://RUN_DIR/sim-control:
+for MIT-mode motors on a CAN channel. Each is served from a forked child process
+(`ChildLink`), so no thread of the sim delays a reply. `FaultInjector` answers on
+ipc://RUN_DIR/sim-control:
 
     {"cmd": "cut_line"}                      the device disappears (pty closed / motors gone)
     {"cmd": "restore_line"}                  the device is back
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import multiprocessing as mp
 import os
 import threading
@@ -65,22 +68,19 @@ class MotorLink(Protocol):
 MakeEmulator = Callable[[Actuators, Any], SerialServoEmulator]
 
 
-class SerialLink:
-    """Emulated servos served from a forked child process: its own interpreter lock, so a
-    reply never waits behind a physics step or a render (a real servo answers within its
-    return delay). Needs `Actuators.shared` actuators."""
+class ChildLink:
+    """Emulated motors served from a forked child process: its own interpreter lock, so a
+    reply never waits behind a physics step, a render or any other sim thread (a real motor
+    answers within its return delay). Needs `Actuators.shared` actuators. The child runs
+    `serve(*args, conn)` and obeys the parent's link commands on `conn`."""
 
-    def __init__(self, actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConfig,
-                 link: Path, make: MakeEmulator, rt_priority: int = 0) -> None:
-        self.link = link
-        self.device = str(link)
+    def __init__(self, serve: Callable[..., None], args: tuple[Any, ...]) -> None:
         ctx = mp.get_context("fork")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve_servos, name="duet-sim-servos", daemon=True,
-                                 args=(actuators, bus, make, rt_priority, child))
+        self._proc = ctx.Process(target=_child, name="duet-sim-motors", daemon=True,
+                                 args=(serve, args, child))
         self._proc.start()
         atexit.register(self.stop)  # runs before multiprocessing's own (atexit is LIFO)
-        self._point_link(self._call("open"))
 
     def _call(self, cmd: str, *args: Any) -> Any:
         self._conn.send((cmd, args))
@@ -88,6 +88,70 @@ class SerialLink:
         if not ok:
             raise ValueError(value)
         return value
+
+    def reply_us(self) -> Histogram:
+        """The motors' service time per request (request in -> reply out), µs."""
+        hist: Histogram = self._call("reply_us")
+        return hist
+
+    def stop(self) -> None:
+        """Stop the motors; idempotent. The child ignores SIGTERM (the parent stops it in
+        order), so one that has not gone in time is killed: multiprocessing's exit handler
+        would SIGTERM it and wait for ever, leaving the sim running unsupervised."""
+        if self._proc.is_alive():
+            try:
+                self._call("stop")
+            except (OSError, EOFError):
+                pass  # it died on its own
+        self._proc.join(timeout=5.0)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+
+def _child(serve: Callable[..., None], args: tuple[Any, ...], conn: Connection) -> None:
+    import ctypes
+    import signal
+
+    # die with the sim (even on SIGKILL); leave SIGTERM/SIGINT handling to the parent
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the sim's heap came along with the fork: a collection walking it stalled a reply for
+    # milliseconds; only what the child allocates itself is collected
+    gc.freeze()
+    serve(*args, conn)
+
+
+def _obey(conn: Connection, commands: dict[str, Callable[..., Any]], stop: Callable[[], None],
+          reply_us: Histogram) -> None:
+    """The child's loop: each parent command's reply, until `stop`."""
+    while True:
+        cmd, args = conn.recv()
+        try:
+            if cmd == "stop":
+                stop()
+                conn.send((True, None))
+                return
+            if cmd == "reply_us":
+                conn.send((True, reply_us))
+            elif cmd in commands:
+                conn.send((True, commands[cmd](*args)))
+            else:
+                raise ValueError(f"unknown link command {cmd!r}")
+        except (OSError, ValueError) as exc:
+            conn.send((False, str(exc)))
+
+
+class SerialLink(ChildLink):
+    """Serial servos (Dynamixel or Feetech) on a pty, behind the stable name `link`."""
+
+    def __init__(self, actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConfig,
+                 link: Path, make: MakeEmulator, rt_priority: int = 0) -> None:
+        self.link = link
+        self.device = str(link)
+        super().__init__(_serve_servos, (actuators, bus, make, rt_priority))
+        self._point_link(self._call("open"))
 
     def _point_link(self, pty: str) -> None:
         tmp = self.link.with_name(self.link.name + ".new")
@@ -106,23 +170,8 @@ class SerialLink:
                 joint: int | None = None) -> None:
         self._call("corrupt", probability, byte, joint)
 
-    def reply_us(self) -> Histogram:
-        hist: Histogram = self._call("reply_us")
-        return hist
-
     def stop(self) -> None:
-        """Stop the servos; idempotent. The child ignores SIGTERM (the parent stops it in
-        order), so one that has not gone in time is killed: multiprocessing's exit handler
-        would SIGTERM it and wait for ever, leaving the sim running unsupervised."""
-        if self._proc.is_alive():
-            try:
-                self._call("stop")
-            except (OSError, EOFError):
-                pass  # it died on its own
-        self._proc.join(timeout=5.0)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
+        super().stop()
         self.link.unlink(missing_ok=True)
 
 
@@ -141,13 +190,6 @@ def _feetech(actuators: Actuators, bus: Any) -> SerialServoEmulator:
 def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConfig,
                   make: MakeEmulator, rt_priority: int, conn: Connection) -> None:
     """Child process: serve the servos on a pty; obey the parent's link commands."""
-    import ctypes
-    import signal
-
-    # die with the sim (even on SIGKILL); leave SIGTERM/SIGINT handling to the parent
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     corruption: tuple[float, int | None, int | None] = (0.0, None, None)
     reply_us = Histogram(lowest=1.0)  # across restored lines
 
@@ -165,70 +207,72 @@ def _serve_servos(actuators: Actuators, bus: DynamixelBusConfig | FeetechBusConf
         emu.corrupt_servos = None if joint is None else frozenset((joint,))
 
     emulator = start(powered=False)
-    while True:
-        cmd, args = conn.recv()
-        try:
-            if cmd == "open":
-                reply: Any = emulator.path
-            elif cmd == "cut":
-                emulator.close_line()
-                reply = None
-            elif cmd == "restore":  # the servos kept power: goals and torque continue
-                emulator.stop()
-                emulator = start(powered=True)
-                reply = emulator.path
-            elif cmd == "corrupt":
-                corruption = (float(args[0]), args[1], args[2])
-                aim(emulator, *corruption)
-                reply = None
-            elif cmd == "reply_us":
-                reply = reply_us
-            elif cmd == "stop":
-                emulator.stop()
-                conn.send((True, None))
-                return
-            else:
-                raise ValueError(f"unknown link command {cmd!r}")
-            conn.send((True, reply))
-        except (OSError, ValueError) as exc:
-            conn.send((False, str(exc)))
+
+    def restore() -> str:  # the servos kept power: goals and torque continue
+        nonlocal emulator
+        emulator.stop()
+        emulator = start(powered=True)
+        return emulator.path
+
+    def corrupt(p: float, byte: int | None, joint: int | None) -> None:
+        nonlocal corruption
+        corruption = (float(p), byte, joint)
+        aim(emulator, *corruption)
+
+    _obey(conn, {"open": lambda: emulator.path, "cut": lambda: emulator.close_line(),
+                 "restore": restore, "corrupt": corrupt},
+          lambda: emulator.stop(), reply_us)
 
 
-class CanLink:
+class CanLink(ChildLink):
     """MIT-mode motors of one CAN bus: the actuators `joints` (default: all), in its dialect."""
 
     def __init__(self, actuators: Actuators, bus: CanBusConfig, rt_priority: int = 0,
                  joints: list[int] | None = None) -> None:
-        self.actuators, self.bus, self.rt_priority = actuators, bus, rt_priority
-        self.joints = joints
         self.device = bus.channel
-        self._reply_us = Histogram(lowest=1.0)  # across restored lines
-        self._start()
-
-    def _start(self) -> None:
-        from sim.can_emulator import MitCanEmulator
-
-        self.emulator = MitCanEmulator.from_config(self.actuators, self.bus, self.joints)
-        self.emulator.rt_priority = self.rt_priority
-        self.emulator.reply_us = self._reply_us
-        self.emulator.start()
+        super().__init__(_serve_can, (actuators, bus, joints, rt_priority))
+        self._call("open")  # the bus is up before the follower is told the device
 
     def cut(self) -> None:
-        self.emulator.stop(close_bus=True)
+        self._call("cut")
 
     def restore(self) -> None:
-        self._start()
+        self._call("restore")
 
     def corrupt(self, probability: float, byte: int | None = None,
                 joint: int | None = None) -> None:
         raise ValueError("byte corruption is a serial-line fault; CAN frames carry a CRC "
                          "checked by the controller")
 
-    def reply_us(self) -> Histogram:
-        return self._reply_us
 
-    def stop(self) -> None:
-        self.emulator.stop(close_bus=True)
+def _serve_can(actuators: Actuators, bus: CanBusConfig, joints: list[int] | None,
+               rt_priority: int, conn: Connection) -> None:
+    """Child process: the motors on their CAN channel; obey the parent's link commands."""
+    from sim.can_emulator import MitCanEmulator
+
+    reply_us = Histogram(lowest=1.0)  # across restored lines
+
+    def start() -> MitCanEmulator:
+        emu = MitCanEmulator.from_config(actuators, bus, joints)
+        emu.rt_priority = rt_priority
+        emu.reply_us = reply_us
+        emu.start()
+        return emu
+
+    emulator: MitCanEmulator | None = start()
+
+    def cut() -> None:
+        nonlocal emulator
+        if emulator is not None:
+            emulator.stop(close_bus=True)
+            emulator = None
+
+    def restore() -> None:
+        nonlocal emulator
+        if emulator is None:
+            emulator = start()
+
+    _obey(conn, {"open": lambda: None, "cut": cut, "restore": restore}, cut, reply_us)
 
 
 # The emulators the bus families name (drivers/*_family.py `emulator`): the motor end of one

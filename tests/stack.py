@@ -42,11 +42,14 @@ class Stack:
     def __init__(self, tmp: Path, bundle: Path, overrides: list[str] | None = None,
                  planner: bool = True, config: str = "sim.yaml", record: bool = False) -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")
-        # A shared 2-core test machine has bursts of late ticks that a robot's dedicated core
+        # A shared 2-core test machine (a VM: its CPUs are taken away for milliseconds at a
+        # time) has bursts of late ticks and late motor answers that a robot's dedicated core
         # does not: these tests check behaviour, not timing, so the deadline-miss storm is
-        # tolerant here (80 % of a window late; a test may set its own).
+        # tolerant here (80 % of a window late) and a bus FAULT takes 25 failed exchanges in a
+        # row, not 5 (a silent motor still faults within 0.2 s); a test may set its own.
         sets = [f"run_dir={tmp / 'run'}", f"bundle.path={bundle}",
-                "follower.deadline_storm.misses=400", *(overrides or [])]
+                "follower.deadline_storm.misses=400", "follower.bus_error_threshold=25",
+                *(overrides or [])]
         self.cfg: DuetConfig = load_config(REPO / "configs" / config, None, sets)
         own_can_ports(self.cfg)
         self.sup = Supervisor(self.cfg, "test", record=record)

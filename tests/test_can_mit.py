@@ -346,6 +346,56 @@ def test_generic_start_up_query_is_followed_at_once_by_a_hold_at_the_reconstruct
 # -- MitCanBus <-> MitCanEmulator, every dialect ----------------------------------------------
 
 
+def _motors_answer_enables(motors: Motors, lost: dict[int, int]) -> list[int]:
+    """The motor side of an enable (and the hold command after it): each frame answered, but
+    `lost[id]` of that motor's first enable answers never come back. The ids of the enable
+    frames received, in order."""
+    seen: list[int] = []
+    while True:
+        frame = motors.bus.recv(0.5)
+        if frame is None:
+            return seen
+        if frame.data == ENTER_MOTOR_MODE:
+            seen.append(frame.arbitration_id)
+            if lost.get(frame.arbitration_id, 0) > 0:
+                lost[frame.arbitration_id] -= 1
+                continue
+        motors.reply(frame.arbitration_id, 0.0)
+
+
+def test_a_lost_enable_answer_is_asked_again_only_of_that_motor() -> None:
+    ch = channel()
+    motors, bus = Motors(ch), open_bus(ch, timeout_ms=50.0)
+    seen: list[int] = []
+    side = threading.Thread(target=lambda: seen.extend(_motors_answer_enables(motors, {3: 1})))
+    side.start()
+    try:
+        bus.enable_torque(True)
+        side.join()
+        assert seen == [*IDS, 3]
+        assert bus.stats.retries == 1 and bus.stats.errors == 0
+    finally:
+        bus.close()
+        motors.bus.shutdown()
+
+
+def test_a_motor_that_never_answers_the_enable_is_named_after_every_attempt() -> None:
+    ch = channel()
+    motors, bus = Motors(ch), open_bus(ch, timeout_ms=50.0)
+    seen: list[int] = []
+    side = threading.Thread(target=lambda: seen.extend(_motors_answer_enables(motors, {3: 99})))
+    side.start()
+    try:
+        with pytest.raises(BusError, match=r"elbow \(id 3\)"):
+            bus.enable_torque(True)
+        side.join()
+        assert seen == [*IDS, 3, 3]
+        assert bus.stats.retries == 2 and bus.stats.errors == 1
+    finally:
+        bus.close()
+        motors.bus.shutdown()
+
+
 class Rig:
     def __init__(self, dialect: str, fd: bool = False, registers: dict[int, float] | None = None,
                  direction: list[int] | None = None) -> None:

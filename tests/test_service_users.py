@@ -177,16 +177,18 @@ def test_the_planner_takes_state_only_from_the_followers_user(
             child.kill()
             child.wait()
         path.unlink(missing_ok=True)
-        other = zmq.Context()
+        other: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         pub = other.socket(zmq.PUB)
-        pub.bind(f"ipc://{path}")  # root: the follower's user here
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not sub.poll(50):
-            pub.send(b"state")
-        assert sub.poll(0), "the follower's user's state never arrived"
-        assert sub.recv() == b"state"
-        pub.close(linger=0)
-        other.term()
+        try:
+            pub.bind(f"ipc://{path}")  # root: the follower's user here
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not sub.poll(50):
+                pub.send(b"state")
+            assert sub.poll(0), "the follower's user's state never arrived"
+            assert sub.recv() == b"state"
+        finally:  # a context left with a socket open hangs whoever collects it
+            pub.close(linger=0)
+            other.term()
     finally:
         sub.close(linger=0)
         zap.close()
