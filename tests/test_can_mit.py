@@ -488,6 +488,22 @@ def test_a_state_query_is_answered_from_the_physics_snapshot_without_the_lock() 
         rig.close()
 
 
+
+def test_an_enabled_motors_command_is_applied_without_the_lock(rig: Rig) -> None:
+    """The per-tick command of a motor in MIT mode takes no actuator lock (the sim's physics may
+    be descheduled holding it): it is applied and answered while the lock is held."""
+    act, bus = rig.act, rig.bus()
+    bus.open()
+    bus.enable_torque(True)
+    act.publish_present(act.q, act.dq, act.tau)  # a physics step: replies need no lock
+    target = np.array([0.5, -0.5, 1.0, -1.0, 0.2, -0.4])
+    out = MotorState(6)
+    with act.lock:
+        bus.write(target)
+        bus.read(out)
+        np.testing.assert_allclose(act.goal_q * [1, 1, 1, 1, 1, -1], target, atol=Q_QUANTUM)
+    assert bus.stats.errors == 0
+
 def test_silent_emulated_motor_raises_naming_it(rig: Rig) -> None:
     bus = rig.bus()
     bus.open()

@@ -93,6 +93,22 @@ def test_write_sets_goal_and_torque(bus: DynamixelBus, actuators: Actuators) -> 
     assert bus.stats.writes == 1
 
 
+
+def test_the_per_tick_exchange_never_waits_for_the_actuator_lock(
+        bus: DynamixelBus, actuators: Actuators) -> None:
+    """The sim's lock may be held by a thread that lost the CPU (the renderer, or the physics
+    waiting for the GIL): the goals written and the state read go on without it, as a real
+    servo's would."""
+    actuators.publish_present(actuators.q, actuators.dq, actuators.tau)  # a physics step
+    target = np.array([0.1, -0.2, 0.3, -0.4, 0.5, 0.6])
+    state = MotorState(6)
+    with actuators.lock:
+        for _ in range(3):
+            bus.write(target)
+            bus.read(state)  # answered in order after the write: it was not held up
+        assert wait_until(lambda: np.allclose(actuators.goal_q, target, atol=RAD_PER_TICK))
+    assert bus.stats.errors == 0
+
 def test_goal_ticks_on_the_wire_follow_zero_and_direction(
     bus: DynamixelBus, emulator: DynamixelEmulator
 ) -> None:
