@@ -343,7 +343,7 @@ class MyActuatorDialect(MitDialect):
 
     def __init__(self, ids: Sequence[int], master_ids: Sequence[int] | None = None) -> None:
         if not all(1 <= i <= 32 for i in ids):
-            raise ValueError(f"myactuator: motor ids are 1..32, got {list(ids)}")
+            raise ValueError(f"myactuator: motor ids are 1..32, got {', '.join(map(str, ids))}")
         if master_ids is not None:
             raise ValueError("myactuator: replies come on 0x500 + id; master_ids do not apply")
         super().__init__(ids, None)

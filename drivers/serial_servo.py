@@ -61,7 +61,7 @@ class SerialServoBus:
         if n == 0 or len(joint_names) != n:
             raise ValueError(f"{n} ids for {len(joint_names)} joints")
         if len(set(ids)) != n or not all(0 <= i <= max_id for i in ids):
-            raise ValueError(f"ids must be unique and in 0..{max_id}: {list(ids)}")
+            raise ValueError(f"ids must be unique and in 0..{max_id}: {', '.join(map(str, ids))}")
         zero = list(zero_ticks) if zero_ticks is not None else [center_ticks] * n
         sign = list(direction) if direction is not None else [1] * n
         if len(zero) != n or len(sign) != n:

@@ -217,8 +217,9 @@ def _build(contract: Contract, out: Path, opts: ExportOptions, assets: Path,
                               "--precision bf16` on the target instead)")
     unknown = set(opts.int8_ops) - set(QUANTIZABLE_OPS)
     if unknown or not opts.int8_ops:
-        raise ExportError(f"int8 op types {sorted(opts.int8_ops)}: expected a non-empty "
-                          f"subset of {', '.join(QUANTIZABLE_OPS)}")
+        asked = ", ".join(sorted(opts.int8_ops)) or "(none)"
+        raise ExportError(f"int8 op types {asked}: expected a non-empty subset of "
+                          f"{', '.join(QUANTIZABLE_OPS)}")
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not a bundle; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -259,6 +259,11 @@ def _json(data: Any, path: Path) -> None:
     path.write_text(json.dumps(data, indent=4, ensure_ascii=False) + "\n")
 
 
+def _sizes(cameras: dict[str, tuple[int, ...]]) -> str:
+    """'scene 96x96, wrist 64x64': each camera's width x height."""
+    return ", ".join(f"{name} {hw[1]}x{hw[0]}" for name, hw in cameras.items())
+
+
 def write(episodes: list[Frames], out: Path, fps: int, robot_type: str | None,
           data_file_mb: float = DATA_FILE_MB, video_file_mb: float = VIDEO_FILE_MB,
           log: Log = print) -> dict[str, Any]:
@@ -269,11 +274,12 @@ def write(episodes: list[Frames], out: Path, fps: int, robot_type: str | None,
     cameras = {name: images.shape[1:3] for name, images in episodes[0].images.items()}
     for ep in episodes:
         if ep.recording.joints != joints:
-            raise ValueError(f"{ep.recording.path}: joints {ep.recording.joints} differ from "
-                             f"{joints} ({episodes[0].recording.path})")
+            raise ValueError(f"{ep.recording.path}: joints {', '.join(ep.recording.joints)} differ "
+                             f"from {', '.join(joints)} ({episodes[0].recording.path})")
         shapes = {name: images.shape[1:3] for name, images in ep.images.items()}
         if shapes != cameras:
-            raise ValueError(f"{ep.recording.path}: cameras {shapes} differ from {cameras} "
+            raise ValueError(f"{ep.recording.path}: cameras {_sizes(shapes)} differ from "
+                             f"{_sizes(cameras)} "
                              f"({episodes[0].recording.path})")
     for name, (h, w) in cameras.items():
         if h % 2 or w % 2:

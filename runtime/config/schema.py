@@ -145,7 +145,8 @@ class FeetechBusConfig(_Strict):
     @classmethod
     def _addressable(cls, ids: list[int]) -> list[int]:
         if len(set(ids)) != len(ids) or not all(0 <= i <= FEETECH_MAX_ID for i in ids):
-            raise ValueError(f"ids must be unique and in 0..{FEETECH_MAX_ID}: {ids}")
+            raise ValueError(f"ids must be unique and in 0..{FEETECH_MAX_ID}: "
+                             f"{', '.join(map(str, ids))}")
         return ids
 
 
@@ -383,7 +384,7 @@ class OnnxRuntimeConfig(_Strict):
         for key in ("planner_providers", "follower_providers"):
             names = getattr(self, key)
             if len(set(names)) != len(names):
-                raise ValueError(f"{key} lists a provider twice: {names}")
+                raise ValueError(f"{key} lists a provider twice: {', '.join(names)}")
         return self
 
 
@@ -467,9 +468,11 @@ class Workspace(_Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Workspace:
         if not 0 < self.radius[0] < self.radius[1]:
-            raise ValueError(f"radius must be 0 < near < far, got {list(self.radius)}")
+            raise ValueError(f"radius must be 0 < near < far, got near {self.radius[0]:g} m, "
+                             f"far {self.radius[1]:g} m")
         if not -3.15 < self.bearing[0] < self.bearing[1] < 3.15:
-            raise ValueError(f"bearing must be -pi < from < to < pi, got {list(self.bearing)}")
+            raise ValueError(f"bearing must be -pi < from < to < pi, got from {self.bearing[0]:g}, "
+                             f"to {self.bearing[1]:g} rad")
         return self
 
 

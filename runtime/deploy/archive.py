@@ -241,7 +241,7 @@ def _extract(tar: tarfile.TarFile, dest: Path, where: str) -> Path:
             path = _member_path(member.name, where)
             tops.add(path.parts[0])
             if len(tops) > 1:
-                raise ArchiveError(f"{where}: more than one top folder ({sorted(tops)})")
+                raise ArchiveError(f"{where}: more than one top folder ({', '.join(sorted(tops))})")
             target = dest.joinpath(*path.parts)
             if member.isdir():
                 target.mkdir(parents=True, exist_ok=True)

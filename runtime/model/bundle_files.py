@@ -37,7 +37,7 @@ class TensorSpec(BaseModel):
     @classmethod
     def _static(cls, shape: list[int]) -> list[int]:
         if any(d <= 0 for d in shape):
-            raise ValueError(f"shape {shape} must be static and positive")
+            raise ValueError(f"shape {' x '.join(map(str, shape))} must be static and positive")
         return shape
 
 

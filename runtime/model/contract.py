@@ -305,7 +305,8 @@ class Planner(_Strict):
         seen: dict[str, Output] = {}
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique: {names}")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"stage names must be unique: {', '.join(twice)} used twice")
         for stage in self.stages:
             for i in stage.inputs:
                 if isinstance(i, StageInput) and i.source not in seen:

@@ -57,8 +57,8 @@ class CameraFeed:
     def fill(self, image: np.ndarray, row: int = 0) -> None:
         s = self.spec
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ObservationError(f"camera {s.camera}: frame {image.dtype}{list(image.shape)}"
-                                   ", expected uint8 [h, w, 3]")
+            raise ObservationError(f"camera {s.camera}: frame {image.dtype} "
+                                   f"{' x '.join(map(str, image.shape))}, expected uint8 h x w x 3")
         h, w = image.shape[:2]
         if (h, w) == (s.height, s.width):
             img = image
