@@ -233,9 +233,9 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     robot = describe(cfg)  # the MJCF and the config, checked against each other
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Physics, the serial emulator and the renderer share one interpreter: hand the GIL over
-    # every 100 µs instead of every 5 ms, so a servo reply never waits behind a physics step
-    # (a real servo answers within its return delay).
+    # Physics and the renderer share one interpreter: hand the GIL over every 100 µs instead
+    # of every 5 ms, so a physics step never waits long behind a frame (the motors answer
+    # from child processes of their own: sim/faults.py).
     sys.setswitchinterval(1e-4)
 
     stop = threading.Event()
