@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 from drivers import dynamixel_protocol as dx
 from drivers.bus import MotorState
-from drivers.can_loopback import peer_channel
+from drivers.can_loopback import free_channel, peer_channel
 from drivers.dynamixel import DynamixelBus
 from sim.dynamixel_emulator import EmulatorProcess
 
@@ -271,16 +270,6 @@ def _can_peer(channel: str, mode: str, n: int) -> subprocess.Popen[str]:
     return peer
 
 
-def _udp_channel() -> str:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    a, b = (s.getsockname()[1] for s in socks)
-    for s in socks:
-        s.close()
-    return f"127.0.0.1:{a}>127.0.0.1:{b}"
-
-
 def _timed_ticks(cycle: Callable[[], None], cycles: int) -> tuple[np.ndarray, np.ndarray]:
     """Wall and thread-CPU time (µs) of each call."""
     wall, cpu = np.zeros(cycles), np.zeros(cycles)
@@ -308,7 +297,7 @@ def can_section(args: argparse.Namespace) -> list[Row]:
 
     n = args.servos
     ids = list(range(1, n + 1))
-    channel = _udp_channel()
+    channel = free_channel()
     peer = _can_peer(peer_channel(channel), "mit", n)
     bus = MitCanBus([f"j{i}" for i in ids], ids, MitRanges(12.5, 30.0, 10.0), [20.0] * n,
                     [1.0] * n, interface="duet-udp", channel=channel, timeout_ms=100.0)
@@ -327,7 +316,7 @@ def can_section(args: argparse.Namespace) -> list[Row]:
         bus.close()
         peer.communicate("\n", timeout=10)
 
-    channel = _udp_channel()
+    channel = free_channel()
     echo = _can_peer(peer_channel(channel), "echo", n)
     raw = can.Bus(interface="duet-udp", channel=channel)
     frames = [can.Message(arbitration_id=i, is_extended_id=False, data=bytes(8)) for i in ids]

@@ -35,6 +35,25 @@ _FD_LENGTHS = frozenset((0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64))
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` loopback UDP ports free now (the kernel's picks)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def free_channel() -> str:
+    """A channel between two loopback ports free now, this end first: two stacks (tests side
+    by side, a bench beside a demo) never share a bus, as fixed ports would make them."""
+    ours, peer = free_ports(2)
+    return f"127.0.0.1:{ours}>127.0.0.1:{peer}"
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """'127.0.0.1:47000' -> ('127.0.0.1', 47000); refuse anything outside 127.0.0.0/8."""
     host, sep, port_text = text.strip().rpartition(":")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from drivers.can_loopback import free_channel
 from runtime.config import DuetConfig, load_config
 from runtime.ipc import endpoints
 from runtime.ipc.messages import decode, unpack_array
@@ -27,15 +27,8 @@ def own_can_ports(cfg: DuetConfig) -> None:
     """Fresh loopback ports for each `duet-udp` CAN bus: the shipped configs' fixed ports would
     join two stacks that tests run side by side into one bus."""
     for bus in cfg.buses or ([cfg.bus] if cfg.bus is not None else []):
-        if getattr(bus, "interface", None) != "duet-udp":
-            continue
-        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        ours, sims = (sock.getsockname()[1] for sock in socks)
-        for sock in socks:
-            sock.close()
-        bus.channel = f"127.0.0.1:{ours}>127.0.0.1:{sims}"  # type: ignore[union-attr]
+        if getattr(bus, "interface", None) == "duet-udp":
+            bus.channel = free_channel()  # type: ignore[union-attr]
 
 
 class Stack:

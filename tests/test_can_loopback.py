@@ -14,20 +14,10 @@ import numpy as np
 import pytest
 
 from drivers.bus import MotorState
-from drivers.can_loopback import DuetUdpBus, parse_channel, peer_channel
+from drivers.can_loopback import DuetUdpBus, free_ports, parse_channel, peer_channel
 from drivers.can_mit import MitCanBus
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.mark.parametrize(
