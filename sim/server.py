@@ -254,12 +254,8 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     # The robot starts homed: servos enabled and holding its home pose, as after homing,
     # so the follower's INIT reads a meaningful pose rather than an arm slumped on the table.
     world.actuators.torque_enabled[:] = True
-    # The GL contexts belong to this (the main) thread; their slow set-up and first frames
-    # happen before the motors are served. Only the cameras the config names are rendered.
-    cameras = {name: SceneCamera(world.model, cam.width, cam.height, camera=name)
-               for name, cam in cfg.planner.cameras.items() if cam.kind == "sim"}
-    for camera in cameras.values():
-        camera.render(camera.shadow)
+    # The motors first: their child process is forked before any GL state exists, and the
+    # follower opens its bus while the cameras set up.
     publisher = Publisher(str(run_dir))
     loop = PhysicsLoop(world, sim_cfg)
     link = _open_link(cfg, world.actuators)
@@ -268,7 +264,13 @@ def run_sim(cfg: DuetConfig, ready_line: bool = True) -> int:
     loop.start()
     if ready_line:
         print(link.device, flush=True)
+    cameras: dict[str, SceneCamera] = {}
     try:
+        # The GL contexts belong to this (the main) thread. Only the cameras the config names
+        # are rendered.
+        for name, cam in cfg.planner.cameras.items():
+            if cam.kind == "sim":
+                cameras[name] = SceneCamera(world.model, cam.width, cam.height, camera=name)
         render = _serve_camera(loop, publisher, cameras, sim_cfg.camera_hz, stop)
     finally:
         loop.stop()

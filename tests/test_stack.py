@@ -129,9 +129,11 @@ def test_planner_killed_follower_holds_and_arm_stays_put(tmp_path: Path, bundle:
 def test_the_follower_core_is_kept_for_the_follower(tmp_path: Path, bundle: Path) -> None:
     with Stack(tmp_path, bundle) as stack:  # configs/sim.yaml: follower.realtime.cpu = 1
         stack.wait_mode("TRACK", 15)
-        assert os.sched_getaffinity(stack.pid("follower")) == {1}
+        # cpu 1, or the other one when a stack of another test holds cpu 1 (claim_core)
+        core = os.sched_getaffinity(stack.pid("follower"))
+        assert len(core) == 1, core
         for name in ("sim", "planner"):
-            assert 1 not in os.sched_getaffinity(stack.pid(name)), name
+            assert not core & os.sched_getaffinity(stack.pid(name)), name
 
 
 def test_planner_frozen_then_resumed(tmp_path: Path, bundle: Path) -> None:
