@@ -190,6 +190,7 @@ def _train_follower(args: argparse.Namespace) -> int:
 def _follower_table(args: argparse.Namespace) -> int:
     from policy.follower_eval import format_table, onnx_follower, table
     from runtime.config import load_config
+    from runtime.model.bundle import BundleError, load_bundle
 
     cfg = load_config(args.config)
     planners = {}
@@ -199,6 +200,12 @@ def _follower_table(args: argparse.Namespace) -> int:
             return cliopts.fail("duet follower-table", f"--planner {item!r}: expected NAME=BUNDLE",
                                 cliopts.EXIT_USAGE)
         planners[name] = Path(path)
+    for name, path in planners.items():  # before minutes of runs, not after
+        try:
+            load_bundle(path, expect_joints=list(cfg.robot.joints))
+        except BundleError as exc:
+            return cliopts.fail("duet follower-table", f"--planner {name}: {exc}",
+                                cliopts.EXIT_USAGE)
     n = len(cfg.robot.joints)
     followers = {kind: (onnx_follower(args.followers / f"follower-{kind}.onnx", n)
                         if (args.followers / f"follower-{kind}.onnx").exists() else None)

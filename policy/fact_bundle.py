@@ -65,8 +65,10 @@ def modules(checkpoint: str | Path) -> dict[str, nn.Module]:
             "follower": _load(folder / "follower.pt", Follower)}
 
 
-def contract_data(tokenizer: FactTokenizer, planner: FactPlanner) -> dict[str, Any]:
-    """The template with this training's code shape, prefix length and delta statistics."""
+def contract_data(tokenizer: FactTokenizer, planner: FactPlanner, joints: list[str],
+                  rates: dict[str, float] | None = None) -> dict[str, Any]:
+    """The template with this robot's joints (and rates), this training's code shape, prefix
+    length and delta statistics."""
     mine = (tokenizer.code_len, tokenizer.code_bits, tokenizer.horizon)
     theirs = (planner.code_len, planner.code_bits, planner.horizon)
     if mine != theirs:
@@ -76,7 +78,13 @@ def contract_data(tokenizer: FactTokenizer, planner: FactPlanner) -> dict[str, A
     codes = data["planner"]["stages"][0]
     next(i for i in codes["inputs"] if i["role"] == "prefix")["steps"] = planner.prefix_max
     codes["outputs"][0]["shape"] = [1, tokenizer.code_len, tokenizer.code_bits]
+    if len(joints) != len(tokenizer.mean):
+        raise ValueError(f"{len(joints)} joints, but the tokenizer was trained on "
+                         f"{len(tokenizer.mean)}")
+    if rates is not None:
+        data["rates"] = rates
     actions = data["planner"]["actions"]
+    actions["joints"] = list(joints)
     actions["horizon"] = tokenizer.horizon
     actions["mean"] = [float(v) for v in tokenizer.mean]
     actions["std"] = [float(v) for v in tokenizer.std]
@@ -84,13 +92,15 @@ def contract_data(tokenizer: FactTokenizer, planner: FactPlanner) -> dict[str, A
 
 
 def write_export_folder(out_dir: Path, tokenizer: FactTokenizer, planner: FactPlanner,
-                        vocab: Tokenizer, follower: Path | None) -> None:
+                        vocab: Tokenizer, follower: Path | None, joints: list[str],
+                        rates: dict[str, float] | None = None) -> None:
     """Everything `duet export` needs beside the two checkpoints: the filled contract, the
     instruction tokenizer and the follower (the reference one, `duet train`'s)."""
-    header = (f"# Written by duet train-fact from {TEMPLATE.name}: the tokenizer's statistics "
-              "and code shape filled in.\n")
+    header = (f"# Written by duet train-fact from {TEMPLATE.name}: the robot's joints, the "
+              "tokenizer's statistics and code shape filled in.\n")
+    contract = contract_data(tokenizer, planner, joints, rates)
     (out_dir / CONTRACT).write_text(header + yaml.safe_dump(
-        contract_data(tokenizer, planner), sort_keys=False, default_flow_style=None, width=100))
+        contract, sort_keys=False, default_flow_style=None, width=100))
     vocab.save(out_dir / "tokenizer.json")
     if follower is not None:
         shutil.copyfile(follower, out_dir / "follower.pt")

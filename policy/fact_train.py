@@ -324,7 +324,10 @@ def train_fact(out_dir: Path, data_dir: Path, config_path: Path, seed: int = 0,
     follower = init_planner.with_name("follower.pt") if init_planner else None
     assert isinstance(planner.model, FactPlanner)
     write_export_folder(out_dir, tokenizer, planner.model, vocab,
-                        follower if follower and follower.is_file() else None)
+                        follower if follower and follower.is_file() else None,
+                        list(data.config.robot.joints),
+                        {"planner_hz": data.settings.planner_hz,
+                         "follower_hz": data.settings.follower_hz})
     log(f"saved {out_dir}/fact_tokenizer.pt, {out_dir}/fact_planner.pt (val MAE after the "
         f"prefix {planner.metrics.get('val_mae_rad', 0):.4f} rad, bit accuracy "
         f"{planner.metrics.get('val_bit_acc', 0):.3f}); {report['total_s']:.0f} s in all")

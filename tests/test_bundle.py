@@ -160,7 +160,7 @@ def test_resigned_bundle_verifies_with_the_new_key(bundle: Path,
 
 def test_a_joint_the_robot_lacks_is_refused(bundle: Path) -> None:
     robot = [j for j in JOINTS if j != "elbow"] + ["tail"]
-    with pytest.raises(BundleError, match=r"names joints the robot lacks: \['elbow'\]"):
+    with pytest.raises(BundleError, match=r"names joints the robot lacks: elbow \(robot"):
         load_bundle(bundle, expect_joints=robot)
     load_bundle(bundle, expect_joints=[*JOINTS, "tail"])  # a subset of the robot: fine
 

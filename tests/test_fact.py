@@ -265,6 +265,25 @@ def _observation(q: np.ndarray, t_obs_ns: int, frame: np.ndarray) -> Observation
                        "touch the red block, then the blue one")
 
 
+
+def test_the_fact_contract_names_the_trained_robots_joints(
+        tmp_path: Path, small_tokenizer: FactTokenizer) -> None:
+    """`duet train-fact --config` on another robot: the contract it writes names that robot's
+    joints and rates (it named duet's arm whatever the config, and the SO-101's planner
+    was refused at load), and a joint count the tokenizer was not trained on is refused."""
+    planner = FactPlanner(Tokenizer().vocab_size, **{
+        **SMALL_PLANNER, "code_len": small_tokenizer.code_len,
+        "code_bits": small_tokenizer.code_bits})
+    so101 = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
+    write_export_folder(tmp_path, small_tokenizer, planner, Tokenizer(), None, so101,
+                        {"planner_hz": 4.0, "follower_hz": 250.0})
+    contract = load_contract(tmp_path / CONTRACT)
+    assert contract.planner.actions.joints == so101
+    assert (contract.rates.planner_hz, contract.rates.follower_hz) == (4.0, 250.0)
+    with pytest.raises(ValueError, match="7 joints, but the tokenizer was trained on 6"):
+        write_export_folder(tmp_path, small_tokenizer, planner, Tokenizer(), None,
+                            [*so101, "extra"])
+
 @pytest.mark.slow
 def test_fact_bundle_through_the_exporter_runs_in_the_runtime_pipeline_as_in_torch(
         tmp_path: Path, small_tokenizer: FactTokenizer) -> None:
@@ -280,11 +299,11 @@ def test_fact_bundle_through_the_exporter_runs_in_the_runtime_pipeline_as_in_tor
     with pytest.raises(ValueError, match="the tokenizer decodes"):
         write_export_folder(folder, small_tokenizer, FactPlanner(Tokenizer().vocab_size,
                                                                  **SMALL_PLANNER),
-                            Tokenizer(), None)
+                            Tokenizer(), None, JOINTS)
     save_checkpoint(folder / "fact_tokenizer.pt", small_tokenizer, {})
     save_checkpoint(folder / "fact_planner.pt", small_planner, {})
     save_checkpoint(folder / "follower.pt", Follower(hidden=32), {})
-    write_export_folder(folder, small_tokenizer, small_planner, Tokenizer(), None)
+    write_export_folder(folder, small_tokenizer, small_planner, Tokenizer(), None, JOINTS)
     contract = load_contract(folder / CONTRACT)
     assert contract.planner.actions.std == [float(v) for v in small_tokenizer.std]
     with contextlib.redirect_stdout(io.StringIO()):

@@ -111,6 +111,20 @@ def _duet(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=timeout)
 
 
+
+def test_the_follower_table_refuses_a_planner_for_another_robot_before_it_runs(
+        tmp_path: Path) -> None:
+    """A planner bundle made for duet's arm, on the SO-101's config: refused at once with the
+    joints named (it was a traceback after the references and holds had run)."""
+    from onnx_bundle import make_bundle
+
+    bundle = make_bundle(tmp_path / "arm")
+    out = _duet("follower-table", "--followers", str(tmp_path), "--config",
+                "configs/so101_sim.yaml", "--planner", f"arm={bundle}", timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "--planner arm:" in out.stderr and "base_yaw" in out.stderr
+    assert "Traceback" not in out.stderr
+
 @pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["arm7_can_sim.yaml", "so101_sim.yaml"])

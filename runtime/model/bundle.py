@@ -422,12 +422,13 @@ def load_bundle(path: str | Path, public_key: str | None = None,
     if isinstance(manifest, ManifestV1):
         _check_v1_tensors(manifest, contract, manifest_path)
         if expect_joints is not None and list(expect_joints) != manifest.robot.joints:
-            raise BundleError(f"{manifest_path}: robot.joints {manifest.robot.joints} do not "
-                              f"match the robot config's joints {list(expect_joints)}")
+            raise BundleError(f"{manifest_path}: robot.joints {', '.join(manifest.robot.joints)}"
+                              " do not match the robot config's joints "
+                              f"{', '.join(expect_joints)}")
     elif expect_joints is not None:
         unknown = [j for j in contract.joints() if j not in expect_joints]
         if unknown:
             raise BundleError(f"{manifest_path}: the contract names joints the robot lacks: "
-                              f"{unknown} (robot.joints: {list(expect_joints)})")
+                              f"{', '.join(unknown)} (robot.joints: {', '.join(expect_joints)})")
     return Bundle(path=bundle_dir, manifest=manifest, contract=contract,
                   signed=public_key is not None)
