@@ -184,7 +184,9 @@ def test_the_planner_takes_state_only_from_the_followers_user(
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not sub.poll(50):
                 pub.send(b"state")
-            assert sub.poll(0), "the follower's user's state never arrived"
+            # (a rare failure here in full runs, not reproduced alone: say what ZAP decided)
+            assert sub.poll(0), ("the follower's user's state never arrived; ZAP admitted "
+                                 f"{dict(zap.admitted)}, refused {dict(zap.refused)}")
             assert sub.recv() == b"state"
         finally:  # a context left with a socket open hangs whoever collects it
             pub.close(linger=0)
