@@ -219,6 +219,44 @@ class ZapHandler:
         self._sock.close(linger=0)
 
 
+class GuardedSubscriber:
+    """A SUB on `endpoint` admitted through ZAP `domain`, opened again after each refusal.
+
+    After ZAP refused a peer, libzmq can end that connection attempt for good (seen: the
+    subscriber never asked ZAP about the rightful publisher bound at the same path later).
+    On the robot that is a forger binding the follower's state path while the follower is
+    down, then a planner that never hears the restarted follower. `check` (once per cycle)
+    reopens the socket when a refusal was counted since the last check."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], zap: ZapHandler, domain: str,
+                 endpoint: str, max_bytes: int, hwm: int) -> None:
+        self._ctx, self._zap, self._domain = ctx, zap, domain
+        self._endpoint, self._max_bytes, self._hwm = endpoint, max_bytes, hwm
+        self.reopened = 0
+        self.sock = self._open()
+
+    def _open(self) -> zmq.Socket[bytes]:
+        self._refused = self._zap.refused[self._domain]
+        sock = open_socket(self._ctx, zmq.SUB, self._max_bytes)
+        sock.setsockopt(zmq.RCVHWM, self._hwm)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        ZapHandler.protect(sock, self._domain)
+        sock.connect(self._endpoint)
+        return sock
+
+    def check(self) -> bool:
+        """Reopen when ZAP refused a peer of this domain since the last check."""
+        if self._zap.refused[self._domain] == self._refused:
+            return False
+        self.sock.close(linger=0)
+        self.sock = self._open()
+        self.reopened += 1
+        return True
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
 def caller() -> str:
     """Who ran this command, from the kernel's uid (not $USER, which anyone can set): the
     invoking user under sudo (SUDO_UID is only trusted when we really run as root)."""

@@ -30,7 +30,7 @@ import zmq
 from drivers.camera import Camera
 from runtime.config import DuetConfig
 from runtime.ipc import endpoints
-from runtime.ipc.access import OPERATOR, Policy, ZapHandler, uid_of
+from runtime.ipc.access import OPERATOR, GuardedSubscriber, Policy, ZapHandler, uid_of
 from runtime.ipc.iothreads import realtime_io_threads
 from runtime.ipc.logs import ChangeLog
 from runtime.ipc.messages import (
@@ -131,12 +131,10 @@ class PlannerShell:
         self.zap = ZapHandler(ctx, Policy(planner_uid=uid_of(cfg.access.planner_user),
                                           operator_group=cfg.access.operator_group,
                                           follower_uid=uid_of(cfg.access.follower_user)))
-        # every state is kept (a model may read a history): not conflated
-        self.state_sub = open_socket(ctx, zmq.SUB, endpoints.MAX_STATE_BYTES)
-        self.state_sub.setsockopt(zmq.RCVHWM, 4096)
-        self.state_sub.setsockopt(zmq.SUBSCRIBE, b"")
-        ZapHandler.protect(self.state_sub, "state")  # only the follower's user publishes it
-        self.state_sub.connect(endpoints.state(cfg.run_dir))
+        # every state is kept (a model may read a history): not conflated; only the follower's
+        # user publishes it, and a refused forger does not leave the planner deaf
+        self.state = GuardedSubscriber(ctx, self.zap, "state", endpoints.state(cfg.run_dir),
+                                       endpoints.MAX_STATE_BYTES, 4096)
         self.task_sub: zmq.Socket[bytes] | None = None
         if cfg.planner.task_source == "sim":
             # Task announcements share the sim's PUB socket with frames; this SUB is not
@@ -174,7 +172,8 @@ class PlannerShell:
 
     def close(self) -> None:
         self.source.close()
-        socks = [self.state_sub, self.plan_pub, self.tel_pub, self.task_server.sock]
+        self.state.close()
+        socks = [self.plan_pub, self.tel_pub, self.task_server.sock]
         for sock in socks + ([self.task_sub] if self.task_sub is not None else []):
             sock.close(linger=0)
         self.zap.close()
@@ -193,9 +192,10 @@ class PlannerShell:
 
     # ------------------------------------------------------------------ inputs
     def _drain_inputs(self) -> None:
+        self.state.check()  # the refusal itself is logged by the ZAP handler
         for _ in range(4096):
             try:
-                frame = self.state_sub.recv(zmq.NOBLOCK)
+                frame = self.state.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:
