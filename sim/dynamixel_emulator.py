@@ -287,35 +287,10 @@ class DynamixelEmulator(SerialServoEmulator):
         if addr <= dx.ADDR_TORQUE_ENABLE < end and data[dx.ADDR_TORQUE_ENABLE - addr] > 1:
             return dx.ERR_DATA_RANGE
         table[addr:end] = data
-        if addr <= dx.ADDR_GOAL_POSITION < end:
-            self._apply_goal(k)  # lock-free, as in a SYNC WRITE
-        if addr <= dx.ADDR_ID < end:
-            self._index_by_id = {t[dx.ADDR_ID]: i for i, t in enumerate(self.tables)}
-        torque = addr <= dx.ADDR_TORQUE_ENABLE < end
-        gains = addr < dx.ADDR_POSITION_P_GAIN + 2 and end > dx.ADDR_POSITION_D_GAIN
-        if not (torque or gains):
-            return 0
-        act = self.actuators
-        with act.lock:
-            if torque:
-                # a latched hardware error keeps torque off until reboot, like the real servo
-                on = bool(table[dx.ADDR_TORQUE_ENABLE]) and not self._cuts_torque(k)
-                table[dx.ADDR_TORQUE_ENABLE] = int(on)
-                act.torque_enabled[k] = on
-            if gains:
-                self._apply_gains(k)
-        return 0
-        act = self.actuators
-        with act.lock:
-            if addr <= dx.ADDR_ID < end:
-                self._index_by_id = {t[dx.ADDR_ID]: i for i, t in enumerate(self.tables)}
-            if addr <= dx.ADDR_TORQUE_ENABLE < end:
-                # a latched hardware error keeps torque off until reboot, like the real servo
-                on = bool(table[dx.ADDR_TORQUE_ENABLE]) and not self._cuts_torque(k)
-                table[dx.ADDR_TORQUE_ENABLE] = int(on)
-                act.torque_enabled[k] = on
-            if addr < dx.ADDR_POSITION_P_GAIN + 2 and end > dx.ADDR_POSITION_D_GAIN:
-                self._apply_gains(k)
+        self._apply_written(
+            k, goal=addr <= dx.ADDR_GOAL_POSITION < end, renumbered=addr <= dx.ADDR_ID < end,
+            torque=addr <= dx.ADDR_TORQUE_ENABLE < end,
+            gains=addr < dx.ADDR_POSITION_P_GAIN + 2 and end > dx.ADDR_POSITION_D_GAIN)
         return 0
 
     def _reboot(self, k: int) -> None:

@@ -177,27 +177,15 @@ class FeetechEmulator(SerialServoEmulator):
         if addr < ft.EEPROM_END and locked and not (addr <= self.series.lock_addr < end):
             return
         table[addr:end] = data
-        if addr <= ft.ADDR_GOAL_POSITION + 1 and end > ft.ADDR_GOAL_POSITION:
-            # the per-tick write: lock-free (one float64 store), so a reply never waits for a
-            # sim thread holding the actuator lock while it lost the CPU
+        goal = addr <= ft.ADDR_GOAL_POSITION + 1 and end > ft.ADDR_GOAL_POSITION
+        if goal:  # held to the angle limits, as the servo does
             lo = ft.unword(table, ft.ADDR_MIN_POSITION_LIMIT, self.series)
             hi = ft.unword(table, ft.ADDR_MAX_POSITION_LIMIT, self.series)
             self._put_goal(k, min(max(self._goal_ticks(k), lo), hi))
-            self._apply_goal(k)
-        torque = addr <= ft.ADDR_TORQUE_ENABLE < end
-        gains = addr <= ft.ADDR_D_COEFFICIENT and end > ft.ADDR_P_COEFFICIENT
-        if addr <= ft.ADDR_ID < end:
-            self._index_by_id = {t[ft.ADDR_ID]: i for i, t in enumerate(self.tables)}
-        if not (torque or gains):
-            return
-        act = self.actuators
-        with act.lock:
-            if torque:
-                on = table[ft.ADDR_TORQUE_ENABLE] != 0 and not self._unloaded(k)
-                table[ft.ADDR_TORQUE_ENABLE] = int(on)
-                act.torque_enabled[k] = on
-            if gains:
-                self._apply_gains(k)
+        self._apply_written(
+            k, goal=goal, renumbered=addr <= ft.ADDR_ID < end,
+            torque=addr <= ft.ADDR_TORQUE_ENABLE < end,
+            gains=addr <= ft.ADDR_D_COEFFICIENT and end > ft.ADDR_P_COEFFICIENT)
 
     # ---- memory table <-> physics (callers hold actuators.lock where noted) ----------------
 
@@ -206,6 +194,9 @@ class FeetechEmulator(SerialServoEmulator):
 
     def _cuts_torque(self, k: int) -> bool:
         return bool(self.actuators.torque_enabled[k]) and self._unloaded(k)
+
+    def _holds_torque_off(self, k: int) -> bool:
+        return self._unloaded(k)
 
     def _encode_position(self, ticks: int) -> bytes:
         ticks = max(-32767, min(32767, ticks))  # limits written by a client may be anything

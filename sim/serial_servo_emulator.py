@@ -112,6 +112,10 @@ class SerialServoEmulator:
         """A latched fault of servo k that switches its torque off."""
         raise NotImplementedError
 
+    def _holds_torque_off(self, k: int) -> bool:
+        """A latched fault of servo k that keeps a Torque Enable write from turning it on."""
+        return self._cuts_torque(k)
+
     def _put_present(self, k: int, q: float, dq: float, tau: float, temperature: float) -> None:
         """Servo k's present values (SI, joint side) into its table."""
         raise NotImplementedError
@@ -251,6 +255,26 @@ class SerialServoEmulator:
         """Ticks of joint position q (default: the present position)."""
         q = float(self.actuators.q[k]) if q is None else float(q)
         return round(self.zero_ticks[k] + self.direction[k] * q * self.ticks_per_rad)
+
+    def _apply_written(self, k: int, goal: bool, renumbered: bool, torque: bool,
+                       gains: bool) -> None:
+        """What a write to servo k's table changed, into the physics. The goal (the per-tick
+        write) takes no actuator lock: a sim thread holding it may have lost the CPU, and a
+        reply must never wait for that. Torque Enable and the gains take it."""
+        if goal:
+            self._apply_goal(k)
+        if renumbered:
+            self._index_by_id = {t[self.addr_id]: i for i, t in enumerate(self.tables)}
+        if not (torque or gains):
+            return
+        table, act = self.tables[k], self.actuators
+        with act.lock:
+            if torque:  # a latched fault keeps torque off until reboot, like the real servo
+                on = table[self.addr_torque] != 0 and not self._holds_torque_off(k)
+                table[self.addr_torque] = int(on)
+                act.torque_enabled[k] = on
+            if gains:
+                self._apply_gains(k)
 
     def _apply_goal(self, k: int) -> None:
         # One aligned float64 store, atomic for the physics reading it: no lock needed.
