@@ -34,7 +34,7 @@ from runtime.model.plan import Plan
 from runtime.model.residual import residual_model
 from runtime.planner.observation import StateHistory
 from runtime.planner.pipeline import Observation, PlannerPipeline
-from sim.robot import RobotDescription, default_robot, describe
+from sim.robot import RobotDescription, describe
 from sim.success import TargetJudge, describe_measure
 from sim.task import Episode, TaskTracker
 from sim.world import SimWorld
@@ -44,9 +44,8 @@ START_NOISE = (0.3, 0.2, 0.0)  # rad around home: base yaw, other arm joints, gr
 Log = Callable[[str], None]
 
 
-def eval_start_q(seed: int, robot: RobotDescription | None = None) -> np.ndarray:
-    """A start pose near home, from the episode's seed (default robot: duet's arm)."""
-    robot = robot if robot is not None else default_robot()
+def eval_start_q(seed: int, robot: RobotDescription) -> np.ndarray:
+    """A start pose of `robot` near its home, from the episode's seed."""
     rng = np.random.default_rng(seed)
     noise = robot.start_noise(START_NOISE[1], START_NOISE[0], START_NOISE[2])
     return robot.home + rng.uniform(-1.0, 1.0, robot.n) * noise

@@ -38,16 +38,16 @@ from policy.train import (
 from runtime.model.bundle import sha256_file
 from runtime.model.tokenizer import Tokenizer
 from sim.expert import expert_chunk
+from sim.robot import describe
 from sim.world import BLOCK_HALF, ArmKinematics
 
 TARGET_Z = 2 * BLOCK_HALF  # m, a target's top face (the expert's goal height reference)
 
 
 def prefix_targets(q: np.ndarray, chunk: np.ndarray, target_xy: np.ndarray, d_max: int,
-                   seed: int, kin: ArmKinematics | None = None) -> dict[str, np.ndarray]:
+                   seed: int, kin: ArmKinematics) -> dict[str, np.ndarray]:
     """Per sample: prefix [N,d_max,6] (zero beyond prefix_len), prefix_len [N] int64 and the
     target chunk [N,H,6]: the prefix, then the expert from the prefix's last waypoint."""
-    kin = kin or ArmKinematics()
     rng = np.random.default_rng(seed)
     n, horizon, joints = chunk.shape
     lengths = rng.integers(0, d_max + 1, size=(n,))
@@ -229,7 +229,7 @@ def fact_test_sets(data: TrainingData, seed: int, walks: int = 1000
 
     two_step = data.config.sim.two_step_fraction if data.config.sim else 0.5
     base = HELD_OUT_SEED_BASE + seed * 1_000_003
-    held_out = action_samples(list(range(base, base + walks)), two_step)
+    held_out = action_samples(list(range(base, base + walks)), two_step, data.config)
     return {"held-out walks": held_out["chunk"] - held_out["q"][:, None],
             "rollouts": data.rollouts["chunk"] - data.rollouts["q"][:, None]}
 
@@ -289,7 +289,7 @@ def train_fact(out_dir: Path, data_dir: Path, config_path: Path, seed: int = 0,
         log(f"tokenizer ({bits} bits) on {name}: RMSE FACT {fact_rmse * 1e3:.2f} mrad, "
             f"uniform binning {recon[name]['uniform_binning']['rmse_rad'] * 1e3:.2f}, DCT "
             f"{recon[name]['dct']['rmse_rad'] * 1e3:.2f}")
-    kin = ArmKinematics()
+    kin = ArmKinematics(describe(data.config))  # the prefix targets' expert: this robot's
     t0 = time.monotonic()
     scenes_fact = with_prefix_codes(data.scenes, tokenizer, prefix_max, seed, kin)
     # a seeded subset of the image-free samples: 2000 steps x 128 draws need no more, and

@@ -136,9 +136,11 @@ def planner_chunks(settings: LoopSettings, cfg: DuetConfig, follower: ResidualMo
     rms, ok = [], []
     for i in range(episodes):
         seed = EVAL_SEED_BASE + i
-        episode = Episode(seed, two_step_fraction=1.0)
+        # this robot's blocks, start poses (its workspace, its home)
+        episode = Episode(seed, two_step_fraction=1.0, workspace=world.robot.workspace)
         plan_fn.reset(episode.instruction)
-        r = run_episode(world, episode, plan_fn, follower, settings, start_q=eval_start_q(seed))
+        r = run_episode(world, episode, plan_fn, follower, settings,
+                        start_q=eval_start_q(seed, world.robot))
         rms.append(r.tracking_rms)
         ok.append(r.success)
     return Result(float(np.mean(rms)), success=float(np.mean(ok)))

@@ -257,13 +257,19 @@ class Follower(nn.Module):
     dq_std: torch.Tensor
 
     def __init__(self, n_joints: int = 6, lookahead: int = 8, hidden: int = 256,
-                 residual_scale: float = 0.05) -> None:
+                 residual_scale: float = 0.05, pose_aware: bool = True) -> None:
         super().__init__()
         self.kwargs: dict[str, Any] = {"n_joints": n_joints, "lookahead": lookahead,
-                                       "hidden": hidden, "residual_scale": residual_scale}
+                                       "hidden": hidden, "residual_scale": residual_scale,
+                                       "pose_aware": pose_aware}
         self.n_joints, self.lookahead = n_joints, lookahead
+        # pose_aware: the absolute pose is an input (gravity, pose-dependent friction); a
+        # correction on top of a model that has gravity does without it and cannot memorise
+        # where in the workspace the few recordings went
+        self.pose_aware = pose_aware
         self.net = nn.Sequential(
-            nn.Linear(lookahead * n_joints + 2 * n_joints, hidden), nn.GELU(),
+            nn.Linear(lookahead * n_joints + (2 if pose_aware else 1) * n_joints, hidden),
+            nn.GELU(),
             nn.Linear(hidden, hidden), nn.GELU(),
             nn.Linear(hidden, n_joints),
         )
@@ -283,7 +289,8 @@ class Follower(nn.Module):
     def forward(self, ref: torch.Tensor, q: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
         b = ref.shape[0]
         rel = ((ref - q[:, None, :]) / self.ref_scale).reshape(b, self.lookahead * self.n_joints)
-        x = torch.cat([rel, (q - self.q_mean) / self.q_std, dq / self.dq_std], dim=1)
+        parts = [rel, (q - self.q_mean) / self.q_std] if self.pose_aware else [rel]
+        x = torch.cat([*parts, dq / self.dq_std], dim=1)
         return torch.tanh(self.net(x)) * self.residual_scale
 
 

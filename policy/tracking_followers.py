@@ -4,7 +4,8 @@ and its tracking recordings, with the contract's follower interface (reference w
 
 - `ModelFreeFollower`: the identified servo model inverted: the command that makes the servo
   arrive at the reference, u(t) = r(t+d) + a r'' + b r' + c tanh(r'/EPS) + G(r), all at t+d,
-  with r, r', r'' from a quadratic through the first points of the look-ahead window.
+  with r, r', r'' from a quadratic through the first points of the look-ahead window, and G
+  from the description's gravity where the model was fitted with it (no network either way).
 - `LearnedFollower`: the model-free follower plus a bounded correction network
   (policy.models.Follower) trained on the robot's own tracking data by hindsight: whatever
   the arm actually did in the next look-ahead span is a reference the command it was given
@@ -63,6 +64,8 @@ class ModelFreeFollower(nn.Module):
         self.register_buffer("pos_at_tick", _t(rows(np.stack([one, tick * one, tick**2 * one],
                                                              1))))
         self.register_buffer("abc", _t(np.array([[f.a, f.b, f.c] for f in model.fits])))
+        # the description's gravity (k + s tau(r) per joint), or the free trig fit's weights
+        self.chain = model.chain
         self.register_buffer("gravity", _t(np.array([f.gravity for f in model.fits]).T))
 
     def _at(self, weights: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -70,11 +73,16 @@ class ModelFreeFollower(nn.Module):
 
     def forward(self, ref: torch.Tensor, q: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
         r, v, a = (self._at(w, ref) for w in (self.pos_at_d, self.vel_at_d, self.acc_at_d))
+        ff = (self.abc[:, 0] * a + self.abc[:, 1] * v + self.abc[:, 2] * torch.tanh(v / EPS)
+              + self._sag(r))
+        return r + ff - self._at(self.pos_at_tick, ref)
+
+    def _sag(self, r: torch.Tensor) -> torch.Tensor:
+        if self.chain is not None:
+            return self.gravity[0] + self.gravity[1] * self.chain.torques(r, torch)
         s = _chain_angles(r)
         feats = torch.cat([torch.ones_like(r[:, :1]), torch.sin(s), torch.cos(s)], dim=1)
-        ff = (self.abc[:, 0] * a + self.abc[:, 1] * v + self.abc[:, 2] * torch.tanh(v / EPS)
-              + feats @ self.gravity)
-        return r + ff - self._at(self.pos_at_tick, ref)
+        return feats @ self.gravity
 
 
 class LearnedFollower(nn.Module):

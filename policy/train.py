@@ -74,9 +74,12 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def fit(model: torch.nn.Module, tensors: dict[str, torch.Tensor], train_idx: np.ndarray,
         val_idx: np.ndarray, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         steps: int, batch: int, lr: float, seed: int, device: torch.device, log: Log,
-        name: str, frozen: tuple[torch.nn.Module, ...] = ()) -> dict[str, Any]:
+        name: str, frozen: tuple[torch.nn.Module, ...] = (), keep_best: bool = False
+        ) -> dict[str, Any]:
     """AdamW with warmup + cosine; returns loss history and final train/val losses.
-    `frozen` submodules keep their weights and stay in eval mode (BatchNorm statistics)."""
+    `frozen` submodules keep their weights and stay in eval mode (BatchNorm statistics).
+    `keep_best`: judge the held-out loss at every log line (and before the first step) and
+    end with the weights that did best there (a small correction on little data overfits)."""
     model.to(device).train()
     for module in frozen:
         module.eval().requires_grad_(False)
@@ -88,6 +91,20 @@ def fit(model: torch.nn.Module, tensors: dict[str, torch.Tensor], train_idx: np.
     t0 = time.monotonic()
     running = 0.0
     log_every = max(1, steps // 10)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def judge(step: int) -> str:
+        nonlocal best
+        if not keep_best or len(val_idx) == 0:
+            return ""
+        model.eval()
+        val = _evaluate(tensors, val_idx, loss_fn, device)
+        model.train()
+        if val is not None and (best is None or val < best[0]):
+            best = (val, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        return f", held out {val:.4f}"
+
+    judge(0)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
@@ -101,11 +118,17 @@ def fit(model: torch.nn.Module, tensors: dict[str, torch.Tensor], train_idx: np.
         if (step + 1) % log_every == 0 or step + 1 == steps:
             n = (step % log_every) + 1
             history.append((step + 1, running / n))
-            log(f"  {name} step {step + 1}/{steps} loss {running / n:.4f} "
+            held = judge(step + 1)
+            log(f"  {name} step {step + 1}/{steps} loss {running / n:.4f}{held} "
                 f"({time.monotonic() - t0:.0f} s)")
             running = 0.0
     model.eval()
-    return {"steps": steps, "batch": batch, "lr": lr, "history": history,
+    kept = {}
+    if best is not None:
+        model.load_state_dict(best[2])
+        kept = {"kept_step": best[1]}
+        log(f"  {name}: kept the weights of step {best[1]} (best held-out loss {best[0]:.4f})")
+    return {"steps": steps, "batch": batch, "lr": lr, "history": history, **kept,
             "train_loss": _evaluate(tensors, train_idx[:4096], loss_fn, device),
             "val_loss": _evaluate(tensors, val_idx, loss_fn, device),
             "train_s": round(time.monotonic() - t0, 1)}
@@ -229,13 +252,20 @@ def _planner_errors(model: Planner, tensors: dict[str, torch.Tensor], idx: np.nd
 def train_follower(data: dict[str, np.ndarray], steps: int, seed: int, batch: int = 256,
                    lr: float = 2e-3, residual_max: float = 0.05,
                    device: torch.device | None = None, log: Log = print,
-                   **model_kwargs: Any) -> TrainResult:
-    """data: ref [M,8,6], q [M,6], dq [M,6], residual [M,6], episode [M]."""
+                   correction: bool = False, **model_kwargs: Any) -> TrainResult:
+    """data: ref [M,8,6], q [M,6], dq [M,6], residual [M,6], episode [M].
+    `correction`: the net corrects another follower (tracking_followers.LearnedFollower): it
+    starts at zero output, so it starts as that follower, and keeps its best held-out step."""
     seed_everything(seed)
     device = device or pick_device()
     lookahead, n_joints = data["ref"].shape[1:]
     model = Follower(n_joints=n_joints, lookahead=lookahead, residual_scale=residual_max,
                      **model_kwargs)
+    if correction:
+        last = model.net[-1]
+        assert isinstance(last, torch.nn.Linear)
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
     train_idx, val_idx = split_by_episode(data["episode"], 0.1, seed)
     t = {k: torch.as_tensor(data[k], dtype=torch.float32) for k in ("ref", "q", "dq", "residual")}
     rel = t["ref"][train_idx] - t["q"][train_idx, None, :]
@@ -249,7 +279,7 @@ def train_follower(data: dict[str, np.ndarray], steps: int, seed: int, batch: in
         return F.mse_loss(pred / model.residual_scale, b["residual"] / model.residual_scale)
 
     metrics = fit(model, t, train_idx, val_idx, loss_fn, steps, batch, lr, seed, device, log,
-                   "follower")
+                   "follower", keep_best=correction)
     with torch.no_grad():
         idx = torch.as_tensor(val_idx)
         pred = model(t["ref"][idx].to(device), t["q"][idx].to(device), t["dq"][idx].to(device))

@@ -28,6 +28,7 @@ from policy.models import Follower
 from policy.tracking_followers import LearnedFollower, ModelFreeFollower, hindsight, predict
 from policy.train import train_follower
 from runtime.config import DuetConfig
+from runtime.follower.gravity import GravityChain
 from runtime.follower.identification import Track, fit
 
 KINDS = ("none", "model-free", "learned")
@@ -47,14 +48,18 @@ def train(cfg: DuetConfig, tracks: list[Track], used: list[str], base: Path, out
     tick_s = 1.0 / cfg.follower.hz
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    model = fit(tracks, joints, tick_s, used)
+    chain, gain = description_gravity(cfg)
+    log("gravity: " + ("the robot's description" if chain else
+                       "free trig terms (no description of these joints)"))
+    model = fit(tracks, joints, tick_s, used, chain=chain, gain=gain)
     model.save(out / "servo_model.json")
     data = hindsight(tracks, lookahead, lookahead_dt, tick_s)
     base_module = ModelFreeFollower(model, lookahead, lookahead_dt)
     base_pred = predict(base_module, data)
     corr = dict(data, residual=(data["residual"] - base_pred).astype(np.float32))
     result = train_follower(corr, steps, seed, residual_max=correction_max,
-                            log=log, hidden=128)
+                            log=log, correction=True, hidden=128,
+                            pose_aware=False)
     correction = result.model
     assert isinstance(correction, Follower)
     learned = LearnedFollower(base_module, correction).eval()
@@ -91,6 +96,18 @@ def train(cfg: DuetConfig, tracks: list[Track], used: list[str], base: Path, out
                                                eval_refs, eval_s, seed)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return report
+
+
+def description_gravity(cfg: DuetConfig) -> tuple[GravityChain | None, list[float] | None]:
+    """The gravity model of the robot the config describes (its `sim.robot` MJCF, or duet's
+    own arm) and its servos' nominal position gains, if the description's joints are the
+    config's."""
+    from sim.robot import describe
+
+    robot = describe(cfg)
+    if list(robot.joints) != list(cfg.robot.joints):
+        return None, None
+    return robot.gravity_chain(), [float(k) for k in robot.motors.kp]
 
 
 def lockstep(cfg: DuetConfig, out: Path, n: int, lookahead: int, lookahead_dt: float,

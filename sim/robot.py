@@ -33,6 +33,7 @@ import mujoco
 from drivers.families import family_of
 from runtime.config import ConfigError, DuetConfig, SimConfig, Workspace, load_config
 from runtime.follower.buses import bus_sections
+from runtime.follower.gravity import GravityChain
 from sim.motors import FAMILY_DEFAULT, MotorModel, motor_model
 
 ASSETS = Path(__file__).parent / "assets"
@@ -110,6 +111,12 @@ class RobotDescription:
             raise RobotError(f"sim.robot.mjcf: {self.mjcf}: {exc}") from None
         model.opt.timestep = 1.0 / physics_hz
         return model
+
+    def gravity_chain(self) -> GravityChain:
+        """The bodies that carry the robot's joints, as identification's gravity model
+        (runtime/follower/gravity.py): the joints' own bodies, everything below them, and the
+        fixed bodies above them."""
+        return _gravity_chain(self.model(), self)
 
     def start_noise(self, arm: float, yaw: float, gripper: float) -> np.ndarray:
         """A per-joint amplitude (rad): `yaw` on the base yaw joint, `gripper` on the
@@ -237,6 +244,59 @@ def _couplings(model: mujoco.MjModel, joints: tuple[str, ...]) -> tuple[Coupling
             out.append(Coupling(int(model.jnt_qposadr[j1]), int(model.jnt_dofadr[j1]), ids[j2],
                                 c0, c1))
     return tuple(out)
+
+
+def _gravity_chain(model: mujoco.MjModel, robot: RobotDescription) -> GravityChain:
+    robot_joint = {int(model.joint(name).id): k for k, name in enumerate(robot.joints)}
+    coupled = {int(model.dof_jntid[c.dofadr]): c for c in robot.couplings}
+    roots = {int(model.jnt_bodyid[j]) for j in robot_joint}
+    keep: set[int] = set()
+    for b in range(1, model.nbody):  # below a robot joint's body, or above one
+        up, chain = b, []
+        while up > 0:
+            chain.append(up)
+            up = int(model.body_parentid[up])
+        if roots & set(chain):
+            keep.update(chain)
+    order = sorted(keep)  # MuJoCo numbers a parent before its children
+    index = {b: i for i, b in enumerate(order)}
+    fields: dict[str, list[object]] = {k: [] for k in (
+        "parent", "pos", "rot", "joint", "scale", "offset", "coupled", "slide", "anchor", "axis",
+        "mass", "com")}
+    for b in order:
+        rot = np.zeros(9)
+        mujoco.mju_quat2Mat(rot, model.body_quat[b])
+        joint, scale, offset, is_coupled, slide = -1, 1.0, 0.0, False, False
+        anchor, axis = [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]
+        body = model.body(b).name
+        for j in range(model.body_jntadr[b], model.body_jntadr[b] + model.body_jntnum[b]):
+            kind = int(model.jnt_type[j])
+            if j not in robot_joint and j not in coupled:
+                continue  # a passive joint: taken as fixed where the model starts it
+            if joint >= 0:
+                raise RobotError(f"sim.robot.mjcf: body '{body}' has more than one joint that "
+                                 "a robot joint moves; the gravity model takes one per body")
+            if kind not in (int(mujoco.mjtJoint.mjJNT_HINGE), int(mujoco.mjtJoint.mjJNT_SLIDE)):
+                raise RobotError(f"sim.robot.mjcf: joint '{model.joint(j).name}' is neither "
+                                 "a hinge nor a slide")
+            q0 = float(model.qpos0[model.jnt_qposadr[j]])
+            if j in robot_joint:
+                joint, offset = robot_joint[j], -q0
+            else:
+                c = coupled[j]
+                joint, scale, offset, is_coupled = c.source, c.c1, c.c0 - q0, True
+            slide = kind == int(mujoco.mjtJoint.mjJNT_SLIDE)
+            anchor, axis = model.jnt_pos[j].tolist(), model.jnt_axis[j].tolist()
+        parent = int(model.body_parentid[b])
+        for key, value in (("parent", index.get(parent, -1)), ("pos", model.body_pos[b].tolist()),
+                           ("rot", rot.reshape(3, 3).tolist()), ("joint", joint),
+                           ("scale", scale), ("offset", offset), ("coupled", is_coupled),
+                           ("slide", slide), ("anchor", anchor), ("axis", axis),
+                           ("mass", float(model.body_mass[b])),
+                           ("com", model.body_ipos[b].tolist())):
+            fields[key].append(value)
+    return GravityChain(joints=list(robot.joints), gravity=model.opt.gravity.tolist(),
+                        **fields)  # type: ignore[arg-type]
 
 
 def _home(model: mujoco.MjModel, qadr: np.ndarray, q_min: np.ndarray,

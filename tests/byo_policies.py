@@ -98,9 +98,10 @@ class FlowEncoder(nn.Module):
     """x1 = a chunk that goes to GOALS['left'] (all six joints: gripper held), depending on
     q only through a term that vanishes there (so the features are a real function of q)."""
 
-    def __init__(self) -> None:
+    def __init__(self, goal: np.ndarray | None = None) -> None:
+        """`goal`: another robot's joint goal (default duet's arm's left block)."""
         super().__init__()
-        goal = np.r_[GOALS["left"], 0.1]
+        goal = np.r_[GOALS["left"], 0.1] if goal is None else np.asarray(goal)
         self.register_buffer("goal", torch.tensor(goal, dtype=torch.float32))
         self.register_buffer("decay", torch.exp(-torch.arange(H) - 3.0))
 
