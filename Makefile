@@ -150,7 +150,7 @@ LOOP_STEPS ?= 200
 LOOP_EVAL ?= 30
 LOOP_TASK := --set sim.phrasing=after --set sim.two_step_fraction=1.0 --set sim.seed=7
 # a shared workstation has bursts of late ticks a robot's own core does not (tests/stack.py)
-LOOP_HOST := --set follower.deadline_storm.misses=400
+LOOP_HOST := --set follower.deadline_storm.misses=400 --set follower.bus_error_threshold=25
 FP32 := --contract policy/reference_contract.yaml --precision fp32
 NICE ?= nice -n 19         # the CPU-heavy steps; teleop runs in real time, not niced
 data-loop: $(VENV)/.dev    # ~37 min on 2 busy shared CPU cores; CKPT= the checkpoints to start from
@@ -210,18 +210,38 @@ data-loop-robot: bundles/$(ROBOT)/manifest.json
 # A follower for the sim robot from its own motion (docs/follower-for-your-robot.md):
 # identify the servos, train none / model-free / learned followers, then the table of each
 # under held-out references, holds and three planners' chunks (reference, FACT, and the flow
-# planner of the bring-your-own tests).
-FOLLOW ?= runs/follower
+# planner of the bring-your-own tests). `make follower-table ROBOT=so101` (or arm7): the same
+# on that robot, with its planner (bundles/ROBOT, made as for `make demo ROBOT=`), a FACT
+# planner from it at smoke size and the flow planner for its joints (~10 min on 2 idle cores).
+FOLLOW ?= runs/follower$(if $(ROBOT),-$(ROBOT))
+# the SO-101's shoulder overloads its STS3215 at the default --speed 0.5 over +-0.6 rad
+IDENTIFY_so101 := --speed 0.3 --span 0.4
+ifeq ($(ROBOT),)
 follower-table: $(VENV)/.dev
+FT_CONFIG := configs/sim.yaml
+FT_PLANNER := bundles/reference
+FT_FACT := bundles/fact
+else
+follower-table: $(VENV)/.dev bundles/$(ROBOT)/manifest.json
+FT_CONFIG := $(ROBOT_CONFIG)
+FT_PLANNER := bundles/$(ROBOT)
+FT_FACT := $(FOLLOW)/fact-bundle
+endif
+follower-table:
 	rm -rf $(FOLLOW) && mkdir -p $(FOLLOW)
-	$(BIN)/duet identify --config configs/sim.yaml --run-dir $(CURDIR)/$(FOLLOW)/run \
-	  --out $(FOLLOW)/identify --yes $(LOOP_HOST)
-	$(NICE) $(BIN)/duet train-follower --recordings $(FOLLOW)/identify/episodes \
-	  --bundle bundles/reference --out $(FOLLOW)/followers
+	$(if $(ROBOT),$(NICE) $(BIN)/duet train-fact --smoke --config $(FT_CONFIG) --out $(FOLLOW)/fact \
+	  --data-dir data/$(ROBOT) --init-planner runs/$(ROBOT)/checkpoints/planner.pt --threads 1)
+	$(if $(ROBOT),$(NICE) $(BIN)/duet export --module policy.fact_bundle:modules \
+	  --checkpoint $(FOLLOW)/fact --contract $(FOLLOW)/fact/fact_contract.yaml --assets $(FOLLOW)/fact \
+	  --precision fp32 --calib 4 --parity-samples 2 --out $(FT_FACT))
+	$(BIN)/duet identify --config $(FT_CONFIG) --run-dir $(CURDIR)/$(FOLLOW)/run \
+	  --out $(FOLLOW)/identify --yes $(LOOP_HOST) $(IDENTIFY_$(ROBOT))
+	$(NICE) $(BIN)/duet train-follower --config $(FT_CONFIG) --recordings $(FOLLOW)/identify/episodes \
+	  --bundle $(FT_PLANNER) --out $(FOLLOW)/followers
 	$(BIN)/python -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); \
-	  from byo_policies import flow_bundle; flow_bundle(Path('$(FOLLOW)/flow'))"
-	$(NICE) $(BIN)/duet follower-table --followers $(FOLLOW)/followers --config configs/sim.yaml \
-	  --planner reference=bundles/reference --planner fact=bundles/fact --planner flow=$(FOLLOW)/flow
+	  from byo_policies import flow_bundle; flow_bundle(Path('$(FOLLOW)/flow'), Path('$(FT_CONFIG)'))"
+	$(NICE) $(BIN)/duet follower-table --followers $(FOLLOW)/followers --config $(FT_CONFIG) \
+	  --planner reference=$(FT_PLANNER) --planner fact=$(FT_FACT) --planner flow=$(FOLLOW)/flow
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.follower_loop --duration 20

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,23 @@ def two_camera_bundle(out: Path) -> Path:
     return build(out, TWO_CAMERA_CONTRACT, {"policy": TwoCameraPlanner()}, tokenizer=True)
 
 
-def flow_bundle(out: Path) -> Path:
-    return build(out, FLOW_CONTRACT, {"encoder": FlowEncoder(), "decoder": FlowVelocity()})
+def flow_bundle(out: Path, config: Path | None = None) -> Path:
+    """The flow planner for duet's arm, or (`config`) for the robot a config describes: its
+    joints, and a goal 0.25 rad from its home on every joint (within its limits)."""
+    if config is None:
+        return build(out, FLOW_CONTRACT, {"encoder": FlowEncoder(), "decoder": FlowVelocity()})
+    from runtime.config import load_config
+    from sim.robot import describe
+
+    cfg = load_config(config)
+    joints, robot = list(cfg.robot.joints), describe(cfg)
+    contract = copy.deepcopy(FLOW_CONTRACT)
+    encoder = contract["planner"]["stages"][0]
+    encoder["inputs"][1]["joints"] = joints
+    encoder["outputs"][0]["shape"] = [1, H, len(joints)]
+    contract["planner"]["actions"]["joints"] = joints
+    goal = np.clip(robot.home + 0.25, robot.q_min, robot.q_max)
+    return build(out, contract, {"encoder": FlowEncoder(goal), "decoder": FlowVelocity()})
 
 
 # ------------------------------------------------------------------ autoregressive tokens
