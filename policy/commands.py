@@ -182,7 +182,9 @@ def _train_follower(args: argparse.Namespace) -> int:
          f"{report['fit_and_train_s']} s) -> {args.out}",
          f"  {'follower':<12}{'held-out mrad':>15}{'tracking mrad':>15}   bundle"]
         + [f"  {k:<12}{off[k]:>15}{lock.get(k, '-'):>15}   {report['bundles'][k]}"
-           for k in off])
+           for k in off]
+        + [f"ship {report['bundles'][report['ship']]}: the lowest "
+           + ("tracking RMS on held-out references" if lock else "held-out error")])
     cliopts.emit(args, human, report)
     return 0
 

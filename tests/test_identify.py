@@ -261,6 +261,8 @@ def test_identify_then_train_follower_then_the_table_on_the_sim(tmp_path: Path) 
     trained = json.loads(out.stdout)
     off = trained["offline_rms_mrad"]
     assert off["model-free"] < off["none"]  # the identified model explains the servo
+    lock = trained["lockstep_rms_mrad"]
+    assert trained["ship"] == min(lock, key=lock.get)  # the one that tracked best
     for kind in ("none", "model-free", "learned"):
         bundle = load_bundle(followers / f"bundle-{kind}")
         model = residual_model(bundle, list(JOINTS))
