@@ -55,7 +55,7 @@ class TimeOnly(TaskTracker):
 def onnx_follower(path: Path, n_joints: int, lookahead: int = 8, lookahead_dt: float = 0.02
                   ) -> EngineResidual:
     """A follower graph (ref [1, L, J], q, dq -> residual) as the core runs it."""
-    engine = OnnxRuntimeEngine(path)
+    engine = OnnxRuntimeEngine(path, interruptible=False)
     takes = set(engine.inputs)
     return EngineResidual(engine, ref="ref", q="q" if "q" in takes else None,
                           dq="dq" if "dq" in takes else None, out="residual",

@@ -66,7 +66,8 @@ def residual_model(bundle: Bundle, robot_joints: list[str], engine: EngineKind =
     index = {j: k for k, j in enumerate(robot_joints)}
     names = {i.field: i.name for i in f.inputs if isinstance(i, FollowerProprio)}
     ref = f.reference
-    eng = make_engine(spec, bundle, engine, providers=providers, cache_dir=cache_dir)
+    eng = make_engine(spec, bundle, engine, providers=providers, cache_dir=cache_dir,
+                      interruptible=False)
     return EngineResidual(eng, ref=ref.name,
                           q=names.get("q"), dq=names.get("dq"), out=f.output.name,
                           lookahead=ref.steps, lookahead_dt=ref.dt_s,

@@ -124,9 +124,11 @@ def make_engine(
     providers: Sequence[ProviderArg] | None = None,
     cache_dir: str | Path | None = None,
     dynamic_batch: int | None = None,
+    interruptible: bool = True,
 ) -> Engine:
     """An engine for one model of a verified bundle. `dynamic_batch`: the most rows a model
-    exported with a dynamic batch is called with.
+    exported with a dynamic batch is called with. `interruptible=False`: ONNX Runtime runs
+    without RunOptions, ~40 µs less a call (the follower's model, never interrupted).
 
     onnxruntime: the bundle's ONNX file, on `providers` (default: the CPU). tensorrt: the
     engine that `duet engines build` cached for this ONNX file, this TensorRT version, this GPU
@@ -139,7 +141,7 @@ def make_engine(
         from runtime.model.engines.onnxruntime_engine import OnnxRuntimeEngine
 
         engine = OnnxRuntimeEngine(onnx_path, threads=threads, providers=providers,
-                                   batch=dynamic_batch)
+                                   batch=dynamic_batch, interruptible=interruptible)
     elif kind == "tensorrt" and dynamic_batch is not None:
         raise EngineError(f"{onnx_path}: a dynamic batch runs on ONNX Runtime (its CUDA or "
                           "TensorRT execution provider); native TensorRT engines are static")
