@@ -214,6 +214,7 @@ data-loop-robot: bundles/$(ROBOT)/manifest.json
 # on that robot, with its planner (bundles/ROBOT, made as for `make demo ROBOT=`), a FACT
 # planner from it at smoke size and the flow planner for its joints (~10 min on 2 idle cores).
 FOLLOW ?= runs/follower$(if $(ROBOT),-$(ROBOT))
+comma := ,
 # the SO-101's shoulder overloads its STS3215 at the default --speed 0.5 over +-0.6 rad
 IDENTIFY_so101 := --speed 0.3 --span 0.4
 ifeq ($(ROBOT),)
@@ -239,7 +240,7 @@ follower-table:
 	$(NICE) $(BIN)/duet train-follower --config $(FT_CONFIG) --recordings $(FOLLOW)/identify/episodes \
 	  --bundle $(FT_PLANNER) --out $(FOLLOW)/followers
 	$(BIN)/python -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); \
-	  from byo_policies import flow_bundle; flow_bundle(Path('$(FOLLOW)/flow'), Path('$(FT_CONFIG)'))"
+	  from byo_policies import flow_bundle; flow_bundle(Path('$(FOLLOW)/flow')$(if $(ROBOT),$(comma) Path('$(FT_CONFIG)')))"
 	$(NICE) $(BIN)/duet follower-table --followers $(FOLLOW)/followers --config $(FT_CONFIG) \
 	  --planner reference=$(FT_PLANNER) --planner fact=$(FT_FACT) --planner flow=$(FOLLOW)/flow
 
