@@ -15,8 +15,7 @@ only have to give two numbers per joint (identification.py).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,9 +39,6 @@ class GravityChain:
     mass: list[float]  # kg
     com: list[list[float]]  # centre of mass, body frame
     gravity: list[float]  # m/s^2, world frame
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
 
     def torques(self, q: Any, xp: Any = np) -> Any:
         """[N, J] joint positions -> [N, J] holding torques (N·m; N on a slide)."""
@@ -101,10 +97,6 @@ class GravityChain:
             if self.parent[b] in inside:
                 inside.add(b)
         return sorted(inside)
-
-    @classmethod
-    def from_json(cls, text: str) -> GravityChain:
-        return cls(**json.loads(text))
 
 
 def _skew(v: list[float]) -> np.ndarray:
