@@ -75,12 +75,24 @@ def _model(n: int = 3, chain: GravityChain | None = None) -> ServoModel:
     """A servo per joint; with `chain`, gravity over a gain of 40 N·m/rad (an STS3215's)."""
     rng = np.random.default_rng(5)
     width = gravity_features(np.zeros((1, n))).shape[1]
+    free = [np.asarray(rng.normal(0, 0.01, width)).tolist() for _ in range(n)]
     fits = [JointFit(delay_s=TICK * (2 + 3 * j), a=2e-4 * (j + 1), b=0.05 + 0.01 * j,
                      c=0.002, r2=1.0, rms_rad=0.0,
-                     gravity=[0.001 * j, 1 / 40] if chain else list(rng.normal(0, 0.01, width)))
+                     gravity=[0.001 * j, 1 / 40] if chain else free[j])
             for j in range(n)]
     joints = chain.joints if chain else [f"j{j}" for j in range(n)]
     return ServoModel(joints, TICK, fits, 0, [], chain)
+
+
+def test_the_fit_recovers_a_known_servo_from_its_motion() -> None:
+    truth = _model()
+    tracks = [_synthetic(truth, 12.0, seed) for seed in range(2)]
+    got = fit(tracks, truth.joints, TICK, ["synthetic"])
+    for want, f in zip(truth.fits, got.fits, strict=True):
+        assert f.delay_s == pytest.approx(want.delay_s, abs=TICK)
+        assert f.b == pytest.approx(want.b, rel=0.1)
+        assert f.r2 > 0.99
+        assert f.rms_rad < 2e-4
 
 
 def _so101() -> tuple[GravityChain, np.ndarray]:
